@@ -1,0 +1,98 @@
+"""Composition root and lifecycle: build, serve, become ready, drain on a signal."""
+
+import asyncio
+import logging
+import os
+import signal
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
+
+from server import protocol
+from server.config import ServerSettings
+from server.events import EventBus
+from server.metrics import MetricsObserver, serve_metrics
+from server.repository import ModelRepository
+from server.service import InferenceService
+
+log = logging.getLogger("onnxserve")
+FORCED_EXIT_CODE = 130
+
+
+async def serve(settings: ServerSettings) -> int:
+    bus = EventBus()
+    registry = CollectorRegistry()
+    bus.subscribe(MetricsObserver(registry).observe)
+    repository = ModelRepository(settings.model_repository, settings.default_max_batch_size, bus)
+    service = InferenceService(repository, bus, settings.strict_readiness)
+    health_servicer = health.aio.HealthServicer()
+
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_send_message_length", settings.grpc_max_message_bytes),
+            ("grpc.max_receive_message_length", settings.grpc_max_message_bytes),
+        ]
+    )
+    server.add_generic_rpc_handlers((service.handler(),))
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (protocol.SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server, pool=protocol.POOL
+    )
+    grpc_port = server.add_insecure_port(f"{settings.grpc_address}:{settings.grpc_port}")
+    await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
+    metrics_httpd = serve_metrics(registry, settings.metrics_address, settings.metrics_port)
+    await server.start()
+    log.info(
+        "listening: gRPC on %s:%d, metrics on http://%s:%d/metrics; loading models from %s",
+        settings.grpc_address,
+        grpc_port,
+        settings.metrics_address,
+        metrics_httpd.server_port,
+        settings.model_repository,
+    )
+
+    stop = _install_signal_handlers()
+    loading = asyncio.create_task(repository.load_all())
+    await asyncio.wait((loading, asyncio.create_task(stop.wait())), return_when=asyncio.FIRST_COMPLETED)
+    if loading.done():
+        loading.result()
+        if service.ready():
+            await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
+            log.info("ready: gRPC port %d, metrics port %d", grpc_port, metrics_httpd.server_port)
+        else:
+            log.error("not ready: some models failed to load (--strict-readiness is on); see the errors above")
+        await stop.wait()
+
+    log.info("shutting down: refusing new requests, answering those in flight (up to %.1f s)", settings.exit_timeout_secs)
+    loading.cancel()
+    service.shutting_down = True
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(settings.exit_timeout_secs)
+    await repository.close()
+    metrics_httpd.shutdown()
+    log.info("stopped")
+    return 0
+
+
+async def _set_health(servicer: health.aio.HealthServicer, status) -> None:
+    for name in ("", protocol.SERVICE_NAME):
+        await servicer.set(name, status)
+
+
+def _install_signal_handlers() -> asyncio.Event:
+    """First SIGTERM/SIGINT: graceful drain. Second: exit at once."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            log.warning("second %s: exiting now without draining", signal.Signals(signum).name)
+            os._exit(FORCED_EXIT_CODE)
+        log.info("%s received", signal.Signals(signum).name)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    return stop

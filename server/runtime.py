@@ -1,0 +1,179 @@
+"""onnxruntime sessions of one model version: execution provider choice and
+fallback, IO specs from the graph, warm-up, and `run` in a thread per instance."""
+
+import asyncio
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from server.config import SessionSettings
+from server.errors import ConfigError, ExecutionFailed
+from server.tensors import DATATYPE_BY_ORT, DATATYPES, TensorSpec
+
+log = logging.getLogger(__name__)
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+TENSORRT = "TensorrtExecutionProvider"
+GRAPH_LEVELS = {
+    0: ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    1: ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    2: ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    99: ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+# Triton's accelerator parameter names that differ from onnxruntime's TensorRT EP options.
+TENSORRT_RENAMES = {"max_workspace_size_bytes": "trt_max_workspace_size"}
+
+
+def visible_gpus() -> int:
+    """NVIDIA GPUs the driver reports; 0 where there is no driver or no device."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception as err:  # no driver, no library: a CPU machine
+        log.debug("NVML unavailable: %s", err)
+        return 0
+    try:
+        return pynvml.nvmlDeviceGetCount()
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def cpu_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one instance runs and which providers it asks for, best first."""
+
+    device: str  # "cpu" or "cuda:N"
+    providers: list  # [(name, options), ...] as InferenceSession takes them
+
+
+def plan_placements(settings: SessionSettings, gpus: int, label: str) -> list[Placement]:
+    wants_gpu = settings.instance_kind == "gpu" or bool(settings.gpu_accelerators)
+    if settings.instance_kind == "cpu" or gpus == 0:
+        if gpus == 0 and wants_gpu:
+            log.warning("%s: GPU execution asked for but no GPU is visible: falling back to CPU", label)
+        return [Placement("cpu", [(CPU, {})])] * settings.instance_count
+    device_ids = list(settings.gpus) or [0]
+    placements = []
+    for device_id in device_ids:
+        providers = _gpu_providers(settings, device_id)
+        placements += [Placement(f"cuda:{device_id}", providers)] * settings.instance_count
+    return placements
+
+
+def _gpu_providers(settings: SessionSettings, device_id: int) -> list:
+    providers, cuda_options = [], {"device_id": device_id}
+    for accelerator in settings.gpu_accelerators:
+        options = dict(accelerator.parameters)
+        if accelerator.name == "tensorrt":
+            trt = {"device_id": device_id}
+            for key, value in options.items():
+                if key == "precision_mode":
+                    trt["trt_fp16_enable"] = value.upper() == "FP16"
+                else:
+                    trt[TENSORRT_RENAMES.get(key, key)] = value
+            providers.append((TENSORRT, trt))
+        else:
+            cuda_options.update(options)
+    return providers + [(CUDA, cuda_options), (CPU, {})]
+
+
+def session_options(settings: SessionSettings, instances: int) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # Instances x intra-op threads should not oversubscribe the cores.
+    options.intra_op_num_threads = settings.intra_op_threads or max(1, cpu_cores() // instances)
+    options.inter_op_num_threads = settings.inter_op_threads
+    options.graph_optimization_level = GRAPH_LEVELS[settings.graph_optimization_level]
+    options.log_severity_level = 3  # onnxruntime's warnings are noise here; errors still show
+    return options
+
+
+def graph_specs(args, model_path: Path) -> tuple[TensorSpec, ...]:
+    """Inputs or outputs of a session as TensorSpecs with the graph's full shapes (-1 = symbolic)."""
+    specs = []
+    for arg in args:
+        datatype = DATATYPE_BY_ORT.get(arg.type)
+        if datatype is None:
+            raise ConfigError(f"{model_path}: tensor '{arg.name}' has type {arg.type}, which onnxserve cannot serve")
+        shape = tuple(dim if isinstance(dim, int) and dim >= 0 else -1 for dim in arg.shape)
+        specs.append(TensorSpec(arg.name, datatype.wire, shape))
+    return tuple(specs)
+
+
+class InstancePool:
+    """N sessions of one model file, each with its own worker thread."""
+
+    def __init__(self, model_path: Path, settings: SessionSettings, label: str) -> None:
+        self.label = label
+        placements = plan_placements(settings, visible_gpus(), label)
+        options = session_options(settings, len(placements))
+        self._sessions = [self._open(model_path, options, p) for p in placements]
+        self._executors = [
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ort-{label}-{i}") for i in range(len(placements))
+        ]
+        first = self._sessions[0]
+        self.provider = first.get_providers()[0]
+        self.device = placements[0].device if self.provider != CPU else "cpu"
+        self.intra_op_threads = options.intra_op_num_threads
+        self.inputs = graph_specs(first.get_inputs(), model_path)
+        self.outputs = graph_specs(first.get_outputs(), model_path)
+
+    @property
+    def instance_count(self) -> int:
+        return len(self._sessions)
+
+    def _open(self, model_path: Path, options: ort.SessionOptions, placement: Placement) -> ort.InferenceSession:
+        try:
+            session = ort.InferenceSession(
+                str(model_path),
+                sess_options=options,
+                providers=[name for name, _ in placement.providers],
+                provider_options=[opts for _, opts in placement.providers],
+            )
+        except Exception as err:
+            raise ConfigError(f"{model_path}: onnxruntime cannot load the model: {err}") from None
+        asked, used = placement.providers[0][0], session.get_providers()[0]
+        if asked != used:
+            log.warning("%s: asked for %s but onnxruntime runs it on %s", self.label, asked, used)
+        return session
+
+    def warm_up(self, inputs: tuple[TensorSpec, ...]) -> None:
+        """One inference per instance with zeros (variable dims = 1); blocking."""
+        feeds = {spec.name: _zeros(spec) for spec in inputs}
+        for session in self._sessions:
+            try:
+                session.run(None, feeds)
+            except Exception as err:
+                raise ConfigError(f"{self.label}: warm-up inference failed: {err}") from None
+
+    async def run(self, feeds: dict[str, np.ndarray], output_names: list[str], instance: int) -> dict[str, np.ndarray]:
+        session = self._sessions[instance]
+        loop = asyncio.get_running_loop()
+        try:
+            values = await loop.run_in_executor(self._executors[instance], session.run, output_names, feeds)
+        except Exception as err:
+            raise ExecutionFailed(f"{self.label}: onnxruntime failed: {err}") from err
+        return dict(zip(output_names, values))
+
+    def close(self) -> None:
+        for executor in self._executors:
+            executor.shutdown(wait=True)
+        self._sessions.clear()
+
+
+def _zeros(spec: TensorSpec) -> np.ndarray:
+    shape = tuple(1 if dim == -1 else dim for dim in spec.shape)
+    if spec.datatype == "BYTES":
+        return np.full(shape, "", dtype=object)
+    return np.zeros(shape, dtype=DATATYPES[spec.datatype].numpy)

@@ -1,0 +1,238 @@
+"""gRPC servicer of inference.GRPCInferenceService, and the one table from
+domain errors to gRPC status codes."""
+
+import asyncio
+import logging
+import time
+from importlib import metadata
+
+import grpc
+
+from server import protocol
+from server.config import CONFIG_TYPE_BY_WIRE
+from server.errors import (
+    DeadlineExceeded,
+    InvalidInput,
+    ModelNotFound,
+    ModelNotReady,
+    Overloaded,
+    ServingError,
+    ShuttingDown,
+)
+from server.events import EventBus, RequestFinished
+from server.repository import READY, ModelRepository, ModelVersion
+from server.tensors import decode_request, encode_outputs
+
+log = logging.getLogger(__name__)
+
+STATUS = {
+    ModelNotFound: grpc.StatusCode.NOT_FOUND,
+    InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
+    ModelNotReady: grpc.StatusCode.UNAVAILABLE,
+    ShuttingDown: grpc.StatusCode.UNAVAILABLE,
+    Overloaded: grpc.StatusCode.UNAVAILABLE,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+OUTCOMES = {InvalidInput: "invalid", Overloaded: "rejected", DeadlineExceeded: "timeout", ModelNotFound: "invalid"}
+EXTENSIONS = ("model_configuration", "schedule_policy", "parameters", "binary_tensor_data")
+PLATFORM = "onnxruntime_onnx"
+
+
+def server_version() -> str:
+    try:
+        return metadata.version("onnxserve")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+class InferenceService:
+    """The v2 RPCs. `handler()` registers them with a grpc.aio server."""
+
+    def __init__(self, repository: ModelRepository, bus: EventBus, strict_readiness: bool) -> None:
+        self.repository = repository
+        self.bus = bus
+        self.strict_readiness = strict_readiness
+        self.shutting_down = False
+        self.version = server_version()
+
+    def ready(self) -> bool:
+        if self.shutting_down or not self.repository.loaded:
+            return False
+        return self.repository.all_ready() or not self.strict_readiness
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        handlers = {}
+        for method in protocol.SERVICE.methods:
+            implementation = getattr(self, method.name, None)
+            deserialize = protocol.request_class(method.name).FromString
+            serialize = protocol.response_class(method.name).SerializeToString
+            if method.client_streaming or method.server_streaming:
+                handlers[method.name] = grpc.stream_stream_rpc_method_handler(
+                    _unimplemented_stream(method.name), deserialize, serialize
+                )
+            elif implementation is None:
+                handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                    _unimplemented(method.name), deserialize, serialize
+                )
+            else:
+                handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                    _guarded(method.name, implementation), deserialize, serialize
+                )
+        return grpc.method_handlers_generic_handler(protocol.SERVICE_NAME, handlers)
+
+    # --- health and metadata ----------------------------------------------------------------
+
+    async def ServerLive(self, request, context):
+        return protocol.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context):
+        return protocol.ServerReadyResponse(ready=self.ready())
+
+    async def ModelReady(self, request, context):
+        ready = not self.shutting_down and self.repository.is_ready(request.name, request.version)
+        return protocol.ModelReadyResponse(ready=ready)
+
+    async def ServerMetadata(self, request, context):
+        return protocol.ServerMetadataResponse(name="onnxserve", version=self.version, extensions=EXTENSIONS)
+
+    async def ModelMetadata(self, request, context):
+        model = self.repository.get(request.name, request.version)
+        response = protocol.ModelMetadataResponse(
+            name=model.name, versions=self._ready_versions(model.name), platform=PLATFORM
+        )
+        for spec in model.signature.inputs:
+            response.inputs.add(name=spec.name, datatype=spec.datatype, shape=spec.shape)
+        for spec in model.signature.outputs:
+            response.outputs.add(name=spec.name, datatype=spec.datatype, shape=spec.shape)
+        return response
+
+    def _ready_versions(self, name: str) -> list[str]:
+        return [v for v in self.repository.version_names(name) if self.repository.models[name].versions[v].state == READY]
+
+    async def ModelConfig(self, request, context):
+        model = self.repository.get(request.name, request.version)
+        return protocol.ModelConfigResponse(config=model_config_proto(model))
+
+    async def RepositoryIndex(self, request, context):
+        response = protocol.RepositoryIndexResponse()
+        for name, entry in sorted(self.repository.models.items()):
+            if not entry.versions:
+                if not request.ready:
+                    response.models.add(name=name, state=entry.state, reason=entry.reason)
+                continue
+            for version in self.repository.version_names(name):
+                found = entry.versions[version]
+                if request.ready and found.state != READY:
+                    continue
+                response.models.add(name=name, version=version, state=found.state, reason=found.reason)
+        return response
+
+    # --- inference ----------------------------------------------------------------------------
+
+    async def ModelInfer(self, request, context):
+        started = time.perf_counter()
+        outcome, rows, model_name, version = "error", 0, request.model_name, request.model_version
+        try:
+            if self.shutting_down:
+                raise ShuttingDown("the server is shutting down; retry on another replica")
+            model = self.repository.get(request.model_name, request.model_version)
+            version = model.version
+            decoded = decode_request(request, model.signature)
+            rows = decoded.rows
+            priority, timeout_us = request_options(request, model)
+            outputs = await model.batcher.submit(
+                decoded.feeds, decoded.rows, decoded.outputs, priority=priority, timeout_us=timeout_us
+            )
+            response = protocol.ModelInferResponse(model_name=model.name, model_version=model.version, id=request.id)
+            encode_outputs(response, ((model.signature.output(name), outputs[name]) for name in decoded.outputs))
+            outcome = "ok"
+            return response
+        except ServingError as err:
+            outcome = OUTCOMES.get(type(err), "rejected")
+            raise
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        finally:
+            if model_name in self.repository.models:
+                self.bus.publish(RequestFinished(model_name, version, outcome, rows, time.perf_counter() - started))
+
+
+def request_options(request, model: ModelVersion) -> tuple[int, int]:
+    """The reserved `priority` and `timeout` (microseconds) request parameters."""
+    values = []
+    for key in ("priority", "timeout"):
+        if key not in request.parameters:
+            values.append(0)
+            continue
+        parameter = request.parameters[key]
+        choice = parameter.WhichOneof("parameter_choice")
+        if choice not in ("int64_param", "uint64_param") or getattr(parameter, choice) < 0:
+            raise InvalidInput(
+                f"{model.signature.label}: parameter '{key}' must be a non-negative integer; got {choice} "
+                f"{getattr(parameter, choice) if choice else 'unset'}"
+            )
+        values.append(getattr(parameter, choice))
+    return values[0], values[1]
+
+
+def model_config_proto(model: ModelVersion):
+    """The configuration in force, completed from the graph, as Triton's ModelConfig."""
+    settings, pool = model.settings, model.pool
+    config = protocol.ModelConfig(
+        name=model.name,
+        platform=PLATFORM,
+        backend="onnxruntime",
+        max_batch_size=settings.max_batch_size,
+        default_model_filename=settings.model_filename,
+    )
+    for tensor in settings.inputs:
+        config.input.add(name=tensor.name, data_type=CONFIG_TYPE_BY_WIRE[tensor.datatype], dims=tensor.dims)
+    for tensor in settings.outputs:
+        config.output.add(name=tensor.name, data_type=CONFIG_TYPE_BY_WIRE[tensor.datatype], dims=tensor.dims)
+    kind = "KIND_CPU" if pool.device == "cpu" else "KIND_GPU"
+    config.instance_group.add(kind=kind, count=pool.instance_count)
+    batching = settings.batching
+    if batching.max_batch_size:
+        dynamic = config.dynamic_batching
+        dynamic.preferred_batch_size.extend(batching.preferred_batch_sizes)
+        dynamic.max_queue_delay_microseconds = batching.max_queue_delay_us
+        dynamic.priority_levels = batching.priority_levels
+        dynamic.default_priority_level = batching.default_priority_level
+        policy = dynamic.default_queue_policy
+        policy.max_queue_size = batching.queue_policy.max_queue_size
+        policy.default_timeout_microseconds = batching.queue_policy.default_timeout_us
+        policy.allow_timeout_override = batching.queue_policy.allow_timeout_override
+    # The provider actually in use, not the one asked for.
+    config.parameters["execution_provider"].string_value = pool.provider
+    config.parameters["device"].string_value = pool.device
+    config.parameters["intra_op_thread_count"].string_value = str(pool.intra_op_threads)
+    return config
+
+
+def _guarded(method: str, implementation):
+    async def call(request, context):
+        try:
+            return await implementation(request, context)
+        except ServingError as err:
+            await context.abort(STATUS[type(err)], str(err))
+        except Exception:
+            log.exception("%s failed", method)
+            await context.abort(grpc.StatusCode.INTERNAL, f"{method}: internal error; the server log has details")
+
+    return call
+
+
+def _unimplemented(method: str):
+    async def call(request, context):
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"onnxserve does not implement {method} yet")
+
+    return call
+
+
+def _unimplemented_stream(method: str):
+    async def call(request_iterator, context):
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"onnxserve does not implement {method} yet; use ModelInfer")
+        yield  # makes this an async generator, which grpc.aio expects of a streaming handler
+
+    return call

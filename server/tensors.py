@@ -1,0 +1,237 @@
+"""Wire <-> numpy: the datatype table, tensor specs, and decode/encode of
+raw and typed contents, with checks whose messages name model and tensor."""
+
+import math
+import struct
+from dataclasses import dataclass
+from typing import Iterable
+
+import numpy as np
+
+from server.errors import InvalidInput
+
+
+@dataclass(frozen=True)
+class Datatype:
+    wire: str  # KServe v2 datatype string
+    numpy: np.dtype | None  # None for BYTES, which decodes to an object array of str
+    ort: str  # onnxruntime's type string for the same tensor
+    contents_field: str | None  # InferTensorContents field for typed contents; None = raw only
+
+
+DATATYPES = {
+    d.wire: d
+    for d in (
+        Datatype("BOOL", np.dtype(np.bool_), "tensor(bool)", "bool_contents"),
+        Datatype("UINT8", np.dtype("<u1"), "tensor(uint8)", "uint_contents"),
+        Datatype("UINT16", np.dtype("<u2"), "tensor(uint16)", "uint_contents"),
+        Datatype("UINT32", np.dtype("<u4"), "tensor(uint32)", "uint_contents"),
+        Datatype("UINT64", np.dtype("<u8"), "tensor(uint64)", "uint64_contents"),
+        Datatype("INT8", np.dtype("<i1"), "tensor(int8)", "int_contents"),
+        Datatype("INT16", np.dtype("<i2"), "tensor(int16)", "int_contents"),
+        Datatype("INT32", np.dtype("<i4"), "tensor(int32)", "int_contents"),
+        Datatype("INT64", np.dtype("<i8"), "tensor(int64)", "int64_contents"),
+        Datatype("FP16", np.dtype("<f2"), "tensor(float16)", None),
+        Datatype("FP32", np.dtype("<f4"), "tensor(float)", "fp32_contents"),
+        Datatype("FP64", np.dtype("<f8"), "tensor(double)", "fp64_contents"),
+        Datatype("BYTES", None, "tensor(string)", "bytes_contents"),
+    )
+}
+DATATYPE_BY_ORT = {d.ort: d for d in DATATYPES.values()}
+_LENGTH = struct.Struct("<I")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor as callers see it: shape includes the batch dimension (-1) when the model batches."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]  # -1 = any size
+
+
+@dataclass(frozen=True)
+class Signature:
+    """What a model version accepts and returns; `label` prefixes every error message."""
+
+    model: str
+    version: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    max_batch_size: int  # 0 = no batch dimension
+
+    @property
+    def label(self) -> str:
+        return f"model '{self.model}' version {self.version}"
+
+    def input(self, name: str) -> TensorSpec:
+        for spec in self.inputs:
+            if spec.name == name:
+                return spec
+        raise InvalidInput(f"{self.label}: unknown input '{name}'; the model's inputs are {self._names(self.inputs)}")
+
+    def output(self, name: str) -> TensorSpec:
+        for spec in self.outputs:
+            if spec.name == name:
+                return spec
+        raise InvalidInput(
+            f"{self.label}: unknown requested output '{name}'; the model's outputs are {self._names(self.outputs)}"
+        )
+
+    @staticmethod
+    def _names(specs: Iterable[TensorSpec]) -> list[str]:
+        return [s.name for s in specs]
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedRequest:
+    feeds: dict[str, np.ndarray]
+    rows: int  # batch rows (1 for a model without a batch dimension)
+    outputs: tuple[str, ...]  # requested output names, in the order asked
+
+
+def decode_request(request, signature: Signature) -> DecodedRequest:
+    """Turn a ModelInferRequest into numpy feeds checked against the signature."""
+    inputs = request.inputs
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(inputs):
+        raise InvalidInput(
+            f"{signature.label}: {len(raw)} raw_input_contents for {len(inputs)} inputs; expected one per input"
+        )
+    feeds: dict[str, np.ndarray] = {}
+    for index, tensor in enumerate(inputs):
+        spec = signature.input(tensor.name)
+        if spec.name in feeds:
+            raise InvalidInput(f"{signature.label}: input '{spec.name}' appears twice")
+        where = f"{signature.label}: input '{spec.name}'"
+        datatype = _datatype(tensor.datatype, spec, where)
+        shape = tuple(tensor.shape)
+        _check_shape(shape, spec, signature, where)
+        if raw:
+            if tensor.HasField("contents") and tensor.contents.ListFields():
+                raise InvalidInput(f"{where}: has typed contents while the request uses raw_input_contents; use one")
+            feeds[spec.name] = from_raw(raw[index], datatype, shape, where)
+        else:
+            feeds[spec.name] = from_contents(tensor.contents, datatype, shape, where)
+    missing = [s.name for s in signature.inputs if s.name not in feeds]
+    if missing:
+        raise InvalidInput(f"{signature.label}: missing inputs {missing}; the model needs {Signature._names(signature.inputs)}")
+    outputs = tuple(o.name for o in request.outputs) or tuple(s.name for s in signature.outputs)
+    for name in outputs:
+        signature.output(name)
+    return DecodedRequest(feeds=feeds, rows=_rows(feeds, signature), outputs=outputs)
+
+
+def _datatype(wire: str, spec: TensorSpec, where: str) -> Datatype:
+    datatype = DATATYPES.get(wire)
+    if datatype is None:
+        raise InvalidInput(f"{where}: unknown datatype '{wire}'; expected {spec.datatype}")
+    if wire != spec.datatype:
+        raise InvalidInput(f"{where}: datatype {wire} does not match the model's {spec.datatype}")
+    return datatype
+
+
+def _check_shape(shape: tuple[int, ...], spec: TensorSpec, signature: Signature, where: str) -> None:
+    expected = list(spec.shape)
+    if len(shape) != len(spec.shape):
+        hint = ""
+        if signature.max_batch_size == 0 and len(shape) == len(spec.shape) + 1:
+            hint = " (this model has no batch dimension: send the tensor without one)"
+        raise InvalidInput(f"{where}: shape {list(shape)} has {len(shape)} dims; expected {expected}{hint}")
+    for dim, want in zip(shape, spec.shape):
+        if dim < 0:
+            raise InvalidInput(f"{where}: shape {list(shape)} has a negative dimension; expected {expected}")
+        if want != -1 and dim != want:
+            raise InvalidInput(f"{where}: shape {list(shape)} does not match the model's {expected}")
+    if signature.max_batch_size:
+        batch = shape[0]
+        if batch < 1 or batch > signature.max_batch_size:
+            raise InvalidInput(
+                f"{where}: batch size {batch} is outside 1..max_batch_size ({signature.max_batch_size})"
+            )
+
+
+def _rows(feeds: dict[str, np.ndarray], signature: Signature) -> int:
+    if not signature.max_batch_size:
+        return 1
+    batch_sizes = {name: array.shape[0] for name, array in feeds.items()}
+    if len(set(batch_sizes.values())) > 1:
+        raise InvalidInput(f"{signature.label}: inputs disagree on the batch size: {batch_sizes}")
+    return next(iter(batch_sizes.values()))
+
+
+def from_raw(buffer: bytes, datatype: Datatype, shape: tuple[int, ...], where: str) -> np.ndarray:
+    count = math.prod(shape)
+    if datatype.numpy is None:
+        return np.array(deserialize_bytes(buffer, count, where), dtype=object).reshape(shape)
+    expected = count * datatype.numpy.itemsize
+    if len(buffer) != expected:
+        raise InvalidInput(
+            f"{where}: raw content is {len(buffer)} bytes; expected {expected} "
+            f"(shape {list(shape)} x {datatype.wire} of {datatype.numpy.itemsize} bytes)"
+        )
+    return np.frombuffer(buffer, dtype=datatype.numpy).reshape(shape)
+
+
+def from_contents(contents, datatype: Datatype, shape: tuple[int, ...], where: str) -> np.ndarray:
+    if datatype.contents_field is None:
+        raise InvalidInput(f"{where}: {datatype.wire} has no typed contents field; send it as raw_input_contents")
+    values = getattr(contents, datatype.contents_field)
+    count = math.prod(shape)
+    if len(values) != count:
+        present = [f.name for f, _ in contents.ListFields()] or ["none"]
+        raise InvalidInput(
+            f"{where}: {len(values)} values in {datatype.contents_field}; expected {count} for shape "
+            f"{list(shape)} (contents present: {', '.join(present)})"
+        )
+    if datatype.numpy is None:
+        return np.array([_utf8(v, i, where) for i, v in enumerate(values)], dtype=object).reshape(shape)
+    return np.array(values, dtype=datatype.numpy).reshape(shape)
+
+
+def deserialize_bytes(buffer: bytes, count: int, where: str) -> list[str]:
+    """BYTES raw contents: per element a little-endian uint32 length, then the bytes.
+
+    onnxruntime's string tensors take Python str, so elements must be UTF-8."""
+    items: list[str] = []
+    offset, size = 0, len(buffer)
+    while offset < size:
+        if offset + 4 > size:
+            raise InvalidInput(f"{where}: BYTES element {len(items)} has a truncated 4-byte length prefix")
+        (length,) = _LENGTH.unpack_from(buffer, offset)
+        offset += 4
+        if offset + length > size:
+            raise InvalidInput(
+                f"{where}: BYTES element {len(items)} declares {length} bytes but only {size - offset} remain"
+            )
+        items.append(_utf8(buffer[offset : offset + length], len(items), where))
+        offset += length
+    if len(items) != count:
+        raise InvalidInput(f"{where}: raw BYTES content holds {len(items)} elements; the shape needs {count}")
+    return items
+
+
+def _utf8(value: bytes, index: int, where: str) -> str:
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidInput(f"{where}: BYTES element {index} is not valid UTF-8 (ONNX strings are UTF-8)") from None
+
+
+def serialize_bytes(array: np.ndarray) -> bytes:
+    parts = []
+    for item in array.reshape(-1):
+        data = item.encode("utf-8") if isinstance(item, str) else bytes(item)
+        parts.append(_LENGTH.pack(len(data)))
+        parts.append(data)
+    return b"".join(parts)
+
+
+def encode_outputs(response, outputs: Iterable[tuple[TensorSpec, np.ndarray]]) -> None:
+    """Append each output to a ModelInferResponse as raw contents (what Triton sends over gRPC)."""
+    for spec, array in outputs:
+        response.outputs.add(name=spec.name, datatype=spec.datatype, shape=array.shape)
+        if spec.datatype == "BYTES":
+            response.raw_output_contents.append(serialize_bytes(array))
+        else:
+            response.raw_output_contents.append(np.ascontiguousarray(array).tobytes())

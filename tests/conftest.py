@@ -1,0 +1,130 @@
+"""A real onnxserve process on loopback ports, started as a user would start it."""
+
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import tritonclient.grpc as grpcclient
+
+ROOT = Path(__file__).resolve().parent.parent
+READY_LINE = re.compile(r"ready: gRPC port (\d+), metrics port (\d+)")
+NOT_READY_LINE = re.compile(r"not ready: ")
+LISTENING_LINE = re.compile(r"listening: gRPC on [^:]+:(\d+), metrics on http://[^:]+:(\d+)/metrics")
+
+
+@dataclass
+class ServerProcess:
+    process: subprocess.Popen
+    grpc_port: int = 0
+    metrics_port: int = 0
+    log: list[str] = field(default_factory=list)
+    ready: bool = False
+    reader: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def client(self) -> grpcclient.InferenceServerClient:
+        return grpcclient.InferenceServerClient(self.url)
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as response:
+            return response.read().decode()
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The value of one sample on /metrics; 0 when the series does not exist yet."""
+        wanted = ",".join(f'{key}="{value}"' for key, value in sorted(labels.items()))
+        for line in self.metrics().splitlines():
+            sample, _, value = line.rpartition(" ")
+            if sample.split("{")[0] == name and _sorted_labels(sample) == wanted:
+                return float(value)
+        return 0.0
+
+    def log_text(self) -> str:
+        return "\n".join(self.log)
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.wait(timeout)
+
+    def wait(self, timeout: float = 30) -> int:
+        code = self.process.wait(timeout)
+        self.reader.join(timeout)
+        return code
+
+
+def _sorted_labels(sample: str) -> str:
+    if "{" not in sample:
+        return ""
+    body = sample[sample.index("{") + 1 : sample.rindex("}")]
+    return ",".join(sorted(part for part in re.findall(r'\w+="[^"]*"', body)))
+
+
+def start_server(repository: Path, *extra: str, wait_ready: bool = True, timeout: float = 120) -> ServerProcess:
+    """Start `python -m server` on port 0 and wait for its ready (or not-ready) log line."""
+    command = [
+        sys.executable, "-m", "server",
+        "--model-repository", str(repository),
+        "--grpc-address", "127.0.0.1", "--grpc-port", "0",
+        "--metrics-address", "127.0.0.1", "--metrics-port", "0",
+        *extra,
+    ]  # fmt: skip
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    server = ServerProcess(process)
+    seen = threading.Event()
+
+    def drain() -> None:
+        for line in process.stderr:
+            server.log.append(line.rstrip("\n"))
+            if match := LISTENING_LINE.search(line):
+                server.grpc_port, server.metrics_port = int(match[1]), int(match[2])
+            if READY_LINE.search(line):
+                server.ready = True
+                seen.set()
+            elif NOT_READY_LINE.search(line) or (not wait_ready and server.grpc_port):
+                seen.set()
+        process.stderr.close()
+        seen.set()
+
+    server.reader = threading.Thread(target=drain, daemon=True)
+    server.reader.start()
+    if not seen.wait(timeout) or not server.grpc_port:
+        process.kill()
+        server.wait(10)
+        raise RuntimeError("onnxserve did not start:\n" + server.log_text())
+    return server
+
+
+@pytest.fixture
+def serve(tmp_path):
+    """serve(repository, *flags) -> ServerProcess; every server is stopped after the test."""
+    started: list[ServerProcess] = []
+
+    def _serve(repository: Path, *extra: str, **kwargs) -> ServerProcess:
+        server = start_server(repository, *extra, **kwargs)
+        started.append(server)
+        return server
+
+    yield _serve
+    for server in started:
+        if server.process.poll() is None:
+            server.process.kill()
+        server.wait(10)
+
+
+def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
