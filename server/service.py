@@ -131,12 +131,11 @@ class InferenceService:
 
     async def ModelInfer(self, request, context):
         started = time.perf_counter()
-        outcome, rows, model_name, version = "error", 0, request.model_name, request.model_version
+        outcome, rows, model = "error", 0, None
         try:
             if self.shutting_down:
                 raise ShuttingDown("the server is shutting down; retry on another replica")
             model = self.repository.get(request.model_name, request.model_version)
-            version = model.version
             decoded = decode_request(request, model.signature)
             rows = decoded.rows
             priority, timeout_us = request_options(request, model)
@@ -154,8 +153,8 @@ class InferenceService:
             outcome = "cancelled"
             raise
         finally:
-            if model_name in self.repository.models:
-                self.bus.publish(RequestFinished(model_name, version, outcome, rows, time.perf_counter() - started))
+            if model is not None:  # unknown names would make unbounded label values
+                self.bus.publish(RequestFinished(model.name, model.version, outcome, rows, time.perf_counter() - started))
 
 
 def request_options(request, model: ModelVersion) -> tuple[int, int]:

@@ -1,0 +1,213 @@
+"""The Batcher alone, with a fake execute gated by asyncio.Events."""
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from server.batching import Batcher
+from server.config import BatchingSettings, QueuePolicy
+from server.errors import DeadlineExceeded, ExecutionFailed, Overloaded
+from server.events import BatchExecuted, EventBus
+
+
+class GatedModel:
+    """execute() records each batch and waits for the test to open the gate."""
+
+    def __init__(self, gated: bool = True) -> None:
+        self.batches: list[dict] = []
+        self.gate = asyncio.Event()
+        if not gated:
+            self.gate.set()
+        self.started = asyncio.Event()
+
+    async def execute(self, feeds, output_names, instance):
+        self.batches.append(feeds)
+        self.started.set()
+        await self.gate.wait()
+        return {"y": feeds["x"] * 10}
+
+
+def make_batcher(model: GatedModel, events=None, instances=1, **settings) -> Batcher:
+    bus = EventBus()
+    if events is not None:
+        bus.subscribe(events.append)
+    batcher = Batcher(model.execute, BatchingSettings(**settings), instances, "m", "1", bus)
+    batcher.start()
+    return batcher
+
+
+def rows(value: float, count: int, width: int = 2) -> dict:
+    return {"x": np.full((count, width), value, dtype=np.float32)}
+
+
+async def submit(batcher, value, count, width=2, **options):
+    return await batcher.submit(rows(value, count, width), count, ("y",), **options)
+
+
+def run(coroutine):
+    return asyncio.run(coroutine)
+
+
+def test_concurrent_requests_form_one_batch_and_get_their_own_rows():
+    async def body():
+        model = GatedModel()
+        events = []
+        batcher = make_batcher(model, events, max_batch_size=16, max_queue_delay_us=0)
+        first = asyncio.create_task(submit(batcher, 0, 1))
+        await model.started.wait()  # the instance is busy with the first request
+        rest = [asyncio.create_task(submit(batcher, value, value)) for value in (1, 2, 3)]
+        await asyncio.sleep(0.01)
+        model.gate.set()
+        results = await asyncio.gather(first, *rest)
+        await batcher.close()
+        return model, events, results
+
+    model, events, results = run(body())
+    assert [len(batch["x"]) for batch in model.batches] == [1, 6]
+    for value, result in zip((0, 1, 2, 3), results):
+        np.testing.assert_array_equal(result["y"], np.full((max(value, 1), 2), value * 10, np.float32))
+    assert [(e.rows, e.requests) for e in events if isinstance(e, BatchExecuted)] == [(1, 1), (6, 3)]
+
+
+def test_shapes_that_differ_go_to_different_batches():
+    async def body():
+        model = GatedModel(gated=False)
+        batcher = make_batcher(model, max_batch_size=16, max_queue_delay_us=50_000)
+        results = await asyncio.gather(submit(batcher, 1, 1, width=2), submit(batcher, 2, 1, width=3))
+        await batcher.close()
+        return model, results
+
+    model, results = run(body())
+    assert sorted(batch["x"].shape for batch in model.batches) == [(1, 2), (1, 3)]
+    assert results[1]["y"].shape == (1, 3)
+
+
+def test_preferred_size_leaves_before_the_delay():
+    async def body():
+        model = GatedModel(gated=False)
+        batcher = make_batcher(model, max_batch_size=8, max_queue_delay_us=10_000_000, preferred_batch_sizes=(4,))
+        await asyncio.wait_for(asyncio.gather(*(submit(batcher, v, 1) for v in range(4))), timeout=5)
+        await batcher.close()
+        return model
+
+    assert [len(b["x"]) for b in run(body()).batches] == [4]
+
+
+def test_max_batch_size_is_never_exceeded():
+    async def body():
+        model = GatedModel()
+        batcher = make_batcher(model, max_batch_size=4)
+        blocker = asyncio.create_task(submit(batcher, 0, 1))
+        await model.started.wait()
+        waiting = [asyncio.create_task(submit(batcher, v, 3)) for v in (1, 2, 3)]
+        await asyncio.sleep(0.01)
+        model.gate.set()
+        await asyncio.gather(blocker, *waiting)
+        await batcher.close()
+        return model
+
+    assert [len(b["x"]) for b in run(body()).batches] == [1, 3, 3, 3]
+
+
+def test_full_queue_raises_overloaded_at_once():
+    async def body():
+        model = GatedModel()
+        batcher = make_batcher(model, max_batch_size=4, queue_policy=QueuePolicy(max_queue_size=1))
+        running = asyncio.create_task(submit(batcher, 0, 1))
+        await model.started.wait()
+        queued = asyncio.create_task(submit(batcher, 1, 1))
+        await asyncio.sleep(0)
+        with pytest.raises(Overloaded):
+            await submit(batcher, 2, 1)
+        model.gate.set()
+        await asyncio.gather(running, queued)
+        await batcher.close()
+
+    run(body())
+
+
+def test_timeout_in_queue_never_executes():
+    async def body():
+        model = GatedModel()
+        batcher = make_batcher(model, max_batch_size=4, queue_policy=QueuePolicy(default_timeout_us=20_000))
+        running = asyncio.create_task(submit(batcher, 0, 1, timeout_us=0))
+        await model.started.wait()
+        with pytest.raises(DeadlineExceeded):
+            await submit(batcher, 5, 1)
+        assert batcher.depth == 0
+        model.gate.set()
+        await running
+        await batcher.close()
+        return model
+
+    model = run(body())
+    assert all(5 not in batch["x"] for batch in model.batches)
+
+
+def test_cancelled_caller_leaves_queue_and_running_rows_are_discarded():
+    async def body():
+        model = GatedModel()
+        batcher = make_batcher(model, max_batch_size=4)
+        running = asyncio.create_task(submit(batcher, 0, 1))
+        await model.started.wait()
+        cancelled = asyncio.create_task(submit(batcher, 9, 1))
+        kept = asyncio.create_task(submit(batcher, 1, 1))
+        await asyncio.sleep(0)
+        cancelled.cancel()
+        await asyncio.sleep(0)
+        assert batcher.depth == 1
+        running.cancel()  # already executing: its rows are computed, then discarded
+        model.gate.set()
+        result = await kept
+        await batcher.close()
+        return model, result, cancelled, running
+
+    model, result, cancelled, running = run(body())
+    assert cancelled.cancelled() and running.cancelled()
+    assert all(9 not in batch["x"] for batch in model.batches)
+    np.testing.assert_array_equal(result["y"], np.full((1, 2), 10, np.float32))
+
+
+def test_execution_failure_reaches_every_caller_of_the_batch_once():
+    async def failing(feeds, output_names, instance):
+        raise RuntimeError("boom")
+
+    async def body():
+        batcher = Batcher(failing, BatchingSettings(max_batch_size=4), 1, "m", "1", EventBus())
+        batcher.start()
+        results = await asyncio.gather(submit(batcher, 1, 1), submit(batcher, 2, 1), return_exceptions=True)
+        await batcher.close()
+        return results
+
+    assert all(isinstance(r, ExecutionFailed) for r in run(body()))
+
+
+def test_two_instances_run_two_batches_at_once():
+    async def body():
+        model = GatedModel()
+        batcher = make_batcher(model, instances=2, max_batch_size=1)
+        tasks = [asyncio.create_task(submit(batcher, v, 1)) for v in (1, 2)]
+        for _ in range(100):
+            if len(model.batches) == 2:
+                break
+            await asyncio.sleep(0.001)
+        in_flight = len(model.batches)
+        model.gate.set()
+        await asyncio.gather(*tasks)
+        await batcher.close()
+        return in_flight
+
+    assert run(body()) == 2
+
+
+def test_close_drains_what_is_queued():
+    async def body():
+        model = GatedModel(gated=False)
+        batcher = make_batcher(model, max_batch_size=2, max_queue_delay_us=10_000_000)
+        pending = asyncio.create_task(submit(batcher, 3, 1))
+        await asyncio.sleep(0.01)
+        await batcher.close()
+        return await pending
+
+    np.testing.assert_array_equal(run(body())["y"], np.full((1, 2), 30, np.float32))

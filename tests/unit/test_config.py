@@ -1,0 +1,103 @@
+"""Settings from flags and env, and config.pbtxt validation, without a server."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from server.config import load_model_settings, parse_server_settings
+from server.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_flags_win_over_environment_and_defaults(tmp_path):
+    env = {"ONNXSERVE_GRPC_PORT": "9001", "ONNXSERVE_METRICS_PORT": "9002", "ONNXSERVE_STRICT_READINESS": "false"}
+    settings = parse_server_settings(["--model-repository", str(tmp_path), "--grpc-port", "7001"], env)
+    assert (settings.grpc_port, settings.metrics_port, settings.strict_readiness) == (7001, 9002, False)
+    assert settings.grpc_max_message_bytes >= 256 * 1024 * 1024
+
+
+@pytest.mark.parametrize(
+    "argv, env, message",
+    [
+        (["--grpc-port", "70000"], {}, "--grpc-port: 70000"),
+        ([], {"ONNXSERVE_METRICS_PORT": "many"}, "ONNXSERVE_METRICS_PORT"),
+        (["--model-repository", "/no/such/dir"], {}, "--model-repository: /no/such/dir"),
+        (["--log-level", "LOUD"], {}, "--log-level"),
+    ],
+)
+def test_bad_settings_name_the_flag(tmp_path, argv, env, message):
+    if "--model-repository" not in argv:
+        argv = argv + ["--model-repository", str(tmp_path)]
+    with pytest.raises(ConfigError, match=message):
+        parse_server_settings(argv, env)
+
+
+def write_config(tmp_path: Path, text: str) -> Path:
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.pbtxt").write_text(text)
+    return model
+
+
+def test_triton_style_config_parses(tmp_path):
+    model = write_config(
+        tmp_path,
+        """
+        name: "m" platform: "onnxruntime_onnx" max_batch_size: 8
+        input [{ name: "x" data_type: TYPE_FP32 dims: [ 4 ] }]
+        dynamic_batching { preferred_batch_size: [ 8, 4 ] max_queue_delay_microseconds: 100
+          priority_levels: 2 default_priority_level: 1
+          default_queue_policy { max_queue_size: 10 default_timeout_microseconds: 5000 allow_timeout_override: true } }
+        instance_group [{ kind: KIND_CPU count: 2 }]
+        version_policy { latest { num_versions: 2 } }
+        parameters { key: "intra_op_thread_count" value { string_value: "1" } }
+        optimization { execution_accelerators { gpu_execution_accelerator [{ name: "tensorrt"
+          parameters { key: "precision_mode" value: "FP16" } }] } }
+        """,
+    )
+    settings = load_model_settings(model)
+    assert settings.max_batch_size == 8
+    assert settings.inputs[0].datatype == "FP32" and settings.inputs[0].dims == (4,)
+    assert settings.batching.preferred_batch_sizes == (4, 8)
+    assert settings.batching.queue_policy.max_queue_size == 10
+    assert settings.batching.priority_levels == 2
+    assert (settings.session.instance_kind, settings.session.instance_count) == ("cpu", 2)
+    assert settings.session.intra_op_threads == 1
+    assert settings.session.gpu_accelerators[0].name == "tensorrt"
+    assert settings.version_policy.select([1, 2, 3]) == [2, 3]
+
+
+def test_no_config_means_derive_everything(tmp_path):
+    (tmp_path / "m").mkdir()
+    settings = load_model_settings(tmp_path / "m")
+    assert settings.max_batch_size is None and settings.inputs == ()
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ('name: "other"', "name: 'other' differs"),
+        ('platform: "tensorflow_savedmodel"', "platform"),
+        ("max_batch_size: 4 dynamic_batching { preferred_batch_size: [ 8 ] }", "preferred_batch_size: 8"),
+        ('input [{ name: "x" dims: [ 4 ] }]', "input[0].data_type"),
+        ('input [{ name: "x" data_type: TYPE_FP32 dims: [ -2 ] }]', "input[0].dims"),
+        ('parameters { key: "turbo" value { string_value: "1" } }', "parameters['turbo']"),
+        ("instance_group [{ count: 1 }, { count: 1 }]", "instance_group"),
+        ('optimization { execution_accelerators { gpu_execution_accelerator [{ name: "warp" }] } }', "'warp'"),
+        ("max_batch_size: 4 dynamic_batching { priority_levels: 1 default_priority_level: 3 }", "default_priority_level"),
+    ],
+)
+def test_bad_config_names_file_and_field(tmp_path, text, fragment):
+    model = write_config(tmp_path, text)
+    with pytest.raises(ConfigError) as error:
+        load_model_settings(model)
+    assert str(model / "config.pbtxt") in str(error.value)
+    assert fragment in str(error.value)
+
+
+def test_generated_protos_are_up_to_date():
+    result = subprocess.run([sys.executable, str(ROOT / "protos" / "generate.py"), "--check"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
