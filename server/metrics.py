@@ -1,14 +1,12 @@
 """Prometheus observer of the data path's events, on an injected registry,
 and the /metrics HTTP endpoint."""
 
-import logging
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 from server.events import BatchExecuted, ModelStateChanged, QueueDepthChanged, RequestFinished
 
-log = logging.getLogger(__name__)
 MODEL_LABELS = ("model", "version")
 
 

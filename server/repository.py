@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from server.batching import Batcher
-from server.config import BatchingSettings, ModelSettings, TensorConfig, load_model_settings
+from server.config import ModelSettings, TensorConfig, load_model_settings
 from server.errors import ConfigError, ModelNotFound, ModelNotReady
 from server.events import EventBus, ModelStateChanged
 from server.runtime import InstancePool

@@ -49,21 +49,23 @@ def test_sigterm_answers_in_flight_refuses_new_and_exits_zero(tmp_path, serve):
 def test_second_signal_forces_exit(tmp_path, serve):
     onnx_models.write(tmp_path, "slow", onnx_models.slow_add_one(), SLOW)
     server = serve(tmp_path, "--exit-timeout-secs", "60")
-    caller = threading.Thread(
-        target=lambda: pytest.raises(
-            grpcclient.InferenceServerException,
-            server.client().infer,
-            "slow",
-            add_one_inputs(np.ones((1, 4), np.float32), work=200000),
-        )
-    )
+    outcome = {}
+
+    def never_finishes():
+        try:
+            server.client().infer("slow", add_one_inputs(np.ones((1, 4), np.float32), work=200000))
+        except grpcclient.InferenceServerException as err:
+            outcome["error"] = err
+
+    caller = threading.Thread(target=never_finishes)
     caller.start()
     time.sleep(0.3)
     server.process.send_signal(signal.SIGTERM)
     assert wait_until(lambda: any("shutting down" in line for line in server.log))
     server.process.send_signal(signal.SIGINT)
-    assert server.wait(10) != 0
+    assert server.wait(10) == 130
     caller.join(10)
+    assert "UNAVAILABLE" in outcome["error"].status()
 
 
 def test_broken_configs_fail_only_their_model(tmp_path, serve):
