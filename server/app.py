@@ -8,14 +8,17 @@ import signal
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, ProcessCollector
 
 from server import protocol
 from server.config import ServerSettings
+from server.costs import CostLedger, resolve_prices
 from server.events import EventBus
-from server.metrics import MetricsObserver, serve_metrics
+from server.metrics import CostCollector, GpuCollector, GpuReader, MetricsObserver, serve_metrics
 from server.repository import ModelRepository
+from server.runtime import cpu_cores
 from server.service import InferenceService
+from server.statistics import StatisticsRecorder
 
 log = logging.getLogger("onnxserve")
 FORCED_EXIT_CODE = 130
@@ -24,9 +27,17 @@ FORCED_EXIT_CODE = 130
 async def serve(settings: ServerSettings) -> int:
     bus = EventBus()
     registry = CollectorRegistry()
-    bus.subscribe(MetricsObserver(registry).observe)
+    gpus = GpuReader.open()
+    ledger = _cost_ledger(settings, gpus)
+    statistics = StatisticsRecorder()
+    for observer in (MetricsObserver(registry).observe, ledger.observe, statistics.observe):
+        bus.subscribe(observer)
+    registry.register(CostCollector(ledger.snapshot))
+    if gpus:
+        registry.register(GpuCollector(gpus))
+    ProcessCollector(registry=registry)
     repository = ModelRepository(settings.model_repository, settings.default_max_batch_size, bus)
-    service = InferenceService(repository, bus, settings.strict_readiness)
+    service = InferenceService(repository, bus, settings.strict_readiness, ledger, statistics)
     health_servicer = health.aio.HealthServicer()
 
     server = grpc.aio.server(
@@ -72,8 +83,25 @@ async def serve(settings: ServerSettings) -> int:
     await server.stop(settings.exit_timeout_secs)
     await repository.close()
     metrics_httpd.shutdown()
+    if gpus:
+        gpus.close()
     log.info("stopped")
     return 0
+
+
+def _cost_ledger(settings: ServerSettings, gpus: GpuReader | None) -> CostLedger:
+    configured = {p.device: (p.dollars_per_hour, p.source) for p in settings.device_price}
+    prices = resolve_prices(configured, gpus.names() if gpus else {}, cpu_cores())
+    meters = {}
+    for device in gpus.handles if gpus else ():
+        if (meter := gpus.energy_meter(device)) is not None:
+            meters[device] = meter
+    log.info(
+        "cost: %s; energy measured on %s",
+        ", ".join(f"{device} ${p.dollars_per_hour:g}/h ({p.source})" for device, p in sorted(prices.items())),
+        ", ".join(sorted(meters)) or "no device (no GPU energy counter)",
+    )
+    return CostLedger(prices, meters)
 
 
 async def _set_health(servicer: health.aio.HealthServicer, status) -> None:

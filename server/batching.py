@@ -8,6 +8,7 @@ once with its own rows. Knows nothing of gRPC or onnxruntime.
 
 import asyncio
 import collections
+import itertools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -17,13 +18,15 @@ import numpy as np
 
 from server.config import BatchingSettings
 from server.errors import DeadlineExceeded, ExecutionFailed, InvalidInput, Overloaded, ShuttingDown
-from server.events import BatchExecuted, EventBus, QueueDepthChanged
+from server.events import BatchExecuted, BatchStarted, EventBus, QueueDepthChanged
 
 log = logging.getLogger(__name__)
 
 Feeds = dict[str, np.ndarray]
 Execute = Callable[[Feeds, list[str], int], Awaitable[Feeds]]
 """execute(feeds, output_names, instance) -> outputs by name."""
+
+_batch_ids = itertools.count(1)  # process-wide, so a batch id names one execution of any model
 
 
 @dataclass(eq=False, slots=True)
@@ -36,6 +39,19 @@ class QueuedRequest:
     future: asyncio.Future
     shape_key: tuple = ()
     running: bool = False
+    taken: float = 0.0  # loop.time() when its batch left the queue
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """One caller's own output rows, and what its batch went through."""
+
+    outputs: Feeds
+    batch_id: int
+    batch_rows: int
+    device: str
+    queue_seconds: float
+    compute_seconds: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +70,7 @@ class Batcher:
     model: str
     version: str
     bus: EventBus
+    devices: tuple[str, ...]  # per instance: "cpu" or "cuda:N"
     _queues: list[collections.deque] = field(init=False)
     _depth: int = field(default=0, init=False)
     _wakeup: asyncio.Event = field(init=False)
@@ -61,6 +78,8 @@ class Batcher:
     _closing: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
+        if len(self.devices) != self.instances:
+            raise ValueError(f"{self.label}: {self.instances} instances but devices {self.devices}")
         self._queues = [collections.deque() for _ in range(self.settings.priority_levels + 1)]
         self._wakeup = asyncio.Event()
 
@@ -92,7 +111,7 @@ class Batcher:
         *,
         priority: int = 0,
         timeout_us: int = 0,
-    ) -> Feeds:
+    ) -> Answer:
         """Queue one request and wait for its own output rows."""
         if self._closing:
             raise ShuttingDown(f"{self.label}: the server is shutting down")
@@ -225,9 +244,11 @@ class Batcher:
                 pass
 
     def _take(self, chosen: list[QueuedRequest]) -> Batch:
+        now = asyncio.get_running_loop().time()
         for item in chosen:
             self._queues[item.level].remove(item)
             item.running = True
+            item.taken = now
         self._set_depth(self._depth - len(chosen))
         return Batch(requests=chosen, rows=sum(item.rows for item in chosen))
 
@@ -240,33 +261,50 @@ class Batcher:
                 await self._run(Batch(live, sum(item.rows for item in live)), instance)
 
     async def _run(self, batch: Batch, instance: int) -> None:
+        batch_id, device = next(_batch_ids), self.devices[instance]
         started = time.perf_counter()
-        succeeded = False
+        self.bus.publish(BatchStarted(self.model, self.version, batch_id, device, started))
+        marks: list[float] = [started]  # start, inputs gathered, runtime returned, outputs split
         try:
-            outputs = await self.execute(concatenate(batch.requests), union_outputs(batch.requests), instance)
+            feeds = concatenate(batch.requests)
+            marks.append(time.perf_counter())
+            outputs = await self.execute(feeds, union_outputs(batch.requests), instance)
+            marks.append(time.perf_counter())
             results = self._split(batch, outputs)
-            succeeded = True
+            marks.append(time.perf_counter())
         except Exception as err:  # every caller of the batch gets the failure, exactly once
             failure = err if isinstance(err, ExecutionFailed) else ExecutionFailed(f"{self.label}: {err!r}")
             log.error("%s: batch of %d rows failed: %r", self.label, batch.rows, err)
             for item in batch.requests:
                 _set_exception(item.future, failure)
         else:
+            compute = marks[-1] - started
             for item, result in zip(batch.requests, results):
-                _set_result(item.future, result)
+                _set_result(item.future, Answer(result, batch_id, batch.rows, device, item.taken - item.arrival, compute))
         finally:
-            self.bus.publish(
-                BatchExecuted(
-                    model=self.model,
-                    version=self.version,
-                    rows=batch.rows,
-                    requests=len(batch.requests),
-                    instance=instance,
-                    started=started,
-                    finished=time.perf_counter(),
-                    succeeded=succeeded,
-                )
-            )
+            # Callers resume only on a later loop turn, so observers have priced the batch by then.
+            self.bus.publish(self._executed(batch, batch_id, device, instance, marks))
+
+    def _executed(self, batch: Batch, batch_id: int, device: str, instance: int, marks: list[float]) -> BatchExecuted:
+        succeeded = len(marks) == 4
+        finished = marks[-1] if succeeded else time.perf_counter()
+        ends = (marks[1:] + [finished] * 3)[:3]  # a failure leaves the rest of the time in its phase
+        return BatchExecuted(
+            model=self.model,
+            version=self.version,
+            batch_id=batch_id,
+            device=device,
+            rows=batch.rows,
+            requests=len(batch.requests),
+            instance=instance,
+            started=marks[0],
+            finished=finished,
+            succeeded=succeeded,
+            input_seconds=ends[0] - marks[0],
+            infer_seconds=ends[1] - ends[0],
+            output_seconds=ends[2] - ends[1],
+            queue_seconds=tuple(item.taken - item.arrival for item in batch.requests),
+        )
 
     def _split(self, batch: Batch, outputs: Feeds) -> list[Feeds]:
         if len(batch.requests) == 1:

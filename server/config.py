@@ -24,6 +24,30 @@ def _flag(help_text: str) -> dict:
 
 
 @dataclass(frozen=True)
+class DevicePriceSetting:
+    """`--device-price cuda:0=4.10`: what one device costs per hour, and where that was said."""
+
+    device: str  # "cpu" or "cuda:N"
+    dollars_per_hour: float
+    source: str  # "flag" or "env"
+
+    @classmethod
+    def parse(cls, text: str, source: str, where: str) -> "DevicePriceSetting":
+        device, separator, price = text.strip().partition("=")
+        device = device.strip().lower()
+        valid_device = device == "cpu" or (device.startswith("cuda:") and device[5:].isdigit())
+        try:
+            dollars = float(price)
+        except ValueError:
+            dollars = -1.0
+        if not separator or not valid_device or not dollars >= 0 or dollars == float("inf"):
+            raise ConfigError(
+                f"{where}: {text!r} is not DEVICE=DOLLARS_PER_HOUR with DEVICE cpu or cuda:N and a price >= 0"
+            )
+        return cls(device, dollars, source)
+
+
+@dataclass(frozen=True)
 class ServerSettings:
     """Process-wide settings. Each field is a flag (--model-repository) and an
     environment variable (ONNXSERVE_MODEL_REPOSITORY); the flag wins."""
@@ -48,6 +72,13 @@ class ServerSettings:
         default=32, metadata=_flag("max_batch_size for a batchable model whose config does not set it")
     )
     log_level: str = field(default="INFO", metadata=_flag("DEBUG, INFO, WARNING or ERROR"))
+    device_price: tuple[DevicePriceSetting, ...] = field(
+        default=(),
+        metadata=_flag(
+            "price of a device in dollars per hour, DEVICE=DOLLARS (cpu=0.17, cuda:0=4.10); repeatable; "
+            "the environment variable takes a comma-separated list"
+        ),
+    )
 
     def __post_init__(self) -> None:
         for name in ("grpc_port", "metrics_port"):
@@ -64,6 +95,9 @@ class ServerSettings:
             raise ConfigError(f"--default-max-batch-size: {self.default_max_batch_size} must be >= 1")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"--log-level: {self.log_level!r} is not DEBUG, INFO, WARNING or ERROR")
+        devices = [price.device for price in self.device_price]
+        if len(set(devices)) != len(devices):
+            raise ConfigError(f"--device-price: a device is priced twice: {devices}")
         if not self.model_repository.is_dir():
             raise ConfigError(f"--model-repository: {self.model_repository} is not a directory")
 
@@ -89,16 +123,20 @@ def parse_server_settings(argv: Sequence[str], environ: Mapping[str, str] = os.e
     parser = argparse.ArgumentParser(prog="onnxserve", description="KServe v2 gRPC server for ONNX models")
     for spec in fields(ServerSettings):
         env_name = ENV_PREFIX + spec.name.upper()
+        repeated = spec.name == "device_price"
         parser.add_argument(
             f"--{_dashed(spec.name)}",
             dest=spec.name,
-            type=_PARSERS[spec.type],
+            type=str if repeated else _PARSERS[spec.type],
+            action="append" if repeated else "store",
             default=None,
             help=f"{spec.metadata['help']} (env {env_name}, default {spec.default})",
         )
     parsed = vars(parser.parse_args(list(argv)))
     values = {}
     for spec in fields(ServerSettings):
+        if spec.name == "device_price":
+            continue
         if parsed[spec.name] is not None:
             values[spec.name] = parsed[spec.name]
             continue
@@ -108,7 +146,16 @@ def parse_server_settings(argv: Sequence[str], environ: Mapping[str, str] = os.e
                 values[spec.name] = _PARSERS[spec.type](environ[env_name])
             except (ValueError, argparse.ArgumentTypeError) as err:
                 raise ConfigError(f"{env_name}: {err}") from None
+    values["device_price"] = _device_prices(parsed["device_price"], environ)
     return ServerSettings(**values)
+
+
+def _device_prices(flags: list[str] | None, environ: Mapping[str, str]) -> tuple[DevicePriceSetting, ...]:
+    if flags is not None:
+        return tuple(DevicePriceSetting.parse(text, "flag", "--device-price") for text in flags)
+    env_name = ENV_PREFIX + "DEVICE_PRICE"
+    items = [item for item in environ.get(env_name, "").split(",") if item.strip()]
+    return tuple(DevicePriceSetting.parse(item, "env", env_name) for item in items)
 
 
 # --- per-model configuration (config.pbtxt) -------------------------------------------------

@@ -11,18 +11,43 @@ from typing import Callable
 log = logging.getLogger(__name__)
 
 
+PHASES = ("input", "infer", "output")  # of a batch execution; see BatchExecuted
+REQUEST_OUTCOMES = ("ok", "invalid", "rejected", "timeout", "cancelled", "error")
+
+
 @dataclass(frozen=True, slots=True)
-class BatchExecuted:
-    """One model execution finished (successfully or not)."""
+class BatchStarted:
+    """A batch began on one instance; the cost ledger starts splitting its device's time."""
 
     model: str
     version: str
+    batch_id: int
+    device: str  # "cpu" or "cuda:N": where the instance runs
+    started: float  # perf_counter() seconds
+
+
+@dataclass(frozen=True, slots=True)
+class BatchExecuted:
+    """One model execution finished (successfully or not), with its phases timed.
+
+    input: gathering the requests' tensors into one batch; infer: the runtime call,
+    thread hop included; output: splitting the outputs into each caller's rows.
+    """
+
+    model: str
+    version: str
+    batch_id: int
+    device: str
     rows: int
     requests: int
     instance: int
     started: float  # perf_counter() seconds
     finished: float
     succeeded: bool
+    input_seconds: float = 0.0
+    infer_seconds: float = 0.0
+    output_seconds: float = 0.0
+    queue_seconds: tuple[float, ...] = ()  # one per request: arrival to the batch's start
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +70,8 @@ class ModelStateChanged:
     ready: bool
     provider: str
     reason: str = ""
+    queue_capacity: int = 0  # max_queue_size; 0 = unbounded
+    devices: tuple[str, ...] = ()  # where its instances run
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,26 +1,73 @@
-"""Prometheus observer of the data path's events, on an injected registry,
-and the /metrics HTTP endpoint."""
+"""Prometheus observer of the data path's events, on an injected registry; cost and
+GPU readings collected at scrape time; the /metrics HTTP endpoint."""
 
+import logging
+from typing import Callable, Iterator
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
-from server.events import BatchExecuted, ModelStateChanged, QueueDepthChanged, RequestFinished
+from server.events import (
+    PHASES,
+    REQUEST_OUTCOMES,
+    BatchExecuted,
+    ModelStateChanged,
+    QueueDepthChanged,
+    RequestFinished,
+)
+
+log = logging.getLogger(__name__)
 
 MODEL_LABELS = ("model", "version")
+# From 50 microseconds (a tiny model on CPU) to 30 seconds (a large GPU batch), about 2.5x apart.
+LATENCY_BUCKETS = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
 class MetricsObserver:
+    """Counters, histograms and gauges moved only by events."""
+
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.registry = registry
         self.requests = Counter(
             "onnxserve_requests", "ModelInfer calls by outcome", (*MODEL_LABELS, "outcome"), registry=registry
         )
         self.inferences = Counter(
             "onnxserve_inferences", "Rows served (a request of N rows counts N)", MODEL_LABELS, registry=registry
         )
-        self.batches = Counter("onnxserve_batches", "Model executions", MODEL_LABELS, registry=registry)
+        self.batches = Counter("onnxserve_batches", "Successful model executions", MODEL_LABELS, registry=registry)
+        self.request_duration = Histogram(
+            "onnxserve_request_duration_seconds",
+            "Successful ModelInfer calls, from receipt to response, server side",
+            MODEL_LABELS,
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.queue_duration = Histogram(
+            "onnxserve_queue_duration_seconds",
+            "Time each executed request waited for its batch",
+            MODEL_LABELS,
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.compute_duration = Histogram(
+            "onnxserve_compute_duration_seconds",
+            "Per execution: input (gather the batch), infer (onnxruntime), output (split per caller)",
+            (*MODEL_LABELS, "phase"),
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.batch_size = Histogram(
+            "onnxserve_batch_size", "Rows per execution", MODEL_LABELS, buckets=BATCH_SIZE_BUCKETS, registry=registry
+        )
         self.queue_depth = Gauge("onnxserve_queue_depth", "Requests waiting", MODEL_LABELS, registry=registry)
+        self.queue_capacity = Gauge(
+            "onnxserve_queue_capacity", "max_queue_size (0 = unbounded)", MODEL_LABELS, registry=registry
+        )
         self.model_ready = Gauge(
             "onnxserve_model_ready",
             "1 when the model version serves; provider is the execution provider actually in use",
@@ -30,15 +77,165 @@ class MetricsObserver:
 
     def observe(self, event: object) -> None:
         if isinstance(event, BatchExecuted):
-            if event.succeeded:
-                self.inferences.labels(event.model, event.version).inc(event.rows)
-                self.batches.labels(event.model, event.version).inc()
+            self._batch(event)
         elif isinstance(event, RequestFinished):
             self.requests.labels(event.model, event.version, event.outcome).inc()
+            if event.outcome == "ok":
+                self.request_duration.labels(event.model, event.version).observe(event.duration_seconds)
         elif isinstance(event, QueueDepthChanged):
             self.queue_depth.labels(event.model, event.version).set(event.depth)
         elif isinstance(event, ModelStateChanged):
             self.model_ready.labels(event.model, event.version, event.provider).set(1 if event.ready else 0)
+            if event.ready:
+                self.queue_capacity.labels(event.model, event.version).set(event.queue_capacity)
+                self._create_series(event.model, event.version)
+
+    def _create_series(self, model: str, version: str) -> None:
+        """Series exist at 0 from the start, so rate() counts the first requests too."""
+        for outcome in REQUEST_OUTCOMES:
+            self.requests.labels(model, version, outcome)
+        for metric in (self.inferences, self.batches, self.request_duration, self.queue_duration, self.batch_size):
+            metric.labels(model, version)
+        for phase in PHASES:
+            self.compute_duration.labels(model, version, phase)
+        self.queue_depth.labels(model, version).set(0)
+
+    def _batch(self, event: BatchExecuted) -> None:
+        labels = (event.model, event.version)
+        queue = self.queue_duration.labels(*labels)
+        for seconds in event.queue_seconds:
+            queue.observe(seconds)
+        if not event.succeeded:
+            return
+        self.inferences.labels(*labels).inc(event.rows)
+        self.batches.labels(*labels).inc()
+        self.batch_size.labels(*labels).observe(event.rows)
+        self.compute_duration.labels(*labels, "input").observe(event.input_seconds)
+        self.compute_duration.labels(*labels, "infer").observe(event.infer_seconds)
+        self.compute_duration.labels(*labels, "output").observe(event.output_seconds)
+
+
+class CostCollector(Collector):
+    """Reads the cost ledger at scrape time, so idle cost is current to the second."""
+
+    def __init__(self, snapshot: Callable) -> None:
+        self._snapshot = snapshot  # CostLedger.snapshot
+
+    def collect(self) -> Iterator:
+        snapshot = self._snapshot()
+        price = GaugeMetricFamily(
+            "onnxserve_device_price_dollars_per_hour", "Price of the device and where it came from", labels=("device", "source")
+        )
+        seconds = CounterMetricFamily(
+            "onnxserve_device_seconds", "Device time accounted since start (price x this / 3600 = cost + idle cost)", labels=("device",)
+        )
+        idle = CounterMetricFamily("onnxserve_idle_cost_dollars", "Priced device time with no batch running", labels=("device",))
+        idle_energy = CounterMetricFamily("onnxserve_idle_energy_joules", "Device energy with no batch running", labels=("device",))
+        cost = CounterMetricFamily(
+            "onnxserve_cost_dollars", "Device cost apportioned to this model's batches", labels=(*MODEL_LABELS, "device")
+        )
+        energy = CounterMetricFamily(
+            "onnxserve_energy_joules", "Device energy apportioned to this model's batches", labels=(*MODEL_LABELS, "device")
+        )
+        for account in snapshot.devices:
+            price.add_metric((account.device, account.price.source), account.price.dollars_per_hour)
+            seconds.add_metric((account.device,), account.seconds)
+            idle.add_metric((account.device,), account.idle_dollars)
+            if account.idle_joules is not None:
+                idle_energy.add_metric((account.device,), account.idle_joules)
+        for account in snapshot.models:
+            cost.add_metric((account.model, account.version, account.device), account.dollars)
+            if account.joules is not None:
+                energy.add_metric((account.model, account.version, account.device), account.joules)
+        yield from (family for family in (price, seconds, idle, idle_energy, cost, energy) if family.samples)
+
+
+class GpuReader:
+    """NVML handles of the GPUs the driver reports; `open()` is None without a driver or GPU."""
+
+    def __init__(self, nvml, handles: dict[str, object]) -> None:
+        self._nvml = nvml
+        self.handles = handles  # "cuda:N" -> NVML handle
+
+    @classmethod
+    def open(cls) -> "GpuReader | None":
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+        except Exception as err:  # no driver or no library: a CPU machine
+            log.info("GPU metrics: NVML is not available (%s); no onnxserve_gpu_* series", err)
+            return None
+        count = pynvml.nvmlDeviceGetCount()
+        if not count:
+            pynvml.nvmlShutdown()
+            log.info("GPU metrics: NVML sees no GPU; no onnxserve_gpu_* series")
+            return None
+        handles = {f"cuda:{i}": pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)}
+        return cls(pynvml, handles)
+
+    def names(self) -> dict[str, str]:
+        return {device: _text(self._nvml.nvmlDeviceGetName(handle)) for device, handle in self.handles.items()}
+
+    def energy_meter(self, device: str) -> Callable[[], float] | None:
+        """Joules since the driver loaded, or None where the GPU does not count energy."""
+        handle = self.handles[device]
+        try:
+            self._nvml.nvmlDeviceGetTotalEnergyConsumption(handle)
+        except self._nvml.NVMLError as err:
+            log.warning("GPU %s does not report energy (%s): no energy figures for it", device, err)
+            return None
+        return lambda: self._nvml.nvmlDeviceGetTotalEnergyConsumption(handle) / 1000.0
+
+    def readings(self, device: str) -> dict[str, float]:
+        """Whatever this GPU reports now; a reading it does not support is left out."""
+        nvml, handle = self._nvml, self.handles[device]
+        probes = {
+            "utilization": lambda: nvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100.0,
+            "memory_used": lambda: float(nvml.nvmlDeviceGetMemoryInfo(handle).used),
+            "memory_total": lambda: float(nvml.nvmlDeviceGetMemoryInfo(handle).total),
+            "power": lambda: nvml.nvmlDeviceGetPowerUsage(handle) / 1000.0,
+            "energy": lambda: nvml.nvmlDeviceGetTotalEnergyConsumption(handle) / 1000.0,
+        }
+        values = {}
+        for key, probe in probes.items():
+            try:
+                values[key] = probe()
+            except nvml.NVMLError as err:
+                log.debug("GPU %s: %s not available: %s", device, key, err)
+        return values
+
+    def close(self) -> None:
+        self._nvml.nvmlShutdown()
+
+
+class GpuCollector(Collector):
+    """NVML readings at scrape time; a GPU's unsupported readings are absent, never zero."""
+
+    FAMILIES = (
+        ("utilization", GaugeMetricFamily, "onnxserve_gpu_utilization_ratio", "Time the GPU was busy over NVML's last sample period"),
+        ("memory_used", GaugeMetricFamily, "onnxserve_gpu_memory_used_bytes", "GPU memory in use"),
+        ("memory_total", GaugeMetricFamily, "onnxserve_gpu_memory_total_bytes", "GPU memory installed"),
+        ("power", GaugeMetricFamily, "onnxserve_gpu_power_watts", "GPU power draw"),
+        ("energy", CounterMetricFamily, "onnxserve_gpu_energy_joules", "GPU energy since the driver loaded"),
+    )  # fmt: skip
+
+    def __init__(self, reader: GpuReader) -> None:
+        self._reader = reader
+
+    def collect(self) -> Iterator:
+        readings = {device: self._reader.readings(device) for device in self._reader.handles}
+        for key, family_type, name, documentation in self.FAMILIES:
+            family = family_type(name, documentation, labels=("device",))
+            for device, values in readings.items():
+                if key in values:
+                    family.add_metric((device,), values[key])
+            if family.samples:
+                yield family
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def serve_metrics(registry: CollectorRegistry, address: str, port: int) -> WSGIServer:

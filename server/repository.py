@@ -133,12 +133,17 @@ class ModelRepository:
             log.error("%s failed to load: %s", label, err)
             self.bus.publish(ModelStateChanged(version.name, version.version, False, "none", str(err)))
             return
-        batcher = Batcher(pool.run, completed.batching, pool.instance_count, version.name, version.version, self.bus)
+        batcher = Batcher(
+            pool.run, completed.batching, pool.instance_count, version.name, version.version, self.bus, pool.devices
+        )
         batcher.start()
         version.settings, version.signature, version.pool, version.batcher = completed, signature, pool, batcher
         version.state = READY
         _log_loaded(label, completed, signature, pool)
-        self.bus.publish(ModelStateChanged(version.name, version.version, True, pool.provider))
+        capacity = completed.batching.queue_policy.max_queue_size
+        self.bus.publish(
+            ModelStateChanged(version.name, version.version, True, pool.provider, queue_capacity=capacity, devices=pool.devices)
+        )
 
     async def close(self) -> None:
         """Drain every batcher, then close the sessions."""

@@ -124,7 +124,11 @@ class InstancePool:
         ]
         first = self._sessions[0]
         self.provider = first.get_providers()[0]
-        self.device = placements[0].device if self.provider != CPU else "cpu"
+        # Where each instance really runs: a GPU placement that fell back to the CPU provider is "cpu".
+        self.devices = tuple(
+            p.device if session.get_providers()[0] != CPU else "cpu" for p, session in zip(placements, self._sessions)
+        )
+        self.device = self.devices[0]
         self.intra_op_threads = options.intra_op_num_threads
         self.inputs = graph_specs(first.get_inputs(), model_path)
         self.outputs = graph_specs(first.get_outputs(), model_path)

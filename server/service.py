@@ -19,8 +19,11 @@ from server.errors import (
     ServingError,
     ShuttingDown,
 )
-from server.events import EventBus, RequestFinished
+from server.batching import Answer
+from server.costs import CostLedger
+from server.events import PHASES, EventBus, RequestFinished
 from server.repository import READY, ModelRepository, ModelVersion
+from server.statistics import StatisticsRecorder
 from server.tensors import decode_request, encode_outputs
 
 log = logging.getLogger(__name__)
@@ -34,7 +37,14 @@ STATUS = {
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 OUTCOMES = {InvalidInput: "invalid", Overloaded: "rejected", DeadlineExceeded: "timeout", ModelNotFound: "invalid"}
-EXTENSIONS = ("model_configuration", "schedule_policy", "parameters", "binary_tensor_data")
+EXTENSIONS = ("model_configuration", "schedule_policy", "parameters", "binary_tensor_data", "statistics")
+# Response parameters that tell a caller what its own request went through and cost.
+COST_PARAMETER = "onnxserve_cost_dollars"
+ENERGY_PARAMETER = "onnxserve_energy_joules"
+DEVICE_PARAMETER = "onnxserve_device"
+QUEUE_PARAMETER = "onnxserve_queue_us"
+COMPUTE_PARAMETER = "onnxserve_compute_us"
+BATCH_PARAMETER = "onnxserve_batch_rows"
 PLATFORM = "onnxruntime_onnx"
 
 
@@ -48,9 +58,18 @@ def server_version() -> str:
 class InferenceService:
     """The v2 RPCs. `handler()` registers them with a grpc.aio server."""
 
-    def __init__(self, repository: ModelRepository, bus: EventBus, strict_readiness: bool) -> None:
+    def __init__(
+        self,
+        repository: ModelRepository,
+        bus: EventBus,
+        strict_readiness: bool,
+        ledger: CostLedger,
+        statistics: StatisticsRecorder,
+    ) -> None:
         self.repository = repository
         self.bus = bus
+        self.ledger = ledger
+        self.statistics = statistics
         self.strict_readiness = strict_readiness
         self.shutting_down = False
         self.version = server_version()
@@ -139,11 +158,12 @@ class InferenceService:
             decoded = decode_request(request, model.signature)
             rows = decoded.rows
             priority, timeout_us = request_options(request, model)
-            outputs = await model.batcher.submit(
+            answer = await model.batcher.submit(
                 decoded.feeds, decoded.rows, decoded.outputs, priority=priority, timeout_us=timeout_us
             )
             response = protocol.ModelInferResponse(model_name=model.name, model_version=model.version, id=request.id)
-            encode_outputs(response, ((model.signature.output(name), outputs[name]) for name in decoded.outputs))
+            encode_outputs(response, ((model.signature.output(name), answer.outputs[name]) for name in decoded.outputs))
+            self._account(response, answer, rows)
             outcome = "ok"
             return response
         except ServingError as err:
@@ -155,6 +175,69 @@ class InferenceService:
         finally:
             if model is not None:  # unknown names would make unbounded label values
                 self.bus.publish(RequestFinished(model.name, model.version, outcome, rows, time.perf_counter() - started))
+
+
+    def _account(self, response, answer: Answer, rows: int) -> None:
+        parameters = response.parameters
+        parameters[QUEUE_PARAMETER].int64_param = round(answer.queue_seconds * 1e6)
+        parameters[COMPUTE_PARAMETER].int64_param = round(answer.compute_seconds * 1e6)
+        parameters[BATCH_PARAMETER].int64_param = answer.batch_rows
+        parameters[DEVICE_PARAMETER].string_param = answer.device
+        share = self.ledger.share(answer.batch_id, rows)
+        if share is None:  # only when thousands of batches finished before this caller resumed
+            log.warning("cost of batch %d was forgotten before its response was sent", answer.batch_id)
+            return
+        parameters[COST_PARAMETER].double_param = share.dollars
+        if share.joules is not None:
+            parameters[ENERGY_PARAMETER].double_param = share.joules
+
+    # --- statistics ---------------------------------------------------------------------------
+
+    async def ModelStatistics(self, request, context):
+        """Triton's counts and durations, plus what each version cost (an onnxserve field)."""
+        if request.name:
+            chosen = [self.repository.get(request.name, request.version)]
+        else:
+            chosen = [
+                self.repository.models[name].versions[version]
+                for name in sorted(self.repository.models)
+                for version in self.repository.version_names(name)
+                if self.repository.models[name].versions[version].state == READY
+            ]
+        costs = self.ledger.snapshot().models
+        response = protocol.ModelStatisticsResponse()
+        for model in chosen:
+            fill_statistics(response.model_stats.add(), model, self.statistics, costs)
+        return response
+
+
+def fill_statistics(message, model: ModelVersion, recorder: StatisticsRecorder, costs) -> None:
+    stats = recorder.get(model.name, model.version)
+    message.name, message.version = model.name, model.version
+    message.last_inference = stats.last_inference_ms
+    message.inference_count = stats.inference_count
+    message.execution_count = stats.execution_count
+    totals = message.inference_stats
+    for name in ("success", "fail", "queue"):
+        _duration(getattr(totals, name), getattr(stats, name))
+    for phase in PHASES:
+        _duration(getattr(totals, f"compute_{phase}"), stats.compute[phase])
+    for size in sorted(stats.batches):
+        batch = message.batch_stats.add(batch_size=size)
+        for phase in PHASES:
+            _duration(getattr(batch, f"compute_{phase}"), stats.batches[size][phase])
+    for account in costs:
+        if (account.model, account.version) != (model.name, model.version):
+            continue
+        cost = message.onnxserve_cost.add(device=account.device, dollars=account.dollars)
+        if stats.inference_count:
+            cost.dollars_per_inference = account.dollars / stats.inference_count
+        if account.joules is not None:
+            cost.energy_measured, cost.energy_joules = True, account.joules
+
+
+def _duration(message, duration) -> None:
+    message.count, message.ns = duration.count, duration.ns
 
 
 def request_options(request, model: ModelVersion) -> tuple[int, int]:

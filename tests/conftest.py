@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import tritonclient.grpc as grpcclient
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
 READY_LINE = re.compile(r"ready: gRPC port (\d+), metrics port (\d+)")
@@ -48,6 +49,14 @@ class ServerProcess:
                 return float(value)
         return 0.0
 
+    def samples(self) -> "Samples":
+        """Every sample on /metrics, parsed by prometheus_client's own parser."""
+        parsed = {}
+        for family in text_string_to_metric_families(self.metrics()):
+            for sample in family.samples:
+                parsed[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+        return Samples(parsed)
+
     def log_text(self) -> str:
         return "\n".join(self.log)
 
@@ -60,6 +69,23 @@ class ServerProcess:
         code = self.process.wait(timeout)
         self.reader.join(timeout)
         return code
+
+
+@dataclass(frozen=True)
+class Samples:
+    values: dict
+
+    def get(self, name: str, **labels: str) -> float:
+        """One sample's value; 0 when the series does not exist yet."""
+        return self.values.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    def total(self, name: str, **labels: str) -> float:
+        """Sum over the series of `name` whose labels include `labels`."""
+        wanted = set(labels.items())
+        return sum(v for (n, found), v in self.values.items() if n == name and wanted <= set(found))
+
+    def names(self) -> set[str]:
+        return {name for name, _ in self.values}
 
 
 def _sorted_labels(sample: str) -> str:

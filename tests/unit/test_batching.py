@@ -32,7 +32,7 @@ def make_batcher(model: GatedModel, events=None, instances=1, **settings) -> Bat
     bus = EventBus()
     if events is not None:
         bus.subscribe(events.append)
-    batcher = Batcher(model.execute, BatchingSettings(**settings), instances, "m", "1", bus)
+    batcher = Batcher(model.execute, BatchingSettings(**settings), instances, "m", "1", bus, ("cpu",) * instances)
     batcher.start()
     return batcher
 
@@ -42,7 +42,8 @@ def rows(value: float, count: int, width: int = 2) -> dict:
 
 
 async def submit(batcher, value, count, width=2, **options):
-    return await batcher.submit(rows(value, count, width), count, ("y",), **options)
+    answer = await batcher.submit(rows(value, count, width), count, ("y",), **options)
+    return answer.outputs
 
 
 def run(coroutine):
@@ -174,7 +175,7 @@ def test_execution_failure_reaches_every_caller_of_the_batch_once():
         raise RuntimeError("boom")
 
     async def body():
-        batcher = Batcher(failing, BatchingSettings(max_batch_size=4), 1, "m", "1", EventBus())
+        batcher = Batcher(failing, BatchingSettings(max_batch_size=4), 1, "m", "1", EventBus(), ("cpu",))
         batcher.start()
         results = await asyncio.gather(submit(batcher, 1, 1), submit(batcher, 2, 1), return_exceptions=True)
         await batcher.close()

@@ -19,6 +19,15 @@ def test_flags_win_over_environment_and_defaults(tmp_path):
     assert settings.grpc_max_message_bytes >= 256 * 1024 * 1024
 
 
+def test_device_prices_say_where_they_came_from(tmp_path):
+    repo = ["--model-repository", str(tmp_path)]
+    env = {"ONNXSERVE_DEVICE_PRICE": "cpu=0.2, cuda:0=4.1"}
+    from_env = parse_server_settings(repo, env).device_price
+    assert [(p.device, p.dollars_per_hour, p.source) for p in from_env] == [("cpu", 0.2, "env"), ("cuda:0", 4.1, "env")]
+    from_flags = parse_server_settings([*repo, "--device-price", "CUDA:1=2"], env).device_price
+    assert [(p.device, p.dollars_per_hour, p.source) for p in from_flags] == [("cuda:1", 2.0, "flag")]
+
+
 @pytest.mark.parametrize(
     "argv, env, message",
     [
@@ -26,6 +35,10 @@ def test_flags_win_over_environment_and_defaults(tmp_path):
         ([], {"ONNXSERVE_METRICS_PORT": "many"}, "ONNXSERVE_METRICS_PORT"),
         (["--model-repository", "/no/such/dir"], {}, "--model-repository: /no/such/dir"),
         (["--log-level", "LOUD"], {}, "--log-level"),
+        (["--device-price", "gpu0=4"], {}, "--device-price: 'gpu0=4'"),
+        (["--device-price", "cpu=-1"], {}, "--device-price: 'cpu=-1'"),
+        (["--device-price", "cpu=1", "--device-price", "cpu=2"], {}, "priced twice"),
+        ([], {"ONNXSERVE_DEVICE_PRICE": "cuda:0=cheap"}, "ONNXSERVE_DEVICE_PRICE: 'cuda:0=cheap'"),
     ],
 )
 def test_bad_settings_name_the_flag(tmp_path, argv, env, message):
