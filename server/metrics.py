@@ -137,7 +137,13 @@ class CostCollector(Collector):
         energy = CounterMetricFamily(
             "onnxserve_energy_joules", "Device energy apportioned to this model's batches", labels=(*MODEL_LABELS, "device")
         )
+        info = GaugeMetricFamily(
+            "onnxserve_device_info",
+            "Devices priced; energy: nvml where NVML's energy counter is read, none where energy is not measured",
+            labels=("device", "energy"),
+        )
         for account in snapshot.devices:
+            info.add_metric((account.device, "none" if account.idle_joules is None else "nvml"), 1)
             price.add_metric((account.device, account.price.source), account.price.dollars_per_hour)
             seconds.add_metric((account.device,), account.seconds)
             idle.add_metric((account.device,), account.idle_dollars)
@@ -147,7 +153,8 @@ class CostCollector(Collector):
             cost.add_metric((account.model, account.version, account.device), account.dollars)
             if account.joules is not None:
                 energy.add_metric((account.model, account.version, account.device), account.joules)
-        yield from (family for family in (price, seconds, idle, idle_energy, cost, energy) if family.samples)
+        families = (info, price, seconds, idle, idle_energy, cost, energy)
+        yield from (family for family in families if family.samples)
 
 
 class GpuReader:

@@ -230,6 +230,7 @@ def test_prices_and_cpu_fallback_are_labelled(server):
     assert samples.get("onnxserve_device_price_dollars_per_hour", device="cpu", source="flag") == PRICE_PER_HOUR
     assert not any(name.startswith("onnxserve_gpu_") for name in samples.names()), "no GPU, so no GPU series"
     assert not any(name.startswith("onnxserve_energy_joules") for name in samples.names())
+    assert samples.get("onnxserve_device_info", device="cpu", energy="none") == 1  # energy is not measured here
     assert "no onnxserve_gpu_* series" in server.log_text()
     assert "cpu $36/h (flag)" in server.log_text()
 
