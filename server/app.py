@@ -53,6 +53,7 @@ async def serve(settings: ServerSettings) -> int:
     )
     grpc_port = server.add_insecure_port(f"{settings.grpc_address}:{settings.grpc_port}")
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await health_servicer.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
     metrics_httpd = serve_metrics(registry, settings.metrics_address, settings.metrics_port)
     await server.start()
     log.info(
@@ -102,6 +103,9 @@ def _cost_ledger(settings: ServerSettings, gpus: GpuReader | None) -> CostLedger
         ", ".join(sorted(meters)) or "no device (no GPU energy counter)",
     )
     return CostLedger(prices, meters)
+
+
+LIVENESS_SERVICE = "liveness"  # SERVING while the process runs, loading included: for liveness probes
 
 
 async def _set_health(servicer: health.aio.HealthServicer, status) -> None:

@@ -51,6 +51,14 @@ class BatchExecuted:
 
 
 @dataclass(frozen=True, slots=True)
+class RequestStarted:
+    """A ModelInfer call for a known model version was received."""
+
+    model: str
+    version: str
+
+
+@dataclass(frozen=True, slots=True)
 class RequestFinished:
     """One ModelInfer call was answered; outcome is ok, invalid, rejected, timeout, cancelled or error."""
 

@@ -16,6 +16,7 @@ from server.events import (
     ModelStateChanged,
     QueueDepthChanged,
     RequestFinished,
+    RequestStarted,
 )
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,12 @@ class MetricsObserver:
             "onnxserve_batch_size", "Rows per execution", MODEL_LABELS, buckets=BATCH_SIZE_BUCKETS, registry=registry
         )
         self.queue_depth = Gauge("onnxserve_queue_depth", "Requests waiting", MODEL_LABELS, registry=registry)
+        self.inflight = Gauge(
+            "onnxserve_inflight_requests",
+            "Requests received and not yet answered (queued, running or being encoded)",
+            MODEL_LABELS,
+            registry=registry,
+        )
         self.queue_capacity = Gauge(
             "onnxserve_queue_capacity", "max_queue_size (0 = unbounded)", MODEL_LABELS, registry=registry
         )
@@ -78,7 +85,10 @@ class MetricsObserver:
     def observe(self, event: object) -> None:
         if isinstance(event, BatchExecuted):
             self._batch(event)
+        elif isinstance(event, RequestStarted):
+            self.inflight.labels(event.model, event.version).inc()
         elif isinstance(event, RequestFinished):
+            self.inflight.labels(event.model, event.version).dec()
             self.requests.labels(event.model, event.version, event.outcome).inc()
             if event.outcome == "ok":
                 self.request_duration.labels(event.model, event.version).observe(event.duration_seconds)
@@ -99,6 +109,7 @@ class MetricsObserver:
         for phase in PHASES:
             self.compute_duration.labels(model, version, phase)
         self.queue_depth.labels(model, version).set(0)
+        self.inflight.labels(model, version).set(0)
 
     def _batch(self, event: BatchExecuted) -> None:
         labels = (event.model, event.version)

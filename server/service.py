@@ -21,7 +21,7 @@ from server.errors import (
 )
 from server.batching import Answer
 from server.costs import CostLedger
-from server.events import PHASES, EventBus, RequestFinished
+from server.events import PHASES, EventBus, RequestFinished, RequestStarted
 from server.repository import READY, ModelRepository, ModelVersion
 from server.statistics import StatisticsRecorder
 from server.tensors import decode_request, encode_outputs
@@ -155,6 +155,7 @@ class InferenceService:
             if self.shutting_down:
                 raise ShuttingDown("the server is shutting down; retry on another replica")
             model = self.repository.get(request.model_name, request.model_version)
+            self.bus.publish(RequestStarted(model.name, model.version))
             decoded = decode_request(request, model.signature)
             rows = decoded.rows
             priority, timeout_us = request_options(request, model)

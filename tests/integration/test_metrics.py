@@ -138,6 +138,25 @@ def test_counters_and_histograms_move_by_exactly_what_was_sent(server):
     assert infer_buckets["0.5"] < infer_buckets["+Inf"]
 
 
+def test_queue_depth_and_inflight_gauges_count_what_is_waiting_and_running(server):
+    async def body(client):
+        blocker = asyncio.create_task(client.infer("slow", inputs(caller_rows(0, 1), work=BLOCKING_WORK)))
+        await asyncio.sleep(0.2)
+        queued = [asyncio.create_task(client.infer("slow", inputs(caller_rows(i, 1), work=0))) for i in (1, 2)]
+        await asyncio.sleep(0.2)
+        during = await asyncio.to_thread(server.samples)
+        await asyncio.gather(blocker, *queued)
+        return during
+
+    during = asyncio.run(with_client(server.url, body))
+    after = server.samples()
+    slow = {"model": "slow", "version": "1"}
+    assert during.get("onnxserve_inflight_requests", **slow) == 3  # one running, two waiting
+    assert during.get("onnxserve_queue_depth", **slow) == 2
+    assert after.get("onnxserve_inflight_requests", **slow) == 0
+    assert after.get("onnxserve_queue_depth", **slow) == 0
+
+
 # --- cost ---------------------------------------------------------------------------------------
 
 

@@ -4,10 +4,7 @@ dashboard query must run."""
 
 import json
 import shutil
-import socket
-import subprocess
 import time
-import urllib.parse
 import urllib.request
 
 import numpy as np
@@ -16,6 +13,7 @@ import tritonclient.grpc as grpcclient
 
 from tests import onnx_models
 from tests.conftest import ROOT, start_server, wait_until
+from tests.prometheus import Prometheus
 from tests.integration.test_metrics import infer_many, parameter
 from tests.integration.test_batching import caller_rows, inputs
 
@@ -27,53 +25,6 @@ LATENCY_BOUNDS = (0.0, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0
 GPU_ONLY = ("onnxserve_gpu_", "onnxserve_energy_joules", "onnxserve_idle_energy_joules")
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-class Prometheus:
-    def __init__(self, binary: str, workdir, target: str) -> None:
-        config = workdir / "prometheus.yml"
-        config.write_text(
-            "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
-            f"rule_files: {[str(path) for path in RULES]}\n"
-            "scrape_configs:\n"
-            f"  - {{job_name: onnxserve, static_configs: [{{targets: ['{target}']}}]}}\n"
-        )
-        self.url = f"http://127.0.0.1:{free_port()}"
-        self.process = subprocess.Popen(
-            [binary, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'data'}",
-             f"--web.listen-address={self.url.removeprefix('http://')}"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-
-    def ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as response:
-                return response.status == 200
-        except OSError:
-            return False
-
-    def query(self, expression: str) -> list:
-        url = f"{self.url}/api/v1/query?" + urllib.parse.urlencode({"query": expression})
-        with urllib.request.urlopen(url, timeout=10) as response:
-            body = json.load(response)
-        assert body["status"] == "success", (expression, body)
-        return body["data"]["result"]
-
-    def value(self, expression: str, **labels: str) -> float | None:
-        for series in self.query(expression):
-            if all(series["metric"].get(key) == wanted for key, wanted in labels.items()):
-                return float(series["value"][1])
-        return None
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.communicate(timeout=30)
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     binary = shutil.which("prometheus")
@@ -83,7 +34,8 @@ def stack(tmp_path_factory):
     batching = "max_batch_size: 16\ndynamic_batching { max_queue_delay_microseconds: 1000 }"
     onnx_models.write(repository, "fast", onnx_models.add_one(), batching)
     server = start_server(repository, "--device-price", "cpu=36")
-    prometheus = Prometheus(binary, tmp_path_factory.mktemp("prometheus"), f"127.0.0.1:{server.metrics_port}")
+    workdir = tmp_path_factory.mktemp("prometheus")
+    prometheus = Prometheus(binary, workdir, f"127.0.0.1:{server.metrics_port}", rule_files=RULES)
     assert wait_until(prometheus.ready, timeout=30), "prometheus did not become ready"
     yield server, prometheus
     prometheus.stop()

@@ -1,0 +1,63 @@
+"""A real Prometheus server for tests: started on loopback, queried over its HTTP API."""
+
+import json
+import socket
+import subprocess
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Prometheus:
+    """Prometheus on a free loopback port, scraping `target` every second; `labels` are
+    added to the target's series (as Kubernetes discovery would add namespace and pod)."""
+
+    def __init__(self, binary: str, workdir: Path, target: str, rule_files=(), labels: dict | None = None) -> None:
+        config = workdir / "prometheus.yml"
+        static = {"targets": [target], "labels": labels or {}}
+        config.write_text(
+            json.dumps(  # JSON is YAML
+                {
+                    "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                    "rule_files": [str(path) for path in rule_files],
+                    "scrape_configs": [{"job_name": "onnxserve", "static_configs": [static]}],
+                }
+            )
+        )
+        self.url = f"http://127.0.0.1:{free_port()}"
+        self.log = workdir / "prometheus.log"
+        self.process = subprocess.Popen(
+            [binary, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'data'}",
+             f"--web.listen-address={self.url.removeprefix('http://')}"],
+            stdout=subprocess.DEVNULL, stderr=self.log.open("w"),
+        )  # fmt: skip
+
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def query(self, expression: str) -> list:
+        url = f"{self.url}/api/v1/query?" + urllib.parse.urlencode({"query": expression})
+        with urllib.request.urlopen(url, timeout=10) as response:
+            body = json.load(response)
+        assert body["status"] == "success", (expression, body)
+        return body["data"]["result"]
+
+    def value(self, expression: str, **labels: str) -> float | None:
+        for series in self.query(expression):
+            if all(series["metric"].get(key) == wanted for key, wanted in labels.items()):
+                return float(series["value"][1])
+        return None
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
