@@ -32,11 +32,12 @@ class Prometheus:
         )
         self.url = f"http://127.0.0.1:{free_port()}"
         self.log = workdir / "prometheus.log"
-        self.process = subprocess.Popen(
-            [binary, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'data'}",
-             f"--web.listen-address={self.url.removeprefix('http://')}"],
-            stdout=subprocess.DEVNULL, stderr=self.log.open("w"),
-        )  # fmt: skip
+        with self.log.open("w") as log:  # the child keeps its own copy of the descriptor
+            self.process = subprocess.Popen(
+                [binary, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'data'}",
+                 f"--web.listen-address={self.url.removeprefix('http://')}"],
+                stdout=subprocess.DEVNULL, stderr=log,
+            )  # fmt: skip
 
     def ready(self) -> bool:
         try:
