@@ -16,7 +16,7 @@ from server.costs import CostLedger, resolve_prices
 from server.events import EventBus
 from server.metrics import CostCollector, GpuCollector, GpuReader, MetricsObserver, serve_metrics
 from server.repository import ModelRepository
-from server.runtime import cpu_cores
+from server.runtime import CPU, cpu_cores
 from server.service import InferenceService
 from server.statistics import StatisticsRecorder
 
@@ -28,6 +28,8 @@ async def serve(settings: ServerSettings) -> int:
     bus = EventBus()
     registry = CollectorRegistry()
     gpus = GpuReader.open()
+    if gpus is None:
+        log.warning("no GPU is visible: every model runs on onnxruntime's %s", CPU)
     ledger = _cost_ledger(settings, gpus)
     statistics = StatisticsRecorder()
     for observer in (MetricsObserver(registry).observe, ledger.observe, statistics.observe):

@@ -1,0 +1,41 @@
+# onnxserve: a KServe v2 gRPC server for ONNX models.
+#
+# GPU-capable: onnxruntime-gpu plus the CUDA 13 and cuDNN 9 libraries it needs, from NVIDIA's
+# pip wheels. Without a visible GPU it runs on onnxruntime's CPU provider and says so in its log
+# and in the onnxserve_model_ready{provider=...} metric.
+#
+# Behind a TLS-intercepting proxy, give the build the proxy's CA bundle as a BuildKit secret
+# (nothing is written into the image):
+#   DOCKER_BUILDKIT=1 docker build --secret id=ca,src=/etc/ssl/certs/ca-certificates.crt -t onnxserve .
+
+ARG PYTHON_IMAGE=python:3.11-slim
+
+FROM ${PYTHON_IMAGE} AS build
+# The CUDA/cuDNN wheels onnxruntime-gpu 1.31 loads (its `cuda` and `cudnn` extras, plus cuBLAS).
+ARG GPU_WHEELS="nvidia-cuda-runtime~=13.0 nvidia-cuda-nvrtc~=13.0 nvidia-cublas~=13.0 nvidia-cufft~=12.0 nvidia-curand~=10.0 nvidia-cudnn-cu13~=9.0"
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python3 -m venv /opt/onnxserve
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY server/ server/
+RUN --mount=type=secret,id=ca \
+    if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
+    && /opt/onnxserve/bin/pip install . ${GPU_WHEELS}
+
+FROM ${PYTHON_IMAGE}
+RUN groupadd --system --gid 10001 onnxserve \
+    && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
+       --shell /usr/sbin/nologin onnxserve
+COPY --from=build /opt/onnxserve /opt/onnxserve
+COPY models/ /opt/onnxserve/models/
+ENV PATH=/opt/onnxserve/bin:${PATH} \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    ONNXSERVE_MODEL_REPOSITORY=/opt/onnxserve/models \
+    LD_LIBRARY_PATH=/opt/onnxserve/lib/python3.11/site-packages/nvidia/cu13/lib:/opt/onnxserve/lib/python3.11/site-packages/nvidia/cudnn/lib
+# Mount your own repository here and set ONNXSERVE_MODEL_REPOSITORY=/models.
+VOLUME ["/models"]
+EXPOSE 8001 8002
+USER 10001:10001
+HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 CMD ["onnxserve-health"]
+ENTRYPOINT ["onnxserve"]
