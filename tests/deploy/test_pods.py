@@ -49,9 +49,9 @@ def podman_image(docker):
     built = docker("image", "inspect", "--format", "{{.Id}}", IMAGE).stdout.strip().removeprefix("sha256:")
     loaded = podman("image", "inspect", "--format", "{{.Id}}", PODMAN_IMAGE, check_rc=False).stdout.strip()
     if loaded != built:
-        saved = subprocess.Popen([docker.client, "save", IMAGE], env=docker.environment, stdout=subprocess.PIPE)
-        podman("load", stdin=saved.stdout)
-        assert saved.wait(300) == 0
+        with subprocess.Popen([docker.client, "save", IMAGE], env=docker.environment, stdout=subprocess.PIPE) as saved:
+            podman("load", stdin=saved.stdout)
+        assert saved.returncode == 0
     return PODMAN_IMAGE
 
 
