@@ -1,0 +1,236 @@
+"""Load generator for any KServe v2 gRPC server.
+
+    python -m bench.loadgen --url 127.0.0.1:8001 --model mlp --concurrency 64 --duration 10
+    python -m bench.loadgen --url 127.0.0.1:8001 --model mlp --rate 2000 --requests 20000 --json
+
+Closed loop (`--concurrency N`: N callers, each sends its next request when the last is
+answered) or open loop (`--rate R`: requests start R times a second whatever the answers).
+Prints throughput, p50/p90/p99 latency and errors; with `--metrics-url` (an onnxserve
+/metrics), also the average batch size and the cost per inference the server measured.
+
+The request is serialized once and sent as bytes, so the generator spends its CPU on gRPC,
+not on protobuf: on a small machine it competes with the server, and it reports how much
+CPU it used so that the figures can be read with that in mind.
+"""
+
+import argparse
+import asyncio
+import json
+import resource
+import sys
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+
+import grpc
+import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
+
+from server import protocol
+from server.tensors import DATATYPES
+
+METHOD = f"/{protocol.SERVICE_NAME}/ModelInfer"
+
+
+@dataclass
+class Report:
+    model: str
+    mode: str  # "concurrency N" or "rate R/s"
+    batch: int
+    requests: int = 0
+    errors: int = 0
+    seconds: float = 0.0
+    inferences_per_second: float = 0.0
+    requests_per_second: float = 0.0
+    p50_ms: float = 0.0
+    p90_ms: float = 0.0
+    p99_ms: float = 0.0
+    server_average_batch: float | None = None
+    server_cost_per_inference: float | None = None
+    client_cpu_seconds: float = 0.0
+    client_cpu_per_request_us: float = 0.0
+    error_samples: list[str] = field(default_factory=list)
+
+
+def build_request(url: str, model: str, batch: int, dims: dict[str, list[int]]) -> bytes:
+    """A ModelInferRequest with random raw contents shaped by the model's metadata."""
+    with grpc.insecure_channel(url) as channel:
+        call = channel.unary_unary(
+            f"/{protocol.SERVICE_NAME}/ModelMetadata",
+            request_serializer=protocol.request_class("ModelMetadata").SerializeToString,
+            response_deserializer=protocol.ModelMetadataResponse.FromString,
+        )
+        metadata = call(protocol.request_class("ModelMetadata")(name=model), timeout=10)
+    rng = np.random.default_rng(0)
+    request = protocol.ModelInferRequest(model_name=model)
+    for spec in metadata.inputs:
+        shape = dims.get(spec.name) or [batch if i == 0 and d == -1 else (d if d > 0 else 1) for i, d in enumerate(spec.shape)]
+        values = _random(spec.datatype, shape, rng, spec.name)
+        request.inputs.add(name=spec.name, datatype=spec.datatype, shape=shape)
+        request.raw_input_contents.append(values.tobytes())
+    return request.SerializeToString()
+
+
+def _random(datatype: str, shape: list[int], rng, name: str) -> np.ndarray:
+    dtype = DATATYPES[datatype].numpy
+    if datatype == "BYTES":
+        raise SystemExit(f"input '{name}' is BYTES: give a model with numeric inputs")
+    if name == "attention_mask":
+        return np.ones(shape, dtype=dtype)
+    if np.issubdtype(dtype, np.integer):
+        return rng.integers(0, 1000, size=shape).astype(dtype)
+    return rng.random(shape).astype(dtype)
+
+
+def scrape(metrics_url: str | None) -> dict | None:
+    if not metrics_url:
+        return None
+    with urllib.request.urlopen(metrics_url, timeout=10) as response:
+        text = response.read().decode()
+    totals: dict = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+    return totals
+
+
+def server_figures(before: dict | None, after: dict | None) -> tuple[float | None, float | None]:
+    if before is None or after is None:
+        return None, None
+
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    batches, inferences = delta("onnxserve_batch_size_count"), delta("onnxserve_inferences_total")
+    average = delta("onnxserve_batch_size_sum") / batches if batches else None
+    cost = delta("onnxserve_cost_dollars_total") / inferences if inferences else None
+    return average, cost
+
+
+class Run:
+    def __init__(self, url: str, payload: bytes, deadline: float, limit: int, progress: bool) -> None:
+        self.channel = grpc.aio.insecure_channel(url)
+        self.call = self.channel.unary_unary(METHOD)  # bytes in, bytes out
+        self.payload = payload
+        self.deadline, self.limit = deadline, limit
+        self.latencies: list[float] = []
+        self.errors: list[str] = []
+        self.started = 0
+        self.progress = progress
+        self.next_progress = time.monotonic() + 5
+
+    def more(self) -> bool:
+        return time.monotonic() < self.deadline and (not self.limit or self.started < self.limit)
+
+    async def one(self) -> None:
+        begin = time.perf_counter()
+        try:
+            await self.call(self.payload, timeout=60)
+        except grpc.aio.AioRpcError as err:
+            self.errors.append(f"{err.code().name}: {err.details()}")
+            return
+        self.latencies.append(time.perf_counter() - begin)
+        if self.progress and time.monotonic() >= self.next_progress:
+            self.next_progress += 5
+            print(f"... {len(self.latencies)} answered, {len(self.errors)} errors", file=sys.stderr)
+
+    async def closed_loop(self, concurrency: int) -> None:
+        async def caller() -> None:
+            while self.more():
+                self.started += 1
+                await self.one()
+
+        await asyncio.gather(*(caller() for _ in range(concurrency)))
+
+    async def open_loop(self, rate: float) -> None:
+        start, pending = time.perf_counter(), set()
+        while self.more():
+            due = start + self.started / rate
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))
+            self.started += 1
+            task = asyncio.create_task(self.one())
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+        await asyncio.gather(*pending)
+
+
+async def run_load(args) -> Report:
+    dims = {name: [int(d) for d in text.split(",")] for name, text in (item.split("=") for item in args.shape)}
+    payload = build_request(args.url, args.model, args.batch, dims)
+    mode = f"rate {args.rate:g}/s" if args.rate else f"concurrency {args.concurrency}"
+    report = Report(model=args.model, mode=mode, batch=args.batch)
+    if args.warmup:
+        warm = Run(args.url, payload, time.monotonic() + args.warmup, 0, False)
+        await warm.closed_loop(min(args.concurrency, 8) if not args.rate else 4)
+        await warm.channel.close()
+    before = scrape(args.metrics_url)
+    cpu_before = resource.getrusage(resource.RUSAGE_SELF)
+    limit = args.requests or 0
+    run = Run(args.url, payload, time.monotonic() + (args.duration if not limit else 1e9), limit, args.progress)
+    began = time.perf_counter()
+    await (run.open_loop(args.rate) if args.rate else run.closed_loop(args.concurrency))
+    report.seconds = time.perf_counter() - began
+    cpu_after = resource.getrusage(resource.RUSAGE_SELF)
+    await run.channel.close()
+    after = scrape(args.metrics_url)
+    _fill(report, run, cpu_after.ru_utime + cpu_after.ru_stime - cpu_before.ru_utime - cpu_before.ru_stime)
+    report.server_average_batch, report.server_cost_per_inference = server_figures(before, after)
+    return report
+
+
+def _fill(report: Report, run: Run, cpu_seconds: float) -> None:
+    answered = len(run.latencies)
+    report.requests, report.errors = answered + len(run.errors), len(run.errors)
+    report.error_samples = sorted(set(run.errors))[:5]
+    report.requests_per_second = answered / report.seconds if report.seconds else 0.0
+    report.inferences_per_second = report.requests_per_second * report.batch
+    if answered:
+        p50, p90, p99 = np.percentile(np.array(run.latencies) * 1e3, [50, 90, 99])
+        report.p50_ms, report.p90_ms, report.p99_ms = float(p50), float(p90), float(p99)
+    report.client_cpu_seconds = cpu_seconds
+    report.client_cpu_per_request_us = cpu_seconds / report.requests * 1e6 if report.requests else 0.0
+
+
+def print_report(report: Report) -> None:
+    print(f"{report.model} ({report.mode}, batch {report.batch}): {report.requests} requests in {report.seconds:.1f} s")
+    print(f"  throughput  {report.inferences_per_second:,.0f} inferences/s ({report.requests_per_second:,.0f} requests/s)")
+    print(f"  latency     p50 {report.p50_ms:.3f} ms   p90 {report.p90_ms:.3f} ms   p99 {report.p99_ms:.3f} ms")
+    print(f"  errors      {report.errors}" + (f"  e.g. {report.error_samples[0]}" if report.error_samples else ""))
+    if report.server_average_batch is not None:
+        print(f"  server      average batch {report.server_average_batch:.2f} rows")
+    if report.server_cost_per_inference is not None:
+        print(f"  cost        ${report.server_cost_per_inference:.3e} per inference")
+    load = report.client_cpu_seconds / report.seconds if report.seconds else 0.0
+    print(f"  client CPU  {report.client_cpu_seconds:.2f} s ({load:.0%} of a core, {report.client_cpu_per_request_us:.0f} us per request)")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.loadgen", description=__doc__.splitlines()[0])
+    parser.add_argument("--url", default="127.0.0.1:8001", help="gRPC host:port")
+    parser.add_argument("--model", required=True)
+    loop = parser.add_mutually_exclusive_group()
+    loop.add_argument("--concurrency", type=int, default=1, help="closed loop: callers in flight")
+    loop.add_argument("--rate", type=float, default=0.0, help="open loop: requests started per second")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds (unless --requests)")
+    parser.add_argument("--requests", type=int, default=0, help="stop after this many requests")
+    parser.add_argument("--batch", type=int, default=1, help="rows per request")
+    parser.add_argument("--shape", action="append", default=[], help="NAME=D0,D1,... for an input (e.g. input_ids=1,128)")
+    parser.add_argument("--warmup", type=float, default=1.0, help="seconds of load before measuring")
+    parser.add_argument("--metrics-url", default=None, help="onnxserve /metrics, for batch size and cost")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    parser.add_argument("--progress", action="store_true", help="a line every 5 s on stderr")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    report = asyncio.run(run_load(args))
+    if args.json:
+        print(json.dumps(asdict(report)))
+    else:
+        print_report(report)
+    return 1 if report.errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

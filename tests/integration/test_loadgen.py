@@ -1,0 +1,55 @@
+"""The benchmark's load generator against a real server: it counts what it sent and reads
+the server's batch size and cost from /metrics."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests import onnx_models
+from tests.conftest import ROOT, start_server
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    repository = tmp_path_factory.mktemp("repository")
+    onnx_models.write(repository, "add_one", onnx_models.add_one(), "max_batch_size: 16\ndynamic_batching {}")
+    running = start_server(repository)
+    yield running
+    assert running.stop() == 0
+
+
+def loadgen(server, *args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "bench.loadgen", "--url", server.url, "--model", "add_one", "--json", "--warmup", "0", *args]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_closed_loop_counts_requests_and_reads_server_figures(server):
+    before = server.samples().get("onnxserve_requests_total", model="add_one", version="1", outcome="ok")
+    metrics = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    result = loadgen(server, "--concurrency", "8", "--requests", "300", "--batch", "2", "--metrics-url", metrics)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert (report["requests"], report["errors"]) == (300, 0)
+    assert server.samples().get("onnxserve_requests_total", model="add_one", version="1", outcome="ok") - before == 300
+    assert report["inferences_per_second"] == pytest.approx(2 * report["requests_per_second"])
+    assert 0 < report["p50_ms"] <= report["p90_ms"] <= report["p99_ms"]
+    assert report["server_average_batch"] >= 2  # every request carries 2 rows
+    assert report["server_cost_per_inference"] > 0
+    assert report["client_cpu_seconds"] > 0
+
+
+def test_open_loop_sends_at_the_rate_asked(server):
+    result = loadgen(server, "--rate", "200", "--requests", "100")
+    report = json.loads(result.stdout)
+    assert (report["requests"], report["errors"]) == (100, 0)
+    assert report["seconds"] == pytest.approx(0.5, abs=0.3)  # 100 requests at 200/s
+    assert report["server_average_batch"] is None  # no --metrics-url: not guessed
+
+
+def test_errors_are_counted_and_fail_the_run(server):
+    result = loadgen(server, "--requests", "5", "--shape", "x=1,5")  # the model takes 4 columns
+    report = json.loads(result.stdout)
+    assert result.returncode == 1
+    assert report["errors"] == 5 and "INVALID_ARGUMENT" in report["error_samples"][0]
