@@ -45,6 +45,7 @@ DEVICE_PARAMETER = "onnxserve_device"
 QUEUE_PARAMETER = "onnxserve_queue_us"
 COMPUTE_PARAMETER = "onnxserve_compute_us"
 BATCH_PARAMETER = "onnxserve_batch_rows"
+BATCH_ID_PARAMETER = "onnxserve_batch_id"
 PLATFORM = "onnxruntime_onnx"
 
 
@@ -183,6 +184,7 @@ class InferenceService:
         parameters[QUEUE_PARAMETER].int64_param = round(answer.queue_seconds * 1e6)
         parameters[COMPUTE_PARAMETER].int64_param = round(answer.compute_seconds * 1e6)
         parameters[BATCH_PARAMETER].int64_param = answer.batch_rows
+        parameters[BATCH_ID_PARAMETER].int64_param = answer.batch_id
         parameters[DEVICE_PARAMETER].string_param = answer.device
         share = self.ledger.share(answer.batch_id, rows)
         if share is None:  # only when thousands of batches finished before this caller resumed

@@ -237,11 +237,13 @@ def test_response_cost_parameters_add_up_to_the_cost_counter(server):
     # A request's share follows its rows: within one batch, cost per row is the same.
     by_batch = {}
     for rows, result, _ in answered:
-        key = (result.get_response().model_name, parameter(result, "onnxserve_batch_rows"), parameter(result, "onnxserve_compute_us"))
-        by_batch.setdefault(key, []).append(parameter(result, "onnxserve_cost_dollars") / rows)
-    assert any(len(costs) > 1 for costs in by_batch.values()), "some requests should have shared a batch"
-    for costs in by_batch.values():
-        assert max(costs) == pytest.approx(min(costs), rel=1e-9)
+        batch = by_batch.setdefault(parameter(result, "onnxserve_batch_id"), [])
+        batch.append((rows, parameter(result, "onnxserve_batch_rows"), parameter(result, "onnxserve_cost_dollars") / rows))
+    assert any(len(members) > 1 for members in by_batch.values()), "some requests should have shared a batch"
+    for members in by_batch.values():
+        assert sum(rows for rows, _, _ in members) == members[0][1]  # the batch's rows are its requests' rows
+        per_row = [cost for _, _, cost in members]
+        assert max(per_row) == pytest.approx(min(per_row), rel=1e-9)
 
 
 def test_prices_and_cpu_fallback_are_labelled(server):
