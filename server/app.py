@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, ProcessCollector
 from server import protocol
 from server.config import ServerSettings
 from server.costs import CostLedger, resolve_prices
-from server.events import EventBus
+from server.events import BatchExecuted, BatchStarted, EventBus, ModelStateChanged, RequestFinished
 from server.metrics import CostCollector, GpuCollector, GpuReader, MetricsObserver, serve_metrics
 from server.repository import ModelRepository
 from server.runtime import CPU, cpu_cores
@@ -32,8 +32,10 @@ async def serve(settings: ServerSettings) -> int:
         log.warning("no GPU is visible: every model runs on onnxruntime's %s", CPU)
     ledger = _cost_ledger(settings, gpus)
     statistics = StatisticsRecorder()
-    for observer in (MetricsObserver(registry).observe, ledger.observe, statistics.observe):
-        bus.subscribe(observer)
+    for event_type, handler in MetricsObserver(registry).handlers().items():
+        bus.subscribe(handler, event_type)
+    bus.subscribe(ledger.observe, BatchStarted, BatchExecuted, ModelStateChanged)
+    bus.subscribe(statistics.observe, RequestFinished, BatchExecuted)
     registry.register(CostCollector(ledger.snapshot))
     if gpus:
         registry.register(GpuCollector(gpus))

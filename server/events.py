@@ -93,14 +93,25 @@ Observer = Callable[[object], None]
 
 
 class EventBus:
-    def __init__(self) -> None:
-        self._observers: list[Observer] = []
+    """Delivers each event to the observers of its type (or of every type), in order."""
 
-    def subscribe(self, observer: Observer) -> None:
-        self._observers.append(observer)
+    def __init__(self) -> None:
+        self._subscriptions: list[tuple[Observer, tuple[type, ...]]] = []
+        self._routes: dict[type, tuple[Observer, ...]] = {}
+
+    def subscribe(self, observer: Observer, *event_types: type) -> None:
+        """`observer` gets the events of `event_types`, or every event when none are named."""
+        self._subscriptions.append((observer, event_types))
+        self._routes.clear()
+
+    def _route(self, event_type: type) -> tuple[Observer, ...]:
+        route = tuple(observer for observer, types in self._subscriptions if not types or event_type in types)
+        self._routes[event_type] = route
+        return route
 
     def publish(self, event: object) -> None:
-        for observer in self._observers:
+        route = self._routes.get(type(event))
+        for observer in self._route(type(event)) if route is None else route:
             try:
                 observer(event)
             except Exception:  # an observer must never break the data path

@@ -2,6 +2,7 @@
 GPU readings collected at scrape time; the /metrics HTTP endpoint."""
 
 import logging
+from dataclasses import dataclass
 from typing import Callable, Iterator
 from wsgiref.simple_server import WSGIServer
 
@@ -82,48 +83,78 @@ class MetricsObserver:
             registry=registry,
         )
 
-    def observe(self, event: object) -> None:
-        if isinstance(event, BatchExecuted):
-            self._batch(event)
-        elif isinstance(event, RequestStarted):
-            self.inflight.labels(event.model, event.version).inc()
-        elif isinstance(event, RequestFinished):
-            self.inflight.labels(event.model, event.version).dec()
-            self.requests.labels(event.model, event.version, event.outcome).inc()
-            if event.outcome == "ok":
-                self.request_duration.labels(event.model, event.version).observe(event.duration_seconds)
-        elif isinstance(event, QueueDepthChanged):
-            self.queue_depth.labels(event.model, event.version).set(event.depth)
-        elif isinstance(event, ModelStateChanged):
-            self.model_ready.labels(event.model, event.version, event.provider).set(1 if event.ready else 0)
-            if event.ready:
-                self.queue_capacity.labels(event.model, event.version).set(event.queue_capacity)
-                self._create_series(event.model, event.version)
+        self._series: dict[tuple[str, str], VersionSeries] = {}
 
-    def _create_series(self, model: str, version: str) -> None:
-        """Series exist at 0 from the start, so rate() counts the first requests too."""
-        for outcome in REQUEST_OUTCOMES:
-            self.requests.labels(model, version, outcome)
-        for metric in (self.inferences, self.batches, self.request_duration, self.queue_duration, self.batch_size):
-            metric.labels(model, version)
-        for phase in PHASES:
-            self.compute_duration.labels(model, version, phase)
-        self.queue_depth.labels(model, version).set(0)
-        self.inflight.labels(model, version).set(0)
+    def handlers(self) -> dict[type, Callable]:
+        """What this observer does with each event type (for EventBus.subscribe)."""
+        return {
+            BatchExecuted: self._batch,
+            RequestStarted: lambda event: self.series(event.model, event.version).inflight.inc(),
+            RequestFinished: self._request,
+            QueueDepthChanged: lambda event: self.series(event.model, event.version).queue_depth.set(event.depth),
+            ModelStateChanged: self._state,
+        }
+
+    def series(self, model: str, version: str) -> "VersionSeries":
+        """One version's children, looked up once: labels() costs microseconds per call."""
+        found = self._series.get((model, version))
+        if found is None:
+            found = self._series[(model, version)] = VersionSeries.bind(self, model, version)
+        return found
+
+    def _state(self, event: ModelStateChanged) -> None:
+        self.model_ready.labels(event.model, event.version, event.provider).set(1 if event.ready else 0)
+        if event.ready:
+            self.queue_capacity.labels(event.model, event.version).set(event.queue_capacity)
+            self.series(event.model, event.version)  # series exist at 0, so rate() counts the first requests
+
+    def _request(self, event: RequestFinished) -> None:
+        series = self.series(event.model, event.version)
+        series.inflight.dec()
+        series.requests[event.outcome].inc()
+        if event.outcome == "ok":
+            series.request_duration.observe(event.duration_seconds)
 
     def _batch(self, event: BatchExecuted) -> None:
-        labels = (event.model, event.version)
-        queue = self.queue_duration.labels(*labels)
+        series = self.series(event.model, event.version)
         for seconds in event.queue_seconds:
-            queue.observe(seconds)
+            series.queue_duration.observe(seconds)
         if not event.succeeded:
             return
-        self.inferences.labels(*labels).inc(event.rows)
-        self.batches.labels(*labels).inc()
-        self.batch_size.labels(*labels).observe(event.rows)
-        self.compute_duration.labels(*labels, "input").observe(event.input_seconds)
-        self.compute_duration.labels(*labels, "infer").observe(event.infer_seconds)
-        self.compute_duration.labels(*labels, "output").observe(event.output_seconds)
+        series.inferences.inc(event.rows)
+        series.batches.inc()
+        series.batch_size.observe(event.rows)
+        series.compute["input"].observe(event.input_seconds)
+        series.compute["infer"].observe(event.infer_seconds)
+        series.compute["output"].observe(event.output_seconds)
+
+
+@dataclass(frozen=True, slots=True)
+class VersionSeries:
+    requests: dict
+    inferences: object
+    batches: object
+    request_duration: object
+    queue_duration: object
+    compute: dict
+    batch_size: object
+    queue_depth: object
+    inflight: object
+
+    @classmethod
+    def bind(cls, metrics: MetricsObserver, model: str, version: str) -> "VersionSeries":
+        labels = (model, version)
+        return cls(
+            requests={outcome: metrics.requests.labels(*labels, outcome) for outcome in REQUEST_OUTCOMES},
+            inferences=metrics.inferences.labels(*labels),
+            batches=metrics.batches.labels(*labels),
+            request_duration=metrics.request_duration.labels(*labels),
+            queue_duration=metrics.queue_duration.labels(*labels),
+            compute={phase: metrics.compute_duration.labels(*labels, phase) for phase in PHASES},
+            batch_size=metrics.batch_size.labels(*labels),
+            queue_depth=metrics.queue_depth.labels(*labels),
+            inflight=metrics.inflight.labels(*labels),
+        )
 
 
 class CostCollector(Collector):
