@@ -45,13 +45,6 @@ RENDERED = (*OVERLAYS, "examples/models-from-pvc")
 # Custom resources: no schema is bundled, kubernetes-validate can only warn about them.
 CUSTOM_KINDS = {"ServiceMonitor", "ServingRuntime", "InferenceService"}
 YAMLLINT = "{extends: default, rules: {line-length: {max: 120}, document-start: disable}}"
-# Files written before this lint existed whose PromQL lines run past 120 characters; everything
-# but line-length is checked for them. Remove an entry once its file is wrapped.
-LONG_LINES_KNOWN = {
-    "deploy/prometheus/alert_rules.yml",
-    "deploy/prometheus/alert_rules_test.yml",
-    "deploy/prometheus/recording_rules_test.yml",
-}
 
 
 # --- rendering and schema validation ---------------------------------------------------------
@@ -120,16 +113,8 @@ def yaml_files() -> list[str]:
 
 @pytest.mark.parametrize("path", yaml_files())
 def test_yamllint(path):
-    config = YAMLLINT
-    if path in LONG_LINES_KNOWN:
-        config = "{extends: default, rules: {line-length: disable, document-start: disable}}"
-    problems = list(linter.run((ROOT / path).read_text(), YamlLintConfig(config), path))
+    problems = list(linter.run((ROOT / path).read_text(), YamlLintConfig(YAMLLINT), path))
     assert not problems, "\n".join(f"{path}:{p.line}:{p.column}: {p.message} ({p.rule})" for p in problems)
-
-
-def test_kubernetes_manifests_have_no_lint_exceptions():
-    assert not [path for path in LONG_LINES_KNOWN if path.startswith("deploy/kubernetes/")]
-    assert len(yaml_files()) > len(LONG_LINES_KNOWN)
 
 
 # --- what the schemas cannot see ---------------------------------------------------------------
