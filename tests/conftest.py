@@ -42,20 +42,10 @@ class ServerProcess:
 
     def metric(self, name: str, **labels: str) -> float:
         """The value of one sample on /metrics; 0 when the series does not exist yet."""
-        wanted = ",".join(f'{key}="{value}"' for key, value in sorted(labels.items()))
-        for line in self.metrics().splitlines():
-            sample, _, value = line.rpartition(" ")
-            if sample.split("{")[0] == name and _sorted_labels(sample) == wanted:
-                return float(value)
-        return 0.0
+        return self.samples().get(name, **labels)
 
     def samples(self) -> "Samples":
-        """Every sample on /metrics, parsed by prometheus_client's own parser."""
-        parsed = {}
-        for family in text_string_to_metric_families(self.metrics()):
-            for sample in family.samples:
-                parsed[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-        return Samples(parsed)
+        return parse_samples(self.metrics())
 
     def log_text(self) -> str:
         return "\n".join(self.log)
@@ -88,11 +78,13 @@ class Samples:
         return {name for name, _ in self.values}
 
 
-def _sorted_labels(sample: str) -> str:
-    if "{" not in sample:
-        return ""
-    body = sample[sample.index("{") + 1 : sample.rindex("}")]
-    return ",".join(sorted(part for part in re.findall(r'\w+="[^"]*"', body)))
+def parse_samples(text: str) -> Samples:
+    """Every sample of a /metrics page, parsed by prometheus_client's own parser."""
+    parsed = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            parsed[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return Samples(parsed)
 
 
 def start_server(repository: Path, *extra: str, wait_ready: bool = True, timeout: float = 120) -> ServerProcess:

@@ -1,17 +1,39 @@
 """A real Prometheus server for tests: started on loopback, queried over its HTTP API."""
 
 import json
+import shutil
 import socket
 import subprocess
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
+import pytest
+
+from tests.conftest import wait_until
+
 
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def prometheus_binary() -> str:
+    """The prometheus executable; skips the test where it is not installed."""
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.skip("prometheus is not installed (Debian package prometheus; .ci/run installs it)")
+    return binary
+
+
+def start_prometheus(binary: str, workdir: Path, target: str, **options) -> "Prometheus":
+    """A Prometheus scraping `target`, ready to answer queries."""
+    prometheus = Prometheus(binary, workdir, target, **options)
+    if not wait_until(prometheus.ready, timeout=30):
+        prometheus.stop()
+        raise AssertionError("prometheus did not become ready:\n" + prometheus.log.read_text()[-3000:])
+    return prometheus
 
 
 class Prometheus:
@@ -46,8 +68,10 @@ class Prometheus:
         except OSError:
             return False
 
-    def query(self, expression: str) -> list:
-        url = f"{self.url}/api/v1/query?" + urllib.parse.urlencode({"query": expression})
+    def query(self, expression: str, at: float | None = None) -> list:
+        """An instant query, now or at `at` (seconds since the epoch)."""
+        params = {"query": expression} if at is None else {"query": expression, "time": f"{at:.3f}"}
+        url = f"{self.url}/api/v1/query?" + urllib.parse.urlencode(params)
         with urllib.request.urlopen(url, timeout=10) as response:
             body = json.load(response)
         assert body["status"] == "success", (expression, body)

@@ -13,12 +13,11 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 import tritonclient.grpc as grpcclient
 
 from server.healthcheck import check
 from tests import onnx_models
-from tests.conftest import wait_until
+from tests.conftest import parse_samples, wait_until
 from tests.deploy.conftest import IMAGE, ROOT
 from tests.integration.test_batching import caller_rows, inputs
 
@@ -58,11 +57,7 @@ class Container:
     def metric(self, name: str, **labels: str) -> float:
         with urllib.request.urlopen(f"http://{self.metrics}/metrics", timeout=10) as response:
             text = response.read().decode()
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == name and sample.labels == labels:
-                    return sample.value
-        return 0.0
+        return parse_samples(text).get(name, **labels)
 
     def logs(self) -> str:
         result = self.docker("logs", self.id)

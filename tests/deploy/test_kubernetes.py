@@ -14,8 +14,6 @@ import re
 import shutil
 import subprocess
 import time
-import urllib.parse
-import urllib.request
 from dataclasses import fields
 from pathlib import Path
 
@@ -32,7 +30,7 @@ from server.config import ENV_PREFIX, ServerSettings, parse_server_settings
 from tests import onnx_models
 from tests.conftest import start_server, wait_until
 from tests.integration.test_batching import caller_rows, inputs
-from tests.prometheus import Prometheus
+from tests.prometheus import prometheus_binary, start_prometheus
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -418,30 +416,18 @@ HOLD_SECONDS = 4.0
 POD = {"namespace": "ml", "pod": "onnxserve-0"}
 
 
-def query_at(url: str, expression: str, at: float) -> list:
-    """An instant query evaluated at `at` (seconds since the epoch), over the HTTP API."""
-    params = urllib.parse.urlencode({"query": expression, "time": f"{at:.3f}"})
-    with urllib.request.urlopen(f"{url}/api/v1/query?{params}", timeout=10) as response:
-        body = json.load(response)
-    assert body["status"] == "success", (expression, body)
-    return body["data"]["result"]
-
-
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
-    binary = shutil.which("prometheus")
-    if binary is None:
-        pytest.skip("prometheus is not installed (Debian package prometheus)")
+    binary = prometheus_binary()
     repository = tmp_path_factory.mktemp("repository")
     config = "max_batch_size: 8\ndynamic_batching { max_queue_delay_microseconds: 0 }"
     onnx_models.write(repository, "slow", onnx_models.slow_add_one(), config)
     server = start_server(repository)
     prometheus = None
     try:
-        prometheus = Prometheus(
+        prometheus = start_prometheus(
             binary, tmp_path_factory.mktemp("prometheus"), f"127.0.0.1:{server.metrics_port}", labels=POD
         )
-        assert wait_until(prometheus.ready, timeout=30), "prometheus did not become ready"
         yield server, prometheus
     finally:
         if prometheus is not None:
@@ -510,7 +496,7 @@ def test_autoscaling_signal_against_live_prometheus(live):
 
     # The raw gauge, as scraped while the requests were held, is exactly the number in flight.
     at = t_released - 0.3
-    window = query_at(prometheus.url, f"{raw}[1m]", at)
+    window = prometheus.query(f"{raw}[1m]", at=at)
     assert len(window) == 1, window
     samples = [(float(ts), float(value)) for ts, value in window[0]["values"]]
     during = [value for ts, value in samples if held_from[0] <= ts <= at - 0.3]
@@ -523,7 +509,7 @@ def test_autoscaling_signal_against_live_prometheus(live):
     rule = adapter_rule()
     matchers = ",".join(f'{key}="{value}"' for key, value in POD.items())
     query = rule["metricsQuery"].replace("<<.GroupBy>>", "namespace, pod").replace("<<.LabelMatchers>>", matchers)
-    result = query_at(prometheus.url, query, at)
+    result = prometheus.query(query, at=at)
     assert [series["metric"] for series in result] == [POD]
     mean = sum(value for _, value in samples) / len(samples)
     assert float(result[0]["value"][1]) == pytest.approx(mean, abs=1e-9)

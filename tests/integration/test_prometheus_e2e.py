@@ -3,7 +3,6 @@ what it computes must match what the test itself sent and measured, and every
 dashboard query must run."""
 
 import json
-import shutil
 import time
 import urllib.request
 
@@ -11,32 +10,29 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
+from server.metrics import LATENCY_BUCKETS
 from tests import onnx_models
 from tests.conftest import ROOT, start_server, wait_until
-from tests.prometheus import Prometheus
+from tests.prometheus import prometheus_binary, start_prometheus
 from tests.integration.test_metrics import infer_many, parameter
 from tests.integration.test_batching import caller_rows, inputs
 
 RULES = [ROOT / "deploy" / "prometheus" / name for name in ("recording_rules.yml", "alert_rules.yml")]
 DASHBOARD = ROOT / "deploy" / "grafana" / "onnxserve-dashboard.json"
-LATENCY_BOUNDS = (0.0, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
-                  0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, float("inf"))  # fmt: skip
+LATENCY_BOUNDS = (0.0, *LATENCY_BUCKETS, float("inf"))  # the server's own buckets
 # Series that only exist on a GPU machine; their panels may be empty here.
 GPU_ONLY = ("onnxserve_gpu_", "onnxserve_energy_joules", "onnxserve_idle_energy_joules")
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    binary = shutil.which("prometheus")
-    if binary is None:
-        pytest.skip("prometheus is not installed (Debian package prometheus; .ci/run installs it)")
+    binary = prometheus_binary()
     repository = tmp_path_factory.mktemp("repository")
     batching = "max_batch_size: 16\ndynamic_batching { max_queue_delay_microseconds: 1000 }"
     onnx_models.write(repository, "fast", onnx_models.add_one(), batching)
     server = start_server(repository, "--device-price", "cpu=36")
     workdir = tmp_path_factory.mktemp("prometheus")
-    prometheus = Prometheus(binary, workdir, f"127.0.0.1:{server.metrics_port}", rule_files=RULES)
-    assert wait_until(prometheus.ready, timeout=30), "prometheus did not become ready"
+    prometheus = start_prometheus(binary, workdir, f"127.0.0.1:{server.metrics_port}", rule_files=RULES)
     yield server, prometheus
     prometheus.stop()
     assert server.stop() == 0
