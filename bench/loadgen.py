@@ -2,9 +2,14 @@
 
     python -m bench.loadgen --url 127.0.0.1:8001 --model mlp --concurrency 64 --duration 10
     python -m bench.loadgen --url 127.0.0.1:8001 --model mlp --rate 2000 --requests 20000 --json
+    python -m bench.loadgen --url 127.0.0.1:8001 --model mlp --concurrency 64 --streams 4
 
 Closed loop (`--concurrency N`: N callers, each sends its next request when the last is
 answered) or open loop (`--rate R`: requests start R times a second whatever the answers).
+With `--streams S` the N requests in flight travel over S ModelStreamInfer streams (Triton's
+streaming RPC) instead of one ModelInfer call each. MLServer's ModelStreamInfer answers with
+bare ModelInferResponse messages, in order, all carrying the stream's first id: say
+`--stream-protocol mlserver` for it.
 Prints throughput, p50/p90/p99 latency and errors; with `--metrics-url` (an onnxserve
 /metrics), also the average batch size and the cost per inference the server measured.
 
@@ -30,6 +35,8 @@ from server import protocol
 from server.tensors import DATATYPES
 
 METHOD = f"/{protocol.SERVICE_NAME}/ModelInfer"
+STREAM_METHOD = f"/{protocol.SERVICE_NAME}/ModelStreamInfer"
+StreamAnswer = protocol.response_class("ModelStreamInfer")
 
 
 @dataclass
@@ -71,6 +78,15 @@ def build_request(url: str, model: str, batch: int, dims: dict[str, list[int]]) 
     return request.SerializeToString()
 
 
+def with_id(payload: bytes, request_id: str) -> bytes:
+    """The serialized request with its `id` (field 3) set: a field appended to protobuf bytes
+    overrides an earlier one, so the payload need not be parsed and serialized again."""
+    text = request_id.encode()
+    if len(text) > 127:
+        raise ValueError("request ids here are short counters")
+    return payload + b"\x1a" + bytes([len(text)]) + text
+
+
 def _random(datatype: str, shape: list[int], rng, name: str) -> np.ndarray:
     dtype = DATATYPES[datatype].numpy
     if datatype == "BYTES":
@@ -108,7 +124,7 @@ def server_figures(before: dict | None, after: dict | None) -> tuple[float | Non
 
 
 class Run:
-    def __init__(self, url: str, payload: bytes, deadline: float, limit: int, progress: bool) -> None:
+    def __init__(self, url: str, payload: bytes, deadline: float, limit: int, progress: bool, in_order: bool = False) -> None:
         self.channel = grpc.aio.insecure_channel(url)
         self.call = self.channel.unary_unary(METHOD)  # bytes in, bytes out
         self.payload = payload
@@ -117,6 +133,7 @@ class Run:
         self.errors: list[str] = []
         self.started = 0
         self.progress = progress
+        self.in_order = in_order  # stream answers come in request order, without their own ids
         self.next_progress = time.monotonic() + 5
 
     def more(self) -> bool:
@@ -129,7 +146,10 @@ class Run:
         except grpc.aio.AioRpcError as err:
             self.errors.append(f"{err.code().name}: {err.details()}")
             return
-        self.latencies.append(time.perf_counter() - begin)
+        self._answered(time.perf_counter() - begin)
+
+    def _answered(self, latency: float) -> None:
+        self.latencies.append(latency)
         if self.progress and time.monotonic() >= self.next_progress:
             self.next_progress += 5
             print(f"... {len(self.latencies)} answered, {len(self.errors)} errors", file=sys.stderr)
@@ -141,6 +161,44 @@ class Run:
                 await self.one()
 
         await asyncio.gather(*(caller() for _ in range(concurrency)))
+
+    async def streamed(self, concurrency: int, streams: int) -> None:
+        windows = [concurrency // streams + (i < concurrency % streams) for i in range(streams)]
+        await asyncio.gather(*(self._stream(window) for window in windows))
+
+    async def _stream(self, window: int) -> None:
+        """One stream with `window` requests in flight; answers may come in any order."""
+        call = self.channel.stream_stream(STREAM_METHOD)()
+        sent: dict[str, float] = {}
+
+        async def send() -> None:
+            self.started += 1
+            request_id = str(self.started)
+            sent[request_id] = time.perf_counter()
+            await call.write(with_id(self.payload, request_id))
+
+        try:
+            while len(sent) < window and self.more():
+                await send()
+            while sent:
+                reply = await call.read()
+                if reply is grpc.aio.EOF:
+                    self.errors.extend("the stream ended before this answer" for _ in sent)
+                    return
+                if self.in_order:  # a failure ends the stream with a status, caught below
+                    self._answered(time.perf_counter() - sent.pop(next(iter(sent))))
+                else:
+                    answer = StreamAnswer.FromString(reply)
+                    begin = sent.pop(answer.infer_response.id)
+                    if answer.error_message:
+                        self.errors.append(answer.error_message)
+                    else:
+                        self._answered(time.perf_counter() - begin)
+                if self.more():
+                    await send()
+            await call.done_writing()
+        except grpc.aio.AioRpcError as err:  # the stream broke: whatever it still carried is lost
+            self.errors.extend(f"{err.code().name}: {err.details()}" for _ in sent)
 
     async def open_loop(self, rate: float) -> None:
         start, pending = time.perf_counter(), set()
@@ -158,6 +216,8 @@ async def run_load(args) -> Report:
     dims = {name: [int(d) for d in text.split(",")] for name, text in (item.split("=") for item in args.shape)}
     payload = build_request(args.url, args.model, args.batch, dims)
     mode = f"rate {args.rate:g}/s" if args.rate else f"concurrency {args.concurrency}"
+    if args.streams:
+        mode += f" over {args.streams} streams"
     report = Report(model=args.model, mode=mode, batch=args.batch)
     if args.warmup:
         warm = Run(args.url, payload, time.monotonic() + args.warmup, 0, False)
@@ -166,9 +226,13 @@ async def run_load(args) -> Report:
     before = scrape(args.metrics_url)
     cpu_before = resource.getrusage(resource.RUSAGE_SELF)
     limit = args.requests or 0
-    run = Run(args.url, payload, time.monotonic() + (args.duration if not limit else 1e9), limit, args.progress)
+    deadline = time.monotonic() + (args.duration if not limit else 1e9)
+    run = Run(args.url, payload, deadline, limit, args.progress, in_order=args.stream_protocol == "mlserver")
     began = time.perf_counter()
-    await (run.open_loop(args.rate) if args.rate else run.closed_loop(args.concurrency))
+    if args.streams:
+        await run.streamed(args.concurrency, args.streams)
+    else:
+        await (run.open_loop(args.rate) if args.rate else run.closed_loop(args.concurrency))
     report.seconds = time.perf_counter() - began
     cpu_after = resource.getrusage(resource.RUSAGE_SELF)
     await run.channel.close()
@@ -211,6 +275,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     loop = parser.add_mutually_exclusive_group()
     loop.add_argument("--concurrency", type=int, default=1, help="closed loop: callers in flight")
     loop.add_argument("--rate", type=float, default=0.0, help="open loop: requests started per second")
+    parser.add_argument("--streams", type=int, default=0, help="closed loop over this many ModelStreamInfer streams")
+    parser.add_argument("--stream-protocol", choices=("triton", "mlserver"), default="triton",
+                        help="what the server's ModelStreamInfer answers with (see above)")  # fmt: skip
     parser.add_argument("--duration", type=float, default=10.0, help="seconds (unless --requests)")
     parser.add_argument("--requests", type=int, default=0, help="stop after this many requests")
     parser.add_argument("--batch", type=int, default=1, help="rows per request")
@@ -219,7 +286,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--metrics-url", default=None, help="onnxserve /metrics, for batch size and cost")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     parser.add_argument("--progress", action="store_true", help="a line every 5 s on stderr")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.streams and (args.rate or not 1 <= args.streams <= args.concurrency):
+        parser.error("--streams needs --concurrency at least as large, and no --rate")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

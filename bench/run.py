@@ -7,7 +7,10 @@ For each benchmark model (bench/make_models.py): raw onnxruntime in-process with
 server's session options at its best batch size (the physical limit), onnxserve at
 concurrency 1, 8 and 64 (16 for ResNet-50), and Seldon MLServer serving the same file
 through a plain custom runtime with adaptive batching (bench/mlserver, its own venv).
-Prints a table of ratios: onnxserve / raw and onnxserve / MLServer. Figures from one run
+onnxserve is measured twice at each point: one ModelInfer call per request ("unary"), and
+over ModelStreamInfer with one stream per caller ("stream", Triton's streaming API, which
+saves gRPC's per-call cost). MLServer is measured the same two ways, each compared with the
+same transport. Prints a table of ratios: onnxserve / raw and onnxserve / MLServer. Figures from one run
 only: these machines are noisy, so compare ratios, not absolute numbers, between runs.
 """
 
@@ -85,9 +88,15 @@ def raw_onnxruntime(model_path: Path, workload: Workload, seconds: float) -> dic
             "batch1_latency_ms": results[workload.raw_batches[0]]["latency_ms"], "by_batch": results}  # fmt: skip
 
 
-def loadgen(url: str, workload: Workload, concurrency: int, seconds: float, metrics_url: str | None = None, requests: int = 0) -> dict:
+TRANSPORTS = ("unary", "stream")
+
+
+def loadgen(url: str, workload: Workload, concurrency: int, seconds: float, metrics_url: str | None = None,
+            requests: int = 0, transport: str = "unary", peer: bool = False) -> dict:  # fmt: skip
     command = [sys.executable, "-m", "bench.loadgen", "--url", url, "--model", workload.model, "--json",
                "--concurrency", str(concurrency), "--duration", str(seconds)]  # fmt: skip
+    if transport == "stream":
+        command += ["--streams", str(concurrency)] + (["--stream-protocol", "mlserver"] if peer else [])
     command += [arg for shape in workload.shapes for arg in ("--shape", shape)]
     if metrics_url:
         command += ["--metrics-url", metrics_url]
@@ -107,7 +116,10 @@ def run_onnxserve(repository: Path, workload: Workload, seconds: float) -> dict:
     server = start_server(repository)
     try:
         metrics = f"http://127.0.0.1:{server.metrics_port}/metrics"
-        return {c: loadgen(server.url, workload, c, seconds, metrics) for c in workload.concurrencies}
+        return {
+            transport: {c: loadgen(server.url, workload, c, seconds, metrics, transport=transport) for c in workload.concurrencies}
+            for transport in TRANSPORTS
+        }
     finally:
         server.stop()
 
@@ -118,7 +130,11 @@ def run_mlserver(model_path: Path, workload: Workload, seconds: float, workdir: 
     grpc_port, http_port = free_port(), free_port()
     handle = serve.start(model_path, workload.model, grpc_port, http_port, workload.mlserver_batch, 0.001, workdir)
     try:
-        return {c: loadgen(f"127.0.0.1:{grpc_port}", workload, c, seconds) for c in workload.concurrencies}
+        url = f"127.0.0.1:{grpc_port}"
+        return {
+            transport: {c: loadgen(url, workload, c, seconds, transport=transport, peer=True) for c in workload.concurrencies}
+            for transport in TRANSPORTS
+        }
     finally:
         handle.stop()
 
@@ -144,21 +160,23 @@ def ratio(a: float | None, b: float | None) -> str:
 
 def print_table(results: dict) -> None:
     print()
-    print("model     conc | raw best inf/s (batch) | onnxserve inf/s  p50 ms | MLServer inf/s  p50 ms |"
-          " onnxserve/raw  onnxserve/MLServer (inf/s)  MLServer/onnxserve (p50)")  # fmt: skip
+    print("model     conc onnxserve | raw best inf/s (batch) | onnxserve inf/s  p50 ms | MLServer inf/s  p50 ms |"
+          " onnxserve/raw  onnxserve/MLServer (inf/s)  MLServer/onnxserve (p50) | errors")  # fmt: skip
     for model, figures in results.items():
         raw = figures["raw"]
-        for concurrency, ours in figures["onnxserve"].items():
-            peer = figures.get("mlserver", {}).get(concurrency)
+        for concurrency, transport in ((c, t) for c in WORKLOADS[model].concurrencies for t in TRANSPORTS):
+            ours = figures["onnxserve"][transport][concurrency]
+            peer = figures.get("mlserver", {}).get(transport, {}).get(concurrency)
             peer_rate = peer["inferences_per_second"] if peer else None
             peer_p50 = peer["p50_ms"] if peer else None
             print(
-                f"{model:9} {concurrency:4} | {raw['best_inferences_per_second']:12,.0f} ({raw['best_batch']:3})     |"
+                f"{model:9} {concurrency:4} {transport:9} | {raw['best_inferences_per_second']:12,.0f} ({raw['best_batch']:3})     |"
                 f" {ours['inferences_per_second']:12,.0f} {ours['p50_ms']:7.3f} |"
                 f" {peer_rate or 0:12,.0f} {peer_p50 or 0:7.3f} |"
                 f" {ratio(ours['inferences_per_second'], raw['best_inferences_per_second']):>13}"
                 f" {ratio(ours['inferences_per_second'], peer_rate):>19}"
-                f" {ratio(peer_p50, ours['p50_ms']):>25}"
+                f" {ratio(peer_p50, ours['p50_ms']):>25} |"
+                f" {ours['errors'] + (peer['errors'] if peer else 0):6}"
             )
     print()
 

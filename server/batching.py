@@ -38,7 +38,7 @@ class QueuedRequest:
     arrival: float  # loop.time()
     future: asyncio.Future
     shape_key: tuple = ()
-    running: bool = False
+    queued: bool = True  # until its batch takes it or its caller gives up
     taken: float = 0.0  # loop.time() when its batch left the queue
 
 
@@ -133,10 +133,10 @@ class Batcher:
         try:
             if timeout is not None:
                 await asyncio.wait((item.future,), timeout=timeout)
-                if not item.future.done() and not item.running:
+                if item.queued:
                     self._drop(item)
                     raise DeadlineExceeded(f"{self.label}: request timed out after {timeout * 1e6:.0f} us in the queue")
-            return await asyncio.shield(item.future)
+            return await item.future
         except asyncio.CancelledError:
             self._drop(item)
             raise
@@ -178,7 +178,8 @@ class Batcher:
 
     def _drop(self, item: QueuedRequest) -> None:
         """A caller gave up: out of the queue if still there; its rows are discarded if running."""
-        if not item.running and not item.future.done():
+        if item.queued:
+            item.queued = False
             self._queues[item.level].remove(item)
             self._set_depth(self._depth - 1)
         item.future.cancel()
@@ -247,7 +248,7 @@ class Batcher:
         now = asyncio.get_running_loop().time()
         for item in chosen:
             self._queues[item.level].remove(item)
-            item.running = True
+            item.queued = False
             item.taken = now
         self._set_depth(self._depth - len(chosen))
         return Batch(requests=chosen, rows=sum(item.rows for item in chosen))

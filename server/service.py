@@ -88,7 +88,9 @@ class InferenceService:
             serialize = protocol.response_class(method.name).SerializeToString
             if method.client_streaming or method.server_streaming:
                 handlers[method.name] = grpc.stream_stream_rpc_method_handler(
-                    _unimplemented_stream(method.name), deserialize, serialize
+                    _unimplemented_stream(method.name) if implementation is None else implementation,
+                    deserialize,
+                    serialize,
                 )
             elif implementation is None:
                 handlers[method.name] = grpc.unary_unary_rpc_method_handler(
@@ -150,6 +152,42 @@ class InferenceService:
     # --- inference ----------------------------------------------------------------------------
 
     async def ModelInfer(self, request, context):
+        return await self.infer(request)
+
+    async def ModelStreamInfer(self, requests, context):
+        """Triton's stream: requests run concurrently (so they batch), and each is answered on
+        the stream as it completes; a failure is that answer's error_message, not the stream's."""
+        answers: asyncio.Queue = asyncio.Queue()
+        reader = asyncio.create_task(self._answer_each(requests, answers))
+        try:
+            while (answer := await answers.get()) is not None:
+                yield answer
+            await reader  # raises what broke the reading, if anything did
+        finally:
+            reader.cancel()  # the client went away: its requests still queued are dropped
+
+    async def _answer_each(self, requests, answers: asyncio.Queue) -> None:
+        try:
+            async with asyncio.TaskGroup() as running:
+                async for request in requests:
+                    running.create_task(self._answer_into(request, answers))
+        finally:
+            answers.put_nowait(None)
+
+    async def _answer_into(self, request, answers: asyncio.Queue) -> None:
+        try:
+            answers.put_nowait(protocol.ModelStreamInferResponse(infer_response=await self.infer(request)))
+            return
+        except ServingError as err:
+            message = str(err)
+        except Exception:
+            log.exception("ModelStreamInfer failed")
+            message = "ModelStreamInfer: internal error; the server log has details"
+        echo = protocol.ModelInferResponse(model_name=request.model_name, model_version=request.model_version, id=request.id)
+        answers.put_nowait(protocol.ModelStreamInferResponse(error_message=message, infer_response=echo))
+
+    async def infer(self, request):
+        """One ModelInferRequest to its response; raises ServingError for the caller to report."""
         started = time.perf_counter()
         outcome, rows, model = "error", 0, None
         try:
@@ -177,7 +215,6 @@ class InferenceService:
         finally:
             if model is not None:  # unknown names would make unbounded label values
                 self.bus.publish(RequestFinished(model.name, model.version, outcome, rows, time.perf_counter() - started))
-
 
     def _account(self, response, answer: Answer, rows: int) -> None:
         parameters = response.parameters

@@ -18,6 +18,7 @@ The session uses ORT_SEQUENTIAL and ONNX_INTRA_OP_THREADS threads (default 2).
 """
 
 import os
+from collections.abc import AsyncIterator
 
 import onnxruntime as ort
 from mlserver import MLModel
@@ -95,4 +96,11 @@ class OnnxRuntime(MLModel):
             model_version=self.version,
             outputs=[NumpyCodec.encode_output(name, array) for name, array in zip(names, results)],
         )
+
+    async def predict_stream(self, payloads: AsyncIterator[InferenceRequest]) -> AsyncIterator[InferenceResponse]:
+        """ModelStreamInfer: each request in turn. MLServer's adaptive batching replaces the
+        instance's `predict` (and warns that it does not batch streams), so calling `predict`
+        here still puts stream requests into its batches, as ModelStreamInfer does in onnxserve."""
+        async for payload in payloads:
+            yield await self.predict(payload)
 

@@ -53,3 +53,26 @@ def test_errors_are_counted_and_fail_the_run(server):
     report = json.loads(result.stdout)
     assert result.returncode == 1
     assert report["errors"] == 5 and "INVALID_ARGUMENT" in report["error_samples"][0]
+
+
+def test_streams_carry_the_requests_and_every_answer_is_matched(server):
+    before = server.samples().get("onnxserve_requests_total", model="add_one", version="1", outcome="ok")
+    result = loadgen(server, "--concurrency", "12", "--streams", "3", "--requests", "400")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["mode"] == "concurrency 12 over 3 streams"
+    assert (report["requests"], report["errors"]) == (400, 0)
+    assert server.samples().get("onnxserve_requests_total", model="add_one", version="1", outcome="ok") - before == 400
+    assert 0 < report["p50_ms"] <= report["p99_ms"]
+
+
+def test_stream_errors_are_counted_from_the_answers(server):
+    result = loadgen(server, "--concurrency", "2", "--streams", "2", "--requests", "6", "--shape", "x=1,5")
+    report = json.loads(result.stdout)
+    assert result.returncode == 1
+    assert report["errors"] == 6 and "'x'" in report["error_samples"][0]
+
+
+def test_streams_need_a_closed_loop_wide_enough(server):
+    result = loadgen(server, "--concurrency", "2", "--streams", "3", "--requests", "6")
+    assert result.returncode == 2 and "--streams" in result.stderr
