@@ -1,10 +1,12 @@
 """onnxruntime sessions of one model version: execution provider choice and
-fallback, IO specs from the graph, warm-up, and `run` in a thread per instance."""
+fallback, IO specs from the graph, warm-up, and `run` in a thread per instance
+(or on the event loop itself for batches measured to be shorter than the handoff)."""
 
 import asyncio
 import logging
 import math
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +29,8 @@ GRAPH_LEVELS = {
     2: ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
     99: ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
+# Per batch: a preempted run (hundreds of us on a busy VM) is forgotten within about 20 batches.
+RUN_PEAK_DECAY = 0.9
 # Triton's accelerator parameter names that differ from onnxruntime's TensorRT EP options.
 TENSORRT_RENAMES = {"max_workspace_size_bytes": "trt_max_workspace_size"}
 
@@ -160,6 +164,8 @@ class InstancePool:
         self.intra_op_threads = options.intra_op_num_threads
         self.inputs = graph_specs(first.get_inputs(), model_path)
         self.outputs = graph_specs(first.get_outputs(), model_path)
+        below = settings.inline_run_below_us / 1e6
+        self._peaks = [RunPeak(below) if below else None for _ in self._sessions]
 
     @property
     def instance_count(self) -> int:
@@ -190,18 +196,56 @@ class InstancePool:
                 raise ConfigError(f"{self.label}: warm-up inference failed: {err}") from None
 
     async def run(self, feeds: dict[str, np.ndarray], output_names: list[str], instance: int) -> dict[str, np.ndarray]:
-        session = self._sessions[instance]
-        loop = asyncio.get_running_loop()
+        session, peak = self._sessions[instance], self._peaks[instance]
         try:
-            values = await loop.run_in_executor(self._executors[instance], session.run, output_names, feeds)
+            if peak is not None and peak.inline:
+                values, seconds = _timed_run(session, output_names, feeds)
+            else:
+                executor = self._executors[instance]
+                values, seconds = await asyncio.get_running_loop().run_in_executor(
+                    executor, _timed_run, session, output_names, feeds
+                )
         except Exception as err:
             raise ExecutionFailed(f"{self.label}: onnxruntime failed: {err}") from err
+        if peak is not None:
+            self._record(peak, seconds, instance)
         return dict(zip(output_names, values))
+
+    def _record(self, peak: "RunPeak", seconds: float, instance: int) -> None:
+        peak.record(seconds)
+        if peak.inline and not peak.announced:
+            peak.announced = True
+            log.info(
+                "%s instance %d: batches run in %.0f us, under inline_run_below_us; "
+                "they run on the event loop while that holds",
+                self.label, instance, peak.seconds * 1e6,
+            )  # fmt: skip
 
     def close(self) -> None:
         for executor in self._executors:
             executor.shutdown(wait=True)
         self._sessions.clear()
+
+
+def _timed_run(session: ort.InferenceSession, output_names: list[str], feeds: dict) -> tuple[list, float]:
+    started = time.perf_counter()
+    values = session.run(output_names, feeds)
+    return values, time.perf_counter() - started
+
+
+@dataclass
+class RunPeak:
+    """A decaying peak of one instance's session.run times: its next batch runs on the event loop
+    while the peak stays below `limit` seconds. The first batch always runs in the thread."""
+
+    limit: float
+    seconds: float | None = None
+    inline: bool = False
+    announced: bool = False  # the log has said so once
+
+    def record(self, seconds: float) -> None:
+        self.seconds = seconds if self.seconds is None else max(seconds, self.seconds * RUN_PEAK_DECAY)
+        self.inline = self.seconds < self.limit
 
 
 def _zeros(spec: TensorSpec) -> np.ndarray:

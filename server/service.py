@@ -329,6 +329,8 @@ def model_config_proto(model: ModelVersion):
     config.parameters["execution_provider"].string_value = pool.provider
     config.parameters["device"].string_value = pool.device
     config.parameters["intra_op_thread_count"].string_value = str(pool.intra_op_threads)
+    if settings.session.inline_run_below_us:
+        config.parameters["inline_run_below_us"].string_value = str(settings.session.inline_run_below_us)
     return config
 
 

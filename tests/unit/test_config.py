@@ -67,6 +67,7 @@ def test_triton_style_config_parses(tmp_path):
         instance_group [{ kind: KIND_CPU count: 2 }]
         version_policy { latest { num_versions: 2 } }
         parameters { key: "intra_op_thread_count" value { string_value: "1" } }
+        parameters { key: "inline_run_below_us" value { string_value: "40" } }
         optimization { execution_accelerators { gpu_execution_accelerator [{ name: "tensorrt"
           parameters { key: "precision_mode" value: "FP16" } }] } }
         """,
@@ -78,6 +79,7 @@ def test_triton_style_config_parses(tmp_path):
     assert settings.batching.queue_policy.max_queue_size == 10
     assert settings.batching.priority_levels == 2
     assert (settings.session.instance_kind, settings.session.instance_count) == ("cpu", 2)
+    assert settings.session.inline_run_below_us == 40
     assert settings.session.intra_op_threads == 1
     assert settings.session.gpu_accelerators[0].name == "tensorrt"
     assert settings.version_policy.select([1, 2, 3]) == [2, 3]

@@ -1,8 +1,10 @@
-"""Thread sizing follows a container's CPU limit, not the node's cores."""
+"""Thread sizing follows a container's CPU limit, not the node's cores; batches run on the event loop
+only while their measured run times stay short."""
 
+import math
 import os
 
-from server.runtime import cgroup_cpu_limit, cpu_cores
+from server.runtime import RUN_PEAK_DECAY, RunPeak, cgroup_cpu_limit, cpu_cores
 
 AFFINITY = len(os.sched_getaffinity(0))
 
@@ -29,3 +31,18 @@ def test_cgroup_v1_quota_and_fractions(tmp_path):
 
 def test_no_cgroup_files_means_affinity(tmp_path):
     assert cpu_cores(tmp_path) == AFFINITY
+
+
+def test_run_peak_goes_inline_only_while_measured_runs_stay_short():
+    peak = RunPeak(limit=50e-6)
+    assert not peak.inline, "the first batch runs in the thread: nothing is measured yet"
+    peak.record(10e-6)
+    assert peak.inline
+    peak.record(2e-3)  # one slow batch: back to the thread at once
+    assert not peak.inline
+    fast = 0
+    while not peak.inline:
+        peak.record(10e-6)
+        fast += 1
+    # the slow batch is forgotten only gradually: 2 ms decays below 50 us in log(40)/-log(0.99) steps
+    assert fast == math.ceil(math.log(2e-3 / 50e-6) / -math.log(RUN_PEAK_DECAY))
