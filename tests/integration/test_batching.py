@@ -23,17 +23,14 @@ dynamic_batching {{
   default_queue_policy {{ max_queue_size: {queue} allow_timeout_override: true }}
 }}
 """
+# Long enough a delay that concurrent callers share batches.
+ADD_ONE_CONFIG = "max_batch_size: 16\ndynamic_batching { max_queue_delay_microseconds: 20000 }"
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     repository = tmp_path_factory.mktemp("repository")
-    onnx_models.write(
-        repository,
-        "add_one",
-        onnx_models.add_one(),
-        "max_batch_size: 16\ndynamic_batching { max_queue_delay_microseconds: 20000 }",
-    )
+    onnx_models.write(repository, "add_one", onnx_models.add_one(), ADD_ONE_CONFIG)
     onnx_models.write(
         repository,
         "ragged",

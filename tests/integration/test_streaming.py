@@ -11,7 +11,7 @@ import tritonclient.grpc as grpcclient
 
 from tests import onnx_models
 from tests.conftest import start_server, wait_until
-from tests.integration.test_batching import BLOCKING_WORK, SLOW_CONFIG, caller_rows, inputs
+from tests.integration.test_batching import ADD_ONE_CONFIG, BLOCKING_WORK, SLOW_CONFIG, caller_rows, inputs
 
 STREAM_REQUESTS = 60
 
@@ -19,12 +19,7 @@ STREAM_REQUESTS = 60
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     repository = tmp_path_factory.mktemp("repository")
-    onnx_models.write(
-        repository,
-        "add_one",
-        onnx_models.add_one(),
-        "max_batch_size: 16\ndynamic_batching { max_queue_delay_microseconds: 20000 }",
-    )
+    onnx_models.write(repository, "add_one", onnx_models.add_one(), ADD_ONE_CONFIG)
     onnx_models.write(repository, "slow", onnx_models.slow_add_one(), SLOW_CONFIG.format(queue=8))
     running = start_server(repository)
     yield running
