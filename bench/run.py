@@ -112,14 +112,18 @@ def mlserver_available() -> bool:
     return (MLSERVER_VENV / "bin" / "mlserver").exists()
 
 
+def every_point(url: str, workload: Workload, seconds: float, metrics_url: str | None = None, peer: bool = False) -> dict:
+    """{transport: {concurrency: loadgen report}} for one running server."""
+    return {
+        transport: {c: loadgen(url, workload, c, seconds, metrics_url, transport=transport, peer=peer) for c in workload.concurrencies}
+        for transport in TRANSPORTS
+    }
+
+
 def run_onnxserve(repository: Path, workload: Workload, seconds: float) -> dict:
     server = start_server(repository)
     try:
-        metrics = f"http://127.0.0.1:{server.metrics_port}/metrics"
-        return {
-            transport: {c: loadgen(server.url, workload, c, seconds, metrics, transport=transport) for c in workload.concurrencies}
-            for transport in TRANSPORTS
-        }
+        return every_point(server.url, workload, seconds, f"http://127.0.0.1:{server.metrics_port}/metrics")
     finally:
         server.stop()
 
@@ -130,11 +134,7 @@ def run_mlserver(model_path: Path, workload: Workload, seconds: float, workdir: 
     grpc_port, http_port = free_port(), free_port()
     handle = serve.start(model_path, workload.model, grpc_port, http_port, workload.mlserver_batch, 0.001, workdir)
     try:
-        url = f"127.0.0.1:{grpc_port}"
-        return {
-            transport: {c: loadgen(url, workload, c, seconds, transport=transport, peer=True) for c in workload.concurrencies}
-            for transport in TRANSPORTS
-        }
+        return every_point(f"127.0.0.1:{grpc_port}", workload, seconds, peer=True)
     finally:
         handle.stop()
 

@@ -46,17 +46,24 @@ async def submit(batcher, value, count, width=2, **options):
     return answer.outputs
 
 
+async def busy_batcher(events=None, **settings) -> tuple[GatedModel, Batcher, asyncio.Task]:
+    """A gated model whose only instance is busy with one 1-row request (value 0): what is
+    submitted next waits in the queue until the test opens the gate."""
+    model = GatedModel()
+    batcher = make_batcher(model, events, **settings)
+    blocker = asyncio.create_task(submit(batcher, 0, 1))
+    await model.started.wait()
+    return model, batcher, blocker
+
+
 def run(coroutine):
     return asyncio.run(coroutine)
 
 
 def test_concurrent_requests_form_one_batch_and_get_their_own_rows():
     async def body():
-        model = GatedModel()
         events = []
-        batcher = make_batcher(model, events, max_batch_size=16, max_queue_delay_us=0)
-        first = asyncio.create_task(submit(batcher, 0, 1))
-        await model.started.wait()  # the instance is busy with the first request
+        model, batcher, first = await busy_batcher(events, max_batch_size=16, max_queue_delay_us=0)
         rest = [asyncio.create_task(submit(batcher, value, value)) for value in (1, 2, 3)]
         await asyncio.sleep(0.01)
         model.gate.set()
@@ -97,10 +104,7 @@ def test_preferred_size_leaves_before_the_delay():
 
 def test_max_batch_size_is_never_exceeded():
     async def body():
-        model = GatedModel()
-        batcher = make_batcher(model, max_batch_size=4)
-        blocker = asyncio.create_task(submit(batcher, 0, 1))
-        await model.started.wait()
+        model, batcher, blocker = await busy_batcher(max_batch_size=4)
         waiting = [asyncio.create_task(submit(batcher, v, 3)) for v in (1, 2, 3)]
         await asyncio.sleep(0.01)
         model.gate.set()
@@ -113,10 +117,7 @@ def test_max_batch_size_is_never_exceeded():
 
 def test_full_queue_raises_overloaded_at_once():
     async def body():
-        model = GatedModel()
-        batcher = make_batcher(model, max_batch_size=4, queue_policy=QueuePolicy(max_queue_size=1))
-        running = asyncio.create_task(submit(batcher, 0, 1))
-        await model.started.wait()
+        model, batcher, running = await busy_batcher(max_batch_size=4, queue_policy=QueuePolicy(max_queue_size=1))
         queued = asyncio.create_task(submit(batcher, 1, 1))
         await asyncio.sleep(0)
         with pytest.raises(Overloaded):
@@ -130,10 +131,7 @@ def test_full_queue_raises_overloaded_at_once():
 
 def test_timeout_in_queue_never_executes():
     async def body():
-        model = GatedModel()
-        batcher = make_batcher(model, max_batch_size=4, queue_policy=QueuePolicy(default_timeout_us=20_000))
-        running = asyncio.create_task(submit(batcher, 0, 1, timeout_us=0))
-        await model.started.wait()
+        model, batcher, running = await busy_batcher(max_batch_size=4, queue_policy=QueuePolicy(default_timeout_us=20_000))
         with pytest.raises(DeadlineExceeded):
             await submit(batcher, 5, 1)
         assert batcher.depth == 0
@@ -148,10 +146,7 @@ def test_timeout_in_queue_never_executes():
 
 def test_cancelled_caller_leaves_queue_and_running_rows_are_discarded():
     async def body():
-        model = GatedModel()
-        batcher = make_batcher(model, max_batch_size=4)
-        running = asyncio.create_task(submit(batcher, 0, 1))
-        await model.started.wait()
+        model, batcher, running = await busy_batcher(max_batch_size=4)
         cancelled = asyncio.create_task(submit(batcher, 9, 1))
         kept = asyncio.create_task(submit(batcher, 1, 1))
         await asyncio.sleep(0)
