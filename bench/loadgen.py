@@ -21,11 +21,13 @@ CPU it used so that the figures can be read with that in mind.
 import argparse
 import asyncio
 import json
+import os
 import resource
 import sys
 import time
 import urllib.request
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -56,6 +58,7 @@ class Report:
     server_cost_per_inference: float | None = None
     client_cpu_seconds: float = 0.0
     client_cpu_per_request_us: float = 0.0
+    server_cpu_per_request_us: float | None = None  # with --server-pid: the server's process tree
     error_samples: list[str] = field(default_factory=list)
 
 
@@ -96,6 +99,27 @@ def _random(datatype: str, shape: list[int], rng, name: str) -> np.ndarray:
     if np.issubdtype(dtype, np.integer):
         return rng.integers(0, 1000, size=shape).astype(dtype)
     return rng.random(shape).astype(dtype)
+
+
+def process_tree_cpu(root: int) -> float:
+    """CPU seconds (user + system) of a local process and all its descendants, from /proc."""
+    children: dict[int, list[int]] = {}
+    seconds: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended while we looked
+            continue
+        pid = int(stat.parent.name)
+        children.setdefault(int(fields[1]), []).append(pid)
+        seconds[pid] = (int(fields[11]) + int(fields[12])) / tick
+    total, pending = 0.0, [root]
+    while pending:
+        pid = pending.pop()
+        total += seconds.get(pid, 0.0)
+        pending.extend(children.get(pid, ()))
+    return total
 
 
 def scrape(metrics_url: str | None) -> dict | None:
@@ -224,6 +248,7 @@ async def run_load(args) -> Report:
         await warm.closed_loop(min(args.concurrency, 8) if not args.rate else 4)
         await warm.channel.close()
     before = scrape(args.metrics_url)
+    server_before = process_tree_cpu(args.server_pid) if args.server_pid else None
     cpu_before = resource.getrusage(resource.RUSAGE_SELF)
     limit = args.requests or 0
     deadline = time.monotonic() + (args.duration if not limit else 1e9)
@@ -235,10 +260,13 @@ async def run_load(args) -> Report:
         await (run.open_loop(args.rate) if args.rate else run.closed_loop(args.concurrency))
     report.seconds = time.perf_counter() - began
     cpu_after = resource.getrusage(resource.RUSAGE_SELF)
+    server_after = process_tree_cpu(args.server_pid) if args.server_pid else None
     await run.channel.close()
     after = scrape(args.metrics_url)
     _fill(report, run, cpu_after.ru_utime + cpu_after.ru_stime - cpu_before.ru_utime - cpu_before.ru_stime)
     report.server_average_batch, report.server_cost_per_inference = server_figures(before, after)
+    if server_before is not None and report.requests:
+        report.server_cpu_per_request_us = (server_after - server_before) / report.requests * 1e6
     return report
 
 
@@ -264,6 +292,8 @@ def print_report(report: Report) -> None:
         print(f"  server      average batch {report.server_average_batch:.2f} rows")
     if report.server_cost_per_inference is not None:
         print(f"  cost        ${report.server_cost_per_inference:.3e} per inference")
+    if report.server_cpu_per_request_us is not None:
+        print(f"  server CPU  {report.server_cpu_per_request_us:.0f} us per request")
     load = report.client_cpu_seconds / report.seconds if report.seconds else 0.0
     print(f"  client CPU  {report.client_cpu_seconds:.2f} s ({load:.0%} of a core, {report.client_cpu_per_request_us:.0f} us per request)")
 
@@ -284,6 +314,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--shape", action="append", default=[], help="NAME=D0,D1,... for an input (e.g. input_ids=1,128)")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds of load before measuring")
     parser.add_argument("--metrics-url", default=None, help="onnxserve /metrics, for batch size and cost")
+    parser.add_argument("--server-pid", type=int, default=0,
+                        help="a server on this machine: report its process tree's CPU per request")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     parser.add_argument("--progress", action="store_true", help="a line every 5 s on stderr")
     args = parser.parse_args(argv)

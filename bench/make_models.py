@@ -3,8 +3,8 @@
     python bench/make_models.py OUTDIR            # all three models
     python bench/make_models.py OUTDIR mlp        # just some of them
 
-Writes a Triton-layout repository, OUTDIR/<name>/1/model.onnx plus OUTDIR/<name>/config.pbtxt,
-for three models with random weights (numpy default_rng(0)); what matters is the shape of the
+Writes a Triton-layout repository, OUTDIR/<name>/1/model.onnx without any config.pbtxt (the
+benchmark measures default settings, as a new user gets them), for three models with random weights (numpy default_rng(0)); what matters is the shape of the
 work, not the answers:
 
 mlp       x FP32 [batch, 4] -> Gemm 4x16 + Relu -> Gemm 16x3 -> Softmax -> probabilities FP32
@@ -36,18 +36,6 @@ from onnx import TensorProto, helper, numpy_helper
 OPSET = 17
 IR_VERSION = 9
 NAMES = ("mlp", "resnet50", "encoder")
-
-# Per model: max_batch_size and the I/O as config.pbtxt declares it (dims without the batch dim).
-CONFIGS = {
-    "mlp": (64, [("x", "TYPE_FP32", [4])], [("probabilities", "TYPE_FP32", [3])]),
-    "resnet50": (16, [("input", "TYPE_FP32", [3, 224, 224])], [("logits", "TYPE_FP32", [1000])]),
-    "encoder": (
-        16,
-        [("input_ids", "TYPE_INT64", [-1]), ("attention_mask", "TYPE_INT64", [-1])],
-        [("last_hidden_state", "TYPE_FP32", [-1, 256]), ("pooled", "TYPE_FP32", [256])],
-    ),
-}
-
 
 class _Graph:
     """Collects nodes and initializers; names are generated in a fixed order (deterministic)."""
@@ -274,32 +262,9 @@ def check_runs(name: str, model_bytes: bytes) -> None:
                     raise RuntimeError(f"{name}: row 0 of batch {batch} differs from batch 1")
 
 
-# The MLP's run time follows from its shape and is below a thread handoff's cost (about 100 us of
-# CPU here): let its batches run on the event loop (see inline_run_below_us in the README).
-INLINE_MODELS = ("mlp",)
-INLINE_PARAMETER = 'parameters { key: "inline_run_below_us" value { string_value: "100" } }\n'
-
-
-def config_text(name: str) -> str:
-    max_batch, inputs, outputs = CONFIGS[name]
-
-    def tensors(entries):
-        return ",\n".join(
-            f'  {{ name: "{n}" data_type: {t} dims: [ {", ".join(str(d) for d in dims)} ] }}' for n, t, dims in entries
-        )
-
-    return (
-        f"# Benchmark model written by bench/make_models.py.\n"
-        f"max_batch_size: {max_batch}\n"
-        f"input [\n{tensors(inputs)}\n]\n"
-        f"output [\n{tensors(outputs)}\n]\n"
-        f"dynamic_batching {{ max_queue_delay_microseconds: 0 }}\n"
-        + (INLINE_PARAMETER if name in INLINE_MODELS else "")
-    )
-
-
 def write_repository(outdir, names=None, check: bool = True) -> dict[str, Path]:
-    """Write OUTDIR/<name>/1/model.onnx and OUTDIR/<name>/config.pbtxt; returns the model paths."""
+    """Write OUTDIR/<name>/1/model.onnx, and no config.pbtxt: every model is served with the
+    defaults a new user gets, derived from the graph and chosen at load. Returns the model paths."""
     outdir = Path(outdir)
     written = {}
     for name in names or NAMES:
@@ -309,7 +274,6 @@ def write_repository(outdir, names=None, check: bool = True) -> dict[str, Path]:
         path = outdir / name / "1" / "model.onnx"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(model_bytes)
-        (outdir / name / "config.pbtxt").write_text(config_text(name))
         written[name] = path
     return written
 

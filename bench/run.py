@@ -1,17 +1,24 @@
-"""The side-by-side benchmark, in one run on one machine:
+"""The side-by-side benchmark, in one run on one machine, every server on its default settings:
 
     python -m bench.run                       # every model, 5 s per point
     python -m bench.run --models mlp --duration 10 --soak 100000
 
-For each benchmark model (bench/make_models.py): raw onnxruntime in-process with the
-server's session options at its best batch size (the physical limit), onnxserve at
-concurrency 1, 8 and 64 (16 for ResNet-50), and Seldon MLServer serving the same file
-through a plain custom runtime with adaptive batching (bench/mlserver, its own venv).
-onnxserve is measured twice at each point: one ModelInfer call per request ("unary"), and
-over ModelStreamInfer with one stream per caller ("stream", Triton's streaming API, which
-saves gRPC's per-call cost). MLServer is measured the same two ways, each compared with the
-same transport. Prints a table of ratios: onnxserve / raw and onnxserve / MLServer. Figures from one run
-only: these machines are noisy, so compare ratios, not absolute numbers, between runs.
+For each benchmark model (bench/make_models.py; the repository has no config.pbtxt, so onnxserve
+serves each with the defaults a new user gets) it measures, at concurrency 1, 8 and 64 (16 for
+ResNet-50), each server as one ModelInfer call per request ("unary") and over ModelStreamInfer
+with one stream per caller ("stream"):
+
+- raw onnxruntime in-process with the server's session options at its best batch size (the
+  model's limit);
+- onnxserve;
+- echo: a bare grpc.aio server answering with prebuilt bytes (bench/echo.py), the floor of any
+  Python gRPC server on this machine;
+- Seldon MLServer through a plain custom runtime with adaptive batching (bench/mlserver);
+- NVIDIA Triton's C++ front end and dynamic batcher through PyTriton (bench/pytriton).
+
+Each row has throughput, p50, errors and the server's CPU per request (its whole process
+tree, from /proc). Then the ratios, and the targets of the "fast by default" work as measured.
+Figures from one run only: these machines are noisy, so compare ratios, not absolute numbers.
 """
 
 import argparse
@@ -23,17 +30,17 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnxruntime as ort
 
-from bench import make_models
+from bench import echo, make_models
 from server.runtime import cpu_cores
 from tests.conftest import start_server
 from tests.prometheus import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-MLSERVER_VENV = ROOT / "bench" / ".venv-mlserver"
 
 
 @dataclass(frozen=True)
@@ -42,11 +49,10 @@ class Workload:
     concurrencies: tuple[int, ...]
     raw_batches: tuple[int, ...]
     shapes: tuple[str, ...] = ()  # loadgen --shape arguments (batch 1)
-    mlserver_batch: int = 16
 
 
 WORKLOADS = {
-    "mlp": Workload("mlp", (1, 8, 64), (1, 8, 32, 64), mlserver_batch=64),
+    "mlp": Workload("mlp", (1, 8, 64), (1, 8, 32)),
     "resnet50": Workload("resnet50", (1, 16), (1, 2, 4)),
     "encoder": Workload("encoder", (1, 8), (1, 4, 8), ("input_ids=1,128", "attention_mask=1,128")),
 }
@@ -89,17 +95,31 @@ def raw_onnxruntime(model_path: Path, workload: Workload, seconds: float) -> dic
 
 
 TRANSPORTS = ("unary", "stream")
+PEER_MAX_BATCH = 32  # rows per batch for the peers' batchers: onnxserve's default max_batch_size
+PEERS = ("echo", "mlserver", "pytriton")
+LABELS = {"onnxserve": "onnxserve", "echo": "echo floor", "mlserver": "MLServer", "pytriton": "PyTriton"}
 
 
-def loadgen(url: str, workload: Workload, concurrency: int, seconds: float, metrics_url: str | None = None,
-            requests: int = 0, transport: str = "unary", peer: bool = False) -> dict:  # fmt: skip
-    command = [sys.executable, "-m", "bench.loadgen", "--url", url, "--model", workload.model, "--json",
-               "--concurrency", str(concurrency), "--duration", str(seconds)]  # fmt: skip
+@dataclass
+class Running:
+    """A server under test: where to call it, its process (for CPU), how it answers streams."""
+
+    url: str
+    pid: int
+    stop: Callable[[], object]
+    metrics_url: str | None = None
+    in_order: bool = False  # stream answers in order, without the request's id
+
+
+def loadgen(running: Running, workload: Workload, concurrency: int, seconds: float, requests: int = 0,
+            transport: str = "unary") -> dict:  # fmt: skip
+    command = [sys.executable, "-m", "bench.loadgen", "--url", running.url, "--model", workload.model, "--json",
+               "--concurrency", str(concurrency), "--duration", str(seconds), "--server-pid", str(running.pid)]  # fmt: skip
     if transport == "stream":
-        command += ["--streams", str(concurrency)] + (["--stream-protocol", "mlserver"] if peer else [])
+        command += ["--streams", str(concurrency)] + (["--stream-protocol", "mlserver"] if running.in_order else [])
     command += [arg for shape in workload.shapes for arg in ("--shape", shape)]
-    if metrics_url:
-        command += ["--metrics-url", metrics_url]
+    if running.metrics_url:
+        command += ["--metrics-url", running.metrics_url]
     if requests:
         command += ["--requests", str(requests), "--progress"]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=3600)
@@ -108,45 +128,68 @@ def loadgen(url: str, workload: Workload, concurrency: int, seconds: float, metr
     return json.loads(result.stdout)
 
 
-def mlserver_available() -> bool:
-    return (MLSERVER_VENV / "bin" / "mlserver").exists()
-
-
-def every_point(url: str, workload: Workload, seconds: float, metrics_url: str | None = None, peer: bool = False) -> dict:
+def every_point(running: Running, workload: Workload, seconds: float) -> dict:
     """{transport: {concurrency: loadgen report}} for one running server."""
-    return {
-        transport: {c: loadgen(url, workload, c, seconds, metrics_url, transport=transport, peer=peer) for c in workload.concurrencies}
-        for transport in TRANSPORTS
-    }
+    return {t: {c: loadgen(running, workload, c, seconds, transport=t) for c in workload.concurrencies} for t in TRANSPORTS}
 
 
-def run_onnxserve(repository: Path, workload: Workload, seconds: float) -> dict:
+def start_onnxserve(repository: Path, model_path: Path, workdir: Path) -> Running:
     server = start_server(repository)
-    try:
-        return every_point(server.url, workload, seconds, f"http://127.0.0.1:{server.metrics_port}/metrics")
-    finally:
-        server.stop()
+    return Running(server.url, server.process.pid, server.stop, f"http://127.0.0.1:{server.metrics_port}/metrics")
 
 
-def run_mlserver(model_path: Path, workload: Workload, seconds: float, workdir: Path) -> dict:
+def start_echo(repository: Path, model_path: Path, workdir: Path) -> Running:
+    process = subprocess.Popen([sys.executable, "-m", "bench.echo", str(model_path), "--port", "0"], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    line = process.stderr.readline()
+    if echo.READY not in line:
+        process.kill()
+        raise RuntimeError(f"the echo server did not start: {line}{process.stderr.read()}")
+    process.stderr.close()
+
+    def stop() -> None:
+        process.terminate()
+        process.wait(10)
+
+    return Running(f"127.0.0.1:{line.split()[-1]}", process.pid, stop, in_order=True)
+
+
+def start_mlserver(repository: Path, model_path: Path, workdir: Path) -> Running:
     from bench.mlserver import serve
 
     grpc_port, http_port = free_port(), free_port()
-    handle = serve.start(model_path, workload.model, grpc_port, http_port, workload.mlserver_batch, 0.001, workdir)
+    handle = serve.start(model_path, model_path.parent.parent.name, grpc_port, http_port, PEER_MAX_BATCH, 0.001, workdir)
+    return Running(f"127.0.0.1:{grpc_port}", handle.process.pid, handle.stop, in_order=True)
+
+
+def start_pytriton(repository: Path, model_path: Path, workdir: Path) -> Running:
+    from bench.pytriton import serve
+
+    grpc_port, http_port = free_port(), free_port()
+    handle = serve.start(model_path, model_path.parent.parent.name, grpc_port, http_port, PEER_MAX_BATCH, workdir)
+    return Running(f"127.0.0.1:{grpc_port}", handle.process.pid, handle.stop)
+
+
+STARTERS = {"onnxserve": start_onnxserve, "echo": start_echo, "mlserver": start_mlserver, "pytriton": start_pytriton}
+SETUPS = {"mlserver": ROOT / "bench" / "mlserver" / "setup.sh", "pytriton": ROOT / "bench" / "pytriton" / "setup.sh"}
+
+
+def measure(server: str, repository: Path, workload: Workload, seconds: float, workdir: Path) -> dict:
+    running = STARTERS[server](repository, repository / workload.model / "1" / "model.onnx", workdir)
     try:
-        return every_point(f"127.0.0.1:{grpc_port}", workload, seconds, peer=True)
+        return every_point(running, workload, seconds)
     finally:
-        handle.stop()
+        running.stop()
 
 
 def soak(repository: Path, requests: int) -> dict:
     """RSS of the server before and after `requests` mlp requests at concurrency 64."""
     server = start_server(repository)
     try:
-        workload = WORKLOADS["mlp"]
-        loadgen(server.url, workload, 64, 5)  # warm: pools, caches, histograms exist
+        workload, running = WORKLOADS["mlp"], Running(server.url, server.process.pid, server.stop)
+        loadgen(running, workload, 64, 5)  # warm: pools, caches, histograms exist
         before = server.samples().get("process_resident_memory_bytes")
-        report = loadgen(server.url, workload, 64, 0, requests=requests)
+        report = loadgen(running, workload, 64, 0, requests=requests)
         after = server.samples().get("process_resident_memory_bytes")
         return {"requests": report["requests"], "errors": report["errors"], "rss_before_mb": before / 2**20,
                 "rss_after_mb": after / 2**20}  # fmt: skip
@@ -160,39 +203,75 @@ def ratio(a: float | None, b: float | None) -> str:
 
 def print_table(results: dict) -> None:
     print()
-    print("model     conc onnxserve | raw best inf/s (batch) | onnxserve inf/s  p50 ms | MLServer inf/s  p50 ms |"
-          " onnxserve/raw  onnxserve/MLServer (inf/s)  MLServer/onnxserve (p50) | errors")  # fmt: skip
+    print("model     conc call   server        inf/s    p50 ms  server CPU us/req  batch  errors")
+    for model, figures in results.items():
+        for concurrency, transport in ((c, t) for c in WORKLOADS[model].concurrencies for t in TRANSPORTS):
+            for server in ("onnxserve", *PEERS):
+                point = figures.get(server, {}).get(transport, {}).get(concurrency)
+                if point is None:
+                    continue
+                cpu, batch = point.get("server_cpu_per_request_us"), point.get("server_average_batch")
+                print(f"{model:9} {concurrency:4} {transport:6} {LABELS[server]:10} {point['inferences_per_second']:10,.0f}"
+                      f" {point['p50_ms']:9.3f} {cpu or 0:18,.0f} {batch or 0:6.1f} {point['errors']:7}")  # fmt: skip
+    print()
+    print("model     conc call   raw best (batch) | onnxserve / raw  / echo  / MLServer  / PyTriton | p50 / echo p50")
     for model, figures in results.items():
         raw = figures["raw"]
         for concurrency, transport in ((c, t) for c in WORKLOADS[model].concurrencies for t in TRANSPORTS):
-            ours = figures["onnxserve"][transport][concurrency]
-            peer = figures.get("mlserver", {}).get(transport, {}).get(concurrency)
-            peer_rate = peer["inferences_per_second"] if peer else None
-            peer_p50 = peer["p50_ms"] if peer else None
-            print(
-                f"{model:9} {concurrency:4} {transport:9} | {raw['best_inferences_per_second']:12,.0f} ({raw['best_batch']:3})     |"
-                f" {ours['inferences_per_second']:12,.0f} {ours['p50_ms']:7.3f} |"
-                f" {peer_rate or 0:12,.0f} {peer_p50 or 0:7.3f} |"
-                f" {ratio(ours['inferences_per_second'], raw['best_inferences_per_second']):>13}"
-                f" {ratio(ours['inferences_per_second'], peer_rate):>19}"
-                f" {ratio(peer_p50, ours['p50_ms']):>25} |"
-                f" {ours['errors'] + (peer['errors'] if peer else 0):6}"
-            )
+            rate = {s: figures.get(s, {}).get(transport, {}).get(concurrency, {}).get("inferences_per_second") for s in ("onnxserve", *PEERS)}
+            p50 = {s: figures.get(s, {}).get(transport, {}).get(concurrency, {}).get("p50_ms") for s in ("onnxserve", "echo")}
+            print(f"{model:9} {concurrency:4} {transport:6} {raw['best_inferences_per_second']:9,.0f} ({raw['best_batch']:3})    |"
+                  f" {ratio(rate['onnxserve'], raw['best_inferences_per_second']):>15} {ratio(rate['onnxserve'], rate['echo']):>6}"
+                  f" {ratio(rate['onnxserve'], rate['mlserver']):>10} {ratio(rate['onnxserve'], rate['pytriton']):>10} |"
+                  f" {ratio(p50['onnxserve'], p50['echo']):>14}")  # fmt: skip
     print()
+
+
+def targets(results: dict) -> list[tuple[str, str, bool]]:
+    """(target, measured, met) for each target of the fast-by-default work this run can judge."""
+    def point(model, server, transport, concurrency):
+        return results.get(model, {}).get(server, {}).get(transport, {}).get(concurrency)
+
+    found = []
+    mlp = results.get("mlp")
+    if mlp:
+        ours, echo_ = point("mlp", "onnxserve", "unary", 64), point("mlp", "echo", "unary", 64)
+        peers = [p["inferences_per_second"] for s in ("mlserver", "pytriton") if (p := point("mlp", s, "unary", 64))]
+        if peers:
+            value = ours["inferences_per_second"] / max(peers)
+            found.append(("MLP c=64 unary: >= 1.5x the best peer", f"{value:.2f}x", value >= 1.5))
+        if echo_:
+            value = ours["inferences_per_second"] / echo_["inferences_per_second"]
+            found.append(("MLP c=64 unary: >= 0.8x the echo floor", f"{value:.2f}x", value >= 0.8))
+            single, floor = point("mlp", "onnxserve", "unary", 1), point("mlp", "echo", "unary", 1)
+            value = single["p50_ms"] / floor["p50_ms"]
+            found.append(("MLP c=1 unary: p50 <= 1.5x the echo floor's", f"{single['p50_ms']:.3f} ms, {value:.2f}x", value <= 1.5))
+            streams, floor = point("mlp", "onnxserve", "stream", 64), point("mlp", "echo", "stream", 64)
+            value = streams["inferences_per_second"] / floor["inferences_per_second"]
+            found.append(("MLP 64 streams: >= 0.8x a bare streaming echo", f"{value:.2f}x", value >= 0.8))
+    for model in ("resnet50",):
+        if model in results:
+            best = results[model]["raw"]["best_inferences_per_second"]
+            for transport in TRANSPORTS:
+                value = point(model, "onnxserve", transport, 16)["inferences_per_second"] / best
+                found.append((f"ResNet-50 c=16 {transport}: >= 0.9 of raw onnxruntime's best", f"{value:.2f}", value >= 0.9))
+    errors = sum(p["errors"] for m in results.values() for s in ("onnxserve", *PEERS) for t in m.get(s, {}).values() for p in t.values())
+    found.append(("0 errors at every point", str(errors), errors == 0))
+    return found
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per measured point")
-    parser.add_argument("--no-mlserver", action="store_true", help="skip the peer")
+    parser.add_argument("--peers", nargs="*", default=list(PEERS), choices=list(PEERS),
+                        help="which baselines to run beside onnxserve (default: all)")  # fmt: skip
     parser.add_argument("--soak", type=int, default=0, help="also: RSS before/after this many mlp requests")
     parser.add_argument("--json", type=Path, help="also write every figure to this file")
     args = parser.parse_args(argv)
-    if not args.no_mlserver and not mlserver_available():
-        print("installing MLServer in its own environment (bench/.venv-mlserver) ...", file=sys.stderr)
-        subprocess.run(["bash", str(ROOT / "bench" / "mlserver" / "setup.sh")], check=True)
-    use_peer = not args.no_mlserver
+    for peer in args.peers:
+        if peer in SETUPS:  # each peer lives in its own venv; set-up is idempotent and quick once done
+            subprocess.run(["bash", str(SETUPS[peer])], check=True, stdout=sys.stderr)
     results = {}
     with tempfile.TemporaryDirectory(prefix="onnxserve-bench-") as scratch:
         repository = Path(scratch) / "models"
@@ -201,16 +280,20 @@ def main(argv: list[str] | None = None) -> int:
             workload, model_path = WORKLOADS[name], repository / name / "1" / "model.onnx"
             print(f"{name}: raw onnxruntime ...", file=sys.stderr)
             results[name] = {"raw": raw_onnxruntime(model_path, workload, args.duration)}
-            print(f"{name}: onnxserve ...", file=sys.stderr)
-            results[name]["onnxserve"] = run_onnxserve(repository, workload, args.duration)
-            if use_peer:
-                print(f"{name}: MLServer ...", file=sys.stderr)
-                results[name]["mlserver"] = run_mlserver(model_path, workload, args.duration, Path(scratch) / f"mls-{name}")
+            for server in ("onnxserve", *args.peers):
+                print(f"{name}: {LABELS[server]} ...", file=sys.stderr)
+                workdir = Path(scratch) / f"{server}-{name}"
+                workdir.mkdir()
+                results[name][server] = measure(server, repository, workload, args.duration, workdir)
         if args.soak:
             print(f"soak: {args.soak} mlp requests ...", file=sys.stderr)
             results["soak"] = soak(repository, args.soak)
     print(f"machine: {os.cpu_count()} cores visible, {cpu_cores()} usable; onnxruntime {ort.__version__}")
-    print_table({k: v for k, v in results.items() if k != "soak"})
+    measured = {k: v for k, v in results.items() if k != "soak"}
+    print_table(measured)
+    print("targets (every server on its defaults):")
+    for target, value, met in targets(measured):
+        print(f"  {'met    ' if met else 'NOT met'}  {target}: {value}")
     if "soak" in results:
         s = results["soak"]
         print(f"soak: {s['requests']} requests, {s['errors']} errors; server RSS {s['rss_before_mb']:.1f} MB -> {s['rss_after_mb']:.1f} MB")

@@ -1,13 +1,20 @@
 """Dynamic batching for one model version.
 
-Requests wait in a bounded, prioritised queue; each instance worker takes the
-next batch of compatible requests (same non-batch shapes), runs the injected
-`execute`, splits the outputs by row offsets and resolves every caller exactly
-once with its own rows. Knows nothing of gRPC or onnxruntime.
+Requests wait in a bounded, prioritised queue; whenever an instance is free the
+batcher takes the next batch of compatible requests (same non-batch shapes), runs
+the injected `execute`, splits the outputs by row offsets and resolves every caller
+exactly once with its own rows. Knows nothing of gRPC or onnxruntime.
+
+Batches are formed by loop callbacks, not worker tasks: a request that arrives while
+an instance is free schedules one dispatch for the end of the current loop turn, so
+every request decoded in that turn joins the same batch. `execute` returns the outputs
+when it ran the batch on the loop itself (a model faster than a thread handoff), or an
+awaitable when the batch runs elsewhere; the instance is free again when it resolves.
 """
 
 import asyncio
 import collections
+import inspect
 import itertools
 import logging
 import time
@@ -23,8 +30,8 @@ from server.events import BatchExecuted, BatchStarted, EventBus, QueueDepthChang
 log = logging.getLogger(__name__)
 
 Feeds = dict[str, np.ndarray]
-Execute = Callable[[Feeds, list[str], int], Awaitable[Feeds]]
-"""execute(feeds, output_names, instance) -> outputs by name."""
+Execute = Callable[[Feeds, list[str], int], "Feeds | Awaitable[Feeds]"]
+"""execute(feeds, output_names, instance) -> outputs by name, or an awaitable of them."""
 
 _batch_ids = itertools.count(1)  # process-wide, so a batch id names one execution of any model
 
@@ -54,15 +61,18 @@ class Answer:
     compute_seconds: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Batch:
     requests: list[QueuedRequest]
     rows: int
+    instance: int = 0
+    batch_id: int = 0
+    marks: list[float] = field(default_factory=list)  # start, inputs gathered, runtime returned, outputs split
 
 
 @dataclass
 class Batcher:
-    """Queue and workers of one model version; `instances` batches run at once."""
+    """Queue and dispatch of one model version; `instances` batches run at once."""
 
     execute: Execute
     settings: BatchingSettings
@@ -73,15 +83,20 @@ class Batcher:
     devices: tuple[str, ...]  # per instance: "cpu" or "cuda:N"
     _queues: list[collections.deque] = field(init=False)
     _depth: int = field(default=0, init=False)
-    _wakeup: asyncio.Event = field(init=False)
-    _workers: list[asyncio.Task] = field(default_factory=list, init=False)
+    _free: list[int] = field(init=False)  # instances with no batch running
+    _loop: asyncio.AbstractEventLoop | None = field(default=None, init=False)
+    _dispatch_scheduled: bool = field(default=False, init=False)
+    _timer: asyncio.TimerHandle | None = field(default=None, init=False)
     _closing: bool = field(default=False, init=False)
+    _drained: asyncio.Future | None = field(default=None, init=False)
+    _uncollected: int = field(default=0, init=False)  # submitted, and the caller has not resumed yet
+    _overlap_at: float = field(default=float("-inf"), init=False)  # loop.time() callers last overlapped
 
     def __post_init__(self) -> None:
         if len(self.devices) != self.instances:
             raise ValueError(f"{self.label}: {self.instances} instances but devices {self.devices}")
         self._queues = [collections.deque() for _ in range(self.settings.priority_levels + 1)]
-        self._wakeup = asyncio.Event()
+        self._free = list(range(self.instances - 1, -1, -1))  # pop() hands out instance 0 first
 
     @property
     def label(self) -> str:
@@ -92,16 +107,15 @@ class Batcher:
         return self._depth
 
     def start(self) -> None:
-        self._workers = [
-            asyncio.create_task(self._worker(i), name=f"batcher {self.model}:{self.version}#{i}")
-            for i in range(self.instances)
-        ]
+        self._loop = asyncio.get_running_loop()
 
     async def close(self) -> None:
-        """Stop accepting, run what is queued, then stop the workers."""
+        """Stop accepting, run what is queued, then return once every instance is idle."""
         self._closing = True
-        self._wakeup.set()
-        await asyncio.gather(*self._workers)
+        self._drained = self._loop.create_future()
+        self._schedule()
+        self._check_drained()
+        await self._drained
 
     async def submit(
         self,
@@ -118,7 +132,7 @@ class Batcher:
         max_queue = self.settings.queue_policy.max_queue_size
         if max_queue and self._depth >= max_queue:
             raise Overloaded(f"{self.label}: queue is full ({max_queue} requests waiting); retry later")
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         item = QueuedRequest(
             feeds=feeds,
             rows=rows,
@@ -128,18 +142,21 @@ class Batcher:
             future=loop.create_future(),
             shape_key=self._shape_key(feeds),
         )
+        if self._uncollected:
+            self._overlap_at = item.arrival
         self._enqueue(item)
         timeout = self._timeout_seconds(timeout_us)
+        expiry = None if timeout is None else loop.call_later(timeout, self._expire, item, timeout)
+        self._uncollected += 1
         try:
-            if timeout is not None:
-                await asyncio.wait((item.future,), timeout=timeout)
-                if item.queued:
-                    self._drop(item)
-                    raise DeadlineExceeded(f"{self.label}: request timed out after {timeout * 1e6:.0f} us in the queue")
             return await item.future
         except asyncio.CancelledError:
             self._drop(item)
             raise
+        finally:
+            self._uncollected -= 1
+            if expiry is not None:
+                expiry.cancel()
 
     # --- queue ------------------------------------------------------------------------------
 
@@ -174,15 +191,24 @@ class Batcher:
     def _enqueue(self, item: QueuedRequest) -> None:
         self._queues[item.level].append(item)
         self._set_depth(self._depth + 1)
-        self._wakeup.set()
+        self._schedule()
 
     def _drop(self, item: QueuedRequest) -> None:
         """A caller gave up: out of the queue if still there; its rows are discarded if running."""
+        self._unqueue(item)
+        item.future.cancel()
+
+    def _expire(self, item: QueuedRequest, timeout: float) -> None:
+        if item.queued:  # else its batch took it in time
+            self._unqueue(item)
+            message = f"{self.label}: request timed out after {timeout * 1e6:.0f} us in the queue"
+            _set_exception(item.future, DeadlineExceeded(message))
+
+    def _unqueue(self, item: QueuedRequest) -> None:
         if item.queued:
             item.queued = False
             self._queues[item.level].remove(item)
             self._set_depth(self._depth - 1)
-        item.future.cancel()
 
     def _set_depth(self, depth: int) -> None:
         self._depth = depth
@@ -217,7 +243,17 @@ class Batcher:
         preferred = self._preferred_prefix(chosen)
         if preferred:
             return preferred, now
-        return chosen, head.arrival + self.settings.max_queue_delay_us / 1e6
+        return chosen, head.arrival + self._delay(now)
+
+    def _delay(self, now: float) -> float:
+        """Seconds the oldest request may wait for a fuller batch: the configured delay, else the
+        adaptive one while callers overlap. A gRPC server hands calls to the loop about one per
+        turn, so without a wait each small model's batch would hold one request."""
+        configured = self.settings.max_queue_delay_us
+        if configured:
+            return configured / 1e6
+        adaptive = self.settings.adaptive_delay_us / 1e6
+        return adaptive if now - self._overlap_at < 2 * adaptive else 0.0
 
     def _preferred_prefix(self, chosen: list[QueuedRequest]) -> list[QueuedRequest]:
         sizes = self.settings.preferred_batch_sizes
@@ -228,76 +264,105 @@ class Batcher:
                 best = count
         return chosen[:best]
 
-    async def _next_batch(self) -> Batch | None:
-        loop = asyncio.get_running_loop()
-        while True:
-            now = loop.time()
-            chosen, leave_at = self._candidate(now)
-            if chosen and leave_at <= now:
-                return self._take(chosen)
-            if not chosen and self._closing:
-                return None
-            self._wakeup.clear()
-            delay = None if not chosen else leave_at - now
-            try:
-                await asyncio.wait_for(self._wakeup.wait(), delay)
-            except TimeoutError:
-                pass
+    def _schedule(self) -> None:
+        """Dispatch at the end of this loop turn, once, if an instance is free to take a batch."""
+        if self._free and not self._dispatch_scheduled:
+            self._dispatch_scheduled = True
+            self._loop.call_soon(self._dispatch)
 
-    def _take(self, chosen: list[QueuedRequest]) -> Batch:
-        now = asyncio.get_running_loop().time()
+    def _dispatch(self) -> None:
+        self._dispatch_scheduled = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        while self._free:
+            now = self._loop.time()
+            chosen, leave_at = self._candidate(now)
+            if not chosen:
+                break
+            if leave_at > now:  # wait for a fuller batch, at most until the oldest request's delay
+                self._timer = self._loop.call_at(leave_at, self._dispatch)
+                break
+            self._start(self._take(chosen, now), self._free.pop())
+        self._check_drained()
+
+    def _take(self, chosen: list[QueuedRequest], now: float) -> Batch:
         for item in chosen:
-            self._queues[item.level].remove(item)
+            queue = self._queues[item.level]
+            if queue[0] is item:  # the common case: the batch is the queue's head
+                queue.popleft()
+            else:
+                queue.remove(item)
             item.queued = False
             item.taken = now
         self._set_depth(self._depth - len(chosen))
-        return Batch(requests=chosen, rows=sum(item.rows for item in chosen))
+        live = [item for item in chosen if not item.future.done()]
+        return Batch(live, sum(item.rows for item in live))
+
+    def _check_drained(self) -> None:
+        if self._drained is not None and not self._depth and len(self._free) == self.instances:
+            _set_result(self._drained, None)
 
     # --- execution ----------------------------------------------------------------------------
 
-    async def _worker(self, instance: int) -> None:
-        while (batch := await self._next_batch()) is not None:
-            live = [item for item in batch.requests if not item.future.done()]
-            if live:
-                await self._run(Batch(live, sum(item.rows for item in live)), instance)
-
-    async def _run(self, batch: Batch, instance: int) -> None:
-        batch_id, device = next(_batch_ids), self.devices[instance]
+    def _start(self, batch: Batch, instance: int) -> None:
+        if not batch.requests:
+            self._free.append(instance)
+            return
+        batch.instance, batch.batch_id = instance, next(_batch_ids)
         started = time.perf_counter()
-        self.bus.publish(BatchStarted(self.model, self.version, batch_id, device, started))
-        marks: list[float] = [started]  # start, inputs gathered, runtime returned, outputs split
+        batch.marks.append(started)
+        self.bus.publish(BatchStarted(self.model, self.version, batch.batch_id, self.devices[instance], started))
         try:
             feeds = concatenate(batch.requests)
-            marks.append(time.perf_counter())
-            outputs = await self.execute(feeds, union_outputs(batch.requests), instance)
-            marks.append(time.perf_counter())
+            batch.marks.append(time.perf_counter())
+            outcome = self.execute(feeds, union_outputs(batch.requests), instance)
+        except Exception as err:
+            self._finish(batch, None, err)
+            return
+        if not inspect.isawaitable(outcome):  # ran on the loop: answer now
+            self._finish(batch, outcome, None)
+            return
+        running = asyncio.ensure_future(outcome)
+        running.add_done_callback(lambda done: self._finish(batch, *_outcome(done)))
+
+    def _finish(self, batch: Batch, outputs: Feeds | None, error: BaseException | None) -> None:
+        device = self.devices[batch.instance]
+        try:
+            if error is not None:
+                raise error
+            batch.marks.append(time.perf_counter())
             results = self._split(batch, outputs)
-            marks.append(time.perf_counter())
+            batch.marks.append(time.perf_counter())
         except Exception as err:  # every caller of the batch gets the failure, exactly once
             failure = err if isinstance(err, ExecutionFailed) else ExecutionFailed(f"{self.label}: {err!r}")
             log.error("%s: batch of %d rows failed: %r", self.label, batch.rows, err)
             for item in batch.requests:
                 _set_exception(item.future, failure)
         else:
-            compute = marks[-1] - started
+            compute = batch.marks[-1] - batch.marks[0]
             for item, result in zip(batch.requests, results):
-                _set_result(item.future, Answer(result, batch_id, batch.rows, device, item.taken - item.arrival, compute))
-        finally:
-            # Callers resume only on a later loop turn, so observers have priced the batch by then.
-            self.bus.publish(self._executed(batch, batch_id, device, instance, marks))
+                answer = Answer(result, batch.batch_id, batch.rows, device, item.taken - item.arrival, compute)
+                _set_result(item.future, answer)
+        # Callers resume only on a later loop turn, so observers have priced the batch by then.
+        self.bus.publish(self._executed(batch, device))
+        self._free.append(batch.instance)
+        self._schedule()
+        self._check_drained()
 
-    def _executed(self, batch: Batch, batch_id: int, device: str, instance: int, marks: list[float]) -> BatchExecuted:
+    def _executed(self, batch: Batch, device: str) -> BatchExecuted:
+        marks = batch.marks
         succeeded = len(marks) == 4
         finished = marks[-1] if succeeded else time.perf_counter()
         ends = (marks[1:] + [finished] * 3)[:3]  # a failure leaves the rest of the time in its phase
         return BatchExecuted(
             model=self.model,
             version=self.version,
-            batch_id=batch_id,
+            batch_id=batch.batch_id,
             device=device,
             rows=batch.rows,
             requests=len(batch.requests),
-            instance=instance,
+            instance=batch.instance,
             started=marks[0],
             finished=finished,
             succeeded=succeeded,
@@ -323,6 +388,13 @@ class Batcher:
             results.append({name: outputs[name][offset:end] for name in item.outputs})
             offset = end
         return results
+
+
+def _outcome(done: asyncio.Future) -> tuple[Feeds | None, BaseException | None]:
+    if done.cancelled():
+        return None, ExecutionFailed("the batch's execution was cancelled")
+    error = done.exception()
+    return (None, error) if error is not None else (done.result(), None)
 
 
 def concatenate(requests: list[QueuedRequest]) -> Feeds:

@@ -193,6 +193,10 @@ class BatchingSettings:
     default_priority_level: int = 0
     """Level of a request that sets no priority; 0 = the lowest level."""
     queue_policy: QueuePolicy = QueuePolicy()
+    adaptive_delay_us: int = 1000
+    """With max_queue_delay_us 0: while callers overlap (a request arrives before an earlier
+    caller has collected its answer), the oldest request may wait this long for a fuller batch;
+    a lone caller never waits. 0 = never wait. (config.pbtxt parameter `adaptive_queue_delay_us`)"""
 
 
 @dataclass(frozen=True)
@@ -214,15 +218,18 @@ class SessionSettings:
     gpus: tuple[int, ...] = ()
     """GPU ids to place instances on; empty = GPU 0."""
     intra_op_threads: int = 0
-    """Threads inside one operator; 0 = the CPU cores divided by the instance count."""
+    """Threads inside one operator; 0 = chosen by measurement at load (see calibration.py)."""
     inter_op_threads: int = 1
     """Threads across operators (sequential execution uses 1)."""
     graph_optimization_level: int = 99
     """onnxruntime graph optimization level: 0 disable, 1 basic, 2 extended, 99 all."""
-    inline_run_below_us: int = 0
+    inline_run_below_us: int | None = None
     """Batches whose measured run time stays below this run on the event loop, not the instance's
-    thread (whose handoff costs about 100 us of CPU); 0 = always the thread. Only for models whose
-    run time follows from the batch's shape: a slow batch run inline stalls every other request."""
+    thread (whose handoff costs tens of us of CPU); 0 = always the thread; None = chosen at load:
+    on the loop when the model ran faster than a measured handoff. A slow batch run inline stalls
+    every other request, so a measured run above the limit sends the model back to its thread."""
+    allow_spinning: bool | None = None
+    """Whether onnxruntime's intra-op threads spin between runs; None = chosen at load."""
     gpu_accelerators: tuple[Accelerator, ...] = ()
 
 
@@ -282,7 +289,10 @@ SESSION_PARAMETERS = {
     "intra_op_thread_count": "intra_op_threads",
     "inter_op_thread_count": "inter_op_threads",
     "inline_run_below_us": "inline_run_below_us",
+    "allow_spinning": "allow_spinning",
 }
+BATCHING_PARAMETERS = {"adaptive_queue_delay_us": "adaptive_delay_us"}
+BOOLEAN_PARAMETERS = {"0": False, "1": True, "false": False, "true": True}
 GPU_ACCELERATORS = ("tensorrt", "cuda")
 ONNX_PLATFORMS = ("", "onnxruntime_onnx")
 ONNX_BACKENDS = ("", "onnxruntime")
@@ -342,8 +352,12 @@ def _tensor(proto, where: str) -> TensorConfig:
 
 def _batching(proto, where: str, max_batch_size: int) -> BatchingSettings:
     dynamic = proto.dynamic_batching
+    adaptive = {}
+    for key, field_name in BATCHING_PARAMETERS.items():
+        if key in proto.parameters:
+            adaptive[field_name] = _session_parameter(key, proto.parameters[key].string_value, where)
     if not proto.HasField("dynamic_batching"):
-        return BatchingSettings(max_batch_size=max_batch_size)
+        return BatchingSettings(max_batch_size=max_batch_size, **adaptive)
     if dynamic.priority_queue_policy:
         raise ConfigError(f"{where}: dynamic_batching.priority_queue_policy: not supported; use default_queue_policy")
     for size in dynamic.preferred_batch_size:
@@ -370,6 +384,7 @@ def _batching(proto, where: str, max_batch_size: int) -> BatchingSettings:
             default_timeout_us=policy.default_timeout_microseconds,
             allow_timeout_override=policy.allow_timeout_override,
         ),
+        **adaptive,
     )
 
 
@@ -387,15 +402,12 @@ def _session(proto, where: str) -> SessionSettings:
             raise ConfigError(f"{where}: instance_group[0].count: {group.count} is negative")
         values.update(instance_kind=KIND_NAMES[kind], instance_count=group.count or 1, gpus=tuple(group.gpus))
     for key, parameter in proto.parameters.items():
+        if key in BATCHING_PARAMETERS:
+            continue
         if key not in SESSION_PARAMETERS:
-            raise ConfigError(f"{where}: parameters[{key!r}]: unknown; known: {sorted(SESSION_PARAMETERS)}")
-        try:
-            count = int(parameter.string_value)
-        except ValueError:
-            raise ConfigError(f"{where}: parameters[{key!r}]: {parameter.string_value!r} is not an integer") from None
-        if count < 0:
-            raise ConfigError(f"{where}: parameters[{key!r}]: {count} is negative")
-        values[SESSION_PARAMETERS[key]] = count
+            known = sorted([*SESSION_PARAMETERS, *BATCHING_PARAMETERS])
+            raise ConfigError(f"{where}: parameters[{key!r}]: unknown; known: {known}")
+        values[SESSION_PARAMETERS[key]] = _session_parameter(key, parameter.string_value, where)
     optimization = proto.optimization
     if optimization.HasField("graph"):
         level = {-1: 1, 0: 99, 1: 2, 2: 0}.get(optimization.graph.level)  # Triton's levels -> ORT's
@@ -415,6 +427,20 @@ def _session(proto, where: str) -> SessionSettings:
         gpu.append(Accelerator(accelerator.name, tuple(sorted(accelerator.parameters.items()))))
     values["gpu_accelerators"] = tuple(gpu)
     return SessionSettings(**values)
+
+
+def _session_parameter(key: str, text: str, where: str) -> int | bool:
+    if key == "allow_spinning":
+        if text.strip().lower() not in BOOLEAN_PARAMETERS:
+            raise ConfigError(f"{where}: parameters[{key!r}]: {text!r} is not 0, 1, true or false")
+        return BOOLEAN_PARAMETERS[text.strip().lower()]
+    try:
+        count = int(text)
+    except ValueError:
+        raise ConfigError(f"{where}: parameters[{key!r}]: {text!r} is not an integer") from None
+    if count < 0:
+        raise ConfigError(f"{where}: parameters[{key!r}]: {count} is negative")
+    return count
 
 
 def _version_policy(proto, where: str) -> VersionPolicy:

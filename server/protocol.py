@@ -47,6 +47,7 @@ InferParameter = _inference("InferParameter")
 ModelConfig = _inference("ModelConfig")
 ModelInstanceGroup = _inference("ModelInstanceGroup")
 DataType = POOL.FindEnumTypeByName("inference.DataType")
+OnnxModel = _message("onnxserve.onnx.ModelProto")  # op types only: see protos/onnx_graph.proto
 
 
 def request_class(method: str) -> type:

@@ -124,6 +124,8 @@ class ModelRepository:
             pool = await asyncio.to_thread(InstancePool, path, settings.session, label)
             try:
                 completed, signature = complete_settings(settings, pool, self.default_max_batch_size, version.version)
+                choice = await asyncio.to_thread(pool.calibrate, signature.inputs, completed.batching.max_batch_size)
+                log.info("%s runs with %s", label, choice.describe())
                 await asyncio.to_thread(pool.warm_up, signature.inputs)
             except ConfigError:
                 pool.close()

@@ -1,8 +1,9 @@
 """onnxruntime sessions of one model version: execution provider choice and
-fallback, IO specs from the graph, warm-up, and `run` in a thread per instance
-(or on the event loop itself for batches measured to be shorter than the handoff)."""
+fallback, IO specs from the graph, calibration and warm-up, and `run` in a thread per
+instance (or on the event loop itself for batches measured to be shorter than the handoff)."""
 
 import asyncio
+import dataclasses
 import logging
 import math
 import os
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from server import calibration, protocol
 from server.config import SessionSettings
 from server.errors import ConfigError, ExecutionFailed
 from server.tensors import DATATYPE_BY_ORT, DATATYPES, TensorSpec
@@ -29,6 +31,8 @@ GRAPH_LEVELS = {
     2: ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
     99: ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
+# Operators whose run time depends on the data, not only the shapes: such a graph never runs inline.
+DATA_DEPENDENT_OPS = frozenset({"Loop", "Scan", "If"})
 # Per batch: a preempted run (hundreds of us on a busy VM) is forgotten within about 20 batches.
 RUN_PEAK_DECAY = 0.9
 # Triton's accelerator parameter names that differ from onnxruntime's TensorRT EP options.
@@ -120,15 +124,26 @@ def _gpu_providers(settings: SessionSettings, device_id: int) -> list:
     return providers + [(CUDA, cuda_options), (CPU, {})]
 
 
-def session_options(settings: SessionSettings, instances: int) -> ort.SessionOptions:
+def session_options(settings: SessionSettings, threads: int, allow_spinning: bool) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    # Instances x intra-op threads should not oversubscribe the cores.
-    options.intra_op_num_threads = settings.intra_op_threads or max(1, cpu_cores() // instances)
+    options.intra_op_num_threads = threads
     options.inter_op_num_threads = settings.inter_op_threads
     options.graph_optimization_level = GRAPH_LEVELS[settings.graph_optimization_level]
     options.log_severity_level = 3  # onnxruntime's warnings are noise here; errors still show
+    # Spinning pool threads answer sooner but hold a core between runs, which the event loop needs.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
     return options
+
+
+def control_flow(model_path: Path) -> list[str]:
+    """The data-dependent operators of the model's top-level graph (initializers are skipped unread)."""
+    try:
+        model = protocol.OnnxModel.FromString(model_path.read_bytes())
+    except Exception as err:  # noqa: BLE001 - onnxruntime loaded it; only this reading failed
+        log.warning("%s: cannot read its operators (%s): assuming its run time depends on the data", model_path, err)
+        return ["unknown"]
+    return sorted({node.op_type for node in model.graph.node if node.op_type in DATA_DEPENDENT_OPS})
 
 
 def graph_specs(args, model_path: Path) -> tuple[TensorSpec, ...]:
@@ -147,78 +162,154 @@ class InstancePool:
     """N sessions of one model file, each with its own worker thread."""
 
     def __init__(self, model_path: Path, settings: SessionSettings, label: str) -> None:
-        self.label = label
-        placements = plan_placements(settings, visible_gpus(), label)
-        options = session_options(settings, len(placements))
-        self._sessions = [self._open(model_path, options, p) for p in placements]
+        self.label, self.model_path, self.settings = label, model_path, settings
+        self.placements = plan_placements(settings, visible_gpus(), label)
+        self.control_flow = control_flow(model_path)
+        # Until calibration chooses: the configured values, else one core's share per instance.
+        self.choice = calibration.fallback(self.fixed(), cpu_cores(), len(self.placements), "not calibrated yet")
+        self._sessions = self._open_all()
         self._executors = [
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ort-{label}-{i}") for i in range(len(placements))
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ort-{label}-{i}") for i in range(len(self.placements))
         ]
         first = self._sessions[0]
         self.provider = first.get_providers()[0]
         # Where each instance really runs: a GPU placement that fell back to the CPU provider is "cpu".
         self.devices = tuple(
-            p.device if session.get_providers()[0] != CPU else "cpu" for p, session in zip(placements, self._sessions)
+            p.device if session.get_providers()[0] != CPU else "cpu" for p, session in zip(self.placements, self._sessions)
         )
         self.device = self.devices[0]
-        self.intra_op_threads = options.intra_op_num_threads
         self.inputs = graph_specs(first.get_inputs(), model_path)
         self.outputs = graph_specs(first.get_outputs(), model_path)
-        below = settings.inline_run_below_us / 1e6
-        self._peaks = [RunPeak(below) if below else None for _ in self._sessions]
+        self._peaks = self._run_peaks(None)
 
     @property
     def instance_count(self) -> int:
         return len(self._sessions)
 
-    def _open(self, model_path: Path, options: ort.SessionOptions, placement: Placement) -> ort.InferenceSession:
+    @property
+    def intra_op_threads(self) -> int:
+        return self.choice.intra_op_threads
+
+    def fixed(self) -> calibration.Fixed:
+        """What config.pbtxt fixes; the rest is measured. A GPU's CPU threads only feed it: one each."""
+        settings = self.settings
+        threads = settings.intra_op_threads or (1 if self.placements[0].device != "cpu" else None)
+        inline = settings.inline_run_below_us
+        if inline is None and self.control_flow:
+            inline = 0
+        return calibration.Fixed(threads, settings.allow_spinning, inline)
+
+    def _open_all(self) -> list[ort.InferenceSession]:
+        options = session_options(self.settings, self.choice.intra_op_threads, self.choice.allow_spinning)
+        return [self._open(options, placement) for placement in self.placements]
+
+    def _open(self, options: ort.SessionOptions, placement: Placement) -> ort.InferenceSession:
         try:
             session = ort.InferenceSession(
-                str(model_path),
+                str(self.model_path),
                 sess_options=options,
                 providers=[name for name, _ in placement.providers],
                 provider_options=[opts for _, opts in placement.providers],
             )
         except Exception as err:
-            raise ConfigError(f"{model_path}: onnxruntime cannot load the model: {err}") from None
+            raise ConfigError(f"{self.model_path}: onnxruntime cannot load the model: {err}") from None
         asked, used = placement.providers[0][0], session.get_providers()[0]
         if asked != used:
             log.warning("%s: asked for %s but onnxruntime runs it on %s", self.label, asked, used)
         return session
 
+    def calibrate(self, inputs: tuple[TensorSpec, ...], max_batch_size: int) -> calibration.Choice:
+        """Measure what config.pbtxt leaves open (blocking, about 2 s at most), then reopen the
+        sessions with the choice. A model that cannot run on zeros keeps the previous defaults."""
+        fixed, cores = self.fixed(), cpu_cores()
+        before = (self.choice.intra_op_threads, self.choice.allow_spinning)
+        try:
+            choice = calibration.calibrate(
+                self._trial_runner(inputs), self._handoff, fixed, cores, self.instance_count, max_batch_size
+            )
+        except Exception as err:  # noqa: BLE001 - any failure of a trial run means: keep the defaults
+            choice = calibration.fallback(fixed, cores, self.instance_count, f"{err}")
+            log.warning("%s: %s", self.label, choice.note)
+        if self.settings.inline_run_below_us is None and self.control_flow:
+            choice = dataclasses.replace(choice, note=f"batches stay in the thread: the graph has {', '.join(self.control_flow)}")
+        self.choice = choice
+        if choice.intra_op_threads != before[0] or (choice.intra_op_threads > 1 and choice.allow_spinning != before[1]):
+            self._sessions = self._open_all()
+        calibrated = next((sec for t, s, b, sec in reversed(choice.timings)), None)
+        self._peaks = self._run_peaks(calibrated if "inline_run_below_us" in choice.measured else None)
+        return choice
+
+    def _trial_runner(self, inputs: tuple[TensorSpec, ...]) -> calibration.OpenRun:
+        def open_run(threads: int, spinning: bool) -> calibration.Run:
+            if threads == self.choice.intra_op_threads and (threads == 1 or spinning == self.choice.allow_spinning):
+                session = self._sessions[0]  # one thread has no pool to spin: the open session will do
+            else:
+                session = self._open(session_options(self.settings, threads, spinning), self.placements[0])
+            feeds: dict[int, dict] = {}
+
+            def run(batch: int) -> None:
+                if batch not in feeds:
+                    feeds[batch] = {spec.name: _zeros(spec, batch) for spec in inputs}
+                session.run(None, feeds[batch])
+
+            return run
+
+        return open_run
+
+    def _handoff(self) -> None:
+        """One round trip to an instance's thread and back: what running a batch there adds."""
+        self._executors[0].submit(int).result()
+
+    def _run_peaks(self, calibrated_seconds: float | None) -> list["RunPeak | None"]:
+        below = self.choice.inline_run_below_us / 1e6
+        if not below:
+            return [None] * len(self.placements)
+        return [RunPeak.starting(below, calibrated_seconds) for _ in self.placements]
+
     def warm_up(self, inputs: tuple[TensorSpec, ...]) -> None:
-        """One inference per instance with zeros (variable dims = 1); blocking."""
+        """One inference per instance with zeros (variable dims = 1); blocking. Zeros are no valid
+        input for some models (a shape, an index): those serve unwarmed, with a warning."""
         feeds = {spec.name: _zeros(spec) for spec in inputs}
         for session in self._sessions:
             try:
                 session.run(None, feeds)
-            except Exception as err:
-                raise ConfigError(f"{self.label}: warm-up inference failed: {err}") from None
+            except Exception as err:  # noqa: BLE001 - the model's own check of its inputs
+                log.warning("%s: warm-up with zeros failed, so its first requests run cold: %s", self.label, err)
+                return
 
-    async def run(self, feeds: dict[str, np.ndarray], output_names: list[str], instance: int) -> dict[str, np.ndarray]:
+    def run(self, feeds: dict[str, np.ndarray], output_names: list[str], instance: int):
+        """The outputs, when the batch runs on the loop; else an awaitable of them (the instance's thread)."""
         session, peak = self._sessions[instance], self._peaks[instance]
+        if peak is None or not peak.inline:
+            return self._run_in_thread(feeds, output_names, instance)
         try:
-            if peak is not None and peak.inline:
-                values, seconds = _timed_run(session, output_names, feeds)
-            else:
-                executor = self._executors[instance]
-                values, seconds = await asyncio.get_running_loop().run_in_executor(
-                    executor, _timed_run, session, output_names, feeds
-                )
+            values, seconds = _timed_run(session, output_names, feeds)
         except Exception as err:
             raise ExecutionFailed(f"{self.label}: onnxruntime failed: {err}") from err
-        if peak is not None:
+        self._record(peak, seconds, instance)
+        return dict(zip(output_names, values))
+
+    async def _run_in_thread(self, feeds: dict, output_names: list[str], instance: int) -> dict[str, np.ndarray]:
+        session, executor = self._sessions[instance], self._executors[instance]
+        try:
+            values, seconds = await asyncio.get_running_loop().run_in_executor(
+                executor, _timed_run, session, output_names, feeds
+            )
+        except Exception as err:
+            raise ExecutionFailed(f"{self.label}: onnxruntime failed: {err}") from err
+        if (peak := self._peaks[instance]) is not None:
             self._record(peak, seconds, instance)
         return dict(zip(output_names, values))
 
     def _record(self, peak: "RunPeak", seconds: float, instance: int) -> None:
+        was_inline = peak.inline
         peak.record(seconds)
-        if peak.inline and not peak.announced:
+        if peak.inline != was_inline or (peak.inline and not peak.announced):
             peak.announced = True
+            where = "on the event loop" if peak.inline else "in the instance's thread"
             log.info(
-                "%s instance %d: batches run in %.0f us, under inline_run_below_us; "
-                "they run on the event loop while that holds",
-                self.label, instance, peak.seconds * 1e6,
+                "%s instance %d: batches run in %.0f us (limit %.0f us): they run %s",
+                self.label, instance, peak.seconds * 1e6, peak.limit * 1e6, where,
             )  # fmt: skip
 
     def close(self) -> None:
@@ -236,20 +327,31 @@ def _timed_run(session: ort.InferenceSession, output_names: list[str], feeds: di
 @dataclass
 class RunPeak:
     """A decaying peak of one instance's session.run times: its next batch runs on the event loop
-    while the peak stays below `limit` seconds. The first batch always runs in the thread."""
+    while the peak stays below `limit` seconds. Without a calibrated time the first batch runs
+    in the thread, to be measured."""
 
     limit: float
     seconds: float | None = None
     inline: bool = False
     announced: bool = False  # the log has said so once
 
+    @classmethod
+    def starting(cls, limit: float, calibrated_seconds: float | None) -> "RunPeak":
+        peak = cls(limit)
+        if calibrated_seconds is not None:
+            peak.record(calibrated_seconds)
+        return peak
+
     def record(self, seconds: float) -> None:
         self.seconds = seconds if self.seconds is None else max(seconds, self.seconds * RUN_PEAK_DECAY)
         self.inline = self.seconds < self.limit
 
 
-def _zeros(spec: TensorSpec) -> np.ndarray:
-    shape = tuple(1 if dim == -1 else dim for dim in spec.shape)
+def _zeros(spec: TensorSpec, batch: int = 1) -> np.ndarray:
+    """Zeros of the spec's shape: the first variable dimension is `batch`, the others 1."""
+    shape = [1 if dim == -1 else dim for dim in spec.shape]
+    if spec.shape and spec.shape[0] == -1:
+        shape[0] = batch
     if spec.datatype == "BYTES":
-        return np.full(shape, "", dtype=object)
-    return np.zeros(shape, dtype=DATATYPES[spec.datatype].numpy)
+        return np.full(tuple(shape), "", dtype=object)
+    return np.zeros(tuple(shape), dtype=DATATYPES[spec.datatype].numpy)

@@ -328,9 +328,13 @@ def model_config_proto(model: ModelVersion):
     # The provider actually in use, not the one asked for.
     config.parameters["execution_provider"].string_value = pool.provider
     config.parameters["device"].string_value = pool.device
-    config.parameters["intra_op_thread_count"].string_value = str(pool.intra_op_threads)
-    if settings.session.inline_run_below_us:
-        config.parameters["inline_run_below_us"].string_value = str(settings.session.inline_run_below_us)
+    # The session settings in force, whether config.pbtxt set them or calibration chose them.
+    choice = pool.choice
+    config.parameters["intra_op_thread_count"].string_value = str(choice.intra_op_threads)
+    config.parameters["allow_spinning"].string_value = str(int(choice.allow_spinning))
+    config.parameters["inline_run_below_us"].string_value = str(choice.inline_run_below_us)
+    config.parameters["calibrated"].string_value = ",".join(choice.measured)
+    config.parameters["adaptive_queue_delay_us"].string_value = str(settings.batching.adaptive_delay_us)
     return config
 
 

@@ -106,6 +106,15 @@ def slow_add_one(size: int = 192) -> onnx.ModelProto:
     )
 
 
+def reshape_by_input() -> onnx.ModelProto:
+    """y = Reshape(x [4], shape [2]): zeros for `shape` are no shape of x, so it cannot run on zeros."""
+    return _model(
+        [helper.make_node("Reshape", ["x", "shape"], ["y"])],
+        [_io("x", "FP32", [4]), _io("shape", "INT64", [2])],
+        [_io("y", "FP32", ["rows", "columns"])],
+    )
+
+
 def write(repository: Path, name: str, model: onnx.ModelProto, config: str | None = None, version: int = 1) -> Path:
     """Save a model as <repository>/<name>/<version>/model.onnx, with an optional config.pbtxt."""
     directory = repository / name

@@ -14,6 +14,7 @@ from tests.conftest import start_server, wait_until
 from tests.integration.test_batching import caller_rows, inputs
 
 INLINE = 'parameters { key: "inline_run_below_us" value { string_value: "1000" } }'
+THREADED = 'parameters { key: "inline_run_below_us" value { string_value: "0" } }'
 SLOW_WORK = 4000  # rounds of the slow model's loop: about a third of a second here
 INLINE_LINE = "run on the event loop"
 
@@ -22,7 +23,7 @@ INLINE_LINE = "run on the event loop"
 def server(tmp_path_factory):
     repository = tmp_path_factory.mktemp("repository")
     onnx_models.write(repository, "tiny", onnx_models.add_one(), f"max_batch_size: 16\n{INLINE}")
-    onnx_models.write(repository, "threaded", onnx_models.add_one(), "max_batch_size: 16")
+    onnx_models.write(repository, "threaded", onnx_models.add_one(), f"max_batch_size: 16\n{THREADED}")
     onnx_models.write(repository, "slow", onnx_models.slow_add_one(), f"max_batch_size: 8\n{INLINE}")
     running = start_server(repository)
     yield running
@@ -51,7 +52,7 @@ def test_short_batches_run_inline_and_every_caller_gets_its_own_rows(server):
         x = caller_rows(1, 2)
         np.testing.assert_array_equal(client.infer("threaded", inputs(x, module=grpcclient)).as_numpy("y"), x + 1)
     assert drive_until_inline(server, "tiny")
-    assert not inline_logged(server, "threaded"), "without the parameter batches stay in the thread"
+    assert not inline_logged(server, "threaded"), "with inline_run_below_us 0 batches stay in the thread"
 
     results: dict[int, np.ndarray] = {}
 

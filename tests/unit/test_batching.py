@@ -207,3 +207,39 @@ def test_close_drains_what_is_queued():
         return await pending
 
     np.testing.assert_array_equal(run(body())["y"], np.full((1, 2), 30, np.float32))
+
+
+def test_overlapping_callers_wait_for_a_fuller_batch_and_a_lone_caller_never_waits():
+    adaptive = 0.2  # seconds; long enough that the test can tell a wait from none
+
+    async def body():
+        loop = asyncio.get_running_loop()
+        model = GatedModel(gated=False)
+        batcher = make_batcher(model, max_batch_size=8, adaptive_delay_us=int(adaptive * 1e6))
+        began = loop.time()
+        first = [asyncio.create_task(submit(batcher, v, 1)) for v in (1, 2)]  # overlap: 2 before any answer
+        await asyncio.sleep(adaptive / 4)
+        late = asyncio.create_task(submit(batcher, 3, 1))
+        await asyncio.gather(*first, late)
+        waited = loop.time() - began
+        await asyncio.sleep(2.5 * adaptive)  # the overlap is forgotten
+        began = loop.time()
+        await submit(batcher, 4, 1)
+        alone = loop.time() - began
+        await batcher.close()
+        return model, waited, alone
+
+    model, waited, alone = run(body())
+    assert [len(batch["x"]) for batch in model.batches] == [3, 1]
+    assert waited >= adaptive * 0.9
+    assert alone < adaptive / 2
+
+
+def test_a_configured_queue_delay_replaces_the_adaptive_one():
+    async def body():
+        model = GatedModel(gated=False)
+        batcher = make_batcher(model, max_batch_size=8, max_queue_delay_us=1, adaptive_delay_us=10_000_000)
+        await asyncio.wait_for(asyncio.gather(*(submit(batcher, v, 1) for v in (1, 2))), timeout=5)
+        await batcher.close()
+
+    run(body())

@@ -1,0 +1,179 @@
+"""Per-model defaults chosen by measurement at load: intra-op threads, whether onnxruntime's
+thread pool may spin, and whether batches run on the event loop or in the instance's thread.
+
+Users judge a server with their own model and no tuning, so a setting that config.pbtxt does not
+fix is measured here, within a time budget, on the machine that will serve. Every decision is a
+pure function of the timings, so it can be tested with a stand-in clock.
+"""
+
+import logging
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
+BUDGET_SECONDS = 2.0  # per model version, all trials together
+RUNS_PER_TRIAL = 12  # timed runs per (threads, batch) trial, fewer when the budget runs short
+LARGER_BATCH = 8  # the batch measured beside batch 1, capped by max_batch_size
+MORE_THREADS_GAIN = 0.15  # another intra-op thread must make runs this much faster to be worth its core
+SPIN_GAIN = 0.10  # spinning must make runs this much faster to be worth the CPU it burns
+HANDOFF_TRIALS = 30
+# Longest a batch may hold the event loop: one measured above it sends the model back to its thread.
+INLINE_STALL_LIMIT_US = 500
+
+Run = Callable[[int], object]  # run(batch): one inference of that many rows, blocking
+OpenRun = Callable[[int, bool], Run]  # open_run(intra_op_threads, allow_spinning) -> run
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What the model runs with, and whether each value was measured or configured."""
+
+    intra_op_threads: int
+    allow_spinning: bool
+    inline_run_below_us: int  # 0: batches run in the instance's thread
+    measured: tuple[str, ...] = ()  # the names above that calibration chose
+    timings: tuple[tuple[int, bool, int, float], ...] = ()  # (threads, spinning, batch, median seconds)
+    handoff_us: float | None = None
+    note: str = ""  # why calibration fell back, when it did
+
+    def describe(self) -> str:
+        def source(name: str) -> str:
+            return "measured" if name in self.measured else "configured"
+
+        runs = ", ".join(f"{t} thread(s){' spinning' if s else ''} batch {b}: {sec * 1e6:.0f} us" for t, s, b, sec in self.timings)
+        handoff = f"; thread handoff {self.handoff_us:.0f} us" if self.handoff_us is not None else ""
+        return (
+            f"intra_op_thread_count {self.intra_op_threads} ({source('intra_op_thread_count')}), "
+            f"allow_spinning {int(self.allow_spinning)} ({source('allow_spinning')}), "
+            f"inline_run_below_us {self.inline_run_below_us} ({source('inline_run_below_us')})"
+            + (f" [{runs}{handoff}]" if runs else "")
+            + (f" ({self.note})" if self.note else "")
+        )
+
+
+@dataclass(frozen=True)
+class Fixed:
+    """Values config.pbtxt sets; None = choose by measurement."""
+
+    intra_op_threads: int | None = None
+    allow_spinning: bool | None = None
+    inline_run_below_us: int | None = None
+
+
+class Stopwatch:
+    """Times runs against a shared budget; the clock is injected so decisions can be tested."""
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter, budget: float = BUDGET_SECONDS) -> None:
+        self.clock = clock
+        self.deadline = clock() + budget
+
+    def left(self) -> float:
+        return self.deadline - self.clock()
+
+    def median(self, run: Callable[[], object], runs: int = RUNS_PER_TRIAL, share: float = 1.0) -> float:
+        """Median seconds of up to `runs` calls after one untimed call, within `share` of what is left."""
+        run()
+        stop = self.clock() + max(0.0, self.left()) * share
+        times: list[float] = []
+        while len(times) < runs and (not times or self.clock() < stop):
+            begin = self.clock()
+            run()
+            times.append(self.clock() - begin)
+        return statistics.median(times)
+
+
+def thread_candidates(cores: int, instances: int) -> list[int]:
+    """1, 2, 4 ... up to the cores each instance may use (never oversubscribing the machine)."""
+    limit = max(1, cores // max(1, instances))
+    counts, threads = [], 1
+    while threads < limit:
+        counts.append(threads)
+        threads *= 2
+    return counts + [limit]
+
+
+def fewest_good_threads(times: dict[int, float]) -> int:
+    """The fewest threads whose runs are within reach of the fastest: each doubling must pay."""
+    chosen = min(times)
+    for threads in sorted(times):
+        if times[threads] < times[chosen] * (1 - MORE_THREADS_GAIN):
+            chosen = threads
+    return chosen
+
+
+def may_spin(threads: int, cores: int, instances: int) -> bool:
+    """Spinning pool threads keep a core busy between runs: only where one is left for the loop."""
+    return threads > 1 and cores >= threads * instances + 2
+
+
+def goes_inline(run_seconds: float, handoff_seconds: float) -> bool:
+    """A batch runs on the event loop when handing it to a thread costs more than running it."""
+    return run_seconds < handoff_seconds and run_seconds * 1e6 < INLINE_STALL_LIMIT_US
+
+
+def calibrate(
+    open_run: OpenRun,
+    handoff: Callable[[], object],
+    fixed: Fixed,
+    cores: int,
+    instances: int,
+    max_batch_size: int,
+    stopwatch: Stopwatch | None = None,
+) -> Choice:
+    """Measure what `fixed` leaves open and choose it; raises what a run raises."""
+    watch = stopwatch or Stopwatch()
+    sizes = (1, min(LARGER_BATCH, max_batch_size)) if max_batch_size > 1 else (1,)
+    timings: list[tuple[int, bool, int, float]] = []
+    measured: list[str] = []
+
+    def trial(threads: int, spinning: bool, share: float) -> float:
+        """Seconds per run of the largest batch measured; every size is recorded."""
+        run = open_run(threads, spinning)
+        for index, batch in enumerate(sizes):
+            seconds = watch.median(lambda: run(batch), share=share / (len(sizes) - index))
+            timings.append((threads, spinning, batch, seconds))
+        return seconds
+
+    def timed(threads: int, spinning: bool) -> float | None:
+        return next((sec for t, s, b, sec in reversed(timings) if (t, s) == (threads, spinning)), None)
+
+    threads = fixed.intra_op_threads
+    if threads is None:
+        candidates = thread_candidates(cores, instances)
+        times = {}
+        for index, count in enumerate(candidates):
+            times[count] = trial(count, False, share=0.6 / (len(candidates) - index))
+            if watch.left() <= 0:
+                break
+        threads = fewest_good_threads(times)
+        measured.append("intra_op_thread_count")
+    spinning = fixed.allow_spinning
+    if spinning is None:
+        spinning = False
+        if may_spin(threads, cores, instances) and watch.left() > 0:
+            still = timed(threads, False) or trial(threads, False, share=0.3)
+            spinning = trial(threads, True, share=0.5) < still * (1 - SPIN_GAIN)
+        measured.append("allow_spinning")
+    inline_us = fixed.inline_run_below_us
+    handoff_us = None
+    if inline_us is None:
+        run_seconds = timed(threads, spinning) or trial(threads, spinning, share=0.5)
+        handoff_seconds = watch.median(handoff, runs=HANDOFF_TRIALS, share=1.0)
+        handoff_us = handoff_seconds * 1e6
+        inline_us = INLINE_STALL_LIMIT_US if goes_inline(run_seconds, handoff_seconds) else 0
+        measured.append("inline_run_below_us")
+    return Choice(threads, spinning, inline_us, tuple(measured), tuple(timings), handoff_us)
+
+
+def fallback(fixed: Fixed, cores: int, instances: int, reason: str) -> Choice:
+    """The defaults used before calibration existed, for a model that cannot be measured."""
+    threads = fixed.intra_op_threads or max(1, cores // max(1, instances))
+    return Choice(
+        intra_op_threads=threads,
+        allow_spinning=threads > 1 if fixed.allow_spinning is None else fixed.allow_spinning,  # onnxruntime's own
+        inline_run_below_us=fixed.inline_run_below_us or 0,
+        note=f"calibration failed, using the previous defaults: {reason}",
+    )
