@@ -33,6 +33,8 @@ Feeds = dict[str, np.ndarray]
 Execute = Callable[[Feeds, list[str], int], "Feeds | Awaitable[Feeds]"]
 """execute(feeds, output_names, instance) -> outputs by name, or an awaitable of them."""
 
+# Per batch: the estimate of callers at once forgets a burst within a few dozen batches.
+CALLERS_DECAY = 0.95
 _batch_ids = itertools.count(1)  # process-wide, so a batch id names one execution of any model
 
 
@@ -91,6 +93,7 @@ class Batcher:
     _drained: asyncio.Future | None = field(default=None, init=False)
     _uncollected: int = field(default=0, init=False)  # submitted, and the caller has not resumed yet
     _overlap_at: float = field(default=float("-inf"), init=False)  # loop.time() callers last overlapped
+    _callers: float = 1.0  # how many callers recently had requests here at once (decays per batch)
 
     def __post_init__(self) -> None:
         if len(self.devices) != self.instances:
@@ -144,6 +147,7 @@ class Batcher:
         )
         if self._uncollected:
             self._overlap_at = item.arrival
+            self._callers = max(self._callers, self._uncollected + 1.0)
         self._enqueue(item)
         timeout = self._timeout_seconds(timeout_us)
         expiry = None if timeout is None else loop.call_later(timeout, self._expire, item, timeout)
@@ -243,17 +247,19 @@ class Batcher:
         preferred = self._preferred_prefix(chosen)
         if preferred:
             return preferred, now
-        return chosen, head.arrival + self._delay(now)
+        return chosen, head.arrival + self._delay(now, len(chosen))
 
-    def _delay(self, now: float) -> float:
+    def _delay(self, now: float, requests: int) -> float:
         """Seconds the oldest request may wait for a fuller batch: the configured delay, else the
-        adaptive one while callers overlap. A gRPC server hands calls to the loop about one per
-        turn, so without a wait each small model's batch would hold one request."""
+        adaptive one while callers overlap and fewer are in the batch than recently came at once.
+        A gRPC server hands calls to the loop about one per turn, so without a wait each small
+        model's batch would hold one request; with every recent caller in, none is left to wait for."""
         configured = self.settings.max_queue_delay_us
         if configured:
             return configured / 1e6
         adaptive = self.settings.adaptive_delay_us / 1e6
-        return adaptive if now - self._overlap_at < 2 * adaptive else 0.0
+        overlapping = now - self._overlap_at < 2 * adaptive
+        return adaptive if overlapping and requests < int(self._callers) else 0.0
 
     def _preferred_prefix(self, chosen: list[QueuedRequest]) -> list[QueuedRequest]:
         sizes = self.settings.preferred_batch_sizes
@@ -296,6 +302,7 @@ class Batcher:
             item.queued = False
             item.taken = now
         self._set_depth(self._depth - len(chosen))
+        self._callers = max(float(len(chosen)), self._callers * CALLERS_DECAY)
         live = [item for item in chosen if not item.future.done()]
         return Batch(live, sum(item.rows for item in live))
 

@@ -210,29 +210,29 @@ def test_close_drains_what_is_queued():
 
 
 def test_overlapping_callers_wait_for_a_fuller_batch_and_a_lone_caller_never_waits():
-    adaptive = 0.2  # seconds; long enough that the test can tell a wait from none
+    adaptive = 0.4  # seconds; long enough that the test can tell a wait from none
 
     async def body():
         loop = asyncio.get_running_loop()
         model = GatedModel(gated=False)
         batcher = make_batcher(model, max_batch_size=8, adaptive_delay_us=int(adaptive * 1e6))
+        await asyncio.gather(*(submit(batcher, v, 1) for v in (1, 2, 3)))  # 3 callers at once: all in, none waits
         began = loop.time()
-        first = [asyncio.create_task(submit(batcher, v, 1)) for v in (1, 2)]  # overlap: 2 before any answer
+        second = [asyncio.create_task(submit(batcher, v, 1)) for v in (4, 5)]  # fewer than came at once
         await asyncio.sleep(adaptive / 4)
-        late = asyncio.create_task(submit(batcher, 3, 1))
-        await asyncio.gather(*first, late)
+        await asyncio.gather(*second, submit(batcher, 6, 1))  # the third caller completes the batch
         waited = loop.time() - began
         await asyncio.sleep(2.5 * adaptive)  # the overlap is forgotten
         began = loop.time()
-        await submit(batcher, 4, 1)
+        await submit(batcher, 7, 1)
         alone = loop.time() - began
         await batcher.close()
         return model, waited, alone
 
     model, waited, alone = run(body())
-    assert [len(batch["x"]) for batch in model.batches] == [3, 1]
-    assert waited >= adaptive * 0.9
-    assert alone < adaptive / 2
+    assert [len(batch["x"]) for batch in model.batches] == [3, 3, 1]
+    assert adaptive / 4 <= waited < adaptive * 0.9, "it waited for the late caller, and left once it came"
+    assert alone < adaptive / 4
 
 
 def test_a_configured_queue_delay_replaces_the_adaptive_one():
