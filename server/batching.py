@@ -130,6 +130,24 @@ class Batcher:
         timeout_us: int = 0,
     ) -> Answer:
         """Queue one request and wait for its own output rows."""
+        item = self.enqueue(feeds, rows, outputs, priority=priority, timeout_us=timeout_us)
+        try:
+            return await item.future
+        except asyncio.CancelledError:
+            self.cancel(item)
+            raise
+
+    def enqueue(
+        self,
+        feeds: Feeds,
+        rows: int,
+        outputs: tuple[str, ...],
+        *,
+        priority: int = 0,
+        timeout_us: int = 0,
+    ) -> QueuedRequest:
+        """Queue one request; its `future` resolves with its Answer (or the error that ended it).
+        For callers that do not await it in a task of their own, such as the requests of a stream."""
         if self._closing:
             raise ShuttingDown(f"{self.label}: the server is shutting down")
         max_queue = self.settings.queue_policy.max_queue_size
@@ -149,18 +167,21 @@ class Batcher:
             self._overlap_at = item.arrival
             self._callers = max(self._callers, self._uncollected + 1.0)
         self._enqueue(item)
-        timeout = self._timeout_seconds(timeout_us)
-        expiry = None if timeout is None else loop.call_later(timeout, self._expire, item, timeout)
         self._uncollected += 1
-        try:
-            return await item.future
-        except asyncio.CancelledError:
-            self._drop(item)
-            raise
-        finally:
-            self._uncollected -= 1
-            if expiry is not None:
-                expiry.cancel()
+        item.future.add_done_callback(self._collected)  # runs when its caller would resume
+        timeout = self._timeout_seconds(timeout_us)
+        if timeout is not None:
+            expiry = loop.call_later(timeout, self._expire, item, timeout)
+            item.future.add_done_callback(lambda _: expiry.cancel())
+        return item
+
+    def cancel(self, item: QueuedRequest) -> None:
+        """The caller gave up: out of the queue if still there; its rows are discarded if running."""
+        self._unqueue(item)
+        item.future.cancel()
+
+    def _collected(self, _: asyncio.Future) -> None:
+        self._uncollected -= 1
 
     # --- queue ------------------------------------------------------------------------------
 
@@ -196,11 +217,6 @@ class Batcher:
         self._queues[item.level].append(item)
         self._set_depth(self._depth + 1)
         self._schedule()
-
-    def _drop(self, item: QueuedRequest) -> None:
-        """A caller gave up: out of the queue if still there; its rows are discarded if running."""
-        self._unqueue(item)
-        item.future.cancel()
 
     def _expire(self, item: QueuedRequest, timeout: float) -> None:
         if item.queued:  # else its batch took it in time

@@ -4,6 +4,7 @@ domain errors to gRPC status codes."""
 import asyncio
 import logging
 import time
+from dataclasses import dataclass, field
 from importlib import metadata
 
 import grpc
@@ -47,6 +48,26 @@ COMPUTE_PARAMETER = "onnxserve_compute_us"
 BATCH_PARAMETER = "onnxserve_batch_rows"
 BATCH_ID_PARAMETER = "onnxserve_batch_id"
 PLATFORM = "onnxruntime_onnx"
+
+
+@dataclass(slots=True)
+class Call:
+    """One inference request on its way through the server."""
+
+    request: object  # ModelInferRequest
+    started: float  # perf_counter()
+    model: ModelVersion | None = None  # once the name resolved: its events carry the labels
+    rows: int = 0
+    outputs: tuple[str, ...] = ()
+
+
+@dataclass(slots=True)
+class _Stream:
+    """One ModelStreamInfer call: answers to send, and its requests still queued or running."""
+
+    answers: asyncio.Queue
+    queued: dict = field(default_factory=dict)  # QueuedRequest -> Call
+    idle: asyncio.Future | None = None  # resolved once the last request read is answered
 
 
 def server_version() -> str:
@@ -157,53 +178,75 @@ class InferenceService:
     async def ModelStreamInfer(self, requests, context):
         """Triton's stream: requests run concurrently (so they batch), and each is answered on
         the stream as it completes; a failure is that answer's error_message, not the stream's."""
-        answers: asyncio.Queue = asyncio.Queue()
-        reader = asyncio.create_task(self._answer_each(requests, answers))
+        stream = _Stream(asyncio.Queue())
+        reader = asyncio.create_task(self._answer_each(requests, stream))
         try:
-            while (answer := await answers.get()) is not None:
+            while (answer := await stream.answers.get()) is not None:
                 yield answer
             await reader  # raises what broke the reading, if anything did
         finally:
             reader.cancel()  # the client went away: its requests still queued are dropped
 
-    async def _answer_each(self, requests, answers: asyncio.Queue) -> None:
+    async def _answer_each(self, requests, stream: "_Stream") -> None:
+        """Queue each request as it arrives, without a task of its own: a callback answers it when
+        its batch is done. Returns once every request read is answered."""
         try:
-            async with asyncio.TaskGroup() as running:
-                async for request in requests:
-                    running.create_task(self._answer_into(request, answers))
+            async for request in requests:
+                self._stream_one(Call(request, time.perf_counter()), stream)
+            if stream.queued:
+                stream.idle = asyncio.get_running_loop().create_future()
+                await stream.idle
         finally:
-            answers.put_nowait(None)
+            for item, call in list(stream.queued.items()):
+                call.model.batcher.cancel(item)
+            stream.answers.put_nowait(None)
 
-    async def _answer_into(self, request, answers: asyncio.Queue) -> None:
+    def _stream_one(self, call: "Call", stream: "_Stream") -> None:
         try:
-            answers.put_nowait(protocol.ModelStreamInferResponse(infer_response=await self.infer(request)))
-            return
+            item = self._admit(call)
         except ServingError as err:
-            message = str(err)
-        except Exception:
-            log.exception("ModelStreamInfer failed")
-            message = "ModelStreamInfer: internal error; the server log has details"
+            self._stream_error(call, stream, str(err), OUTCOMES.get(type(err), "rejected"))
+            return
+        stream.queued[item] = call
+        item.future.add_done_callback(lambda done: self._stream_done(call, stream, item, done))
+
+    def _stream_done(self, call: "Call", stream: "_Stream", item, done: asyncio.Future) -> None:
+        stream.queued.pop(item, None)
+        if done.cancelled():  # the stream went away; nobody is left to answer
+            self._finished(call, "cancelled")
+        elif isinstance(error := done.exception(), ServingError):
+            self._stream_error(call, stream, str(error), OUTCOMES.get(type(error), "error"))
+        else:
+            try:
+                if error is not None:
+                    raise error
+                response = self._respond(call, done.result())
+            except Exception:
+                log.exception("ModelStreamInfer failed")
+                self._stream_error(call, stream, "ModelStreamInfer: internal error; the server log has details", "error")
+            else:
+                stream.answers.put_nowait(protocol.ModelStreamInferResponse(infer_response=response))
+                self._finished(call, "ok")
+        if not stream.queued and stream.idle is not None and not stream.idle.done():
+            stream.idle.set_result(None)
+
+    def _stream_error(self, call: "Call", stream: "_Stream", message: str, outcome: str) -> None:
+        request = call.request
         echo = protocol.ModelInferResponse(model_name=request.model_name, model_version=request.model_version, id=request.id)
-        answers.put_nowait(protocol.ModelStreamInferResponse(error_message=message, infer_response=echo))
+        stream.answers.put_nowait(protocol.ModelStreamInferResponse(error_message=message, infer_response=echo))
+        self._finished(call, outcome)
 
     async def infer(self, request):
         """One ModelInferRequest to its response; raises ServingError for the caller to report."""
-        started = time.perf_counter()
-        outcome, rows, model = "error", 0, None
+        call, outcome = Call(request, time.perf_counter()), "error"
         try:
-            if self.shutting_down:
-                raise ShuttingDown("the server is shutting down; retry on another replica")
-            model = self.repository.get(request.model_name, request.model_version)
-            self.bus.publish(RequestStarted(model.name, model.version))
-            decoded = decode_request(request, model.signature)
-            rows = decoded.rows
-            priority, timeout_us = request_options(request, model)
-            answer = await model.batcher.submit(
-                decoded.feeds, decoded.rows, decoded.outputs, priority=priority, timeout_us=timeout_us
-            )
-            response = protocol.ModelInferResponse(model_name=model.name, model_version=model.version, id=request.id)
-            encode_outputs(response, ((model.signature.output(name), answer.outputs[name]) for name in decoded.outputs))
-            self._account(response, answer, rows)
+            item = self._admit(call)
+            try:
+                answer = await item.future
+            except asyncio.CancelledError:
+                call.model.batcher.cancel(item)
+                raise
+            response = self._respond(call, answer)
             outcome = "ok"
             return response
         except ServingError as err:
@@ -213,8 +256,31 @@ class InferenceService:
             outcome = "cancelled"
             raise
         finally:
-            if model is not None:  # unknown names would make unbounded label values
-                self.bus.publish(RequestFinished(model.name, model.version, outcome, rows, time.perf_counter() - started))
+            self._finished(call, outcome)
+
+    def _admit(self, call: "Call"):
+        """Decode the request and queue it for its model; raises ServingError."""
+        if self.shutting_down:
+            raise ShuttingDown("the server is shutting down; retry on another replica")
+        request = call.request
+        model = call.model = self.repository.get(request.model_name, request.model_version)
+        self.bus.publish(RequestStarted(model.name, model.version))
+        decoded = decode_request(request, model.signature)
+        call.rows, call.outputs = decoded.rows, decoded.outputs
+        priority, timeout_us = request_options(request, model)
+        return model.batcher.enqueue(decoded.feeds, decoded.rows, decoded.outputs, priority=priority, timeout_us=timeout_us)
+
+    def _respond(self, call: "Call", answer: Answer):
+        model = call.model
+        response = protocol.ModelInferResponse(model_name=model.name, model_version=model.version, id=call.request.id)
+        encode_outputs(response, ((model.signature.output(name), answer.outputs[name]) for name in call.outputs))
+        self._account(response, answer, call.rows)
+        return response
+
+    def _finished(self, call: "Call", outcome: str) -> None:
+        if call.model is not None:  # unknown names would make unbounded label values
+            model = call.model
+            self.bus.publish(RequestFinished(model.name, model.version, outcome, call.rows, time.perf_counter() - call.started))
 
     def _account(self, response, answer: Answer, rows: int) -> None:
         parameters = response.parameters
