@@ -4,6 +4,7 @@ raw and typed contents, with checks whose messages name model and tensor."""
 import math
 import struct
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Iterable
 
 import numpy as np
@@ -64,6 +65,14 @@ class Signature:
     def label(self) -> str:
         return f"model '{self.model}' version {self.version}"
 
+    @cached_property
+    def input_specs(self) -> dict[str, TensorSpec]:
+        return {spec.name: spec for spec in self.inputs}
+
+    @cached_property
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(spec.name for spec in self.outputs)
+
     def input(self, name: str) -> TensorSpec:
         for spec in self.inputs:
             if spec.name == name:
@@ -91,35 +100,64 @@ class DecodedRequest:
 
 
 def decode_request(request, signature: Signature) -> DecodedRequest:
-    """Turn a ModelInferRequest into numpy feeds checked against the signature."""
+    """Turn a ModelInferRequest into numpy feeds checked against the signature.
+
+    Runs for every request, so the checks that pass are cheap; a check that fails goes through
+    the slower functions below, whose messages name model, tensor, expected and actual."""
     inputs = request.inputs
     raw = request.raw_input_contents
     if raw and len(raw) != len(inputs):
         raise InvalidInput(
             f"{signature.label}: {len(raw)} raw_input_contents for {len(inputs)} inputs; expected one per input"
         )
+    specs, max_batch = signature.input_specs, signature.max_batch_size
     feeds: dict[str, np.ndarray] = {}
     for index, tensor in enumerate(inputs):
-        spec = signature.input(tensor.name)
-        if spec.name in feeds:
-            raise InvalidInput(f"{signature.label}: input '{spec.name}' appears twice")
-        where = f"{signature.label}: input '{spec.name}'"
-        datatype = _datatype(tensor.datatype, spec, where)
+        name = tensor.name
+        spec = specs.get(name) or signature.input(name)  # input() raises, naming the model's inputs
+        if name in feeds:
+            raise InvalidInput(f"{signature.label}: input '{name}' appears twice")
         shape = tuple(tensor.shape)
-        _check_shape(shape, spec, signature, where)
-        if raw:
-            if tensor.HasField("contents") and tensor.contents.ListFields():
-                raise InvalidInput(f"{where}: has typed contents while the request uses raw_input_contents; use one")
-            feeds[spec.name] = from_raw(raw[index], datatype, shape, where)
-        else:
-            feeds[spec.name] = from_contents(tensor.contents, datatype, shape, where)
-    missing = [s.name for s in signature.inputs if s.name not in feeds]
-    if missing:
+        datatype = DATATYPES.get(tensor.datatype)
+        if datatype is None or tensor.datatype != spec.datatype or not _fits(shape, spec.shape, max_batch):
+            where = _where(signature, name)
+            datatype = _datatype(tensor.datatype, spec, where)
+            _check_shape(shape, spec, signature, where)
+        if not raw:
+            feeds[name] = from_contents(tensor.contents, datatype, shape, _where(signature, name))
+            continue
+        if tensor.HasField("contents") and tensor.contents.ListFields():
+            raise InvalidInput(f"{_where(signature, name)}: has typed contents while the request uses raw_input_contents; use one")
+        buffer = raw[index]
+        if datatype.numpy is not None and len(buffer) == math.prod(shape) * datatype.numpy.itemsize:
+            feeds[name] = np.frombuffer(buffer, dtype=datatype.numpy).reshape(shape)
+        else:  # BYTES, or a size that does not match: from_raw says how
+            feeds[name] = from_raw(buffer, datatype, shape, _where(signature, name))
+    if len(feeds) != len(specs):
+        missing = [s.name for s in signature.inputs if s.name not in feeds]
         raise InvalidInput(f"{signature.label}: missing inputs {missing}; the model needs {Signature._names(signature.inputs)}")
-    outputs = tuple(o.name for o in request.outputs) or tuple(s.name for s in signature.outputs)
-    for name in outputs:
-        signature.output(name)
+    requested = request.outputs
+    outputs = signature.output_names
+    if requested:
+        outputs = tuple(o.name for o in requested)
+        for name in outputs:
+            if name not in signature.output_names:
+                signature.output(name)  # raises, naming the model's outputs
     return DecodedRequest(feeds=feeds, rows=_rows(feeds, signature), outputs=outputs)
+
+
+def _where(signature: Signature, name: str) -> str:
+    return f"{signature.label}: input '{name}'"
+
+
+def _fits(shape: tuple[int, ...], want: tuple[int, ...], max_batch_size: int) -> bool:
+    """Whether _check_shape would pass, without building its messages."""
+    if len(shape) != len(want):
+        return False
+    for dim, expected in zip(shape, want):
+        if dim < 0 or (expected != -1 and dim != expected):
+            return False
+    return not max_batch_size or 1 <= shape[0] <= max_batch_size
 
 
 def _datatype(wire: str, spec: TensorSpec, where: str) -> Datatype:
@@ -154,10 +192,12 @@ def _check_shape(shape: tuple[int, ...], spec: TensorSpec, signature: Signature,
 def _rows(feeds: dict[str, np.ndarray], signature: Signature) -> int:
     if not signature.max_batch_size:
         return 1
-    batch_sizes = {name: array.shape[0] for name, array in feeds.items()}
-    if len(set(batch_sizes.values())) > 1:
+    arrays = iter(feeds.values())
+    rows = next(arrays).shape[0]
+    if any(array.shape[0] != rows for array in arrays):
+        batch_sizes = {name: array.shape[0] for name, array in feeds.items()}
         raise InvalidInput(f"{signature.label}: inputs disagree on the batch size: {batch_sizes}")
-    return next(iter(batch_sizes.values()))
+    return rows
 
 
 def from_raw(buffer: bytes, datatype: Datatype, shape: tuple[int, ...], where: str) -> np.ndarray:
