@@ -17,6 +17,7 @@ import collections
 import inspect
 import itertools
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
@@ -33,8 +34,9 @@ Feeds = dict[str, np.ndarray]
 Execute = Callable[[Feeds, list[str], int], "Feeds | Awaitable[Feeds]"]
 """execute(feeds, output_names, instance) -> outputs by name, or an awaitable of them."""
 
-# Per batch: the estimate of callers at once forgets a burst within a few dozen batches.
-CALLERS_DECAY = 0.95
+# Per batch: the estimate of callers at once (a peak) drops by one caller only after dozens of
+# batches that did not reach it, so batches keep waiting for as many as came before.
+CALLERS_DECAY = 0.99
 _batch_ids = itertools.count(1)  # process-wide, so a batch id names one execution of any model
 
 
@@ -275,7 +277,7 @@ class Batcher:
             return configured / 1e6
         adaptive = self.settings.adaptive_delay_us / 1e6
         overlapping = now - self._overlap_at < 2 * adaptive
-        return adaptive if overlapping and requests < int(self._callers) else 0.0
+        return adaptive if overlapping and requests < math.ceil(self._callers - 0.01) else 0.0
 
     def _preferred_prefix(self, chosen: list[QueuedRequest]) -> list[QueuedRequest]:
         sizes = self.settings.preferred_batch_sizes
