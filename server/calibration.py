@@ -18,6 +18,7 @@ BUDGET_SECONDS = 2.0  # per model version, all trials together
 RUNS_PER_TRIAL = 12  # timed runs per (threads, batch) trial, fewer when the budget runs short
 LARGER_BATCH = 8  # the batch measured beside batch 1, capped by max_batch_size
 MORE_THREADS_GAIN = 0.15  # another intra-op thread must make runs this much faster to be worth its core
+MORE_THREADS_MIN_SECONDS = 50e-6  # ... and by at least this much: a tiny model's microseconds are noise
 SPIN_GAIN = 0.10  # spinning must make runs this much faster to be worth the CPU it burns
 HANDOFF_TRIALS = 30
 # Longest a batch may hold the event loop: one measured above it sends the model back to its thread.
@@ -99,7 +100,8 @@ def fewest_good_threads(times: dict[int, float]) -> int:
     """The fewest threads whose runs are within reach of the fastest: each doubling must pay."""
     chosen = min(times)
     for threads in sorted(times):
-        if times[threads] < times[chosen] * (1 - MORE_THREADS_GAIN):
+        gain = times[chosen] - times[threads]
+        if gain > times[chosen] * MORE_THREADS_GAIN and gain >= MORE_THREADS_MIN_SECONDS:
             chosen = threads
     return chosen
 

@@ -35,6 +35,7 @@ GRAPH_LEVELS = {
 DATA_DEPENDENT_OPS = frozenset({"Loop", "Scan", "If"})
 # Per batch: a preempted run (hundreds of us on a busy VM) is forgotten within about 20 batches.
 RUN_PEAK_DECAY = 0.9
+SWITCH_LOG_SECONDS = 60.0
 # Triton's accelerator parameter names that differ from onnxruntime's TensorRT EP options.
 TENSORRT_RENAMES = {"max_workspace_size_bytes": "trt_max_workspace_size"}
 
@@ -223,13 +224,16 @@ class InstancePool:
         sessions with the choice. A model that cannot run on zeros keeps the previous defaults."""
         fixed, cores = self.fixed(), cpu_cores()
         before = (self.choice.intra_op_threads, self.choice.allow_spinning)
+        loop = asyncio.new_event_loop()  # a private one: this runs in a worker thread, off the server's loop
         try:
             choice = calibration.calibrate(
-                self._trial_runner(inputs), self._handoff, fixed, cores, self.instance_count, max_batch_size
+                self._trial_runner(inputs), lambda: self._handoff(loop), fixed, cores, self.instance_count, max_batch_size
             )
         except Exception as err:  # noqa: BLE001 - any failure of a trial run means: keep the defaults
             choice = calibration.fallback(fixed, cores, self.instance_count, f"{err}")
             log.warning("%s: %s", self.label, choice.note)
+        finally:
+            loop.close()
         if self.settings.inline_run_below_us is None and self.control_flow:
             choice = dataclasses.replace(choice, note=f"batches stay in the thread: the graph has {', '.join(self.control_flow)}")
         self.choice = choice
@@ -256,9 +260,9 @@ class InstancePool:
 
         return open_run
 
-    def _handoff(self) -> None:
-        """One round trip to an instance's thread and back: what running a batch there adds."""
-        self._executors[0].submit(int).result()
+    def _handoff(self, loop: asyncio.AbstractEventLoop) -> None:
+        """One round trip from an event loop to an instance's thread and back, as a batch makes it."""
+        loop.run_until_complete(loop.run_in_executor(self._executors[0], int))
 
     def _run_peaks(self, calibrated_seconds: float | None) -> list["RunPeak | None"]:
         below = self.choice.inline_run_below_us / 1e6
@@ -304,13 +308,18 @@ class InstancePool:
     def _record(self, peak: "RunPeak", seconds: float, instance: int) -> None:
         was_inline = peak.inline
         peak.record(seconds)
-        if peak.inline != was_inline or (peak.inline and not peak.announced):
-            peak.announced = True
-            where = "on the event loop" if peak.inline else "in the instance's thread"
-            log.info(
-                "%s instance %d: batches run in %.0f us (limit %.0f us): they run %s",
-                self.label, instance, peak.seconds * 1e6, peak.limit * 1e6, where,
-            )  # fmt: skip
+        if peak.inline == was_inline and (peak.announced or not peak.inline):
+            return
+        peak.switches += 1
+        now = time.monotonic()
+        if peak.announced and now - peak.announced < SWITCH_LOG_SECONDS:
+            return  # a busy machine can flip it often: the log says so at most once a minute
+        where = "on the event loop" if peak.inline else "in the instance's thread"
+        log.info(
+            "%s instance %d: batches run in %.0f us (limit %.0f us): they run %s (%d switches so far)",
+            self.label, instance, peak.seconds * 1e6, peak.limit * 1e6, where, peak.switches,
+        )  # fmt: skip
+        peak.announced = now
 
     def close(self) -> None:
         for executor in self._executors:
@@ -333,7 +342,8 @@ class RunPeak:
     limit: float
     seconds: float | None = None
     inline: bool = False
-    announced: bool = False  # the log has said so once
+    announced: float = 0.0  # time.monotonic() the log last said where batches run
+    switches: int = 0
 
     @classmethod
     def starting(cls, limit: float, calibrated_seconds: float | None) -> "RunPeak":

@@ -90,6 +90,9 @@ def test_another_thread_must_pay_for_its_core():
     barely = lambda threads, spinning, batch: 0.001 * batch * (0.9 if threads > 1 else 1.0)  # noqa: E731
     choice, _, _ = choose(barely, cores=2)
     assert choice.intra_op_threads == 1, "10% faster is below the 15% a second thread must buy"
+    microseconds = lambda threads, spinning, batch: (10e-6 if threads > 1 else 14e-6) * batch  # noqa: E731
+    choice, _, _ = choose(microseconds, cores=2)
+    assert choice.intra_op_threads == 1, "30% faster, but by microseconds: not worth a core"
 
 
 def test_inline_only_below_the_measured_handoff():
