@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 BUDGET_SECONDS = 2.0  # per model version, all trials together
 RUNS_PER_TRIAL = 12  # timed runs per (threads, batch) trial, fewer when the budget runs short
 LARGER_BATCH = 8  # the batch measured beside batch 1, capped by max_batch_size
+HEAVY_RUN_SECONDS = 0.01  # a batch-1 run this long says all a larger batch would: it is not timed
 MORE_THREADS_GAIN = 0.15  # another intra-op thread must make runs this much faster to be worth its core
 MORE_THREADS_MIN_SECONDS = 50e-6  # ... and by at least this much: a tiny model's microseconds are noise
 SPIN_GAIN = 0.10  # spinning must make runs this much faster to be worth the CPU it burns
@@ -127,16 +128,21 @@ def calibrate(
 ) -> Choice:
     """Measure what `fixed` leaves open and choose it; raises what a run raises."""
     watch = stopwatch or Stopwatch()
-    sizes = (1, min(LARGER_BATCH, max_batch_size)) if max_batch_size > 1 else (1,)
+    sizes = [1, min(LARGER_BATCH, max_batch_size)] if max_batch_size > 1 else [1]
     timings: list[tuple[int, bool, int, float]] = []
     measured: list[str] = []
 
     def trial(threads: int, spinning: bool, share: float) -> float:
-        """Seconds per run of the largest batch measured; every size is recorded."""
+        """Seconds per run of the largest batch measured; every size is recorded. A model whose
+        batch 1 already takes HEAVY_RUN_SECONDS is timed at batch 1 alone, in every trial."""
         run = open_run(threads, spinning)
-        for index, batch in enumerate(sizes):
+        first = not timings  # only the first trial decides the sizes, so every trial times the same
+        for index, batch in enumerate(list(sizes)):
             seconds = watch.median(lambda: run(batch), share=share / (len(sizes) - index))
             timings.append((threads, spinning, batch, seconds))
+            if first and batch == 1 and seconds > HEAVY_RUN_SECONDS:
+                del sizes[1:]
+                break
         return seconds
 
     def timed(threads: int, spinning: bool) -> float | None:
@@ -146,10 +152,8 @@ def calibrate(
     if threads is None:
         candidates = thread_candidates(cores, instances)
         times = {}
-        for index, count in enumerate(candidates):
+        for index, count in enumerate(candidates):  # each at least once, even past the budget
             times[count] = trial(count, False, share=0.6 / (len(candidates) - index))
-            if watch.left() <= 0:
-                break
         threads = fewest_good_threads(times)
         measured.append("intra_op_thread_count")
     spinning = fixed.allow_spinning

@@ -36,6 +36,9 @@ DATA_DEPENDENT_OPS = frozenset({"Loop", "Scan", "If"})
 # Per batch: a preempted run (hundreds of us on a busy VM) is forgotten within about 20 batches.
 RUN_PEAK_DECAY = 0.9
 SWITCH_LOG_SECONDS = 60.0
+# Calibration's size for variable dimensions other than the batch (a sequence, an image side):
+# at 1, an encoder measures like a tiny model and gets too few threads.
+CALIBRATION_DIM = 64
 # Triton's accelerator parameter names that differ from onnxruntime's TensorRT EP options.
 TENSORRT_RENAMES = {"max_workspace_size_bytes": "trt_max_workspace_size"}
 
@@ -253,7 +256,7 @@ class InstancePool:
 
             def run(batch: int) -> None:
                 if batch not in feeds:
-                    feeds[batch] = {spec.name: _zeros(spec, batch) for spec in inputs}
+                    feeds[batch] = {spec.name: _zeros(spec, batch, CALIBRATION_DIM) for spec in inputs}
                 session.run(None, feeds[batch])
 
             return run
@@ -357,9 +360,9 @@ class RunPeak:
         self.inline = self.seconds < self.limit
 
 
-def _zeros(spec: TensorSpec, batch: int = 1) -> np.ndarray:
-    """Zeros of the spec's shape: the first variable dimension is `batch`, the others 1."""
-    shape = [1 if dim == -1 else dim for dim in spec.shape]
+def _zeros(spec: TensorSpec, batch: int = 1, variable: int = 1) -> np.ndarray:
+    """Zeros of the spec's shape: a variable first dimension is `batch`, the other variable ones `variable`."""
+    shape = [variable if dim == -1 else dim for dim in spec.shape]
     if spec.shape and spec.shape[0] == -1:
         shape[0] = batch
     if spec.datatype == "BYTES":

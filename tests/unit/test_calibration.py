@@ -129,3 +129,10 @@ def test_thread_candidates_never_oversubscribe():
     assert calibration.thread_candidates(6, 1) == [1, 2, 4, 6]
     assert calibration.thread_candidates(8, 4) == [1, 2]
     assert calibration.thread_candidates(2, 4) == [1]
+
+
+def test_a_heavy_model_is_timed_at_batch_1_on_every_thread_count_even_past_the_budget():
+    choice, model, _ = choose(convnet, cores=4, budget=0.01)
+    assert [threads for threads, _ in model.opened] == [1, 2, 4]
+    assert model.batches == {1}, "a 40 ms batch 1 says all a batch of 8 would"
+    assert choice.intra_op_threads == 4
