@@ -108,7 +108,8 @@ def fewest_good_threads(times: dict[int, float]) -> int:
 
 
 def may_spin(threads: int, cores: int, instances: int) -> bool:
-    """Spinning pool threads keep a core busy between runs: only where one is left for the loop."""
+    """Spinning pool threads keep a core busy between a light model's runs: only where one is left
+    for the event loop and gRPC, which such a model keeps busy."""
     return threads > 1 and cores >= threads * instances + 2
 
 
@@ -159,14 +160,17 @@ def calibrate(
     spinning = fixed.allow_spinning
     if spinning is None:
         spinning = False
-        if may_spin(threads, cores, instances) and watch.left() > 0:
+        if threads > 1:
             still = timed(threads, False) or trial(threads, False, share=0.3)
-            spinning = trial(threads, True, share=0.5) < still * (1 - SPIN_GAIN)
+            if still >= HEAVY_RUN_SECONDS:
+                spinning = True  # onnxruntime's default: the loop has little to do while such a batch computes
+            elif may_spin(threads, cores, instances) and watch.left() > 0:
+                spinning = trial(threads, True, share=0.5) < still * (1 - SPIN_GAIN)
         measured.append("allow_spinning")
     inline_us = fixed.inline_run_below_us
     handoff_us = None
     if inline_us is None:
-        run_seconds = timed(threads, spinning) or trial(threads, spinning, share=0.5)
+        run_seconds = timed(threads, spinning) or timed(threads, False) or trial(threads, spinning, share=0.5)
         handoff_seconds = watch.median(handoff, runs=HANDOFF_TRIALS, share=1.0)
         handoff_us = handoff_seconds * 1e6
         inline_us = INLINE_STALL_LIMIT_US if goes_inline(run_seconds, handoff_seconds) else 0
