@@ -95,7 +95,8 @@ class Batcher:
     _drained: asyncio.Future | None = field(default=None, init=False)
     _uncollected: int = field(default=0, init=False)  # submitted, and the caller has not resumed yet
     _overlap_at: float = field(default=float("-inf"), init=False)  # loop.time() callers last overlapped
-    _callers: float = 1.0  # how many callers recently had requests here at once (decays per batch)
+    _callers: float = field(default=1.0, init=False)  # callers recently here at once (a decaying peak)
+    _running: int = field(default=0, init=False)  # requests in batches that run now
 
     def __post_init__(self) -> None:
         if len(self.devices) != self.instances:
@@ -116,6 +117,8 @@ class Batcher:
 
     async def close(self) -> None:
         """Stop accepting, run what is queued, then return once every instance is idle."""
+        if self._drained is not None:
+            return await self._drained
         self._closing = True
         self._drained = self._loop.create_future()
         self._schedule()
@@ -277,7 +280,8 @@ class Batcher:
             return configured / 1e6
         adaptive = self.settings.adaptive_delay_us / 1e6
         overlapping = now - self._overlap_at < 2 * adaptive
-        return adaptive if overlapping and requests < math.ceil(self._callers - 0.01) else 0.0
+        expected = math.ceil(self._callers - 0.01) - self._running  # those running cannot join
+        return adaptive if overlapping and requests < expected else 0.0
 
     def _preferred_prefix(self, chosen: list[QueuedRequest]) -> list[QueuedRequest]:
         sizes = self.settings.preferred_batch_sizes
@@ -308,6 +312,8 @@ class Batcher:
                 self._timer = self._loop.call_at(leave_at, self._dispatch)
                 break
             self._start(self._take(chosen, now), self._free.pop())
+            if self._dispatch_scheduled:  # it ran on the loop and finished: let I/O in before the next
+                break
         self._check_drained()
 
     def _take(self, chosen: list[QueuedRequest], now: float) -> Batch:
@@ -335,6 +341,7 @@ class Batcher:
             self._free.append(instance)
             return
         batch.instance, batch.batch_id = instance, next(_batch_ids)
+        self._running += len(batch.requests)
         started = time.perf_counter()
         batch.marks.append(started)
         self.bus.publish(BatchStarted(self.model, self.version, batch.batch_id, self.devices[instance], started))
@@ -371,6 +378,7 @@ class Batcher:
                 _set_result(item.future, answer)
         # Callers resume only on a later loop turn, so observers have priced the batch by then.
         self.bus.publish(self._executed(batch, device))
+        self._running -= len(batch.requests)
         self._free.append(batch.instance)
         self._schedule()
         self._check_drained()

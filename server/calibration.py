@@ -6,13 +6,11 @@ fix is measured here, within a time budget, on the machine that will serve. Ever
 pure function of the timings, so it can be tested with a stand-in clock.
 """
 
-import logging
+import dataclasses
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
-
-log = logging.getLogger(__name__)
 
 BUDGET_SECONDS = 2.0  # per model version, all trials together
 RUNS_PER_TRIAL = 12  # timed runs per (threads, batch) trial, fewer when the budget runs short
@@ -29,40 +27,45 @@ Run = Callable[[int], object]  # run(batch): one inference of that many rows, bl
 OpenRun = Callable[[int, bool], Run]  # open_run(intra_op_threads, allow_spinning) -> run
 
 
+SETTINGS = ("intra_op_thread_count", "allow_spinning", "inline_run_below_us")  # config.pbtxt parameter names
+
+
 @dataclass(frozen=True)
 class Choice:
-    """What the model runs with, and whether each value was measured or configured."""
+    """What the model runs with, and where each value came from."""
 
     intra_op_threads: int
     allow_spinning: bool
     inline_run_below_us: int  # 0: batches run in the instance's thread
-    measured: tuple[str, ...] = ()  # the names above that calibration chose
+    sources: dict[str, str] = field(default_factory=dict)  # setting -> "measured", "configured" or why
     timings: tuple[tuple[int, bool, int, float], ...] = ()  # (threads, spinning, batch, median seconds)
     handoff_us: float | None = None
+    run_seconds: float | None = None  # a batch with the chosen settings, as calibration timed it
     note: str = ""  # why calibration fell back, when it did
 
-    def describe(self) -> str:
-        def source(name: str) -> str:
-            return "measured" if name in self.measured else "configured"
+    @property
+    def measured(self) -> tuple[str, ...]:
+        return tuple(name for name in SETTINGS if self.sources.get(name) == "measured")
 
+    def describe(self) -> str:
+        values = (self.intra_op_threads, int(self.allow_spinning), self.inline_run_below_us)
+        settings = ", ".join(f"{name} {value} ({self.sources.get(name, 'configured')})" for name, value in zip(SETTINGS, values))
         runs = ", ".join(f"{t} thread(s){' spinning' if s else ''} batch {b}: {sec * 1e6:.0f} us" for t, s, b, sec in self.timings)
         handoff = f"; thread handoff {self.handoff_us:.0f} us" if self.handoff_us is not None else ""
-        return (
-            f"intra_op_thread_count {self.intra_op_threads} ({source('intra_op_thread_count')}), "
-            f"allow_spinning {int(self.allow_spinning)} ({source('allow_spinning')}), "
-            f"inline_run_below_us {self.inline_run_below_us} ({source('inline_run_below_us')})"
-            + (f" [{runs}{handoff}]" if runs else "")
-            + (f" ({self.note})" if self.note else "")
-        )
+        return settings + (f" [{runs}{handoff}]" if runs else "") + (f" ({self.note})" if self.note else "")
 
 
 @dataclass(frozen=True)
 class Fixed:
-    """Values config.pbtxt sets; None = choose by measurement."""
+    """Values that are not measured: set by config.pbtxt, or by a rule whose reason is given."""
 
-    intra_op_threads: int | None = None
+    intra_op_threads: int | None = None  # None = choose by measurement
     allow_spinning: bool | None = None
     inline_run_below_us: int | None = None
+    reasons: dict[str, str] = field(default_factory=dict)  # setting -> why, where not configured
+
+    def source(self, name: str) -> str:
+        return self.reasons.get(name, "configured")
 
 
 class Stopwatch:
@@ -131,7 +134,7 @@ def calibrate(
     watch = stopwatch or Stopwatch()
     sizes = [1, min(LARGER_BATCH, max_batch_size)] if max_batch_size > 1 else [1]
     timings: list[tuple[int, bool, int, float]] = []
-    measured: list[str] = []
+    sources = {name: fixed.source(name) for name in SETTINGS}
 
     def trial(threads: int, spinning: bool, share: float) -> float:
         """Seconds per run of the largest batch measured; every size is recorded. A model whose
@@ -156,7 +159,7 @@ def calibrate(
         for index, count in enumerate(candidates):  # each at least once, even past the budget
             times[count] = trial(count, False, share=0.6 / (len(candidates) - index))
         threads = fewest_good_threads(times)
-        measured.append("intra_op_thread_count")
+        sources["intra_op_thread_count"] = "measured"
     spinning = fixed.allow_spinning
     if spinning is None:
         spinning = False
@@ -166,24 +169,30 @@ def calibrate(
                 spinning = True  # onnxruntime's default: the loop has little to do while such a batch computes
             elif may_spin(threads, cores, instances) and watch.left() > 0:
                 spinning = trial(threads, True, share=0.5) < still * (1 - SPIN_GAIN)
-        measured.append("allow_spinning")
+        sources["allow_spinning"] = "measured"
     inline_us = fixed.inline_run_below_us
-    handoff_us = None
+    handoff_us = run_seconds = None
     if inline_us is None:
         run_seconds = timed(threads, spinning) or timed(threads, False) or trial(threads, spinning, share=0.5)
         handoff_seconds = watch.median(handoff, runs=HANDOFF_TRIALS, share=1.0)
         handoff_us = handoff_seconds * 1e6
         inline_us = INLINE_STALL_LIMIT_US if goes_inline(run_seconds, handoff_seconds) else 0
-        measured.append("inline_run_below_us")
-    return Choice(threads, spinning, inline_us, tuple(measured), tuple(timings), handoff_us)
+        sources["inline_run_below_us"] = "measured"
+    return Choice(threads, spinning, inline_us, sources, tuple(timings), handoff_us, run_seconds)
+
+
+def previous_defaults(fixed: Fixed, cores: int, instances: int) -> Choice:
+    """The settings used before calibration existed: one core's share per instance, onnxruntime's
+    own spinning, batches in the thread."""
+    threads = fixed.intra_op_threads or max(1, cores // max(1, instances))
+    spinning = threads > 1 if fixed.allow_spinning is None else fixed.allow_spinning
+    inline = fixed.inline_run_below_us or 0
+    sources = {name: fixed.source(name) if value is not None else "previous default"
+               for name, value in zip(SETTINGS, (fixed.intra_op_threads, fixed.allow_spinning, fixed.inline_run_below_us))}  # fmt: skip
+    return Choice(threads, spinning, inline, sources)
 
 
 def fallback(fixed: Fixed, cores: int, instances: int, reason: str) -> Choice:
-    """The defaults used before calibration existed, for a model that cannot be measured."""
-    threads = fixed.intra_op_threads or max(1, cores // max(1, instances))
-    return Choice(
-        intra_op_threads=threads,
-        allow_spinning=threads > 1 if fixed.allow_spinning is None else fixed.allow_spinning,  # onnxruntime's own
-        inline_run_below_us=fixed.inline_run_below_us or 0,
-        note=f"calibration failed, using the previous defaults: {reason}",
-    )
+    """For a model that cannot be measured (it does not run on zeros): the previous defaults."""
+    choice = previous_defaults(fixed, cores, instances)
+    return dataclasses.replace(choice, note=f"calibration failed, using the previous defaults: {reason}")

@@ -355,7 +355,7 @@ def _batching(proto, where: str, max_batch_size: int) -> BatchingSettings:
     adaptive = {}
     for key, field_name in BATCHING_PARAMETERS.items():
         if key in proto.parameters:
-            adaptive[field_name] = _session_parameter(key, proto.parameters[key].string_value, where)
+            adaptive[field_name] = _parameter_value(key, proto.parameters[key].string_value, where)
     if not proto.HasField("dynamic_batching"):
         return BatchingSettings(max_batch_size=max_batch_size, **adaptive)
     if dynamic.priority_queue_policy:
@@ -407,7 +407,7 @@ def _session(proto, where: str) -> SessionSettings:
         if key not in SESSION_PARAMETERS:
             known = sorted([*SESSION_PARAMETERS, *BATCHING_PARAMETERS])
             raise ConfigError(f"{where}: parameters[{key!r}]: unknown; known: {known}")
-        values[SESSION_PARAMETERS[key]] = _session_parameter(key, parameter.string_value, where)
+        values[SESSION_PARAMETERS[key]] = _parameter_value(key, parameter.string_value, where)
     optimization = proto.optimization
     if optimization.HasField("graph"):
         level = {-1: 1, 0: 99, 1: 2, 2: 0}.get(optimization.graph.level)  # Triton's levels -> ORT's
@@ -429,7 +429,7 @@ def _session(proto, where: str) -> SessionSettings:
     return SessionSettings(**values)
 
 
-def _session_parameter(key: str, text: str, where: str) -> int | bool:
+def _parameter_value(key: str, text: str, where: str) -> int | bool:
     if key == "allow_spinning":
         if text.strip().lower() not in BOOLEAN_PARAMETERS:
             raise ConfigError(f"{where}: parameters[{key!r}]: {text!r} is not 0, 1, true or false")

@@ -3,7 +3,6 @@ fallback, IO specs from the graph, calibration and warm-up, and `run` in a threa
 instance (or on the event loop itself for batches measured to be shorter than the handoff)."""
 
 import asyncio
-import dataclasses
 import logging
 import math
 import os
@@ -141,7 +140,8 @@ def session_options(settings: SessionSettings, threads: int, allow_spinning: boo
 
 
 def control_flow(model_path: Path) -> list[str]:
-    """The data-dependent operators of the model's top-level graph (initializers are skipped unread)."""
+    """The data-dependent operators of the model's top-level graph. Parsing keeps every other field
+    as unknown bytes for a moment: a model file's size in memory, once, at load."""
     try:
         model = protocol.OnnxModel.FromString(model_path.read_bytes())
     except Exception as err:  # noqa: BLE001 - onnxruntime loaded it; only this reading failed
@@ -170,7 +170,7 @@ class InstancePool:
         self.placements = plan_placements(settings, visible_gpus(), label)
         self.control_flow = control_flow(model_path)
         # Until calibration chooses: the configured values, else one core's share per instance.
-        self.choice = calibration.fallback(self.fixed(), cpu_cores(), len(self.placements), "not calibrated yet")
+        self.choice = calibration.previous_defaults(self.fixed(), cpu_cores(), len(self.placements))
         self._sessions = self._open_all()
         self._executors = [
             ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ort-{label}-{i}") for i in range(len(self.placements))
@@ -196,12 +196,13 @@ class InstancePool:
 
     def fixed(self) -> calibration.Fixed:
         """What config.pbtxt fixes; the rest is measured. A GPU's CPU threads only feed it: one each."""
-        settings = self.settings
-        threads = settings.intra_op_threads or (1 if self.placements[0].device != "cpu" else None)
-        inline = settings.inline_run_below_us
+        settings, reasons = self.settings, {}
+        threads, inline = settings.intra_op_threads, settings.inline_run_below_us
+        if not threads and self.placements[0].device != "cpu":
+            threads, reasons["intra_op_thread_count"] = 1, "one per GPU instance"
         if inline is None and self.control_flow:
-            inline = 0
-        return calibration.Fixed(threads, settings.allow_spinning, inline)
+            inline, reasons["inline_run_below_us"] = 0, f"the graph has {', '.join(self.control_flow)}"
+        return calibration.Fixed(threads or None, settings.allow_spinning, inline, reasons)
 
     def _open_all(self) -> list[ort.InferenceSession]:
         options = session_options(self.settings, self.choice.intra_op_threads, self.choice.allow_spinning)
@@ -237,13 +238,10 @@ class InstancePool:
             log.warning("%s: %s", self.label, choice.note)
         finally:
             loop.close()
-        if self.settings.inline_run_below_us is None and self.control_flow:
-            choice = dataclasses.replace(choice, note=f"batches stay in the thread: the graph has {', '.join(self.control_flow)}")
         self.choice = choice
         if choice.intra_op_threads != before[0] or (choice.intra_op_threads > 1 and choice.allow_spinning != before[1]):
             self._sessions = self._open_all()
-        calibrated = next((sec for t, s, b, sec in reversed(choice.timings)), None)
-        self._peaks = self._run_peaks(calibrated if "inline_run_below_us" in choice.measured else None)
+        self._peaks = self._run_peaks(choice.run_seconds)
         return choice
 
     def _trial_runner(self, inputs: tuple[TensorSpec, ...]) -> calibration.OpenRun:
@@ -313,7 +311,8 @@ class InstancePool:
         peak.record(seconds)
         if peak.inline == was_inline and (peak.announced or not peak.inline):
             return
-        peak.switches += 1
+        if was_inline != peak.inline:
+            peak.switches += 1
         now = time.monotonic()
         if peak.announced and now - peak.announced < SWITCH_LOG_SECONDS:
             return  # a busy machine can flip it often: the log says so at most once a minute

@@ -10,7 +10,6 @@ from importlib import metadata
 import grpc
 
 from server import protocol
-from server.config import CONFIG_TYPE_BY_WIRE
 from server.errors import (
     DeadlineExceeded,
     InvalidInput,
@@ -22,7 +21,8 @@ from server.errors import (
 )
 from server.batching import Answer
 from server.costs import CostLedger
-from server.events import PHASES, EventBus, RequestFinished, RequestStarted
+from server.events import EventBus, RequestFinished, RequestStarted
+from server.model_info import PLATFORM, fill_statistics, model_config_proto
 from server.repository import READY, ModelRepository, ModelVersion
 from server.statistics import StatisticsRecorder
 from server.tensors import decode_request, encode_outputs
@@ -47,7 +47,6 @@ QUEUE_PARAMETER = "onnxserve_queue_us"
 COMPUTE_PARAMETER = "onnxserve_compute_us"
 BATCH_PARAMETER = "onnxserve_batch_rows"
 BATCH_ID_PARAMETER = "onnxserve_batch_id"
-PLATFORM = "onnxruntime_onnx"
 
 
 @dataclass(slots=True)
@@ -203,9 +202,14 @@ class InferenceService:
 
     def _stream_one(self, call: "Call", stream: "_Stream") -> None:
         try:
-            item = self._admit(call)
+            feeds, priority, timeout_us = self._admit(call)
+            item = call.model.batcher.enqueue(feeds, call.rows, call.outputs, priority=priority, timeout_us=timeout_us)
         except ServingError as err:
             self._stream_error(call, stream, str(err), OUTCOMES.get(type(err), "rejected"))
+            return
+        except Exception:  # one bad request must not end the stream, nor its neighbours
+            log.exception("ModelStreamInfer failed")
+            self._stream_error(call, stream, "ModelStreamInfer: internal error; the server log has details", "error")
             return
         stream.queued[item] = call
         item.future.add_done_callback(lambda done: self._stream_done(call, stream, item, done))
@@ -240,12 +244,8 @@ class InferenceService:
         """One ModelInferRequest to its response; raises ServingError for the caller to report."""
         call, outcome = Call(request, time.perf_counter()), "error"
         try:
-            item = self._admit(call)
-            try:
-                answer = await item.future
-            except asyncio.CancelledError:
-                call.model.batcher.cancel(item)
-                raise
+            feeds, priority, timeout_us = self._admit(call)
+            answer = await call.model.batcher.submit(feeds, call.rows, call.outputs, priority=priority, timeout_us=timeout_us)
             response = self._respond(call, answer)
             outcome = "ok"
             return response
@@ -258,8 +258,8 @@ class InferenceService:
         finally:
             self._finished(call, outcome)
 
-    def _admit(self, call: "Call"):
-        """Decode the request and queue it for its model; raises ServingError."""
+    def _admit(self, call: "Call") -> tuple[dict, int, int]:
+        """Resolve the model and decode the request: (feeds, priority, timeout_us); raises ServingError."""
         if self.shutting_down:
             raise ShuttingDown("the server is shutting down; retry on another replica")
         request = call.request
@@ -268,7 +268,7 @@ class InferenceService:
         decoded = decode_request(request, model.signature)
         call.rows, call.outputs = decoded.rows, decoded.outputs
         priority, timeout_us = request_options(request, model)
-        return model.batcher.enqueue(decoded.feeds, decoded.rows, decoded.outputs, priority=priority, timeout_us=timeout_us)
+        return decoded.feeds, priority, timeout_us
 
     def _respond(self, call: "Call", answer: Answer):
         model = call.model
@@ -317,35 +317,6 @@ class InferenceService:
         return response
 
 
-def fill_statistics(message, model: ModelVersion, recorder: StatisticsRecorder, costs) -> None:
-    stats = recorder.get(model.name, model.version)
-    message.name, message.version = model.name, model.version
-    message.last_inference = stats.last_inference_ms
-    message.inference_count = stats.inference_count
-    message.execution_count = stats.execution_count
-    totals = message.inference_stats
-    for name in ("success", "fail", "queue"):
-        _duration(getattr(totals, name), getattr(stats, name))
-    for phase in PHASES:
-        _duration(getattr(totals, f"compute_{phase}"), stats.compute[phase])
-    for size in sorted(stats.batches):
-        batch = message.batch_stats.add(batch_size=size)
-        for phase in PHASES:
-            _duration(getattr(batch, f"compute_{phase}"), stats.batches[size][phase])
-    for account in costs:
-        if (account.model, account.version) != (model.name, model.version):
-            continue
-        cost = message.onnxserve_cost.add(device=account.device, dollars=account.dollars)
-        if stats.inference_count:
-            cost.dollars_per_inference = account.dollars / stats.inference_count
-        if account.joules is not None:
-            cost.energy_measured, cost.energy_joules = True, account.joules
-
-
-def _duration(message, duration) -> None:
-    message.count, message.ns = duration.count, duration.ns
-
-
 def request_options(request, model: ModelVersion) -> tuple[int, int]:
     """The reserved `priority` and `timeout` (microseconds) request parameters."""
     values = []
@@ -362,46 +333,6 @@ def request_options(request, model: ModelVersion) -> tuple[int, int]:
             )
         values.append(getattr(parameter, choice))
     return values[0], values[1]
-
-
-def model_config_proto(model: ModelVersion):
-    """The configuration in force, completed from the graph, as Triton's ModelConfig."""
-    settings, pool = model.settings, model.pool
-    config = protocol.ModelConfig(
-        name=model.name,
-        platform=PLATFORM,
-        backend="onnxruntime",
-        max_batch_size=settings.max_batch_size,
-        default_model_filename=settings.model_filename,
-    )
-    for tensor in settings.inputs:
-        config.input.add(name=tensor.name, data_type=CONFIG_TYPE_BY_WIRE[tensor.datatype], dims=tensor.dims)
-    for tensor in settings.outputs:
-        config.output.add(name=tensor.name, data_type=CONFIG_TYPE_BY_WIRE[tensor.datatype], dims=tensor.dims)
-    kind = "KIND_CPU" if pool.device == "cpu" else "KIND_GPU"
-    config.instance_group.add(kind=kind, count=pool.instance_count)
-    batching = settings.batching
-    if batching.max_batch_size:
-        dynamic = config.dynamic_batching
-        dynamic.preferred_batch_size.extend(batching.preferred_batch_sizes)
-        dynamic.max_queue_delay_microseconds = batching.max_queue_delay_us
-        dynamic.priority_levels = batching.priority_levels
-        dynamic.default_priority_level = batching.default_priority_level
-        policy = dynamic.default_queue_policy
-        policy.max_queue_size = batching.queue_policy.max_queue_size
-        policy.default_timeout_microseconds = batching.queue_policy.default_timeout_us
-        policy.allow_timeout_override = batching.queue_policy.allow_timeout_override
-    # The provider actually in use, not the one asked for.
-    config.parameters["execution_provider"].string_value = pool.provider
-    config.parameters["device"].string_value = pool.device
-    # The session settings in force, whether config.pbtxt set them or calibration chose them.
-    choice = pool.choice
-    config.parameters["intra_op_thread_count"].string_value = str(choice.intra_op_threads)
-    config.parameters["allow_spinning"].string_value = str(int(choice.allow_spinning))
-    config.parameters["inline_run_below_us"].string_value = str(choice.inline_run_below_us)
-    config.parameters["calibrated"].string_value = ",".join(choice.measured)
-    config.parameters["adaptive_queue_delay_us"].string_value = str(settings.batching.adaptive_delay_us)
-    return config
 
 
 def _guarded(method: str, implementation):

@@ -83,4 +83,4 @@ def test_a_graph_with_a_loop_never_runs_on_the_event_loop(server):
     assert found["inline_run_below_us"] == "0"
     assert "inline_run_below_us" not in found["calibrated"].split(",")
     assert "intra_op_thread_count" in found["calibrated"].split(",")
-    assert "batches stay in the thread: the graph has Loop" in log_line(server, "looping")
+    assert "inline_run_below_us 0 (the graph has Loop)" in log_line(server, "looping")

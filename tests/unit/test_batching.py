@@ -239,7 +239,8 @@ def test_a_configured_queue_delay_replaces_the_adaptive_one():
     async def body():
         model = GatedModel(gated=False)
         batcher = make_batcher(model, max_batch_size=8, max_queue_delay_us=1, adaptive_delay_us=10_000_000)
-        await asyncio.wait_for(asyncio.gather(*(submit(batcher, v, 1) for v in (1, 2))), timeout=5)
+        await asyncio.gather(*(submit(batcher, v, 1) for v in (1, 2, 3)))  # 3 callers came at once
+        await asyncio.wait_for(asyncio.gather(*(submit(batcher, v, 1) for v in (4, 5))), timeout=5)
         await batcher.close()
 
     run(body())

@@ -1,0 +1,79 @@
+"""A model version's configuration in force and its statistics, as Triton's ModelConfig and
+ModelStatistics messages."""
+
+from server import protocol
+from server.config import CONFIG_TYPE_BY_WIRE
+from server.events import PHASES
+from server.repository import ModelVersion
+from server.statistics import StatisticsRecorder
+
+PLATFORM = "onnxruntime_onnx"
+
+
+def model_config_proto(model: ModelVersion):
+    """The configuration in force, completed from the graph, as Triton's ModelConfig."""
+    settings, pool = model.settings, model.pool
+    config = protocol.ModelConfig(
+        name=model.name,
+        platform=PLATFORM,
+        backend="onnxruntime",
+        max_batch_size=settings.max_batch_size,
+        default_model_filename=settings.model_filename,
+    )
+    for tensor in settings.inputs:
+        config.input.add(name=tensor.name, data_type=CONFIG_TYPE_BY_WIRE[tensor.datatype], dims=tensor.dims)
+    for tensor in settings.outputs:
+        config.output.add(name=tensor.name, data_type=CONFIG_TYPE_BY_WIRE[tensor.datatype], dims=tensor.dims)
+    kind = "KIND_CPU" if pool.device == "cpu" else "KIND_GPU"
+    config.instance_group.add(kind=kind, count=pool.instance_count)
+    batching = settings.batching
+    if batching.max_batch_size:
+        dynamic = config.dynamic_batching
+        dynamic.preferred_batch_size.extend(batching.preferred_batch_sizes)
+        dynamic.max_queue_delay_microseconds = batching.max_queue_delay_us
+        dynamic.priority_levels = batching.priority_levels
+        dynamic.default_priority_level = batching.default_priority_level
+        policy = dynamic.default_queue_policy
+        policy.max_queue_size = batching.queue_policy.max_queue_size
+        policy.default_timeout_microseconds = batching.queue_policy.default_timeout_us
+        policy.allow_timeout_override = batching.queue_policy.allow_timeout_override
+    # The provider actually in use, not the one asked for.
+    config.parameters["execution_provider"].string_value = pool.provider
+    config.parameters["device"].string_value = pool.device
+    # The session settings in force, whether config.pbtxt set them or calibration chose them.
+    choice = pool.choice
+    config.parameters["intra_op_thread_count"].string_value = str(choice.intra_op_threads)
+    config.parameters["allow_spinning"].string_value = str(int(choice.allow_spinning))
+    config.parameters["inline_run_below_us"].string_value = str(choice.inline_run_below_us)
+    config.parameters["calibrated"].string_value = ",".join(choice.measured)
+    config.parameters["adaptive_queue_delay_us"].string_value = str(settings.batching.adaptive_delay_us)
+    return config
+
+
+def fill_statistics(message, model: ModelVersion, recorder: StatisticsRecorder, costs) -> None:
+    stats = recorder.get(model.name, model.version)
+    message.name, message.version = model.name, model.version
+    message.last_inference = stats.last_inference_ms
+    message.inference_count = stats.inference_count
+    message.execution_count = stats.execution_count
+    totals = message.inference_stats
+    for name in ("success", "fail", "queue"):
+        _duration(getattr(totals, name), getattr(stats, name))
+    for phase in PHASES:
+        _duration(getattr(totals, f"compute_{phase}"), stats.compute[phase])
+    for size in sorted(stats.batches):
+        batch = message.batch_stats.add(batch_size=size)
+        for phase in PHASES:
+            _duration(getattr(batch, f"compute_{phase}"), stats.batches[size][phase])
+    for account in costs:
+        if (account.model, account.version) != (model.name, model.version):
+            continue
+        cost = message.onnxserve_cost.add(device=account.device, dollars=account.dollars)
+        if stats.inference_count:
+            cost.dollars_per_inference = account.dollars / stats.inference_count
+        if account.joules is not None:
+            cost.energy_measured, cost.energy_joules = True, account.joules
+
+
+def _duration(message, duration) -> None:
+    message.count, message.ns = duration.count, duration.ns
