@@ -26,7 +26,7 @@ import numpy as np
 
 from server.config import BatchingSettings
 from server.errors import DeadlineExceeded, ExecutionFailed, InvalidInput, Overloaded, ShuttingDown
-from server.events import BatchExecuted, BatchStarted, EventBus, QueueDepthChanged
+from server.events import BatchExecuted, BatchStarted, EventBus
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +220,7 @@ class Batcher:
 
     def _enqueue(self, item: QueuedRequest) -> None:
         self._queues[item.level].append(item)
-        self._set_depth(self._depth + 1)
+        self._depth += 1
         self._schedule()
 
     def _expire(self, item: QueuedRequest, timeout: float) -> None:
@@ -233,11 +233,7 @@ class Batcher:
         if item.queued:
             item.queued = False
             self._queues[item.level].remove(item)
-            self._set_depth(self._depth - 1)
-
-    def _set_depth(self, depth: int) -> None:
-        self._depth = depth
-        self.bus.publish(QueueDepthChanged(self.model, self.version, depth))
+            self._depth -= 1
 
     def _waiting(self):
         for queue in self._queues[1:] + self._queues[:1]:  # level 1 is highest; 0 = unprioritised
@@ -325,7 +321,7 @@ class Batcher:
                 queue.remove(item)
             item.queued = False
             item.taken = now
-        self._set_depth(self._depth - len(chosen))
+        self._depth -= len(chosen)
         self._callers = max(float(len(chosen)), self._callers * CALLERS_DECAY)
         live = [item for item in chosen if not item.future.done()]
         return Batch(live, sum(item.rows for item in live))

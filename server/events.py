@@ -80,13 +80,7 @@ class ModelStateChanged:
     reason: str = ""
     queue_capacity: int = 0  # max_queue_size; 0 = unbounded
     devices: tuple[str, ...] = ()  # where its instances run
-
-
-@dataclass(frozen=True, slots=True)
-class QueueDepthChanged:
-    model: str
-    version: str
-    depth: int
+    queue_depth: Callable[[], int] | None = None  # requests waiting now, read at scrape time
 
 
 Observer = Callable[[object], None]

@@ -15,7 +15,6 @@ from server.events import (
     REQUEST_OUTCOMES,
     BatchExecuted,
     ModelStateChanged,
-    QueueDepthChanged,
     RequestFinished,
     RequestStarted,
 )
@@ -91,7 +90,6 @@ class MetricsObserver:
             BatchExecuted: self._batch,
             RequestStarted: lambda event: self.series(event.model, event.version).inflight.inc(),
             RequestFinished: self._request,
-            QueueDepthChanged: lambda event: self.series(event.model, event.version).queue_depth.set(event.depth),
             ModelStateChanged: self._state,
         }
 
@@ -106,7 +104,9 @@ class MetricsObserver:
         self.model_ready.labels(event.model, event.version, event.provider).set(1 if event.ready else 0)
         if event.ready:
             self.queue_capacity.labels(event.model, event.version).set(event.queue_capacity)
-            self.series(event.model, event.version)  # series exist at 0, so rate() counts the first requests
+            series = self.series(event.model, event.version)  # series exist at 0, so rate() counts the first requests
+            if event.queue_depth is not None:  # read at scrape time: the queue changes twice per request
+                series.queue_depth.set_function(event.queue_depth)
 
     def _request(self, event: RequestFinished) -> None:
         series = self.series(event.model, event.version)

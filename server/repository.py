@@ -144,7 +144,10 @@ class ModelRepository:
         _log_loaded(label, completed, signature, pool)
         capacity = completed.batching.queue_policy.max_queue_size
         self.bus.publish(
-            ModelStateChanged(version.name, version.version, True, pool.provider, queue_capacity=capacity, devices=pool.devices)
+            ModelStateChanged(
+                version.name, version.version, True, pool.provider,
+                queue_capacity=capacity, devices=pool.devices, queue_depth=lambda: batcher.depth,
+            )  # fmt: skip
         )
 
     async def close(self) -> None:

@@ -2,6 +2,7 @@
 domain errors to gRPC status codes."""
 
 import asyncio
+import collections
 import logging
 import time
 from dataclasses import dataclass, field
@@ -64,9 +65,21 @@ class Call:
 class _Stream:
     """One ModelStreamInfer call: answers to send, and its requests still queued or running."""
 
-    answers: asyncio.Queue
+    answers: collections.deque = field(default_factory=collections.deque)  # None ends the stream
+    wakeup: asyncio.Future | None = None  # while the writer waits for the next answer
     queued: dict = field(default_factory=dict)  # QueuedRequest -> Call
     idle: asyncio.Future | None = None  # resolved once the last request read is answered
+
+    def put(self, answer) -> None:
+        self.answers.append(answer)
+        if self.wakeup is not None and not self.wakeup.done():
+            self.wakeup.set_result(None)
+
+    async def get(self):
+        while not self.answers:
+            self.wakeup = asyncio.get_running_loop().create_future()
+            await self.wakeup
+        return self.answers.popleft()
 
 
 def server_version() -> str:
@@ -177,10 +190,10 @@ class InferenceService:
     async def ModelStreamInfer(self, requests, context):
         """Triton's stream: requests run concurrently (so they batch), and each is answered on
         the stream as it completes; a failure is that answer's error_message, not the stream's."""
-        stream = _Stream(asyncio.Queue())
+        stream = _Stream()
         reader = asyncio.create_task(self._answer_each(requests, stream))
         try:
-            while (answer := await stream.answers.get()) is not None:
+            while (answer := await stream.get()) is not None:
                 yield answer
             await reader  # raises what broke the reading, if anything did
         finally:
@@ -198,7 +211,7 @@ class InferenceService:
         finally:
             for item, call in list(stream.queued.items()):
                 call.model.batcher.cancel(item)
-            stream.answers.put_nowait(None)
+            stream.put(None)
 
     def _stream_one(self, call: "Call", stream: "_Stream") -> None:
         try:
@@ -224,12 +237,13 @@ class InferenceService:
             try:
                 if error is not None:
                     raise error
-                response = self._respond(call, done.result())
+                answer = protocol.ModelStreamInferResponse()
+                self._respond(call, done.result(), answer.infer_response)
             except Exception:
                 log.exception("ModelStreamInfer failed")
                 self._stream_error(call, stream, "ModelStreamInfer: internal error; the server log has details", "error")
             else:
-                stream.answers.put_nowait(protocol.ModelStreamInferResponse(infer_response=response))
+                stream.put(answer)
                 self._finished(call, "ok")
         if not stream.queued and stream.idle is not None and not stream.idle.done():
             stream.idle.set_result(None)
@@ -237,7 +251,7 @@ class InferenceService:
     def _stream_error(self, call: "Call", stream: "_Stream", message: str, outcome: str) -> None:
         request = call.request
         echo = protocol.ModelInferResponse(model_name=request.model_name, model_version=request.model_version, id=request.id)
-        stream.answers.put_nowait(protocol.ModelStreamInferResponse(error_message=message, infer_response=echo))
+        stream.put(protocol.ModelStreamInferResponse(error_message=message, infer_response=echo))
         self._finished(call, outcome)
 
     async def infer(self, request):
@@ -246,7 +260,7 @@ class InferenceService:
         try:
             feeds, priority, timeout_us = self._admit(call)
             answer = await call.model.batcher.submit(feeds, call.rows, call.outputs, priority=priority, timeout_us=timeout_us)
-            response = self._respond(call, answer)
+            response = self._respond(call, answer, protocol.ModelInferResponse())
             outcome = "ok"
             return response
         except ServingError as err:
@@ -270,9 +284,10 @@ class InferenceService:
         priority, timeout_us = request_options(request, model)
         return decoded.feeds, priority, timeout_us
 
-    def _respond(self, call: "Call", answer: Answer):
+    def _respond(self, call: "Call", answer: Answer, response):
+        """Fill `response`, a ModelInferResponse (a stream's is built in place, not copied in)."""
         model = call.model
-        response = protocol.ModelInferResponse(model_name=model.name, model_version=model.version, id=call.request.id)
+        response.model_name, response.model_version, response.id = model.name, model.version, call.request.id
         encode_outputs(response, ((model.signature.output(name), answer.outputs[name]) for name in call.outputs))
         self._account(response, answer, call.rows)
         return response
