@@ -211,8 +211,10 @@ def print_table(results: dict) -> None:
                 if point is None:
                     continue
                 cpu, batch = point.get("server_cpu_per_request_us"), point.get("server_average_batch")
+                cpu = cpu if cpu and cpu > 0 else None  # a server that died mid-run took its CPU figures along
                 print(f"{model:9} {concurrency:4} {transport:6} {LABELS[server]:10} {point['inferences_per_second']:10,.0f}"
-                      f" {point['p50_ms']:9.3f} {cpu or 0:18,.0f} {batch or 0:6.1f} {point['errors']:7}")  # fmt: skip
+                      f" {point['p50_ms']:9.3f} {f'{cpu:,.0f}' if cpu else '-':>18} {f'{batch:.1f}' if batch else '-':>6}"
+                      f" {point['errors']:7}")  # fmt: skip
     print()
     print("model     conc call   raw best (batch) | onnxserve / raw  / echo  / MLServer  / PyTriton | p50 / echo p50")
     for model, figures in results.items():
@@ -255,8 +257,8 @@ def targets(results: dict) -> list[tuple[str, str, bool]]:
             for transport in TRANSPORTS:
                 value = point(model, "onnxserve", transport, 16)["inferences_per_second"] / best
                 found.append((f"ResNet-50 c=16 {transport}: >= 0.9 of raw onnxruntime's best", f"{value:.2f}", value >= 0.9))
-    errors = sum(p["errors"] for m in results.values() for s in ("onnxserve", *PEERS) for t in m.get(s, {}).values() for p in t.values())
-    found.append(("0 errors at every point", str(errors), errors == 0))
+    errors = sum(p["errors"] for m in results.values() for t in m.get("onnxserve", {}).values() for p in t.values())
+    found.append(("onnxserve: 0 errors at every point", str(errors), errors == 0))
     return found
 
 

@@ -216,7 +216,7 @@ class Batcher:
     def _shape_key(self, feeds: Feeds) -> tuple:
         if not self.settings.max_batch_size:
             return ()
-        return tuple((name, array.dtype.str, array.shape[1:]) for name, array in feeds.items())
+        return tuple((name, array.dtype, array.shape[1:]) for name, array in feeds.items())
 
     def _enqueue(self, item: QueuedRequest) -> None:
         self._queues[item.level].append(item)
