@@ -156,8 +156,9 @@ def calibrate(
     if threads is None:
         candidates = thread_candidates(cores, instances)
         times = {}
+        spinning = bool(fixed.allow_spinning)  # time the threads as they will run, where that is fixed
         for index, count in enumerate(candidates):  # each at least once, even past the budget
-            times[count] = trial(count, False, share=0.6 / (len(candidates) - index))
+            times[count] = trial(count, spinning, share=0.6 / (len(candidates) - index))
         threads = fewest_good_threads(times)
         sources["intra_op_thread_count"] = "measured"
     spinning = fixed.allow_spinning

@@ -147,3 +147,9 @@ def test_a_heavy_model_is_timed_at_batch_1_on_every_thread_count_even_past_the_b
     assert [threads for threads, _ in model.opened] == [1, 2, 4]
     assert model.batches == {1}, "a 40 ms batch 1 says all a batch of 8 would"
     assert choice.intra_op_threads == 4
+
+
+def test_threads_are_timed_with_the_configured_spinning():
+    choice, model, _ = choose(convnet, fixed=Fixed(allow_spinning=True), cores=4, budget=100.0)
+    assert [spinning for _, spinning in model.opened] == [True, True, True]
+    assert choice.allow_spinning and choice.intra_op_threads == 4
