@@ -12,6 +12,7 @@ generator reads them with `--stream-protocol mlserver`.
 
 import argparse
 import asyncio
+import signal
 import sys
 
 import grpc
@@ -71,8 +72,12 @@ async def serve(model_path: str, address: str, port: int) -> None:
     server.add_generic_rpc_handlers((handler(*metadata(model_path)),))
     bound = server.add_insecure_port(f"{address}:{port}")
     await server.start()
+    stop = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(signum, stop.set)
     print(f"{READY} {bound}", file=sys.stderr, flush=True)
-    await server.wait_for_termination()
+    await stop.wait()
+    await server.stop(0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,10 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--address", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port (printed)")
     args = parser.parse_args(argv)
-    try:
-        asyncio.run(serve(args.model, args.address, args.port))
-    except KeyboardInterrupt:
-        pass
+    asyncio.run(serve(args.model, args.address, args.port))
     return 0
 
 

@@ -36,9 +36,9 @@ import numpy as np
 import onnxruntime as ort
 
 from bench import echo, make_models
+from bench.peer_ready import free_port
 from server.runtime import cpu_cores
 from tests.conftest import start_server
-from tests.prometheus import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 

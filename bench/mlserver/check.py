@@ -34,8 +34,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import serve
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository, when run as a script
+from bench.mlserver import serve  # noqa: E402
 
 W = np.arange(12, dtype=np.float32).reshape(4, 3) / 10  # 4x3
 B = np.array([0.5, -1.0, 2.0], dtype=np.float32)

@@ -1,6 +1,6 @@
 """Start Seldon MLServer on one ONNX file (bench/mlserver/onnx_runtime.py, adaptive batching on).
 
-    python bench/mlserver/serve.py MODEL.onnx [--name mlp] [--grpc-port 8001] [--http-port 8000]
+    python -m bench.mlserver.serve MODEL.onnx [--name mlp] [--grpc-port 8001] [--http-port 8000]
         [--max-batch-size 64] [--max-batch-time 0.001] [--metrics-port 8002] [--workdir DIR]
 
 runs until Ctrl-C. From Python (any environment: this module uses only the standard library,
@@ -35,15 +35,14 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from bench.peer_ready import free_port, grpc_ready, http_ready
 
 HERE = Path(__file__).resolve().parent
 VENV = HERE.parent / ".venv-mlserver"
@@ -107,12 +106,6 @@ class Handle:
             pass
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def write_settings(model_path, model_name: str, grpc_port: int, http_port: int, max_batch_size: int,
                    max_batch_time_s: float, workdir, metrics_port: int | None = None,
                    parallel_workers: int = 0, implementation: str = IMPLEMENTATION) -> Path:  # fmt: skip
@@ -144,32 +137,6 @@ def write_settings(model_path, model_name: str, grpc_port: int, http_port: int, 
     return workdir
 
 
-def _http_ready(port: int, name: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/models/{name}/ready", timeout=1) as r:
-            return r.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
-def _grpc_ready(port: int, name: str) -> bool | None:
-    """gRPC ModelReady without generated stubs; None when grpcio is not importable here."""
-    try:
-        import grpc
-    except ImportError:
-        return None
-    encoded = name.encode()
-    request = b"\x0a" + bytes([len(encoded)]) + encoded if len(encoded) < 128 else None
-    if request is None:
-        return None
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            call = channel.unary_unary("/inference.GRPCInferenceService/ModelReady")
-            return call(request, timeout=1) == b"\x08\x01"  # ModelReadyResponse{ready: true}
-    except grpc.RpcError:
-        return False
-
-
 def start(model_path, model_name: str, grpc_port: int, http_port: int, max_batch_size: int,
           max_batch_time_s: float, workdir, *, metrics_port: int | None = None, parallel_workers: int = 0,
           threads: int | None = None, implementation: str = IMPLEMENTATION, timeout: float = 120.0) -> Handle:  # fmt: skip
@@ -199,7 +166,7 @@ def start(model_path, model_name: str, grpc_port: int, http_port: int, max_batch
     while True:
         if process.poll() is not None:
             raise RuntimeError(f"MLServer exited with {process.returncode}:\n{handle.log()[-4000:]}")
-        if _http_ready(http_port, model_name) and _grpc_ready(grpc_port, model_name) is not False:
+        if http_ready(http_port, model_name) and grpc_ready(grpc_port, model_name) is not False:
             return handle
         if time.monotonic() > deadline:
             handle.stop()

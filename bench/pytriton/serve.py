@@ -1,6 +1,6 @@
 """Start NVIDIA PyTriton on one ONNX file (bench/pytriton/model.py, Triton's dynamic batcher on).
 
-    python bench/pytriton/serve.py MODEL.onnx [--name mlp] [--grpc-port 8001] [--http-port 8000]
+    python -m bench.pytriton.serve MODEL.onnx [--name mlp] [--grpc-port 8001] [--http-port 8000]
         [--max-batch-size 64] [--workdir DIR]
 
 runs until Ctrl-C. From Python (any environment: this module uses only the standard library,
@@ -43,15 +43,14 @@ import argparse
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from bench.peer_ready import grpc_ready, http_ready
 
 HERE = Path(__file__).resolve().parent
 VENV = HERE.parent / ".venv-pytriton"
@@ -144,38 +143,6 @@ class Handle:
                 continue
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _http_ready(port: int, name: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/models/{name}/ready", timeout=1) as r:
-            return r.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
-def _grpc_ready(port: int, name: str) -> bool | None:
-    """gRPC ModelReady without generated stubs; None when grpcio is not importable here."""
-    try:
-        import grpc
-    except ImportError:
-        return None
-    encoded = name.encode()
-    if len(encoded) >= 128:
-        return None
-    request = b"\x0a" + bytes([len(encoded)]) + encoded  # ModelReadyRequest{name}
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            call = channel.unary_unary("/inference.GRPCInferenceService/ModelReady")
-            return call(request, timeout=1) == b"\x08\x01"  # ModelReadyResponse{ready: true}
-    except grpc.RpcError:
-        return False
-
-
 def start(model_path, model_name: str, grpc_port: int, http_port: int, max_batch_size: int, workdir,
           *, timeout: float = 120.0) -> Handle:  # fmt: skip
     """Launch PyTriton on model_path and wait until the model is ready on HTTP and gRPC."""
@@ -211,7 +178,7 @@ def start(model_path, model_name: str, grpc_port: int, http_port: int, max_batch
         if process.poll() is not None:
             handle.stop()
             raise RuntimeError(f"PyTriton exited with {process.returncode}:\n{handle.log()[-4000:]}")
-        if _http_ready(http_port, model_name) and _grpc_ready(grpc_port, model_name) is not False:
+        if http_ready(http_port, model_name) and grpc_ready(grpc_port, model_name) is not False:
             return handle
         if time.monotonic() > deadline:
             handle.stop(timeout=5)

@@ -1,0 +1,38 @@
+"""Ports and readiness checks shared by the benchmark's peer launchers (standard library, plus
+grpcio where it is importable), so that they run in any environment."""
+
+import socket
+import urllib.error
+import urllib.request
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_ready(port: int, name: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/models/{name}/ready", timeout=1) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def grpc_ready(port: int, name: str) -> bool | None:
+    """gRPC ModelReady without generated stubs; None when grpcio is not importable here."""
+    try:
+        import grpc
+    except ImportError:
+        return None
+    encoded = name.encode()
+    request = b"\x0a" + bytes([len(encoded)]) + encoded if len(encoded) < 128 else None
+    if request is None:
+        return None
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = channel.unary_unary("/inference.GRPCInferenceService/ModelReady")
+            return call(request, timeout=1) == b"\x08\x01"  # ModelReadyResponse{ready: true}
+    except grpc.RpcError:
+        return False
