@@ -76,3 +76,30 @@ def test_stream_errors_are_counted_from_the_answers(server):
 def test_streams_need_a_closed_loop_wide_enough(server):
     result = loadgen(server, "--concurrency", "2", "--streams", "3", "--requests", "6")
     assert result.returncode == 2 and "--streams" in result.stderr
+
+
+def test_server_cpu_per_request_is_read_from_the_server_process(server):
+    result = loadgen(server, "--concurrency", "4", "--requests", "300", "--server-pid", str(server.process.pid))
+    report = json.loads(result.stdout)
+    assert report["errors"] == 0
+    # A gRPC call costs any Python server tens of microseconds of CPU at the least, and not seconds.
+    assert 10 < report["server_cpu_per_request_us"] < 1_000_000
+
+
+def test_the_echo_floor_answers_unary_calls_and_streams_in_order(tmp_path):
+    model = onnx_models.write(tmp_path, "add_one", onnx_models.add_one()) / "1" / "model.onnx"
+    echo = subprocess.Popen([sys.executable, "-m", "bench.echo", str(model), "--port", "0"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        line = echo.stderr.readline()
+        assert "echo ready on port" in line, line + echo.stderr.read()
+        url = f"127.0.0.1:{line.split()[-1]}"
+        base = [sys.executable, "-m", "bench.loadgen", "--url", url, "--model", "add_one", "--json", "--warmup", "0"]
+        for extra in ([], ["--concurrency", "4", "--streams", "2", "--stream-protocol", "mlserver"]):
+            result = subprocess.run([*base, "--requests", "200", *extra], cwd=ROOT, capture_output=True, text=True, timeout=60)
+            report = json.loads(result.stdout)
+            assert (report["requests"], report["errors"]) == (200, 0), result.stderr
+    finally:
+        echo.terminate()
+        assert echo.wait(10) == 0
+        echo.stderr.close()
