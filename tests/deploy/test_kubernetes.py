@@ -465,15 +465,21 @@ def test_autoscaling_signal_against_live_prometheus(live):
     # Prometheus has scraped the idle server (the series exists at 0 once the model is ready).
     assert wait_until(lambda: prometheus.value(raw) == 0, timeout=15), "no scrape of the idle server"
 
-    # Size the long request from this machine's speed, so it holds for about HOLD_SECONDS.
-    # The first call also pays for the connection and the first run: time the fastest of three.
+    # Size the long request from this machine's speed, so it holds for about HOLD_SECONDS: the
+    # time per round of work is the slope between two sizes, free of each call's fixed cost (which
+    # on a fast machine is much of a short call). Each size is timed thrice, the fastest kept.
     client = server.client()
-    timings = []
-    for _ in range(3):
-        started = time.monotonic()
-        client.infer("slow", inputs(caller_rows(0, 1), module=grpcclient, work=1000))
-        timings.append(time.monotonic() - started)
-    work = max(1000, int(1000 * HOLD_SECONDS / max(min(timings), 1e-3)))
+
+    def fastest(work: int) -> float:
+        timings = []
+        for _ in range(3):
+            started = time.monotonic()
+            client.infer("slow", inputs(caller_rows(0, 1), module=grpcclient, work=work))
+            timings.append(time.monotonic() - started)
+        return min(timings)
+
+    short, long = fastest(1000), fastest(5000)
+    work = max(1000, int(HOLD_SECONDS * 4000 / max(long - short, 1e-3)))
 
     held_from = []  # when the server itself reported all of them in flight
     seen = []  # (wall time, value) of the raw series in Prometheus from then on
