@@ -226,7 +226,15 @@ def from_contents(contents, datatype: Datatype, shape: tuple[int, ...], where: s
         )
     if datatype.numpy is None:
         return np.array([_utf8(v, i, where) for i, v in enumerate(values)], dtype=object).reshape(shape)
-    return np.array(values, dtype=datatype.numpy).reshape(shape)
+    wide = np.array(values)  # as sent: int_contents holds INT8 and INT16 values in 32 bits
+    if np.issubdtype(datatype.numpy, np.integer) and wide.size:
+        info, low, high = np.iinfo(datatype.numpy), wide.min(), wide.max()
+        if low < info.min or high > info.max:  # numpy would wrap it silently: 300 as INT8 is 44
+            outside = low if low < info.min else high
+            raise InvalidInput(
+                f"{where}: {datatype.contents_field} holds {outside}, outside {datatype.wire}'s {info.min}..{info.max}"
+            )
+    return wide.astype(datatype.numpy, copy=False).reshape(shape)
 
 
 def deserialize_bytes(buffer: bytes, count: int, where: str) -> list[str]:

@@ -106,3 +106,14 @@ def test_datatype_table_sizes_match_the_protocol():
     sizes = {"BOOL": 1, "UINT8": 1, "UINT16": 2, "UINT32": 4, "UINT64": 8, "INT8": 1, "INT16": 2, "INT32": 4}
     sizes |= {"INT64": 8, "FP16": 2, "FP32": 4, "FP64": 8}
     assert {wire: d.numpy.itemsize for wire, d in DATATYPES.items() if d.numpy is not None} == sizes
+
+
+def test_typed_contents_outside_the_datatype_range_are_invalid_input():
+    signature = Signature("m", "1", (TensorSpec("small", "INT8", (2,)),), (), 0)
+    request = protocol.ModelInferRequest(model_name="m")
+    request.inputs.add(name="small", datatype="INT8", shape=[2]).contents.int_contents.extend([1, 300])
+    with pytest.raises(InvalidInput, match=r"input 'small': int_contents holds 300, outside INT8's -128\.\.127"):
+        decode_request(request, signature)
+    edges = protocol.ModelInferRequest(model_name="m")
+    edges.inputs.add(name="small", datatype="INT8", shape=[2]).contents.int_contents.extend([-128, 127])
+    np.testing.assert_array_equal(decode_request(edges, signature).feeds["small"], np.array([-128, 127], np.int8))
