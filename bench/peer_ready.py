@@ -1,7 +1,11 @@
-"""Ports and readiness checks shared by the benchmark's peer launchers (standard library, plus
-grpcio where it is importable), so that they run in any environment."""
+"""Ports, readiness checks and the serve-until-Ctrl-C loop shared by the benchmark's peer
+launchers (standard library, plus grpcio where it is importable), so they run in any environment."""
 
+import signal
 import socket
+import sys
+import time
+from pathlib import Path
 import urllib.error
 import urllib.request
 
@@ -36,3 +40,22 @@ def grpc_ready(port: int, name: str) -> bool | None:
             return call(request, timeout=1) == b"\x08\x01"  # ModelReadyResponse{ready: true}
     except grpc.RpcError:
         return False
+
+
+def model_name(model: Path) -> str:
+    """<repo>/<name>/<version>/model.onnx -> name; any other path -> the file's stem."""
+    return model.parent.parent.name if model.parent.name.isdigit() else model.stem
+
+
+def serve_until_interrupted(handle, label: str) -> int:
+    """Wait while the peer serves; Ctrl-C stops it (0), its own exit is an error (1)."""
+    try:
+        while handle.process.poll() is None:
+            time.sleep(0.5)
+        print(f"{label} exited with {handle.process.returncode}:\n{handle.log()[-4000:]}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"stopping {label} ...", file=sys.stderr)
+        return 0 if handle.stop() in (0, -signal.SIGTERM) else 1
+    finally:
+        handle.stop()

@@ -42,7 +42,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.peer_ready import free_port, grpc_ready, http_ready
+from bench.peer_ready import free_port, grpc_ready, http_ready, model_name, serve_until_interrupted
 
 HERE = Path(__file__).resolve().parent
 VENV = HERE.parent / ".venv-mlserver"
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default 2)")
     parser.add_argument("--workdir", type=Path, help="default: a temporary folder")
     args = parser.parse_args(argv)
-    name = args.name or (args.model.parent.parent.name if args.model.parent.name.isdigit() else args.model.stem)
+    name = args.name or model_name(args.model)
     with tempfile.TemporaryDirectory(prefix="mlserver-") as scratch:
         workdir = args.workdir or Path(scratch)
         handle = start(args.model, name, args.grpc_port, args.http_port, args.max_batch_size, args.max_batch_time,
@@ -196,16 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"MLServer ready: model '{name}' on gRPC {handle.grpc_url}, REST {handle.http_url}"
               + (f", metrics http://127.0.0.1:{args.metrics_port}/metrics" if args.metrics_port else "")
               + f"; log {handle.log_path}. Ctrl-C to stop.", flush=True)  # fmt: skip
-        try:
-            while handle.process.poll() is None:
-                time.sleep(0.5)
-            print(f"MLServer exited with {handle.process.returncode}:\n{handle.log()[-4000:]}", file=sys.stderr)
-            return 1
-        except KeyboardInterrupt:
-            print("stopping MLServer ...", file=sys.stderr)
-            return 0 if handle.stop() in (0, -signal.SIGTERM) else 1
-        finally:
-            handle.stop()
+        return serve_until_interrupted(handle, "MLServer")
 
 
 if __name__ == "__main__":

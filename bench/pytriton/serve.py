@@ -50,7 +50,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.peer_ready import grpc_ready, http_ready
+from bench.peer_ready import grpc_ready, http_ready, model_name, serve_until_interrupted
 
 HERE = Path(__file__).resolve().parent
 VENV = HERE.parent / ".venv-pytriton"
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, help="default: a temporary folder")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the model")
     args = parser.parse_args(argv)
-    name = args.name or (args.model.parent.parent.name if args.model.parent.name.isdigit() else args.model.stem)
+    name = args.name or model_name(args.model)
     # PyTriton runs in a session of its own, so SIGTERM must reach stop() rather than end us alone.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     with tempfile.TemporaryDirectory(prefix="pytriton-") as scratch:
@@ -205,16 +205,7 @@ def main(argv: list[str] | None = None) -> int:
                        timeout=args.timeout)  # fmt: skip
         print(f"PyTriton ready: model '{name}' on gRPC {handle.grpc_url}, REST {handle.http_url}; "
               f"logs in {workdir}. Ctrl-C to stop.", flush=True)  # fmt: skip
-        try:
-            while handle.process.poll() is None:
-                time.sleep(0.5)
-            print(f"PyTriton exited with {handle.process.returncode}:\n{handle.log()[-4000:]}", file=sys.stderr)
-            return 1
-        except KeyboardInterrupt:
-            print("stopping PyTriton ...", file=sys.stderr)
-            return 0 if handle.stop() in (0, -signal.SIGTERM) else 1
-        finally:
-            handle.stop()
+        return serve_until_interrupted(handle, "PyTriton")
 
 
 if __name__ == "__main__":
