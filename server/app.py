@@ -33,9 +33,9 @@ async def serve(settings: ServerSettings) -> int:
     ledger = _cost_ledger(settings, gpus)
     statistics = StatisticsRecorder()
     for event_type, handler in MetricsObserver(registry).handlers().items():
-        bus.subscribe(handler, event_type)
+        bus.subscribe(handler, event_type, deferred=True)
     bus.subscribe(ledger.observe, BatchStarted, BatchExecuted, ModelStateChanged)
-    bus.subscribe(statistics.observe, RequestFinished, BatchExecuted)
+    bus.subscribe(statistics.observe, RequestFinished, BatchExecuted, deferred=True)
     registry.register(CostCollector(ledger.snapshot))
     if gpus:
         registry.register(GpuCollector(gpus))

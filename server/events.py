@@ -4,6 +4,7 @@ Observers (metrics, costs) subscribe; the path never waits on them and never
 sees their failures: a failing observer is logged, not raised.
 """
 
+import asyncio
 import logging
 from dataclasses import dataclass
 from typing import Callable
@@ -87,26 +88,51 @@ Observer = Callable[[object], None]
 
 
 class EventBus:
-    """Delivers each event to the observers of its type (or of every type), in order."""
+    """Delivers each event to the observers of its type (or of every type), in order.
+
+    An observer subscribed with `deferred=True` gets its events at the end of the current event-loop
+    turn instead, after the callers the data path has just answered: counting and histograms then
+    cost a caller no latency. The cost ledger stays immediate, as responses read their batch's cost."""
 
     def __init__(self) -> None:
-        self._subscriptions: list[tuple[Observer, tuple[type, ...]]] = []
-        self._routes: dict[type, tuple[Observer, ...]] = {}
+        self._subscriptions: list[tuple[Observer, tuple[type, ...], bool]] = []
+        self._routes: dict[type, tuple[tuple[Observer, ...], tuple[Observer, ...]]] = {}
+        self._pending: list[tuple[Observer, object]] = []  # deferred deliveries of this loop turn
 
-    def subscribe(self, observer: Observer, *event_types: type) -> None:
+    def subscribe(self, observer: Observer, *event_types: type, deferred: bool = False) -> None:
         """`observer` gets the events of `event_types`, or every event when none are named."""
-        self._subscriptions.append((observer, event_types))
+        self._subscriptions.append((observer, event_types, deferred))
         self._routes.clear()
 
-    def _route(self, event_type: type) -> tuple[Observer, ...]:
-        route = tuple(observer for observer, types in self._subscriptions if not types or event_type in types)
+    def _route(self, event_type: type) -> tuple[tuple[Observer, ...], tuple[Observer, ...]]:
+        chosen = [(observer, deferred) for observer, types, deferred in self._subscriptions if not types or event_type in types]
+        route = tuple(o for o, d in chosen if not d), tuple(o for o, d in chosen if d)
         self._routes[event_type] = route
         return route
 
     def publish(self, event: object) -> None:
-        route = self._routes.get(type(event))
-        for observer in self._route(type(event)) if route is None else route:
+        now, later = self._routes.get(type(event)) or self._route(type(event))
+        for observer in now:
+            _deliver(observer, event)
+        if not later:
+            return
+        if not self._pending:
             try:
-                observer(event)
-            except Exception:  # an observer must never break the data path
-                log.exception("event observer %r failed on %r", observer, event)
+                asyncio.get_running_loop().call_soon(self._flush)
+            except RuntimeError:  # no event loop (a tool, a test): deliver at once
+                for observer in later:
+                    _deliver(observer, event)
+                return
+        self._pending.extend((observer, event) for observer in later)
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, []
+        for observer, event in pending:
+            _deliver(observer, event)
+
+
+def _deliver(observer: Observer, event: object) -> None:
+    try:
+        observer(event)
+    except Exception:  # an observer must never break the data path
+        log.exception("event observer %r failed on %r", observer, event)
