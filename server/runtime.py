@@ -239,15 +239,15 @@ class InstancePool:
         finally:
             loop.close()
         self.choice = choice
-        if choice.intra_op_threads != before[0] or (choice.intra_op_threads > 1 and choice.allow_spinning != before[1]):
+        if not _same_options(before, (choice.intra_op_threads, choice.allow_spinning)):
             self._sessions = self._open_all()
         self._peaks = self._run_peaks(choice.run_seconds)
         return choice
 
     def _trial_runner(self, inputs: tuple[TensorSpec, ...]) -> calibration.OpenRun:
         def open_run(threads: int, spinning: bool) -> calibration.Run:
-            if threads == self.choice.intra_op_threads and (threads == 1 or spinning == self.choice.allow_spinning):
-                session = self._sessions[0]  # one thread has no pool to spin: the open session will do
+            if _same_options((self.choice.intra_op_threads, self.choice.allow_spinning), (threads, spinning)):
+                session = self._sessions[0]
             else:
                 session = self._open(session_options(self.settings, threads, spinning), self.placements[0])
             feeds: dict[int, dict] = {}
@@ -309,10 +309,10 @@ class InstancePool:
     def _record(self, peak: "RunPeak", seconds: float, instance: int) -> None:
         was_inline = peak.inline
         peak.record(seconds)
-        if peak.inline == was_inline and (peak.announced or not peak.inline):
-            return
-        if was_inline != peak.inline:
+        if peak.inline != was_inline:
             peak.switches += 1
+        elif peak.announced or not peak.inline:
+            return  # nothing new: only a switch, or the first batch on the loop, is worth a line
         now = time.monotonic()
         if peak.announced and now - peak.announced < SWITCH_LOG_SECONDS:
             return  # a busy machine can flip it often: the log says so at most once a minute
@@ -327,6 +327,11 @@ class InstancePool:
         for executor in self._executors:
             executor.shutdown(wait=True)
         self._sessions.clear()
+
+
+def _same_options(a: tuple[int, bool], b: tuple[int, bool]) -> bool:
+    """Whether sessions opened with (threads, spinning) a and b run alike: one thread has no pool to spin."""
+    return a[0] == b[0] and (a[0] == 1 or a[1] == b[1])
 
 
 def _timed_run(session: ort.InferenceSession, output_names: list[str], feeds: dict) -> tuple[list, float]:
