@@ -12,9 +12,11 @@ from prometheus_client import CollectorRegistry, ProcessCollector
 
 from server import protocol
 from server.config import ServerSettings
+from server.control import RepositoryControl
 from server.costs import CostLedger, resolve_prices
 from server.events import BatchExecuted, BatchStarted, EventBus, ModelStateChanged, RequestFinished
 from server.metrics import CostCollector, GpuCollector, GpuReader, MetricsObserver, serve_metrics
+from server.polling import RepositoryPoller
 from server.repository import ModelRepository
 from server.runtime import CPU, cpu_cores
 from server.service import InferenceService
@@ -41,7 +43,10 @@ async def serve(settings: ServerSettings) -> int:
         registry.register(GpuCollector(gpus))
     ProcessCollector(registry=registry)
     repository = ModelRepository(settings.model_repository, settings.default_max_batch_size, bus)
-    service = InferenceService(repository, bus, settings.strict_readiness, ledger, statistics)
+    control = RepositoryControl(repository, settings.model_control_mode)
+    service = InferenceService(
+        repository, bus, settings.strict_readiness, ledger, statistics, control, settings.grpc_restricted_protocol
+    )
     health_servicer = health.aio.HealthServicer()
 
     server = grpc.aio.server(
@@ -70,19 +75,25 @@ async def serve(settings: ServerSettings) -> int:
     )
 
     stop = _install_signal_handlers()
-    loading = asyncio.create_task(repository.load_all())
+    poller = RepositoryPoller(repository, settings.repository_poll_secs)
+    if settings.model_control_mode == "poll":
+        poller.start(await asyncio.to_thread(poller.scan))  # before loading: changes made meanwhile count
+    changed = asyncio.Event()
+    bus.subscribe(lambda _: changed.set(), ModelStateChanged)
+    loading = asyncio.create_task(repository.load_all(_startup_models(settings, repository)))
+    followers = []
     await asyncio.wait((loading, asyncio.create_task(stop.wait())), return_when=asyncio.FIRST_COMPLETED)
     if loading.done():
         loading.result()
-        if service.ready():
-            await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
-            log.info("ready: gRPC port %d, metrics port %d", grpc_port, metrics_httpd.server_port)
-        else:
-            log.error("not ready: some models failed to load (--strict-readiness is on); see the errors above")
+        ports = f"gRPC port {grpc_port}, metrics port {metrics_httpd.server_port}"
+        followers.append(asyncio.create_task(_follow_readiness(service, health_servicer, changed, ports)))
+        if settings.model_control_mode == "poll":
+            followers.append(asyncio.create_task(poller.run()))
         await stop.wait()
 
     log.info("shutting down: refusing new requests, answering those in flight (up to %.1f s)", settings.exit_timeout_secs)
-    loading.cancel()
+    for task in (loading, *followers):
+        task.cancel()
     service.shutting_down = True
     await health_servicer.enter_graceful_shutdown()
     await server.stop(settings.exit_timeout_secs)
@@ -92,6 +103,13 @@ async def serve(settings: ServerSettings) -> int:
         gpus.close()
     log.info("stopped")
     return 0
+
+
+def _startup_models(settings: ServerSettings, repository: ModelRepository) -> list[str]:
+    """none and poll: every model; explicit: those named by --load-model ('*' = every one)."""
+    if settings.model_control_mode != "explicit" or "*" in settings.load_model:
+        return repository.discover()
+    return list(dict.fromkeys(settings.load_model))
 
 
 def _cost_ledger(settings: ServerSettings, gpus: GpuReader | None) -> CostLedger:
@@ -110,6 +128,26 @@ def _cost_ledger(settings: ServerSettings, gpus: GpuReader | None) -> CostLedger
 
 
 LIVENESS_SERVICE = "liveness"  # SERVING while the process runs, loading included: for liveness probes
+
+
+async def _follow_readiness(
+    service: InferenceService, servicer: health.aio.HealthServicer, changed: asyncio.Event, ports: str
+) -> None:
+    """gRPC health follows readiness: once the start-up loads are done, then after every load or unload."""
+    if service.ready():
+        await _set_health(servicer, health_pb2.HealthCheckResponse.SERVING)
+        log.info("ready: %s", ports)
+    else:
+        log.error("not ready: some models failed to load (--strict-readiness is on); see the errors above")
+    serving = service.ready()
+    while True:
+        await changed.wait()
+        changed.clear()
+        if service.ready() != serving and not service.shutting_down:
+            serving = not serving
+            status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+            await _set_health(servicer, status)
+            log.info("readiness is now %s", "SERVING" if serving else "NOT_SERVING")
 
 
 async def _set_health(servicer: health.aio.HealthServicer, status) -> None:

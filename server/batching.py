@@ -24,7 +24,7 @@ from typing import Awaitable, Callable
 
 import numpy as np
 
-from server.config import BatchingSettings
+from server.model_config import BatchingSettings
 from server.errors import DeadlineExceeded, ExecutionFailed, InvalidInput, Overloaded, ShuttingDown
 from server.events import BatchExecuted, BatchStarted, EventBus
 

@@ -10,9 +10,6 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from google.protobuf import text_format
-
-from server import protocol
 from server.errors import ConfigError
 
 MIB = 1024 * 1024
@@ -45,6 +42,50 @@ class DevicePriceSetting:
                 f"{where}: {text!r} is not DEVICE=DOLLARS_PER_HOUR with DEVICE cpu or cuda:N and a price >= 0"
             )
         return cls(device, dollars, source)
+
+
+# Triton's RPC groups for --grpc-restricted-protocol, and the v2 RPCs in each.
+PROTOCOL_GROUPS = {
+    "health": ("ServerLive", "ServerReady", "ModelReady"),
+    "metadata": ("ServerMetadata", "ModelMetadata"),
+    "inference": ("ModelInfer", "ModelStreamInfer"),
+    "shared-memory": (
+        "SystemSharedMemoryStatus", "SystemSharedMemoryRegister", "SystemSharedMemoryUnregister",
+        "CudaSharedMemoryStatus", "CudaSharedMemoryRegister", "CudaSharedMemoryUnregister",
+    ),
+    "model-config": ("ModelConfig",),
+    "model-repository": ("RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload"),
+    "statistics": ("ModelStatistics",),
+    "trace": ("TraceSetting",),
+    "logging": ("LogSettings",),
+}  # fmt: skip
+CONTROL_MODES = ("none", "poll", "explicit")
+
+
+@dataclass(frozen=True)
+class RestrictedProtocol:
+    """`--grpc-restricted-protocol model-repository,statistics:admin-key=secret`: those RPCs
+    answer PERMISSION_DENIED unless the call carries metadata admin-key: secret."""
+
+    groups: tuple[str, ...]
+    header: str  # lower case: gRPC metadata keys are
+    value: str
+
+    @classmethod
+    def parse(cls, text: str, source: str, where: str) -> "RestrictedProtocol":
+        groups, _, restriction = text.strip().partition(":")
+        header, equals, value = restriction.partition("=")
+        names = tuple(name.strip() for name in groups.split(",") if name.strip())
+        unknown = [name for name in names if name not in PROTOCOL_GROUPS]
+        if not names or unknown or not equals or not header.strip() or not value:
+            raise ConfigError(
+                f"{where}: {text!r} is not GROUP[,GROUP...]:HEADER=VALUE with groups from {sorted(PROTOCOL_GROUPS)}"
+            )
+        return cls(names, header.strip().lower(), value)
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        return tuple(method for group in self.groups for method in PROTOCOL_GROUPS[group])
 
 
 @dataclass(frozen=True)
@@ -80,6 +121,31 @@ class ServerSettings:
         ),
     )
 
+    model_control_mode: str = field(
+        default="none",
+        metadata=_flag(
+            "none: load every model at start, no changes; explicit: load --load-model models at start, then "
+            "RepositoryModelLoad/Unload; poll: load every model, then follow the repository's changes"
+        ),
+    )
+    repository_poll_secs: float = field(
+        default=15.0, metadata=_flag("poll mode: seconds between scans of the repository")
+    )
+    load_model: tuple[str, ...] = field(
+        default=(),
+        metadata=_flag(
+            "explicit mode: a model to load at start, '*' for all (none given: none load); repeatable; "
+            "the environment variable takes a comma-separated list"
+        ),
+    )
+    grpc_restricted_protocol: tuple[RestrictedProtocol, ...] = field(
+        default=(),
+        metadata=_flag(
+            "GROUP[,GROUP]:HEADER=VALUE: those RPC groups (e.g. model-repository) need that metadata; "
+            "repeatable; the environment variable takes a ';'-separated list"
+        ),
+    )
+
     def __post_init__(self) -> None:
         for name in ("grpc_port", "metrics_port"):
             port = getattr(self, name)
@@ -98,6 +164,18 @@ class ServerSettings:
         devices = [price.device for price in self.device_price]
         if len(set(devices)) != len(devices):
             raise ConfigError(f"--device-price: a device is priced twice: {devices}")
+        if self.model_control_mode not in CONTROL_MODES:
+            raise ConfigError(f"--model-control-mode: {self.model_control_mode!r} is not one of {CONTROL_MODES}")
+        if not 0 < self.repository_poll_secs <= 86400:
+            raise ConfigError(f"--repository-poll-secs: {self.repository_poll_secs} is outside (0, 86400]")
+        if self.load_model and self.model_control_mode != "explicit":
+            raise ConfigError(
+                f"--load-model: {list(self.load_model)} needs --model-control-mode explicit "
+                f"(mode {self.model_control_mode} loads every model)"
+            )
+        restricted = [method for protocol in self.grpc_restricted_protocol for method in protocol.methods]
+        if len(set(restricted)) != len(restricted):
+            raise ConfigError("--grpc-restricted-protocol: a protocol group is restricted twice")
         if not self.model_repository.is_dir():
             raise ConfigError(f"--model-repository: {self.model_repository} is not a directory")
 
@@ -118,12 +196,20 @@ def _parse_bool(text: str) -> bool:
 _PARSERS = {Path: Path, str: str, int: int, float: float, bool: _parse_bool}
 
 
+# Repeatable flags: (parse one item, separator of the environment variable's list)
+_REPEATED = {
+    "device_price": (DevicePriceSetting.parse, ","),
+    "load_model": (lambda text, source, where: text.strip(), ","),
+    "grpc_restricted_protocol": (RestrictedProtocol.parse, ";"),
+}
+
+
 def parse_server_settings(argv: Sequence[str], environ: Mapping[str, str] = os.environ) -> ServerSettings:
     """Flags first, then ONNXSERVE_* environment variables, then defaults."""
     parser = argparse.ArgumentParser(prog="onnxserve", description="KServe v2 gRPC server for ONNX models")
     for spec in fields(ServerSettings):
         env_name = ENV_PREFIX + spec.name.upper()
-        repeated = spec.name == "device_price"
+        repeated = spec.name in _REPEATED
         parser.add_argument(
             f"--{_dashed(spec.name)}",
             dest=spec.name,
@@ -135,7 +221,8 @@ def parse_server_settings(argv: Sequence[str], environ: Mapping[str, str] = os.e
     parsed = vars(parser.parse_args(list(argv)))
     values = {}
     for spec in fields(ServerSettings):
-        if spec.name == "device_price":
+        if spec.name in _REPEATED:
+            values[spec.name] = _repeated(spec.name, parsed[spec.name], environ)
             continue
         if parsed[spec.name] is not None:
             values[spec.name] = parsed[spec.name]
@@ -146,313 +233,13 @@ def parse_server_settings(argv: Sequence[str], environ: Mapping[str, str] = os.e
                 values[spec.name] = _PARSERS[spec.type](environ[env_name])
             except (ValueError, argparse.ArgumentTypeError) as err:
                 raise ConfigError(f"{env_name}: {err}") from None
-    values["device_price"] = _device_prices(parsed["device_price"], environ)
     return ServerSettings(**values)
 
 
-def _device_prices(flags: list[str] | None, environ: Mapping[str, str]) -> tuple[DevicePriceSetting, ...]:
+def _repeated(name: str, flags: list[str] | None, environ: Mapping[str, str]) -> tuple:
+    parse, separator = _REPEATED[name]
     if flags is not None:
-        return tuple(DevicePriceSetting.parse(text, "flag", "--device-price") for text in flags)
-    env_name = ENV_PREFIX + "DEVICE_PRICE"
-    items = [item for item in environ.get(env_name, "").split(",") if item.strip()]
-    return tuple(DevicePriceSetting.parse(item, "env", env_name) for item in items)
-
-
-# --- per-model configuration (config.pbtxt) -------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TensorConfig:
-    """A model input or output as the server exposes it."""
-
-    name: str
-    datatype: str  # wire datatype: FP32, INT64, BYTES, ...
-    dims: tuple[int, ...]  # without the batch dimension when the model batches; -1 = variable
-
-
-@dataclass(frozen=True)
-class QueuePolicy:
-    max_queue_size: int = 0
-    """Requests waiting at most; 0 = unbounded. A full queue refuses at once (UNAVAILABLE)."""
-    default_timeout_us: int = 0
-    """Longest wait in the queue before DEADLINE_EXCEEDED; 0 = none."""
-    allow_timeout_override: bool = False
-    """Whether a request's `timeout` parameter may shorten the default timeout."""
-
-
-@dataclass(frozen=True)
-class BatchingSettings:
-    max_batch_size: int = 0
-    """Rows per execution; 0 = the model has no batch dimension and is never batched."""
-    max_queue_delay_us: int = 0
-    """How long the oldest queued request may wait for a fuller batch."""
-    preferred_batch_sizes: tuple[int, ...] = ()
-    """Batch sizes to send as soon as they can be formed."""
-    priority_levels: int = 0
-    """Number of priority levels (1 = highest); 0 = one level, the `priority` parameter is ignored."""
-    default_priority_level: int = 0
-    """Level of a request that sets no priority; 0 = the lowest level."""
-    queue_policy: QueuePolicy = QueuePolicy()
-    adaptive_delay_us: int = 1000
-    """With max_queue_delay_us 0: while callers overlap (a request arrives before an earlier
-    caller has collected its answer), the oldest request may wait this long for a fuller batch;
-    a lone caller never waits. 0 = never wait. (config.pbtxt parameter `adaptive_queue_delay_us`)"""
-
-
-@dataclass(frozen=True)
-class Accelerator:
-    """An execution provider asked for in optimization.execution_accelerators."""
-
-    name: str  # "tensorrt" or "cuda"
-    parameters: tuple[tuple[str, str], ...] = ()
-
-
-@dataclass(frozen=True)
-class SessionSettings:
-    """onnxruntime session and instance placement."""
-
-    instance_kind: str = "auto"
-    """auto (GPU when one is visible, else CPU), gpu or cpu."""
-    instance_count: int = 1
-    """Sessions per device: that many batches run at once."""
-    gpus: tuple[int, ...] = ()
-    """GPU ids to place instances on; empty = GPU 0."""
-    intra_op_threads: int = 0
-    """Threads inside one operator; 0 = chosen by measurement at load (see calibration.py)."""
-    inter_op_threads: int = 1
-    """Threads across operators (sequential execution uses 1)."""
-    graph_optimization_level: int = 99
-    """onnxruntime graph optimization level: 0 disable, 1 basic, 2 extended, 99 all."""
-    inline_run_below_us: int | None = None
-    """Batches whose measured run time stays below this run on the event loop, not the instance's
-    thread (whose handoff costs tens of us of CPU); 0 = always the thread; None = chosen at load:
-    on the loop when the model ran faster than a measured handoff. A slow batch run inline stalls
-    every other request, so a measured run above the limit sends the model back to its thread."""
-    allow_spinning: bool | None = None
-    """Whether onnxruntime's intra-op threads spin between runs; None = chosen at load."""
-    gpu_accelerators: tuple[Accelerator, ...] = ()
-
-
-@dataclass(frozen=True)
-class VersionPolicy:
-    kind: str = "latest"  # latest, all, specific
-    count: int = 1  # with latest
-    versions: tuple[int, ...] = ()  # with specific
-
-    def select(self, available: Sequence[int]) -> list[int]:
-        ordered = sorted(available)
-        if self.kind == "all":
-            return ordered
-        if self.kind == "specific":
-            return [v for v in ordered if v in self.versions]
-        return ordered[-self.count :]
-
-
-@dataclass(frozen=True)
-class ModelSettings:
-    """A model's configuration as written in config.pbtxt, or the defaults without one.
-
-    inputs/outputs may be partial or empty, and max_batch_size None: the
-    repository completes them from the ONNX graph."""
-
-    name: str
-    source: str  # the config.pbtxt path, or "(no config.pbtxt)"
-    max_batch_size: int | None = None
-    inputs: tuple[TensorConfig, ...] = ()
-    outputs: tuple[TensorConfig, ...] = ()
-    batching: BatchingSettings = BatchingSettings()
-    session: SessionSettings = SessionSettings()
-    version_policy: VersionPolicy = VersionPolicy()
-    model_filename: str = "model.onnx"
-
-
-WIRE_BY_CONFIG_TYPE = {
-    "TYPE_BOOL": "BOOL",
-    "TYPE_UINT8": "UINT8",
-    "TYPE_UINT16": "UINT16",
-    "TYPE_UINT32": "UINT32",
-    "TYPE_UINT64": "UINT64",
-    "TYPE_INT8": "INT8",
-    "TYPE_INT16": "INT16",
-    "TYPE_INT32": "INT32",
-    "TYPE_INT64": "INT64",
-    "TYPE_FP16": "FP16",
-    "TYPE_FP32": "FP32",
-    "TYPE_FP64": "FP64",
-    "TYPE_STRING": "BYTES",
-    "TYPE_BF16": "BF16",
-}
-CONFIG_TYPE_BY_WIRE = {wire: name for name, wire in WIRE_BY_CONFIG_TYPE.items()}
-KIND_NAMES = {"KIND_AUTO": "auto", "KIND_GPU": "gpu", "KIND_CPU": "cpu"}
-# config.pbtxt `parameters` (string values holding non-negative integers) -> SessionSettings fields
-SESSION_PARAMETERS = {
-    "intra_op_thread_count": "intra_op_threads",
-    "inter_op_thread_count": "inter_op_threads",
-    "inline_run_below_us": "inline_run_below_us",
-    "allow_spinning": "allow_spinning",
-}
-BATCHING_PARAMETERS = {"adaptive_queue_delay_us": "adaptive_delay_us"}
-BOOLEAN_PARAMETERS = {"0": False, "1": True, "false": False, "true": True}
-GPU_ACCELERATORS = ("tensorrt", "cuda")
-ONNX_PLATFORMS = ("", "onnxruntime_onnx")
-ONNX_BACKENDS = ("", "onnxruntime")
-
-
-def load_model_settings(model_dir: Path) -> ModelSettings:
-    """Read <model_dir>/config.pbtxt if there is one; ConfigError names file and field."""
-    path = model_dir / "config.pbtxt"
-    if not path.exists():
-        return ModelSettings(name=model_dir.name, source="(no config.pbtxt)")
-    try:
-        proto = text_format.Parse(path.read_text(), protocol.ModelConfig())
-    except text_format.ParseError as err:
-        raise ConfigError(f"{path}: {err}") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path}: cannot read: {err}") from None
-    return settings_from_proto(proto, path, model_dir.name)
-
-
-def settings_from_proto(proto, path: Path, model_name: str) -> ModelSettings:
-    where = str(path)
-    if proto.name and proto.name != model_name:
-        raise ConfigError(f"{where}: name: {proto.name!r} differs from the directory name {model_name!r}")
-    if proto.platform not in ONNX_PLATFORMS:
-        raise ConfigError(f"{where}: platform: {proto.platform!r} is not onnxruntime_onnx")
-    if proto.backend not in ONNX_BACKENDS:
-        raise ConfigError(f"{where}: backend: {proto.backend!r} is not onnxruntime")
-    max_batch_size = proto.max_batch_size if proto.HasField("max_batch_size") else None
-    if max_batch_size is not None and max_batch_size < 0:
-        raise ConfigError(f"{where}: max_batch_size: {max_batch_size} is negative")
-    return ModelSettings(
-        name=model_name,
-        source=where,
-        max_batch_size=max_batch_size,
-        inputs=tuple(_tensor(t, f"{where}: input[{i}]") for i, t in enumerate(proto.input)),
-        outputs=tuple(_tensor(t, f"{where}: output[{i}]") for i, t in enumerate(proto.output)),
-        batching=_batching(proto, where, max_batch_size or 0),
-        session=_session(proto, where),
-        version_policy=_version_policy(proto.version_policy, where),
-        model_filename=proto.default_model_filename or "model.onnx",
-    )
-
-
-def _tensor(proto, where: str) -> TensorConfig:
-    if not proto.name:
-        raise ConfigError(f"{where}.name: missing")
-    type_name = protocol.DataType.values_by_number[proto.data_type].name
-    if type_name == "TYPE_INVALID":
-        raise ConfigError(f"{where}.data_type: missing for tensor {proto.name!r}")
-    for dim in proto.dims:
-        if dim < -1 or dim == 0:
-            raise ConfigError(f"{where}.dims: {list(proto.dims)} for tensor {proto.name!r}: dims are >= 1 or -1")
-    if proto.HasField("reshape"):
-        raise ConfigError(f"{where}.reshape: not supported by onnxserve (tensor {proto.name!r})")
-    return TensorConfig(name=proto.name, datatype=WIRE_BY_CONFIG_TYPE[type_name], dims=tuple(proto.dims))
-
-
-def _batching(proto, where: str, max_batch_size: int) -> BatchingSettings:
-    dynamic = proto.dynamic_batching
-    adaptive = {}
-    for key, field_name in BATCHING_PARAMETERS.items():
-        if key in proto.parameters:
-            adaptive[field_name] = _parameter_value(key, proto.parameters[key].string_value, where)
-    if not proto.HasField("dynamic_batching"):
-        return BatchingSettings(max_batch_size=max_batch_size, **adaptive)
-    if dynamic.priority_queue_policy:
-        raise ConfigError(f"{where}: dynamic_batching.priority_queue_policy: not supported; use default_queue_policy")
-    for size in dynamic.preferred_batch_size:
-        if size < 1 or (max_batch_size and size > max_batch_size):
-            raise ConfigError(
-                f"{where}: dynamic_batching.preferred_batch_size: {size} is outside 1..max_batch_size ({max_batch_size})"
-            )
-    if dynamic.default_priority_level > dynamic.priority_levels:
-        raise ConfigError(
-            f"{where}: dynamic_batching.default_priority_level: {dynamic.default_priority_level} "
-            f"exceeds priority_levels ({dynamic.priority_levels})"
-        )
-    policy = dynamic.default_queue_policy
-    if policy.timeout_action != 0:
-        raise ConfigError(f"{where}: dynamic_batching.default_queue_policy.timeout_action: only REJECT is supported")
-    return BatchingSettings(
-        max_batch_size=max_batch_size,
-        max_queue_delay_us=dynamic.max_queue_delay_microseconds,
-        preferred_batch_sizes=tuple(sorted(set(dynamic.preferred_batch_size))),
-        priority_levels=dynamic.priority_levels,
-        default_priority_level=dynamic.default_priority_level,
-        queue_policy=QueuePolicy(
-            max_queue_size=policy.max_queue_size,
-            default_timeout_us=policy.default_timeout_microseconds,
-            allow_timeout_override=policy.allow_timeout_override,
-        ),
-        **adaptive,
-    )
-
-
-def _session(proto, where: str) -> SessionSettings:
-    groups = proto.instance_group
-    if len(groups) > 1:
-        raise ConfigError(f"{where}: instance_group: onnxserve supports one group, found {len(groups)}")
-    values: dict = {}
-    if groups:
-        group = groups[0]
-        kind = protocol.ModelInstanceGroup.DESCRIPTOR.enum_types_by_name["Kind"].values_by_number[group.kind].name
-        if kind not in KIND_NAMES:
-            raise ConfigError(f"{where}: instance_group[0].kind: {kind} is not KIND_AUTO, KIND_GPU or KIND_CPU")
-        if group.count < 0:
-            raise ConfigError(f"{where}: instance_group[0].count: {group.count} is negative")
-        values.update(instance_kind=KIND_NAMES[kind], instance_count=group.count or 1, gpus=tuple(group.gpus))
-    for key, parameter in proto.parameters.items():
-        if key in BATCHING_PARAMETERS:
-            continue
-        if key not in SESSION_PARAMETERS:
-            known = sorted([*SESSION_PARAMETERS, *BATCHING_PARAMETERS])
-            raise ConfigError(f"{where}: parameters[{key!r}]: unknown; known: {known}")
-        values[SESSION_PARAMETERS[key]] = _parameter_value(key, parameter.string_value, where)
-    optimization = proto.optimization
-    if optimization.HasField("graph"):
-        level = {-1: 1, 0: 99, 1: 2, 2: 0}.get(optimization.graph.level)  # Triton's levels -> ORT's
-        if level is None:
-            raise ConfigError(f"{where}: optimization.graph.level: {optimization.graph.level} is not -1, 0, 1 or 2")
-        values["graph_optimization_level"] = level
-    accelerators = optimization.execution_accelerators
-    if accelerators.cpu_execution_accelerator:
-        raise ConfigError(f"{where}: optimization.execution_accelerators.cpu_execution_accelerator: not supported")
-    gpu = []
-    for i, accelerator in enumerate(accelerators.gpu_execution_accelerator):
-        if accelerator.name not in GPU_ACCELERATORS:
-            raise ConfigError(
-                f"{where}: optimization.execution_accelerators.gpu_execution_accelerator[{i}].name: "
-                f"{accelerator.name!r} is not one of {GPU_ACCELERATORS}"
-            )
-        gpu.append(Accelerator(accelerator.name, tuple(sorted(accelerator.parameters.items()))))
-    values["gpu_accelerators"] = tuple(gpu)
-    return SessionSettings(**values)
-
-
-def _parameter_value(key: str, text: str, where: str) -> int | bool:
-    if key == "allow_spinning":
-        if text.strip().lower() not in BOOLEAN_PARAMETERS:
-            raise ConfigError(f"{where}: parameters[{key!r}]: {text!r} is not 0, 1, true or false")
-        return BOOLEAN_PARAMETERS[text.strip().lower()]
-    try:
-        count = int(text)
-    except ValueError:
-        raise ConfigError(f"{where}: parameters[{key!r}]: {text!r} is not an integer") from None
-    if count < 0:
-        raise ConfigError(f"{where}: parameters[{key!r}]: {count} is negative")
-    return count
-
-
-def _version_policy(proto, where: str) -> VersionPolicy:
-    choice = proto.WhichOneof("policy_choice")
-    if choice == "all":
-        return VersionPolicy(kind="all")
-    if choice == "specific":
-        if not proto.specific.versions:
-            raise ConfigError(f"{where}: version_policy.specific.versions: empty")
-        return VersionPolicy(kind="specific", versions=tuple(proto.specific.versions))
-    if choice == "latest":
-        if proto.latest.num_versions < 1:
-            raise ConfigError(f"{where}: version_policy.latest.num_versions: must be >= 1")
-        return VersionPolicy(kind="latest", count=proto.latest.num_versions)
-    return VersionPolicy()
+        return tuple(parse(text, "flag", f"--{_dashed(name)}") for text in flags)
+    env_name = ENV_PREFIX + name.upper()
+    items = [item for item in environ.get(env_name, "").split(separator) if item.strip()]
+    return tuple(parse(item, "env", env_name) for item in items)

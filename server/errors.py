@@ -30,6 +30,19 @@ class ShuttingDown(ServingError):
     """The server is draining and accepts no new work."""
 
 
+class LoadFailed(ServingError):
+    """A RepositoryModelLoad could not load the model (its text says "failed to load", which
+    Triton's clients match on); whatever served before keeps serving."""
+
+
+class ControlDisabled(ServingError):
+    """A repository load or unload while --model-control-mode does not allow one."""
+
+
+class PermissionDenied(ServingError):
+    """A restricted RPC without the metadata its --grpc-restricted-protocol names."""
+
+
 class ExecutionFailed(Exception):
     """onnxruntime failed on a batch. Not a ServingError: its text stays in the log."""
 

@@ -82,6 +82,7 @@ class ModelStateChanged:
     queue_capacity: int = 0  # max_queue_size; 0 = unbounded
     devices: tuple[str, ...] = ()  # where its instances run
     queue_depth: Callable[[], int] | None = None  # requests waiting now, read at scrape time
+    load_seconds: float = 0.0  # from reading the file to ready: sessions, calibration, warm-up
 
 
 Observer = Callable[[object], None]

@@ -81,6 +81,13 @@ class MetricsObserver:
             (*MODEL_LABELS, "provider"),
             registry=registry,
         )
+        self.load_duration = Gauge(
+            "onnxserve_model_load_duration_seconds",
+            "How long the version's last load took: sessions, calibration and warm-up",
+            MODEL_LABELS,
+            registry=registry,
+        )
+        self._providers: dict[tuple[str, str], str] = {}  # the provider each version's ready series names
 
         self._series: dict[tuple[str, str], VersionSeries] = {}
 
@@ -101,8 +108,14 @@ class MetricsObserver:
         return found
 
     def _state(self, event: ModelStateChanged) -> None:
+        key = (event.model, event.version)
+        previous = self._providers.get(key)
+        if event.ready and previous not in (None, event.provider):  # reloaded onto another provider
+            self.model_ready.labels(event.model, event.version, previous).set(0)
+        self._providers[key] = event.provider
         self.model_ready.labels(event.model, event.version, event.provider).set(1 if event.ready else 0)
         if event.ready:
+            self.load_duration.labels(event.model, event.version).set(event.load_seconds)
             self.queue_capacity.labels(event.model, event.version).set(event.queue_capacity)
             series = self.series(event.model, event.version)  # series exist at 0, so rate() counts the first requests
             if event.queue_depth is not None:  # read at scrape time: the queue changes twice per request

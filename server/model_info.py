@@ -2,7 +2,7 @@
 ModelStatistics messages."""
 
 from server import protocol
-from server.config import CONFIG_TYPE_BY_WIRE
+from server.model_config import CONFIG_TYPE_BY_WIRE
 from server.events import PHASES
 from server.repository import ModelVersion
 from server.statistics import StatisticsRecorder

@@ -1,45 +1,38 @@
 """The model repository: <repo>/<model>/<version>/model.onnx, Triton's layout.
 
-Discovers models, applies version policies, completes each configuration
-from its ONNX graph, loads and warms up instance pools, starts batchers, and
-answers lookups with the model's state."""
+Knows which versions of which models serve, and changes that while serving: a load
+or reload builds the new versions beside the old ones (loading.py) and swaps them in
+at once; the versions it replaces answer what they accepted, then close. A reload
+that fails leaves what served before serving."""
 
 import asyncio
-import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from server.batching import Batcher
-from server.config import ModelSettings, TensorConfig, load_model_settings
-from server.errors import ConfigError, ModelNotFound, ModelNotReady
+from server import overrides
+from server.errors import ConfigError, LoadFailed, ModelNotFound, ModelNotReady
 from server.events import EventBus, ModelStateChanged
-from server.runtime import InstancePool
-from server.tensors import Signature, TensorSpec
+from server.loading import LOADING, READY, UNAVAILABLE, UNLOADING, ModelVersion, load_version, ready_event, retire
+from server.model_config import ModelSettings, load_model_settings, settings_from_json
 
 log = logging.getLogger(__name__)
 
-READY, UNAVAILABLE, LOADING = "READY", "UNAVAILABLE", "LOADING"
-
-
-@dataclass
-class ModelVersion:
-    name: str
-    version: str
-    state: str = LOADING
-    reason: str = ""
-    settings: ModelSettings | None = None  # completed from the graph
-    signature: Signature | None = None
-    pool: InstancePool | None = None
-    batcher: Batcher | None = None
+__all__ = ["READY", "UNAVAILABLE", "LOADING", "UNLOADING", "ModelRepository", "ModelVersion"]
+NOT_LOADED = "not loaded"
 
 
 @dataclass
 class ModelEntry:
     name: str
     versions: dict[str, ModelVersion] = field(default_factory=dict)
-    state: str = LOADING  # of the model as a whole: UNAVAILABLE when its config or layout is broken
-    reason: str = ""
+    state: str = UNAVAILABLE  # READY while its last load serves (a failed reload keeps the old one serving)
+    reason: str = NOT_LOADED
+    wanted: bool = False  # loaded at start, or served since, and not unloaded: counts for the server's readiness
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def serving(self) -> dict[str, ModelVersion]:
+        return {number: version for number, version in self.versions.items() if version.state == READY}
 
 
 class ModelRepository:
@@ -48,7 +41,7 @@ class ModelRepository:
         self.default_max_batch_size = default_max_batch_size
         self.bus = bus
         self.models: dict[str, ModelEntry] = {}
-        self.loaded = False
+        self.loaded = False  # the start-up loads are done
 
     # --- lookups ------------------------------------------------------------------------------
 
@@ -56,19 +49,22 @@ class ModelRepository:
         """The version asked for, or the latest ready one; raises ModelNotFound/ModelNotReady."""
         entry = self.models.get(name)
         if entry is None:
-            raise ModelNotFound(f"model '{name}' is not in the repository; models: {sorted(self.models)}")
+            loaded = sorted(n for n, e in self.models.items() if e.wanted)
+            raise ModelNotFound(f"Request for unknown model: '{name}' is not found; loaded models: {loaded}")
         if version:
             found = entry.versions.get(version)
             if found is None:
-                raise ModelNotFound(f"model '{name}' has no version {version}; versions: {self.version_names(name)}")
+                raise ModelNotFound(
+                    f"Request for unknown model: '{name}' version {version} is not found; versions: {self.version_names(name)}"
+                )
             if found.state != READY:
                 raise ModelNotReady(f"model '{name}' version {version} is {found.state}: {found.reason}")
             return found
-        ready = [v for v in entry.versions.values() if v.state == READY]
+        ready = entry.serving()
         if not ready:
             reason = entry.reason or "; ".join(v.reason for v in entry.versions.values() if v.reason)
             raise ModelNotReady(f"model '{name}' has no ready version ({entry.state}): {reason}")
-        return max(ready, key=lambda v: int(v.version))
+        return ready[max(ready, key=int)]
 
     def version_names(self, name: str) -> list[str]:
         return sorted(self.models[name].versions, key=int)
@@ -81,83 +77,167 @@ class ModelRepository:
         return True
 
     def all_ready(self) -> bool:
-        return self.loaded and all(
-            entry.state == READY and all(v.state == READY for v in entry.versions.values())
-            for entry in self.models.values()
-        )
+        return self.loaded and all(entry.state == READY for entry in self.models.values() if entry.wanted)
 
-    # --- loading ------------------------------------------------------------------------------
+    def discover(self) -> list[str]:
+        """Model directories in the repository now."""
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
-    async def load_all(self) -> None:
-        for model_dir in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            entry = ModelEntry(model_dir.name)
-            self.models[entry.name] = entry
+    def index(self) -> list[tuple[str, str, str, str]]:
+        """(name, version, state, reason) of every version known and every model directory."""
+        rows = []
+        for name in sorted(set(self.discover()) | set(self.models)):
+            entry = self.models.get(name)
+            if entry is None or not entry.versions:
+                rows.append((name, "", entry.state if entry else UNAVAILABLE, entry.reason if entry else NOT_LOADED))
+                continue
+            for number in self.version_names(name):
+                version = entry.versions[number]
+                reason = version.reason or (entry.reason if version.state == READY else "")
+                rows.append((name, number, version.state, reason))
+        return rows
+
+    # --- loading and unloading ------------------------------------------------------------------
+
+    async def load_all(self, names: list[str] | None = None) -> None:
+        """Start-up: load `names` (every model directory when None); failures are logged, not raised."""
+        for name in self.discover() if names is None else names:
+            self.models.setdefault(name, ModelEntry(name)).wanted = True  # counts for readiness, loaded or not
             try:
-                await self._load_model(entry, model_dir)
-            except ConfigError as err:
-                entry.state, entry.reason = UNAVAILABLE, str(err)
-                log.error("model '%s' failed to load: %s", entry.name, err)
+                await self.load(name)
+            except (LoadFailed, ModelNotFound) as err:
+                log.error("%s", err)
         self.loaded = True
 
-    async def _load_model(self, entry: ModelEntry, model_dir: Path) -> None:
-        settings = load_model_settings(model_dir)
-        available = [int(p.name) for p in model_dir.iterdir() if p.is_dir() and _is_version(p.name)]
-        chosen = settings.version_policy.select(available)
-        if not chosen:
-            raise ConfigError(
-                f"{model_dir}: no version directory matches the version policy "
-                f"({settings.version_policy.kind}); found {sorted(available)}"
-            )
-        for number in chosen:
-            version = ModelVersion(entry.name, str(number))
-            entry.versions[version.version] = version
-            await self._load_version(version, settings, model_dir / str(number) / settings.model_filename)
-        failed = [v for v in entry.versions.values() if v.state != READY]
-        entry.state = UNAVAILABLE if failed else READY
-        entry.reason = "; ".join(v.reason for v in failed)
-
-    async def _load_version(self, version: ModelVersion, settings: ModelSettings, path: Path) -> None:
-        label = f"model '{version.name}' version {version.version}"
-        try:
-            if not path.is_file():
-                raise ConfigError(f"{path}: model file not found")
-            pool = await asyncio.to_thread(InstancePool, path, settings.session, label)
-            try:
-                completed, signature = complete_settings(settings, pool, self.default_max_batch_size, version.version)
-                choice = await asyncio.to_thread(pool.calibrate, signature.inputs, completed.batching.max_batch_size)
-                log.info("%s runs with %s", label, choice.describe())
-                await asyncio.to_thread(pool.warm_up, signature.inputs)
-            except ConfigError:
-                pool.close()
-                raise
-        except ConfigError as err:
-            version.state, version.reason = UNAVAILABLE, str(err)
-            log.error("%s failed to load: %s", label, err)
-            self.bus.publish(ModelStateChanged(version.name, version.version, False, "none", str(err)))
+    async def load(self, name: str, config: str | None = None, files: dict[str, bytes] | None = None) -> None:
+        """Load `name`, or reload it beside what serves now. `config` (JSON ModelConfig) replaces
+        config.pbtxt for this load; `files` (relative path -> bytes) replace the model's directory.
+        Raises ModelNotFound, InvalidInput (a bad parameter) or LoadFailed."""
+        if files:
+            overrides.check_files(name, files, config)
+            with overrides.private_copy(name, files) as model_dir:
+                await self._load(name, model_dir, config)
             return
-        batcher = Batcher(
-            pool.run, completed.batching, pool.instance_count, version.name, version.version, self.bus, pool.devices
-        )
-        batcher.start()
-        version.settings, version.signature, version.pool, version.batcher = completed, signature, pool, batcher
-        version.state = READY
-        _log_loaded(label, completed, signature, pool)
-        capacity = completed.batching.queue_policy.max_queue_size
-        self.bus.publish(
-            ModelStateChanged(
-                version.name, version.version, True, pool.provider,
-                queue_capacity=capacity, devices=pool.devices, queue_depth=lambda: batcher.depth,
-            )  # fmt: skip
-        )
+        model_dir = self.root / name
+        if not overrides.is_model_name(name) or not model_dir.is_dir():
+            raise ModelNotFound(
+                f"failed to load '{name}': Request for unknown model: no directory '{name}' in the model repository {self.root}"
+            )
+        await self._load(name, model_dir, config)
+
+    async def _load(self, name: str, model_dir: Path, config: str | None) -> None:
+        entry = self.models.setdefault(name, ModelEntry(name))
+        async with entry.lock:
+            try:
+                settings = settings_from_json(config, name) if config is not None else load_model_settings(model_dir)
+                chosen = _chosen_versions(settings, model_dir)
+            except ConfigError as err:
+                raise self._failure(entry, str(err)) from None
+            loaded, failures = await self._load_versions(entry, settings, model_dir, chosen)
+            if failures and entry.serving():
+                await self._keep_serving(entry, loaded, failures)
+            else:
+                await self._switch(entry, loaded, failures)
+
+    async def _load_versions(
+        self, entry: ModelEntry, settings: ModelSettings, model_dir: Path, chosen: list[str]
+    ) -> tuple[dict[str, ModelVersion], dict[str, str]]:
+        loaded, failures = {}, {}
+        for number in chosen:
+            entry.versions.setdefault(number, ModelVersion(entry.name, number, reason="loading"))
+            try:
+                loaded[number] = await load_version(
+                    entry.name, number, settings, model_dir, self.default_max_batch_size, self.bus
+                )
+            except ConfigError as err:
+                failures[number] = str(err)
+                log.error("model '%s' version %s failed to load: %s", entry.name, number, err)
+                if entry.versions[number].state != READY:
+                    self.bus.publish(ModelStateChanged(entry.name, number, False, "none", str(err)))
+        return loaded, failures
+
+    async def _switch(self, entry: ModelEntry, loaded: dict[str, ModelVersion], failures: dict[str, str]) -> None:
+        """Swap in what loaded, in one step; what it replaces and what left the version policy
+        answer their accepted requests, then close."""
+        before = entry.serving()
+        departing = [version for number, version in before.items() if number not in loaded]
+        versions = {number: version for number, version in entry.versions.items() if version.state == UNAVAILABLE}
+        versions.update({number: ModelVersion(entry.name, number, UNAVAILABLE, reason) for number, reason in failures.items()})
+        versions.update({version.version: version for version in departing})
+        versions.update(loaded)
+        entry.versions = versions  # from here on, new requests go to the new versions
+        entry.state, entry.reason = (UNAVAILABLE, "; ".join(failures.values())) if failures else (READY, "")
+        entry.wanted = entry.wanted or not failures
+        for version in loaded.values():
+            self.bus.publish(ready_event(version))
+        for version in departing:
+            version.state, version.reason = UNLOADING, "no longer in the version policy"
+        await asyncio.gather(*(retire(version) for version in before.values()))
+        for version in before.values():
+            version.state = UNAVAILABLE
+        for version in departing:
+            self.bus.publish(_unready_event(version))
+        if before:
+            log.info("model '%s': versions %s serve now, in place of %s", entry.name, sorted(loaded, key=int), sorted(before, key=int))
+        if failures:
+            raise self._failure(entry, _describe(failures))
+
+    async def _keep_serving(self, entry: ModelEntry, loaded: dict[str, ModelVersion], failures: dict[str, str]) -> None:
+        """A reload failed: drop what it loaded; what served before keeps serving."""
+        await asyncio.gather(*(retire(version) for version in loaded.values()))
+        for number in list(entry.versions):
+            if entry.versions[number].state == LOADING:
+                del entry.versions[number]
+        for number, reason in failures.items():
+            entry.versions.setdefault(number, ModelVersion(entry.name, number, UNAVAILABLE, reason))
+        raise self._failure(entry, _describe(failures))
+
+    def _failure(self, entry: ModelEntry, reason: str) -> LoadFailed:
+        """Record why a load failed; versions that serve keep serving."""
+        serving = sorted(entry.serving(), key=int)
+        if serving and entry.state == READY:
+            entry.reason = f"reload failed, versions {serving} keep serving: {reason}"
+        else:
+            entry.state, entry.reason = UNAVAILABLE, reason
+        return LoadFailed(f"failed to load '{entry.name}': {entry.reason}")
+
+    async def unload(self, name: str) -> None:
+        """New requests are refused at once; accepted ones are answered; then the sessions close."""
+        entry = self.models.get(name)
+        if entry is None:
+            if name in self.discover():
+                return  # never loaded: nothing to do
+            raise ModelNotFound(f"failed to unload '{name}': Request for unknown model: '{name}' is not found")
+        async with entry.lock:
+            entry.wanted = False
+            serving = list(entry.serving().values())
+            for version in serving:
+                version.state, version.reason = UNLOADING, "unloading"
+            entry.state, entry.reason = UNAVAILABLE, "unloaded"
+            await asyncio.gather(*(retire(version) for version in serving))
+            for version in serving:
+                version.state, version.reason = UNAVAILABLE, "unloaded"
+                self.bus.publish(_unready_event(version))
+        if serving:
+            log.info("model '%s' unloaded (versions %s)", name, sorted(v.version for v in serving))
 
     async def close(self) -> None:
-        """Drain every batcher, then close the sessions."""
-        versions = [v for entry in self.models.values() for v in entry.versions.values() if v.batcher]
-        await asyncio.gather(*(v.batcher.close() for v in versions))
+        """Shutdown: drain every batcher, then close the sessions."""
+        versions = [version for entry in self.models.values() for version in entry.serving().values()]
+        await asyncio.gather(*(retire(version) for version in versions))
         for version in versions:
-            version.pool.close()
-            version.state = UNAVAILABLE
-            version.reason = "server shut down"
+            version.state, version.reason = UNAVAILABLE, "server shut down"
+
+
+def _chosen_versions(settings: ModelSettings, model_dir: Path) -> list[str]:
+    available = [int(p.name) for p in model_dir.iterdir() if p.is_dir() and _is_version(p.name)]
+    chosen = settings.version_policy.select(available)
+    if not chosen:
+        raise ConfigError(
+            f"{model_dir}: no version directory matches the version policy "
+            f"({settings.version_policy.kind}); found {sorted(available)}"
+        )
+    return [str(number) for number in chosen]
 
 
 def _is_version(name: str) -> bool:
@@ -165,93 +245,9 @@ def _is_version(name: str) -> bool:
     return name.isdigit() and not name.startswith("0")
 
 
-def _log_loaded(label: str, settings: ModelSettings, signature: Signature, pool: InstancePool) -> None:
-    batching = settings.batching
-    log.info(
-        "%s loaded: inputs %s, outputs %s, provider %s on %s, %d instance(s) x %d intra-op thread(s), "
-        "max_batch_size %d, max_queue_delay %d us, preferred sizes %s, max_queue_size %d, priority levels %d",
-        label,
-        [(s.name, s.datatype, list(s.shape)) for s in signature.inputs],
-        [(s.name, s.datatype, list(s.shape)) for s in signature.outputs],
-        pool.provider,
-        pool.device,
-        pool.instance_count,
-        pool.intra_op_threads,
-        batching.max_batch_size,
-        batching.max_queue_delay_us,
-        list(batching.preferred_batch_sizes),
-        batching.queue_policy.max_queue_size,
-        batching.priority_levels,
-    )
+def _describe(failures: dict[str, str]) -> str:
+    return "; ".join(f"version {number}: {reason}" for number, reason in sorted(failures.items()))
 
 
-# --- completing a configuration from the graph ------------------------------------------------
-
-
-def complete_settings(
-    settings: ModelSettings, pool: InstancePool, default_max_batch_size: int, version: str
-) -> tuple[ModelSettings, Signature]:
-    """Merge config.pbtxt (possibly empty) with the graph; ConfigError on any disagreement."""
-    where = settings.source
-    graph = pool.inputs + pool.outputs
-    batchable = all(len(s.shape) >= 1 and s.shape[0] == -1 for s in graph)
-    max_batch = settings.max_batch_size
-    if max_batch is None:
-        max_batch = default_max_batch_size if batchable else 0
-    elif max_batch > 0 and not batchable:
-        fixed = next(s for s in graph if not s.shape or s.shape[0] != -1)
-        raise ConfigError(
-            f"{where}: max_batch_size: {max_batch}, but the model's tensor '{fixed.name}' has shape "
-            f"{list(fixed.shape)} with no variable first dimension to batch on"
-        )
-    inputs = _merge(settings.inputs, pool.inputs, max_batch, f"{where}: input")
-    outputs = _merge(settings.outputs, pool.outputs, max_batch, f"{where}: output")
-    for size in settings.batching.preferred_batch_sizes:
-        if size > max_batch:
-            raise ConfigError(
-                f"{where}: dynamic_batching.preferred_batch_size: {size} exceeds max_batch_size {max_batch}"
-            )
-    batching = dataclasses.replace(settings.batching, max_batch_size=max_batch)
-    completed = dataclasses.replace(settings, max_batch_size=max_batch, inputs=inputs, outputs=outputs, batching=batching)
-    batch_dim = (-1,) if max_batch else ()
-    signature = Signature(
-        model=settings.name,
-        version=version,
-        inputs=tuple(TensorSpec(t.name, t.datatype, batch_dim + t.dims) for t in inputs),
-        outputs=tuple(TensorSpec(t.name, t.datatype, batch_dim + t.dims) for t in outputs),
-        max_batch_size=max_batch,
-    )
-    return completed, signature
-
-
-def _merge(
-    configured: tuple[TensorConfig, ...], graph: tuple[TensorSpec, ...], max_batch: int, where: str
-) -> tuple[TensorConfig, ...]:
-    by_name = {spec.name: spec for spec in graph}
-    for index, tensor in enumerate(configured):
-        if tensor.name not in by_name:
-            raise ConfigError(f"{where}[{index}].name: '{tensor.name}' is not in the model; it has {list(by_name)}")
-    given = {tensor.name: (index, tensor) for index, tensor in enumerate(configured)}
-    merged = []
-    for spec in graph:
-        dims = spec.shape[1:] if max_batch else spec.shape
-        if spec.name not in given:
-            merged.append(TensorConfig(spec.name, spec.datatype, dims))
-            continue
-        index, tensor = given[spec.name]
-        _check_agrees(tensor, spec.datatype, dims, f"{where}[{index}]")
-        merged.append(tensor)
-    return tuple(merged)
-
-
-def _check_agrees(tensor: TensorConfig, datatype: str, dims: tuple[int, ...], where: str) -> None:
-    if tensor.datatype != datatype:
-        raise ConfigError(
-            f"{where}.data_type: tensor '{tensor.name}' is {tensor.datatype} in the config but {datatype} in the model"
-        )
-    compatible = len(tensor.dims) == len(dims) and all(g == -1 or c == g for c, g in zip(tensor.dims, dims))
-    if not compatible:
-        raise ConfigError(
-            f"{where}.dims: tensor '{tensor.name}' has dims {list(tensor.dims)} in the config but "
-            f"{list(dims)} in the model (batch dimension excluded when max_batch_size > 0)"
-        )
+def _unready_event(version: ModelVersion) -> ModelStateChanged:
+    return ModelStateChanged(version.name, version.version, False, version.pool.provider, version.reason)

@@ -15,7 +15,7 @@ import numpy as np
 import onnxruntime as ort
 
 from server import calibration, protocol
-from server.config import SessionSettings
+from server.model_config import SessionSettings
 from server.errors import ConfigError, ExecutionFailed
 from server.tensors import DATATYPE_BY_ORT, DATATYPES, TensorSpec
 
@@ -254,7 +254,7 @@ class InstancePool:
 
             def run(batch: int) -> None:
                 if batch not in feeds:
-                    feeds[batch] = {spec.name: _zeros(spec, batch, CALIBRATION_DIM) for spec in inputs}
+                    feeds[batch] = {spec.name: zeros(spec, batch, CALIBRATION_DIM) for spec in inputs}
                 session.run(None, feeds[batch])
 
             return run
@@ -271,16 +271,14 @@ class InstancePool:
             return [None] * len(self.placements)
         return [RunPeak.starting(below, calibrated_seconds) for _ in self.placements]
 
-    def warm_up(self, inputs: tuple[TensorSpec, ...]) -> None:
-        """One inference per instance with zeros (variable dims = 1); blocking. Zeros are no valid
-        input for some models (a shape, an index): those serve unwarmed, with a warning."""
-        feeds = {spec.name: _zeros(spec) for spec in inputs}
+    def run_everywhere(self, feeds: dict[str, np.ndarray], count: int = 1) -> None:
+        """Run `feeds` `count` times on every instance (warm-up); blocking; ExecutionFailed on failure."""
         for session in self._sessions:
-            try:
-                session.run(None, feeds)
-            except Exception as err:  # noqa: BLE001 - the model's own check of its inputs
-                log.warning("%s: warm-up with zeros failed, so its first requests run cold: %s", self.label, err)
-                return
+            for _ in range(count):
+                try:
+                    session.run(None, feeds)
+                except Exception as err:
+                    raise ExecutionFailed(f"{self.label}: onnxruntime failed: {err}") from err
 
     def run(self, feeds: dict[str, np.ndarray], output_names: list[str], instance: int):
         """The outputs, when the batch runs on the loop; else an awaitable of them (the instance's thread)."""
@@ -364,7 +362,7 @@ class RunPeak:
         self.inline = self.seconds < self.limit
 
 
-def _zeros(spec: TensorSpec, batch: int = 1, variable: int = 1) -> np.ndarray:
+def zeros(spec: TensorSpec, batch: int = 1, variable: int = 1) -> np.ndarray:
     """Zeros of the spec's shape: a variable first dimension is `batch`, the other variable ones `variable`."""
     shape = [variable if dim == -1 else dim for dim in spec.shape]
     if spec.shape and spec.shape[0] == -1:

@@ -3,6 +3,7 @@ domain errors to gRPC status codes."""
 
 import asyncio
 import collections
+import hmac
 import logging
 import time
 from dataclasses import dataclass, field
@@ -11,12 +12,17 @@ from importlib import metadata
 import grpc
 
 from server import protocol
+from server.config import RestrictedProtocol
+from server.control import RepositoryControl
 from server.errors import (
+    ControlDisabled,
     DeadlineExceeded,
     InvalidInput,
+    LoadFailed,
     ModelNotFound,
     ModelNotReady,
     Overloaded,
+    PermissionDenied,
     ServingError,
     ShuttingDown,
 )
@@ -37,9 +43,14 @@ STATUS = {
     ShuttingDown: grpc.StatusCode.UNAVAILABLE,
     Overloaded: grpc.StatusCode.UNAVAILABLE,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    LoadFailed: grpc.StatusCode.INVALID_ARGUMENT,
+    ControlDisabled: grpc.StatusCode.FAILED_PRECONDITION,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
 }
 OUTCOMES = {InvalidInput: "invalid", Overloaded: "rejected", DeadlineExceeded: "timeout", ModelNotFound: "invalid"}
-EXTENSIONS = ("model_configuration", "schedule_policy", "parameters", "binary_tensor_data", "statistics")
+EXTENSIONS = (
+    "model_configuration", "model_repository", "schedule_policy", "parameters", "binary_tensor_data", "statistics",
+)  # fmt: skip
 # Response parameters that tell a caller what its own request went through and cost.
 COST_PARAMETER = "onnxserve_cost_dollars"
 ENERGY_PARAMETER = "onnxserve_energy_joules"
@@ -99,8 +110,12 @@ class InferenceService:
         strict_readiness: bool,
         ledger: CostLedger,
         statistics: StatisticsRecorder,
+        control: RepositoryControl,
+        restricted: tuple[RestrictedProtocol, ...] = (),
     ) -> None:
         self.repository = repository
+        self.control = control
+        self.restricted = {method: rule for rule in restricted for method in rule.methods}
         self.bus = bus
         self.ledger = ledger
         self.statistics = statistics
@@ -116,7 +131,9 @@ class InferenceService:
     def handler(self) -> grpc.GenericRpcHandler:
         handlers = {}
         for method in protocol.SERVICE.methods:
-            implementation = getattr(self, method.name, None)
+            implementation = getattr(self, method.name, None) or getattr(self.control, method.name, None)
+            if implementation is not None and method.name in self.restricted:
+                implementation = _restricted(implementation, self.restricted[method.name], method.server_streaming)
             deserialize = protocol.request_class(method.name).FromString
             serialize = protocol.response_class(method.name).SerializeToString
             if method.client_streaming or method.server_streaming:
@@ -167,20 +184,6 @@ class InferenceService:
     async def ModelConfig(self, request, context):
         model = self.repository.get(request.name, request.version)
         return protocol.ModelConfigResponse(config=model_config_proto(model))
-
-    async def RepositoryIndex(self, request, context):
-        response = protocol.RepositoryIndexResponse()
-        for name, entry in sorted(self.repository.models.items()):
-            if not entry.versions:
-                if not request.ready:
-                    response.models.add(name=name, state=entry.state, reason=entry.reason)
-                continue
-            for version in self.repository.version_names(name):
-                found = entry.versions[version]
-                if request.ready and found.state != READY:
-                    continue
-                response.models.add(name=name, version=version, state=found.state, reason=found.reason)
-        return response
 
     # --- inference ----------------------------------------------------------------------------
 
@@ -359,6 +362,36 @@ def _guarded(method: str, implementation):
         except Exception:
             log.exception("%s failed", method)
             await context.abort(grpc.StatusCode.INTERNAL, f"{method}: internal error; the server log has details")
+
+    return call
+
+
+def _restricted(implementation, rule: RestrictedProtocol, streaming: bool):
+    """The RPC, refused with PERMISSION_DENIED unless the call carries the rule's metadata."""
+
+    def check(context) -> None:
+        given = next((value for key, value in context.invocation_metadata() if key == rule.header), None)
+        if given is None or not hmac.compare_digest(str(given).encode(), rule.value.encode()):
+            raise PermissionDenied(
+                f"this RPC is restricted ({', '.join(rule.groups)}): send the metadata header '{rule.header}' "
+                "with the value the server was given in --grpc-restricted-protocol"
+            )
+
+    if streaming:
+
+        async def stream(requests, context):
+            try:
+                check(context)
+            except PermissionDenied as err:
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(err))
+            async for answer in implementation(requests, context):
+                yield answer
+
+        return stream
+
+    async def call(request, context):
+        check(context)
+        return await implementation(request, context)
 
     return call
 

@@ -211,9 +211,18 @@ def test_reflection_lists_services(server):
 
 def test_unimplemented_rpcs_say_so(server):
     with pytest.raises(grpc.RpcError) as error:
-        own_stub(server, "RepositoryModelLoad")(protocol.request_class("RepositoryModelLoad")(model_name="multi"))
+        own_stub(server, "TraceSetting")(protocol.request_class("TraceSetting")())
     assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert "RepositoryModelLoad" in error.value.details()
+    assert "TraceSetting" in error.value.details()
+
+
+def test_model_control_is_refused_in_the_default_mode_naming_the_flag(server):
+    for method in ("RepositoryModelLoad", "RepositoryModelUnload"):
+        with pytest.raises(grpc.RpcError) as error:
+            own_stub(server, method)(protocol.request_class(method)(model_name="multi"))
+        assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "--model-control-mode explicit" in error.value.details()
+    assert server.client().is_model_ready("multi")  # nothing changed
 
 
 def test_large_message_within_default_limit(server):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from server.batching import Batcher
-from server.config import BatchingSettings, QueuePolicy
+from server.model_config import BatchingSettings, QueuePolicy
 from server.errors import DeadlineExceeded, ExecutionFailed, Overloaded
 from server.events import BatchExecuted, EventBus
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from server.config import load_model_settings, parse_server_settings
+from server.config import parse_server_settings
+from server.model_config import load_model_settings
 from server.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -1,0 +1,107 @@
+"""Warm-up before a model version serves: Triton's `model_warmup` samples, whose failure fails
+the load, or else one best-effort run with zeros per instance."""
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from server.errors import ConfigError, ExecutionFailed, InvalidInput
+from server.model_config import ModelSettings, WarmupInput, WarmupSample
+from server.runtime import InstancePool, zeros
+from server.tensors import DATATYPES, Signature, deserialize_bytes
+
+log = logging.getLogger(__name__)
+
+WARMUP_DIR = "warmup"  # <model>/warmup/<input_data_file>, as in Triton
+FIX = (
+    "to warm it up, give it inputs it accepts with model_warmup in config.pbtxt (Triton's format), e.g. "
+    'model_warmup { name: "sample" batch_size: 1 inputs { key: "INPUT" value: { data_type: TYPE_STRING '
+    'dims: [1] input_data_file: "INPUT" } } } with the raw tensor in <model>/warmup/INPUT'
+)
+
+
+def warm_up(pool: InstancePool, settings: ModelSettings, signature: Signature, model_dir: Path) -> None:
+    """Blocking. Raises ConfigError naming the sample when an explicit warm-up fails."""
+    if not settings.warmup:
+        try:
+            pool.run_everywhere({spec.name: zeros(spec) for spec in signature.inputs})
+        except ExecutionFailed as err:
+            log.warning("%s: automatic warm-up with zeros failed, so it serves unwarmed: %s; %s", signature.label, err, FIX)
+        return
+    for sample in settings.warmup:
+        feeds = sample_feeds(sample, signature, model_dir)
+        try:
+            pool.run_everywhere(feeds, sample.count)
+        except ExecutionFailed as err:
+            raise ConfigError(f"{sample.where} ({sample.name!r}): the model failed on this warm-up sample: {err}") from None
+        log.info("%s: warm-up sample %r ran %d time(s) on each instance", signature.label, sample.name, sample.count)
+
+
+def sample_feeds(sample: WarmupSample, signature: Signature, model_dir: Path) -> dict[str, np.ndarray]:
+    """The sample's tensors, checked against the model's inputs; ConfigError names the field."""
+    specs = signature.input_specs
+    given = {item.name for item in sample.inputs}
+    if given != set(specs):
+        raise ConfigError(
+            f"{sample.where}.inputs: the sample has {sorted(given)} but the model's inputs are {sorted(specs)}"
+        )
+    batching = signature.max_batch_size > 0
+    if batching and not 1 <= sample.batch_size <= signature.max_batch_size:
+        raise ConfigError(
+            f"{sample.where}.batch_size: {sample.batch_size} is outside 1..max_batch_size ({signature.max_batch_size})"
+        )
+    if not batching and sample.batch_size > 1:
+        raise ConfigError(f"{sample.where}.batch_size: {sample.batch_size}, but the model does not batch (max_batch_size 0)")
+    batch = (sample.batch_size,) if batching else ()
+    return {item.name: _tensor(item, batch + item.dims, signature, model_dir, sample.where) for item in sample.inputs}
+
+
+def _tensor(item: WarmupInput, shape: tuple[int, ...], signature: Signature, model_dir: Path, where: str) -> np.ndarray:
+    field_name = f"{where}.inputs[{item.name!r}]"
+    spec = signature.input_specs[item.name]
+    if item.datatype != spec.datatype:
+        raise ConfigError(f"{field_name}.data_type: {item.datatype}, but the model's input is {spec.datatype}")
+    fits = len(shape) == len(spec.shape) and all(want in (-1, got) for want, got in zip(spec.shape, shape))
+    if not fits:
+        raise ConfigError(f"{field_name}.dims: the sample's shape {list(shape)} does not fit the input's {list(spec.shape)}")
+    if item.data == "file":
+        return _from_file(item, shape, model_dir / WARMUP_DIR / item.data_file, field_name)
+    if item.data == "random":
+        return _random(item.datatype, shape)
+    if item.datatype == "BYTES":
+        return np.full(shape, "", dtype=object)
+    return np.zeros(shape, dtype=DATATYPES[item.datatype].numpy)
+
+
+def _from_file(item: WarmupInput, shape: tuple[int, ...], path: Path, field_name: str) -> np.ndarray:
+    try:
+        content = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"{field_name}.input_data_file: cannot read {path}: {err.strerror}") from None
+    count = int(np.prod(shape))
+    if item.datatype == "BYTES":
+        try:
+            return np.array(deserialize_bytes(content, count, str(path)), dtype=object).reshape(shape)
+        except InvalidInput as err:
+            raise ConfigError(f"{field_name}.input_data_file: {err}") from None
+    dtype = np.dtype(DATATYPES[item.datatype].numpy)
+    if len(content) != count * dtype.itemsize:
+        raise ConfigError(
+            f"{field_name}.input_data_file: {path} holds {len(content)} bytes; shape {list(shape)} of "
+            f"{item.datatype} needs {count * dtype.itemsize}"
+        )
+    return np.frombuffer(content, dtype=dtype).reshape(shape)
+
+
+def _random(datatype: str, shape: tuple[int, ...]) -> np.ndarray:
+    generator = np.random.default_rng()
+    if datatype == "BYTES":
+        digits = generator.integers(0, 10**6, size=shape)
+        return digits.astype(str).astype(object)
+    dtype = np.dtype(DATATYPES[datatype].numpy)
+    if dtype.kind == "f":
+        return generator.standard_normal(shape).astype(dtype)
+    if dtype.kind == "b":
+        return generator.integers(0, 2, size=shape).astype(bool)
+    return generator.integers(0, 100, size=shape).astype(dtype)
