@@ -154,7 +154,7 @@ class Batcher:
         """Queue one request; its `future` resolves with its Answer (or the error that ended it).
         For callers that do not await it in a task of their own, such as the requests of a stream."""
         if self._closing:
-            raise ShuttingDown(f"{self.label}: the server is shutting down")
+            raise ShuttingDown(f"{self.label} is closing (unloaded, replaced by a reload, or the server is stopping); retry")
         max_queue = self.settings.queue_policy.max_queue_size
         if max_queue and self._depth >= max_queue:
             raise Overloaded(f"{self.label}: queue is full ({max_queue} requests waiting); retry later")

@@ -50,6 +50,23 @@ def add_one(shape=("batch", 4)) -> onnx.ModelProto:
     return _model([helper.make_node("Add", ["x", "one"], ["y"])], [_io("x", "FP32", shape)], [_io("y", "FP32", shape)], [one])
 
 
+def add_constant(value: float, shape=("batch", 4)) -> onnx.ModelProto:
+    """FP32: y = x + value; versions built with different values tell which one answered."""
+    constant = numpy_helper.from_array(np.array(value, dtype=np.float32), "constant")
+    return _model(
+        [helper.make_node("Add", ["x", "constant"], ["y"])], [_io("x", "FP32", shape)], [_io("y", "FP32", shape)], [constant]
+    )
+
+
+def text_to_number() -> onnx.ModelProto:
+    """BYTES [batch, 1] -> INT64: Cast parses each string, so an empty string (a zero) fails ("stoll")."""
+    return _model(
+        [helper.make_node("Cast", ["text"], ["number"], to=TensorProto.INT64)],
+        [_io("text", "BYTES", ["batch", 1])],
+        [_io("number", "INT64", ["batch", 1])],
+    )
+
+
 def two_in_two_out() -> onnx.ModelProto:
     """a, b FP32 [batch, 2] -> sum, difference; and a count INT64 [batch, 1] copied through."""
     return _model(

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from server.config import parse_server_settings
-from server.model_config import load_model_settings
+from server.model_config import WarmupInput, load_model_settings, settings_from_json
 from server.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,6 +40,17 @@ def test_device_prices_say_where_they_came_from(tmp_path):
         (["--device-price", "cpu=-1"], {}, "--device-price: 'cpu=-1'"),
         (["--device-price", "cpu=1", "--device-price", "cpu=2"], {}, "priced twice"),
         ([], {"ONNXSERVE_DEVICE_PRICE": "cuda:0=cheap"}, "ONNXSERVE_DEVICE_PRICE: 'cuda:0=cheap'"),
+        (["--model-control-mode", "auto"], {}, "--model-control-mode: 'auto'"),
+        (["--repository-poll-secs", "0"], {}, "--repository-poll-secs: 0"),
+        (["--load-model", "mlp"], {}, "--load-model: \\['mlp'\\] needs --model-control-mode explicit"),
+        (["--grpc-restricted-protocol", "model-repository"], {}, "GROUP\\[,GROUP...\\]:HEADER=VALUE"),
+        (["--grpc-restricted-protocol", "admin:key=value"], {}, "'admin:key=value'"),
+        (["--grpc-restricted-protocol", "statistics:key="], {}, "'statistics:key='"),
+        (
+            ["--grpc-restricted-protocol", "statistics:a=1", "--grpc-restricted-protocol", "statistics:b=2"],
+            {},
+            "restricted twice",
+        ),
     ],
 )
 def test_bad_settings_name_the_flag(tmp_path, argv, env, message):
@@ -47,6 +58,24 @@ def test_bad_settings_name_the_flag(tmp_path, argv, env, message):
         argv = argv + ["--model-repository", str(tmp_path)]
     with pytest.raises(ConfigError, match=message):
         parse_server_settings(argv, env)
+
+
+def test_model_control_flags_and_their_environment(tmp_path):
+    repo = ["--model-repository", str(tmp_path)]
+    env = {
+        "ONNXSERVE_MODEL_CONTROL_MODE": "explicit",
+        "ONNXSERVE_LOAD_MODEL": "mlp, add_sub",
+        "ONNXSERVE_GRPC_RESTRICTED_PROTOCOL": "model-repository,statistics:Admin-Key=a=b;inference:token=t",
+    }
+    settings = parse_server_settings(repo, env)
+    assert settings.model_control_mode == "explicit" and settings.load_model == ("mlp", "add_sub")
+    first, second = settings.grpc_restricted_protocol
+    assert (first.groups, first.header, first.value) == (("model-repository", "statistics"), "admin-key", "a=b")
+    assert "RepositoryModelLoad" in first.methods and "ModelStatistics" in first.methods
+    assert second.methods == ("ModelInfer", "ModelStreamInfer")
+    flags = parse_server_settings([*repo, "--model-control-mode", "poll", "--repository-poll-secs", "2.5"], {})
+    assert (flags.model_control_mode, flags.repository_poll_secs, flags.load_model) == ("poll", 2.5, ())
+    assert parse_server_settings(repo, {}).model_control_mode == "none"
 
 
 def write_config(tmp_path: Path, text: str) -> Path:
@@ -104,6 +133,15 @@ def test_no_config_means_derive_everything(tmp_path):
         ("instance_group [{ count: 1 }, { count: 1 }]", "instance_group"),
         ('optimization { execution_accelerators { gpu_execution_accelerator [{ name: "warp" }] } }', "'warp'"),
         ("max_batch_size: 4 dynamic_batching { priority_levels: 1 default_priority_level: 3 }", "default_priority_level"),
+        ('model_warmup [{ inputs { key: "x" value { data_type: TYPE_FP32 dims: [1] zero_data: true } } }]', "model_warmup[0].name"),
+        ('model_warmup [{ name: "w" }]', "model_warmup[0].inputs: empty"),
+        ('model_warmup [{ name: "w" inputs { key: "x" value { dims: [1] zero_data: true } } }]', "inputs['x'].data_type"),
+        ('model_warmup [{ name: "w" inputs { key: "x" value { data_type: TYPE_FP32 dims: [-1] zero_data: true } } }]', "dims: [-1]"),
+        ('model_warmup [{ name: "w" inputs { key: "x" value { data_type: TYPE_FP32 dims: [1] } } }]', "set one of zero_data"),
+        (
+            'model_warmup [{ name: "w" inputs { key: "x" value { data_type: TYPE_FP32 dims: [1] input_data_file: "../x" } } }]',
+            "inside <model>/warmup/",
+        ),
     ],
 )
 def test_bad_config_names_file_and_field(tmp_path, text, fragment):
@@ -117,3 +155,20 @@ def test_bad_config_names_file_and_field(tmp_path, text, fragment):
 def test_generated_protos_are_up_to_date():
     result = subprocess.run([sys.executable, str(ROOT / "protos" / "generate.py"), "--check"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_a_json_config_parses_like_config_pbtxt():
+    settings = settings_from_json(
+        '{"max_batch_size": "16", "dynamic_batching": {"max_queue_delay_microseconds": 100},'
+        ' "model_warmup": [{"name": "w", "batch_size": 2, "count": 3,'
+        ' "inputs": {"x": {"data_type": "TYPE_FP32", "dims": [4], "random_data": true}}}]}',
+        "m",
+    )
+    assert settings.max_batch_size == 16 and settings.batching.max_queue_delay_us == 100
+    (sample,) = settings.warmup
+    assert (sample.name, sample.batch_size, sample.count) == ("w", 2, 3)
+    assert sample.inputs[0] == WarmupInput("x", "FP32", (4,), "random")
+    for text, fragment in (("{max_batch_size: 4}", "not a JSON ModelConfig"), ('{"turbo": 1}', "turbo"), ('{"name": "n"}', "differs")):
+        with pytest.raises(ConfigError, match="load request parameter 'config'") as error:
+            settings_from_json(text, "m")
+        assert fragment in str(error.value)
