@@ -24,7 +24,7 @@ GONE = None  # a model directory that was removed
 def fingerprint(model_dir: Path) -> Fingerprint:
     """What a change to any file of the model changes; blocking (it stats every file)."""
     found = []
-    for directory, subdirectories, files in os.walk(model_dir):
+    for directory, subdirectories, files in os.walk(model_dir, followlinks=True):  # version dirs may be links
         subdirectories[:] = [name for name in subdirectories if not name.startswith(".")]
         for name in files:
             if name.startswith("."):

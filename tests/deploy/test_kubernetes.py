@@ -39,7 +39,7 @@ ADAPTER_RULES = KUBERNETES / "autoscaling" / "prometheus-adapter-rules.yaml"
 KSERVE = KUBERNETES / "kserve"
 KUBERNETES_VERSION = "1.30.0"
 OVERLAYS = ("overlays/cpu", "overlays/gpu")
-RENDERED = (*OVERLAYS, "examples/models-from-pvc")
+RENDERED = (*OVERLAYS, "examples/models-from-pvc", "examples/models-polled")
 # Custom resources: no schema is bundled, kubernetes-validate can only warn about them.
 CUSTOM_KINDS = {"ServiceMonitor", "ServingRuntime", "InferenceService"}
 YAMLLINT = "{extends: default, rules: {line-length: {max: 120}, document-start: disable}}"
@@ -280,6 +280,15 @@ def test_pvc_example_serves_the_mounted_repository(rendered, tmp_path):
     [models] = [volume for volume in spec["volumes"] if volume["name"] == "models"]
     assert set(models) == {"name", "persistentVolumeClaim"}
     server_settings(env, tmp_path)
+
+
+def test_polled_example_follows_the_mounted_repository(rendered, tmp_path):
+    polled, pvc = rendered["examples/models-polled"], rendered["examples/models-from-pvc"]
+    env = env_of(server_container(polled))
+    assert set(env) >= set(env_of(server_container(pvc))), "the patch dropped variables"
+    assert pod_spec(polled)["volumes"] == pod_spec(pvc)["volumes"]
+    settings = server_settings(env, tmp_path)
+    assert settings.model_control_mode == "poll" and settings.repository_poll_secs == 30
 
 
 def test_gpu_limits_only_in_the_gpu_overlay(rendered):

@@ -122,6 +122,7 @@ def test_unload_under_load_answers_what_it_accepted_and_leaves_other_models_alon
     server = serve(tmp_path, *EXPLICIT, "--load-model", "*")
     with Callers(server.url, "leaving", 32) as leaving, Callers(server.url, "staying", 32) as staying:
         server.client().unload_model("leaving")
+        time.sleep(0.2)  # answers sent before the unload returned reach the callers
         before = leaving.answered()
         time.sleep(0.5)
         assert leaving.answered() == before, "nothing is answered by an unloaded model"
