@@ -14,7 +14,7 @@ from server import protocol
 from server.config import ServerSettings
 from server.control import RepositoryControl
 from server.costs import CostLedger, resolve_prices
-from server.events import BatchExecuted, BatchStarted, EventBus, ModelStateChanged, RequestFinished
+from server.events import BatchExecuted, BatchStarted, EventBus, ModelStateChanged, RepositoryChanged, RequestFinished
 from server.metrics import CostCollector, GpuCollector, GpuReader, MetricsObserver, serve_metrics
 from server.polling import RepositoryPoller
 from server.repository import ModelRepository
@@ -79,7 +79,7 @@ async def serve(settings: ServerSettings) -> int:
     if settings.model_control_mode == "poll":
         poller.start(await asyncio.to_thread(poller.scan))  # before loading: changes made meanwhile count
     changed = asyncio.Event()
-    bus.subscribe(lambda _: changed.set(), ModelStateChanged)
+    bus.subscribe(lambda _: changed.set(), RepositoryChanged)
     loading = asyncio.create_task(repository.load_all(_startup_models(settings, repository)))
     followers = []
     await asyncio.wait((loading, asyncio.create_task(stop.wait())), return_when=asyncio.FIRST_COMPLETED)

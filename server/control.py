@@ -1,10 +1,15 @@
-"""The model repository extension's RPCs (RepositoryIndex, RepositoryModelLoad,
-RepositoryModelUnload): gRPC messages to repository calls and back."""
+"""Administration over gRPC: the model repository extension's RPCs (RepositoryIndex,
+RepositoryModelLoad, RepositoryModelUnload) as repository calls, and RPC groups restricted to
+callers that send a header (--grpc-restricted-protocol)."""
 
+import hmac
 import logging
 
+import grpc
+
 from server import protocol
-from server.errors import ControlDisabled
+from server.config import RestrictedProtocol
+from server.errors import ControlDisabled, PermissionDenied
 from server.overrides import parse_load_parameters
 from server.repository import READY, ModelRepository
 
@@ -61,3 +66,33 @@ def _described(config: str | None, files: dict[str, bytes]) -> str:
     if files:
         parts.append(f"{len(files)} file(s) ({sum(len(content) for content in files.values())} bytes)")
     return f" with {' and '.join(parts)}" if parts else ""
+
+
+def restricted(implementation, rule: RestrictedProtocol, streaming: bool):
+    """The RPC, refused with PERMISSION_DENIED unless the call carries the rule's metadata."""
+
+    def check(context) -> None:
+        given = next((value for key, value in context.invocation_metadata() if key == rule.header), None)
+        if given is None or not hmac.compare_digest(str(given).encode(), rule.value.encode()):
+            raise PermissionDenied(
+                f"this RPC is restricted ({', '.join(rule.groups)}): send the metadata header '{rule.header}' "
+                "with the value the server was given in --grpc-restricted-protocol"
+            )
+
+    if streaming:
+
+        async def stream(requests, context):
+            try:
+                check(context)
+            except PermissionDenied as err:
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(err))
+            async for answer in implementation(requests, context):
+                yield answer
+
+        return stream
+
+    async def call(request, context):
+        check(context)
+        return await implementation(request, context)
+
+    return call

@@ -85,6 +85,13 @@ class ModelStateChanged:
     load_seconds: float = 0.0  # from reading the file to ready: sessions, calibration, warm-up
 
 
+@dataclass(frozen=True, slots=True)
+class RepositoryChanged:
+    """A load or unload of a model ended, successfully or not: readiness may have changed."""
+
+    model: str
+
+
 Observer = Callable[[object], None]
 
 

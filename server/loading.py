@@ -45,6 +45,8 @@ async def load_version(
     """A version ready to serve, not yet announced; raises ConfigError (sessions closed) when it cannot load."""
     loaded = ModelVersion(name, version)
     path = model_dir / version / settings.model_filename
+    if not path.resolve().is_relative_to((model_dir / version).resolve()):
+        raise ConfigError(f"{settings.source}: default_model_filename: {path} is outside {model_dir / version}")
     if not path.is_file():
         raise ConfigError(f"{path}: model file not found")
     started = time.perf_counter()
@@ -54,9 +56,12 @@ async def load_version(
         choice = await asyncio.to_thread(pool.calibrate, signature.inputs, completed.batching.max_batch_size)
         log.info("%s runs with %s", loaded.label, choice.describe())
         await asyncio.to_thread(warmup.warm_up, pool, completed, signature, model_dir)
-    except ConfigError:
-        await asyncio.to_thread(pool.close)
-        raise
+    except BaseException as err:  # a failure, a bug, or a cancelled load: the sessions close either way
+        await asyncio.shield(asyncio.to_thread(pool.close))
+        if isinstance(err, (ConfigError, asyncio.CancelledError)) or not isinstance(err, Exception):
+            raise
+        log.exception("%s: unexpected failure while loading", loaded.label)
+        raise ConfigError(f"{loaded.label}: unexpected failure while loading ({type(err).__name__}); see the server log") from err
     loaded.batcher = Batcher(pool.run, completed.batching, pool.instance_count, name, version, bus, pool.devices)
     loaded.batcher.start()
     loaded.settings, loaded.signature, loaded.pool = completed, signature, pool

@@ -219,7 +219,7 @@ def settings_from_proto(proto, where: str, model_name: str) -> ModelSettings:
         batching=_batching(proto, where, max_batch_size or 0),
         session=_session(proto, where),
         version_policy=_version_policy(proto.version_policy, where),
-        model_filename=proto.default_model_filename or "model.onnx",
+        model_filename=_model_filename(proto.default_model_filename, where),
         warmup=tuple(_warmup(sample, f"{where}: model_warmup[{i}]") for i, sample in enumerate(proto.model_warmup)),
     )
 
@@ -357,7 +357,16 @@ def _warmup(proto, where: str) -> WarmupSample:
 
 def _inside(relative: str) -> bool:
     parts = Path(relative).parts
-    return bool(parts) and not Path(relative).is_absolute() and ".." not in parts
+    return bool(parts) and "\0" not in relative and not Path(relative).is_absolute() and ".." not in parts
+
+
+def _model_filename(name: str, where: str) -> str:
+    """A file name inside the version directory, nothing more."""
+    if not name:
+        return "model.onnx"
+    if "/" in name or "\0" in name or name in (".", ".."):
+        raise ConfigError(f"{where}: default_model_filename: {name!r} must be a file name inside the version directory")
+    return name
 
 
 def _version_policy(proto, where: str) -> VersionPolicy:

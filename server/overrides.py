@@ -3,13 +3,12 @@ JSON ModelConfig that replaces config.pbtxt for that load, and `file:<version>/<
 files, written to a private directory for the load and removed after it, never into the
 user's repository."""
 
-import contextlib
 import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path, PurePosixPath
-from typing import Iterator, Mapping
+from typing import Mapping
 
 from server.errors import InvalidInput
 
@@ -75,23 +74,32 @@ def _shorten(text: str, limit: int = 64) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
-@contextlib.contextmanager
-def private_copy(name: str, files: Mapping[str, bytes]) -> Iterator[Path]:
-    """A model directory holding `files`, readable by this process only, removed afterwards."""
+def write_private_copy(name: str, files: Mapping[str, bytes]) -> Path:
+    """Blocking: a new directory, readable by this process only, holding <root>/<name>/<files>;
+    returns <root>. InvalidInput when the files cannot be laid out (a file where a directory must be)."""
     root = Path(tempfile.mkdtemp(prefix="onnxserve-load-"))
     try:
         model_dir = root / name
+        model_dir.mkdir(mode=0o700)
         for relative, content in files.items():
             target = model_dir / relative
-            if not target.resolve().is_relative_to(root.resolve()):  # after the checks above, a last guard
+            if not target.resolve().is_relative_to(model_dir.resolve()):  # after check_files, a last guard
                 raise InvalidInput(f"failed to load '{name}': parameter '{FILE_PREFIX}{relative}' leaves its directory")
             target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            with open(target, "wb", opener=lambda path, flags: os.open(path, flags, 0o600)) as handle:
+            with open(target, "xb", opener=lambda path, flags: os.open(path, flags, 0o600)) as handle:
                 handle.write(content)
-        model_dir.mkdir(exist_ok=True, mode=0o700)
-        yield model_dir
-    finally:
-        try:
-            shutil.rmtree(root)
-        except OSError as err:  # the load's own outcome matters more; the leftover is named
-            log.warning("could not remove the load's private directory %s: %s", root, err)
+    except OSError as err:
+        remove_private_copy(root)
+        raise InvalidInput(f"failed to load '{name}': the 'file:' parameters cannot be laid out as files: {err}") from None
+    except InvalidInput:
+        remove_private_copy(root)
+        raise
+    return root
+
+
+def remove_private_copy(root: Path) -> None:
+    """Blocking; a leftover is logged, as the load's own outcome matters more."""
+    try:
+        shutil.rmtree(root)
+    except OSError as err:
+        log.warning("could not remove the load's private directory %s: %s", root, err)

@@ -17,7 +17,7 @@ from server.repository import ModelRepository
 
 log = logging.getLogger(__name__)
 
-Fingerprint = tuple[tuple[str, int, int], ...]  # (relative path, size, mtime in ns) of each file
+Fingerprint = tuple[tuple[str, int, int, int, int], ...]  # per file: relative path, size, mtime, ctime (ns), inode
 GONE = None  # a model directory that was removed
 
 
@@ -30,11 +30,13 @@ def fingerprint(model_dir: Path) -> Fingerprint:
             if name.startswith("."):
                 continue
             path = Path(directory, name)
+            relative = str(path.relative_to(model_dir))
             try:
                 stat = path.stat()
-            except FileNotFoundError:  # removed between the listing and the stat: the next scan sees it
+            except OSError:  # removed since the listing, a dangling or looping link: a state of its own
+                found.append((relative, -1, -1, -1, -1))
                 continue
-            found.append((str(path.relative_to(model_dir)), stat.st_size, stat.st_mtime_ns))
+            found.append((relative, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino))
     return tuple(sorted(found))
 
 
@@ -57,7 +59,10 @@ class RepositoryPoller:
         log.info("polling the repository %s every %g s", self.repository.root, self.period)
         while True:
             await asyncio.sleep(self.period)
-            await self.poll_once()
+            try:
+                await self.poll_once()
+            except Exception:  # a repository that vanished or turned unreadable: keep polling, loudly
+                log.exception("poll: scanning the repository %s failed; trying again in %g s", self.repository.root, self.period)
 
     async def poll_once(self) -> None:
         seen = await asyncio.to_thread(self.scan)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from server import overrides
 from server.errors import ConfigError, LoadFailed, ModelNotFound, ModelNotReady
-from server.events import EventBus, ModelStateChanged
+from server.events import EventBus, ModelStateChanged, RepositoryChanged
 from server.loading import LOADING, READY, UNAVAILABLE, UNLOADING, ModelVersion, load_version, ready_event, retire
 from server.model_config import ModelSettings, load_model_settings, settings_from_json
 
@@ -42,6 +42,7 @@ class ModelRepository:
         self.bus = bus
         self.models: dict[str, ModelEntry] = {}
         self.loaded = False  # the start-up loads are done
+        self._changes: set[asyncio.Task] = set()  # loads and unloads under way
 
     # --- lookups ------------------------------------------------------------------------------
 
@@ -113,10 +114,30 @@ class ModelRepository:
         """Load `name`, or reload it beside what serves now. `config` (JSON ModelConfig) replaces
         config.pbtxt for this load; `files` (relative path -> bytes) replace the model's directory.
         Raises ModelNotFound, InvalidInput (a bad parameter) or LoadFailed."""
+        await self._to_the_end(name, self._load_request(name, config, files))
+
+    async def unload(self, name: str) -> None:
+        """New requests are refused at once; accepted ones are answered; then the sessions close."""
+        await self._to_the_end(name, self._unload(name))
+
+    async def _to_the_end(self, name: str, change) -> None:
+        """Run a change to its end even when its caller goes away (a cancelled RPC, shutdown):
+        a change stopped halfway would leave versions loading forever and sessions open."""
+        task = asyncio.create_task(change)
+        self._changes.add(task)
+        task.add_done_callback(self._changes.discard)
+        task.add_done_callback(lambda done: done.cancelled() or done.exception())  # reported by the caller or the log
+        task.add_done_callback(lambda _: self.bus.publish(RepositoryChanged(name)))
+        await asyncio.shield(task)
+
+    async def _load_request(self, name: str, config: str | None, files: dict[str, bytes] | None) -> None:
         if files:
             overrides.check_files(name, files, config)
-            with overrides.private_copy(name, files) as model_dir:
-                await self._load(name, model_dir, config)
+            root = await asyncio.to_thread(overrides.write_private_copy, name, files)
+            try:
+                await self._load(name, root / name, config)
+            finally:
+                await asyncio.to_thread(overrides.remove_private_copy, root)
             return
         model_dir = self.root / name
         if not overrides.is_model_name(name) or not model_dir.is_dir():
@@ -194,15 +215,14 @@ class ModelRepository:
 
     def _failure(self, entry: ModelEntry, reason: str) -> LoadFailed:
         """Record why a load failed; versions that serve keep serving."""
-        serving = sorted(entry.serving(), key=int)
+        serving = sorted(int(number) for number in entry.serving())
         if serving and entry.state == READY:
             entry.reason = f"reload failed, versions {serving} keep serving: {reason}"
         else:
             entry.state, entry.reason = UNAVAILABLE, reason
         return LoadFailed(f"failed to load '{entry.name}': {entry.reason}")
 
-    async def unload(self, name: str) -> None:
-        """New requests are refused at once; accepted ones are answered; then the sessions close."""
+    async def _unload(self, name: str) -> None:
         entry = self.models.get(name)
         if entry is None:
             if name in self.discover():
@@ -212,7 +232,7 @@ class ModelRepository:
             entry.wanted = False
             serving = list(entry.serving().values())
             for version in serving:
-                version.state, version.reason = UNLOADING, "unloading"
+                version.state, version.reason = UNLOADING, "unloaded"
             entry.state, entry.reason = UNAVAILABLE, "unloaded"
             await asyncio.gather(*(retire(version) for version in serving))
             for version in serving:
@@ -222,7 +242,8 @@ class ModelRepository:
             log.info("model '%s' unloaded (versions %s)", name, sorted(v.version for v in serving))
 
     async def close(self) -> None:
-        """Shutdown: drain every batcher, then close the sessions."""
+        """Shutdown: let loads and unloads under way finish, drain every batcher, then close the sessions."""
+        await asyncio.gather(*self._changes, return_exceptions=True)  # their failures are logged
         versions = [version for entry in self.models.values() for version in entry.serving().values()]
         await asyncio.gather(*(retire(version) for version in versions))
         for version in versions:

@@ -3,7 +3,6 @@ domain errors to gRPC status codes."""
 
 import asyncio
 import collections
-import hmac
 import logging
 import time
 from dataclasses import dataclass, field
@@ -13,7 +12,7 @@ import grpc
 
 from server import protocol
 from server.config import RestrictedProtocol
-from server.control import RepositoryControl
+from server.control import RepositoryControl, restricted
 from server.errors import (
     ControlDisabled,
     DeadlineExceeded,
@@ -133,7 +132,7 @@ class InferenceService:
         for method in protocol.SERVICE.methods:
             implementation = getattr(self, method.name, None) or getattr(self.control, method.name, None)
             if implementation is not None and method.name in self.restricted:
-                implementation = _restricted(implementation, self.restricted[method.name], method.server_streaming)
+                implementation = restricted(implementation, self.restricted[method.name], method.server_streaming)
             deserialize = protocol.request_class(method.name).FromString
             serialize = protocol.response_class(method.name).SerializeToString
             if method.client_streaming or method.server_streaming:
@@ -362,36 +361,6 @@ def _guarded(method: str, implementation):
         except Exception:
             log.exception("%s failed", method)
             await context.abort(grpc.StatusCode.INTERNAL, f"{method}: internal error; the server log has details")
-
-    return call
-
-
-def _restricted(implementation, rule: RestrictedProtocol, streaming: bool):
-    """The RPC, refused with PERMISSION_DENIED unless the call carries the rule's metadata."""
-
-    def check(context) -> None:
-        given = next((value for key, value in context.invocation_metadata() if key == rule.header), None)
-        if given is None or not hmac.compare_digest(str(given).encode(), rule.value.encode()):
-            raise PermissionDenied(
-                f"this RPC is restricted ({', '.join(rule.groups)}): send the metadata header '{rule.header}' "
-                "with the value the server was given in --grpc-restricted-protocol"
-            )
-
-    if streaming:
-
-        async def stream(requests, context):
-            try:
-                check(context)
-            except PermissionDenied as err:
-                await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(err))
-            async for answer in implementation(requests, context):
-                yield answer
-
-        return stream
-
-    async def call(request, context):
-        check(context)
-        return await implementation(request, context)
 
     return call
 

@@ -66,7 +66,11 @@ def _tensor(item: WarmupInput, shape: tuple[int, ...], signature: Signature, mod
     if not fits:
         raise ConfigError(f"{field_name}.dims: the sample's shape {list(shape)} does not fit the input's {list(spec.shape)}")
     if item.data == "file":
-        return _from_file(item, shape, model_dir / WARMUP_DIR / item.data_file, field_name)
+        folder = model_dir / WARMUP_DIR
+        path = folder / item.data_file
+        if not path.resolve().is_relative_to(folder.resolve()):
+            raise ConfigError(f"{field_name}.input_data_file: {path} leads outside {folder}")
+        return _from_file(item, shape, path, field_name)
     if item.data == "random":
         return _random(item.datatype, shape)
     if item.datatype == "BYTES":

@@ -271,3 +271,72 @@ def test_warmup_samples_that_do_not_fit_the_model_name_the_field(tmp_path, serve
         assert "model_warmup[0]" in error.message() and expected in error.message(), error.message()
     assert answer(client, "plus_one") == ("1", 1.0)
 
+
+
+def test_any_rpc_group_can_be_restricted_streams_included(repository, serve):
+    server = serve(repository, "--grpc-restricted-protocol", "inference:token=t0ken")
+    client = server.client()
+    error = refused(client.infer, "plus_one", x_input(np.ones((1, 4), np.float32)))
+    assert error.status() == "StatusCode.PERMISSION_DENIED" and "'token'" in error.message()
+    result = client.infer("plus_one", x_input(np.ones((1, 4), np.float32)), headers={"token": "t0ken"})
+    np.testing.assert_array_equal(result.as_numpy("y"), np.full((1, 4), 2, np.float32))
+    assert client.is_server_ready() and client.get_model_repository_index().models  # other groups stay open
+
+    answers = []
+    client.start_stream(callback=lambda result, error: answers.append(error))  # refused as it opens
+    assert wait_until(lambda: answers)
+    client.stop_stream()
+    assert answers[0] is not None and "PERMISSION_DENIED" in str(answers[0].status())
+
+
+def test_a_load_whose_caller_gives_up_still_finishes(repository, serve):
+    server = serve(repository, *EXPLICIT)
+    client = server.client()
+    sample = {"name": "long", "batch_size": 1, "count": 100000, "inputs": {"x": {"data_type": "TYPE_FP32", "dims": [4], "zero_data": True}}}
+    slow_to_load = json.dumps({"model_warmup": [sample]})  # a warm-up of about a second
+    names = ("plus_one", "plus_ten", "plus_hundred")
+    for name in names:
+        with pytest.raises(InferenceServerException) as gave_up:
+            client.load_model(name, config=slow_to_load, client_timeout=0.3)
+        assert "Deadline" in str(gave_up.value) or "DEADLINE" in str(gave_up.value.status())
+    assert all(f"load of model '{name}' requested" in server.log_text() for name in names)
+
+    def settled() -> bool:
+        return all(index(client).get((name, "1"), ("",))[0] == "READY" for name in names)
+
+    assert wait_until(settled, timeout=60), index(client)
+    assert [answer(client, name)[0] for name in names] == ["1"] * 3
+
+
+def test_a_load_request_cannot_reach_files_outside_the_model(repository, serve, tmp_path_factory):
+    secret = tmp_path_factory.mktemp("elsewhere") / "secret.onnx"
+    secret.write_bytes(onnx_models.add_constant(666).SerializeToString())
+    server = serve(repository, *EXPLICIT)
+    client = server.client()
+    for filename in (str(secret), "../../elsewhere0/secret.onnx", "a\u0000b"):
+        error = refused(client.load_model, "plus_one", config=json.dumps({"default_model_filename": filename}))
+        assert error.status() == "StatusCode.INVALID_ARGUMENT" and "default_model_filename" in error.message()
+    sample = {"name": "s", "batch_size": 1, "inputs": {"x": {"data_type": "TYPE_FP32", "dims": [4], "input_data_file": "a\u0000b"}}}
+    error = refused(client.load_model, "plus_one", config=json.dumps({"model_warmup": [sample]}))
+    assert error.status() == "StatusCode.INVALID_ARGUMENT" and "input_data_file" in error.message()
+    (repository / "plus_one" / "warmup").mkdir()
+    (repository / "plus_one" / "warmup" / "link").symlink_to(secret)
+    sample["inputs"]["x"]["input_data_file"] = "link"
+    error = refused(client.load_model, "plus_one", config=json.dumps({"model_warmup": [sample]}))
+    assert "leads outside" in error.message()
+    clash = refused(client.load_model, "pushed", config="{}", files={"file:1": b"a", "file:1/model.onnx": b"b"})
+    assert clash.status() == "StatusCode.INVALID_ARGUMENT" and "cannot be laid out" in clash.message()
+    assert client.is_server_live() and not client.is_model_ready("plus_one")
+
+
+def test_unloading_a_model_that_failed_at_start_makes_the_server_ready(tmp_path, serve):
+    onnx_models.write(tmp_path, "good", onnx_models.add_constant(1))
+    (tmp_path / "broken" / "1").mkdir(parents=True)
+    (tmp_path / "broken" / "1" / "model.onnx").write_bytes(b"broken")
+    server = serve(tmp_path, *EXPLICIT, "--load-model", "*", wait_ready=False)
+    client = server.client()
+    assert wait_until(lambda: any("not ready: " in line for line in server.log))
+    health = health_pb2_grpc.HealthStub(grpc.insecure_channel(server.url))
+    client.unload_model("broken")
+    assert client.is_server_ready()
+    assert wait_until(lambda: health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING)

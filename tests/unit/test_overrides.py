@@ -6,7 +6,7 @@ import os
 import pytest
 
 from server.errors import InvalidInput
-from server.overrides import check_files, parse_load_parameters, private_copy
+from server.overrides import check_files, parse_load_parameters, remove_private_copy, write_private_copy
 from server.polling import fingerprint
 
 
@@ -51,12 +51,20 @@ def test_files_need_a_config_and_a_plain_model_name():
 
 
 def test_private_copy_holds_the_files_for_the_load_only():
-    with private_copy("m", {"1/model.onnx": b"onnx", "warmup/x": b"1"}) as model_dir:
-        assert (model_dir / "1" / "model.onnx").read_bytes() == b"onnx"
-        assert (model_dir / "warmup" / "x").read_bytes() == b"1"
-        assert oct((model_dir / "1" / "model.onnx").stat().st_mode & 0o777) == "0o600"
-        root = model_dir.parent
+    root = write_private_copy("m", {"1/model.onnx": b"onnx", "warmup/x": b"1"})
+    model_dir = root / "m"
+    assert (model_dir / "1" / "model.onnx").read_bytes() == b"onnx"
+    assert (model_dir / "warmup" / "x").read_bytes() == b"1"
+    assert oct((model_dir / "1" / "model.onnx").stat().st_mode & 0o777) == "0o600"
+    remove_private_copy(root)
     assert not root.exists()
+
+
+def test_files_that_clash_are_refused_and_leave_nothing_behind(tmp_path, monkeypatch):
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    with pytest.raises(InvalidInput, match="cannot be laid out as files"):
+        write_private_copy("m", {"1": b"a file", "1/model.onnx": b"under it"})
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_fingerprint_sees_content_and_time_but_not_hidden_files(tmp_path):
@@ -70,4 +78,6 @@ def test_fingerprint_sees_content_and_time_but_not_hidden_files(tmp_path):
     os.utime(tmp_path / "1" / "model.onnx", ns=(1, 1))
     assert fingerprint(tmp_path) != first
     (tmp_path / "1" / ".model.onnx.part").rename(tmp_path / "2.onnx")
-    assert [path for path, _, _ in fingerprint(tmp_path)] == ["1/model.onnx", "2.onnx"]
+    assert [entry[0] for entry in fingerprint(tmp_path)] == ["1/model.onnx", "2.onnx"]
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    assert fingerprint(tmp_path)[-1] == ("loop", -1, -1, -1, -1)
