@@ -187,8 +187,10 @@ class ModelRepository:
         versions.update({version.version: version for version in departing})
         versions.update(loaded)
         entry.versions = versions  # from here on, new requests go to the new versions
-        entry.state, entry.reason = (UNAVAILABLE, "; ".join(failures.values())) if failures else (READY, "")
-        entry.wanted = entry.wanted or not failures
+        if failures:
+            entry.state = UNAVAILABLE  # a first load that failed in part: what loaded serves, the model is not ready
+        else:
+            entry.state, entry.reason, entry.wanted = READY, "", True
         for version in loaded.values():
             self.bus.publish(ready_event(version))
         for version in departing:

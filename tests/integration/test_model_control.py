@@ -5,6 +5,8 @@ and model_warmup."""
 import json
 import shutil
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -340,3 +342,36 @@ def test_unloading_a_model_that_failed_at_start_makes_the_server_ready(tmp_path,
     client.unload_model("broken")
     assert client.is_server_ready()
     assert wait_until(lambda: health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def test_index_shows_loading_and_unloading_while_they_happen(repository, serve):
+    onnx_models.write(repository, "slow", onnx_models.slow_add_one(), "max_batch_size: 4")
+    server = serve(repository, *EXPLICIT, "--load-model", "slow")
+    client = server.client()
+    sample = {"name": "long", "batch_size": 1, "count": 100000, "inputs": {"x": {"data_type": "TYPE_FP32", "dims": [4], "zero_data": True}}}
+    loading = threading.Thread(target=client.load_model, args=("plus_one",), kwargs={"config": json.dumps({"model_warmup": [sample]})})
+    loading.start()
+    assert wait_until(lambda: index(client).get(("plus_one", "1")) == ("LOADING", "loading"), timeout=10)
+    assert not client.is_model_ready("plus_one")
+    loading.join(60)
+    assert index(client)[("plus_one", "1")] == ("READY", "")
+
+    outcome = {}
+
+    def long_request():
+        x = np.ones((1, 4), np.float32)
+        tensors = x_input(x)
+        tensors.append(grpcclient.InferInput("work", [1, 1], "INT64"))
+        tensors[1].set_data_from_numpy(np.full((1, 1), 20000, np.int64))
+        outcome["y"] = client.infer("slow", tensors).as_numpy("y")
+
+    caller = threading.Thread(target=long_request)
+    caller.start()
+    time.sleep(0.3)
+    unloading = threading.Thread(target=client.unload_model, args=("slow",))
+    unloading.start()
+    assert wait_until(lambda: index(client).get(("slow", "1"), ("",))[0] == "UNLOADING", timeout=10)
+    caller.join(60)
+    unloading.join(60)
+    np.testing.assert_array_equal(outcome["y"], np.full((1, 4), 2, np.float32))  # answered, then unloaded
+    assert index(client)[("slow", "1")] == ("UNAVAILABLE", "unloaded")
