@@ -19,7 +19,8 @@ from server.metrics import CostCollector, GpuCollector, GpuReader, MetricsObserv
 from server.polling import RepositoryPoller
 from server.repository import ModelRepository
 from server.runtime import CPU, cpu_cores
-from server.service import InferenceService
+from server.grpc_service import InferenceService
+from server.inference import InferenceCore
 from server.statistics import StatisticsRecorder
 
 log = logging.getLogger("onnxserve")
@@ -44,9 +45,8 @@ async def serve(settings: ServerSettings) -> int:
     ProcessCollector(registry=registry)
     repository = ModelRepository(settings.model_repository, settings.default_max_batch_size, bus)
     control = RepositoryControl(repository, settings.model_control_mode)
-    service = InferenceService(
-        repository, bus, settings.strict_readiness, ledger, statistics, control, settings.grpc_restricted_protocol
-    )
+    core = InferenceCore(repository, bus, ledger, settings.strict_readiness)
+    service = InferenceService(core, statistics, control, settings.grpc_restricted_protocol)
     health_servicer = health.aio.HealthServicer()
 
     server = grpc.aio.server(
@@ -86,7 +86,7 @@ async def serve(settings: ServerSettings) -> int:
     if loading.done():
         loading.result()
         ports = f"gRPC port {grpc_port}, metrics port {metrics_httpd.server_port}"
-        followers.append(asyncio.create_task(_follow_readiness(service, health_servicer, changed, ports)))
+        followers.append(asyncio.create_task(_follow_readiness(core, health_servicer, changed, ports)))
         if settings.model_control_mode == "poll":
             followers.append(asyncio.create_task(poller.run()))
         await stop.wait()
@@ -94,7 +94,7 @@ async def serve(settings: ServerSettings) -> int:
     log.info("shutting down: refusing new requests, answering those in flight (up to %.1f s)", settings.exit_timeout_secs)
     for task in (loading, *followers):
         task.cancel()
-    service.shutting_down = True
+    core.shutting_down = True
     await health_servicer.enter_graceful_shutdown()
     await server.stop(settings.exit_timeout_secs)
     await repository.close()
@@ -131,19 +131,19 @@ LIVENESS_SERVICE = "liveness"  # SERVING while the process runs, loading include
 
 
 async def _follow_readiness(
-    service: InferenceService, servicer: health.aio.HealthServicer, changed: asyncio.Event, ports: str
+    core: InferenceCore, servicer: health.aio.HealthServicer, changed: asyncio.Event, ports: str
 ) -> None:
     """gRPC health follows readiness: once the start-up loads are done, then after every load or unload."""
-    if service.ready():
+    if core.ready():
         await _set_health(servicer, health_pb2.HealthCheckResponse.SERVING)
         log.info("ready: %s", ports)
     else:
         log.error("not ready: some models failed to load (--strict-readiness is on); see the errors above")
-    serving = service.ready()
+    serving = core.ready()
     while True:
         await changed.wait()
         changed.clear()
-        if service.ready() != serving and not service.shutting_down:
+        if core.ready() != serving and not core.shutting_down:
             serving = not serving
             status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
             await _set_health(servicer, status)

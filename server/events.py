@@ -68,6 +68,7 @@ class RequestFinished:
     outcome: str
     rows: int
     duration_seconds: float
+    protocol: str = "grpc"  # the transport it came by: grpc or http
 
 
 @dataclass(frozen=True, slots=True)

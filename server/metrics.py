@@ -27,6 +27,7 @@ LATENCY_BUCKETS = (
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
     0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )  # fmt: skip
+PROTOCOLS = ("grpc", "http")
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
@@ -35,7 +36,10 @@ class MetricsObserver:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.requests = Counter(
-            "onnxserve_requests", "ModelInfer calls by outcome", (*MODEL_LABELS, "outcome"), registry=registry
+            "onnxserve_requests",
+            "Inference requests by outcome and transport (grpc, http)",
+            (*MODEL_LABELS, "outcome", "protocol"),
+            registry=registry,
         )
         self.inferences = Counter(
             "onnxserve_inferences", "Rows served (a request of N rows counts N)", MODEL_LABELS, registry=registry
@@ -124,7 +128,7 @@ class MetricsObserver:
     def _request(self, event: RequestFinished) -> None:
         series = self.series(event.model, event.version)
         series.inflight.dec()
-        series.requests[event.outcome].inc()
+        series.requests[event.outcome, event.protocol].inc()
         if event.outcome == "ok":
             series.request_duration.observe(event.duration_seconds)
 
@@ -158,7 +162,11 @@ class VersionSeries:
     def bind(cls, metrics: MetricsObserver, model: str, version: str) -> "VersionSeries":
         labels = (model, version)
         return cls(
-            requests={outcome: metrics.requests.labels(*labels, outcome) for outcome in REQUEST_OUTCOMES},
+            requests={
+                (outcome, protocol): metrics.requests.labels(*labels, outcome, protocol)
+                for outcome in REQUEST_OUTCOMES
+                for protocol in PROTOCOLS
+            },
             inferences=metrics.inferences.labels(*labels),
             batches=metrics.batches.labels(*labels),
             request_duration=metrics.request_duration.labels(*labels),

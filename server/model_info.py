@@ -1,13 +1,54 @@
-"""A model version's configuration in force and its statistics, as Triton's ModelConfig and
-ModelStatistics messages."""
+"""What the server says about itself and its models, for both transports: its name and
+extensions, a version's configuration in force and its statistics, as Triton's ModelConfig and
+ModelStatistics messages (the HTTP transport sends their JSON mapping)."""
+
+from functools import cache
+from importlib import metadata
 
 from server import protocol
-from server.model_config import CONFIG_TYPE_BY_WIRE
+from server.costs import CostLedger
 from server.events import PHASES
-from server.repository import ModelVersion
+from server.model_config import CONFIG_TYPE_BY_WIRE
+from server.repository import READY, ModelRepository, ModelVersion
 from server.statistics import StatisticsRecorder
 
 PLATFORM = "onnxruntime_onnx"
+SERVER_NAME = "onnxserve"
+EXTENSIONS = (
+    "model_configuration", "model_repository", "schedule_policy", "parameters", "binary_tensor_data", "statistics",
+)  # fmt: skip
+
+
+@cache
+def server_version() -> str:
+    try:
+        return metadata.version("onnxserve")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def ready_versions(repository: ModelRepository, name: str) -> list[str]:
+    versions = repository.models[name].versions
+    return [number for number in repository.version_names(name) if versions[number].state == READY]
+
+
+def statistics_response(
+    repository: ModelRepository, recorder: StatisticsRecorder, ledger: CostLedger, name: str, version: str
+):
+    """Triton's ModelStatisticsResponse: one version, or every ready one when no name is given."""
+    if name:
+        chosen = [repository.get(name, version)]
+    else:
+        chosen = [
+            repository.models[model].versions[number]
+            for model in sorted(repository.models)
+            for number in ready_versions(repository, model)
+        ]
+    costs = ledger.snapshot().models
+    response = protocol.ModelStatisticsResponse()
+    for model in chosen:
+        fill_statistics(response.model_stats.add(), model, recorder, costs)
+    return response
 
 
 def model_config_proto(model: ModelVersion):

@@ -66,8 +66,10 @@ class Samples:
     values: dict
 
     def get(self, name: str, **labels: str) -> float:
-        """One sample's value; 0 when the series does not exist yet."""
-        return self.values.get((name, tuple(sorted(labels.items()))), 0.0)
+        """One sample's value, or the sum over the series that add labels not named (a request
+        counter's `protocol`); 0 when no series matches yet."""
+        exact = self.values.get((name, tuple(sorted(labels.items()))))
+        return self.total(name, **labels) if exact is None else exact
 
     def total(self, name: str, **labels: str) -> float:
         """Sum over the series of `name` whose labels include `labels`."""

@@ -1,12 +1,10 @@
-"""gRPC servicer of inference.GRPCInferenceService, and the one table from
-domain errors to gRPC status codes."""
+"""The gRPC transport: inference.GRPCInferenceService's RPCs over the transport-neutral core
+(inference.py), and the one table from domain errors to gRPC status codes."""
 
 import asyncio
 import collections
 import logging
-import time
 from dataclasses import dataclass, field
-from importlib import metadata
 
 import grpc
 
@@ -26,10 +24,8 @@ from server.errors import (
     ShuttingDown,
 )
 from server.batching import Answer
-from server.costs import CostLedger
-from server.events import EventBus, RequestFinished, RequestStarted
-from server.model_info import PLATFORM, fill_statistics, model_config_proto
-from server.repository import READY, ModelRepository, ModelVersion
+from server.inference import GRPC, Call, InferenceCore, outcome_of
+from server.model_info import EXTENSIONS, PLATFORM, SERVER_NAME, server_version, model_config_proto, ready_versions, statistics_response
 from server.statistics import StatisticsRecorder
 from server.tensors import decode_request, encode_outputs
 
@@ -46,29 +42,6 @@ STATUS = {
     ControlDisabled: grpc.StatusCode.FAILED_PRECONDITION,
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
 }
-OUTCOMES = {InvalidInput: "invalid", Overloaded: "rejected", DeadlineExceeded: "timeout", ModelNotFound: "invalid"}
-EXTENSIONS = (
-    "model_configuration", "model_repository", "schedule_policy", "parameters", "binary_tensor_data", "statistics",
-)  # fmt: skip
-# Response parameters that tell a caller what its own request went through and cost.
-COST_PARAMETER = "onnxserve_cost_dollars"
-ENERGY_PARAMETER = "onnxserve_energy_joules"
-DEVICE_PARAMETER = "onnxserve_device"
-QUEUE_PARAMETER = "onnxserve_queue_us"
-COMPUTE_PARAMETER = "onnxserve_compute_us"
-BATCH_PARAMETER = "onnxserve_batch_rows"
-BATCH_ID_PARAMETER = "onnxserve_batch_id"
-
-
-@dataclass(slots=True)
-class Call:
-    """One inference request on its way through the server."""
-
-    request: object  # ModelInferRequest
-    started: float  # perf_counter()
-    model: ModelVersion | None = None  # once the name resolved: its events carry the labels
-    rows: int = 0
-    outputs: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -77,7 +50,7 @@ class _Stream:
 
     answers: collections.deque = field(default_factory=collections.deque)  # None ends the stream
     wakeup: asyncio.Future | None = None  # while the writer waits for the next answer
-    queued: dict = field(default_factory=dict)  # QueuedRequest -> Call
+    queued: dict = field(default_factory=dict)  # QueuedRequest -> (Call, its ModelInferRequest)
     idle: asyncio.Future | None = None  # resolved once the last request read is answered
 
     def put(self, answer) -> None:
@@ -92,40 +65,21 @@ class _Stream:
         return self.answers.popleft()
 
 
-def server_version() -> str:
-    try:
-        return metadata.version("onnxserve")
-    except metadata.PackageNotFoundError:
-        return "0+unknown"
-
-
 class InferenceService:
     """The v2 RPCs. `handler()` registers them with a grpc.aio server."""
 
     def __init__(
         self,
-        repository: ModelRepository,
-        bus: EventBus,
-        strict_readiness: bool,
-        ledger: CostLedger,
+        core: InferenceCore,
         statistics: StatisticsRecorder,
         control: RepositoryControl,
         restricted: tuple[RestrictedProtocol, ...] = (),
     ) -> None:
-        self.repository = repository
+        self.core = core
+        self.repository = core.repository
+        self.statistics = statistics
         self.control = control
         self.restricted = {method: rule for rule in restricted for method in rule.methods}
-        self.bus = bus
-        self.ledger = ledger
-        self.statistics = statistics
-        self.strict_readiness = strict_readiness
-        self.shutting_down = False
-        self.version = server_version()
-
-    def ready(self) -> bool:
-        if self.shutting_down or not self.repository.loaded:
-            return False
-        return self.repository.all_ready() or not self.strict_readiness
 
     def handler(self) -> grpc.GenericRpcHandler:
         handlers = {}
@@ -157,28 +111,25 @@ class InferenceService:
         return protocol.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request, context):
-        return protocol.ServerReadyResponse(ready=self.ready())
+        return protocol.ServerReadyResponse(ready=self.core.ready())
 
     async def ModelReady(self, request, context):
-        ready = not self.shutting_down and self.repository.is_ready(request.name, request.version)
+        ready = not self.core.shutting_down and self.repository.is_ready(request.name, request.version)
         return protocol.ModelReadyResponse(ready=ready)
 
     async def ServerMetadata(self, request, context):
-        return protocol.ServerMetadataResponse(name="onnxserve", version=self.version, extensions=EXTENSIONS)
+        return protocol.ServerMetadataResponse(name=SERVER_NAME, version=server_version(), extensions=EXTENSIONS)
 
     async def ModelMetadata(self, request, context):
         model = self.repository.get(request.name, request.version)
         response = protocol.ModelMetadataResponse(
-            name=model.name, versions=self._ready_versions(model.name), platform=PLATFORM
+            name=model.name, versions=ready_versions(self.repository, model.name), platform=PLATFORM
         )
         for spec in model.signature.inputs:
             response.inputs.add(name=spec.name, datatype=spec.datatype, shape=spec.shape)
         for spec in model.signature.outputs:
             response.outputs.add(name=spec.name, datatype=spec.datatype, shape=spec.shape)
         return response
-
-    def _ready_versions(self, name: str) -> list[str]:
-        return [v for v in self.repository.version_names(name) if self.repository.models[name].versions[v].state == READY]
 
     async def ModelConfig(self, request, context):
         model = self.repository.get(request.name, request.version)
@@ -206,150 +157,102 @@ class InferenceService:
         its batch is done. Returns once every request read is answered."""
         try:
             async for request in requests:
-                self._stream_one(Call(request, time.perf_counter()), stream)
+                self._stream_one(request, self.core.start(GRPC), stream)
             if stream.queued:
                 stream.idle = asyncio.get_running_loop().create_future()
                 await stream.idle
         finally:
-            for item, call in list(stream.queued.items()):
+            for item, (call, _) in list(stream.queued.items()):
                 call.model.batcher.cancel(item)
             stream.put(None)
 
-    def _stream_one(self, call: "Call", stream: "_Stream") -> None:
+    def _stream_one(self, request, call: Call, stream: "_Stream") -> None:
         try:
-            feeds, priority, timeout_us = self._admit(call)
-            item = call.model.batcher.enqueue(feeds, call.rows, call.outputs, priority=priority, timeout_us=timeout_us)
+            item = self.core.enqueue(call, self._decoded(request, call), _parameters(request))
         except ServingError as err:
-            self._stream_error(call, stream, str(err), OUTCOMES.get(type(err), "rejected"))
+            self._stream_error(request, call, stream, str(err), outcome_of(err, "rejected"))
             return
         except Exception:  # one bad request must not end the stream, nor its neighbours
             log.exception("ModelStreamInfer failed")
-            self._stream_error(call, stream, "ModelStreamInfer: internal error; the server log has details", "error")
+            self._stream_error(request, call, stream, "ModelStreamInfer: internal error; the server log has details", "error")
             return
-        stream.queued[item] = call
-        item.future.add_done_callback(lambda done: self._stream_done(call, stream, item, done))
+        stream.queued[item] = (call, request)
+        item.future.add_done_callback(lambda done: self._stream_done(request, call, stream, item, done))
 
-    def _stream_done(self, call: "Call", stream: "_Stream", item, done: asyncio.Future) -> None:
+    def _stream_done(self, request, call: Call, stream: "_Stream", item, done: asyncio.Future) -> None:
         stream.queued.pop(item, None)
         if done.cancelled():  # the stream went away; nobody is left to answer
-            self._finished(call, "cancelled")
+            self.core.finished(call, "cancelled")
         elif isinstance(error := done.exception(), ServingError):
-            self._stream_error(call, stream, str(error), OUTCOMES.get(type(error), "error"))
+            self._stream_error(request, call, stream, str(error), outcome_of(error, "error"))
         else:
             try:
                 if error is not None:
                     raise error
                 answer = protocol.ModelStreamInferResponse()
-                self._respond(call, done.result(), answer.infer_response)
+                self._respond(request, call, done.result(), answer.infer_response)
             except Exception:
                 log.exception("ModelStreamInfer failed")
-                self._stream_error(call, stream, "ModelStreamInfer: internal error; the server log has details", "error")
+                self._stream_error(request, call, stream, "ModelStreamInfer: internal error; the server log has details", "error")
             else:
                 stream.put(answer)
-                self._finished(call, "ok")
+                self.core.finished(call, "ok")
         if not stream.queued and stream.idle is not None and not stream.idle.done():
             stream.idle.set_result(None)
 
-    def _stream_error(self, call: "Call", stream: "_Stream", message: str, outcome: str) -> None:
-        request = call.request
+    def _stream_error(self, request, call: Call, stream: "_Stream", message: str, outcome: str) -> None:
         echo = protocol.ModelInferResponse(model_name=request.model_name, model_version=request.model_version, id=request.id)
         stream.put(protocol.ModelStreamInferResponse(error_message=message, infer_response=echo))
-        self._finished(call, outcome)
+        self.core.finished(call, outcome)
 
     async def infer(self, request):
         """One ModelInferRequest to its response; raises ServingError for the caller to report."""
-        call, outcome = Call(request, time.perf_counter()), "error"
+        call, outcome = self.core.start(GRPC), "error"
         try:
-            feeds, priority, timeout_us = self._admit(call)
-            answer = await call.model.batcher.submit(feeds, call.rows, call.outputs, priority=priority, timeout_us=timeout_us)
-            response = self._respond(call, answer, protocol.ModelInferResponse())
+            answer = await self.core.infer(call, self._decoded(request, call), _parameters(request))
+            response = self._respond(request, call, answer, protocol.ModelInferResponse())
             outcome = "ok"
             return response
         except ServingError as err:
-            outcome = OUTCOMES.get(type(err), "rejected")
+            outcome = outcome_of(err, "rejected")
             raise
         except asyncio.CancelledError:
             outcome = "cancelled"
             raise
         finally:
-            self._finished(call, outcome)
+            self.core.finished(call, outcome)
 
-    def _admit(self, call: "Call") -> tuple[dict, int, int]:
-        """Resolve the model and decode the request: (feeds, priority, timeout_us); raises ServingError."""
-        if self.shutting_down:
-            raise ShuttingDown("the server is shutting down; retry on another replica")
-        request = call.request
-        model = call.model = self.repository.get(request.model_name, request.model_version)
-        self.bus.publish(RequestStarted(model.name, model.version))
-        decoded = decode_request(request, model.signature)
-        call.rows, call.outputs = decoded.rows, decoded.outputs
-        priority, timeout_us = request_options(request, model)
-        return decoded.feeds, priority, timeout_us
+    def _decoded(self, request, call: Call):
+        model = self.core.resolve(call, request.model_name, request.model_version)
+        return decode_request(request, model.signature)
 
-    def _respond(self, call: "Call", answer: Answer, response):
+    def _respond(self, request, call: Call, answer: Answer, response):
         """Fill `response`, a ModelInferResponse (a stream's is built in place, not copied in)."""
         model = call.model
-        response.model_name, response.model_version, response.id = model.name, model.version, call.request.id
+        response.model_name, response.model_version, response.id = model.name, model.version, request.id
         encode_outputs(response, ((model.signature.output(name), answer.outputs[name]) for name in call.outputs))
-        self._account(response, answer, call.rows)
-        return response
-
-    def _finished(self, call: "Call", outcome: str) -> None:
-        if call.model is not None:  # unknown names would make unbounded label values
-            model = call.model
-            self.bus.publish(RequestFinished(model.name, model.version, outcome, call.rows, time.perf_counter() - call.started))
-
-    def _account(self, response, answer: Answer, rows: int) -> None:
         parameters = response.parameters
-        parameters[QUEUE_PARAMETER].int64_param = round(answer.queue_seconds * 1e6)
-        parameters[COMPUTE_PARAMETER].int64_param = round(answer.compute_seconds * 1e6)
-        parameters[BATCH_PARAMETER].int64_param = answer.batch_rows
-        parameters[BATCH_ID_PARAMETER].int64_param = answer.batch_id
-        parameters[DEVICE_PARAMETER].string_param = answer.device
-        share = self.ledger.share(answer.batch_id, rows)
-        if share is None:  # only when thousands of batches finished before this caller resumed
-            log.warning("cost of batch %d was forgotten before its response was sent", answer.batch_id)
-            return
-        parameters[COST_PARAMETER].double_param = share.dollars
-        if share.joules is not None:
-            parameters[ENERGY_PARAMETER].double_param = share.joules
+        for key, value in self.core.accounting(answer, call.rows):
+            if isinstance(value, str):
+                parameters[key].string_param = value
+            elif isinstance(value, float):
+                parameters[key].double_param = value
+            else:
+                parameters[key].int64_param = value
+        return response
 
     # --- statistics ---------------------------------------------------------------------------
 
     async def ModelStatistics(self, request, context):
         """Triton's counts and durations, plus what each version cost (an onnxserve field)."""
-        if request.name:
-            chosen = [self.repository.get(request.name, request.version)]
-        else:
-            chosen = [
-                self.repository.models[name].versions[version]
-                for name in sorted(self.repository.models)
-                for version in self.repository.version_names(name)
-                if self.repository.models[name].versions[version].state == READY
-            ]
-        costs = self.ledger.snapshot().models
-        response = protocol.ModelStatisticsResponse()
-        for model in chosen:
-            fill_statistics(response.model_stats.add(), model, self.statistics, costs)
-        return response
+        return statistics_response(self.repository, self.statistics, self.core.ledger, request.name, request.version)
 
 
-def request_options(request, model: ModelVersion) -> tuple[int, int]:
-    """The reserved `priority` and `timeout` (microseconds) request parameters."""
-    values = []
-    for key in ("priority", "timeout"):
-        if key not in request.parameters:
-            values.append(0)
-            continue
-        parameter = request.parameters[key]
-        choice = parameter.WhichOneof("parameter_choice")
-        if choice not in ("int64_param", "uint64_param") or getattr(parameter, choice) < 0:
-            raise InvalidInput(
-                f"{model.signature.label}: parameter '{key}' must be a non-negative integer; got {choice} "
-                f"{getattr(parameter, choice) if choice else 'unset'}"
-            )
-        values.append(getattr(parameter, choice))
-    return values[0], values[1]
+def _parameters(request) -> dict[str, object]:
+    """A request's parameters as Python values (most requests have none)."""
+    if not request.parameters:
+        return {}
+    return {key: getattr(value, value.WhichOneof("parameter_choice") or "string_param") for key, value in request.parameters.items()}
 
 
 def _guarded(method: str, implementation):
