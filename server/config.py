@@ -98,6 +98,11 @@ class ServerSettings:
     )
     grpc_address: str = field(default="0.0.0.0", metadata=_flag("address the gRPC server binds"))
     grpc_port: int = field(default=8001, metadata=_flag("gRPC port; 0 picks a free one"))
+    http_address: str = field(default="0.0.0.0", metadata=_flag("address the HTTP/REST server binds"))
+    http_port: int = field(default=8000, metadata=_flag("HTTP/REST port; 0 picks a free one; -1 turns HTTP off"))
+    http_max_body_bytes: int = field(
+        default=256 * MIB, metadata=_flag("largest HTTP request body accepted, in bytes")
+    )
     metrics_address: str = field(default="0.0.0.0", metadata=_flag("address of the /metrics endpoint"))
     metrics_port: int = field(default=8002, metadata=_flag("Prometheus /metrics port; 0 picks a free one"))
     grpc_max_message_bytes: int = field(
@@ -138,6 +143,13 @@ class ServerSettings:
             "the environment variable takes a comma-separated list"
         ),
     )
+    http_restricted_api: tuple[RestrictedProtocol, ...] = field(
+        default=(),
+        metadata=_flag(
+            "GROUP[,GROUP]:HEADER=VALUE: those API groups (e.g. model-repository) need that HTTP header; "
+            "repeatable; the environment variable takes a ';'-separated list"
+        ),
+    )
     grpc_restricted_protocol: tuple[RestrictedProtocol, ...] = field(
         default=(),
         metadata=_flag(
@@ -151,6 +163,10 @@ class ServerSettings:
             port = getattr(self, name)
             if not 0 <= port <= 65535:
                 raise ConfigError(f"--{_dashed(name)}: {port} is not a port number (0-65535)")
+        if not -1 <= self.http_port <= 65535:
+            raise ConfigError(f"--http-port: {self.http_port} is not a port number (0-65535), nor -1 (HTTP off)")
+        if self.http_max_body_bytes < 1024:
+            raise ConfigError(f"--http-max-body-bytes: {self.http_max_body_bytes} is below 1024")
         if self.grpc_max_message_bytes < 4 * MIB or self.grpc_max_message_bytes > 2**31 - 1:
             raise ConfigError(
                 f"--grpc-max-message-bytes: {self.grpc_max_message_bytes} is outside 4 MiB .. 2 GiB"
@@ -173,9 +189,10 @@ class ServerSettings:
                 f"--load-model: {list(self.load_model)} needs --model-control-mode explicit "
                 f"(mode {self.model_control_mode} loads every model)"
             )
-        restricted = [method for protocol in self.grpc_restricted_protocol for method in protocol.methods]
-        if len(set(restricted)) != len(restricted):
-            raise ConfigError("--grpc-restricted-protocol: a protocol group is restricted twice")
+        for name in ("grpc_restricted_protocol", "http_restricted_api"):
+            restricted = [method for rule in getattr(self, name) for method in rule.methods]
+            if len(set(restricted)) != len(restricted):
+                raise ConfigError(f"--{_dashed(name)}: a protocol group is restricted twice")
         if not self.model_repository.is_dir():
             raise ConfigError(f"--model-repository: {self.model_repository} is not a directory")
 
@@ -201,6 +218,7 @@ _REPEATED = {
     "device_price": (DevicePriceSetting.parse, ","),
     "load_model": (lambda text, source, where: text.strip(), ","),
     "grpc_restricted_protocol": (RestrictedProtocol.parse, ";"),
+    "http_restricted_api": (RestrictedProtocol.parse, ";"),
 }
 
 

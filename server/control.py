@@ -1,6 +1,6 @@
-"""Administration over gRPC: the model repository extension's RPCs (RepositoryIndex,
-RepositoryModelLoad, RepositoryModelUnload) as repository calls, and RPC groups restricted to
-callers that send a header (--grpc-restricted-protocol)."""
+"""Administration: the model repository extension (index, load, unload) as repository calls,
+for both transports, with its gRPC RPCs; and API groups restricted to callers that send a
+header (--grpc-restricted-protocol, --http-restricted-api)."""
 
 import hmac
 import logging
@@ -25,26 +25,40 @@ class RepositoryControl:
 
     async def RepositoryIndex(self, request, context):
         response = protocol.RepositoryIndexResponse()
-        for name, version, state, reason in self.repository.index():
-            if request.ready and state != READY:
-                continue
-            response.models.add(name=name, version=version, state=state, reason=reason)
+        for row in self.index(request.ready):
+            response.models.add(**row)
         return response
 
     async def RepositoryModelLoad(self, request, context):
-        name = request.model_name
-        self._allowed("load", name)
         parameters = {key: getattr(value, value.WhichOneof("parameter_choice") or "string_param") for key, value in request.parameters.items()}
-        config, files = parse_load_parameters(name, parameters)
-        log.info("load of model '%s' requested%s", name, _described(config, files))
-        await self.repository.load(name, config, files)
+        await self.load(request.model_name, parameters)
         return protocol.response_class("RepositoryModelLoad")()
 
     async def RepositoryModelUnload(self, request, context):
-        self._allowed("unload", request.model_name)
-        log.info("unload of model '%s' requested", request.model_name)
-        await self.repository.unload(request.model_name)
+        await self.unload(request.model_name)
         return protocol.response_class("RepositoryModelUnload")()
+
+    # --- for both transports --------------------------------------------------------------------
+
+    def index(self, ready_only: bool) -> list[dict[str, str]]:
+        rows = self.repository.index()
+        return [
+            {"name": name, "version": version, "state": state, "reason": reason}
+            for name, version, state, reason in rows
+            if not ready_only or state == READY
+        ]
+
+    async def load(self, name: str, parameters: dict[str, object]) -> None:
+        """`parameters`: 'config' (str) and 'file:<version>/<name>' (bytes), as Triton takes them."""
+        self._allowed("load", name)
+        config, files = parse_load_parameters(name, parameters)
+        log.info("load of model '%s' requested%s", name, _described(config, files))
+        await self.repository.load(name, config, files)
+
+    async def unload(self, name: str) -> None:
+        self._allowed("unload", name)
+        log.info("unload of model '%s' requested", name)
+        await self.repository.unload(name)
 
     def _allowed(self, action: str, name: str) -> None:
         if self.control_mode == EXPLICIT:
@@ -72,12 +86,7 @@ def restricted(implementation, rule: RestrictedProtocol, streaming: bool):
     """The RPC, refused with PERMISSION_DENIED unless the call carries the rule's metadata."""
 
     def check(context) -> None:
-        given = next((value for key, value in context.invocation_metadata() if key == rule.header), None)
-        if given is None or not hmac.compare_digest(str(given).encode(), rule.value.encode()):
-            raise PermissionDenied(
-                f"this RPC is restricted ({', '.join(rule.groups)}): send the metadata header '{rule.header}' "
-                "with the value the server was given in --grpc-restricted-protocol"
-            )
+        permitted(rule, next((value for key, value in context.invocation_metadata() if key == rule.header), None))
 
     if streaming:
 
@@ -96,3 +105,12 @@ def restricted(implementation, rule: RestrictedProtocol, streaming: bool):
         return await implementation(request, context)
 
     return call
+
+
+def permitted(rule: RestrictedProtocol, given: str | None) -> None:
+    """Raise PermissionDenied unless `given`, the caller's value of the rule's header, is the rule's."""
+    if given is None or not hmac.compare_digest(str(given).encode(), rule.value.encode()):
+        raise PermissionDenied(
+            f"this API is restricted ({', '.join(rule.groups)}): send the header '{rule.header}' "
+            "with the value the server was started with"
+        )

@@ -118,3 +118,33 @@ def fill_statistics(message, model: ModelVersion, recorder: StatisticsRecorder, 
 
 def _duration(message, duration) -> None:
     message.count, message.ns = duration.count, duration.ns
+
+
+def proto_json(message) -> dict:
+    """A message as Triton's REST API writes it: proto field names, every scalar field (defaults
+    included, as clients index them), 64-bit integers as JSON numbers, enums by name."""
+    out = {}
+    for field in message.DESCRIPTOR.fields:
+        if field.message_type is not None and not field.is_repeated and not message.HasField(field.name):
+            continue
+        if field.containing_oneof is not None and message.WhichOneof(field.containing_oneof.name) != field.name:
+            continue
+        out[field.name] = _json_value(field, getattr(message, field.name))
+    return out
+
+
+def _json_value(field, value):
+    if field.message_type is not None and field.message_type.GetOptions().map_entry:
+        inner = field.message_type.fields_by_name["value"]
+        return {key: _json_scalar(inner, item) for key, item in value.items()}
+    if field.is_repeated:
+        return [_json_scalar(field, item) for item in value]
+    return _json_scalar(field, value)
+
+
+def _json_scalar(field, value):
+    if field.message_type is not None:
+        return proto_json(value)
+    if field.enum_type is not None:
+        return field.enum_type.values_by_number[value].name
+    return value

@@ -121,8 +121,8 @@ def decode_request(request, signature: Signature) -> DecodedRequest:
         datatype = DATATYPES.get(tensor.datatype)
         if datatype is None or tensor.datatype != spec.datatype or not _fits(shape, spec.shape, max_batch):
             where = _where(signature, name)
-            datatype = _datatype(tensor.datatype, spec, where)
-            _check_shape(shape, spec, signature, where)
+            datatype = checked_datatype(tensor.datatype, spec, where)
+            check_shape(shape, spec, signature, where)
         if not raw:
             feeds[name] = from_contents(tensor.contents, datatype, shape, _where(signature, name))
             continue
@@ -143,7 +143,7 @@ def decode_request(request, signature: Signature) -> DecodedRequest:
         for name in outputs:
             if name not in signature.output_names:
                 signature.output(name)  # raises, naming the model's outputs
-    return DecodedRequest(feeds=feeds, rows=_rows(feeds, signature), outputs=outputs)
+    return DecodedRequest(feeds=feeds, rows=batch_rows(feeds, signature), outputs=outputs)
 
 
 def _where(signature: Signature, name: str) -> str:
@@ -151,7 +151,7 @@ def _where(signature: Signature, name: str) -> str:
 
 
 def _fits(shape: tuple[int, ...], want: tuple[int, ...], max_batch_size: int) -> bool:
-    """Whether _check_shape would pass, without building its messages."""
+    """Whether check_shape would pass, without building its messages."""
     if len(shape) != len(want):
         return False
     for dim, expected in zip(shape, want):
@@ -160,7 +160,7 @@ def _fits(shape: tuple[int, ...], want: tuple[int, ...], max_batch_size: int) ->
     return not max_batch_size or 1 <= shape[0] <= max_batch_size
 
 
-def _datatype(wire: str, spec: TensorSpec, where: str) -> Datatype:
+def checked_datatype(wire: str, spec: TensorSpec, where: str) -> Datatype:
     datatype = DATATYPES.get(wire)
     if datatype is None:
         raise InvalidInput(f"{where}: unknown datatype '{wire}'; expected {spec.datatype}")
@@ -169,7 +169,7 @@ def _datatype(wire: str, spec: TensorSpec, where: str) -> Datatype:
     return datatype
 
 
-def _check_shape(shape: tuple[int, ...], spec: TensorSpec, signature: Signature, where: str) -> None:
+def check_shape(shape: tuple[int, ...], spec: TensorSpec, signature: Signature, where: str) -> None:
     expected = list(spec.shape)
     if len(shape) != len(spec.shape):
         hint = ""
@@ -189,7 +189,7 @@ def _check_shape(shape: tuple[int, ...], spec: TensorSpec, signature: Signature,
             )
 
 
-def _rows(feeds: dict[str, np.ndarray], signature: Signature) -> int:
+def batch_rows(feeds: dict[str, np.ndarray], signature: Signature) -> int:
     if not signature.max_batch_size:
         return 1
     arrays = iter(feeds.values())
@@ -227,14 +227,22 @@ def from_contents(contents, datatype: Datatype, shape: tuple[int, ...], where: s
     if datatype.numpy is None:
         return np.array([_utf8(v, i, where) for i, v in enumerate(values)], dtype=object).reshape(shape)
     wide = np.array(values)  # as sent: int_contents holds INT8 and INT16 values in 32 bits
-    if np.issubdtype(datatype.numpy, np.integer) and wide.size:
-        info, low, high = np.iinfo(datatype.numpy), wide.min(), wide.max()
+    return narrowed(wide, datatype, f"{where}: {datatype.contents_field}").reshape(shape)
+
+
+def narrowed(wide: np.ndarray, datatype: Datatype, where: str) -> np.ndarray:
+    """`wide` as the datatype's numpy type, refusing what the conversion would change silently."""
+    target = datatype.numpy
+    if np.issubdtype(target, np.integer) and wide.size:
+        if wide.dtype.kind not in "iub":
+            raise InvalidInput(f"{where} holds {wide.dtype.name} values; {datatype.wire} needs integers")
+        info, low, high = np.iinfo(target), wide.min(), wide.max()
         if low < info.min or high > info.max:  # numpy would wrap it silently: 300 as INT8 is 44
             outside = low if low < info.min else high
-            raise InvalidInput(
-                f"{where}: {datatype.contents_field} holds {outside}, outside {datatype.wire}'s {info.min}..{info.max}"
-            )
-    return wide.astype(datatype.numpy, copy=False).reshape(shape)
+            raise InvalidInput(f"{where} holds {outside}, outside {datatype.wire}'s {info.min}..{info.max}")
+    elif target.kind == "b" and wide.size and wide.dtype.kind != "b":
+        raise InvalidInput(f"{where} holds {wide.dtype.name} values; BOOL needs true or false")
+    return wide.astype(target, copy=False)
 
 
 def deserialize_bytes(buffer: bytes, count: int, where: str) -> list[str]:

@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 READY_LINE = re.compile(r"ready: gRPC port (\d+), metrics port (\d+)")
 NOT_READY_LINE = re.compile(r"not ready: ")
 LISTENING_LINE = re.compile(r"listening: gRPC on [^:]+:(\d+), metrics on http://[^:]+:(\d+)/metrics")
+HTTP_LINE = re.compile(r", HTTP on [^:]+:(\d+);")
 
 
 @dataclass
@@ -25,6 +26,7 @@ class ServerProcess:
     process: subprocess.Popen
     grpc_port: int = 0
     metrics_port: int = 0
+    http_port: int = 0  # 0 when HTTP is off
     log: list[str] = field(default_factory=list)
     ready: bool = False
     reader: threading.Thread | None = None
@@ -35,6 +37,10 @@ class ServerProcess:
 
     def client(self) -> grpcclient.InferenceServerClient:
         return grpcclient.InferenceServerClient(self.url)
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
 
     def metrics(self) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as response:
@@ -96,6 +102,7 @@ def start_server(repository: Path, *extra: str, wait_ready: bool = True, timeout
         "--model-repository", str(repository),
         "--grpc-address", "127.0.0.1", "--grpc-port", "0",
         "--metrics-address", "127.0.0.1", "--metrics-port", "0",
+        "--http-address", "127.0.0.1", "--http-port", "0",
         *extra,
     ]  # fmt: skip
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -107,6 +114,8 @@ def start_server(repository: Path, *extra: str, wait_ready: bool = True, timeout
             server.log.append(line.rstrip("\n"))
             if match := LISTENING_LINE.search(line):
                 server.grpc_port, server.metrics_port = int(match[1]), int(match[2])
+                if http := HTTP_LINE.search(line):
+                    server.http_port = int(http[1])
             if READY_LINE.search(line):
                 server.ready = True
                 seen.set()

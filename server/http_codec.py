@@ -1,0 +1,208 @@
+"""KServe v2 REST bodies to numpy and back: the JSON infer request with tensors as JSON lists
+or in Triton's binary tensor data extension (`Inference-Header-Content-Length`,
+`binary_data_size`), and the response in whichever form each output was asked for.
+
+Binary tensors are the fast path: np.frombuffer on the request body, one tobytes per output."""
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import orjson
+
+from server.errors import InvalidInput
+from server.tensors import (
+    DecodedRequest,
+    Signature,
+    TensorSpec,
+    batch_rows,
+    check_shape,
+    checked_datatype,
+    from_raw,
+    serialize_bytes,
+)
+
+HEADER_LENGTH = "inference-header-content-length"
+JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
+
+
+@dataclass(slots=True)
+class HttpInfer:
+    """An infer request's JSON header and the binary tensor data that follows it."""
+
+    header: dict
+    binary: memoryview
+
+
+@dataclass(slots=True)
+class Encoded:
+    body: bytes
+    header_length: int | None  # set when binary outputs follow the JSON
+
+
+def split_body(body: bytes, header_length: str | None) -> HttpInfer:
+    """The JSON header (all of the body without the header) and the binary part after it."""
+    size = len(body)
+    if header_length is None:
+        length = size
+    else:
+        try:
+            length = int(header_length)
+        except ValueError:
+            raise InvalidInput(f"Inference-Header-Content-Length: {header_length!r} is not a number of bytes") from None
+        if not 0 <= length <= size:
+            raise InvalidInput(f"Inference-Header-Content-Length: {length} bytes, but the body has {size}")
+    try:
+        header = orjson.loads(memoryview(body)[:length])
+    except orjson.JSONDecodeError as err:
+        raise InvalidInput(f"the request's JSON is malformed: {err}") from None
+    if not isinstance(header, dict):
+        raise InvalidInput(f"the request's JSON must be an object; got {type(header).__name__}")
+    return HttpInfer(header, memoryview(body)[length:])
+
+
+def decode_infer(request: HttpInfer, signature: Signature) -> tuple[DecodedRequest, dict[str, bool]]:
+    """Feeds checked against the signature, and for each output asked for whether it goes back binary."""
+    inputs = request.header.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise InvalidInput(f"{signature.label}: the request has no 'inputs' list")
+    feeds: dict[str, np.ndarray] = {}
+    offset = 0
+    for index, tensor in enumerate(inputs):
+        if not isinstance(tensor, dict):
+            raise InvalidInput(f"{signature.label}: inputs[{index}] is not an object")
+        name, array, used = _input(tensor, index, request.binary, offset, signature)
+        if name in feeds:
+            raise InvalidInput(f"{signature.label}: input '{name}' appears twice")
+        feeds[name] = array
+        offset += used
+    if offset != len(request.binary):
+        raise InvalidInput(
+            f"{signature.label}: {len(request.binary) - offset} bytes of binary data follow the JSON, but no input's "
+            "binary_data_size accounts for them"
+        )
+    if len(feeds) != len(signature.inputs):
+        missing = [spec.name for spec in signature.inputs if spec.name not in feeds]
+        raise InvalidInput(f"{signature.label}: missing inputs {missing}; the model needs {Signature._names(signature.inputs)}")
+    binary = _outputs(request.header, signature)
+    return DecodedRequest(feeds=feeds, rows=batch_rows(feeds, signature), outputs=tuple(binary)), binary
+
+
+def _input(tensor: dict, index: int, binary: memoryview, offset: int, signature: Signature) -> tuple[str, np.ndarray, int]:
+    """(name, array, binary bytes used) of one input."""
+    name, shape, wire = tensor.get("name"), tensor.get("shape"), tensor.get("datatype")
+    if not isinstance(name, str):
+        raise InvalidInput(f"{signature.label}: inputs[{index}] has no 'name' string")
+    spec = signature.input_specs.get(name) or signature.input(name)  # input() raises, naming the model's inputs
+    where = f"{signature.label}: input '{name}'"
+    if not isinstance(shape, list) or not all(isinstance(dim, int) and not isinstance(dim, bool) for dim in shape):
+        raise InvalidInput(f"{where}: 'shape' must be a list of integers; got {shape!r}")
+    shape = tuple(shape)
+    datatype = checked_datatype(wire if isinstance(wire, str) else repr(wire), spec, where)
+    check_shape(shape, spec, signature, where)
+    parameters = tensor.get("parameters") or {}
+    size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
+    if size is None:
+        if "data" not in tensor:
+            raise InvalidInput(f"{where}: has neither 'data' nor a binary_data_size parameter")
+        return name, from_json(tensor["data"], datatype, shape, where), 0
+    if "data" in tensor:
+        raise InvalidInput(f"{where}: has both 'data' and binary_data_size; send one")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise InvalidInput(f"{where}: binary_data_size must be a non-negative integer; got {size!r}")
+    if offset + size > len(binary):
+        raise InvalidInput(f"{where}: binary_data_size {size} runs past the body ({len(binary) - offset} binary bytes left)")
+    chunk = binary[offset : offset + size]
+    return name, from_raw(chunk if datatype.numpy is not None else chunk.tobytes(), datatype, shape, where), size
+
+
+def from_json(data, datatype, shape: tuple[int, ...], where: str) -> np.ndarray:
+    """A tensor from its JSON `data`: flat or nested lists, row-major; BYTES as strings. Values
+    are checked one by one, as a JSON list already costs that: no silent truncation or wrap."""
+    count = math.prod(shape)
+    flat = _flat(data, where)
+    if len(flat) != count:
+        raise InvalidInput(f"{where}: data holds {len(flat)} values; shape {list(shape)} needs {count}")
+    target = datatype.numpy
+    if target is None:
+        if not all(type(item) is str for item in flat):
+            raise InvalidInput(f"{where}: BYTES data must be strings")
+        return np.array(flat, dtype=object).reshape(shape)
+    if target.kind == "b":
+        if not all(type(item) is bool for item in flat):
+            raise InvalidInput(f"{where}: BOOL data must be true or false")
+    elif target.kind in "iu":
+        if not all(type(item) is int for item in flat):
+            raise InvalidInput(f"{where}: {datatype.wire} data must be integers")
+        info = np.iinfo(target)
+        if flat and (min(flat) < info.min or max(flat) > info.max):
+            outside = min(flat) if min(flat) < info.min else max(flat)
+            raise InvalidInput(f"{where}: data holds {outside}, outside {datatype.wire}'s {info.min}..{info.max}")
+    elif not all(type(item) in (int, float) for item in flat):
+        raise InvalidInput(f"{where}: {datatype.wire} data must be numbers")
+    return np.array(flat, dtype=target).reshape(shape)
+
+
+def _flat(data, where: str) -> list:
+    """Nested lists, row-major, as one list."""
+    if not isinstance(data, list):
+        raise InvalidInput(f"{where}: 'data' must be a list")
+    if not any(isinstance(item, list) for item in data):
+        return data
+    flat = []
+    for item in data:
+        if not isinstance(item, list):
+            raise InvalidInput(f"{where}: 'data' mixes lists and values at one level")
+        flat.extend(_flat(item, where))
+    return flat
+
+
+def _outputs(header: dict, signature: Signature) -> dict[str, bool]:
+    """Output name -> binary, in the order asked; every output when none are named."""
+    parameters = header.get("parameters") or {}
+    everything_binary = bool(parameters.get("binary_data_output", False)) if isinstance(parameters, dict) else False
+    requested = header.get("outputs")
+    if not requested:
+        return {name: everything_binary for name in signature.output_names}
+    if not isinstance(requested, list):
+        raise InvalidInput(f"{signature.label}: 'outputs' must be a list")
+    chosen = {}
+    for index, output in enumerate(requested):
+        name = output.get("name") if isinstance(output, dict) else None
+        if not isinstance(name, str):
+            raise InvalidInput(f"{signature.label}: outputs[{index}] has no 'name' string")
+        if name not in signature.output_names:
+            signature.output(name)  # raises, naming the model's outputs
+        own = output.get("parameters") or {}
+        chosen[name] = bool(own.get("binary_data", everything_binary)) if isinstance(own, dict) else everything_binary
+    return chosen
+
+
+def encode_infer(
+    model: str, version: str, request_id, outputs: list[tuple[TensorSpec, np.ndarray, bool]], parameters: dict
+) -> Encoded:
+    """The response: JSON, then the binary outputs in order."""
+    described, tails = [], []
+    for spec, array, binary in outputs:
+        entry = {"name": spec.name, "datatype": spec.datatype, "shape": array.shape}
+        if binary:
+            raw = serialize_bytes(array) if spec.datatype == "BYTES" else np.ascontiguousarray(array).tobytes()
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            tails.append(raw)
+        elif spec.datatype == "BYTES":
+            entry["data"] = [item if isinstance(item, str) else bytes(item).decode("utf-8", "replace") for item in array.reshape(-1)]
+        else:
+            entry["data"] = np.ascontiguousarray(array).reshape(-1)
+        described.append(entry)
+    response = {"model_name": model, "model_version": version, "parameters": parameters, "outputs": described}
+    if request_id is not None:
+        response["id"] = request_id
+    header = orjson.dumps(response, option=JSON_OPTIONS)
+    if not tails:
+        return Encoded(header, None)
+    return Encoded(header + b"".join(tails), len(header))
+
+
+def json_body(value) -> bytes:
+    return orjson.dumps(value, option=JSON_OPTIONS)
+
