@@ -35,7 +35,7 @@ ENV PATH=/opt/onnxserve/bin:${PATH} \
     LD_LIBRARY_PATH=/opt/onnxserve/lib/python3.11/site-packages/nvidia/cu13/lib:/opt/onnxserve/lib/python3.11/site-packages/nvidia/cudnn/lib
 # Mount your own repository here and set ONNXSERVE_MODEL_REPOSITORY=/models.
 VOLUME ["/models"]
-EXPOSE 8001 8002
+EXPOSE 8000 8001 8002
 USER 10001:10001
 HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 CMD ["onnxserve-health"]
 ENTRYPOINT ["onnxserve"]

@@ -14,6 +14,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
 
 from server.healthcheck import check
 from tests import onnx_models
@@ -40,8 +41,9 @@ def test_dockerfile_is_hadolint_clean():
 class Container:
     def __init__(self, docker, *args: str) -> None:
         self.docker = docker
-        self.id = docker("run", "--detach", "--health-interval=1s", "--publish=127.0.0.1::8001",
-                         "--publish=127.0.0.1::8002", *args, IMAGE).stdout.strip()  # fmt: skip
+        self.id = docker("run", "--detach", "--health-interval=1s", "--publish=127.0.0.1::8000",
+                         "--publish=127.0.0.1::8001", "--publish=127.0.0.1::8002", *args, IMAGE).stdout.strip()  # fmt: skip
+        self.http = self._published(8000)
         self.grpc = self._published(8001)
         self.metrics = self._published(8002)
 
@@ -81,7 +83,7 @@ def test_image_metadata(docker):
     assert size < SIZE_BUDGET_BYTES, f"image is {size / 1e9:.2f} GB"
     assert config["User"] == "10001:10001"
     assert config["Entrypoint"] == ["onnxserve"]
-    assert set(config["ExposedPorts"]) == {"8001/tcp", "8002/tcp"}
+    assert set(config["ExposedPorts"]) == {"8000/tcp", "8001/tcp", "8002/tcp"}
     assert config["Healthcheck"]["Test"] == ["CMD", "onnxserve-health"]
     assert "/models" in config["Volumes"]
 
@@ -95,6 +97,11 @@ def test_example_models_answer_on_the_cpu_fallback(docker, example_container):
     answer = client.infer("mlp", [tensor]).as_numpy("probabilities")
     session = ort.InferenceSession(str(ROOT / "models" / "mlp" / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(answer, session.run(None, {"x": x})[0], rtol=1e-5)
+    rest = httpclient.InferenceServerClient(example_container.http)  # and over REST, port 8000
+    assert rest.is_server_ready()
+    tensor = httpclient.InferInput("x", [5, 4], "FP32")
+    tensor.set_data_from_numpy(x)
+    np.testing.assert_array_equal(rest.infer("mlp", [tensor]).as_numpy("probabilities"), answer)
     logs = example_container.logs()
     assert "no GPU is visible: every model runs on onnxruntime's CPUExecutionProvider" in logs
     assert docker("exec", example_container.id, "id", "-u").stdout.strip() == "10001"

@@ -190,13 +190,14 @@ def test_probes_use_the_grpc_port_and_the_right_health_services(rendered, name):
 def test_ports_match_what_the_server_listens_on(rendered, name, tmp_path):
     container = server_container(rendered[name])
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
-    assert set(ports) == {"grpc", "metrics"}
+    assert set(ports) == {"http", "grpc", "metrics"}
     env = env_of(container)
     # Pinned in the manifest, so ports, probes and grace period never rest on a default that may
     # change (and a patch with an empty `env:` that wipes the list is caught).
-    assert {"ONNXSERVE_GRPC_PORT", "ONNXSERVE_METRICS_PORT", "ONNXSERVE_EXIT_TIMEOUT_SECS"} <= set(env)
+    assert {"ONNXSERVE_GRPC_PORT", "ONNXSERVE_METRICS_PORT", "ONNXSERVE_HTTP_PORT", "ONNXSERVE_EXIT_TIMEOUT_SECS"} <= set(env)
     settings = server_settings(env, tmp_path)
-    assert (ports["grpc"], ports["metrics"]) == (settings.grpc_port, settings.metrics_port) == (8001, 8002)
+    pinned = (ports["http"], ports["grpc"], ports["metrics"])
+    assert pinned == (settings.http_port, settings.grpc_port, settings.metrics_port) == (8000, 8001, 8002)
 
 
 @pytest.mark.parametrize("name", RENDERED)
@@ -209,10 +210,10 @@ def test_service_and_servicemonitor_reach_the_pods(rendered, name):
     assert matches(service["spec"]["selector"], pod_labels)
     container_ports = {port["name"]: port["containerPort"] for port in server_container(docs)["ports"]}
     service_ports = {port["name"]: port for port in service["spec"]["ports"]}
-    assert set(service_ports) == {"grpc", "metrics"}
+    assert set(service_ports) == {"http", "grpc", "metrics"}
     for port_name, port in service_ports.items():
         assert port["targetPort"] in (port_name, container_ports[port_name]), port
-    assert service_ports["grpc"]["appProtocol"] == "grpc"
+    assert service_ports["grpc"]["appProtocol"] == "grpc" and service_ports["http"]["appProtocol"] == "http"
     # The ServiceMonitor selects the Service (by its labels) and scrapes its port named metrics.
     assert matches(monitor["spec"]["selector"], service["metadata"]["labels"])
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
@@ -362,17 +363,20 @@ def test_images_are_retaggable(rendered):
 
 
 def kserve_docs() -> dict[str, dict]:
+    """The runtime, and the InferenceServices by protocol version."""
     docs = {}
     for path in sorted(KSERVE.glob("*.yaml")):
         for doc in yaml.safe_load_all(path.read_text()):
-            if doc:
+            if doc and doc["kind"] == "InferenceService":
+                docs[doc["spec"]["predictor"]["model"]["protocolVersion"]] = doc
+            elif doc:
                 docs[doc["kind"]] = doc
     return docs
 
 
 def test_kserve_manifests_parse_and_validate():
     docs = kserve_docs()
-    assert set(docs) == {"ServingRuntime", "InferenceService"}
+    assert set(docs) == {"ServingRuntime", "grpc-v2", "v2"}
     assert validate(list(docs.values())) == {"ServingRuntime", "InferenceService"}
     runtime = docs["ServingRuntime"]
     assert runtime["apiVersion"] == "serving.kserve.io/v1alpha1"
@@ -389,7 +393,7 @@ def test_kserve_manifests_parse_and_validate():
 
 def test_kserve_runtime_serves_the_storage_initializer_directory_over_grpc(tmp_path):
     docs = kserve_docs()
-    runtime, service = docs["ServingRuntime"], docs["InferenceService"]
+    runtime, service = docs["ServingRuntime"], docs["grpc-v2"]
     spec = runtime["spec"]
     assert runtime["metadata"]["name"] == "onnxserve"
     assert {"name": "onnx", "version": "1", "autoSelect": True}.items() <= spec["supportedModelFormats"][0].items()
@@ -416,6 +420,19 @@ def test_kserve_runtime_serves_the_storage_initializer_directory_over_grpc(tmp_p
     assert model["modelFormat"]["name"] == "onnx"
     assert model["protocolVersion"] in spec["protocolVersions"]
     assert re.match(r"^[a-z0-9]+://", model["storageUri"])
+
+
+def test_kserve_rest_inferenceservice_reaches_the_http_port(tmp_path):
+    docs = kserve_docs()
+    runtime, rest, grpc_service = docs["ServingRuntime"], docs["v2"], docs["grpc-v2"]
+    assert {"v2", "grpc-v2"} <= set(runtime["spec"]["protocolVersions"])
+    settings = server_settings(env_of(runtime["spec"]["containers"][0]), tmp_path)
+    model = rest["spec"]["predictor"]["model"]
+    # Knative speaks HTTP/1.1 to a port named http1: the one the server serves REST on.
+    [port] = model["ports"]
+    assert (port["name"], port["containerPort"]) == ("http1", settings.http_port) == ("http1", 8000)
+    same = ("runtime", "modelFormat", "storageUri")
+    assert {key: model[key] for key in same} == {key: grpc_service["spec"]["predictor"]["model"][key] for key in same}
 
 
 # --- the autoscaling signal, live --------------------------------------------------------------
