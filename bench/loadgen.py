@@ -1,15 +1,18 @@
-"""Load generator for any KServe v2 gRPC server.
+"""Load generator for any KServe v2 server, over gRPC or REST.
 
     python -m bench.loadgen --url 127.0.0.1:8001 --model mlp --concurrency 64 --duration 10
     python -m bench.loadgen --url 127.0.0.1:8001 --model mlp --rate 2000 --requests 20000 --json
     python -m bench.loadgen --url 127.0.0.1:8001 --model mlp --concurrency 64 --streams 4
+    python -m bench.loadgen --url 127.0.0.1:8001 --http-url 127.0.0.1:8000 --http-body binary --model mlp
 
 Closed loop (`--concurrency N`: N callers, each sends its next request when the last is
 answered) or open loop (`--rate R`: requests start R times a second whatever the answers).
 With `--streams S` the N requests in flight travel over S ModelStreamInfer streams (Triton's
 streaming RPC) instead of one ModelInfer call each. MLServer's ModelStreamInfer answers with
 bare ModelInferResponse messages, in order, all carrying the stream's first id: say
-`--stream-protocol mlserver` for it.
+`--stream-protocol mlserver` for it. With `--http-url` each request is a REST POST to
+/v2/models/<model>/infer instead (`--http-body binary`: Triton's binary tensor data extension,
+`json`: tensors as JSON lists); the model's metadata still comes over gRPC from `--url`.
 Prints throughput, p50/p90/p99 latency and errors; with `--metrics-url` (an onnxserve
 /metrics), also the average batch size and the cost per inference the server measured.
 
@@ -29,6 +32,7 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import aiohttp
 import grpc
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
@@ -79,6 +83,27 @@ def build_request(url: str, model: str, batch: int, dims: dict[str, list[int]]) 
         request.inputs.add(name=spec.name, datatype=spec.datatype, shape=shape)
         request.raw_input_contents.append(values.tobytes())
     return request.SerializeToString()
+
+
+def http_body(payload: bytes, binary: bool) -> tuple[bytes, dict[str, str]]:
+    """The same request as a REST body: the JSON header and, for binary, the raw tensors after it."""
+    request = protocol.ModelInferRequest.FromString(payload)
+    inputs, raw = [], []
+    for tensor, content in zip(request.inputs, request.raw_input_contents):
+        described = {"name": tensor.name, "shape": list(tensor.shape), "datatype": tensor.datatype}
+        if binary:
+            described["parameters"] = {"binary_data_size": len(content)}
+            raw.append(content)
+        else:
+            described["data"] = np.frombuffer(content, dtype=DATATYPES[tensor.datatype].numpy).tolist()
+        inputs.append(described)
+    header = {"inputs": inputs}
+    if binary:
+        header["parameters"] = {"binary_data_output": True}
+    text = json.dumps(header).encode()
+    if not binary:
+        return text, {"Content-Type": "application/json"}
+    return text + b"".join(raw), {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(text))}
 
 
 def with_id(payload: bytes, request_id: str) -> bytes:
@@ -163,6 +188,9 @@ class Run:
     def more(self) -> bool:
         return time.monotonic() < self.deadline and (not self.limit or self.started < self.limit)
 
+    async def close(self) -> None:
+        await self.channel.close()
+
     async def one(self) -> None:
         begin = time.perf_counter()
         try:
@@ -236,23 +264,59 @@ class Run:
         await asyncio.gather(*pending)
 
 
+class HttpRun(Run):
+    """The same loops, each request a REST POST on one keep-alive connection per caller."""
+
+    def __init__(self, url: str, http_url: str, model: str, body: tuple[bytes, dict], **kwargs) -> None:
+        super().__init__(url, b"", **kwargs)
+        self.endpoint = f"http://{http_url}/v2/models/{model}/infer"
+        self.body, self.headers = body
+        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+
+    async def one(self) -> None:
+        begin = time.perf_counter()
+        try:
+            async with self.session.post(self.endpoint, data=self.body, headers=self.headers) as response:
+                answer = await response.read()
+                if response.status != 200:
+                    self.errors.append(f"HTTP {response.status}: {answer[:200].decode(errors='replace')}")
+                    return
+        except aiohttp.ClientError as err:
+            self.errors.append(f"{type(err).__name__}: {err}")
+            return
+        self._answered(time.perf_counter() - begin)
+
+    async def close(self) -> None:
+        await self.session.close()
+        await super().close()
+
+
+def new_run(args, payload: bytes, deadline: float, limit: int, progress: bool) -> Run:
+    if args.http_url:
+        body = http_body(payload, args.http_body == "binary")
+        return HttpRun(args.url, args.http_url, args.model, body, deadline=deadline, limit=limit, progress=progress)
+    return Run(args.url, payload, deadline, limit, progress, in_order=args.stream_protocol == "mlserver")
+
+
 async def run_load(args) -> Report:
     dims = {name: [int(d) for d in text.split(",")] for name, text in (item.split("=") for item in args.shape)}
     payload = build_request(args.url, args.model, args.batch, dims)
     mode = f"rate {args.rate:g}/s" if args.rate else f"concurrency {args.concurrency}"
     if args.streams:
         mode += f" over {args.streams} streams"
+    if args.http_url:
+        mode += f" over REST ({args.http_body})"
     report = Report(model=args.model, mode=mode, batch=args.batch)
     if args.warmup:
-        warm = Run(args.url, payload, time.monotonic() + args.warmup, 0, False)
+        warm = new_run(args, payload, time.monotonic() + args.warmup, 0, False)
         await warm.closed_loop(min(args.concurrency, 8) if not args.rate else 4)
-        await warm.channel.close()
+        await warm.close()
     before = scrape(args.metrics_url)
     server_before = process_tree_cpu(args.server_pid) if args.server_pid else None
     cpu_before = resource.getrusage(resource.RUSAGE_SELF)
     limit = args.requests or 0
     deadline = time.monotonic() + (args.duration if not limit else 1e9)
-    run = Run(args.url, payload, deadline, limit, args.progress, in_order=args.stream_protocol == "mlserver")
+    run = new_run(args, payload, deadline, limit, args.progress)
     began = time.perf_counter()
     if args.streams:
         await run.streamed(args.concurrency, args.streams)
@@ -261,7 +325,7 @@ async def run_load(args) -> Report:
     report.seconds = time.perf_counter() - began
     cpu_after = resource.getrusage(resource.RUSAGE_SELF)
     server_after = process_tree_cpu(args.server_pid) if args.server_pid else None
-    await run.channel.close()
+    await run.close()
     after = scrape(args.metrics_url)
     _fill(report, run, cpu_after.ru_utime + cpu_after.ru_stime - cpu_before.ru_utime - cpu_before.ru_stime)
     report.server_average_batch, report.server_cost_per_inference = server_figures(before, after)
@@ -308,6 +372,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--streams", type=int, default=0, help="closed loop over this many ModelStreamInfer streams")
     parser.add_argument("--stream-protocol", choices=("triton", "mlserver"), default="triton",
                         help="what the server's ModelStreamInfer answers with (see above)")  # fmt: skip
+    parser.add_argument("--http-url", default=None, help="REST host:port: send each request as a REST POST")
+    parser.add_argument("--http-body", choices=("binary", "json"), default="binary",
+                        help="with --http-url: Triton's binary tensor extension, or tensors as JSON lists")  # fmt: skip
     parser.add_argument("--duration", type=float, default=10.0, help="seconds (unless --requests)")
     parser.add_argument("--requests", type=int, default=0, help="stop after this many requests")
     parser.add_argument("--batch", type=int, default=1, help="rows per request")
@@ -321,6 +388,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.streams and (args.rate or not 1 <= args.streams <= args.concurrency):
         parser.error("--streams needs --concurrency at least as large, and no --rate")
+    if args.streams and args.http_url:
+        parser.error("--streams is gRPC's ModelStreamInfer: not with --http-url")
     return args
 
 

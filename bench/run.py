@@ -5,8 +5,9 @@
 
 For each benchmark model (bench/make_models.py; the repository has no config.pbtxt, so onnxserve
 serves each with the defaults a new user gets) it measures, at concurrency 1, 8 and 64 (16 for
-ResNet-50), each server as one ModelInfer call per request ("unary") and over ModelStreamInfer
-with one stream per caller ("stream"):
+ResNet-50), each server as one ModelInfer call per request ("unary"), over ModelStreamInfer
+with one stream per caller ("stream"), and as one REST POST per request with Triton's binary
+tensor data ("rest-bin") or with tensors as JSON lists ("rest-json"), where the server has REST:
 
 - raw onnxruntime in-process with the server's session options at its best batch size (the
   model's limit);
@@ -94,7 +95,7 @@ def raw_onnxruntime(model_path: Path, workload: Workload, seconds: float) -> dic
             "batch1_latency_ms": results[workload.raw_batches[0]]["latency_ms"], "by_batch": results}  # fmt: skip
 
 
-TRANSPORTS = ("unary", "stream")
+TRANSPORTS = ("unary", "stream", "rest-bin", "rest-json")
 PEER_MAX_BATCH = 32  # rows per batch for the peers' batchers: onnxserve's default max_batch_size
 PEERS = ("echo", "mlserver", "pytriton")
 LABELS = {"onnxserve": "onnxserve", "echo": "echo floor", "mlserver": "MLServer", "pytriton": "PyTriton"}
@@ -109,6 +110,7 @@ class Running:
     stop: Callable[[], object]
     metrics_url: str | None = None
     in_order: bool = False  # stream answers in order, without the request's id
+    http_url: str | None = None  # REST host:port, where the server has REST
 
 
 def loadgen(running: Running, workload: Workload, concurrency: int, seconds: float, requests: int = 0,
@@ -117,6 +119,8 @@ def loadgen(running: Running, workload: Workload, concurrency: int, seconds: flo
                "--concurrency", str(concurrency), "--duration", str(seconds), "--server-pid", str(running.pid)]  # fmt: skip
     if transport == "stream":
         command += ["--streams", str(concurrency)] + (["--stream-protocol", "mlserver"] if running.in_order else [])
+    if transport.startswith("rest"):
+        command += ["--http-url", running.http_url, "--http-body", "binary" if transport == "rest-bin" else "json"]
     command += [arg for shape in workload.shapes for arg in ("--shape", shape)]
     if running.metrics_url:
         command += ["--metrics-url", running.metrics_url]
@@ -130,12 +134,14 @@ def loadgen(running: Running, workload: Workload, concurrency: int, seconds: flo
 
 def every_point(running: Running, workload: Workload, seconds: float) -> dict:
     """{transport: {concurrency: loadgen report}} for one running server."""
-    return {t: {c: loadgen(running, workload, c, seconds, transport=t) for c in workload.concurrencies} for t in TRANSPORTS}
+    transports = [t for t in TRANSPORTS if running.http_url or not t.startswith("rest")]
+    return {t: {c: loadgen(running, workload, c, seconds, transport=t) for c in workload.concurrencies} for t in transports}
 
 
 def start_onnxserve(repository: Path, model_path: Path, workdir: Path) -> Running:
     server = start_server(repository)
-    return Running(server.url, server.process.pid, server.stop, f"http://127.0.0.1:{server.metrics_port}/metrics")
+    metrics = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    return Running(server.url, server.process.pid, server.stop, metrics, http_url=server.http_url)
 
 
 def start_echo(repository: Path, model_path: Path, workdir: Path) -> Running:
@@ -159,7 +165,7 @@ def start_mlserver(repository: Path, model_path: Path, workdir: Path) -> Running
 
     grpc_port, http_port = free_port(), free_port()
     handle = serve.start(model_path, model_path.parent.parent.name, grpc_port, http_port, PEER_MAX_BATCH, 0.001, workdir)
-    return Running(f"127.0.0.1:{grpc_port}", handle.process.pid, handle.stop, in_order=True)
+    return Running(f"127.0.0.1:{grpc_port}", handle.process.pid, handle.stop, in_order=True, http_url=f"127.0.0.1:{http_port}")
 
 
 def start_pytriton(repository: Path, model_path: Path, workdir: Path) -> Running:
@@ -167,7 +173,7 @@ def start_pytriton(repository: Path, model_path: Path, workdir: Path) -> Running
 
     grpc_port, http_port = free_port(), free_port()
     handle = serve.start(model_path, model_path.parent.parent.name, grpc_port, http_port, PEER_MAX_BATCH, workdir)
-    return Running(f"127.0.0.1:{grpc_port}", handle.process.pid, handle.stop)
+    return Running(f"127.0.0.1:{grpc_port}", handle.process.pid, handle.stop, http_url=f"127.0.0.1:{http_port}")
 
 
 STARTERS = {"onnxserve": start_onnxserve, "echo": start_echo, "mlserver": start_mlserver, "pytriton": start_pytriton}
@@ -203,7 +209,7 @@ def ratio(a: float | None, b: float | None) -> str:
 
 def print_table(results: dict) -> None:
     print()
-    print("model     conc call   server        inf/s    p50 ms  server CPU us/req  batch  errors")
+    print("model     conc call      server        inf/s    p50 ms  server CPU us/req  batch  errors")
     for model, figures in results.items():
         for concurrency, transport in ((c, t) for c in WORKLOADS[model].concurrencies for t in TRANSPORTS):
             for server in ("onnxserve", *PEERS):
@@ -212,17 +218,17 @@ def print_table(results: dict) -> None:
                     continue
                 cpu, batch = point.get("server_cpu_per_request_us"), point.get("server_average_batch")
                 cpu = cpu if cpu and cpu > 0 else None  # a server that died mid-run took its CPU figures along
-                print(f"{model:9} {concurrency:4} {transport:6} {LABELS[server]:10} {point['inferences_per_second']:10,.0f}"
+                print(f"{model:9} {concurrency:4} {transport:9} {LABELS[server]:10} {point['inferences_per_second']:10,.0f}"
                       f" {point['p50_ms']:9.3f} {f'{cpu:,.0f}' if cpu else '-':>18} {f'{batch:.1f}' if batch else '-':>6}"
                       f" {point['errors']:7}")  # fmt: skip
     print()
-    print("model     conc call   raw best (batch) | onnxserve / raw  / echo  / MLServer  / PyTriton | p50 / echo p50")
+    print("model     conc call      raw best (batch) | onnxserve / raw  / echo  / MLServer  / PyTriton | p50 / echo p50")
     for model, figures in results.items():
         raw = figures["raw"]
         for concurrency, transport in ((c, t) for c in WORKLOADS[model].concurrencies for t in TRANSPORTS):
             rate = {s: figures.get(s, {}).get(transport, {}).get(concurrency, {}).get("inferences_per_second") for s in ("onnxserve", *PEERS)}
             p50 = {s: figures.get(s, {}).get(transport, {}).get(concurrency, {}).get("p50_ms") for s in ("onnxserve", "echo")}
-            print(f"{model:9} {concurrency:4} {transport:6} {raw['best_inferences_per_second']:9,.0f} ({raw['best_batch']:3})    |"
+            print(f"{model:9} {concurrency:4} {transport:9} {raw['best_inferences_per_second']:9,.0f} ({raw['best_batch']:3})    |"
                   f" {ratio(rate['onnxserve'], raw['best_inferences_per_second']):>15} {ratio(rate['onnxserve'], rate['echo']):>6}"
                   f" {ratio(rate['onnxserve'], rate['mlserver']):>10} {ratio(rate['onnxserve'], rate['pytriton']):>10} |"
                   f" {ratio(p50['onnxserve'], p50['echo']):>14}")  # fmt: skip
@@ -251,6 +257,10 @@ def targets(results: dict) -> list[tuple[str, str, bool]]:
             streams, floor = point("mlp", "onnxserve", "stream", 64), point("mlp", "echo", "stream", 64)
             value = streams["inferences_per_second"] / floor["inferences_per_second"]
             found.append(("MLP 64 streams: >= 0.8x a bare streaming echo", f"{value:.2f}x", value >= 0.8))
+        rest = point("mlp", "onnxserve", "rest-bin", 64)
+        if rest:
+            value = rest["inferences_per_second"] / ours["inferences_per_second"]
+            found.append(("MLP c=64 binary REST: >= 0.8x our own gRPC unary", f"{value:.2f}x", value >= 0.8))
     for model in ("resnet50",):
         if model in results:
             best = results[model]["raw"]["best_inferences_per_second"]

@@ -103,3 +103,21 @@ def test_the_echo_floor_answers_unary_calls_and_streams_in_order(tmp_path):
         echo.terminate()
         assert echo.wait(10) == 0
         echo.stderr.close()
+
+
+@pytest.mark.parametrize("body", ["binary", "json"])
+def test_rest_requests_are_counted_under_the_http_protocol(server, body):
+    labels = {"model": "add_one", "version": "1", "outcome": "ok", "protocol": "http"}
+    before = server.samples().get("onnxserve_requests_total", **labels)
+    result = loadgen(server, "--http-url", server.http_url, "--http-body", body, "--concurrency", "8", "--requests", "200")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert (report["requests"], report["errors"]) == (200, 0) and f"REST ({body})" in report["mode"]
+    assert server.samples().get("onnxserve_requests_total", **labels) - before == 200
+
+
+def test_rest_errors_are_counted_with_their_status(server):
+    result = loadgen(server, "--http-url", server.http_url, "--requests", "5", "--shape", "x=1,5")
+    report = json.loads(result.stdout)
+    assert result.returncode == 1 and report["errors"] == 5
+    assert report["error_samples"][0].startswith("HTTP 400") and "input 'x'" in report["error_samples"][0]
