@@ -1,0 +1,117 @@
+"""REST bodies to tensors and back, and the paths the REST API routes, without a server."""
+
+import json
+
+import numpy as np
+import orjson
+import pytest
+
+from server.errors import InvalidInput
+from server.http_codec import decode_infer, encode_infer, from_json, split_body
+from server.http_service import HttpError, Route, route
+from server.tensors import DATATYPES, Signature, TensorSpec
+
+SIGNATURE = Signature(
+    model="m", version="1", max_batch_size=8,
+    inputs=(TensorSpec("x", "FP32", (-1, 2)), TensorSpec("n", "INT8", (-1, 1))),
+    outputs=(TensorSpec("y", "FP32", (-1, 2)), TensorSpec("s", "BYTES", (-1, 1))),
+)  # fmt: skip
+
+
+def body(header: dict, *tails: bytes) -> tuple[bytes, str | None]:
+    text = json.dumps(header).encode()
+    return text + b"".join(tails), (str(len(text)) if tails else None)
+
+
+def test_json_and_binary_inputs_decode_to_the_same_feeds():
+    x = np.array([[1.5, 2.5], [3.5, 4.5]], np.float32)
+    as_json = {"inputs": [{"name": "x", "shape": [2, 2], "datatype": "FP32", "data": [[1.5, 2.5], [3.5, 4.5]]},
+                          {"name": "n", "shape": [2, 1], "datatype": "INT8", "data": [-128, 127]}]}  # fmt: skip
+    decoded, binary = decode_infer(split_body(*body(as_json)), SIGNATURE)
+    np.testing.assert_array_equal(decoded.feeds["x"], x)
+    assert decoded.feeds["n"].dtype == np.int8 and decoded.rows == 2 and binary == {"y": False, "s": False}
+    as_binary = {"inputs": [{"name": "x", "shape": [2, 2], "datatype": "FP32", "parameters": {"binary_data_size": 16}},
+                            {"name": "n", "shape": [2, 1], "datatype": "INT8", "parameters": {"binary_data_size": 2}}],
+                 "outputs": [{"name": "s"}], "parameters": {"binary_data_output": True}}  # fmt: skip
+    decoded, binary = decode_infer(split_body(*body(as_binary, x.tobytes(), np.array([-128, 127], np.int8).tobytes())), SIGNATURE)
+    np.testing.assert_array_equal(decoded.feeds["x"], x)
+    assert decoded.outputs == ("s",) and binary == {"s": True}
+
+
+@pytest.mark.parametrize(
+    "datatype, data, shape, fragment",
+    [
+        ("INT8", [1, 300], (2,), "holds 300, outside INT8's -128..127"),
+        ("UINT8", [-1, 2], (2,), "holds -1, outside UINT8's 0..255"),
+        ("INT32", [1.5, 2], (2,), "INT32 data must be integers"),
+        ("BOOL", [1, 0], (2,), "BOOL data must be true or false"),
+        ("FP32", ["1", 2], (2,), "FP32 data must be numbers"),
+        ("BYTES", ["a", 1], (2,), "BYTES data must be strings"),
+        ("FP32", [[1, 2], 3], (3,), "mixes lists and values"),
+        ("FP32", [1, 2, 3], (2, 2), "data holds 3 values; shape [2, 2] needs 4"),
+        ("FP32", 5, (1,), "'data' must be a list"),
+    ],
+)
+def test_json_data_that_would_change_silently_is_refused(datatype, data, shape, fragment):
+    with pytest.raises(InvalidInput) as error:
+        from_json(data, DATATYPES[datatype], shape, "model 'm' version 1: input 'x'")
+    assert fragment in str(error.value)
+
+
+def test_uint64_and_int64_extremes_survive_json():
+    big = from_json([2**64 - 1, 0], DATATYPES["UINT64"], (2,), "w")
+    small = from_json([-(2**63), 2**63 - 1], DATATYPES["INT64"], (2,), "w")
+    assert big.tolist() == [2**64 - 1, 0] and small.tolist() == [-(2**63), 2**63 - 1]
+
+
+@pytest.mark.parametrize(
+    "text, length, fragment",
+    [
+        (b'{"inputs": [', None, "malformed"),
+        (b"[1, 2]", None, "must be an object"),
+        (b"{}", "12", "12 bytes, but the body has 2"),
+        (b"{}", "two", "is not a number of bytes"),
+    ],
+)
+def test_bodies_that_cannot_be_split_say_why(text, length, fragment):
+    with pytest.raises(InvalidInput, match=fragment):
+        split_body(text, length)
+
+
+def test_responses_put_binary_outputs_after_the_json_header():
+    y, s = np.array([[1, 2]], np.float32), np.array([["é"]], dtype=object)
+    outputs = [(SIGNATURE.outputs[0], y, True), (SIGNATURE.outputs[1], s, False)]
+    encoded = encode_infer("m", "1", "r1", outputs, {"onnxserve_batch_rows": 1})
+    header = orjson.loads(encoded.body[: encoded.header_length])
+    assert header["id"] == "r1" and header["parameters"] == {"onnxserve_batch_rows": 1}
+    assert header["outputs"][0] == {"name": "y", "datatype": "FP32", "shape": [1, 2], "parameters": {"binary_data_size": 8}}
+    assert header["outputs"][1]["data"] == ["é"]
+    assert encoded.body[encoded.header_length :] == y.tobytes()
+    plain = encode_infer("m", "1", None, outputs[1:], {})
+    assert plain.header_length is None and "id" not in orjson.loads(plain.body)
+
+
+@pytest.mark.parametrize(
+    "path, expected",
+    [
+        ("/v2", Route("server")),
+        ("/v2/health/ready", Route("ready")),
+        ("/v2/models/m", Route("metadata", "m")),
+        ("/v2/models/m/versions/3", Route("metadata", "m", "3")),
+        ("/v2/models/m/versions/3/infer", Route("infer", "m", "3")),
+        ("/v2/models/m/ready", Route("model_ready", "m")),
+        ("/v2/models/stats", Route("stats")),
+        ("/v2/models/m/versions/2/stats", Route("stats", "m", "2")),
+        ("/v2/repository/models/m/unload", Route("unload", "m")),
+        ("/v2/repository/index", Route("index")),
+    ],
+)
+def test_paths_route_to_their_action(path, expected):
+    assert route(path) == expected
+
+
+@pytest.mark.parametrize("path", ["/", "/v1/models/m", "/v2/models/m/versions", "/v2/models/m/infer/more", "/v2/health"])
+def test_other_paths_are_not_found(path):
+    with pytest.raises(HttpError) as error:
+        route(path)
+    assert error.value.status == 404
