@@ -135,7 +135,16 @@ def loadgen(running: Running, workload: Workload, concurrency: int, seconds: flo
 def every_point(running: Running, workload: Workload, seconds: float) -> dict:
     """{transport: {concurrency: loadgen report}} for one running server."""
     transports = [t for t in TRANSPORTS if running.http_url or not t.startswith("rest")]
-    return {t: {c: loadgen(running, workload, c, seconds, transport=t) for c in workload.concurrencies} for t in transports}
+    results: dict = {}
+    for transport in transports:
+        for concurrency in workload.concurrencies:
+            try:
+                results.setdefault(transport, {})[concurrency] = loadgen(running, workload, concurrency, seconds, transport=transport)
+            except RuntimeError as err:  # the server died: keep what was measured, say where it stopped
+                print(f"  stopped at {transport} c={concurrency}: {str(err)[-600:]}", file=sys.stderr)
+                results["died_at"] = f"{transport} c={concurrency}"
+                return results
+    return results
 
 
 def start_onnxserve(repository: Path, model_path: Path, workdir: Path) -> Running:
@@ -215,6 +224,8 @@ def print_table(results: dict) -> None:
             for server in ("onnxserve", *PEERS):
                 point = figures.get(server, {}).get(transport, {}).get(concurrency)
                 if point is None:
+                    if figures.get(server, {}).get("died_at") == f"{transport} c={concurrency}":
+                        print(f"{model:9} {concurrency:4} {transport:9} {LABELS[server]:10} {'the server died here':>30}")
                     continue
                 cpu, batch = point.get("server_cpu_per_request_us"), point.get("server_average_batch")
                 cpu = cpu if cpu and cpu > 0 else None  # a server that died mid-run took its CPU figures along
@@ -267,7 +278,7 @@ def targets(results: dict) -> list[tuple[str, str, bool]]:
             for transport in TRANSPORTS:
                 value = point(model, "onnxserve", transport, 16)["inferences_per_second"] / best
                 found.append((f"ResNet-50 c=16 {transport}: >= 0.9 of raw onnxruntime's best", f"{value:.2f}", value >= 0.9))
-    errors = sum(p["errors"] for m in results.values() for t in m.get("onnxserve", {}).values() for p in t.values())
+    errors = sum(p["errors"] for m in results.values() for t in m.get("onnxserve", {}).values() if isinstance(t, dict) for p in t.values())
     found.append(("onnxserve: 0 errors at every point", str(errors), errors == 0))
     return found
 

@@ -147,6 +147,8 @@ class HttpApi:
                 given = headers.get(rule.header.encode())
                 permitted(rule, None if given is None else given.decode("latin-1"))
             body = await self._body(headers, receive) if method == "POST" else b""
+            if body is None:
+                return  # the client went away while sending: nobody to answer
             status, payload, extra = await self.handlers[found.action](found, headers, body)
         except HttpError as err:
             status, payload, extra = err.status, json_body({"error": str(err)}), (*JSON_TYPE, *err.headers)
@@ -160,7 +162,7 @@ class HttpApi:
         await send({"type": "http.response.start", "status": status, "headers": response_headers})
         await send({"type": "http.response.body", "body": payload})
 
-    async def _body(self, headers: dict, receive) -> bytes:
+    async def _body(self, headers: dict, receive) -> bytes | None:
         content_type = headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
         if content_type not in BODY_TYPES:
             raise HttpError(400, f"content type {content_type!r} is not accepted; send application/json or application/octet-stream")
@@ -171,7 +173,7 @@ class HttpApi:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                raise asyncio.CancelledError("the client went away")
+                return None
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body_bytes:
