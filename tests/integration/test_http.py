@@ -76,22 +76,27 @@ def test_every_datatype_round_trips(server, datatype, binary):
     assert ("binary_data_size" in described.get("parameters", {})) == binary
 
 
-@pytest.mark.parametrize("datatype", ["FP32", "INT8", "BYTES", "BOOL"])
-def test_asyncio_client_and_default_outputs(server, datatype):
-    array = sample(datatype, rows=3)
-
+def test_asyncio_client_every_datatype_json_and_binary_and_default_outputs(server):
     async def body():
         aio = httpaio.InferenceServerClient(server.http_url)
         try:
-            assert await aio.is_server_ready() and await aio.is_model_ready(f"identity_{datatype.lower()}")
-            tensor = http_input("input", array, datatype, True, module=httpaio)
-            return await aio.infer(f"identity_{datatype.lower()}", [tensor], request_id="r-7")
+            assert await aio.is_server_ready()
+            for datatype in DATATYPES:
+                model, array = f"identity_{datatype.lower()}", sample(datatype, rows=3)
+                assert await aio.is_model_ready(model)
+                for binary in (True, False):
+                    tensor = http_input("input", array, datatype, binary, module=httpaio)
+                    output = httpaio.InferRequestedOutput("output", binary_data=binary)
+                    result = await aio.infer(model, [tensor], outputs=[output], request_id=f"{datatype}-{binary}")
+                    same(result.as_numpy("output"), array, datatype)
+                    assert result.get_response()["id"] == f"{datatype}-{binary}"
+                # no outputs named: all of them, binary (the client's default)
+                result = await aio.infer(model, [http_input("input", array, datatype, True, module=httpaio)])
+                same(result.as_numpy("output"), array, datatype)
         finally:
             await aio.close()
 
-    result = asyncio.run(body())
-    same(result.as_numpy("output"), array, datatype)  # no outputs named: all of them, binary (the client's default)
-    assert result.get_response()["id"] == "r-7"
+    asyncio.run(body())
 
 
 def test_metadata_config_statistics_and_health(server):
