@@ -7,7 +7,6 @@ import http.client
 import json
 import signal
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -19,7 +18,7 @@ from tritonclient.utils import InferenceServerException
 from tests import onnx_models
 from tests.conftest import start_server, wait_until
 from tests.integration.test_batching import caller_rows
-from tests.integration.test_protocol import DATATYPES, sample
+from tests.integration.test_protocol import DATATYPES, sample, write_protocol_models
 
 DELAYED = "max_batch_size: 32\ndynamic_batching { max_queue_delay_microseconds: 20000 }"
 
@@ -27,9 +26,7 @@ DELAYED = "max_batch_size: 32\ndynamic_batching { max_queue_delay_microseconds: 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     repository = tmp_path_factory.mktemp("repository")
-    for datatype in DATATYPES:
-        onnx_models.write(repository, f"identity_{datatype.lower()}", onnx_models.identity(datatype))
-    onnx_models.write(repository, "multi", onnx_models.two_in_two_out())
+    write_protocol_models(repository)
     onnx_models.write(repository, "add_one", onnx_models.add_one(), DELAYED)
     running = start_server(repository, "--http-max-body-bytes", str(1024 * 1024))
     yield running

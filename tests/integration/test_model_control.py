@@ -175,13 +175,21 @@ def test_versions_come_and_go_with_the_policy_and_a_broken_one_changes_nothing(r
     assert answer(client, "versions") == ("1", 1.0) and not client.is_model_ready("versions", "2")
 
 
-def test_readiness_and_grpc_health_follow_a_model_that_loads_later(tmp_path, serve):
-    (tmp_path / "late" / "1").mkdir(parents=True)
-    (tmp_path / "late" / "1" / "model.onnx").write_bytes(b"not yet a model")
-    server = serve(tmp_path, *EXPLICIT, "--load-model", "late", wait_ready=False)
-    client = server.client()
+def broken_model(repository: Path, name: str) -> None:
+    (repository / name / "1").mkdir(parents=True)
+    (repository / name / "1" / "model.onnx").write_bytes(b"not a model")
+
+
+def unready_server(serve, repository: Path, *flags: str):
+    """A server that started with a model that failed to load: (server, client, gRPC health stub)."""
+    server = serve(repository, *EXPLICIT, *flags, wait_ready=False)
     assert wait_until(lambda: any("not ready: " in line for line in server.log))
-    health = health_pb2_grpc.HealthStub(grpc.insecure_channel(server.url))
+    return server, server.client(), health_pb2_grpc.HealthStub(grpc.insecure_channel(server.url))
+
+
+def test_readiness_and_grpc_health_follow_a_model_that_loads_later(tmp_path, serve):
+    broken_model(tmp_path, "late")
+    server, client, health = unready_server(serve, tmp_path, "--load-model", "late")
     assert not client.is_server_ready()
     assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -333,12 +341,8 @@ def test_a_load_request_cannot_reach_files_outside_the_model(repository, serve, 
 
 def test_unloading_a_model_that_failed_at_start_makes_the_server_ready(tmp_path, serve):
     onnx_models.write(tmp_path, "good", onnx_models.add_constant(1))
-    (tmp_path / "broken" / "1").mkdir(parents=True)
-    (tmp_path / "broken" / "1" / "model.onnx").write_bytes(b"broken")
-    server = serve(tmp_path, *EXPLICIT, "--load-model", "*", wait_ready=False)
-    client = server.client()
-    assert wait_until(lambda: any("not ready: " in line for line in server.log))
-    health = health_pb2_grpc.HealthStub(grpc.insecure_channel(server.url))
+    broken_model(tmp_path, "broken")
+    server, client, health = unready_server(serve, tmp_path, "--load-model", "*")
     client.unload_model("broken")
     assert client.is_server_ready()
     assert wait_until(lambda: health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING)

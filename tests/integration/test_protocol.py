@@ -40,12 +40,17 @@ def sample(datatype: str, rows: int = 2) -> np.ndarray:
     return rng.integers(info.min, info.max, size=(rows, 3), dtype=NUMPY[datatype], endpoint=True)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    repository = tmp_path_factory.mktemp("repository")
+def write_protocol_models(repository) -> None:
+    """An identity model per datatype, and `multi` (two inputs in, two outputs out)."""
     for datatype in DATATYPES:
         onnx_models.write(repository, f"identity_{datatype.lower()}", onnx_models.identity(datatype))
     onnx_models.write(repository, "multi", onnx_models.two_in_two_out())
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    repository = tmp_path_factory.mktemp("repository")
+    write_protocol_models(repository)
     onnx_models.write(repository, "fixed", onnx_models.add_one(shape=(2, 4)))
     running = start_server(repository)
     yield running
