@@ -55,6 +55,7 @@ STATUS = {  # Triton's mapping (PROTOCOL.md 2e), plus 403 and 504
 }
 BODY_TYPES = ("application/json", "application/octet-stream", "application/x-www-form-urlencoded", "")  # the last two: curl -d, and none
 JSON_TYPE = ((b"content-type", b"application/json"),)
+HEADER_LENGTH_KEY = HEADER_LENGTH.encode()
 # Route action -> (HTTP method, API group for --http-restricted-api)
 ACTIONS = {
     "live": ("GET", "health"),
@@ -218,7 +219,7 @@ class HttpApi:
         call, outcome = core.start(HTTP), "error"
         try:
             model = core.resolve(call, found.model, found.version)
-            request = split_body(body, _text(headers.get(HEADER_LENGTH.encode())))
+            request = split_body(body, _text(headers.get(HEADER_LENGTH_KEY)))
             decoded, binary = decode_infer(request, model.signature)
             parameters = request.header.get("parameters") or {}
             if not isinstance(parameters, dict):
@@ -240,7 +241,7 @@ class HttpApi:
             return 200, encoded.body, JSON_TYPE
         return 200, encoded.body, (
             (b"content-type", b"application/octet-stream"),
-            (HEADER_LENGTH.encode(), str(encoded.header_length).encode()),
+            (HEADER_LENGTH_KEY, str(encoded.header_length).encode()),
         )
 
     # --- model repository ---------------------------------------------------------------------------
