@@ -4,6 +4,7 @@ import asyncio
 import logging
 import os
 import signal
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -18,7 +19,7 @@ from server.events import BatchExecuted, BatchStarted, EventBus, ModelStateChang
 from server.metrics import CostCollector, GpuCollector, GpuReader, MetricsObserver, serve_metrics
 from server.polling import RepositoryPoller
 from server.repository import ModelRepository
-from server.runtime import CPU, cpu_cores
+from server.runtime import CPU, GpuPolicy, cpu_cores
 from server.grpc_service import InferenceService
 from server.http_service import HttpApi, http_port, start_http
 from server.inference import InferenceCore
@@ -44,7 +45,8 @@ async def serve(settings: ServerSettings) -> int:
     if gpus:
         registry.register(GpuCollector(gpus))
     ProcessCollector(registry=registry)
-    repository = ModelRepository(settings.model_repository, settings.default_max_batch_size, bus)
+    gpu = GpuPolicy(settings.require_gpu, Path(settings.tensorrt_cache_dir) if settings.tensorrt_cache_dir else None)
+    repository = ModelRepository(settings.model_repository, settings.default_max_batch_size, bus, gpu)
     control = RepositoryControl(repository, settings.model_control_mode)
     core = InferenceCore(repository, bus, ledger, settings.strict_readiness)
     service = InferenceService(core, statistics, control, settings.grpc_restricted_protocol)

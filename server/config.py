@@ -117,6 +117,14 @@ class ServerSettings:
     default_max_batch_size: int = field(
         default=32, metadata=_flag("max_batch_size for a batchable model whose config does not set it")
     )
+    require_gpu: bool = field(
+        default=False,
+        metadata=_flag("a model that asks for a GPU (KIND_GPU, an accelerator) and cannot have one fails to load"),
+    )
+    tensorrt_cache_dir: str = field(
+        default="",
+        metadata=_flag("writable directory for TensorRT engine and timing caches, reused across restarts; empty: none"),
+    )
     log_level: str = field(default="INFO", metadata=_flag("DEBUG, INFO, WARNING or ERROR"))
     device_price: tuple[DevicePriceSetting, ...] = field(
         default=(),
@@ -193,6 +201,8 @@ class ServerSettings:
             restricted = [method for rule in getattr(self, name) for method in rule.methods]
             if len(set(restricted)) != len(restricted):
                 raise ConfigError(f"--{_dashed(name)}: a protocol group is restricted twice")
+        if self.tensorrt_cache_dir and not os.access(self.tensorrt_cache_dir, os.W_OK | os.X_OK):
+            raise ConfigError(f"--tensorrt-cache-dir: {self.tensorrt_cache_dir} is not a writable directory")
         if not self.model_repository.is_dir():
             raise ConfigError(f"--model-repository: {self.model_repository} is not a directory")
 

@@ -14,7 +14,8 @@ from server.batching import Batcher
 from server.errors import ConfigError
 from server.events import EventBus, ModelStateChanged
 from server.model_config import ModelSettings, TensorConfig
-from server.runtime import InstancePool
+from server.providers import profile_shapes
+from server.runtime import GpuPolicy, InstancePool
 from server.tensors import Signature, TensorSpec
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,13 @@ class ModelVersion:
 
 
 async def load_version(
-    name: str, version: str, settings: ModelSettings, model_dir: Path, default_max_batch_size: int, bus: EventBus
+    name: str,
+    version: str,
+    settings: ModelSettings,
+    model_dir: Path,
+    default_max_batch_size: int,
+    bus: EventBus,
+    gpu: GpuPolicy = GpuPolicy(),
 ) -> ModelVersion:
     """A version ready to serve, not yet announced; raises ConfigError (sessions closed) when it cannot load."""
     loaded = ModelVersion(name, version)
@@ -50,7 +57,8 @@ async def load_version(
     if not path.is_file():
         raise ConfigError(f"{path}: model file not found")
     started = time.perf_counter()
-    pool = await asyncio.to_thread(InstancePool, path, settings.session, loaded.label)
+    gpu = dataclasses.replace(gpu, tensorrt_profiles=_declared_profiles(settings))
+    pool = await asyncio.to_thread(InstancePool, path, settings.session, loaded.label, gpu)
     try:
         completed, signature = complete_settings(settings, pool, default_max_batch_size, version)
         choice = await asyncio.to_thread(pool.calibrate, signature.inputs, completed.batching.max_batch_size)
@@ -68,6 +76,16 @@ async def load_version(
     loaded.state, loaded.load_seconds = READY, time.perf_counter() - started
     _log_loaded(loaded)
     return loaded
+
+
+def _declared_profiles(settings: ModelSettings) -> dict[str, str]:
+    """TensorRT profiles from what config.pbtxt declares (every input and max_batch_size), so that
+    the engine is built at load; without them TensorRT builds for the first shapes it meets."""
+    wants_tensorrt = any(accelerator.name == "tensorrt" for accelerator in settings.session.gpu_accelerators)
+    if not wants_tensorrt or not settings.max_batch_size or not settings.inputs:
+        return {}
+    specs = [TensorSpec(tensor.name, tensor.datatype, (-1, *tensor.dims)) for tensor in settings.inputs]
+    return profile_shapes(specs, settings.max_batch_size)
 
 
 def ready_event(model: ModelVersion) -> ModelStateChanged:

@@ -10,7 +10,7 @@ from typing import Sequence
 
 from google.protobuf import json_format, text_format
 
-from server import protocol
+from server import protocol, providers
 from server.errors import ConfigError
 
 
@@ -289,13 +289,18 @@ def _session(proto, where: str) -> SessionSettings:
         if group.count < 0:
             raise ConfigError(f"{where}: instance_group[0].count: {group.count} is negative")
         values.update(instance_kind=KIND_NAMES[kind], instance_count=group.count or 1, gpus=tuple(group.gpus))
+    model_cuda = {}  # Triton's older, model-level spelling of four CUDA provider options
     for key, parameter in proto.parameters.items():
         if key in BATCHING_PARAMETERS:
             continue
+        if key in providers.CUDA_MODEL_PARAMETERS:
+            model_cuda[key] = parameter.string_value
+            continue
         if key not in SESSION_PARAMETERS:
-            known = sorted([*SESSION_PARAMETERS, *BATCHING_PARAMETERS])
+            known = sorted([*SESSION_PARAMETERS, *BATCHING_PARAMETERS, *providers.CUDA_MODEL_PARAMETERS])
             raise ConfigError(f"{where}: parameters[{key!r}]: unknown; known: {known}")
         values[SESSION_PARAMETERS[key]] = _parameter_value(key, parameter.string_value, where)
+    providers.check_options("cuda", model_cuda, f"{where}: model")
     optimization = proto.optimization
     if optimization.HasField("graph"):
         level = {-1: 1, 0: 99, 1: 2, 2: 0}.get(optimization.graph.level)  # Triton's levels -> ORT's
@@ -307,12 +312,16 @@ def _session(proto, where: str) -> SessionSettings:
         raise ConfigError(f"{where}: optimization.execution_accelerators.cpu_execution_accelerator: not supported")
     gpu = []
     for i, accelerator in enumerate(accelerators.gpu_execution_accelerator):
+        field_name = f"{where}: optimization.execution_accelerators.gpu_execution_accelerator[{i}]"
         if accelerator.name not in GPU_ACCELERATORS:
-            raise ConfigError(
-                f"{where}: optimization.execution_accelerators.gpu_execution_accelerator[{i}].name: "
-                f"{accelerator.name!r} is not one of {GPU_ACCELERATORS}"
-            )
-        gpu.append(Accelerator(accelerator.name, tuple(sorted(accelerator.parameters.items()))))
+            raise ConfigError(f"{field_name}.name: {accelerator.name!r} is not one of {GPU_ACCELERATORS}")
+        parameters = dict(accelerator.parameters)
+        providers.check_options(accelerator.name, parameters, field_name)
+        if accelerator.name == "cuda":
+            parameters = {**model_cuda, **parameters}
+        gpu.append(Accelerator(accelerator.name, tuple(sorted(parameters.items()))))
+    if model_cuda and not any(a.name == "cuda" for a in gpu):
+        gpu.append(Accelerator("cuda", tuple(sorted(model_cuda.items()))))
     values["gpu_accelerators"] = tuple(gpu)
     return SessionSettings(**values)
 

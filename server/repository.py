@@ -15,6 +15,7 @@ from server.errors import ConfigError, LoadFailed, ModelNotFound, ModelNotReady
 from server.events import EventBus, ModelStateChanged, RepositoryChanged
 from server.loading import LOADING, READY, UNAVAILABLE, UNLOADING, ModelVersion, load_version, ready_event, retire
 from server.model_config import ModelSettings, load_model_settings, settings_from_json
+from server.runtime import GpuPolicy
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +37,10 @@ class ModelEntry:
 
 
 class ModelRepository:
-    def __init__(self, root: Path, default_max_batch_size: int, bus: EventBus) -> None:
+    def __init__(self, root: Path, default_max_batch_size: int, bus: EventBus, gpu: GpuPolicy = GpuPolicy()) -> None:
         self.root = root
         self.default_max_batch_size = default_max_batch_size
+        self.gpu = gpu
         self.bus = bus
         self.models: dict[str, ModelEntry] = {}
         self.loaded = False  # the start-up loads are done
@@ -168,7 +170,7 @@ class ModelRepository:
             entry.versions.setdefault(number, ModelVersion(entry.name, number, reason="loading"))
             try:
                 loaded[number] = await load_version(
-                    entry.name, number, settings, model_dir, self.default_max_batch_size, self.bus
+                    entry.name, number, settings, model_dir, self.default_max_batch_size, self.bus, self.gpu
                 )
             except ConfigError as err:
                 failures[number] = str(err)

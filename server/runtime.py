@@ -8,13 +8,13 @@ import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from server import calibration, protocol
+from server import calibration, protocol, providers
 from server.model_config import SessionSettings
 from server.errors import ConfigError, ExecutionFailed
 from server.tensors import DATATYPE_BY_ORT, DATATYPES, TensorSpec
@@ -38,8 +38,20 @@ SWITCH_LOG_SECONDS = 60.0
 # Calibration's size for variable dimensions other than the batch (a sequence, an image side):
 # at 1, an encoder measures like a tiny model and gets too few threads.
 CALIBRATION_DIM = 64
-# Triton's accelerator parameter names that differ from onnxruntime's TensorRT EP options.
-TENSORRT_RENAMES = {"max_workspace_size_bytes": "trt_max_workspace_size"}
+PROVIDER_LIBRARIES = {
+    CUDA: Path(ort.__file__).parent / "capi" / "libonnxruntime_providers_cuda.so",
+    TENSORRT: Path(ort.__file__).parent / "capi" / "libonnxruntime_providers_tensorrt.so",
+}
+
+
+@dataclass(frozen=True)
+class GpuPolicy:
+    """What the server was told about GPUs (--require-gpu, --tensorrt-cache-dir), and a model's
+    TensorRT optimisation profiles (from its config)."""
+
+    require: bool = False
+    tensorrt_cache_dir: Path | None = None
+    tensorrt_profiles: dict = field(default_factory=dict)
 
 
 def visible_gpus() -> int:
@@ -96,35 +108,36 @@ class Placement:
     providers: list  # [(name, options), ...] as InferenceSession takes them
 
 
-def plan_placements(settings: SessionSettings, gpus: int, label: str) -> list[Placement]:
+def plan_placements(settings: SessionSettings, gpus: int, label: str, policy: GpuPolicy = GpuPolicy()) -> list[Placement]:
     wants_gpu = settings.instance_kind == "gpu" or bool(settings.gpu_accelerators)
     if settings.instance_kind == "cpu" or gpus == 0:
         if gpus == 0 and wants_gpu:
-            log.warning("%s: GPU execution asked for but no GPU is visible: falling back to CPU", label)
+            no_gpu(label, providers.provider_unavailable_reason(PROVIDER_LIBRARIES[CUDA], gpus), policy)
         return [Placement("cpu", [(CPU, {})])] * settings.instance_count
     device_ids = list(settings.gpus) or [0]
     placements = []
     for device_id in device_ids:
-        providers = _gpu_providers(settings, device_id)
-        placements += [Placement(f"cuda:{device_id}", providers)] * settings.instance_count
+        placements += [Placement(f"cuda:{device_id}", _gpu_providers(settings, device_id, policy))] * settings.instance_count
     return placements
 
 
-def _gpu_providers(settings: SessionSettings, device_id: int) -> list:
-    providers, cuda_options = [], {"device_id": device_id}
+def no_gpu(label: str, reason: str, policy: GpuPolicy) -> None:
+    """GPU execution was asked for and cannot be had: a load failure with --require-gpu, else a loud fallback."""
+    if policy.require:
+        raise ConfigError(f"{label}: GPU execution is asked for, but {reason}; --require-gpu makes that a load failure")
+    log.warning("%s: GPU execution is asked for, but %s: it runs on the CPU (--require-gpu would fail the load)", label, reason)
+
+
+def _gpu_providers(settings: SessionSettings, device_id: int, policy: GpuPolicy) -> list:
+    chosen, cuda = [], {}
     for accelerator in settings.gpu_accelerators:
-        options = dict(accelerator.parameters)
+        parameters = dict(accelerator.parameters)
         if accelerator.name == "tensorrt":
-            trt = {"device_id": device_id}
-            for key, value in options.items():
-                if key == "precision_mode":
-                    trt["trt_fp16_enable"] = value.upper() == "FP16"
-                else:
-                    trt[TENSORRT_RENAMES.get(key, key)] = value
-            providers.append((TENSORRT, trt))
+            options = providers.tensorrt_options(device_id, parameters, policy.tensorrt_profiles, policy.tensorrt_cache_dir)
+            chosen.append((TENSORRT, options))
         else:
-            cuda_options.update(options)
-    return providers + [(CUDA, cuda_options), (CPU, {})]
+            cuda.update(parameters)
+    return chosen + [(CUDA, providers.cuda_options(device_id, cuda)), (CPU, {})]
 
 
 def session_options(settings: SessionSettings, threads: int, allow_spinning: bool) -> ort.SessionOptions:
@@ -165,9 +178,9 @@ def graph_specs(args, model_path: Path) -> tuple[TensorSpec, ...]:
 class InstancePool:
     """N sessions of one model file, each with its own worker thread."""
 
-    def __init__(self, model_path: Path, settings: SessionSettings, label: str) -> None:
-        self.label, self.model_path, self.settings = label, model_path, settings
-        self.placements = plan_placements(settings, visible_gpus(), label)
+    def __init__(self, model_path: Path, settings: SessionSettings, label: str, gpu: GpuPolicy = GpuPolicy()) -> None:
+        self.label, self.model_path, self.settings, self.gpu = label, model_path, settings, gpu
+        self.placements = plan_placements(settings, visible_gpus(), label, gpu)
         self.control_flow = control_flow(model_path)
         # Until calibration chooses: the configured values, else one core's share per instance.
         self.choice = calibration.previous_defaults(self.fixed(), cpu_cores(), len(self.placements))
@@ -219,8 +232,13 @@ class InstancePool:
         except Exception as err:
             raise ConfigError(f"{self.model_path}: onnxruntime cannot load the model: {err}") from None
         asked, used = placement.providers[0][0], session.get_providers()[0]
-        if asked != used:
-            log.warning("%s: asked for %s but onnxruntime runs it on %s", self.label, asked, used)
+        if asked == used:
+            return session
+        reason = providers.provider_unavailable_reason(PROVIDER_LIBRARIES[asked], visible_gpus()) if asked in PROVIDER_LIBRARIES else ""
+        if used == CPU:
+            no_gpu(self.label, reason or f"onnxruntime runs it on {used}", self.gpu)
+        else:  # TensorRT asked for, CUDA in use
+            log.warning("%s: asked for %s but onnxruntime runs it on %s: %s", self.label, asked, used, reason)
         return session
 
     def calibrate(self, inputs: tuple[TensorSpec, ...], max_batch_size: int) -> calibration.Choice:

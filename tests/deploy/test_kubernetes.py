@@ -171,8 +171,11 @@ def server_settings(env: dict[str, str], tmp_path: Path) -> ServerSettings:
     flags = {ENV_PREFIX + spec.name.upper() for spec in fields(ServerSettings)}
     unknown = {name for name in env if name.startswith(ENV_PREFIX)} - flags
     assert not unknown, f"no such server setting: {unknown}"
-    # The repository path is checked for existence, which only the container can do.
-    return parse_server_settings([], {**env, "ONNXSERVE_MODEL_REPOSITORY": str(tmp_path)})
+    # Paths are checked for existence, which only the container can do.
+    local = {"ONNXSERVE_MODEL_REPOSITORY": str(tmp_path)}
+    if env.get("ONNXSERVE_TENSORRT_CACHE_DIR"):
+        local["ONNXSERVE_TENSORRT_CACHE_DIR"] = str(tmp_path)
+    return parse_server_settings([], {**env, **local})
 
 
 @pytest.mark.parametrize("name", RENDERED)
@@ -290,6 +293,15 @@ def test_polled_example_follows_the_mounted_repository(rendered, tmp_path):
     assert pod_spec(polled)["volumes"] == pod_spec(pvc)["volumes"]
     settings = server_settings(env, tmp_path)
     assert settings.model_control_mode == "poll" and settings.repository_poll_secs == 30
+
+
+def test_the_gpu_overlay_requires_the_gpu_and_caches_engines_on_its_volume(rendered, tmp_path):
+    container = server_container(rendered["overlays/gpu"])
+    env = env_of(container)
+    assert server_settings(env, tmp_path).require_gpu is True
+    mounts = {mount["mountPath"]: mount for mount in container["volumeMounts"]}
+    assert env["ONNXSERVE_TENSORRT_CACHE_DIR"] in mounts and not mounts[env["ONNXSERVE_TENSORRT_CACHE_DIR"]].get("readOnly")
+    assert "ONNXSERVE_REQUIRE_GPU" not in env_of(server_container(rendered["overlays/cpu"]))
 
 
 def test_gpu_limits_only_in_the_gpu_overlay(rendered):

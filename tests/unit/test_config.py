@@ -41,6 +41,8 @@ def test_device_prices_say_where_they_came_from(tmp_path):
         (["--device-price", "cpu=1", "--device-price", "cpu=2"], {}, "priced twice"),
         ([], {"ONNXSERVE_DEVICE_PRICE": "cuda:0=cheap"}, "ONNXSERVE_DEVICE_PRICE: 'cuda:0=cheap'"),
         (["--model-control-mode", "auto"], {}, "--model-control-mode: 'auto'"),
+        (["--tensorrt-cache-dir", "/no/such/cache"], {}, "--tensorrt-cache-dir: /no/such/cache is not a writable directory"),
+        (["--http-port", "-2"], {}, "--http-port: -2"),
         (["--repository-poll-secs", "0"], {}, "--repository-poll-secs: 0"),
         (["--load-model", "mlp"], {}, "--load-model: \\['mlp'\\] needs --model-control-mode explicit"),
         (["--grpc-restricted-protocol", "model-repository"], {}, "GROUP\\[,GROUP...\\]:HEADER=VALUE"),

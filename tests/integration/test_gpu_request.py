@@ -1,0 +1,35 @@
+"""A model that asks for a GPU on a machine without one: a loud fallback by default, a load
+failure with --require-gpu, in the words of onnxruntime's loader."""
+
+import numpy as np
+
+from tests import onnx_models
+from tests.integration.test_model_control import answer, index
+
+ON_GPU = """
+instance_group [{ kind: KIND_GPU }]
+optimization { execution_accelerators { gpu_execution_accelerator [{ name: "cuda" parameters { key: "cudnn_conv_algo_search" value: "1" } }] } }
+"""
+
+
+def test_without_require_gpu_it_serves_on_the_cpu_and_says_why(tmp_path, serve):
+    onnx_models.write(tmp_path, "wants_gpu", onnx_models.add_constant(3), ON_GPU)
+    server = serve(tmp_path)
+    assert answer(server.client(), "wants_gpu") == ("1", 3.0)
+    warning = next(line for line in server.log if "GPU execution is asked for" in line)
+    assert "model 'wants_gpu' version 1" in warning and "--require-gpu" in warning
+    assert "no NVIDIA GPU is visible" in warning or "cannot be loaded" in warning or "has no" in warning
+    config = server.client().get_model_config("wants_gpu").config
+    assert config.parameters["execution_provider"].string_value == "CPUExecutionProvider"
+
+
+def test_with_require_gpu_the_load_fails_and_the_other_models_serve(tmp_path, serve):
+    onnx_models.write(tmp_path, "wants_gpu", onnx_models.add_constant(3), ON_GPU)
+    onnx_models.write(tmp_path, "on_cpu", onnx_models.add_constant(1))
+    server = serve(tmp_path, "--require-gpu", "true", "--strict-readiness", "false")
+    client = server.client()
+    state, reason = index(client)[("wants_gpu", "1")]
+    assert state == "UNAVAILABLE" and "--require-gpu makes that a load failure" in reason
+    assert not client.is_model_ready("wants_gpu")
+    assert answer(client, "on_cpu") == ("1", 1.0)
+    assert np.isclose(server.metric("onnxserve_model_ready", model="on_cpu", version="1", provider="CPUExecutionProvider"), 1)

@@ -1,0 +1,96 @@
+"""GPU provider options as config.pbtxt gives them: checked, mapped to onnxruntime's names, TensorRT
+profiles and caches; and what happens when a GPU is asked for where there is none."""
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from server.errors import ConfigError
+from server.model_config import load_model_settings
+from server.providers import check_options, cuda_options, profile_shapes, tensorrt_options
+from server.runtime import CPU, CUDA, TENSORRT, GpuPolicy, plan_placements
+from server.tensors import TensorSpec
+
+IMAGE = (TensorSpec("images", "FP32", (-1, 3, 224, 224)), TensorSpec("scale", "FP32", (-1, 1)))
+
+
+def model_config(tmp_path: Path, text: str):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.pbtxt").write_text(text)
+    return load_model_settings(tmp_path / "m")
+
+
+def test_triton_spellings_become_onnxruntimes():
+    options = cuda_options(1, {"cudnn_conv_algo_search": "1", "arena_extend_strategy": "0", "do_copy_in_default_stream": "true"})
+    assert options == {"device_id": "1", "cudnn_conv_algo_search": "HEURISTIC", "arena_extend_strategy": "kNextPowerOfTwo",
+                       "do_copy_in_default_stream": "1"}  # fmt: skip
+    trt = tensorrt_options(0, {"precision_mode": "FP16", "max_workspace_size_bytes": "1073741824"}, {}, Path("/cache"))
+    assert (trt["trt_fp16_enable"], trt["trt_int8_enable"], trt["trt_max_workspace_size"]) == ("1", "0", "1073741824")
+    assert trt["trt_engine_cache_enable"] == trt["trt_timing_cache_enable"] == "1"
+    assert trt["trt_engine_cache_path"] == trt["trt_timing_cache_path"] == "/cache"
+    assert "trt_engine_cache_enable" not in tensorrt_options(0, {}, {}, None)
+
+
+@pytest.mark.parametrize(
+    "accelerator, parameters, fragment",
+    [
+        ("cuda", {"gpu_mem_limt": "1"}, "parameters['gpu_mem_limt']: unknown cuda option"),
+        ("cuda", {"gpu_mem_limit": "lots"}, "'lots' is not a non-negative integer"),
+        ("cuda", {"cudnn_conv_algo_search": "FASTEST"}, "not one of"),
+        ("cuda", {"enable_cuda_graph": "yes"}, "not 0, 1, true or false"),
+        ("cuda", {"enable_cuda_graph": "1"}, "IO binding"),
+        ("tensorrt", {"precision_mode": "FP8"}, "not one of ['FP32', 'FP16', 'BF16', 'INT8']"),
+        ("tensorrt", {"trt_engine_cache_enabled": "1"}, "unknown tensorrt option"),
+    ],
+)
+def test_unknown_or_bad_options_are_refused_naming_the_field(accelerator, parameters, fragment):
+    with pytest.raises(ConfigError) as error:
+        check_options(accelerator, parameters, "config.pbtxt: accelerator[0]")
+    assert "config.pbtxt: accelerator[0].parameters[" in str(error.value) and fragment in str(error.value)
+
+
+def test_config_pbtxt_accelerators_are_checked_and_model_level_cuda_options_merged(tmp_path):
+    settings = model_config(tmp_path, """
+        parameters { key: "gpu_mem_limit" value { string_value: "2147483648" } }
+        optimization { execution_accelerators { gpu_execution_accelerator [
+          { name: "tensorrt" parameters { key: "precision_mode" value: "FP16" } },
+          { name: "cuda" parameters { key: "cudnn_conv_algo_search" value: "2" } } ] } }""")
+    trt, cuda = settings.session.gpu_accelerators
+    assert (trt.name, dict(trt.parameters)) == ("tensorrt", {"precision_mode": "FP16"})
+    assert dict(cuda.parameters) == {"gpu_mem_limit": "2147483648", "cudnn_conv_algo_search": "2"}
+
+
+def test_a_misspelt_accelerator_option_fails_the_config_naming_file_and_field(tmp_path):
+    with pytest.raises(ConfigError) as error:
+        model_config(tmp_path, """optimization { execution_accelerators { gpu_execution_accelerator [
+          { name: "tensorrt" parameters { key: "precison_mode" value: "FP16" } } ] } }""")
+    assert "config.pbtxt: optimization.execution_accelerators.gpu_execution_accelerator[0].parameters['precison_mode']" in str(error.value)
+
+
+def test_tensorrt_profiles_span_batch_one_to_max_batch_size():
+    profiles = profile_shapes(IMAGE, 16)
+    assert profiles["trt_profile_min_shapes"] == "images:1x3x224x224,scale:1x1"
+    assert profiles["trt_profile_opt_shapes"] == profiles["trt_profile_max_shapes"] == "images:16x3x224x224,scale:16x1"
+    assert profile_shapes(IMAGE, 0) == {}  # no batch dimension: nothing to profile
+    assert profile_shapes((TensorSpec("ids", "INT64", (-1, -1)),), 8) == {}  # a variable sequence: no profile
+
+
+def test_gpu_placements_list_tensorrt_then_cuda_then_cpu(tmp_path):
+    settings = model_config(tmp_path, """instance_group [{ kind: KIND_GPU count: 2 gpus: [1] }]
+        optimization { execution_accelerators { gpu_execution_accelerator [{ name: "tensorrt" }] } }""").session
+    placements = plan_placements(settings, 2, "model 'm' version 1", GpuPolicy(tensorrt_profiles={"trt_profile_min_shapes": "x:1"}))
+    assert [p.device for p in placements] == ["cuda:1", "cuda:1"]
+    names = [name for name, _ in placements[0].providers]
+    assert names == [TENSORRT, CUDA, CPU]
+    assert placements[0].providers[0][1]["trt_profile_min_shapes"] == "x:1" and placements[0].providers[1][1]["device_id"] == "1"
+
+
+def test_no_gpu_falls_back_loudly_or_fails_with_require_gpu(tmp_path, caplog):
+    settings = model_config(tmp_path, "instance_group [{ kind: KIND_GPU }]").session
+    with caplog.at_level(logging.WARNING):
+        placements = plan_placements(settings, 0, "model 'm' version 1")
+    assert [p.device for p in placements] == ["cpu"]
+    assert "GPU execution is asked for, but" in caplog.text and "--require-gpu" in caplog.text
+    with pytest.raises(ConfigError, match=r"model 'm' version 1: GPU execution is asked for, but .*--require-gpu makes that a load failure"):
+        plan_placements(settings, 0, "model 'm' version 1", GpuPolicy(require=True))
