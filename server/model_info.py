@@ -86,6 +86,7 @@ def model_config_proto(model: ModelVersion):
     config.parameters["intra_op_thread_count"].string_value = str(choice.intra_op_threads)
     config.parameters["allow_spinning"].string_value = str(int(choice.allow_spinning))
     config.parameters["inline_run_below_us"].string_value = str(choice.inline_run_below_us)
+    config.parameters["io_binding"].string_value = str(int(pool.io_binding))
     config.parameters["calibrated"].string_value = ",".join(choice.measured)
     config.parameters["adaptive_queue_delay_us"].string_value = str(settings.batching.adaptive_delay_us)
     return config

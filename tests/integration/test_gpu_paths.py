@@ -1,9 +1,11 @@
-"""A model that asks for a GPU on a machine without one: a loud fallback by default, a load
-failure with --require-gpu, in the words of onnxruntime's loader."""
+"""The GPU paths as far as this CPU machine can run them: a model that asks for a GPU falls back
+loudly, or fails with --require-gpu, in the words of onnxruntime's loader; and the IO binding run
+path serves through the real server."""
 
 import numpy as np
 
 from tests import onnx_models
+from tests.integration.test_metrics import infer_many, parameter
 from tests.integration.test_model_control import answer, index
 
 ON_GPU = """
@@ -33,3 +35,13 @@ def test_with_require_gpu_the_load_fails_and_the_other_models_serve(tmp_path, se
     assert not client.is_model_ready("wants_gpu")
     assert answer(client, "on_cpu") == ("1", 1.0)
     assert np.isclose(server.metric("onnxserve_model_ready", model="on_cpu", version="1", provider="CPUExecutionProvider"), 1)
+
+
+def test_the_io_binding_path_serves_concurrent_callers_their_own_rows(tmp_path, serve):
+    config = 'max_batch_size: 8\nparameters { key: "io_binding" value { string_value: "1" } }'
+    onnx_models.write(tmp_path, "bound", onnx_models.add_one(), config)  # infer_many checks y = x + 1 per caller
+    server = serve(tmp_path)
+    assert server.client().get_model_config("bound").config.parameters["io_binding"].string_value == "1"
+    answers = infer_many(server.url, "bound", [1 + caller % 4 for caller in range(32)], concurrency=16)
+    assert len(answers) == 32
+    assert max(parameter(result, "onnxserve_batch_rows") for _, result, _ in answers) > 4, "batches formed"
