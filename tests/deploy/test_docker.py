@@ -107,6 +107,24 @@ def test_example_models_answer_on_the_cpu_fallback(docker, example_container):
     assert docker("exec", example_container.id, "id", "-u").stdout.strip() == "10001"
 
 
+def test_the_images_cuda_provider_lacks_only_the_driver(docker):
+    """Without a GPU the image can still prove its CUDA libraries: every one the CUDA provider links
+    resolves except libcuda.so.1 (the driver, which the NVIDIA container runtime mounts),
+    preload_dlls() reports nothing missing, and a CUDA session falls back for want of the driver."""
+    result = docker("run", "--rm", "--entrypoint", "python", IMAGE, "-m", "server.gpu_report")
+    report = json.loads(result.stdout)
+    assert report["libraries"]["CUDAExecutionProvider"]["missing"] == ["libcuda.so.1"]
+    assert report["preload"] == []
+    assert "CUDAExecutionProvider" in report["available_providers"]
+    assert "libcuda.so.1" in report["cuda_unavailable_because"]
+    session = report["cuda_session"]
+    assert session["providers"] == ["CPUExecutionProvider"]
+    failures = [line for line in session["log"] if "Failed to load library" in line]
+    assert failures and all("libcuda.so.1" in line for line in failures), session["log"]
+    # TensorRT's libraries are not in the default image (about 3 GB): its provider cannot load.
+    assert "libnvinfer.so.10" in report["libraries"]["TensorrtExecutionProvider"]["missing"]
+
+
 def test_metrics_are_reachable_and_promtool_clean(example_container):
     with urllib.request.urlopen(f"http://{example_container.metrics}/metrics", timeout=10) as response:
         text = response.read().decode()

@@ -2,9 +2,14 @@
 loudly, or fails with --require-gpu, in the words of onnxruntime's loader; and the IO binding run
 path serves through the real server."""
 
+import json
+import subprocess
+import sys
+
 import numpy as np
 
 from tests import onnx_models
+from tests.conftest import ROOT
 from tests.integration.test_metrics import infer_many, parameter
 from tests.integration.test_model_control import answer, index
 
@@ -45,3 +50,15 @@ def test_the_io_binding_path_serves_concurrent_callers_their_own_rows(tmp_path, 
     answers = infer_many(server.url, "bound", [1 + caller % 4 for caller in range(32)], concurrency=16)
     assert len(answers) == 32
     assert max(parameter(result, "onnxserve_batch_rows") for _, result, _ in answers) > 4, "batches formed"
+
+
+def test_gpu_report_says_what_the_cuda_provider_lacks_here():
+    result = subprocess.run([sys.executable, "-m", "server.gpu_report", str(ROOT / "models" / "mlp" / "1" / "model.onnx")],
+                            capture_output=True, text=True, timeout=120, cwd=ROOT)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["gpus_visible"] == 0 and report["cuda_session"]["providers"] == ["CPUExecutionProvider"]
+    missing = report["libraries"]["CUDAExecutionProvider"]["missing"]
+    assert missing and all(".so" in name for name in missing)
+    assert any(name in report["cuda_unavailable_because"] for name in missing) or "no NVIDIA GPU" in report["cuda_unavailable_because"]
+    assert "libnvinfer.so.10" in report["libraries"]["TensorrtExecutionProvider"]["missing"]
