@@ -62,3 +62,17 @@ def test_gpu_report_says_what_the_cuda_provider_lacks_here():
     assert missing and all(".so" in name for name in missing)
     assert any(name in report["cuda_unavailable_because"] for name in missing) or "no NVIDIA GPU" in report["cuda_unavailable_because"]
     assert "libnvinfer.so.10" in report["libraries"]["TensorrtExecutionProvider"]["missing"]
+
+
+def test_the_gpu_check_runs_its_plumbing_on_the_cpu(tmp_path):
+    command = [sys.executable, "-m", "bench.gpu_check", "--cpu", "--seconds", "0.5", "--out", str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu-check.json").read_text())
+    mlp = report["models"]["mlp"]
+    assert mlp["onnxserve"]["provider"] == "CPUExecutionProvider" and mlp["onnxserve"]["io_binding"] == "1"
+    assert mlp["io_binding"]["outputs_equal_session_run"] is True
+    assert all(point["errors"] == 0 and point["inferences_per_second"] > 0 for point in mlp["onnxserve"]["points"].values())
+    assert report["environment"]["gpus_visible"] == 0
+    table = (tmp_path / "gpu-check.md").read_text()
+    assert "| mlp | CPUExecutionProvider |" in table and "of raw onnxruntime's best" in table
