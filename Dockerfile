@@ -13,6 +13,10 @@ ARG PYTHON_IMAGE=python:3.11-slim
 FROM ${PYTHON_IMAGE} AS build
 # The CUDA/cuDNN wheels onnxruntime-gpu 1.31 loads (its `cuda` and `cudnn` extras, plus cuBLAS).
 ARG GPU_WHEELS="nvidia-cuda-runtime~=13.0 nvidia-cuda-nvrtc~=13.0 nvidia-cublas~=13.0 nvidia-cufft~=12.0 nvidia-curand~=10.0 nvidia-cudnn-cu13~=9.0"
+# TensorRT's libraries are about 3 GB, so the default image leaves them out and a model that asks
+# for the tensorrt accelerator runs on CUDA, with a warning naming the missing libnvinfer. For an
+# image with TensorRT: --build-arg EXTRA_WHEELS="tensorrt-cu13-libs~=10.0" (and tag it apart).
+ARG EXTRA_WHEELS=""
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python3 -m venv /opt/onnxserve
 WORKDIR /src
@@ -20,7 +24,7 @@ COPY pyproject.toml README.md ./
 COPY server/ server/
 RUN --mount=type=secret,id=ca \
     if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
-    && /opt/onnxserve/bin/pip install . ${GPU_WHEELS}
+    && /opt/onnxserve/bin/pip install . ${GPU_WHEELS} ${EXTRA_WHEELS}
 
 FROM ${PYTHON_IMAGE}
 RUN groupadd --system --gid 10001 onnxserve \
@@ -32,7 +36,7 @@ ENV PATH=/opt/onnxserve/bin:${PATH} \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     ONNXSERVE_MODEL_REPOSITORY=/opt/onnxserve/models \
-    LD_LIBRARY_PATH=/opt/onnxserve/lib/python3.11/site-packages/nvidia/cu13/lib:/opt/onnxserve/lib/python3.11/site-packages/nvidia/cudnn/lib
+    LD_LIBRARY_PATH=/opt/onnxserve/lib/python3.11/site-packages/nvidia/cu13/lib:/opt/onnxserve/lib/python3.11/site-packages/nvidia/cudnn/lib:/opt/onnxserve/lib/python3.11/site-packages/tensorrt_libs
 # Mount your own repository here and set ONNXSERVE_MODEL_REPOSITORY=/models.
 VOLUME ["/models"]
 EXPOSE 8000 8001 8002
