@@ -8,22 +8,11 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from server import protocol
+from server import errors, protocol
+from server.batching import Answer
 from server.config import RestrictedProtocol
 from server.control import RepositoryControl, restricted
-from server.errors import (
-    ControlDisabled,
-    DeadlineExceeded,
-    InvalidInput,
-    LoadFailed,
-    ModelNotFound,
-    ModelNotReady,
-    Overloaded,
-    PermissionDenied,
-    ServingError,
-    ShuttingDown,
-)
-from server.batching import Answer
+from server.errors import ServingError
 from server.inference import GRPC, Call, InferenceCore, outcome_of
 from server.model_info import EXTENSIONS, PLATFORM, SERVER_NAME, server_version, model_config_proto, ready_versions, statistics_response
 from server.statistics import StatisticsRecorder
@@ -32,15 +21,15 @@ from server.tensors import decode_request, encode_outputs
 log = logging.getLogger(__name__)
 
 STATUS = {
-    ModelNotFound: grpc.StatusCode.NOT_FOUND,
-    InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
-    ModelNotReady: grpc.StatusCode.UNAVAILABLE,
-    ShuttingDown: grpc.StatusCode.UNAVAILABLE,
-    Overloaded: grpc.StatusCode.UNAVAILABLE,
-    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
-    LoadFailed: grpc.StatusCode.INVALID_ARGUMENT,
-    ControlDisabled: grpc.StatusCode.FAILED_PRECONDITION,
-    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    errors.ModelNotFound: grpc.StatusCode.NOT_FOUND,
+    errors.InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.ModelNotReady: grpc.StatusCode.UNAVAILABLE,
+    errors.ShuttingDown: grpc.StatusCode.UNAVAILABLE,
+    errors.Overloaded: grpc.StatusCode.UNAVAILABLE,
+    errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    errors.LoadFailed: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.ControlDisabled: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
 }
 
 
@@ -207,20 +196,9 @@ class InferenceService:
 
     async def infer(self, request):
         """One ModelInferRequest to its response; raises ServingError for the caller to report."""
-        call, outcome = self.core.start(GRPC), "error"
-        try:
+        with self.core.request(GRPC) as call:
             answer = await self.core.infer(call, self._decoded(request, call), _parameters(request))
-            response = self._respond(request, call, answer, protocol.ModelInferResponse())
-            outcome = "ok"
-            return response
-        except ServingError as err:
-            outcome = outcome_of(err, "rejected")
-            raise
-        except asyncio.CancelledError:
-            outcome = "cancelled"
-            raise
-        finally:
-            self.core.finished(call, outcome)
+            return self._respond(request, call, answer, protocol.ModelInferResponse())
 
     def _decoded(self, request, call: Call):
         model = self.core.resolve(call, request.model_name, request.model_version)

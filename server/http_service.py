@@ -3,7 +3,6 @@ statistics, repository index/load/unload, binary tensor data) over the core that
 too (inference.py), as a minimal ASGI app served by uvicorn with httptools in the server's own
 event loop; and the one table from domain errors to HTTP status codes."""
 
-import asyncio
 import base64
 import binascii
 import logging
@@ -12,22 +11,12 @@ from dataclasses import dataclass
 import orjson
 import uvicorn
 
+from server import errors
 from server.config import RestrictedProtocol, ServerSettings
 from server.control import RepositoryControl, permitted
-from server.errors import (
-    ControlDisabled,
-    DeadlineExceeded,
-    InvalidInput,
-    LoadFailed,
-    ModelNotFound,
-    ModelNotReady,
-    Overloaded,
-    PermissionDenied,
-    ServingError,
-    ShuttingDown,
-)
+from server.errors import InvalidInput, ServingError
 from server.http_codec import HEADER_LENGTH, decode_infer, encode_infer, json_body, split_body
-from server.inference import HTTP, InferenceCore, outcome_of
+from server.inference import HTTP, InferenceCore
 from server.model_info import (
     EXTENSIONS,
     PLATFORM,
@@ -43,15 +32,15 @@ from server.statistics import StatisticsRecorder
 log = logging.getLogger(__name__)
 
 STATUS = {  # Triton's mapping (PROTOCOL.md 2e), plus 403 and 504
-    ModelNotFound: 404,
-    InvalidInput: 400,
-    LoadFailed: 400,
-    ControlDisabled: 400,
-    ModelNotReady: 503,
-    ShuttingDown: 503,
-    Overloaded: 503,
-    DeadlineExceeded: 504,
-    PermissionDenied: 403,
+    errors.ModelNotFound: 404,
+    errors.InvalidInput: 400,
+    errors.LoadFailed: 400,
+    errors.ControlDisabled: 400,
+    errors.ModelNotReady: 503,
+    errors.ShuttingDown: 503,
+    errors.Overloaded: 503,
+    errors.DeadlineExceeded: 504,
+    errors.PermissionDenied: 403,
 }
 BODY_TYPES = ("application/json", "application/octet-stream", "application/x-www-form-urlencoded", "")  # the last two: curl -d, and none
 JSON_TYPE = ((b"content-type", b"application/json"),)
@@ -216,8 +205,7 @@ class HttpApi:
 
     async def _infer(self, found: Route, headers: dict, body: bytes):
         core = self.core
-        call, outcome = core.start(HTTP), "error"
-        try:
+        with core.request(HTTP) as call:
             model = core.resolve(call, found.model, found.version)
             request = split_body(body, _text(headers.get(HEADER_LENGTH_KEY)))
             decoded, binary = decode_infer(request, model.signature)
@@ -228,15 +216,6 @@ class HttpApi:
             outputs = [(model.signature.output(name), answer.outputs[name], binary[name]) for name in decoded.outputs]
             said = dict(core.accounting(answer, call.rows))
             encoded = encode_infer(model.name, model.version, request.header.get("id"), outputs, said)
-            outcome = "ok"
-        except ServingError as err:
-            outcome = outcome_of(err, "rejected")
-            raise
-        except asyncio.CancelledError:
-            outcome = "cancelled"
-            raise
-        finally:
-            core.finished(call, outcome)
         if encoded.header_length is None:
             return 200, encoded.body, JSON_TYPE
         return 200, encoded.body, (

@@ -2,10 +2,12 @@
 admit a decoded request into its batcher, say what the answer cost, and report how the
 request ended. The transports decode before it and encode after it."""
 
+import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Iterator, Mapping
 
 from server.batching import Answer, QueuedRequest
 from server.costs import CostLedger
@@ -59,6 +61,22 @@ class InferenceCore:
 
     def start(self, protocol: str) -> Call:
         return Call(time.perf_counter(), protocol)
+
+    @contextlib.contextmanager
+    def request(self, protocol: str) -> Iterator[Call]:
+        """One request from receipt to response: its outcome is reported however the block ends."""
+        call, outcome = self.start(protocol), "error"
+        try:
+            yield call
+            outcome = "ok"
+        except ServingError as err:
+            outcome = outcome_of(err, "rejected")
+            raise
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        finally:
+            self.finished(call, outcome)
 
     def resolve(self, call: Call, name: str, version: str) -> ModelVersion:
         """The version that will answer; raises ShuttingDown, ModelNotFound or ModelNotReady."""
