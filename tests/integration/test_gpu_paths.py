@@ -49,7 +49,7 @@ def test_the_io_binding_path_serves_concurrent_callers_their_own_rows(tmp_path, 
     assert server.client().get_model_config("bound").config.parameters["io_binding"].string_value == "1"
     answers = infer_many(server.url, "bound", [1 + caller % 4 for caller in range(32)], concurrency=16)
     assert len(answers) == 32
-    assert max(parameter(result, "onnxserve_batch_rows") for _, result, _ in answers) > 4, "batches formed"
+    assert any(parameter(result, "onnxserve_batch_rows") > rows for rows, result, _ in answers), "requests shared batches"
 
 
 def test_gpu_report_says_what_the_cuda_provider_lacks_here():
