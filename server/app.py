@@ -15,6 +15,7 @@ from server import protocol
 from server.config import ServerSettings
 from server.control import RepositoryControl
 from server.costs import CostLedger, resolve_prices
+from server.energy import SampledMeters
 from server.events import BatchExecuted, BatchStarted, EventBus, ModelStateChanged, RepositoryChanged, RequestFinished
 from server.metrics import CostCollector, GpuCollector, GpuReader, MetricsObserver, serve_metrics
 from server.polling import RepositoryPoller
@@ -35,7 +36,7 @@ async def serve(settings: ServerSettings) -> int:
     gpus = GpuReader.open()
     if gpus is None:
         log.warning("no GPU is visible: every model runs on onnxruntime's %s", CPU)
-    ledger = _cost_ledger(settings, gpus)
+    ledger, energy = _cost_ledger(settings, gpus)
     statistics = StatisticsRecorder()
     for event_type, handler in MetricsObserver(registry).handlers().items():
         bus.subscribe(handler, event_type, deferred=True)
@@ -108,6 +109,7 @@ async def serve(settings: ServerSettings) -> int:
     await asyncio.gather(server.stop(settings.exit_timeout_secs), *([http.shutdown()] if http else []))
     await repository.close()
     metrics_httpd.shutdown()
+    energy.close()
     if gpus:
         gpus.close()
     log.info("stopped")
@@ -121,7 +123,7 @@ def _startup_models(settings: ServerSettings, repository: ModelRepository) -> li
     return list(dict.fromkeys(settings.load_model))
 
 
-def _cost_ledger(settings: ServerSettings, gpus: GpuReader | None) -> CostLedger:
+def _cost_ledger(settings: ServerSettings, gpus: GpuReader | None) -> tuple[CostLedger, SampledMeters]:
     configured = {p.device: (p.dollars_per_hour, p.source) for p in settings.device_price}
     prices = resolve_prices(configured, gpus.names() if gpus else {}, cpu_cores())
     meters = {}
@@ -133,7 +135,8 @@ def _cost_ledger(settings: ServerSettings, gpus: GpuReader | None) -> CostLedger
         ", ".join(f"{device} ${p.dollars_per_hour:g}/h ({p.source})" for device, p in sorted(prices.items())),
         ", ".join(sorted(meters)) or "no device (no GPU energy counter)",
     )
-    return CostLedger(prices, meters)
+    energy = SampledMeters(meters)  # NVML is read by a thread of its own, never on the loop
+    return CostLedger(prices, {device: energy.meter(device) for device in meters}), energy
 
 
 LIVENESS_SERVICE = "liveness"  # SERVING while the process runs, loading included: for liveness probes
