@@ -89,7 +89,6 @@ TENSORRT_PASSTHROUGH: dict[str, Callable[[str], object]] = {
 }  # fmt: skip
 TENSORRT_OPTIONS = {**TENSORRT_TRITON_OPTIONS, **TENSORRT_PASSTHROUGH}
 ACCELERATOR_OPTIONS = {"cuda": CUDA_OPTIONS, "tensorrt": TENSORRT_OPTIONS}
-NEEDS_IO_BINDING = ("enable_cuda_graph", "trt_cuda_graph_enable")
 
 
 def check_options(accelerator: str, parameters: dict[str, str], where: str) -> None:
@@ -102,10 +101,10 @@ def check_options(accelerator: str, parameters: dict[str, str], where: str) -> N
             parsed = known[key](value)
         except ValueError as err:
             raise ConfigError(f"{where}.parameters[{key!r}]: {value!r} is {err}") from None
-        if key in NEEDS_IO_BINDING and parsed:
+        if key == "trt_cuda_graph_enable" and parsed:
             raise ConfigError(
-                f"{where}.parameters[{key!r}]: CUDA graphs need inputs and outputs bound at fixed device addresses "
-                "(IO binding), which onnxserve does not do yet; leave it off"
+                f"{where}.parameters[{key!r}]: onnxserve replays CUDA graphs through the cuda accelerator's "
+                "enable_cuda_graph (fixed-shape models, IO binding at fixed addresses); leave this off"
             )
 
 

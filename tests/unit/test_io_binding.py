@@ -8,8 +8,8 @@ import onnxruntime as ort
 import pytest
 
 from server.errors import ConfigError
-from server.model_config import SessionSettings
-from server.runtime import InstancePool
+from server.model_config import Accelerator, SessionSettings
+from server.runtime import FixedBinding, InstancePool
 from tests import onnx_models
 from tests.integration.test_protocol import DATATYPES, sample
 
@@ -17,10 +17,11 @@ BINDABLE = [datatype for datatype in DATATYPES if datatype != "BYTES"]
 MAX_BATCH = 8
 
 
-def pool(tmp_path, model, io_binding) -> InstancePool:
+def pool(tmp_path, model, io_binding, accelerators=()) -> InstancePool:
     path = tmp_path / "model.onnx"
     path.write_bytes(model.SerializeToString())
-    return InstancePool(path, SessionSettings(intra_op_threads=1, inline_run_below_us=0, io_binding=io_binding), "model 'm' version 1")
+    settings = SessionSettings(intra_op_threads=1, inline_run_below_us=0, io_binding=io_binding, gpu_accelerators=accelerators)
+    return InstancePool(path, settings, "model 'm' version 1")
 
 
 @pytest.mark.parametrize("datatype", BINDABLE)
@@ -65,3 +66,30 @@ def test_cpu_instances_use_session_run_unless_asked_and_strings_cannot_bind(tmp_
     strings = pool(tmp_path, onnx_models.identity("BYTES"), None)
     assert not strings.io_binding
     strings.close()
+
+
+def test_fixed_shape_models_bind_once_at_fixed_addresses(tmp_path):
+    fixed = pool(tmp_path, onnx_models.add_one(shape=(2, 4)), True)
+    try:
+        run = fixed._runs[0]
+        assert isinstance(run, FixedBinding)
+        addresses = {name: value.data_ptr() for name, value in run.inputs.items()}
+        answers = []
+        for k in range(5):
+            values, _ = run(fixed._sessions[0], ["y"], {"x": np.full((2, 4), k, np.float32)})
+            answers.append(values[0])
+        assert {name: value.data_ptr() for name, value in run.inputs.items()} == addresses
+        for k, value in enumerate(answers):  # each batch's answer is its own, not the buffer's latest
+            np.testing.assert_array_equal(value, np.full((2, 4), k + 1, np.float32))
+    finally:
+        fixed.close()
+
+
+def test_cuda_graphs_need_fixed_shapes_and_io_binding(tmp_path):
+    graph = (Accelerator("cuda", (("enable_cuda_graph", "1"),)),)
+    with pytest.raises(ConfigError, match="enable_cuda_graph replays one fixed launch"):
+        pool(tmp_path, onnx_models.add_one(), None, graph)  # a batch dimension
+    with pytest.raises(ConfigError, match="needs IO binding at fixed addresses"):
+        pool(tmp_path, onnx_models.add_one(shape=(2, 4)), False, graph)
+    accepted = pool(tmp_path, onnx_models.add_one(shape=(2, 4)), None, graph)  # on this CPU it falls back, loudly
+    accepted.close()

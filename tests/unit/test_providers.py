@@ -39,7 +39,7 @@ def test_triton_spellings_become_onnxruntimes():
         ("cuda", {"gpu_mem_limit": "lots"}, "'lots' is not a non-negative integer"),
         ("cuda", {"cudnn_conv_algo_search": "FASTEST"}, "not one of"),
         ("cuda", {"enable_cuda_graph": "yes"}, "not 0, 1, true or false"),
-        ("cuda", {"enable_cuda_graph": "1"}, "IO binding"),
+        ("tensorrt", {"trt_cuda_graph_enable": "1"}, "enable_cuda_graph"),
         ("tensorrt", {"precision_mode": "FP8"}, "not one of ['FP32', 'FP16', 'BF16', 'INT8']"),
         ("tensorrt", {"trt_engine_cache_enabled": "1"}, "unknown tensorrt option"),
     ],
