@@ -15,7 +15,7 @@ from server.errors import ConfigError
 from server.events import EventBus, ModelStateChanged
 from server.model_config import ModelSettings, TensorConfig
 from server.providers import profile_shapes
-from server.runtime import GpuPolicy, InstancePool
+from server.runtime import GpuPolicy, InstancePool, graph_input_shapes
 from server.tensors import Signature, TensorSpec
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,8 @@ async def load_version(
     if not path.is_file():
         raise ConfigError(f"{path}: model file not found")
     started = time.perf_counter()
-    gpu = dataclasses.replace(gpu, tensorrt_profiles=_declared_profiles(settings))
+    profiles = await asyncio.to_thread(tensorrt_profiles, settings, path, default_max_batch_size)
+    gpu = dataclasses.replace(gpu, tensorrt_profiles=profiles)
     pool = await asyncio.to_thread(InstancePool, path, settings.session, loaded.label, gpu)
     try:
         completed, signature = complete_settings(settings, pool, default_max_batch_size, version)
@@ -78,14 +79,17 @@ async def load_version(
     return loaded
 
 
-def _declared_profiles(settings: ModelSettings) -> dict[str, str]:
-    """TensorRT profiles from what config.pbtxt declares (every input and max_batch_size), so that
-    the engine is built at load; without them TensorRT builds for the first shapes it meets."""
-    wants_tensorrt = any(accelerator.name == "tensorrt" for accelerator in settings.session.gpu_accelerators)
-    if not wants_tensorrt or not settings.max_batch_size or not settings.inputs:
+def tensorrt_profiles(settings: ModelSettings, path: Path, default_max_batch_size: int) -> dict[str, str]:
+    """TensorRT optimisation profiles, so that the engine is built at load: the graph's inputs, with
+    the dims config.pbtxt fixes, from batch 1 to max_batch_size. Blocking (reads the model file)."""
+    if not any(accelerator.name == "tensorrt" for accelerator in settings.session.gpu_accelerators):
         return {}
-    specs = [TensorSpec(tensor.name, tensor.datatype, (-1, *tensor.dims)) for tensor in settings.inputs]
-    return profile_shapes(specs, settings.max_batch_size)
+    shapes = graph_input_shapes(path)
+    batchable = all(shape and shape[0] == -1 for shape in shapes.values())
+    max_batch = settings.max_batch_size if settings.max_batch_size is not None else (default_max_batch_size if batchable else 0)
+    declared = {tensor.name: (-1, *tensor.dims) for tensor in settings.inputs}
+    specs = [TensorSpec(name, "", declared.get(name, shape)) for name, shape in shapes.items()]
+    return profile_shapes(specs, max_batch)
 
 
 def ready_event(model: ModelVersion) -> ModelStateChanged:

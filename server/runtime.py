@@ -164,6 +164,20 @@ def control_flow(model_path: Path) -> list[str]:
     return sorted({node.op_type for node in model.graph.node if node.op_type in DATA_DEPENDENT_OPS})
 
 
+def graph_input_shapes(model_path: Path) -> dict[str, tuple[int, ...]]:
+    """The model's inputs and their shapes (-1 for a symbolic dimension), read from the file
+    before any session opens; initializers listed as inputs are left out."""
+    graph = protocol.OnnxModel.FromString(model_path.read_bytes()).graph
+    constants = {tensor.name for tensor in graph.initializer}
+    shapes = {}
+    for value in graph.input:
+        if value.name in constants:
+            continue
+        dims = value.type.tensor_type.shape.dim
+        shapes[value.name] = tuple(d.dim_value if d.WhichOneof("value") == "dim_value" else -1 for d in dims)
+    return shapes
+
+
 def graph_specs(args, model_path: Path) -> tuple[TensorSpec, ...]:
     """Inputs or outputs of a session as TensorSpecs with the graph's full shapes (-1 = symbolic)."""
     specs = []

@@ -7,10 +7,12 @@ from pathlib import Path
 import pytest
 
 from server.errors import ConfigError
+from server.loading import tensorrt_profiles
 from server.model_config import load_model_settings
 from server.providers import check_options, cuda_options, profile_shapes, tensorrt_options
 from server.runtime import CPU, CUDA, TENSORRT, GpuPolicy, plan_placements
 from server.tensors import TensorSpec
+from tests import onnx_models
 
 IMAGE = (TensorSpec("images", "FP32", (-1, 3, 224, 224)), TensorSpec("scale", "FP32", (-1, 1)))
 
@@ -94,3 +96,26 @@ def test_no_gpu_falls_back_loudly_or_fails_with_require_gpu(tmp_path, caplog):
     assert "GPU execution is asked for, but" in caplog.text and "--require-gpu" in caplog.text
     with pytest.raises(ConfigError, match=r"model 'm' version 1: GPU execution is asked for, but .*--require-gpu makes that a load failure"):
         plan_placements(settings, 0, "model 'm' version 1", GpuPolicy(require=True))
+
+
+def test_profiles_come_from_the_graph_and_the_dims_the_config_fixes(tmp_path):
+    path = tmp_path / "model.onnx"
+    path.write_bytes(onnx_models.add_one().SerializeToString())  # x FP32 [batch, 4]
+    trt = 'optimization { execution_accelerators { gpu_execution_accelerator [{ name: "tensorrt" }] } }'
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "config.pbtxt").write_text(trt)
+    profiles = tensorrt_profiles(load_model_settings(tmp_path / "a"), path, 32)
+    assert (profiles["trt_profile_min_shapes"], profiles["trt_profile_max_shapes"]) == ("x:1x4", "x:32x4")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "config.pbtxt").write_text("max_batch_size: 8\n" + trt)
+    assert tensorrt_profiles(load_model_settings(tmp_path / "b"), path, 32)["trt_profile_opt_shapes"] == "x:8x4"
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "config.pbtxt").write_text("")  # no tensorrt accelerator: no profiles
+    assert tensorrt_profiles(load_model_settings(tmp_path / "c"), path, 32) == {}
+
+    sequence = tmp_path / "sequence.onnx"
+    sequence.write_bytes(onnx_models.identity("FP32", shape=("batch", "length")).SerializeToString())
+    assert tensorrt_profiles(load_model_settings(tmp_path / "a"), sequence, 32) == {}  # a variable length
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "config.pbtxt").write_text('max_batch_size: 4\ninput [{ name: "input" data_type: TYPE_FP32 dims: [16] }]\n' + trt)
+    assert tensorrt_profiles(load_model_settings(tmp_path / "d"), sequence, 32)["trt_profile_max_shapes"] == "input:4x16"
