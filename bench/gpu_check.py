@@ -20,6 +20,9 @@ raw onnxruntime's best batched throughput, and a p50 overhead at concurrency 1 u
 The lent GPU machine has onnxruntime CPU-only and no network: carry the onnxruntime-gpu wheel in
 parts under 64 MiB (`split -b 60M onnxruntime_gpu-*.whl part-`) over several calls while it stays
 warm, join them there (`cat part-* > onnxruntime_gpu-....whl`) and `pip install --no-deps` it first.
+Nothing else needs carrying: the check and the servers it starts use only what that machine has
+(grpcio, protobuf, numpy, prometheus-client, nvidia-ml-py, onnx); the servers run with REST off
+(--http-port -1), so neither uvicorn nor the test tools are needed.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from bench import make_models
 from bench.run import Running, Workload, loadgen, raw_feeds
 from server import gpu_report
 from server.runtime import CPU, CUDA, TENSORRT, _bound_run, visible_gpus
-from tests.conftest import start_server
+from bench.serving import start_server
 
 GPU_MODELS = {  # name -> (benchmark model, config.pbtxt, shapes for the load generator)
     "resnet50-fp32": ("resnet50", "instance_group [{ kind: KIND_GPU }]", ()),
@@ -48,6 +51,7 @@ GPU_MODELS = {  # name -> (benchmark model, config.pbtxt, shapes for the load ge
                           'parameters { key: "precision_mode" value: "FP16" } }] } }', ()),  # fmt: skip
     "encoder": ("encoder", "instance_group [{ kind: KIND_GPU }]", ("input_ids=1,128", "attention_mask=1,128")),
 }
+GRPC_ONLY = ("--http-port", "-1")  # the lent machine has no uvicorn; the check measures over gRPC
 CPU_MODELS = {"mlp": ("mlp", 'parameters { key: "io_binding" value { string_value: "1" } }', ())}
 
 
@@ -112,7 +116,7 @@ def _energy_joules() -> float | None:
 
 def serve_and_measure(repository: Path, name: str, shapes: tuple[str, ...], concurrencies, seconds: float, extra=()) -> dict:
     began = time.perf_counter()
-    server = start_server(repository, *extra, timeout=900)
+    server = start_server(repository, *extra, *GRPC_ONLY, timeout=900)
     loaded_seconds = time.perf_counter() - began
     try:
         config = server.client().get_model_config(name).config
@@ -139,7 +143,7 @@ def tensorrt_cache_check(repository: Path, name: str, cache: Path) -> dict:
     loads = []
     for _ in range(2):
         began = time.perf_counter()
-        server = start_server(repository, "--tensorrt-cache-dir", str(cache), timeout=1800)
+        server = start_server(repository, "--tensorrt-cache-dir", str(cache), *GRPC_ONLY, timeout=1800)
         loads.append(time.perf_counter() - began)
         server.stop()
     return {"first_load_seconds": loads[0], "second_load_seconds": loads[1], "cache_files": sorted(p.name for p in cache.iterdir())}

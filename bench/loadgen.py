@@ -32,7 +32,6 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import aiohttp
 import grpc
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
@@ -268,7 +267,10 @@ class HttpRun(Run):
     """The same loops, each request a REST POST on one keep-alive connection per caller."""
 
     def __init__(self, url: str, http_url: str, model: str, body: tuple[bytes, dict], **kwargs) -> None:
+        import aiohttp  # only REST runs need it
+
         super().__init__(url, b"", **kwargs)
+        self.aiohttp = aiohttp
         self.endpoint = f"http://{http_url}/v2/models/{model}/infer"
         self.body, self.headers = body
         self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
@@ -281,7 +283,7 @@ class HttpRun(Run):
                 if response.status != 200:
                     self.errors.append(f"HTTP {response.status}: {answer[:200].decode(errors='replace')}")
                     return
-        except aiohttp.ClientError as err:
+        except self.aiohttp.ClientError as err:
             self.errors.append(f"{type(err).__name__}: {err}")
             return
         self._answered(time.perf_counter() - begin)

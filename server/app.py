@@ -22,7 +22,6 @@ from server.polling import RepositoryPoller
 from server.repository import ModelRepository
 from server.runtime import CPU, GpuPolicy, cpu_cores
 from server.grpc_service import InferenceService
-from server.http_service import HttpApi, http_port, start_http
 from server.inference import InferenceCore
 from server.statistics import StatisticsRecorder
 
@@ -69,11 +68,14 @@ async def serve(settings: ServerSettings) -> int:
     await health_servicer.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
     metrics_httpd = serve_metrics(registry, settings.metrics_address, settings.metrics_port)
     await server.start()
-    http = None
-    if settings.http_port >= 0:
+    http, http_bound = None, 0
+    if settings.http_port >= 0:  # imported only then: a gRPC-only install needs no HTTP stack
+        from server.http_service import HttpApi, http_port, start_http
+
         api = HttpApi(core, statistics, control, settings.http_restricted_api, settings.http_max_body_bytes)
         http = await start_http(settings, api)
-    http_where = f"HTTP on {settings.http_address}:{http_port(http)}" if http else "HTTP off (--http-port -1)"
+        http_bound = http_port(http)
+    http_where = f"HTTP on {settings.http_address}:{http_bound}" if http else "HTTP off (--http-port -1)"
     log.info(
         "listening: gRPC on %s:%d, metrics on http://%s:%d/metrics, %s; loading models from %s",
         settings.grpc_address,
@@ -95,7 +97,7 @@ async def serve(settings: ServerSettings) -> int:
     await asyncio.wait((loading, asyncio.create_task(stop.wait())), return_when=asyncio.FIRST_COMPLETED)
     if loading.done():
         loading.result()
-        ports = f"gRPC port {grpc_port}, metrics port {metrics_httpd.server_port}" + (f", HTTP port {http_port(http)}" if http else "")
+        ports = f"gRPC port {grpc_port}, metrics port {metrics_httpd.server_port}" + (f", HTTP port {http_bound}" if http else "")
         followers.append(asyncio.create_task(_follow_readiness(core, health_servicer, changed, ports)))
         if settings.model_control_mode == "poll":
             followers.append(asyncio.create_task(poller.run()))
