@@ -45,7 +45,11 @@ async def serve(settings: ServerSettings) -> int:
     if gpus:
         registry.register(GpuCollector(gpus))
     ProcessCollector(registry=registry)
-    gpu = GpuPolicy(settings.require_gpu, Path(settings.tensorrt_cache_dir) if settings.tensorrt_cache_dir else None)
+    gpu = GpuPolicy(
+        settings.require_gpu,
+        Path(settings.tensorrt_cache_dir) if settings.tensorrt_cache_dir else None,
+        hardware=",".join(sorted(set(gpus.names().values()))) if gpus else "",
+    )
     repository = ModelRepository(settings.model_repository, settings.default_max_batch_size, bus, gpu)
     control = RepositoryControl(repository, settings.model_control_mode)
     core = InferenceCore(repository, bus, ledger, settings.strict_readiness)

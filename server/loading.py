@@ -9,12 +9,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import onnxruntime as ort
+
 from server import warmup
 from server.batching import Batcher
 from server.errors import ConfigError
 from server.events import EventBus, ModelStateChanged
 from server.model_config import ModelSettings, TensorConfig
-from server.providers import profile_shapes
+from server.providers import engine_cache_dir, profile_shapes
 from server.runtime import GpuPolicy, InstancePool, graph_input_shapes
 from server.tensors import Signature, TensorSpec
 
@@ -59,6 +61,9 @@ async def load_version(
     started = time.perf_counter()
     profiles = await asyncio.to_thread(tensorrt_profiles, settings, path, default_max_batch_size)
     gpu = dataclasses.replace(gpu, tensorrt_profiles=profiles)
+    if _wants_tensorrt(settings) and gpu.tensorrt_cache_dir is not None:
+        cache = await asyncio.to_thread(engine_cache_dir, gpu.tensorrt_cache_dir, path, gpu.hardware, ort.__version__)
+        gpu = dataclasses.replace(gpu, tensorrt_cache_dir=cache)
     pool = await asyncio.to_thread(InstancePool, path, settings.session, loaded.label, gpu)
     try:
         completed, signature = complete_settings(settings, pool, default_max_batch_size, version)
@@ -79,10 +84,14 @@ async def load_version(
     return loaded
 
 
+def _wants_tensorrt(settings: ModelSettings) -> bool:
+    return any(accelerator.name == "tensorrt" for accelerator in settings.session.gpu_accelerators)
+
+
 def tensorrt_profiles(settings: ModelSettings, path: Path, default_max_batch_size: int) -> dict[str, str]:
     """TensorRT optimisation profiles, so that the engine is built at load: the graph's inputs, with
     the dims config.pbtxt fixes, from batch 1 to max_batch_size. Blocking (reads the model file)."""
-    if not any(accelerator.name == "tensorrt" for accelerator in settings.session.gpu_accelerators):
+    if not _wants_tensorrt(settings):
         return {}
     shapes = graph_input_shapes(path)
     batchable = all(shape and shape[0] == -1 for shape in shapes.values())

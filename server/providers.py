@@ -4,7 +4,9 @@ does not know, so a misspelt one would be silently lost), plus TensorRT's optimi
 and engine cache, and why a CUDA provider cannot be used here."""
 
 import ctypes
+import hashlib
 import logging
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -173,3 +175,17 @@ def provider_unavailable_reason(provider_library: Path, gpus: int) -> str:
     if gpus == 0:
         return "no NVIDIA GPU is visible (NVML reports none, or no driver is mounted)"
     return "onnxruntime chose another provider; its log above says why"
+
+
+def engine_cache_dir(base: Path, model_path: Path, hardware: str, runtime_version: str) -> Path:
+    """A TensorRT cache directory of its own for this model file, onnxruntime and GPU. onnxruntime
+    names engines by the graph, not by its weights, and does not check its own or TensorRT's version
+    or the GPU: a changed model would load a stale engine. Blocking (hashes the file)."""
+    digest = hashlib.sha256()
+    with open(model_path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    gpu = re.sub(r"[^A-Za-z0-9.]+", "-", hardware).strip("-") or "unknown-gpu"
+    directory = base / f"{model_path.stem}-{digest.hexdigest()[:16]}-ort{runtime_version}-{gpu}"
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory

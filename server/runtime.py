@@ -53,6 +53,7 @@ class GpuPolicy:
     require: bool = False
     tensorrt_cache_dir: Path | None = None
     tensorrt_profiles: dict = field(default_factory=dict)
+    hardware: str = ""  # the GPUs' names (NVML): part of the engine cache's key
 
 
 def visible_gpus() -> int:

@@ -9,7 +9,7 @@ import pytest
 from server.errors import ConfigError
 from server.loading import tensorrt_profiles
 from server.model_config import load_model_settings
-from server.providers import check_options, cuda_options, profile_shapes, tensorrt_options
+from server.providers import check_options, cuda_options, engine_cache_dir, profile_shapes, tensorrt_options
 from server.runtime import CPU, CUDA, TENSORRT, GpuPolicy, plan_placements
 from server.tensors import TensorSpec
 from tests import onnx_models
@@ -119,3 +119,15 @@ def test_profiles_come_from_the_graph_and_the_dims_the_config_fixes(tmp_path):
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "config.pbtxt").write_text('max_batch_size: 4\ninput [{ name: "input" data_type: TYPE_FP32 dims: [16] }]\n' + trt)
     assert tensorrt_profiles(load_model_settings(tmp_path / "d"), sequence, 32)["trt_profile_max_shapes"] == "input:4x16"
+
+
+def test_engine_caches_are_kept_apart_by_model_contents_runtime_and_gpu(tmp_path):
+    model = tmp_path / "model.onnx"
+    model.write_bytes(onnx_models.add_constant(1).SerializeToString())
+    first = engine_cache_dir(tmp_path / "cache", model, "NVIDIA H200", "1.31.1")
+    assert first.is_dir() and first.name.startswith("model-") and first.name.endswith("-ort1.31.1-NVIDIA-H200")
+    assert engine_cache_dir(tmp_path / "cache", model, "NVIDIA H200", "1.31.1") == first  # a restart reuses it
+    assert engine_cache_dir(tmp_path / "cache", model, "NVIDIA L4", "1.31.1") != first
+    assert engine_cache_dir(tmp_path / "cache", model, "NVIDIA H200", "1.32.0") != first
+    model.write_bytes(onnx_models.add_constant(2).SerializeToString())  # new weights, same graph
+    assert engine_cache_dir(tmp_path / "cache", model, "NVIDIA H200", "1.31.1") != first
