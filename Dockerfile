@@ -15,8 +15,11 @@ FROM ${PYTHON_IMAGE} AS build
 ARG GPU_WHEELS="nvidia-cuda-runtime~=13.0 nvidia-cuda-nvrtc~=13.0 nvidia-cublas~=13.0 nvidia-cufft~=12.0 nvidia-curand~=10.0 nvidia-cudnn-cu13~=9.0"
 # TensorRT's libraries are about 3 GB, so the default image leaves them out and a model that asks
 # for the tensorrt accelerator runs on CUDA, with a warning naming the missing libnvinfer. For an
-# image with TensorRT: --build-arg EXTRA_WHEELS="tensorrt-cu13-libs~=10.0" (and tag it apart).
+# image with TensorRT (tag it apart; PyPI's tensorrt-cu13-libs is a stub that fetches the real wheel
+# from NVIDIA's index):
+#   --build-arg EXTRA_WHEELS="tensorrt-cu13-libs~=10.0" --build-arg PIP_EXTRA_INDEX_URL=https://pypi.nvidia.com
 ARG EXTRA_WHEELS=""
+ARG PIP_EXTRA_INDEX_URL
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python3 -m venv /opt/onnxserve
 WORKDIR /src

@@ -125,14 +125,14 @@ def test_the_images_cuda_provider_lacks_only_the_driver(docker):
     assert "libnvinfer.so.10" in report["libraries"]["TensorrtExecutionProvider"]["missing"]
 
 
-TENSORRT_IMAGE = f"{IMAGE}-trt"  # docker build --build-arg EXTRA_WHEELS="tensorrt-cu13-libs~=10.0" -t ...
+TENSORRT_IMAGE = f"{IMAGE}-trt"  # see "TensorRT" in deploy/README.md for its build arguments
 
 
 def test_the_tensorrt_images_providers_lack_only_the_driver(docker):
     """The same check for the TensorRT variant, where it has been built: CI does not build it (its
     wheel is about 3 GB), so build and tag it, then run this test, before shipping it."""
     if docker("image", "inspect", TENSORRT_IMAGE, check=False).returncode != 0:
-        pytest.skip(f"no {TENSORRT_IMAGE} image here: build it with --build-arg EXTRA_WHEELS=\"tensorrt-cu13-libs~=10.0\"")
+        pytest.skip(f"no {TENSORRT_IMAGE} image here: build it as deploy/README.md says (it needs NVIDIA's pip index)")
     report = json.loads(docker("run", "--rm", "--entrypoint", "python", TENSORRT_IMAGE, "-m", "server.gpu_report").stdout)
     for provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider"):
         assert report["libraries"][provider]["missing"] == ["libcuda.so.1"], report["libraries"][provider]
