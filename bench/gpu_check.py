@@ -40,7 +40,8 @@ import onnxruntime as ort
 from bench import make_models
 from bench.run import Running, Workload, loadgen, raw_feeds
 from server import gpu_report
-from server.runtime import CPU, CUDA, TENSORRT, _bound_run, visible_gpus
+from server.placement import CPU, CUDA, TENSORRT, visible_gpus
+from server.runtime import bound_run
 from bench.serving import start_server
 
 GPU_MODELS = {  # name -> (benchmark model, config.pbtxt, shapes for the load generator)
@@ -80,11 +81,11 @@ def io_binding_check(model_path: Path, provider: str, shapes: tuple[str, ...], r
     feeds = raw_feeds(session, 4, shapes)
     names = [output.name for output in session.get_outputs()]
     expected = session.run(names, feeds)
-    bound, _ = _bound_run(device, session, names, feeds)
+    bound, _ = bound_run(device, session, names, feeds)
     equal = all(np.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(bound, expected))
     before = _gpu_memory_used()
     for _ in range(runs):
-        _bound_run(device, session, names, feeds)
+        bound_run(device, session, names, feeds)
     after = _gpu_memory_used()
     growth = None if before is None else after - before
     return {"device": device, "outputs_equal_session_run": equal, "device_memory_growth_bytes": growth}

@@ -20,7 +20,8 @@ from server.events import BatchExecuted, BatchStarted, EventBus, ModelStateChang
 from server.metrics import CostCollector, GpuCollector, GpuReader, MetricsObserver, serve_metrics
 from server.polling import RepositoryPoller
 from server.repository import ModelRepository
-from server.runtime import CPU, GpuPolicy, cpu_cores
+from server.placement import CPU, GpuPolicy
+from server.runtime import cpu_cores
 from server.grpc_service import InferenceService
 from server.inference import InferenceCore
 from server.statistics import StatisticsRecorder

@@ -18,7 +18,7 @@ from pathlib import Path
 import onnxruntime as ort
 
 from server.providers import provider_unavailable_reason
-from server.runtime import CUDA, PROVIDER_LIBRARIES, visible_gpus
+from server.placement import CUDA, PROVIDER_LIBRARIES, visible_gpus
 
 
 def missing_libraries(library: Path) -> list[str]:

@@ -17,7 +17,8 @@ from server.errors import ConfigError
 from server.events import EventBus, ModelStateChanged
 from server.model_config import ModelSettings, TensorConfig
 from server.providers import engine_cache_dir, profile_shapes
-from server.runtime import GpuPolicy, InstancePool, graph_input_shapes
+from server.placement import GpuPolicy
+from server.runtime import InstancePool, graph_input_shapes
 from server.tensors import Signature, TensorSpec
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from server.errors import ConfigError, LoadFailed, ModelNotFound, ModelNotReady
 from server.events import EventBus, ModelStateChanged, RepositoryChanged
 from server.loading import LOADING, READY, UNAVAILABLE, UNLOADING, ModelVersion, load_version, ready_event, retire
 from server.model_config import ModelSettings, load_model_settings, settings_from_json
-from server.runtime import GpuPolicy
+from server.placement import GpuPolicy
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
-"""onnxruntime sessions of one model version: execution provider choice and
-fallback, IO specs from the graph, calibration and warm-up, and `run` in a thread per
+"""onnxruntime sessions of one model version, opened where placement.py says (with a loud
+fallback): IO specs from the graph, calibration and warm-up, IO binding, and `run` in a thread per
 instance (or on the event loop itself for batches measured to be shorter than the handoff)."""
 
 import asyncio
@@ -9,22 +9,20 @@ import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 from server import calibration, protocol, providers
+from server.placement import CPU, PROVIDER_LIBRARIES, GpuPolicy, Placement, no_gpu, plan_placements, visible_gpus
 from server.model_config import SessionSettings
 from server.errors import ConfigError, ExecutionFailed
 from server.tensors import DATATYPE_BY_ORT, DATATYPES, TensorSpec
 
 log = logging.getLogger(__name__)
 
-CPU = "CPUExecutionProvider"
-CUDA = "CUDAExecutionProvider"
-TENSORRT = "TensorrtExecutionProvider"
 GRAPH_LEVELS = {
     0: ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
     1: ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -39,38 +37,6 @@ SWITCH_LOG_SECONDS = 60.0
 # Calibration's size for variable dimensions other than the batch (a sequence, an image side):
 # at 1, an encoder measures like a tiny model and gets too few threads.
 CALIBRATION_DIM = 64
-PROVIDER_LIBRARIES = {
-    CUDA: Path(ort.__file__).parent / "capi" / "libonnxruntime_providers_cuda.so",
-    TENSORRT: Path(ort.__file__).parent / "capi" / "libonnxruntime_providers_tensorrt.so",
-}
-
-
-@dataclass(frozen=True)
-class GpuPolicy:
-    """What the server was told about GPUs (--require-gpu, --tensorrt-cache-dir), and a model's
-    TensorRT optimisation profiles (from its config)."""
-
-    require: bool = False
-    tensorrt_cache_dir: Path | None = None
-    tensorrt_profiles: dict = field(default_factory=dict)
-    hardware: str = ""  # the GPUs' names (NVML): part of the engine cache's key
-
-
-def visible_gpus() -> int:
-    """NVIDIA GPUs the driver reports; 0 where there is no driver or no device."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-    except Exception as err:  # no driver, no library: a CPU machine
-        log.debug("NVML unavailable: %s", err)
-        return 0
-    try:
-        return pynvml.nvmlDeviceGetCount()
-    finally:
-        pynvml.nvmlShutdown()
-
-
 def cpu_cores(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
     """Cores this process may use: its CPU affinity, capped by a container's CPU limit.
 
@@ -100,46 +66,6 @@ def _read_words(path: Path) -> list[str] | None:
         return path.read_text().split()
     except OSError:  # absent on this kernel or cgroup version
         return None
-
-
-@dataclass(frozen=True)
-class Placement:
-    """Where one instance runs and which providers it asks for, best first."""
-
-    device: str  # "cpu" or "cuda:N"
-    providers: list  # [(name, options), ...] as InferenceSession takes them
-
-
-def plan_placements(settings: SessionSettings, gpus: int, label: str, policy: GpuPolicy = GpuPolicy()) -> list[Placement]:
-    wants_gpu = settings.instance_kind == "gpu" or bool(settings.gpu_accelerators)
-    if settings.instance_kind == "cpu" or gpus == 0:
-        if gpus == 0 and wants_gpu:
-            no_gpu(label, providers.provider_unavailable_reason(PROVIDER_LIBRARIES[CUDA], gpus), policy)
-        return [Placement("cpu", [(CPU, {})])] * settings.instance_count
-    device_ids = list(settings.gpus) or [0]
-    placements = []
-    for device_id in device_ids:
-        placements += [Placement(f"cuda:{device_id}", _gpu_providers(settings, device_id, policy))] * settings.instance_count
-    return placements
-
-
-def no_gpu(label: str, reason: str, policy: GpuPolicy) -> None:
-    """GPU execution was asked for and cannot be had: a load failure with --require-gpu, else a loud fallback."""
-    if policy.require:
-        raise ConfigError(f"{label}: GPU execution is asked for, but {reason}; --require-gpu makes that a load failure")
-    log.warning("%s: GPU execution is asked for, but %s: it runs on the CPU (--require-gpu would fail the load)", label, reason)
-
-
-def _gpu_providers(settings: SessionSettings, device_id: int, policy: GpuPolicy) -> list:
-    chosen, cuda = [], {}
-    for accelerator in settings.gpu_accelerators:
-        parameters = dict(accelerator.parameters)
-        if accelerator.name == "tensorrt":
-            options = providers.tensorrt_options(device_id, parameters, policy.tensorrt_profiles, policy.tensorrt_cache_dir)
-            chosen.append((TENSORRT, options))
-        else:
-            cuda.update(parameters)
-    return chosen + [(CUDA, providers.cuda_options(device_id, cuda)), (CPU, {})]
 
 
 def session_options(settings: SessionSettings, threads: int, allow_spinning: bool) -> ort.SessionOptions:
@@ -236,7 +162,7 @@ class InstancePool:
             return [_timed_run] * len(self._sessions)
         if self.static:
             return [FixedBinding(session, device, self.inputs, self.outputs) for session, device in zip(self._sessions, self.devices)]
-        return [functools.partial(_bound_run, device) for device in self.devices]
+        return [functools.partial(bound_run, device) for device in self.devices]
 
     def _check_cuda_graph(self) -> None:
         graphs = [a for a in self.settings.gpu_accelerators if dict(a.parameters).get("enable_cuda_graph", "0") in ("1", "true")]
@@ -400,7 +326,7 @@ def _same_options(a: tuple[int, bool], b: tuple[int, bool]) -> bool:
     return a[0] == b[0] and (a[0] == 1 or a[1] == b[1])
 
 
-def _bound_run(device: str, session: ort.InferenceSession, output_names: list[str], feeds: dict) -> tuple[list, float]:
+def bound_run(device: str, session: ort.InferenceSession, output_names: list[str], feeds: dict) -> tuple[list, float]:
     """session.run through IO binding: each input copied to the instance's device once, each output
     left where the provider allocates it (its shape follows the batch) and copied back once."""
     started = time.perf_counter()
