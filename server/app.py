@@ -143,7 +143,7 @@ def _cost_ledger(settings: ServerSettings, gpus: GpuReader | None) -> tuple[Cost
         ", ".join(sorted(meters)) or "no device (no GPU energy counter)",
     )
     energy = SampledMeters(meters)  # NVML is read by a thread of its own, never on the loop
-    return CostLedger(prices, {device: energy.meter(device) for device in meters}), energy
+    return CostLedger(prices, {device: energy.meter(device) for device in energy.devices}), energy
 
 
 LIVENESS_SERVICE = "liveness"  # SERVING while the process runs, loading included: for liveness probes

@@ -16,13 +16,24 @@ SAMPLE_SECONDS = 0.02  # NVML's energy counter itself moves in steps of about th
 
 class SampledMeters:
     def __init__(self, meters: Mapping[str, Meter], interval: float = SAMPLE_SECONDS) -> None:
-        self._meters = dict(meters)
-        self._latest = {name: meter() for name, meter in self._meters.items()}  # one blocking read, at start
+        self._meters, self._latest = {}, {}
+        for name, meter in meters.items():  # one blocking read each, at start
+            try:
+                self._latest[name] = meter()
+            except Exception as err:  # noqa: BLE001 - NVML said no: this device's energy is not measured
+                log.warning("energy counter of %s cannot be read (%s): its energy is not measured", name, err)
+                continue
+            self._meters[name] = meter
         self._failed: set[str] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, args=(interval,), name="energy-sampler", daemon=True)
         if self._meters:
             self._thread.start()
+
+    @property
+    def devices(self) -> list[str]:
+        """The devices whose counters could be read."""
+        return list(self._meters)
 
     def meter(self, name: str) -> Meter:
         """A reading that never blocks: the latest sample, in joules."""

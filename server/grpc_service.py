@@ -238,7 +238,7 @@ def _guarded(method: str, implementation):
         try:
             return await implementation(request, context)
         except ServingError as err:
-            await context.abort(STATUS[type(err)], str(err))
+            await context.abort(STATUS.get(type(err), grpc.StatusCode.UNKNOWN), str(err))
         except Exception:
             log.exception("%s failed", method)
             await context.abort(grpc.StatusCode.INTERNAL, f"{method}: internal error; the server log has details")

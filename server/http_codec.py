@@ -46,10 +46,9 @@ def split_body(body: bytes, header_length: str | None) -> HttpInfer:
     if header_length is None:
         length = size
     else:
-        try:
-            length = int(header_length)
-        except ValueError:
-            raise InvalidInput(f"Inference-Header-Content-Length: {header_length!r} is not a number of bytes") from None
+        if not (header_length.isascii() and header_length.isdigit()):
+            raise InvalidInput(f"Inference-Header-Content-Length: {header_length!r} is not a number of bytes")
+        length = int(header_length)
         if not 0 <= length <= size:
             raise InvalidInput(f"Inference-Header-Content-Length: {length} bytes, but the body has {size}")
     try:
@@ -120,7 +119,7 @@ def from_json(data, datatype, shape: tuple[int, ...], where: str) -> np.ndarray:
     """A tensor from its JSON `data`: flat or nested lists, row-major; BYTES as strings. Values
     are checked one by one, as a JSON list already costs that: no silent truncation or wrap."""
     count = math.prod(shape)
-    flat = _flat(data, where)
+    flat = _flat(data, shape, where)
     if len(flat) != count:
         raise InvalidInput(f"{where}: data holds {len(flat)} values; shape {list(shape)} needs {count}")
     target = datatype.numpy
@@ -143,18 +142,23 @@ def from_json(data, datatype, shape: tuple[int, ...], where: str) -> np.ndarray:
     return np.array(flat, dtype=target).reshape(shape)
 
 
-def _flat(data, where: str) -> list:
-    """Nested lists, row-major, as one list."""
+def _flat(data, shape: tuple[int, ...], where: str) -> list:
+    """`data` as one row-major list: flat, or nested exactly as deep and as long as the shape."""
     if not isinstance(data, list):
         raise InvalidInput(f"{where}: 'data' must be a list")
     if not any(isinstance(item, list) for item in data):
         return data
-    flat = []
-    for item in data:
-        if not isinstance(item, list):
-            raise InvalidInput(f"{where}: 'data' mixes lists and values at one level")
-        flat.extend(_flat(item, where))
-    return flat
+    level = [data]
+    for dim in shape:
+        below = []
+        for node in level:
+            if not isinstance(node, list) or len(node) != dim:
+                raise InvalidInput(f"{where}: the nesting of 'data' does not follow shape {list(shape)}")
+            below.extend(node)
+        level = below
+    if any(isinstance(item, list) for item in level):
+        raise InvalidInput(f"{where}: 'data' is nested deeper than shape {list(shape)}")
+    return level
 
 
 def _outputs(header: dict, signature: Signature) -> dict[str, bool]:

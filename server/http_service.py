@@ -3,6 +3,7 @@ statistics, repository index/load/unload, binary tensor data) over the core that
 too (inference.py), as a minimal ASGI app served by uvicorn with httptools in the server's own
 event loop; and the one table from domain errors to HTTP status codes."""
 
+import asyncio
 import base64
 import binascii
 import logging
@@ -45,6 +46,7 @@ STATUS = {  # Triton's mapping (PROTOCOL.md 2e), plus 403 and 504
 BODY_TYPES = ("application/json", "application/octet-stream", "application/x-www-form-urlencoded", "")  # the last two: curl -d, and none
 JSON_TYPE = ((b"content-type", b"application/json"),)
 HEADER_LENGTH_KEY = HEADER_LENGTH.encode()
+OFFLOAD_BYTES = 1 << 20  # bodies above this are parsed in a worker thread
 # Route action -> (HTTP method, API group for --http-restricted-api)
 ACTIONS = {
     "live": ("GET", "health"),
@@ -207,8 +209,11 @@ class HttpApi:
         core = self.core
         with core.request(HTTP) as call:
             model = core.resolve(call, found.model, found.version)
-            request = split_body(body, _text(headers.get(HEADER_LENGTH_KEY)))
-            decoded, binary = decode_infer(request, model.signature)
+            header_length = _text(headers.get(HEADER_LENGTH_KEY))
+            if len(body) > OFFLOAD_BYTES:  # a big JSON body takes milliseconds to parse: not on the loop
+                request, decoded, binary = await asyncio.to_thread(_decode, body, header_length, model.signature)
+            else:
+                request, decoded, binary = _decode(body, header_length, model.signature)
             parameters = request.header.get("parameters") or {}
             if not isinstance(parameters, dict):
                 raise InvalidInput(f"{model.signature.label}: 'parameters' must be an object")
@@ -242,6 +247,12 @@ class HttpApi:
     async def _unload(self, found: Route, headers: dict, body: bytes):
         await self.control.unload(found.model)
         return 200, b"", ()
+
+
+def _decode(body: bytes, header_length: str | None, signature):
+    request = split_body(body, header_length)
+    decoded, binary = decode_infer(request, signature)
+    return request, decoded, binary
 
 
 def _tensors(specs) -> list[dict]:

@@ -88,6 +88,9 @@ class SessionSettings:
     allow_spinning: bool | None = None
     """Whether onnxruntime's intra-op threads spin between runs; None = chosen at load."""
     gpu_accelerators: tuple[Accelerator, ...] = ()
+    model_cuda_options: tuple[tuple[str, str], ...] = ()
+    """CUDA provider options given as model-level `parameters` (Triton's older form); the cuda
+    accelerator's own parameters win over them."""
 
 
 @dataclass(frozen=True)
@@ -322,12 +325,9 @@ def _session(proto, where: str) -> SessionSettings:
             raise ConfigError(f"{field_name}.name: {accelerator.name!r} is not one of {GPU_ACCELERATORS}")
         parameters = dict(accelerator.parameters)
         providers.check_options(accelerator.name, parameters, field_name)
-        if accelerator.name == "cuda":
-            parameters = {**model_cuda, **parameters}
         gpu.append(Accelerator(accelerator.name, tuple(sorted(parameters.items()))))
-    if model_cuda and not any(a.name == "cuda" for a in gpu):
-        gpu.append(Accelerator("cuda", tuple(sorted(model_cuda.items()))))
     values["gpu_accelerators"] = tuple(gpu)
+    values["model_cuda_options"] = tuple(sorted(model_cuda.items()))  # options, not a request for a GPU
     return SessionSettings(**values)
 
 

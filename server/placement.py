@@ -77,7 +77,7 @@ def no_gpu(label: str, reason: str, policy: GpuPolicy) -> None:
 
 
 def _gpu_providers(settings: SessionSettings, device_id: int, policy: GpuPolicy) -> list:
-    chosen, cuda = [], {}
+    chosen, cuda = [], dict(settings.model_cuda_options)
     for accelerator in settings.gpu_accelerators:
         parameters = dict(accelerator.parameters)
         if accelerator.name == "tensorrt":

@@ -21,6 +21,16 @@ def _integer(text: str) -> int:
     return int(text)
 
 
+def flag(text: str) -> bool:
+    """A boolean option's value as config.pbtxt may spell it; ValueError otherwise."""
+    return _boolean(text)
+
+
+def _onnxruntime_bool(value: bool) -> str:
+    """onnxruntime's Python binding takes TensorRT's switches only as True/False (and CUDA's too)."""
+    return "True" if value else "False"
+
+
 def _boolean(text: str) -> bool:
     lowered = text.strip().lower()
     if lowered not in ("0", "1", "true", "false"):
@@ -119,7 +129,7 @@ def cuda_options(device_id: int, parameters: dict[str, str]) -> dict[str, str]:
         elif key == "arena_extend_strategy":
             value = ARENA_STRATEGY.get(value, value)
         elif CUDA_OPTIONS[key] is _boolean:
-            value = "1" if _boolean(value) else "0"
+            value = _onnxruntime_bool(_boolean(value))
         options[key] = value
     return options
 
@@ -130,14 +140,16 @@ def tensorrt_options(device_id: int, parameters: dict[str, str], profiles: dict[
     options = {"device_id": str(device_id), **profiles}
     if cache_dir is not None:
         options.update(
-            trt_engine_cache_enable="1", trt_engine_cache_path=str(cache_dir),
-            trt_timing_cache_enable="1", trt_timing_cache_path=str(cache_dir),
+            trt_engine_cache_enable="True", trt_engine_cache_path=str(cache_dir),
+            trt_timing_cache_enable="True", trt_timing_cache_path=str(cache_dir),
         )  # fmt: skip
     for key, value in parameters.items():
+        if TENSORRT_OPTIONS.get(key) is _boolean:
+            value = _onnxruntime_bool(_boolean(value))
         if key == "precision_mode":
-            options["trt_fp16_enable"] = "1" if value == "FP16" else "0"
-            options["trt_bf16_enable"] = "1" if value == "BF16" else "0"
-            options["trt_int8_enable"] = "1" if value == "INT8" else "0"
+            options["trt_fp16_enable"] = _onnxruntime_bool(value == "FP16")
+            options["trt_bf16_enable"] = _onnxruntime_bool(value == "BF16")
+            options["trt_int8_enable"] = _onnxruntime_bool(value == "INT8")
         elif key == "max_workspace_size_bytes":
             options["trt_max_workspace_size"] = value
         elif key in ("int8_calibration_table_name", "int8_use_native_calibration_table"):

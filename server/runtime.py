@@ -165,7 +165,7 @@ class InstancePool:
         return [functools.partial(bound_run, device) for device in self.devices]
 
     def _check_cuda_graph(self) -> None:
-        graphs = [a for a in self.settings.gpu_accelerators if dict(a.parameters).get("enable_cuda_graph", "0") in ("1", "true")]
+        graphs = [a for a in self.settings.gpu_accelerators if providers.flag(dict(a.parameters).get("enable_cuda_graph", "0"))]
         if graphs and not self.static:
             raise ConfigError(
                 f"{self.label}: enable_cuda_graph replays one fixed launch, so every input and output needs a fixed "
@@ -350,6 +350,7 @@ class FixedBinding:
         kind, _, index = device.partition(":")
         self.binding = session.io_binding()
         self.inputs = {}
+        self.dtypes = {spec.name: np.dtype(DATATYPES[spec.datatype].numpy) for spec in inputs}
         for spec in inputs:
             value = ort.OrtValue.ortvalue_from_shape_and_type(spec.shape, DATATYPES[spec.datatype].numpy, kind, int(index or 0))
             self.binding.bind_ortvalue_input(spec.name, value)
@@ -362,7 +363,10 @@ class FixedBinding:
     def __call__(self, session: ort.InferenceSession, output_names: list[str], feeds: dict) -> tuple[list, float]:
         started = time.perf_counter()
         for name, array in feeds.items():
-            self.inputs[name].update_inplace(np.ascontiguousarray(array))
+            value = self.inputs[name]
+            if tuple(array.shape) != tuple(value.shape()) or array.dtype != self.dtypes[name]:
+                raise ValueError(f"input '{name}' is {array.dtype}{list(array.shape)}; bound as {self.dtypes[name]}{value.shape()}")
+            value.update_inplace(np.ascontiguousarray(array))
         session.run_with_iobinding(self.binding)
         values = dict(zip(self.output_names, self.binding.copy_outputs_to_cpu()))
         return [values[name] for name in output_names], time.perf_counter() - started

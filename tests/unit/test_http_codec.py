@@ -47,7 +47,9 @@ def test_json_and_binary_inputs_decode_to_the_same_feeds():
         ("BOOL", [1, 0], (2,), "BOOL data must be true or false"),
         ("FP32", ["1", 2], (2,), "FP32 data must be numbers"),
         ("BYTES", ["a", 1], (2,), "BYTES data must be strings"),
-        ("FP32", [[1, 2], 3], (3,), "mixes lists and values"),
+        ("FP32", [[1, 2], 3], (2,), "nested deeper than shape [2]"),
+        ("FP32", [[], [1, 2, 3, 4]], (1, 4), "nesting of 'data' does not follow shape [1, 4]"),
+        ("FP32", [[[1]]], (1, 1), "nested deeper than shape [1, 1]"),
         ("FP32", [1, 2, 3], (2, 2), "data holds 3 values; shape [2, 2] needs 4"),
         ("FP32", 5, (1,), "'data' must be a list"),
     ],
@@ -71,6 +73,8 @@ def test_uint64_and_int64_extremes_survive_json():
         (b"[1, 2]", None, "must be an object"),
         (b"{}", "12", "12 bytes, but the body has 2"),
         (b"{}", "two", "is not a number of bytes"),
+        (b"{}", "+2", "is not a number of bytes"),
+        (b"{}", "1_0", "is not a number of bytes"),
     ],
 )
 def test_bodies_that_cannot_be_split_say_why(text, length, fragment):

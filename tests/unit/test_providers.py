@@ -26,10 +26,12 @@ def model_config(tmp_path: Path, text: str):
 def test_triton_spellings_become_onnxruntimes():
     options = cuda_options(1, {"cudnn_conv_algo_search": "1", "arena_extend_strategy": "0", "do_copy_in_default_stream": "true"})
     assert options == {"device_id": "1", "cudnn_conv_algo_search": "HEURISTIC", "arena_extend_strategy": "kNextPowerOfTwo",
-                       "do_copy_in_default_stream": "1"}  # fmt: skip
+                       "do_copy_in_default_stream": "True"}  # fmt: skip
     trt = tensorrt_options(0, {"precision_mode": "FP16", "max_workspace_size_bytes": "1073741824"}, {}, Path("/cache"))
-    assert (trt["trt_fp16_enable"], trt["trt_int8_enable"], trt["trt_max_workspace_size"]) == ("1", "0", "1073741824")
-    assert trt["trt_engine_cache_enable"] == trt["trt_timing_cache_enable"] == "1"
+    # onnxruntime's Python binding takes TensorRT's switches only as True/False, never 1/0
+    assert (trt["trt_fp16_enable"], trt["trt_int8_enable"], trt["trt_max_workspace_size"]) == ("True", "False", "1073741824")
+    assert trt["trt_engine_cache_enable"] == trt["trt_timing_cache_enable"] == "True"
+    assert tensorrt_options(0, {"trt_dump_subgraphs": "1"}, {}, None)["trt_dump_subgraphs"] == "True"
     assert trt["trt_engine_cache_path"] == trt["trt_timing_cache_path"] == "/cache"
     assert "trt_engine_cache_enable" not in tensorrt_options(0, {}, {}, None)
 
@@ -60,7 +62,16 @@ def test_config_pbtxt_accelerators_are_checked_and_model_level_cuda_options_merg
           { name: "cuda" parameters { key: "cudnn_conv_algo_search" value: "2" } } ] } }""")
     trt, cuda = settings.session.gpu_accelerators
     assert (trt.name, dict(trt.parameters)) == ("tensorrt", {"precision_mode": "FP16"})
-    assert dict(cuda.parameters) == {"gpu_mem_limit": "2147483648", "cudnn_conv_algo_search": "2"}
+    assert dict(cuda.parameters) == {"cudnn_conv_algo_search": "2"}
+    [placement] = plan_placements(settings.session, 1, "model 'm' version 1")
+    cuda_options = dict(placement.providers)[CUDA]
+    assert (cuda_options["gpu_mem_limit"], cuda_options["cudnn_conv_algo_search"]) == ("2147483648", "DEFAULT")
+
+
+def test_model_level_cuda_options_do_not_ask_for_a_gpu(tmp_path):
+    settings = model_config(tmp_path, """instance_group [{ kind: KIND_CPU }]
+        parameters { key: "gpu_mem_limit" value { string_value: "1024" } }""").session
+    assert [p.device for p in plan_placements(settings, 0, "model 'm' version 1", GpuPolicy(require=True))] == ["cpu"]
 
 
 def test_a_misspelt_accelerator_option_fails_the_config_naming_file_and_field(tmp_path):
