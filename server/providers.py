@@ -21,17 +21,13 @@ def _integer(text: str) -> int:
     return int(text)
 
 
-def flag(text: str) -> bool:
-    """A boolean option's value as config.pbtxt may spell it; ValueError otherwise."""
-    return _boolean(text)
-
-
 def _onnxruntime_bool(value: bool) -> str:
     """onnxruntime's Python binding takes TensorRT's switches only as True/False (and CUDA's too)."""
     return "True" if value else "False"
 
 
-def _boolean(text: str) -> bool:
+def flag(text: str) -> bool:
+    """A boolean option's value as config.pbtxt may spell it; ValueError otherwise."""
     lowered = text.strip().lower()
     if lowered not in ("0", "1", "true", "false"):
         raise ValueError("not 0, 1, true or false")
@@ -56,18 +52,18 @@ CUDA_OPTIONS: dict[str, Callable[[str], object]] = {
     "gpu_mem_limit": _integer,
     "arena_extend_strategy": _choice("0", "1", "kNextPowerOfTwo", "kSameAsRequested"),
     "cudnn_conv_algo_search": _choice("0", "1", "2", "EXHAUSTIVE", "HEURISTIC", "DEFAULT"),
-    "do_copy_in_default_stream": _boolean,
-    "cudnn_conv_use_max_workspace": _boolean,
-    "cudnn_conv1d_pad_to_nc1d": _boolean,
-    "enable_cuda_graph": _boolean,
-    "use_tf32": _boolean,
-    "prefer_nhwc": _boolean,
-    "use_ep_level_unified_stream": _boolean,
-    "tunable_op_enable": _boolean,
-    "tunable_op_tuning_enable": _boolean,
+    "do_copy_in_default_stream": flag,
+    "cudnn_conv_use_max_workspace": flag,
+    "cudnn_conv1d_pad_to_nc1d": flag,
+    "enable_cuda_graph": flag,
+    "use_tf32": flag,
+    "prefer_nhwc": flag,
+    "use_ep_level_unified_stream": flag,
+    "tunable_op_enable": flag,
+    "tunable_op_tuning_enable": flag,
     "tunable_op_max_tuning_duration_ms": _integer,
-    "enable_skip_layer_norm_strict_mode": _boolean,
-    "fuse_conv_bias": _boolean,
+    "enable_skip_layer_norm_strict_mode": flag,
+    "fuse_conv_bias": flag,
     "sdpa_kernel": _integer,
 }
 # Triton's ORT backend reads these four from the model-level `parameters` too (its older form).
@@ -79,17 +75,17 @@ ARENA_STRATEGY = {"0": "kNextPowerOfTwo", "1": "kSameAsRequested"}
 TENSORRT_TRITON_OPTIONS: dict[str, Callable[[str], object]] = {
     "precision_mode": _choice("FP32", "FP16", "BF16", "INT8"),
     "max_workspace_size_bytes": _integer,
-    "trt_engine_cache_enable": _boolean,
+    "trt_engine_cache_enable": flag,
     "trt_engine_cache_path": _text,
     "int8_calibration_table_name": _text,
-    "int8_use_native_calibration_table": _boolean,
+    "int8_use_native_calibration_table": flag,
 }
 TENSORRT_PASSTHROUGH: dict[str, Callable[[str], object]] = {
     **{name: _integer for name in (
         "trt_max_partition_iterations", "trt_min_subgraph_size", "trt_dla_core", "trt_builder_optimization_level",
         "trt_auxiliary_streams", "trt_ep_context_embed_mode",
     )},
-    **{name: _boolean for name in (
+    **{name: flag for name in (
         "trt_dla_enable", "trt_dump_subgraphs", "trt_force_sequential_engine_build", "trt_context_memory_sharing_enable",
         "trt_layer_norm_fp32_fallback", "trt_timing_cache_enable", "trt_force_timing_cache", "trt_detailed_build_log",
         "trt_build_heuristics_enable", "trt_sparsity_enable", "trt_cuda_graph_enable", "trt_dump_ep_context_model",
@@ -128,8 +124,8 @@ def cuda_options(device_id: int, parameters: dict[str, str]) -> dict[str, str]:
             value = ALGO_SEARCH.get(value, value)
         elif key == "arena_extend_strategy":
             value = ARENA_STRATEGY.get(value, value)
-        elif CUDA_OPTIONS[key] is _boolean:
-            value = _onnxruntime_bool(_boolean(value))
+        elif CUDA_OPTIONS[key] is flag:
+            value = _onnxruntime_bool(flag(value))
         options[key] = value
     return options
 
@@ -144,8 +140,8 @@ def tensorrt_options(device_id: int, parameters: dict[str, str], profiles: dict[
             trt_timing_cache_enable="True", trt_timing_cache_path=str(cache_dir),
         )  # fmt: skip
     for key, value in parameters.items():
-        if TENSORRT_OPTIONS.get(key) is _boolean:
-            value = _onnxruntime_bool(_boolean(value))
+        if TENSORRT_OPTIONS.get(key) is flag:
+            value = _onnxruntime_bool(flag(value))
         if key == "precision_mode":
             options["trt_fp16_enable"] = _onnxruntime_bool(value == "FP16")
             options["trt_bf16_enable"] = _onnxruntime_bool(value == "BF16")
