@@ -17,8 +17,9 @@ from prometheus_client.parser import text_string_to_metric_families
 ROOT = Path(__file__).resolve().parent.parent
 READY_LINE = re.compile(r"ready: gRPC port (\d+), metrics port (\d+)")
 NOT_READY_LINE = re.compile(r"not ready: ")
-LISTENING_LINE = re.compile(r"listening: gRPC on [^:]+:(\d+), metrics on http://[^:]+:(\d+)/metrics")
-HTTP_LINE = re.compile(r", HTTP on [^:]+:(\d+);")
+# " (TLS)" or " (mTLS)" follows a port that serves TLS; /metrics over TLS is https://
+LISTENING_LINE = re.compile(r"listening: gRPC on [^:]+:(\d+)(?: \(m?TLS\))?, metrics on https?://[^:]+:(\d+)/metrics")
+HTTP_LINE = re.compile(r", HTTP on [^:]+:(\d+)(?: \(m?TLS\))?;")
 
 
 @dataclass

@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, ProcessCollector
 
 from server import protocol
 from server.config import ServerSettings
+from server.errors import ConfigError
 from server.control import RepositoryControl
 from server.costs import CostLedger, resolve_prices
 from server.energy import SampledMeters
@@ -23,8 +24,12 @@ from server.repository import ModelRepository
 from server.placement import CPU, GpuPolicy
 from server.runtime import cpu_cores
 from server.grpc_service import InferenceService
+from server.identity import Authenticator
 from server.inference import InferenceCore
 from server.statistics import StatisticsRecorder
+from server.tenant_metrics import TenantCollector, TenantRequests, UsageLogCollector
+from server.usage_log import UsageLog
+from server.tls import describe, grpc_credentials, metrics_cert_and_key, tls_files
 
 log = logging.getLogger("onnxserve")
 FORCED_EXIT_CODE = 130
@@ -38,11 +43,22 @@ async def serve(settings: ServerSettings) -> int:
         log.warning("no GPU is visible: every model runs on onnxruntime's %s", CPU)
     ledger, energy = _cost_ledger(settings, gpus)
     statistics = StatisticsRecorder()
-    for event_type, handler in MetricsObserver(registry).handlers().items():
-        bus.subscribe(handler, event_type, deferred=True)
+    auth = Authenticator(
+        settings.api_keys,
+        settings.trust_tenant_header,
+        settings.grpc_use_ssl_mutual or settings.http_use_ssl_mutual,
+        settings.max_tenant_series,
+    )
+    for observer in (MetricsObserver(registry), TenantRequests(registry)):
+        for event_type, handler in observer.handlers().items():
+            bus.subscribe(handler, event_type, deferred=True)
     bus.subscribe(ledger.observe, BatchStarted, BatchExecuted, ModelStateChanged)
     bus.subscribe(statistics.observe, RequestFinished, BatchExecuted, deferred=True)
     registry.register(CostCollector(ledger.snapshot))
+    registry.register(TenantCollector(auth))
+    usage = _usage_log(settings)
+    if usage is not None:
+        registry.register(UsageLogCollector(usage))
     if gpus:
         registry.register(GpuCollector(gpus))
     ProcessCollector(registry=registry)
@@ -53,7 +69,7 @@ async def serve(settings: ServerSettings) -> int:
     )
     repository = ModelRepository(settings.model_repository, settings.default_max_batch_size, bus, gpu)
     control = RepositoryControl(repository, settings.model_control_mode)
-    core = InferenceCore(repository, bus, ledger, settings.strict_readiness)
+    core = InferenceCore(repository, bus, ledger, settings.strict_readiness, auth, usage)
     service = InferenceService(core, statistics, control, settings.grpc_restricted_protocol)
     health_servicer = health.aio.HealthServicer()
 
@@ -68,10 +84,11 @@ async def serve(settings: ServerSettings) -> int:
     reflection.enable_server_reflection(
         (protocol.SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server, pool=protocol.POOL
     )
-    grpc_port = server.add_insecure_port(f"{settings.grpc_address}:{settings.grpc_port}")
+    grpc_target, credentials = f"{settings.grpc_address}:{settings.grpc_port}", grpc_credentials(settings)
+    grpc_port = server.add_secure_port(grpc_target, credentials) if credentials else server.add_insecure_port(grpc_target)
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
     await health_servicer.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
-    metrics_httpd = serve_metrics(registry, settings.metrics_address, settings.metrics_port)
+    metrics_httpd = serve_metrics(registry, settings.metrics_address, settings.metrics_port, *metrics_cert_and_key(settings))
     await server.start()
     http, http_bound = None, 0
     if settings.http_port >= 0:  # imported only then: a gRPC-only install needs no HTTP stack
@@ -80,11 +97,14 @@ async def serve(settings: ServerSettings) -> int:
         api = HttpApi(core, statistics, control, settings.http_restricted_api, settings.http_max_body_bytes)
         http = await start_http(settings, api)
         http_bound = http_port(http)
-    http_where = f"HTTP on {settings.http_address}:{http_bound}" if http else "HTTP off (--http-port -1)"
-    log.info(
-        "listening: gRPC on %s:%d, metrics on http://%s:%d/metrics, %s; loading models from %s",
+    http_tls = describe(tls_files(settings, "http"))
+    http_where = f"HTTP on {settings.http_address}:{http_bound}{http_tls}" if http else "HTTP off (--http-port -1)"
+    log.info(  # bench/serving.py parses this line: keep its regexes in step
+        "listening: gRPC on %s:%d%s, metrics on %s://%s:%d/metrics, %s; loading models from %s",
         settings.grpc_address,
         grpc_port,
+        describe(tls_files(settings, "grpc")),
+        "https" if settings.metrics_use_ssl else "http",
         settings.metrics_address,
         metrics_httpd.server_port,
         http_where,
@@ -98,7 +118,7 @@ async def serve(settings: ServerSettings) -> int:
     changed = asyncio.Event()
     bus.subscribe(lambda _: changed.set(), RepositoryChanged)
     loading = asyncio.create_task(repository.load_all(_startup_models(settings, repository)))
-    followers = []
+    followers = [asyncio.create_task(auth.follow())] if settings.api_keys else []
     await asyncio.wait((loading, asyncio.create_task(stop.wait())), return_when=asyncio.FIRST_COMPLETED)
     if loading.done():
         loading.result()
@@ -115,12 +135,27 @@ async def serve(settings: ServerSettings) -> int:
     await health_servicer.enter_graceful_shutdown()
     await asyncio.gather(server.stop(settings.exit_timeout_secs), *([http.shutdown()] if http else []))
     await repository.close()
+    if usage is not None:  # every request is answered by now: its record is the last to go to disk
+        await asyncio.to_thread(usage.close)
     metrics_httpd.shutdown()
     energy.close()
     if gpus:
         gpus.close()
     log.info("stopped")
     return 0
+
+
+def _usage_log(settings: ServerSettings) -> UsageLog | None:
+    if not settings.usage_log:
+        return None
+    usage = UsageLog(
+        settings.usage_log, settings.usage_log_fsync_ms, settings.usage_log_max_bytes, settings.usage_log_buffer_records
+    )
+    try:
+        usage.open()
+    except OSError as err:
+        raise ConfigError(f"--usage-log: {settings.usage_log}: cannot be opened for appending: {err.strerror}") from None
+    return usage
 
 
 def _startup_models(settings: ServerSettings, repository: ModelRepository) -> list[str]:

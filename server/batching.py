@@ -22,15 +22,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
-import numpy as np
-
 from server.model_config import BatchingSettings
 from server.errors import DeadlineExceeded, ExecutionFailed, InvalidInput, Overloaded, ShuttingDown
 from server.events import BatchExecuted, BatchStarted, EventBus
+from server.queued import Answer, Batch, Feeds, QueuedRequest, concatenate, split_outputs, union_outputs
+
+__all__ = ["Answer", "Batcher", "QueuedRequest"]
 
 log = logging.getLogger(__name__)
 
-Feeds = dict[str, np.ndarray]
 Execute = Callable[[Feeds, list[str], int], "Feeds | Awaitable[Feeds]"]
 """execute(feeds, output_names, instance) -> outputs by name, or an awaitable of them."""
 
@@ -38,40 +38,6 @@ Execute = Callable[[Feeds, list[str], int], "Feeds | Awaitable[Feeds]"]
 # batches that did not reach it, so batches keep waiting for as many as came before.
 CALLERS_DECAY = 0.99
 _batch_ids = itertools.count(1)  # process-wide, so a batch id names one execution of any model
-
-
-@dataclass(eq=False, slots=True)
-class QueuedRequest:
-    feeds: Feeds
-    rows: int
-    outputs: tuple[str, ...]
-    level: int
-    arrival: float  # loop.time()
-    future: asyncio.Future
-    shape_key: tuple = ()
-    queued: bool = True  # until its batch takes it or its caller gives up
-    taken: float = 0.0  # loop.time() when its batch left the queue
-
-
-@dataclass(frozen=True, slots=True)
-class Answer:
-    """One caller's own output rows, and what its batch went through."""
-
-    outputs: Feeds
-    batch_id: int
-    batch_rows: int
-    device: str
-    queue_seconds: float
-    compute_seconds: float
-
-
-@dataclass(slots=True)
-class Batch:
-    requests: list[QueuedRequest]
-    rows: int
-    instance: int = 0
-    batch_id: int = 0
-    marks: list[float] = field(default_factory=list)  # start, inputs gathered, runtime returned, outputs split
 
 
 @dataclass
@@ -133,9 +99,10 @@ class Batcher:
         *,
         priority: int = 0,
         timeout_us: int = 0,
+        tenant: str = "unknown",
     ) -> Answer:
         """Queue one request and wait for its own output rows."""
-        item = self.enqueue(feeds, rows, outputs, priority=priority, timeout_us=timeout_us)
+        item = self.enqueue(feeds, rows, outputs, priority=priority, timeout_us=timeout_us, tenant=tenant)
         try:
             return await item.future
         except asyncio.CancelledError:
@@ -150,6 +117,7 @@ class Batcher:
         *,
         priority: int = 0,
         timeout_us: int = 0,
+        tenant: str = "unknown",
     ) -> QueuedRequest:
         """Queue one request; its `future` resolves with its Answer (or the error that ended it).
         For callers that do not await it in a task of their own, such as the requests of a stream."""
@@ -167,6 +135,7 @@ class Batcher:
             arrival=loop.time(),
             future=loop.create_future(),
             shape_key=self._shape_key(feeds),
+            tenant=tenant,
         )
         if self._uncollected:
             self._overlap_at = item.arrival
@@ -340,7 +309,12 @@ class Batcher:
         self._running += len(batch.requests)
         started = time.perf_counter()
         batch.marks.append(started)
-        self.bus.publish(BatchStarted(self.model, self.version, batch.batch_id, self.devices[instance], started))
+        tenants: dict[str, int] = {}
+        for item in batch.requests:
+            item.batch_id = batch.batch_id
+            tenants[item.tenant] = tenants.get(item.tenant, 0) + item.rows
+        event = BatchStarted(self.model, self.version, batch.batch_id, self.devices[instance], started, tuple(tenants.items()))
+        self.bus.publish(event)
         try:
             feeds = concatenate(batch.requests)
             batch.marks.append(time.perf_counter())
@@ -360,7 +334,7 @@ class Batcher:
             if error is not None:
                 raise error
             batch.marks.append(time.perf_counter())
-            results = self._split(batch, outputs)
+            results = split_outputs(batch, outputs, self.label)
             batch.marks.append(time.perf_counter())
         except Exception as err:  # every caller of the batch gets the failure, exactly once
             failure = err if isinstance(err, ExecutionFailed) else ExecutionFailed(f"{self.label}: {err!r}")
@@ -374,6 +348,10 @@ class Batcher:
                 _set_result(item.future, answer)
         # Callers resume only on a later loop turn, so observers have priced the batch by then.
         self.bus.publish(self._executed(batch, device))
+        for item in batch.requests:
+            item.executed = True
+            if item.on_executed is not None:
+                item.on_executed()
         self._running -= len(batch.requests)
         self._free.append(batch.instance)
         self._schedule()
@@ -401,42 +379,11 @@ class Batcher:
             queue_seconds=tuple(item.taken - item.arrival for item in batch.requests),
         )
 
-    def _split(self, batch: Batch, outputs: Feeds) -> list[Feeds]:
-        if len(batch.requests) == 1:
-            item = batch.requests[0]
-            return [{name: outputs[name] for name in item.outputs}]
-        for name, array in outputs.items():
-            if array.ndim == 0 or array.shape[0] != batch.rows:
-                raise ExecutionFailed(
-                    f"{self.label}: output '{name}' has shape {list(array.shape)}; "
-                    f"its first dimension should be the batch size {batch.rows}"
-                )
-        results, offset = [], 0
-        for item in batch.requests:
-            end = offset + item.rows
-            results.append({name: outputs[name][offset:end] for name in item.outputs})
-            offset = end
-        return results
-
-
 def _outcome(done: asyncio.Future) -> tuple[Feeds | None, BaseException | None]:
     if done.cancelled():
         return None, ExecutionFailed("the batch's execution was cancelled")
     error = done.exception()
     return (None, error) if error is not None else (done.result(), None)
-
-
-def concatenate(requests: list[QueuedRequest]) -> Feeds:
-    if len(requests) == 1:
-        return requests[0].feeds
-    return {name: np.concatenate([item.feeds[name] for item in requests]) for name in requests[0].feeds}
-
-
-def union_outputs(requests: list[QueuedRequest]) -> list[str]:
-    names: dict[str, None] = {}
-    for item in requests:
-        names.update(dict.fromkeys(item.outputs))
-    return list(names)
 
 
 def _set_result(future: asyncio.Future, value) -> None:

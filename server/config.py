@@ -166,6 +166,45 @@ class ServerSettings:
         ),
     )
 
+    grpc_use_ssl: bool = field(default=False, metadata=_flag("serve gRPC over TLS (needs --grpc-server-cert and --grpc-server-key)"))
+    grpc_use_ssl_mutual: bool = field(
+        default=False, metadata=_flag("serve gRPC over mutual TLS: clients must present a certificate signed by --grpc-root-cert")
+    )
+    grpc_server_cert: str = field(default="", metadata=_flag("PEM file: the gRPC server's certificate chain"))
+    grpc_server_key: str = field(default="", metadata=_flag("PEM file: the gRPC server's private key"))
+    grpc_root_cert: str = field(default="", metadata=_flag("PEM file: CA certificates that sign client certificates (mutual TLS)"))
+    http_use_ssl: bool = field(default=False, metadata=_flag("serve REST over TLS (needs --http-server-cert and --http-server-key)"))
+    http_use_ssl_mutual: bool = field(
+        default=False, metadata=_flag("serve REST over mutual TLS: clients must present a certificate signed by --http-root-cert")
+    )
+    http_server_cert: str = field(default="", metadata=_flag("PEM file: the REST server's certificate chain"))
+    http_server_key: str = field(default="", metadata=_flag("PEM file: the REST server's private key"))
+    http_root_cert: str = field(default="", metadata=_flag("PEM file: CA certificates that sign client certificates (mutual TLS)"))
+    metrics_use_ssl: bool = field(default=False, metadata=_flag("serve /metrics over TLS (needs --metrics-server-cert and -key)"))
+    metrics_server_cert: str = field(default="", metadata=_flag("PEM file: the /metrics endpoint's certificate chain"))
+    metrics_server_key: str = field(default="", metadata=_flag("PEM file: the /metrics endpoint's private key"))
+    api_keys: str = field(
+        default="",
+        metadata=_flag("JSON file of API key hashes (sha256) and their tenants; inference and admin calls then need "
+                       "'authorization: Bearer <key>'; re-read when it changes"),
+    )  # fmt: skip
+    trust_tenant_header: bool = field(
+        default=False,
+        metadata=_flag("take the tenant from the x-tenant-id header or metadata (only behind a gateway that sets it)"),
+    )
+    max_tenant_series: int = field(
+        default=100, metadata=_flag("tenants with series of their own on /metrics; later ones count as tenant=\"other\"")
+    )
+    usage_log: str = field(default="", metadata=_flag("file to append one JSON usage record per finished request to"))
+    usage_log_fsync_ms: int = field(default=200, metadata=_flag("usage log: milliseconds between fsyncs (the most a crash loses)"))
+    usage_log_max_bytes: int = field(
+        default=100 * MIB, metadata=_flag("usage log: rotate to PATH.N (numbered upwards) past this size; 0 never rotates")
+    )
+    usage_log_buffer_records: int = field(
+        default=65536,
+        metadata=_flag("usage log: records waiting for the disk, at most; when full, new requests are refused (UNAVAILABLE)"),
+    )
+
     def __post_init__(self) -> None:
         for name in ("grpc_port", "metrics_port"):
             port = getattr(self, name)
@@ -203,8 +242,34 @@ class ServerSettings:
                 raise ConfigError(f"--{_dashed(name)}: a protocol group is restricted twice")
         if self.tensorrt_cache_dir and not os.access(self.tensorrt_cache_dir, os.W_OK | os.X_OK):
             raise ConfigError(f"--tensorrt-cache-dir: {self.tensorrt_cache_dir} is not a writable directory")
+        for transport in ("grpc", "http", "metrics"):
+            _check_tls(self, transport)
+        if self.api_keys and not os.path.isfile(self.api_keys):
+            raise ConfigError(f"--api-keys: {self.api_keys} is not a file")
+        if self.max_tenant_series < 1:
+            raise ConfigError(f"--max-tenant-series: {self.max_tenant_series} must be >= 1")
+        if not 1 <= self.usage_log_fsync_ms <= 60000:
+            raise ConfigError(f"--usage-log-fsync-ms: {self.usage_log_fsync_ms} is outside 1..60000")
+        if self.usage_log_max_bytes and self.usage_log_max_bytes < 4096:
+            raise ConfigError(f"--usage-log-max-bytes: {self.usage_log_max_bytes} is below 4096 (0 never rotates)")
+        if self.usage_log_buffer_records < 1:
+            raise ConfigError(f"--usage-log-buffer-records: {self.usage_log_buffer_records} must be >= 1")
+        if self.usage_log and os.path.isdir(self.usage_log):
+            raise ConfigError(f"--usage-log: {self.usage_log} is a directory; name a file in it")
         if not self.model_repository.is_dir():
             raise ConfigError(f"--model-repository: {self.model_repository} is not a directory")
+
+
+def _check_tls(settings: ServerSettings, transport: str) -> None:
+    """TLS of one endpoint: the files it needs are named and readable (their PEM is read at start)."""
+    use = getattr(settings, f"{transport}_use_ssl") or getattr(settings, f"{transport}_use_ssl_mutual", False)
+    needed = ["server_cert", "server_key"] + (["root_cert"] if getattr(settings, f"{transport}_use_ssl_mutual", False) else [])
+    for name in needed if use else ():
+        flag, path = f"--{transport}-{_dashed(name)}", getattr(settings, f"{transport}_{name}")
+        if not path:
+            raise ConfigError(f"{flag}: needed by --{transport}-use-ssl{'-mutual' if name == 'root_cert' else ''}")
+        if not os.access(path, os.R_OK) or not os.path.isfile(path):
+            raise ConfigError(f"{flag}: {path} is not a readable file")
 
 
 def _dashed(name: str) -> str:
@@ -245,6 +310,7 @@ def parse_server_settings(argv: Sequence[str], environ: Mapping[str, str] = os.e
             action="append" if repeated else "store",
             default=None,
             help=f"{spec.metadata['help']} (env {env_name}, default {spec.default})",
+            **({"nargs": "?", "const": True} if spec.type is bool else {}),  # `--grpc-use-ssl` alone means true
         )
     parsed = vars(parser.parse_args(list(argv)))
     values = {}

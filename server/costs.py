@@ -112,14 +112,26 @@ class ModelAccount:
 
 
 @dataclass(frozen=True, slots=True)
+class TenantAccount:
+    tenant: str
+    model: str
+    version: str
+    device: str
+    dollars: float
+    joules: float | None
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     devices: tuple[DeviceAccount, ...]
     models: tuple[ModelAccount, ...]
+    tenants: tuple[TenantAccount, ...] = ()
 
 
 @dataclass(eq=False, slots=True)
 class _Running:
     totals: list  # [dollars, joules] of the batch's model version on this device
+    tenants: tuple  # ([dollars, joules] of a tenant of the batch, its fraction of the batch's rows)
     dollars: float = 0.0
     joules: float = 0.0
 
@@ -137,12 +149,13 @@ class _Device:
     running: dict[int, _Running] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _BatchCost:
     device: str
     dollars: float
     joules: float | None
     rows: int
+    unsettled: int  # rows whose requests have not settled yet
 
 
 class CostLedger:
@@ -154,13 +167,14 @@ class CostLedger:
         prices: Mapping[str, DevicePrice],
         meters: Mapping[str, Meter] | None = None,
         clock: Callable[[], float] = time.perf_counter,
-        remembered_batches: int = 4096,
+        remembered_batches: int = 1_000_000,
     ) -> None:
         self._clock = clock
         self._lock = threading.Lock()
         self._meters = dict(meters or {})
         self._devices: dict[str, _Device] = {}
         self._models: dict[tuple[str, str, str], list] = {}
+        self._tenants: dict[tuple[str, str, str, str], list] = {}  # (tenant, model, version, device)
         self._finished: collections.OrderedDict[int, _BatchCost] = collections.OrderedDict()
         self._remembered = remembered_batches
         for device, price in prices.items():
@@ -201,7 +215,12 @@ class CostLedger:
             device = self._device(event.device)
             self._accrue(device, event.started)
             totals = self._models.setdefault((event.model, event.version, event.device), [0.0, 0.0])
-            device.running[event.batch_id] = _Running(totals)
+            rows = sum(count for _, count in event.tenants)
+            tenants = tuple(
+                (self._tenants.setdefault((tenant, event.model, event.version, event.device), [0.0, 0.0]), count / rows)
+                for tenant, count in event.tenants
+            )
+            device.running[event.batch_id] = _Running(totals, tenants)
 
     def _finished_batch(self, event: BatchExecuted) -> None:
         with self._lock:
@@ -210,10 +229,14 @@ class CostLedger:
             running = device.running.pop(event.batch_id, None)
             if running is None:
                 return
+            for totals, fraction in running.tenants:
+                totals[0] += running.dollars * fraction
+                totals[1] += running.joules * fraction
             joules = running.joules if device.meter else None
-            self._finished[event.batch_id] = _BatchCost(device.name, running.dollars, joules, event.rows)
-            while len(self._finished) > self._remembered:
-                self._finished.popitem(last=False)
+            self._finished[event.batch_id] = _BatchCost(device.name, running.dollars, joules, event.rows, event.rows)
+            if len(self._finished) > self._remembered:  # only if requests fail to settle: a leak guard
+                forgotten, _ = self._finished.popitem(last=False)
+                log.error("cost of batch %d was never settled by its requests; forgotten", forgotten)
 
     def _accrue(self, device: _Device, now: float) -> None:
         """Split the device's price (and energy) since the last event between the batches running."""
@@ -240,14 +263,26 @@ class CostLedger:
     # --- readers ------------------------------------------------------------------------------
 
     def share(self, batch_id: int, rows: int) -> Share | None:
-        """The cost of `rows` of a finished batch; None once the batch is forgotten."""
+        """The cost of `rows` of a finished batch (None if it is unknown), without settling them."""
         with self._lock:
             cost = self._finished.get(batch_id)
-        if cost is None:
-            return None
-        fraction = rows / cost.rows
-        joules = None if cost.joules is None else cost.joules * fraction
-        return Share(cost.device, cost.dollars * fraction, joules)
+        return None if cost is None else _share(cost, rows)
+
+    def settle(self, batch_id: int, rows: int) -> Share | None:
+        """The cost of one request's `rows` of a finished batch, which each request settles once,
+        when it ends; the batch is forgotten once all its rows are settled."""
+        with self._lock:
+            cost = self._finished.get(batch_id)
+            if cost is None:
+                return None
+            cost.unsettled -= rows
+            if cost.unsettled <= 0:
+                del self._finished[batch_id]
+        return _share(cost, rows)
+
+    def price(self, device: str) -> DevicePrice:
+        with self._lock:
+            return self._device(device).price
 
     def snapshot(self) -> Snapshot:
         """Every account, accrued up to now."""
@@ -263,4 +298,26 @@ class CostLedger:
                 ModelAccount(model, version, name, totals[0], totals[1] if self._devices[name].meter else None)
                 for (model, version, name), totals in self._models.items()
             )
-        return Snapshot(devices, models)
+            tenants = self._tenant_accounts()
+        return Snapshot(devices, models, tenants)
+
+    def _tenant_accounts(self) -> tuple[TenantAccount, ...]:
+        """Finished batches' shares, plus the running batches' shares so far: at every snapshot the
+        tenants of a model version on a device sum to its cost."""
+        dollars = {key: totals[0] for key, totals in self._tenants.items()}
+        joules = {key: totals[1] for key, totals in self._tenants.items()}
+        running_tenants = {id(totals): key for key, totals in self._tenants.items()}
+        for device in self._devices.values():
+            for running in device.running.values():
+                for totals, fraction in running.tenants:
+                    key = running_tenants[id(totals)]
+                    dollars[key] += running.dollars * fraction
+                    joules[key] += running.joules * fraction
+        return tuple(
+            TenantAccount(*key, dollars[key], joules[key] if self._devices[key[3]].meter else None) for key in dollars
+        )
+
+
+def _share(cost: _BatchCost, rows: int) -> Share:
+    fraction = rows / cost.rows
+    return Share(cost.device, cost.dollars * fraction, None if cost.joules is None else cost.joules * fraction)

@@ -43,6 +43,10 @@ class PermissionDenied(ServingError):
     """A restricted RPC without the metadata its --grpc-restricted-protocol names."""
 
 
+class Unauthenticated(ServingError):
+    """A call without a valid API key while --api-keys is set."""
+
+
 class ExecutionFailed(Exception):
     """onnxruntime failed on a batch. Not a ServingError: its text stays in the log."""
 

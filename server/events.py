@@ -25,6 +25,7 @@ class BatchStarted:
     batch_id: int
     device: str  # "cpu" or "cuda:N": where the instance runs
     started: float  # perf_counter() seconds
+    tenants: tuple[tuple[str, int], ...] = ()  # (tenant's /metrics name, its rows in the batch)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +70,7 @@ class RequestFinished:
     rows: int
     duration_seconds: float
     protocol: str = "grpc"  # the transport it came by: grpc or http
+    tenant: str = "unknown"  # the tenant's name on /metrics ("other" once folded)
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,13 +10,15 @@ import grpc
 
 from server import errors, protocol
 from server.batching import Answer
-from server.config import RestrictedProtocol
+from server.config import PROTOCOL_GROUPS, RestrictedProtocol
 from server.control import RepositoryControl, restricted
-from server.errors import ServingError
+from server.errors import ServingError, Unauthenticated
+from server.identity import AUTHORIZATION, TENANT_HEADER, Identity
 from server.inference import GRPC, Call, InferenceCore, outcome_of
 from server.model_info import EXTENSIONS, PLATFORM, SERVER_NAME, server_version, model_config_proto, ready_versions, statistics_response
 from server.statistics import StatisticsRecorder
 from server.tensors import decode_request, encode_outputs
+from server.tls import grpc_client_name
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +32,10 @@ STATUS = {
     errors.LoadFailed: grpc.StatusCode.INVALID_ARGUMENT,
     errors.ControlDisabled: grpc.StatusCode.FAILED_PRECONDITION,
     errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
 }
+# Open to every caller, so that probes need no key; the inference RPCs identify their caller themselves.
+WITHOUT_KEY = (*PROTOCOL_GROUPS["health"], *PROTOCOL_GROUPS["inference"])
 
 
 @dataclass(slots=True)
@@ -76,6 +81,8 @@ class InferenceService:
             implementation = getattr(self, method.name, None) or getattr(self.control, method.name, None)
             if implementation is not None and method.name in self.restricted:
                 implementation = restricted(implementation, self.restricted[method.name], method.server_streaming)
+            if implementation is not None and method.name not in WITHOUT_KEY and self.core.auth.keys is not None:
+                implementation = self._authenticated(implementation)
             deserialize = protocol.request_class(method.name).FromString
             serialize = protocol.response_class(method.name).SerializeToString
             if method.client_streaming or method.server_streaming:
@@ -93,6 +100,28 @@ class InferenceService:
                     _guarded(method.name, implementation), deserialize, serialize
                 )
         return grpc.method_handlers_generic_handler(protocol.SERVICE_NAME, handlers)
+
+    def identity(self, context) -> Identity:
+        """Who is calling, from the call's metadata and client certificate; Unauthenticated when
+        keys are required and it has no valid one."""
+        auth = self.core.auth
+        if not auth.reads_calls:  # nothing configured to read: skip the metadata
+            return auth.anonymous
+        authorization = header = None
+        for key, value in context.invocation_metadata():
+            if key == AUTHORIZATION:
+                authorization = value
+            elif key == TENANT_HEADER:
+                header = value
+        certificate = grpc_client_name(context) if auth.mutual_tls else None
+        return auth.identify(authorization, certificate, header)
+
+    def _authenticated(self, implementation):
+        async def call(request, context):
+            self.identity(context)
+            return await implementation(request, context)
+
+        return call
 
     # --- health and metadata ----------------------------------------------------------------
 
@@ -127,13 +156,17 @@ class InferenceService:
     # --- inference ----------------------------------------------------------------------------
 
     async def ModelInfer(self, request, context):
-        return await self.infer(request)
+        return await self.infer(request, self.identity(context))
 
     async def ModelStreamInfer(self, requests, context):
         """Triton's stream: requests run concurrently (so they batch), and each is answered on
         the stream as it completes; a failure is that answer's error_message, not the stream's."""
+        try:
+            identity = self.identity(context)
+        except Unauthenticated as err:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(err))
         stream = _Stream()
-        reader = asyncio.create_task(self._answer_each(requests, stream))
+        reader = asyncio.create_task(self._answer_each(requests, stream, identity))
         try:
             while (answer := await stream.get()) is not None:
                 yield answer
@@ -141,12 +174,12 @@ class InferenceService:
         finally:
             reader.cancel()  # the client went away: its requests still queued are dropped
 
-    async def _answer_each(self, requests, stream: "_Stream") -> None:
+    async def _answer_each(self, requests, stream: "_Stream", identity: Identity) -> None:
         """Queue each request as it arrives, without a task of its own: a callback answers it when
         its batch is done. Returns once every request read is answered."""
         try:
             async for request in requests:
-                self._stream_one(request, self.core.start(GRPC), stream)
+                self._stream_one(request, self.core.start(GRPC, identity), stream)
             if stream.queued:
                 stream.idle = asyncio.get_running_loop().create_future()
                 await stream.idle
@@ -179,7 +212,8 @@ class InferenceService:
                 if error is not None:
                     raise error
                 answer = protocol.ModelStreamInferResponse()
-                self._respond(request, call, done.result(), answer.infer_response)
+                call.answer = done.result()
+                self._respond(request, call, call.answer, answer.infer_response)
             except Exception:
                 log.exception("ModelStreamInfer failed")
                 self._stream_error(request, call, stream, "ModelStreamInfer: internal error; the server log has details", "error")
@@ -194,13 +228,14 @@ class InferenceService:
         stream.put(protocol.ModelStreamInferResponse(error_message=message, infer_response=echo))
         self.core.finished(call, outcome)
 
-    async def infer(self, request):
+    async def infer(self, request, identity: Identity):
         """One ModelInferRequest to its response; raises ServingError for the caller to report."""
-        with self.core.request(GRPC) as call:
+        with self.core.request(GRPC, identity) as call:
             answer = await self.core.infer(call, self._decoded(request, call), _parameters(request))
             return self._respond(request, call, answer, protocol.ModelInferResponse())
 
     def _decoded(self, request, call: Call):
+        call.request_id = request.id
         model = self.core.resolve(call, request.model_name, request.model_version)
         return decode_request(request, model.signature)
 
@@ -210,7 +245,7 @@ class InferenceService:
         response.model_name, response.model_version, response.id = model.name, model.version, request.id
         encode_outputs(response, ((model.signature.output(name), answer.outputs[name]) for name in call.outputs))
         parameters = response.parameters
-        for key, value in self.core.accounting(answer, call.rows):
+        for key, value in self.core.accounting(call, answer):
             if isinstance(value, str):
                 parameters[key].string_param = value
             elif isinstance(value, float):

@@ -15,8 +15,11 @@ import uvicorn
 from server import errors
 from server.config import RestrictedProtocol, ServerSettings
 from server.control import RepositoryControl, permitted
-from server.errors import InvalidInput, ServingError
+from server.errors import InvalidInput, ServingError, Unauthenticated
 from server.http_codec import HEADER_LENGTH, decode_infer, encode_infer, json_body, split_body
+from server.http_tls import uvicorn_tls
+from server.tls import http_client_name
+from server.identity import AUTHORIZATION, TENANT_HEADER, Identity
 from server.inference import HTTP, InferenceCore
 from server.model_info import (
     EXTENSIONS,
@@ -42,7 +45,10 @@ STATUS = {  # Triton's mapping (PROTOCOL.md 2e), plus 403 and 504
     errors.Overloaded: 503,
     errors.DeadlineExceeded: 504,
     errors.PermissionDenied: 403,
+    errors.Unauthenticated: 401,
 }
+CHALLENGE = ((b"www-authenticate", b'Bearer realm="onnxserve"'),)
+AUTHORIZATION_KEY, TENANT_KEY = AUTHORIZATION.encode(), TENANT_HEADER.encode()
 BODY_TYPES = ("application/json", "application/octet-stream", "application/x-www-form-urlencoded", "")  # the last two: curl -d, and none
 JSON_TYPE = ((b"content-type", b"application/json"),)
 HEADER_LENGTH_KEY = HEADER_LENGTH.encode()
@@ -121,7 +127,7 @@ class HttpApi:
         self.max_body_bytes = max_body_bytes
         self.handlers = {
             "live": self._live, "ready": self._ready, "server": self._server, "metadata": self._metadata,
-            "model_ready": self._model_ready, "config": self._config, "stats": self._stats, "infer": self._infer,
+            "model_ready": self._model_ready, "config": self._config, "stats": self._stats,
             "index": self._index, "load": self._load, "unload": self._unload,
         }  # fmt: skip
 
@@ -138,14 +144,20 @@ class HttpApi:
                 rule = self.restricted[group]
                 given = headers.get(rule.header.encode())
                 permitted(rule, None if given is None else given.decode("latin-1"))
+            identity = None if group == "health" else self._identity(scope, headers)
             body = await self._body(headers, receive) if method == "POST" else b""
             if body is None:
                 return  # the client went away while sending: nobody to answer
-            status, payload, extra = await self.handlers[found.action](found, headers, body)
+            if found.action == "infer":
+                status, payload, extra = await self._infer(found, headers, body, identity)
+            else:
+                status, payload, extra = await self.handlers[found.action](found, headers, body)
         except HttpError as err:
             status, payload, extra = err.status, json_body({"error": str(err)}), (*JSON_TYPE, *err.headers)
         except ServingError as err:
             status, payload, extra = STATUS.get(type(err), 400), json_body({"error": str(err)}), JSON_TYPE
+            if isinstance(err, Unauthenticated):
+                extra = (*JSON_TYPE, *CHALLENGE)
         except Exception:
             log.exception("HTTP %s %s failed", scope["method"], scope["path"])
             message = f"{scope['method']} {scope['path']}: internal error; the server log has details"
@@ -153,6 +165,14 @@ class HttpApi:
         response_headers = [*extra, (b"content-length", str(len(payload)).encode())]
         await send({"type": "http.response.start", "status": status, "headers": response_headers})
         await send({"type": "http.response.body", "body": payload})
+
+    def _identity(self, scope, headers: dict) -> Identity:
+        """Who is calling; Unauthenticated when keys are required and it has no valid one."""
+        auth = self.core.auth
+        if not auth.reads_calls:
+            return auth.anonymous
+        certificate = http_client_name(scope) if auth.mutual_tls else None
+        return auth.identify(_text(headers.get(AUTHORIZATION_KEY)), certificate, _text(headers.get(TENANT_KEY)))
 
     async def _body(self, headers: dict, receive) -> bytes | None:
         content_type = headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
@@ -205,21 +225,22 @@ class HttpApi:
 
     # --- inference ----------------------------------------------------------------------------------
 
-    async def _infer(self, found: Route, headers: dict, body: bytes):
+    async def _infer(self, found: Route, headers: dict, body: bytes, identity: Identity):
         core = self.core
-        with core.request(HTTP) as call:
+        with core.request(HTTP, identity) as call:
             model = core.resolve(call, found.model, found.version)
             header_length = _text(headers.get(HEADER_LENGTH_KEY))
             if len(body) > OFFLOAD_BYTES:  # a big JSON body takes milliseconds to parse: not on the loop
                 request, decoded, binary = await asyncio.to_thread(_decode, body, header_length, model.signature)
             else:
                 request, decoded, binary = _decode(body, header_length, model.signature)
+            call.request_id = str(request.header.get("id") or "")
             parameters = request.header.get("parameters") or {}
             if not isinstance(parameters, dict):
                 raise InvalidInput(f"{model.signature.label}: 'parameters' must be an object")
             answer = await core.infer(call, decoded, parameters)
             outputs = [(model.signature.output(name), answer.outputs[name], binary[name]) for name in decoded.outputs]
-            said = dict(core.accounting(answer, call.rows))
+            said = dict(core.accounting(call, answer))
             encoded = encode_infer(model.name, model.version, request.header.get("id"), outputs, said)
         if encoded.header_length is None:
             return 200, encoded.body, JSON_TYPE
@@ -296,13 +317,13 @@ async def start_http(settings: ServerSettings, api: HttpApi) -> uvicorn.Server:
         api,
         host=settings.http_address,
         port=settings.http_port,
-        http="httptools",
         lifespan="off",
         log_config=None,
         access_log=False,
         server_header=False,
         timeout_keep_alive=75,  # longer than the usual load balancer idle timeout (60 s)
         timeout_graceful_shutdown=settings.exit_timeout_secs,
+        **uvicorn_tls(settings),  # httptools; under TLS, its files and a protocol that reads client certificates
     )
     config.load()
     server = uvicorn.Server(config)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -18,6 +18,7 @@ from server.events import (
     RequestFinished,
     RequestStarted,
 )
+from server.tls import serve_wsgi_tls
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +201,14 @@ class CostCollector(Collector):
         energy = CounterMetricFamily(
             "onnxserve_energy_joules", "Device energy apportioned to this model's batches", labels=(*MODEL_LABELS, "device")
         )
+        tenant_cost = CounterMetricFamily(
+            "onnxserve_tenant_cost_dollars",
+            "The model's cost split between its tenants by their rows in each batch (sums to onnxserve_cost_dollars)",
+            labels=("tenant", *MODEL_LABELS, "device"),
+        )
+        tenant_energy = CounterMetricFamily(
+            "onnxserve_tenant_energy_joules", "The model's energy split between its tenants", labels=("tenant", *MODEL_LABELS, "device")
+        )
         info = GaugeMetricFamily(
             "onnxserve_device_info",
             "Devices priced; energy: nvml where NVML's energy counter is read, none where energy is not measured",
@@ -216,7 +225,12 @@ class CostCollector(Collector):
             cost.add_metric((account.model, account.version, account.device), account.dollars)
             if account.joules is not None:
                 energy.add_metric((account.model, account.version, account.device), account.joules)
-        families = (info, price, seconds, idle, idle_energy, cost, energy)
+        for account in snapshot.tenants:
+            labels = (account.tenant, account.model, account.version, account.device)
+            tenant_cost.add_metric(labels, account.dollars)
+            if account.joules is not None:
+                tenant_energy.add_metric(labels, account.joules)
+        families = (info, price, seconds, idle, idle_energy, cost, energy, tenant_cost, tenant_energy)
         yield from (family for family in families if family.samples)
 
 
@@ -308,7 +322,10 @@ def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def serve_metrics(registry: CollectorRegistry, address: str, port: int) -> WSGIServer:
-    """Start /metrics in a daemon thread; the returned server knows its bound port."""
+def serve_metrics(registry: CollectorRegistry, address: str, port: int, certfile: str = "", keyfile: str = "") -> WSGIServer:
+    """Start /metrics in a daemon thread; the returned server knows its bound port. With a
+    certificate and key (--metrics-use-ssl), over TLS; plain otherwise."""
+    if certfile:  # not start_http_server's certfile: there, one silent client stalls every scrape
+        return serve_wsgi_tls(make_wsgi_app(registry), address, port, certfile, keyfile)
     httpd, _thread = start_http_server(port, addr=address, registry=registry)
     return httpd

@@ -1,9 +1,11 @@
 """The Kubernetes manifests in deploy/kubernetes: each overlay renders with `kubectl kustomize` and
 passes the Kubernetes 1.30 OpenAPI schemas (strict: no unknown fields); every YAML file under
 deploy/ passes yamllint; the parsed manifests agree with each other and with the server (probe
-ports, selectors, port names, security context, grace period, GPU limits, HPA target and metric);
-and the autoscaling signal, computed by prometheus-adapter's own query from the shipped rule,
-is what a real server under a known load reports, scraped by a real Prometheus.
+ports, selectors, port names, security context, grace period, GPU limits, HPA target and metric;
+in the tenants example TLS files, API keys, the usage log volume and its shipper, probes that work
+under TLS, and the cert-manager chain); and the autoscaling signal, computed by
+prometheus-adapter's own query from the shipped rule, is what a real server under a known load
+reports, scraped by a real Prometheus.
 
 What this cannot check: admission by a real API server, scheduling, real HPA decisions and the
 KServe controller (see deploy/kubernetes/README.md)."""
@@ -39,9 +41,26 @@ ADAPTER_RULES = KUBERNETES / "autoscaling" / "prometheus-adapter-rules.yaml"
 KSERVE = KUBERNETES / "kserve"
 KUBERNETES_VERSION = "1.30.0"
 OVERLAYS = ("overlays/cpu", "overlays/gpu")
-RENDERED = (*OVERLAYS, "examples/models-from-pvc", "examples/models-polled")
+TENANTS = "examples/tenants"
+# Probed with the kubelet's gRPC probes (plaintext gRPC); the tenants example serves TLS.
+GRPC_PROBED = (*OVERLAYS, "examples/models-from-pvc", "examples/models-polled")
+RENDERED = (*GRPC_PROBED, TENANTS)
+BASE_KINDS = ["Deployment", "Service", "PodDisruptionBudget", "ServiceMonitor", "HorizontalPodAutoscaler"]
+# What an example adds to the base's kinds, and its custom resources (no bundled schema).
+EXTRA_KINDS = {
+    TENANTS: ["Issuer", "Issuer", "Certificate", "Certificate", "Certificate", "Secret", "PersistentVolumeClaim"]
+}
+EXTRA_CUSTOM_KINDS = {TENANTS: {"Issuer", "Certificate"}}
 # Custom resources: no schema is bundled, kubernetes-validate can only warn about them.
-CUSTOM_KINDS = {"ServiceMonitor", "ServingRuntime", "InferenceService"}
+CUSTOM_KINDS = {"ServiceMonitor", "ServingRuntime", "InferenceService", "Issuer", "Certificate"}
+# Files the base mounts, under cert-manager's names, and what turns each on (nothing, in the base).
+TLS_DIR, API_KEYS_DIR, USAGE_LOG_DIR = "/etc/onnxserve/tls", "/etc/onnxserve/api-keys", "/var/log/onnxserve"
+TLS_SECRET, API_KEYS_SECRET = "onnxserve-tls", "onnxserve-api-keys"
+OFF_IN_THE_BASE = {
+    f"ONNXSERVE_{transport}_{flag}"
+    for transport in ("GRPC", "HTTP", "METRICS")
+    for flag in ("USE_SSL", "USE_SSL_MUTUAL", "SERVER_CERT", "SERVER_KEY", "ROOT_CERT")
+} | {"ONNXSERVE_API_KEYS", "ONNXSERVE_USAGE_LOG", "ONNXSERVE_TRUST_TENANT_HEADER"}
 YAMLLINT = "{extends: default, rules: {line-length: {max: 120}, document-start: disable}}"
 
 
@@ -87,11 +106,9 @@ def validate(docs: list[dict]) -> set[str]:
 def test_overlay_renders_and_passes_the_schemas(rendered, name):
     docs = rendered[name]
     kinds = sorted(doc["kind"] for doc in docs)
-    assert kinds == sorted(
-        ["Deployment", "Service", "PodDisruptionBudget", "ServiceMonitor", "HorizontalPodAutoscaler"]
-    )
-    # Only the CRD goes unchecked; a mistyped apiVersion of a built-in kind would land here too.
-    assert validate(docs) == {"ServiceMonitor"}
+    assert kinds == sorted(BASE_KINDS + EXTRA_KINDS.get(name, []))
+    # Only the CRDs go unchecked; a mistyped apiVersion of a built-in kind would land here too.
+    assert validate(docs) == {"ServiceMonitor"} | EXTRA_CUSTOM_KINDS.get(name, set())
 
 
 def test_schema_validation_catches_an_unknown_field(rendered):
@@ -129,7 +146,17 @@ def server_container(docs: list[dict]) -> dict:
 
 
 def env_of(container: dict) -> dict[str, str]:
-    return {item["name"]: item["value"] for item in container.get("env", [])}
+    """The plain values (valueFrom entries are left out: see field_refs)."""
+    return {item["name"]: item["value"] for item in container.get("env", []) if "value" in item}
+
+
+def field_refs(container: dict) -> dict[str, str]:
+    """Variables from the downward API: name -> fieldPath."""
+    return {
+        item["name"]: item["valueFrom"]["fieldRef"]["fieldPath"]
+        for item in container.get("env", [])
+        if "fieldRef" in item.get("valueFrom", {})
+    }
 
 
 def matches(selector: dict, labels: dict) -> bool:
@@ -166,19 +193,59 @@ def assert_health_services(container: dict) -> None:
         assert found["startupProbe"]["grpc"].get("service", "") == ""
 
 
+def pem_pair(directory: Path) -> tuple[Path, Path]:
+    """A real self-signed certificate and key (openssl), where the server's checks read them;
+    placeholder files where openssl is missing (the settings check only that they are readable)."""
+    cert, key = directory / "tls.crt", directory / "tls.key"
+    if not cert.exists():
+        openssl = shutil.which("openssl")
+        if openssl:
+            subprocess.run(
+                [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                 "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=onnxserve"],
+                check=True, capture_output=True, timeout=60,
+            )  # fmt: skip
+        else:
+            cert.write_text("placeholder certificate\n")
+            key.write_text("placeholder key\n")
+    return cert, key
+
+
 def server_settings(env: dict[str, str], tmp_path: Path) -> ServerSettings:
     """What the server makes of the manifest's environment (its own parser and checks)."""
     flags = {ENV_PREFIX + spec.name.upper() for spec in fields(ServerSettings)}
     unknown = {name for name in env if name.startswith(ENV_PREFIX)} - flags
     assert not unknown, f"no such server setting: {unknown}"
-    # Paths are checked for existence, which only the container can do.
+    # Paths are checked for existence, which only the container can do: local stand-ins here
+    # (where they point inside the container is checked against the mounts elsewhere).
     local = {"ONNXSERVE_MODEL_REPOSITORY": str(tmp_path)}
     if env.get("ONNXSERVE_TENSORRT_CACHE_DIR"):
         local["ONNXSERVE_TENSORRT_CACHE_DIR"] = str(tmp_path)
+    cert, key = pem_pair(tmp_path)
+    for name in env:
+        if name.endswith(("_SERVER_CERT", "_ROOT_CERT")):
+            local[name] = str(cert)
+        elif name.endswith("_SERVER_KEY"):
+            local[name] = str(key)
+    if env.get("ONNXSERVE_API_KEYS"):
+        keys = tmp_path / "api-keys.json"
+        keys.write_text('{"keys": []}')
+        local["ONNXSERVE_API_KEYS"] = str(keys)
+    if env.get("ONNXSERVE_USAGE_LOG"):
+        local["ONNXSERVE_USAGE_LOG"] = str(tmp_path / "usage.jsonl")
     return parse_server_settings([], {**env, **local})
 
 
 @pytest.mark.parametrize("name", RENDERED)
+def test_every_probe_has_exactly_one_handler(rendered, name):
+    """A patch that switches a probe's handler must also remove the old one (`grpc: null`): the
+    API server refuses a probe with two, which the schemas do not catch."""
+    for kind, probe in probes(server_container(rendered[name])).items():
+        handlers = {"grpc", "httpGet", "tcpSocket", "exec"} & set(probe)
+        assert len(handlers) == 1, f"{kind} has handlers {sorted(handlers)}"
+
+
+@pytest.mark.parametrize("name", GRPC_PROBED)
 def test_probes_use_the_grpc_port_and_the_right_health_services(rendered, name):
     container = server_container(rendered[name])
     assert_probes_hit_container_ports(container)
@@ -269,6 +336,40 @@ def test_grace_period_outlasts_the_servers_drain(rendered, name, tmp_path):
     assert spec["terminationGracePeriodSeconds"] > pre_stop + settings.exit_timeout_secs
 
 
+@pytest.mark.parametrize("name", RENDERED)
+def test_tls_keys_and_usage_log_volumes(rendered, name):
+    """The base mounts TLS and API keys from Secrets under cert-manager's names, directory mounts
+    (no subPath, so a changed Secret reaches the running server), and a writable usage log."""
+    spec, container = pod_spec(rendered[name]), server_container(rendered[name])
+    volumes = {volume["name"]: volume for volume in spec["volumes"]}
+    mounts = {mount["mountPath"]: mount for mount in container["volumeMounts"]}
+    for directory, secret in ((TLS_DIR, TLS_SECRET), (API_KEYS_DIR, API_KEYS_SECRET)):
+        mount = mounts[directory]
+        assert mount.get("readOnly") is True and "subPath" not in mount and "subPathExpr" not in mount
+        source = volumes[mount["name"]]["secret"]
+        assert source["secretName"] == secret
+        # Optional where nothing reads them (a missing Secret mounts as an empty directory),
+        # required where the server is told to read them.
+        assert source["optional"] is (name != TENANTS)
+        assert source.get("defaultMode", 0o644) & 0o040, "the pod's group (fsGroup) must read the files"
+    assert spec["securityContext"]["fsGroup"] == 10001
+    usage = mounts[USAGE_LOG_DIR]
+    assert not usage.get("readOnly") and "subPath" not in usage
+    assert {"emptyDir", "persistentVolumeClaim"} & set(volumes[usage["name"]])
+    for secret_mount in (m for m in container["volumeMounts"] if "secret" in volumes[m["name"]]):
+        assert "subPath" not in secret_mount, secret_mount
+
+
+@pytest.mark.parametrize("name", GRPC_PROBED)
+def test_nothing_turns_on_by_itself(rendered, name, tmp_path):
+    """TLS, API keys and the usage log are mounted but off until an overlay turns them on."""
+    env = env_of(server_container(rendered[name]))
+    assert not OFF_IN_THE_BASE & set(env)
+    settings = server_settings(env, tmp_path)
+    assert not (settings.grpc_use_ssl or settings.http_use_ssl or settings.metrics_use_ssl)
+    assert not (settings.api_keys or settings.usage_log)
+
+
 def test_model_repository_stays_at_the_image_default_in_the_overlays(rendered):
     for name in OVERLAYS:
         assert "ONNXSERVE_MODEL_REPOSITORY" not in env_of(server_container(rendered[name]))
@@ -327,6 +428,189 @@ def test_gpu_limits_only_in_the_gpu_overlay(rendered):
     assert startup_budget(gpu) > startup_budget(cpu) >= 300
 
 
+# --- the tenants example: TLS, API keys, usage log -----------------------------------------------
+
+
+def named(docs: list[dict], kind: str) -> dict[str, dict]:
+    return {doc["metadata"]["name"]: doc for doc in docs if doc["kind"] == kind}
+
+
+def mounted_file(container: dict, spec: dict, path: str) -> tuple[dict, str]:
+    """The volume a file path lies in, and the file's name within it (one level deep)."""
+    directory, _, filename = path.rpartition("/")
+    [mount] = [mount for mount in container["volumeMounts"] if mount["mountPath"] == directory]
+    [volume] = [volume for volume in spec["volumes"] if volume["name"] == mount["name"]]
+    return volume, filename
+
+
+def expand(value: str, container: dict) -> str:
+    """Kubernetes' $(VAR) expansion, which sees only variables listed before the one expanded
+    (and, in command, the container's variables); downward API values become <fieldPath>."""
+    known = {}
+    for item in container.get("env", []):
+        known[item["name"]] = item.get("value") or f"<{item['valueFrom']['fieldRef']['fieldPath']}>"
+    return re.sub(r"\$\((\w+)\)", lambda m: known[m.group(1)], value)
+
+
+def test_tenants_serves_tls_from_the_cert_manager_secret(rendered, tmp_path):
+    docs = rendered[TENANTS]
+    container, spec = server_container(docs), pod_spec(docs)
+    env = env_of(container)
+    settings = server_settings(env, tmp_path)
+    # gRPC over mutual TLS (tenants by client certificate), REST over TLS (tenants by API key),
+    # metrics plain for the ServiceMonitor.
+    assert settings.grpc_use_ssl and settings.grpc_use_ssl_mutual
+    assert settings.http_use_ssl and not settings.http_use_ssl_mutual
+    assert not settings.metrics_use_ssl
+    assert "scheme" not in one(docs, "ServiceMonitor")["spec"]["endpoints"][0]
+    # Every TLS file is a key that cert-manager writes into the Secret its Certificate names.
+    certificate = named(docs, "Certificate")[TLS_SECRET]
+    for variable, key in {
+        "ONNXSERVE_GRPC_SERVER_CERT": "tls.crt", "ONNXSERVE_GRPC_SERVER_KEY": "tls.key",
+        "ONNXSERVE_GRPC_ROOT_CERT": "ca.crt", "ONNXSERVE_HTTP_SERVER_CERT": "tls.crt",
+        "ONNXSERVE_HTTP_SERVER_KEY": "tls.key",
+    }.items():  # fmt: skip
+        volume, filename = mounted_file(container, spec, env[variable])
+        assert (volume["secret"]["secretName"], filename) == (certificate["spec"]["secretName"], key), variable
+
+
+def test_tenants_certificates(rendered):
+    docs = rendered[TENANTS]
+    certificates, issuers = named(docs, "Certificate"), named(docs, "Issuer")
+    service = one(docs, "Service")
+    namespace = service["metadata"]["namespace"]
+    assert {doc["metadata"].get("namespace") for doc in docs} == {namespace}
+    server = certificates[TLS_SECRET]["spec"]
+    name = service["metadata"]["name"]
+    # What clients dial, in this namespace (filled in by the kustomization's replacement).
+    # onnxserve-health asks for the first DNS name, whatever address it dials.
+    assert server["dnsNames"][:3] == [name, f"{name}.{namespace}.svc", f"{name}.{namespace}.svc.cluster.local"]
+    # Server auth for clients, client auth for the liveness probe under mutual TLS (it presents
+    # the server's certificate, which the CA in ca.crt, the server's root for clients, signed).
+    assert {"server auth", "client auth"} <= set(server["usages"])
+    assert server["secretName"] == TLS_SECRET
+    # Both leaf certificates come from the CA issuer, whose secret is the self-signed CA's.
+    client = certificates["onnxserve-client-team-a"]["spec"]
+    for leaf in (server, client):
+        assert leaf["issuerRef"]["kind"] == "Issuer" and leaf["issuerRef"]["name"] in issuers
+        ca_issuer = issuers[leaf["issuerRef"]["name"]]["spec"]["ca"]
+        [ca] = [cert["spec"] for cert in certificates.values() if cert["spec"]["secretName"] == ca_issuer["secretName"]]
+        assert ca["isCA"] is True and "selfSigned" in issuers[ca["issuerRef"]["name"]]["spec"]
+        hours = {key: int(leaf[key].removesuffix("h")) for key in ("renewBefore", "duration")}
+        assert 0 < hours["renewBefore"] < hours["duration"], hours
+    assert set(client["usages"]) >= {"client auth"} and "server auth" not in client["usages"]
+    # A renewed server certificate rolls the pods (Reloader); the API keys never need to.
+    deployment = one(docs, "Deployment")
+    assert deployment["metadata"]["annotations"]["secret.reloader.stakater.com/reload"] == TLS_SECRET
+
+
+def test_tenants_namespace_and_image_are_set_in_one_place(tmp_path):
+    """Changing the example's namespace changes the certificate's DNS names, and retagging the
+    image retags the sidecar too (kustomize replacements), in a copy of the tree."""
+    kubectl = shutil.which("kubectl") or pytest.skip("kubectl is not installed")
+    copy = tmp_path / "kubernetes"
+    shutil.copytree(KUBERNETES, copy)
+    kustomization = copy / TENANTS / "kustomization.yaml"
+    text = kustomization.read_text()
+    assert text.count("\nnamespace: ml\n") == 1
+    kustomization.write_text(text.replace("\nnamespace: ml\n", "\nnamespace: prod\n"))
+    base = copy / "base" / "kustomization.yaml"
+    base.write_text(base.read_text().replace("newTag: 0.1.0", 'newTag: "9.9"'))
+    result = subprocess.run([kubectl, "kustomize", str(copy / TENANTS)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    docs = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    dns_names = named(docs, "Certificate")[TLS_SECRET]["spec"]["dnsNames"]
+    assert {"onnxserve.prod.svc", "onnxserve.prod.svc.cluster.local"} <= set(dns_names)
+    assert not [name for name in dns_names if ".ml." in name]
+    spec = pod_spec(docs)
+    assert {c["image"] for c in spec["containers"] + spec["initContainers"]} == {"onnxserve:9.9"}
+
+
+def test_tenants_api_keys_secret(rendered, tmp_path):
+    docs = rendered[TENANTS]
+    container, spec = server_container(docs), pod_spec(docs)
+    volume, filename = mounted_file(container, spec, env_of(container)["ONNXSERVE_API_KEYS"])
+    secret = named(docs, "Secret")[volume["secret"]["secretName"]]
+    assert secret["metadata"]["name"] == API_KEYS_SECRET
+    keys = json.loads(secret["stringData"][filename])
+    # The server's own reader accepts it (format, hashes, tenant names, budgets).
+    from server.identity import read_key_file
+
+    (tmp_path / filename).write_text(secret["stringData"][filename])
+    parsed = read_key_file(str(tmp_path / filename))
+    assert parsed.tenants == {"team-a"} and parsed.budgets == {"team-a": 2.5}
+    assert set(keys) <= {"keys", "certificates", "tenants"} and keys["keys"]
+    for key in keys["keys"]:
+        assert re.fullmatch(r"[0-9a-f]{64}", key["sha256"]) and key["tenant"]
+        # The shipped hash is a placeholder that no key matches.
+        assert set(key["sha256"]) == {"0"}
+    tenants = {key["tenant"] for key in keys["keys"]} | set(keys["certificates"].values())
+    assert set(keys["tenants"]) <= tenants
+    for tenant in keys["tenants"].values():
+        assert float(tenant["budget_dollars_per_hour"]) > 0
+    # The client certificate's CN is the one mapped to its tenant.
+    client = named(docs, "Certificate")["onnxserve-client-team-a"]["spec"]
+    assert keys["certificates"][client["commonName"]] == "team-a"
+
+
+def test_tenants_probes_work_under_tls(rendered, tmp_path):
+    """The kubelet's gRPC probes cannot speak TLS: readiness and start-up use HTTPS on the REST
+    port (TLS there is not mutual), liveness runs onnxserve-health in the container."""
+    container = server_container(rendered[TENANTS])
+    assert_probes_hit_container_ports(container)
+    found = probes(container)
+    http_port = {port["name"]: port["containerPort"] for port in container["ports"]}["http"]
+    for kind in ("startupProbe", "readinessProbe"):
+        action = found[kind]["httpGet"]
+        assert (action["scheme"], action["port"], action["path"]) == ("HTTPS", http_port, "/v2/health/ready")
+    command = found["livenessProbe"]["exec"]["command"]
+    assert command[0] == "onnxserve-health"
+    assert command[command.index("--service") + 1] == "liveness"
+    # The probe's own timeout ends before the kubelet's.
+    assert float(command[command.index("--timeout") + 1]) < found["livenessProbe"]["timeoutSeconds"]
+    # onnxserve-health reads the port and the TLS files from the same variables as the server.
+    settings = server_settings(env_of(container), tmp_path)
+    assert settings.grpc_port == 8001 and settings.grpc_use_ssl_mutual
+    assert "startupProbe" in found and found["startupProbe"]["periodSeconds"] * found["startupProbe"][
+        "failureThreshold"
+    ] >= 300
+
+
+def test_tenants_usage_log_on_a_volume_per_pod_file(rendered):
+    docs = rendered[TENANTS]
+    container, spec = server_container(docs), pod_spec(docs)
+    path = expand(env_of(container)["ONNXSERVE_USAGE_LOG"], container)
+    # One file per pod, named after it: replicas share the volume, never a file.
+    assert path == f"{USAGE_LOG_DIR}/usage-<metadata.name>.jsonl"
+    names = [item["name"] for item in container["env"]]
+    assert names.index("POD_NAME") < names.index("ONNXSERVE_USAGE_LOG"), "$(POD_NAME) must be defined first"
+    volume, _ = mounted_file(container, spec, path)
+    assert set(volume) == {"name", "persistentVolumeClaim"}, "billing data must outlive the pod"
+    claim = named(docs, "PersistentVolumeClaim")[volume["persistentVolumeClaim"]["claimName"]]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"], "every replica, on any node, writes to it"
+    assert not volume["persistentVolumeClaim"].get("readOnly")
+
+
+def test_tenants_usage_log_shipper_sidecar(rendered):
+    docs = rendered[TENANTS]
+    server, spec = server_container(docs), pod_spec(docs)
+    [shipper] = spec["initContainers"]
+    # A native sidecar: starts before the server and stops after it (so it sees the final flush).
+    assert shipper["restartPolicy"] == "Always"
+    assert shipper["image"] == server["image"]
+    written = expand(env_of(server)["ONNXSERVE_USAGE_LOG"], server)
+    command = [expand(part, shipper) for part in shipper["command"]]
+    assert command[:1] == ["tail"] and "-F" in command and command[-1] == written
+    mounts = {mount["mountPath"]: mount for mount in shipper["volumeMounts"]}
+    server_mounts = {mount["mountPath"]: mount for mount in server["volumeMounts"]}
+    assert mounts[USAGE_LOG_DIR]["name"] == server_mounts[USAGE_LOG_DIR]["name"]
+    assert mounts[USAGE_LOG_DIR]["readOnly"] is True
+    context = shipper["securityContext"]
+    assert context["readOnlyRootFilesystem"] is True and context["allowPrivilegeEscalation"] is False
+    assert context["runAsNonRoot"] is True and context["capabilities"]["drop"] == ["ALL"]
+    assert shipper["resources"]["limits"]["memory"]
+
+
 def adapter_rule() -> dict:
     [rule] = yaml.safe_load(ADAPTER_RULES.read_text())["rules"]["custom"]
     return rule
@@ -368,7 +652,9 @@ def test_hpa_scales_the_deployment_on_the_adapter_metric(rendered, name):
 
 def test_images_are_retaggable(rendered):
     for name in RENDERED:
-        assert server_container(rendered[name])["image"] == "onnxserve:0.1.0"
+        spec = pod_spec(rendered[name])
+        for container in spec["containers"] + spec.get("initContainers", []):
+            assert container["image"] == "onnxserve:0.1.0", container["name"]
 
 
 # --- KServe ------------------------------------------------------------------------------------

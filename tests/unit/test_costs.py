@@ -131,3 +131,37 @@ def test_a_serving_model_has_cost_series_before_its_first_batch():
     ledger.observe(ModelStateChanged("a", "1", True, "CPUExecutionProvider", devices=("cpu",)))
     _, models = accounts(ledger)
     assert models[("a", "cpu")].dollars == 0.0
+
+
+def test_tenants_share_each_batch_by_rows_and_sum_to_the_model_at_every_snapshot():
+    clock = Clock()
+    ledger = CostLedger({"cuda:0": PRICE}, {"cuda:0": clock.meter}, clock=clock)
+    ledger.observe(BatchStarted("a", "1", 1, "cuda:0", clock.now, (("t1", 3), ("t2", 1))))
+    clock.advance(2, watts=100)  # $2, 200 J: t1 three quarters, t2 one
+    mid = {account.tenant: account for account in ledger.snapshot().tenants}
+    assert mid["t1"].dollars == pytest.approx(1.5) and mid["t2"].dollars == pytest.approx(0.5)
+    assert mid["t1"].joules == pytest.approx(150.0)
+    ledger.observe(BatchStarted("a", "1", 2, "cuda:0", clock.now, (("t2", 2),)))
+    clock.advance(2, watts=100)  # $1 to each batch
+    finish(ledger, clock, 1, rows=4)
+    finish(ledger, clock, 2, rows=2)
+
+    snapshot = ledger.snapshot()
+    tenants = {account.tenant: account for account in snapshot.tenants}
+    assert tenants["t1"].dollars == pytest.approx(2.25)
+    assert tenants["t2"].dollars == pytest.approx(0.75 + 1.0)
+    assert sum(t.dollars for t in snapshot.tenants) == pytest.approx(snapshot.models[0].dollars, rel=1e-12)
+    assert sum(t.joules for t in snapshot.tenants) == pytest.approx(snapshot.models[0].joules, rel=1e-12)
+
+
+def test_a_batch_is_remembered_until_each_request_settled_its_rows():
+    clock = Clock()
+    ledger = CostLedger({"cpu": PRICE}, clock=clock)
+    ledger.observe(BatchStarted("a", "1", 7, "cpu", clock.now, (("t1", 3), ("t2", 1))))
+    clock.advance(4)
+    finish(ledger, clock, 7, rows=4, device="cpu")
+    assert ledger.share(7, 1).dollars == pytest.approx(1.0)  # a peek settles nothing
+    assert ledger.settle(7, 3).dollars == pytest.approx(3.0)
+    assert ledger.share(7, 1) is not None
+    assert ledger.settle(7, 1).dollars == pytest.approx(1.0) and ledger.settle(7, 1) is None
+    assert ledger.price("cpu") == PRICE

@@ -1,0 +1,197 @@
+"""The usage log: one JSON line per finished request, for invoicing (`--usage-log PATH`).
+
+The event loop only appends a record to a bounded buffer; a writer thread turns records into
+lines, writes them and fsyncs every --usage-log-fsync-ms. Each request reserves its place in the
+buffer when it is accepted, so a full buffer refuses new requests (the caller sees UNAVAILABLE)
+instead of serving them unbilled, and an accepted request always has room for its record.
+
+What a crash can cost: SIGTERM loses nothing (the server drains, then the writer flushes and
+fsyncs); SIGKILL loses only records not yet written (at most one fsync period); power loss at
+most the records since the last fsync. Lines are whole or torn at the end only: on open, a torn
+last line left by a crash is cut off, and the reader skips one it finds.
+
+Rotation is by size: past --usage-log-max-bytes the file is renamed PATH.N, N one above the
+highest already there (numbers only grow, so a shipper never sees a file renamed twice), and a
+new PATH is started. Nothing is ever deleted by the server.
+"""
+
+import collections
+import datetime
+import logging
+import os
+import re
+import socket
+import stat
+import threading
+import time
+from pathlib import Path
+
+import orjson
+
+log = logging.getLogger(__name__)
+
+SCHEMA = 1
+# The fields of a record, in order (see README, "Usage log"); the loop hands the writer tuples.
+FIELDS = (
+    "time", "request_id", "tenant", "tenant_source", "model", "version", "protocol", "outcome", "rows",
+    "device", "batch_id", "batch_rows", "queue_us", "compute_us", "cost_dollars", "energy_joules",
+    "price_dollars_per_hour", "price_source",
+)  # fmt: skip
+
+
+class UsageLog:
+    def __init__(self, path: str, fsync_ms: int, max_bytes: int, capacity: int) -> None:
+        self.path = Path(path)
+        self.fsync_seconds = fsync_ms / 1000
+        self.max_bytes = max_bytes
+        self.capacity = capacity
+        self.server = f"{socket.gethostname()}/{os.getpid()}"
+        self.written = 0  # records on disk (written; fsynced within one period)
+        self.refused = 0  # requests refused because the buffer was full
+        self._reserved = 0  # accepted requests whose record is not in the buffer yet (loop thread only)
+        self._buffer: collections.deque = collections.deque()  # records waiting for the writer
+        self._sequence = 0
+        self._unwritten = memoryview(b"")  # taken from the buffer, not yet all written
+        self._unwritten_count = 0
+        self._closing = threading.Event()
+        self._fd = -1
+        self._regular = True
+        self._size = 0
+        self._thread = threading.Thread(target=self._run, name="usage-log", daemon=True)
+
+    # --- the event loop's side ------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Open (creating) the file for appending, cut a torn last line, start the writer."""
+        self._fd = self._open_file()
+        self._thread.start()
+        log.info("usage log: %s (fsync every %g ms, rotation %s)", self.path, self.fsync_seconds * 1000,
+                 f"past {self.max_bytes} bytes" if self.max_bytes and self._regular else "off")  # fmt: skip
+
+    def reserve(self) -> bool:
+        """Room for one more request's record; False when the disk is this far behind."""
+        if self._reserved + self.depth >= self.capacity:
+            self.refused += 1
+            return False
+        self._reserved += 1
+        return True
+
+    def append(self, record: tuple) -> None:
+        """The record of a request that reserved its place: `FIELDS` in order, time as epoch seconds."""
+        self._reserved -= 1
+        self._buffer.append(record)
+
+    @property
+    def depth(self) -> int:
+        """Records waiting for the disk."""
+        return len(self._buffer) + self._unwritten_count
+
+    def behind_message(self) -> str:
+        return (f"usage log is behind: {self.depth} records wait for the disk "
+                f"(--usage-log-buffer-records {self.capacity}); retry later")  # fmt: skip
+
+    def close(self) -> None:
+        """Write and fsync every record left, then stop the writer. Blocks: call it off the loop."""
+        self._closing.set()
+        self._thread.join()
+        if self.depth:  # the writer failed to the end: try once more, loudly
+            self._write_pending()
+            self._write_pending()
+        os.close(self._fd)
+        log.info("usage log: closed after %d records", self.written)
+
+    # --- the writer thread ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            closing = self._closing.wait(self.fsync_seconds)
+            try:
+                self._write_pending()
+            except OSError as err:  # the records stay buffered; new requests are refused once it is full
+                log.error("usage log: cannot write %s (%s); %d records wait", self.path, err, len(self._buffer))
+                if closing:
+                    return
+                continue
+            if closing:
+                return
+
+    def _write_pending(self) -> None:
+        """Write the buffered records as one chunk and fsync. A failed write is resumed from the
+        byte where it stopped, so no line is ever split or written twice."""
+        if not self._unwritten and self._buffer:
+            count = len(self._buffer)
+            lines = [self._line(self._buffer[index]) for index in range(count)]
+            self._unwritten = memoryview(b"".join(lines))
+            self._unwritten_count += count  # += : those of a failed fsync are still counted here
+            for _ in range(count):
+                self._buffer.popleft()
+        while self._unwritten:
+            self._unwritten = self._unwritten[os.write(self._fd, self._unwritten) :]
+        if not self._unwritten_count:
+            return
+        if self._regular:
+            os.fsync(self._fd)
+            self._size = os.fstat(self._fd).st_size
+        self.written += self._unwritten_count
+        self._unwritten_count = 0
+        if self.max_bytes and self._regular and self._size >= self.max_bytes:
+            self._rotate()
+
+    def _line(self, record: tuple) -> bytes:
+        self._sequence += 1
+        document = dict(zip(FIELDS, record))
+        document["time"] = _iso_time(document["time"])
+        return orjson.dumps({"schema": SCHEMA, "server": self.server, "seq": self._sequence, **document}) + b"\n"
+
+    def _open_file(self) -> int:
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        found = os.fstat(fd)
+        self._regular = stat.S_ISREG(found.st_mode)  # a FIFO or /dev/stdout: no fsync, no rotation
+        self._size = found.st_size if self._regular else 0
+        if self._regular and self._size:
+            self._size = _cut_torn_tail(self.path, fd, self._size)
+        return fd
+
+    def _rotate(self) -> None:
+        numbers = [int(match.group(1)) for name in os.listdir(self.path.parent)
+                   if (match := re.fullmatch(re.escape(self.path.name) + r"\.(\d+)", name))]  # fmt: skip
+        target = self.path.with_name(f"{self.path.name}.{max(numbers, default=0) + 1}")
+        os.rename(self.path, target)
+        os.close(self._fd)
+        self._fd = self._open_file()
+        directory = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)  # the rename and the new file survive a power loss
+        finally:
+            os.close(directory)
+        log.info("usage log: rotated to %s", target)
+
+
+def _cut_torn_tail(path: Path, fd: int, size: int) -> int:
+    """A crash mid-write can leave a last line without its newline: cut it off, so that every
+    line of the file is a whole record. Returns the new size."""
+    keep = size
+    with open(path, "rb") as reader:
+        while keep:
+            start = max(0, keep - 65536)
+            reader.seek(start)
+            chunk = reader.read(keep - start)
+            if keep == size and chunk.endswith(b"\n"):
+                return size
+            newline = chunk.rfind(b"\n")
+            if newline >= 0:
+                keep = start + newline + 1
+                break
+            keep = start
+    log.warning("usage log: %s ended with a torn record of %d bytes (a crash); cut off", path, size - keep)
+    os.ftruncate(fd, keep)
+    return keep
+
+
+def _iso_time(epoch: float) -> str:
+    moment = datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def now() -> float:
+    return time.time()
