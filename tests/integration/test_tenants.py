@@ -5,6 +5,8 @@ import hashlib
 import json
 import os
 import ssl
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -19,7 +21,7 @@ from tritonclient.utils import InferenceServerException
 
 from tests import onnx_models
 from tests.certificates import make_certificates
-from tests.conftest import wait_until
+from tests.conftest import ROOT, wait_until
 from tests.tenant_load import TenantLoad
 
 KEYS = {"key-of-a": "team-a", "key-of-b": "team-b", "key-of-c": "team-c"}
@@ -276,3 +278,15 @@ def test_a_stream_is_identified_once_and_needs_a_key(tmp_path, serve):
             assert [a.get_response().parameters["onnxserve_tenant"].string_param for a in answers] == [expected] * 3
         else:
             assert str(answers[0].status()) == expected and "API key" in answers[0].message()
+
+
+def test_a_bad_keys_file_or_usage_log_stops_the_start_naming_the_file(tmp_path):
+    repository = plus_one(tmp_path)
+    keys = tmp_path / "keys.json"
+    keys.write_text('{"keys": [{"sha256": "%s", "tenant": "other"}]}' % hashlib.sha256(b"k").hexdigest())
+    unwritable = keys  # a file: nothing can be created under it, not even by root
+    for flags, named in ((("--api-keys", str(keys)), f"--api-keys: {keys}: keys[0].tenant"),
+                         (("--usage-log", str(unwritable / "usage.log")), f"--usage-log: {unwritable / 'usage.log'}")):  # fmt: skip
+        done = subprocess.run([sys.executable, "-m", "server", "--model-repository", str(repository), "--grpc-port", "0",
+                               "--http-port", "0", "--metrics-port", "0", *flags], cwd=ROOT, capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert done.returncode == 2 and named in done.stderr, done.stderr
