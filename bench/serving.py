@@ -2,35 +2,25 @@
 benchmark and the GPU check share it. Standard library and prometheus_client only, so that it runs
 where the test tools are not installed (tritonclient is imported only by `client()`)."""
 
-import re
-import signal
-import subprocess
-import sys
-import threading
 import time
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from server.launcher import HTTP_LINE, LISTENING_LINE, NOT_READY_LINE, READY_LINE, Launched, launch
+
+__all__ = [  # the log lines are re-exported for the tests
+    "HTTP_LINE", "LISTENING_LINE", "NOT_READY_LINE", "READY_LINE", "ROOT", "Samples", "ServerProcess",
+    "parse_samples", "start_server", "wait_until",
+]  # fmt: skip
 ROOT = Path(__file__).resolve().parent.parent
-READY_LINE = re.compile(r"ready: gRPC port (\d+), metrics port (\d+)")
-NOT_READY_LINE = re.compile(r"not ready: ")
-# " (TLS)" or " (mTLS)" follows a port that serves TLS; /metrics over TLS is https://
-LISTENING_LINE = re.compile(r"listening: gRPC on [^:]+:(\d+)(?: \(m?TLS\))?, metrics on https?://[^:]+:(\d+)/metrics")
-HTTP_LINE = re.compile(r", HTTP on [^:]+:(\d+)(?: \(m?TLS\))?;")
 
 
 @dataclass
-class ServerProcess:
-    process: subprocess.Popen
-    grpc_port: int = 0
-    metrics_port: int = 0
-    http_port: int = 0  # 0 when HTTP is off
-    log: list[str] = field(default_factory=list)
-    ready: bool = False
-    reader: threading.Thread | None = None
+class ServerProcess(Launched):
+    """A launched server, with what tests and benchmarks ask of it."""
 
     @property
     def url(self) -> str:
@@ -56,19 +46,6 @@ class ServerProcess:
 
     def samples(self) -> "Samples":
         return parse_samples(self.metrics())
-
-    def log_text(self) -> str:
-        return "\n".join(self.log)
-
-    def stop(self, timeout: float = 30) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        return self.wait(timeout)
-
-    def wait(self, timeout: float = 30) -> int:
-        code = self.process.wait(timeout)
-        self.reader.join(timeout)
-        return code
 
 
 @dataclass(frozen=True)
@@ -101,40 +78,14 @@ def parse_samples(text: str) -> Samples:
 
 def start_server(repository: Path, *extra: str, wait_ready: bool = True, timeout: float = 120) -> ServerProcess:
     """Start `python -m server` on port 0 and wait for its ready (or not-ready) log line."""
-    command = [
-        sys.executable, "-m", "server",
+    arguments = [
         "--model-repository", str(repository),
         "--grpc-address", "127.0.0.1", "--grpc-port", "0",
         "--metrics-address", "127.0.0.1", "--metrics-port", "0",
         "--http-address", "127.0.0.1", "--http-port", "0",
         *extra,
     ]  # fmt: skip
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    server = ServerProcess(process)
-    seen = threading.Event()
-
-    def drain() -> None:
-        for line in process.stderr:
-            server.log.append(line.rstrip("\n"))
-            if match := LISTENING_LINE.search(line):
-                server.grpc_port, server.metrics_port = int(match[1]), int(match[2])
-                if http := HTTP_LINE.search(line):
-                    server.http_port = int(http[1])
-            if READY_LINE.search(line):
-                server.ready = True
-                seen.set()
-            elif NOT_READY_LINE.search(line) or (not wait_ready and server.grpc_port):
-                seen.set()
-        process.stderr.close()
-        seen.set()
-
-    server.reader = threading.Thread(target=drain, daemon=True)
-    server.reader.start()
-    if not seen.wait(timeout) or not server.grpc_port:
-        process.kill()
-        server.wait(10)
-        raise RuntimeError("onnxserve did not start:\n" + server.log_text())
-    return server
+    return launch(arguments, wait_ready=wait_ready, timeout=timeout, into=ServerProcess(None), cwd=ROOT)
 
 
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02) -> bool:

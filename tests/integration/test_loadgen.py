@@ -1,12 +1,15 @@
 """The benchmark's load generator against a real server: it counts what it sent and reads
 the server's batch size and cost from /metrics."""
 
+import asyncio
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 
+from server.loadgen import Run, build_request
 from tests import onnx_models
 from tests.conftest import ROOT, start_server
 
@@ -46,6 +49,40 @@ def test_open_loop_sends_at_the_rate_asked(server):
     assert (report["requests"], report["errors"]) == (100, 0)
     assert report["seconds"] == pytest.approx(0.5, abs=0.3)  # 100 requests at 200/s
     assert report["server_average_batch"] is None  # no --metrics-url: not guessed
+
+
+@pytest.mark.parametrize("arrivals", ["poisson", "uniform"])
+def test_open_loop_arrivals_are_poisson_or_even_at_the_rate_asked(server, arrivals):
+    result = loadgen(server, "--rate", "200", "--requests", "400", "--arrivals", arrivals, "--seed", "7")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert (report["requests"], report["errors"], report["arrivals"]) == (400, 0, arrivals)
+    # Over 400 gaps the mean rate of a Poisson process is within about 5% of its own (1/sqrt(400)),
+    # and its gaps' coefficient of variation is 1 (exponential gaps); an even schedule's is near 0,
+    # what is left being the event loop's timer jitter.
+    assert report["sent_per_second"] == pytest.approx(200, rel=0.25)
+    if arrivals == "poisson":
+        assert 0.75 < report["send_gap_cv"] < 1.3
+    else:
+        assert report["send_gap_cv"] < 0.4
+
+
+def test_open_loop_latency_counts_from_the_scheduled_start(server):
+    """A generator that falls behind (its loop blocked for 0.3 s here) must charge the wait to the
+    requests it could not send on time, as a server that falls behind would make them wait."""
+
+    async def run_blocked() -> list[float]:
+        run = Run(server.url, payload, time.monotonic() + 10, 150, False)
+        asyncio.get_running_loop().call_later(0.25, time.sleep, 0.3)  # blocks the loop, as a stall would
+        await run.open_loop(100)
+        await run.close()
+        assert not run.errors
+        return run.latencies
+
+    payload = build_request(server.url, "add_one", 1, {})
+    latencies = sorted(asyncio.run(run_blocked()))
+    # About 30 requests fell due during the stall: the first waited about 0.3 s, the last about 0.
+    assert latencies[-1] > 0.25 and latencies[-10] > 0.1
 
 
 def test_errors_are_counted_and_fail_the_run(server):
