@@ -13,7 +13,9 @@ FP16, encoder; with --cpu: mlp) it:
   the load generator at concurrency 1, 16 and 128, and the p50 overhead at concurrency 1;
 - reads NVML's energy counter moving under load;
 - where TensorRT's libraries load (server.gpu_report), builds an engine into a cache directory,
-  restarts, and shows the second load reusing it.
+  restarts, and shows the second load reusing it;
+- runs onnxserve-tune on the mlp for 2 minutes (--tune-minutes), so its CUDA and TensorRT FP16
+  configurations are loaded and measured with energy per inference (tune.json, tune.txt).
 It writes gpu-check.json and gpu-check.md (a table) into --out. Targets on the GPU: at least 90% of
 raw onnxruntime's best batched throughput, and a p50 overhead at concurrency 1 under 0.5 ms.
 
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -171,6 +174,23 @@ def check(models: dict, provider: str, concurrencies, seconds: float, workdir: P
     return results
 
 
+def tune_check(workdir: Path, out: Path, minutes: float) -> dict:
+    """onnxserve-tune on the mlp, as a user runs it: on a GPU its CUDA and TensorRT FP16
+    configurations are loaded and measured, with energy per inference, beside the CPU ones."""
+    repository = workdir / "tune"
+    make_models.write_repository(repository, ["mlp"])
+    command = [sys.executable, "-m", "server.tune", "--model-repository", str(repository), "--model", "mlp",
+               "--p99-ms", "20", "--rates", "200,2000", "--budget-minutes", str(minutes), "--out", str(out / "tune.json")]  # fmt: skip
+    print(f"onnxserve-tune, {minutes:g} minutes ...", file=sys.stderr)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=minutes * 60 + 120)
+    (out / "tune.txt").write_text(done.stdout + done.stderr)
+    report = json.loads((out / "tune.json").read_text()) if (out / "tune.json").exists() else {}
+    measured = report.get("measurements", [])
+    return {"exit": done.returncode, "configurations": sorted({m["config"] for m in measured}),
+            "joules_measured": any(m.get("joules_per_inference") for m in measured),
+            "winners": [(w["rate"], w["config"]) for w in report.get("winners", [])]}  # fmt: skip
+
+
 def markdown(results: dict) -> str:
     lines = ["| model | provider | raw best (batch) | c | onnxserve inf/s | / raw | p50 ms | p50 overhead at c=1 |",
              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -183,6 +203,11 @@ def markdown(results: dict) -> str:
                 f"| {point['inferences_per_second']:,.0f} | {point['inferences_per_second'] / raw['best_inferences_per_second']:.2f} "
                 f"| {point['p50_ms']:.3f} | {overhead} |"
             )
+    if "tune" in results:
+        tune = results["tune"]
+        lines.append(f"- onnxserve-tune (exit {tune['exit']}): {len(tune['configurations'])} configurations measured "
+                     f"({', '.join(tune['configurations'])}); energy per inference measured: {tune['joules_measured']}; "
+                     f"winners {tune['winners']}")  # fmt: skip
     lines.append("")
     for label, entry in results["models"].items():
         raw, points = entry["raw"], entry["onnxserve"]["points"]
@@ -199,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu", action="store_true", help="the plumbing only, on the CPU (what CI runs)")
     parser.add_argument("--seconds", type=float, default=8.0, help="seconds per measured point")
     parser.add_argument("--out", type=Path, default=Path("gpu-check"))
+    parser.add_argument("--tune-minutes", type=float, default=None,
+                        help="budget of the onnxserve-tune step (default 2 on a GPU, 0 = none with --cpu)")  # fmt: skip
     args = parser.parse_args(argv)
     if not args.cpu and not visible_gpus():
         parser.error("no NVIDIA GPU is visible (NVML): run on the GPU machine, or pass --cpu to test the plumbing")
@@ -208,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
             results = check(CPU_MODELS, CPU, (1, 8), args.seconds, Path(scratch))
         else:
             results = check(GPU_MODELS, CUDA, (1, 16, 128), args.seconds, Path(scratch))
+        minutes = args.tune_minutes if args.tune_minutes is not None else (0 if args.cpu else 2)
+        if minutes:
+            results["tune"] = tune_check(Path(scratch), args.out, minutes)
     results["date"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     (args.out / "gpu-check.json").write_text(json.dumps(results, indent=2, default=str))
     table = markdown(results)

@@ -65,7 +65,7 @@ def test_gpu_report_says_what_the_cuda_provider_lacks_here():
 
 
 def test_the_gpu_check_runs_its_plumbing_on_the_cpu(tmp_path):
-    command = [sys.executable, "-m", "bench.gpu_check", "--cpu", "--seconds", "0.5", "--out", str(tmp_path)]
+    command = [sys.executable, "-m", "bench.gpu_check", "--cpu", "--seconds", "0.5", "--tune-minutes", "0.5", "--out", str(tmp_path)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "gpu-check.json").read_text())
@@ -76,3 +76,6 @@ def test_the_gpu_check_runs_its_plumbing_on_the_cpu(tmp_path):
     assert report["environment"]["gpus_visible"] == 0
     table = (tmp_path / "gpu-check.md").read_text()
     assert "| mlp | CPUExecutionProvider |" in table and "of raw onnxruntime's best" in table
+    tune = report["tune"]  # the tune step ran as a user runs it, and its report was read
+    assert tune["exit"] in (0, 1) and tune["configurations"] and all(c.startswith("cpu ") for c in tune["configurations"])
+    assert "onnxserve-tune (exit" in table and (tmp_path / "tune.json").exists()
