@@ -102,7 +102,10 @@ class Batcher:
         tenant: str = "unknown",
     ) -> Answer:
         """Queue one request and wait for its own output rows."""
-        item = self.enqueue(feeds, rows, outputs, priority=priority, timeout_us=timeout_us, tenant=tenant)
+        return await self.collect(self.enqueue(feeds, rows, outputs, priority=priority, timeout_us=timeout_us, tenant=tenant))
+
+    async def collect(self, item: QueuedRequest) -> Answer:
+        """Wait for a queued request's own rows; a caller that gives up leaves the queue."""
         try:
             return await item.future
         except asyncio.CancelledError:

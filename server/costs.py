@@ -131,7 +131,7 @@ class Snapshot:
 @dataclass(eq=False, slots=True)
 class _Running:
     totals: list  # [dollars, joules] of the batch's model version on this device
-    tenants: tuple  # ([dollars, joules] of a tenant of the batch, its fraction of the batch's rows)
+    tenants: tuple  # (tenant account's key, its [dollars, joules], its fraction of the batch's rows)
     dollars: float = 0.0
     joules: float = 0.0
 
@@ -216,9 +216,9 @@ class CostLedger:
             self._accrue(device, event.started)
             totals = self._models.setdefault((event.model, event.version, event.device), [0.0, 0.0])
             rows = sum(count for _, count in event.tenants)
+            keys = [(tenant, event.model, event.version, event.device) for tenant, _ in event.tenants]
             tenants = tuple(
-                (self._tenants.setdefault((tenant, event.model, event.version, event.device), [0.0, 0.0]), count / rows)
-                for tenant, count in event.tenants
+                (key, self._tenants.setdefault(key, [0.0, 0.0]), count / rows) for key, (_, count) in zip(keys, event.tenants)
             )
             device.running[event.batch_id] = _Running(totals, tenants)
 
@@ -229,7 +229,7 @@ class CostLedger:
             running = device.running.pop(event.batch_id, None)
             if running is None:
                 return
-            for totals, fraction in running.tenants:
+            for _, totals, fraction in running.tenants:
                 totals[0] += running.dollars * fraction
                 totals[1] += running.joules * fraction
             joules = running.joules if device.meter else None
@@ -306,11 +306,9 @@ class CostLedger:
         tenants of a model version on a device sum to its cost."""
         dollars = {key: totals[0] for key, totals in self._tenants.items()}
         joules = {key: totals[1] for key, totals in self._tenants.items()}
-        running_tenants = {id(totals): key for key, totals in self._tenants.items()}
         for device in self._devices.values():
             for running in device.running.values():
-                for totals, fraction in running.tenants:
-                    key = running_tenants[id(totals)]
+                for key, _, fraction in running.tenants:
                     dollars[key] += running.dollars * fraction
                     joules[key] += running.joules * fraction
         return tuple(

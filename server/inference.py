@@ -120,12 +120,7 @@ class InferenceCore:
 
     async def infer(self, call: Call, decoded: DecodedRequest, parameters: Mapping[str, object]) -> Answer:
         """Queue a decoded request and wait for its own rows; a cancelled caller leaves the queue."""
-        item = self.enqueue(call, decoded, parameters)
-        try:
-            call.answer = await item.future
-        except asyncio.CancelledError:
-            call.model.batcher.cancel(item)
-            raise
+        call.answer = await call.model.batcher.collect(self.enqueue(call, decoded, parameters))
         return call.answer
 
     def accounting(self, call: Call, answer: Answer) -> list[tuple[str, int | float | str]]:

@@ -23,7 +23,6 @@ import re
 import socket
 import stat
 import threading
-import time
 from pathlib import Path
 
 import orjson
@@ -191,7 +190,3 @@ def _cut_torn_tail(path: Path, fd: int, size: int) -> int:
 def _iso_time(epoch: float) -> str:
     moment = datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc)
     return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def now() -> float:
-    return time.time()
