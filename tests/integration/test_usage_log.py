@@ -16,6 +16,9 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from server.usage import read
+from tests import onnx_models
+from tests.integration.test_batching import caller_rows, inputs
+from tests.integration.test_metrics import BLOCKING_WORK, SLOW_CONFIG
 from tests.conftest import ROOT, wait_until
 from tests.integration.test_tenants import BATCHING, INFER_BODY, KEYS, PRICE, bearer, grpc_infer, http_call, plus_one, write_keys
 from tests.tenant_load import TenantLoad
@@ -175,3 +178,23 @@ def _accepted(client) -> bool:
     except InferenceServerException:
         return False
     return True
+
+
+def test_a_caller_gone_while_its_batch_runs_still_pays_and_is_recorded(tmp_path, serve):
+    log = tmp_path / "usage.log"
+    repository = tmp_path / "models"
+    onnx_models.write(repository, "slow", onnx_models.slow_add_one(), SLOW_CONFIG)
+    server = serve(repository, "--trust-tenant-header", "--usage-log", str(log), *PRICE)
+    client = server.client()
+    x = caller_rows(0, 1)
+    with pytest.raises(InferenceServerException, match="Deadline"):  # gives up a tenth of the way in
+        client.infer("slow", inputs(x, module=grpcclient, work=BLOCKING_WORK), request_id="gone",
+                     headers={"x-tenant-id": "team-gone"}, client_timeout=0.1)  # fmt: skip
+    assert wait_until(lambda: server.samples().get("onnxserve_batches_total", model="slow", version="1") == 1, timeout=30)
+    samples = server.samples()
+    paid = samples.get("onnxserve_tenant_cost_dollars_total", tenant="team-gone", model="slow", version="1", device="cpu")
+    assert paid > 0 and paid == pytest.approx(samples.get("onnxserve_cost_dollars_total", model="slow", version="1", device="cpu"), rel=1e-9)
+    assert server.stop() == 0
+    (record,) = records(log)
+    assert (record["request_id"], record["tenant"], record["outcome"]) == ("gone", "team-gone", "cancelled")
+    assert record["batch_id"] is not None and record["cost_dollars"] == pytest.approx(paid, rel=1e-12)
