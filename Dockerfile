@@ -1,8 +1,9 @@
 # onnxserve: a KServe v2 gRPC server for ONNX models.
 #
-# GPU-capable: onnxruntime-gpu plus the CUDA 13 and cuDNN 9 libraries it needs, from NVIDIA's
-# pip wheels. Without a visible GPU it runs on onnxruntime's CPU provider and says so in its log
-# and in the onnxserve_model_ready{provider=...} metric.
+# GPU-capable: `pip install '.[cuda]'`, as a user installs it: onnxruntime-gpu plus the CUDA 13 and
+# cuDNN 9 libraries it needs, from NVIDIA's pip wheels, which the server preloads at start (no
+# LD_LIBRARY_PATH). Without a visible GPU it runs on onnxruntime's CPU provider and says so in its
+# log and in the onnxserve_model_ready{provider=...} metric.
 #
 # Behind a TLS-intercepting proxy, give the build the proxy's CA bundle as a BuildKit secret
 # (nothing is written into the image):
@@ -11,8 +12,6 @@
 ARG PYTHON_IMAGE=python:3.11-slim
 
 FROM ${PYTHON_IMAGE} AS build
-# The CUDA/cuDNN wheels onnxruntime-gpu 1.31 loads (its `cuda` and `cudnn` extras, plus cuBLAS).
-ARG GPU_WHEELS="nvidia-cuda-runtime~=13.0 nvidia-cuda-nvrtc~=13.0 nvidia-cublas~=13.0 nvidia-cufft~=12.0 nvidia-curand~=10.0 nvidia-cudnn-cu13~=9.0"
 # TensorRT's libraries are about 3 GB, so the default image leaves them out and a model that asks
 # for the tensorrt accelerator runs on CUDA, with a warning naming the missing libnvinfer. For an
 # image with TensorRT (tag it apart; PyPI's tensorrt-cu13-libs is a stub that fetches the real wheel
@@ -27,7 +26,7 @@ COPY pyproject.toml README.md ./
 COPY server/ server/
 RUN --mount=type=secret,id=ca \
     if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
-    && /opt/onnxserve/bin/pip install . ${GPU_WHEELS} ${EXTRA_WHEELS}
+    && /opt/onnxserve/bin/pip install '.[cuda]' ${EXTRA_WHEELS}
 
 FROM ${PYTHON_IMAGE}
 RUN groupadd --system --gid 10001 onnxserve \
@@ -38,8 +37,7 @@ COPY models/ /opt/onnxserve/models/
 ENV PATH=/opt/onnxserve/bin:${PATH} \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    ONNXSERVE_MODEL_REPOSITORY=/opt/onnxserve/models \
-    LD_LIBRARY_PATH=/opt/onnxserve/lib/python3.11/site-packages/nvidia/cu13/lib:/opt/onnxserve/lib/python3.11/site-packages/nvidia/cudnn/lib:/opt/onnxserve/lib/python3.11/site-packages/tensorrt_libs
+    ONNXSERVE_MODEL_REPOSITORY=/opt/onnxserve/models
 # Mount your own repository here and set ONNXSERVE_MODEL_REPOSITORY=/models.
 VOLUME ["/models"]
 EXPOSE 8000 8001 8002

@@ -1,249 +1,274 @@
 """One command that proves the GPU path on a machine with an NVIDIA GPU, and tests its own plumbing
 on the CPU (`--cpu`, which CI runs):
 
-    python -m bench.gpu_check --out gpu-check            # on the GPU machine, about 10 minutes
-    python -m bench.gpu_check --cpu --seconds 1 --out /tmp/check   # the plumbing, on any machine
+    python -m bench.gpu_check --quick --out gpu-check          # on the GPU machine, under 6 minutes
+    python -m bench.gpu_check --out gpu-check                  # more: encoder, c=128, onnxserve-tune
+    python -m bench.gpu_check --cpu --quick --out /tmp/check   # the plumbing, on any machine
 
-For each benchmark model (bench/make_models.py; on the GPU: resnet50 FP32, resnet50 with TensorRT
-FP16, encoder; with --cpu: mlp) it:
-- reports the provider onnxserve actually runs it on (ModelConfig's execution_provider);
-- checks IO binding: the bound run's outputs equal session.run's, and device memory (NVML) does not
-  grow over a thousand batches, i.e. no per-batch allocation that is kept;
-- measures raw onnxruntime in-process (same provider, best batch size) against onnxserve through
-  the load generator at concurrency 1, 16 and 128, and the p50 overhead at concurrency 1;
-- reads NVML's energy counter moving under load;
-- where TensorRT's libraries load (server.gpu_report), builds an engine into a cache directory,
-  restarts, and shows the second load reusing it;
-- runs onnxserve-tune on the mlp for 2 minutes (--tune-minutes), so its CUDA and TensorRT FP16
-  configurations are loaded and measured with energy per inference (tune.json, tune.txt).
-It writes gpu-check.json and gpu-check.md (a table) into --out. Targets on the GPU: at least 90% of
-raw onnxruntime's best batched throughput, and a p50 overhead at concurrency 1 under 0.5 ms.
+Steps, in order, each with a time limit (seconds), on ResNet-50 (with --cpu: the mlp):
+- environment (60): onnxruntime's version and providers, server.gpu_report's report;
+- providers (240): starts one onnxserve (gRPC only) with the models, and records the provider and
+  the provider options each model really runs with (ModelConfig's parameters);
+- io_binding (90): onnxserve's bound run (server/binding.py) equals session.run; device memory
+  (NVML) stays flat over hundreds of bound runs;
+- serving (150): raw onnxruntime in this process, opened with exactly the server's providers and
+  options, against onnxserve through the load generator at concurrency 1 and 16;
+- energy (60): NVML's energy counter idle and under load;
+- cuda_graphs (90): a batched model served with enable_cuda_graph answers as raw session.run does at
+  several batch sizes; in this process, a graph replayed on inputs updated in place stays right;
+- encoder (240, not with --quick): as serving, for the encoder; c=128 is added everywhere;
+- tensorrt (420): where TensorRT's libraries load, an FP16 engine built into --tensorrt-cache-dir,
+  served and measured, reloaded faster on restart, and raw TensorRT FP16 with the same options;
+- tune (not with --quick): onnxserve-tune on the mlp for --tune-minutes (tune.json, tune.txt).
+A step that cannot run here is skipped with the reason; one that raises or runs out of time is
+failed with its error, and the next step runs. Past --deadline-minutes (5.5 with --quick, else
+9.5) the remaining steps are skipped as out of time. gpu-check.json and gpu-check.md (a table) in --out are rewritten at the
+start and end of every step, so a run cut off keeps everything before. Progress goes to stderr;
+the table is printed at the end. Exit status 1 when a step failed.
 
-The lent GPU machine has onnxruntime CPU-only and no network: carry the onnxruntime-gpu wheel in
-parts under 64 MiB (`split -b 60M onnxruntime_gpu-*.whl part-`) over several calls while it stays
-warm, join them there (`cat part-* > onnxruntime_gpu-....whl`) and `pip install --no-deps` it first.
-Nothing else needs carrying: the check and the servers it starts use only what that machine has
-(grpcio, protobuf, numpy, prometheus-client, nvidia-ml-py, onnx); the servers run with REST off
-(--http-port -1), so neither uvicorn nor the test tools are needed.
+On a GPU machine without network, install the bundle first (bench/gpu_bundle.py). Where files
+reach it in pieces of at most 64 MiB per command and it keeps them only between commands that
+follow closely, send the parts one command each into a folder outside the checkout
+(`mkdir -p /tmp/gpu-bundle && cp .gpu-bundle/part-00N /tmp/gpu-bundle/`), the last with the
+manifest, and finish in that same command:
+    cp .gpu-bundle/manifest.json /tmp/gpu-bundle/ && python3 -m bench.gpu_bundle --install /tmp/gpu-bundle \
+      && PYTHONUNBUFFERED=1 python3 -m bench.gpu_check --quick --out gpu-check
+The check itself needs no tritonclient, and its servers no REST.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import subprocess
+import os
+import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
+import traceback
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-import numpy as np
-import onnxruntime as ort
+from bench import gpu_restarts, gpu_steps
+from bench.gpu_steps import Context, Failed, Plan, Skip
+from server.placement import visible_gpus
 
-from bench import make_models
-from bench.run import Running, Workload, loadgen, raw_feeds
-from server import gpu_report
-from server.placement import CPU, CUDA, TENSORRT, visible_gpus
-from server.runtime import bound_run
-from bench.serving import start_server
-
-GPU_MODELS = {  # name -> (benchmark model, config.pbtxt, shapes for the load generator)
-    "resnet50-fp32": ("resnet50", "instance_group [{ kind: KIND_GPU }]", ()),
-    "resnet50-trt-fp16": ("resnet50", 'instance_group [{ kind: KIND_GPU }]\nmax_batch_size: 32\n'
-                          'input [{ name: "input" data_type: TYPE_FP32 dims: [3, 224, 224] }]\n'
-                          'optimization { execution_accelerators { gpu_execution_accelerator [{ name: "tensorrt" '
-                          'parameters { key: "precision_mode" value: "FP16" } }] } }', ()),  # fmt: skip
-    "encoder": ("encoder", "instance_group [{ kind: KIND_GPU }]", ("input_ids=1,128", "attention_mask=1,128")),
-}
-GRPC_ONLY = ("--http-port", "-1")  # the lent machine has no uvicorn; the check measures over gRPC
-CPU_MODELS = {"mlp": ("mlp", 'parameters { key: "io_binding" value { string_value: "1" } }', ())}
+CUT_EXIT = 3  # --exit-after: the status of a run cut off on purpose
 
 
-def raw_best(model_path: Path, provider: str, shapes: tuple[str, ...], seconds: float, batches=(1, 8, 32)) -> dict:
-    providers = [provider, CPU] if provider != CPU else [CPU]
-    session = ort.InferenceSession(str(model_path), providers=providers)
-    results = {}
-    for batch in batches:
-        feeds = raw_feeds(session, batch, shapes)
-        session.run(None, feeds)
-        timings, deadline = [], time.perf_counter() + seconds / len(batches)
-        while time.perf_counter() < deadline or len(timings) < 3:
-            began = time.perf_counter()
-            session.run(None, feeds)
-            timings.append(time.perf_counter() - began)
-        results[batch] = float(np.median(timings))
-    best = max(results, key=lambda b: b / results[b])
-    return {"provider": session.get_providers()[0], "best_batch": best, "best_inferences_per_second": best / results[best],
-            "batch1_ms": results[batches[0]] * 1e3}  # fmt: skip
+@dataclass(frozen=True)
+class Step:
+    name: str
+    limit: float  # seconds; the deadline may leave less
+    run: Callable[[Context], dict]
 
 
-def io_binding_check(model_path: Path, provider: str, shapes: tuple[str, ...], runs: int) -> dict:
-    """Bound outputs equal session.run's; device memory stays flat over `runs` bound batches."""
-    session = ort.InferenceSession(str(model_path), providers=[provider, CPU] if provider != CPU else [CPU])
-    device = "cuda:0" if session.get_providers()[0] != CPU else "cpu"
-    feeds = raw_feeds(session, 4, shapes)
-    names = [output.name for output in session.get_outputs()]
-    expected = session.run(names, feeds)
-    bound, _ = bound_run(device, session, names, feeds)
-    equal = all(np.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(bound, expected))
-    before = _gpu_memory_used()
-    for _ in range(runs):
-        bound_run(device, session, names, feeds)
-    after = _gpu_memory_used()
-    growth = None if before is None else after - before
-    return {"device": device, "outputs_equal_session_run": equal, "device_memory_growth_bytes": growth}
+def steps(plan: Plan) -> list[Step]:
+    chosen = [Step("environment", 60, gpu_steps.environment), Step("providers", 240, gpu_steps.providers),
+              Step("io_binding", 90, gpu_steps.io_binding), Step("serving", 150, gpu_steps.serving),
+              Step("energy", 60, gpu_steps.energy), Step("cuda_graphs", 90, gpu_steps.cuda_graphs)]  # fmt: skip
+    if not plan.quick:
+        chosen.append(Step("encoder", 240, gpu_steps.encoder))
+    chosen.append(Step("tensorrt", 420, gpu_restarts.tensorrt))
+    if not plan.quick and plan.tune_minutes:
+        chosen.append(Step("tune", plan.tune_minutes * 60 + 180, gpu_restarts.tune))
+    return chosen
 
 
-def _gpu_memory_used() -> int | None:
+class OutOfTime(BaseException):
+    """A step's time limit passed. A BaseException, so that no `except Exception` in a step keeps it."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float):
+    """SIGALRM raises OutOfTime wherever the step is, blocking waits included (a server starting, the
+    load generator, a sleep). Signals reach the main thread only: elsewhere the step has no limit."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum, frame):
+        raise OutOfTime(f"still running at its limit of {seconds:.3g} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, max(seconds, 0.001))
     try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        used = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).used
-        pynvml.nvmlShutdown()
-        return int(used)
-    except Exception:  # noqa: BLE001 - no NVML here: the figure is reported as not measured
-        return None
-
-
-def _energy_joules() -> float | None:
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        millijoules = pynvml.nvmlDeviceGetTotalEnergyConsumption(pynvml.nvmlDeviceGetHandleByIndex(0))
-        pynvml.nvmlShutdown()
-        return millijoules / 1000
-    except Exception:  # noqa: BLE001 - no NVML or no energy counter: not measured
-        return None
-
-
-def serve_and_measure(repository: Path, name: str, shapes: tuple[str, ...], concurrencies, seconds: float, extra=()) -> dict:
-    began = time.perf_counter()
-    server = start_server(repository, *extra, *GRPC_ONLY, timeout=900)
-    loaded_seconds = time.perf_counter() - began
-    try:
-        config = server.client().get_model_config(name).config
-        running = Running(server.url, server.process.pid, server.stop, f"http://127.0.0.1:{server.metrics_port}/metrics")
-        workload = Workload(name, tuple(concurrencies), (1,), shapes)
-        energy_before = _energy_joules()
-        points = {c: loadgen(running, workload, c, seconds) for c in concurrencies}
-        energy_after = _energy_joules()
+        yield
     finally:
-        server.stop()
-    return {
-        "provider": config.parameters["execution_provider"].string_value,
-        "io_binding": config.parameters["io_binding"].string_value,
-        "start_to_ready_seconds": loaded_seconds,
-        "points": points,
-        "energy_joules_under_load": None if energy_before is None else energy_after - energy_before,
-    }
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
-def tensorrt_cache_check(repository: Path, name: str, cache: Path) -> dict:
-    missing = gpu_report.missing_libraries(gpu_report.PROVIDER_LIBRARIES[TENSORRT])
-    if missing or not visible_gpus():
-        return {"skipped": f"TensorRT cannot run here: missing {missing}" if missing else "no GPU visible"}
-    loads = []
-    for _ in range(2):
-        began = time.perf_counter()
-        server = start_server(repository, "--tensorrt-cache-dir", str(cache), *GRPC_ONLY, timeout=1800)
-        loads.append(time.perf_counter() - began)
-        server.stop()
-    return {"first_load_seconds": loads[0], "second_load_seconds": loads[1], "cache_files": sorted(p.name for p in cache.iterdir())}
+def sweep(keep: set[int]) -> list[int]:
+    """End the child processes a step left behind (a server whose start ran out of time holds the
+    GPU through every later step), all but `keep`."""
+    ended = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            pid, (state, parent) = int(stat.parent.name), stat.read_text().rsplit(")", 1)[1].split()[:2]
+        except (OSError, ValueError):  # gone while we looked
+            continue
+        if int(parent) == os.getpid() and pid not in keep and state != "Z":
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+                ended.append(pid)
+    for pid in ended:
+        with contextlib.suppress(OSError):
+            os.waitpid(pid, 0)
+    return ended
 
 
-def check(models: dict, provider: str, concurrencies, seconds: float, workdir: Path) -> dict:
-    results = {"environment": gpu_report.report(None), "models": {}}
-    for label, (model, config, shapes) in models.items():
-        repository = workdir / label
-        make_models.write_repository(repository, [model])
-        (repository / model / "config.pbtxt").write_text(config)
-        path = repository / model / "1" / "model.onnx"
-        print(f"{label}: raw onnxruntime, IO binding, onnxserve ...", file=sys.stderr)
-        entry = {
-            "raw": raw_best(path, TENSORRT if "tensorrt" in config else provider, shapes, seconds),
-            "io_binding": io_binding_check(path, provider, shapes, runs=200 if provider == CPU else 1000),
-            "onnxserve": serve_and_measure(repository, model, shapes, concurrencies, seconds),
-        }
-        if "tensorrt" in config:
-            cache = workdir / f"{label}-cache"
-            cache.mkdir()
-            entry["tensorrt_cache"] = tensorrt_cache_check(repository, model, cache)
-        results["models"][label] = entry
-    return results
+class Journal:
+    """The check's findings, rewritten whole to gpu-check.json and gpu-check.md at every change."""
+
+    def __init__(self, out: Path, check: dict, chosen: list[Step]) -> None:
+        self.out, self.began = out, time.monotonic()
+        self.doc = {"check": {**check, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}, "writes": 0,
+                    "steps": [{"name": step.name, "status": "pending", "limit_seconds": step.limit} for step in chosen]}  # fmt: skip
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.began
+
+    def say(self, message: str) -> None:
+        print(f"[{self.elapsed():6.1f} s] {message}", file=sys.stderr, flush=True)
+
+    def write(self) -> None:
+        self.doc["writes"] += 1
+        self.doc["updated"], self.doc["elapsed_seconds"] = time.strftime("%Y-%m-%d %H:%M:%S %Z"), round(self.elapsed(), 1)
+        for name, text in (("gpu-check.json", json.dumps(self.doc, indent=2, default=str)), ("gpu-check.md", markdown(self.doc))):
+            partial = self.out / f".{name}.partial"
+            partial.write_text(text)
+            os.replace(partial, self.out / name)  # whole or not at all, even if the run is killed meanwhile
 
 
-def tune_check(workdir: Path, out: Path, minutes: float) -> dict:
-    """onnxserve-tune on the mlp, as a user runs it: on a GPU its CUDA and TensorRT FP16
-    configurations are loaded and measured, with energy per inference, beside the CPU ones."""
-    repository = workdir / "tune"
-    make_models.write_repository(repository, ["mlp"])
-    command = [sys.executable, "-m", "server.tune", "--model-repository", str(repository), "--model", "mlp",
-               "--p99-ms", "20", "--rates", "200,2000", "--budget-minutes", str(minutes), "--out", str(out / "tune.json")]  # fmt: skip
-    print(f"onnxserve-tune, {minutes:g} minutes ...", file=sys.stderr)
-    done = subprocess.run(command, capture_output=True, text=True, timeout=minutes * 60 + 120)
-    (out / "tune.txt").write_text(done.stdout + done.stderr)
-    report = json.loads((out / "tune.json").read_text()) if (out / "tune.json").exists() else {}
-    measured = report.get("measurements", [])
-    return {"exit": done.returncode, "configurations": sorted({m["config"] for m in measured}),
-            "joules_measured": any(m.get("joules_per_inference") for m in measured),
-            "winners": [(w["rate"], w["config"]) for w in report.get("winners", [])]}  # fmt: skip
+def run_step(step: Step, entry: dict, ctx: Context, journal: Journal, deadline: float, hook: str = "") -> None:
+    left = deadline - journal.elapsed()
+    if left <= 0:
+        entry.update(status="skipped", reason=f"out of time: past the deadline ({deadline / 60:g} minutes)")
+        return
+    limit, run = min(step.limit, left), step.run
+    if hook:  # --fail-step: a step that raises, or one that hangs past a limit cut to 2 s
+        limit = min(limit, 2.0) if hook == "hang" else limit
+        run = (lambda _: time.sleep(3600)) if hook == "hang" else _raises(step.name)
+    entry.update(status="running", started_seconds=round(journal.elapsed(), 2), limit_seconds=round(limit, 1))
+    journal.write()
+    journal.say(f"{step.name} (limit {limit:.0f} s) ...")
+    began = time.perf_counter()
+    try:
+        with time_limit(limit):
+            entry.update(status="ok", result=run(ctx))
+    except Skip as err:
+        entry.update(status="skipped", reason=str(err))
+    except Failed as err:
+        entry.update(status="failed", error=str(err), result=err.found)
+    except OutOfTime as err:
+        entry.update(status="failed", error=f"timed out: {err}")
+    except Exception as err:  # noqa: BLE001 - recorded, with where it came from; the next step runs
+        entry.update(status="failed", error=f"{type(err).__name__}: {err}"[-2000:], traceback=traceback.format_exc()[-3000:])
+    finally:
+        entry.update(seconds=round(time.perf_counter() - began, 2), ended_seconds=round(journal.elapsed(), 2))
+        if stray := sweep(ctx.pids()):
+            entry["ended_processes"] = stray
+        if entry["status"] == "failed" and (said := ctx.log_errors()):
+            entry["server_log"] = said
+    entry["summary"] = entry.get("error") or (entry.get("result") or {}).get("summary") or entry.get("reason", "")
+    journal.say(f"{step.name}: {entry['status']} in {entry['seconds']:.1f} s: {entry['summary'][:300]}")
 
 
-def markdown(results: dict) -> str:
-    lines = ["| model | provider | raw best (batch) | c | onnxserve inf/s | / raw | p50 ms | p50 overhead at c=1 |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for label, entry in results["models"].items():
-        raw, served = entry["raw"], entry["onnxserve"]
-        for concurrency, point in served["points"].items():
-            overhead = f"{point['p50_ms'] - raw['batch1_ms']:.3f} ms" if concurrency == min(served["points"]) else ""
-            lines.append(
-                f"| {label} | {served['provider']} | {raw['best_inferences_per_second']:,.0f} ({raw['best_batch']}) | {concurrency} "
-                f"| {point['inferences_per_second']:,.0f} | {point['inferences_per_second'] / raw['best_inferences_per_second']:.2f} "
-                f"| {point['p50_ms']:.3f} | {overhead} |"
-            )
-    if "tune" in results:
-        tune = results["tune"]
-        lines.append(f"- onnxserve-tune (exit {tune['exit']}): {len(tune['configurations'])} configurations measured "
-                     f"({', '.join(tune['configurations'])}); energy per inference measured: {tune['joules_measured']}; "
-                     f"winners {tune['winners']}")  # fmt: skip
-    lines.append("")
-    for label, entry in results["models"].items():
-        raw, points = entry["raw"], entry["onnxserve"]["points"]
-        best = max(point["inferences_per_second"] for point in points.values()) / raw["best_inferences_per_second"]
-        overhead = points[min(points)]["p50_ms"] - raw["batch1_ms"]
-        lines.append(f"- {label}: {best:.2f} of raw onnxruntime's best ({'met' if best >= 0.9 else 'NOT met'}, target 0.90); "
-                     f"p50 overhead at c={min(points)} {overhead:.3f} ms ({'met' if overhead < 0.5 else 'NOT met'}, target < 0.5 ms); "
-                     f"IO binding equal to session.run: {entry['io_binding']['outputs_equal_session_run']}")  # fmt: skip
+def _raises(name: str) -> Callable[[Context], dict]:
+    def run(ctx: Context) -> dict:
+        raise RuntimeError(f"deliberate failure of step {name} (--fail-step)")
+
+    return run
+
+
+def _cell(text: str) -> str:
+    text = " ".join(str(text).split()).replace("|", "\\|")
+    return text if len(text) <= 400 else text[:397] + "..."
+
+
+def markdown(doc: dict) -> str:
+    check = doc["check"]
+    lines = [f"# onnxserve GPU check ({check['mode']})", "",
+             f"{doc.get('updated', '')}; {doc.get('elapsed_seconds', 0):.0f} s; {check['seconds_per_point']:g} s per point", "",
+             "| step | status | seconds | limit s | found |", "|---|---|---|---|---|"]  # fmt: skip
+    for entry in doc["steps"]:
+        found = entry.get("summary") or entry.get("error") or entry.get("reason") or ""
+        lines.append(f"| {entry['name']} | {entry['status']} | {entry.get('seconds', '')} | {entry['limit_seconds']:g} | {_cell(found)} |")
+    table = [row for entry in doc["steps"] for row in (entry.get("result") or {}).get("rows", [])]
+    if table:
+        lines += ["", "| model | server provider | raw provider | c | onnxserve inf/s | p50 ms | raw inf/s (batch) | raw ms "
+                  "| / raw | errors |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for row in table:
+        lines.append(f"| {row['model']} | {row['server_provider']} | {row['raw_provider']} | {row['concurrency']} "
+                     f"| {row['inferences_per_second']:,.0f} | {row['p50_ms']:.3f} | {row['raw_inferences_per_second']:,.0f} "
+                     f"({row['raw_batch']}) | {row['raw_ms']:.3f} | {row['ratio']:.2f} | {row['errors']} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__.splitlines()[0])
-    parser.add_argument("--cpu", action="store_true", help="the plumbing only, on the CPU (what CI runs)")
-    parser.add_argument("--seconds", type=float, default=8.0, help="seconds per measured point")
+    parser.add_argument("--cpu", action="store_true", help="the plumbing only, on the CPU with the mlp (what CI runs)")
+    parser.add_argument("--quick", action="store_true", help="only what must finish on the lent machine (under 6 minutes)")
     parser.add_argument("--out", type=Path, default=Path("gpu-check"))
-    parser.add_argument("--tune-minutes", type=float, default=None,
-                        help="budget of the onnxserve-tune step (default 2 on a GPU, 0 = none with --cpu)")  # fmt: skip
+    parser.add_argument("--seconds", type=float, help="seconds per measured point (default 1 with --cpu, 3 with --quick, else 8)")
+    parser.add_argument("--deadline-minutes", type=float, help="then skip what is left (default 5.5 with --quick, else 9.5)")
+    parser.add_argument("--tune-minutes", type=float, help="the onnxserve-tune step's budget (default 2; none with --quick or --cpu)")
+    parser.add_argument("--fail-step", action="append", default=[], help=argparse.SUPPRESS)  # tests: NAME or NAME=hang
+    parser.add_argument("--exit-after", default="", help=argparse.SUPPRESS)  # tests: end the process as a cut-off would
     args = parser.parse_args(argv)
     if not args.cpu and not visible_gpus():
         parser.error("no NVIDIA GPU is visible (NVML): run on the GPU machine, or pass --cpu to test the plumbing")
+    args.seconds = args.seconds or (1.0 if args.cpu else 3.0 if args.quick else 8.0)
+    args.deadline_minutes = 5.5 if args.quick and args.deadline_minutes is None else args.deadline_minutes
+    args.deadline_minutes = 9.5 if args.deadline_minutes is None else args.deadline_minutes
+    args.tune_minutes = (0.0 if args.quick or args.cpu else 2.0) if args.tune_minutes is None else args.tune_minutes
+    args.hooks = dict((item.split("=", 1) + ["raise"])[:2] for item in args.fail_step)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="onnxserve-gpu-check-") as scratch:
-        if args.cpu:
-            results = check(CPU_MODELS, CPU, (1, 8), args.seconds, Path(scratch))
-        else:
-            results = check(GPU_MODELS, CUDA, (1, 16, 128), args.seconds, Path(scratch))
-        minutes = args.tune_minutes if args.tune_minutes is not None else (0 if args.cpu else 2)
-        if minutes:
-            results["tune"] = tune_check(Path(scratch), args.out, minutes)
-    results["date"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-    (args.out / "gpu-check.json").write_text(json.dumps(results, indent=2, default=str))
-    table = markdown(results)
-    (args.out / "gpu-check.md").write_text(table)
-    print(table)
-    return 0
+    scratch = Path(tempfile.mkdtemp(prefix="onnxserve-gpu-check-"))
+    try:
+        return check(args, sys.argv[1:] if argv is None else argv, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def check(args: argparse.Namespace, argv: list[str], scratch: Path) -> int:
+    plan = Plan(args.cpu, args.quick, args.seconds, scratch, args.out, args.tune_minutes)
+    chosen = steps(plan)
+    names = {step.name for step in chosen}
+    wrong = [n for n in [*args.hooks, args.exit_after] if n and n not in names] + [m for m in args.hooks.values() if m not in ("raise", "hang")]
+    if wrong:
+        raise SystemExit(f"--fail-step/--exit-after: no such step or mode: {wrong}")
+    mode = " ".join(["--cpu"] * args.cpu + ["--quick"] * args.quick) or "GPU"
+    journal = Journal(args.out, {"mode": mode, "argv": argv, "seconds_per_point": args.seconds,
+                                 "deadline_minutes": args.deadline_minutes, "hooks": args.hooks}, chosen)  # fmt: skip
+    ctx = Context(plan, journal.say)
+    journal.write()
+    try:
+        for step, entry in zip(chosen, journal.doc["steps"]):
+            run_step(step, entry, ctx, journal, args.deadline_minutes * 60, args.hooks.get(step.name, ""))
+            journal.write()
+            if step.name == args.exit_after:
+                ctx.stop()
+                shutil.rmtree(scratch, ignore_errors=True)
+                os._exit(CUT_EXIT)  # no final write, no table: as a run killed at this point ends
+    finally:
+        ctx.stop()
+        sweep(set())
+    print(markdown(journal.doc))
+    failed = [e["name"] for e in journal.doc["steps"] if e["status"] == "failed" and e["name"] not in args.hooks]
+    journal.say(f"done: {len(failed)} step(s) failed{': ' + ', '.join(failed) if failed else ''}"
+                f"{' (not counting --fail-step)' if args.hooks else ''}; {args.out / 'gpu-check.md'}")  # fmt: skip
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -11,8 +11,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, ProcessCollector
 
-from server import protocol
+from server import log_limits, protocol
 from server.config import ServerSettings
+from server.connection_limits import ConnectionMetrics, ensure_open_files, grpc_options
 from server.errors import ConfigError
 from server.control import RepositoryControl
 from server.costs import CostLedger, resolve_prices
@@ -26,16 +27,19 @@ from server.runtime import cpu_cores
 from server.grpc_service import InferenceService
 from server.identity import Authenticator
 from server.inference import InferenceCore
+from server.request_limits import RequestLimits
 from server.statistics import StatisticsRecorder
 from server.tenant_metrics import TenantCollector, TenantRequests, UsageLogCollector
 from server.usage_log import UsageLog
-from server.tls import describe, grpc_credentials, metrics_cert_and_key, tls_files
+from server.tls import describe, grpc_credentials, tls_files
 
 log = logging.getLogger("onnxserve")
 FORCED_EXIT_CODE = 130
 
 
 async def serve(settings: ServerSettings) -> int:
+    asyncio.get_running_loop().set_exception_handler(log_limits.install(settings.log_repeat_secs))
+    ensure_open_files(settings)
     bus = EventBus()
     registry = CollectorRegistry()
     gpus = GpuReader.open()
@@ -67,9 +71,12 @@ async def serve(settings: ServerSettings) -> int:
         Path(settings.tensorrt_cache_dir) if settings.tensorrt_cache_dir else None,
         hardware=",".join(sorted(set(gpus.names().values()))) if gpus else "",
     )
-    repository = ModelRepository(settings.model_repository, settings.default_max_batch_size, bus, gpu)
+    repository = ModelRepository(
+        settings.model_repository, settings.default_max_batch_size, bus, gpu, settings.model_load_timeout_secs,
+        settings.default_max_queue_size,
+    )  # fmt: skip
     control = RepositoryControl(repository, settings.model_control_mode)
-    core = InferenceCore(repository, bus, ledger, settings.strict_readiness, auth, usage)
+    core = InferenceCore(repository, bus, ledger, settings.strict_readiness, auth, usage, RequestLimits.from_settings(settings))
     service = InferenceService(core, statistics, control, settings.grpc_restricted_protocol)
     health_servicer = health.aio.HealthServicer()
 
@@ -77,6 +84,7 @@ async def serve(settings: ServerSettings) -> int:
         options=[
             ("grpc.max_send_message_length", settings.grpc_max_message_bytes),
             ("grpc.max_receive_message_length", settings.grpc_max_message_bytes),
+            *grpc_options(settings),  # connections, idle time, calls per connection, the wait for HTTP/2
         ]
     )
     server.add_generic_rpc_handlers((service.handler(),))
@@ -88,14 +96,15 @@ async def serve(settings: ServerSettings) -> int:
     grpc_port = server.add_secure_port(grpc_target, credentials) if credentials else server.add_insecure_port(grpc_target)
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
     await health_servicer.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
-    metrics_httpd = serve_metrics(registry, settings.metrics_address, settings.metrics_port, *metrics_cert_and_key(settings))
+    connections = ConnectionMetrics(registry)
+    metrics_httpd = serve_metrics(registry, settings, connections)
     await server.start()
     http, http_bound = None, 0
     if settings.http_port >= 0:  # imported only then: a gRPC-only install needs no HTTP stack
         from server.http_service import HttpApi, http_port, start_http
 
         api = HttpApi(core, statistics, control, settings.http_restricted_api, settings.http_max_body_bytes)
-        http = await start_http(settings, api)
+        http = await start_http(settings, api, connections)
         http_bound = http_port(http)
     http_tls = describe(tls_files(settings, "http"))
     http_where = f"HTTP on {settings.http_address}:{http_bound}{http_tls}" if http else "HTTP off (--http-port -1)"
@@ -129,20 +138,42 @@ async def serve(settings: ServerSettings) -> int:
         await stop.wait()
 
     log.info("shutting down: refusing new requests, answering those in flight (up to %.1f s)", settings.exit_timeout_secs)
+    ends = asyncio.get_running_loop().time() + settings.exit_timeout_secs
     for task in (loading, *followers):
         task.cancel()
     core.shutting_down = True
     await health_servicer.enter_graceful_shutdown()
     await asyncio.gather(server.stop(settings.exit_timeout_secs), *([http.shutdown()] if http else []))
-    await repository.close()
+    still_running = await repository.close(max(0.0, ends - asyncio.get_running_loop().time()))
+    lost = 0
     if usage is not None:  # every request is answered by now: its record is the last to go to disk
-        await asyncio.to_thread(usage.close)
-    metrics_httpd.shutdown()
+        lost = await asyncio.to_thread(usage.close)
+    await asyncio.to_thread(metrics_httpd.shutdown)
     energy.close()
     if gpus:
         gpus.close()
-    log.info("stopped")
-    return 0
+    return _exit_code(still_running, lost)
+
+
+# Exit codes (README, "Command line"): 0 a clean stop; 2 a setting refused at start; 3 usage records
+# could not be written (the log says how many); 4 a stop past --exit-timeout-secs with work still
+# running in worker threads (a load's step, a batch), left behind; 130 a second signal.
+USAGE_RECORDS_LOST_EXIT_CODE = 3
+ABANDONED_EXIT_CODE = 4
+
+
+def _exit_code(still_running: list[str], lost: int) -> int:
+    """The exit status; with threads still running, the process exits here without waiting for them:
+    asyncio.run and the interpreter would join them, and a thread in onnxruntime cannot be stopped."""
+    code = USAGE_RECORDS_LOST_EXIT_CODE if lost else 0
+    if not still_running:
+        log.info("stopped%s", f" (exit {code})" if code else "")
+        return code
+    code = code or ABANDONED_EXIT_CODE
+    log.warning("stopped with %d thread(s) still running past --exit-timeout-secs, left behind: %s (exit %d)",
+                len(still_running), "; ".join(still_running), code)  # fmt: skip
+    logging.shutdown()  # the log's last lines reach stderr: os._exit skips every other flush
+    os._exit(code)
 
 
 def _usage_log(settings: ServerSettings) -> UsageLog | None:

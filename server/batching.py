@@ -13,6 +13,7 @@ awaitable when the batch runs elsewhere; the instance is free again when it reso
 """
 
 import asyncio
+import bisect
 import collections
 import inspect
 import itertools
@@ -51,7 +52,10 @@ class Batcher:
     version: str
     bus: EventBus
     devices: tuple[str, ...]  # per instance: "cpu" or "cuda:N"
-    _queues: list[collections.deque] = field(init=False)
+    # A queue per priority level with requests waiting, none per level configured: a config's
+    # levels cost nothing until used. _active: those levels in the order they are served.
+    _queues: dict[int, collections.deque] = field(init=False)
+    _active: list[int] = field(init=False)
     _depth: int = field(default=0, init=False)
     _free: list[int] = field(init=False)  # instances with no batch running
     _loop: asyncio.AbstractEventLoop | None = field(default=None, init=False)
@@ -67,7 +71,7 @@ class Batcher:
     def __post_init__(self) -> None:
         if len(self.devices) != self.instances:
             raise ValueError(f"{self.label}: {self.instances} instances but devices {self.devices}")
-        self._queues = [collections.deque() for _ in range(self.settings.priority_levels + 1)]
+        self._queues, self._active = {}, []
         self._free = list(range(self.instances - 1, -1, -1))  # pop() hands out instance 0 first
 
     @property
@@ -191,7 +195,12 @@ class Batcher:
         return tuple((name, array.dtype, array.shape[1:]) for name, array in feeds.items())
 
     def _enqueue(self, item: QueuedRequest) -> None:
-        self._queues[item.level].append(item)
+        queue = self._queues.get(item.level)
+        if queue is None:
+            queue = self._queues[item.level] = collections.deque()
+            last = self.settings.priority_levels + 1  # level 1 is served first, 0 (unprioritised) last
+            bisect.insort(self._active, item.level, key=lambda level: level or last)
+        queue.append(item)
         self._depth += 1
         self._schedule()
 
@@ -205,11 +214,17 @@ class Batcher:
         if item.queued:
             item.queued = False
             self._queues[item.level].remove(item)
+            self._retire_if_empty(item.level)
             self._depth -= 1
 
+    def _retire_if_empty(self, level: int) -> None:
+        if not self._queues[level]:
+            del self._queues[level]
+            self._active.remove(level)
+
     def _waiting(self):
-        for queue in self._queues[1:] + self._queues[:1]:  # level 1 is highest; 0 = unprioritised
-            yield from queue
+        for level in self._active:
+            yield from self._queues[level]
 
     # --- batch formation ----------------------------------------------------------------------
 
@@ -291,6 +306,7 @@ class Batcher:
                 queue.popleft()
             else:
                 queue.remove(item)
+            self._retire_if_empty(item.level)
             item.queued = False
             item.taken = now
         self._depth -= len(chosen)

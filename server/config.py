@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from server.errors import ConfigError
+from server.model_limits import MAX_BATCH_SIZE, MAX_QUEUE_SIZE
 
 MIB = 1024 * 1024
 ENV_PREFIX = "ONNXSERVE_"
@@ -103,13 +104,65 @@ class ServerSettings:
     http_max_body_bytes: int = field(
         default=256 * MIB, metadata=_flag("largest HTTP request body accepted, in bytes")
     )
+    http_max_header_bytes: int = field(
+        default=64 * 1024,
+        metadata=_flag("REST and /metrics: largest request line plus headers, in bytes; more is refused with 431"),
+    )
+    http_max_url_bytes: int = field(
+        default=8 * 1024,
+        metadata=_flag("REST and /metrics: longest URL (path and query), in bytes; longer is refused with 414"),
+    )
+    http_header_timeout_secs: float = field(
+        default=10.0,
+        metadata=_flag("REST: seconds a request's line and headers may take, from the connection's start (TLS "
+                       "handshake included) or the request's first byte; then the connection is closed"),
+    )  # fmt: skip
+    http_body_timeout_secs: float = field(
+        default=30.0,
+        metadata=_flag("REST: seconds a request body may take after its headers, plus one second per MiB received"),
+    )
+    http_max_connections: int = field(
+        default=1000, metadata=_flag("REST: open connections at most; more are refused (503) and counted")
+    )
     metrics_address: str = field(default="0.0.0.0", metadata=_flag("address of the /metrics endpoint"))
     metrics_port: int = field(default=8002, metadata=_flag("Prometheus /metrics port; 0 picks a free one"))
+    metrics_header_timeout_secs: float = field(
+        default=10.0, metadata=_flag("/metrics: seconds a request may take to arrive (TLS handshake included)")
+    )
+    metrics_max_connections: int = field(
+        default=100, metadata=_flag("/metrics: open connections at most; more are refused (503) and counted")
+    )
     grpc_max_message_bytes: int = field(
         default=256 * MIB, metadata=_flag("largest gRPC message accepted or sent, in bytes")
     )
+    grpc_handshake_timeout_secs: float = field(
+        default=10.0, metadata=_flag("gRPC: seconds a new connection may take to say HTTP/2 (TLS handshake included)")
+    )
+    grpc_max_connection_idle_secs: float = field(
+        default=300.0, metadata=_flag("gRPC: a connection with no call for this long is closed (GOAWAY); 0: never")
+    )
+    grpc_max_connections: int = field(
+        default=1000, metadata=_flag("gRPC: open connections at most; more are closed at once; 0: no limit")
+    )
+    grpc_max_concurrent_streams: int = field(
+        default=1000, metadata=_flag("gRPC: calls in flight on one connection at most; clients queue the rest")
+    )
+    max_bytes_elements: int = field(
+        default=1 << 20,
+        metadata=_flag("BYTES elements one inference request may declare, all its inputs together; each costs "
+                       "~200 bytes of Python and onnxruntime strings however short it is on the wire"),
+    )  # fmt: skip
+    max_json_values: int = field(
+        default=1 << 21,
+        metadata=_flag("REST: values one inference request's JSON may hold (counted as its commas, before it is "
+                       "parsed); each costs ~50 bytes of Python: send big tensors as binary data"),
+    )  # fmt: skip
+    max_id_bytes: int = field(default=256, metadata=_flag("longest inference request 'id', in bytes (UTF-8)"))
+    max_request_parameters: int = field(
+        default=64, metadata=_flag("entries in one inference request's 'parameters' at most")
+    )
     exit_timeout_secs: float = field(
-        default=20.0, metadata=_flag("on SIGTERM, how long in-flight requests may take before exit")
+        default=20.0, metadata=_flag("on SIGTERM, how long in-flight requests and loads may take before exit")
     )
     strict_readiness: bool = field(
         default=True, metadata=_flag("ready only when every model is ready (false: when loading is done)")
@@ -126,6 +179,11 @@ class ServerSettings:
         metadata=_flag("writable directory for TensorRT engine and timing caches, reused across restarts; empty: none"),
     )
     log_level: str = field(default="INFO", metadata=_flag("DEBUG, INFO, WARNING or ERROR"))
+    log_repeat_secs: float = field(
+        default=60.0,
+        metadata=_flag("a warning or error repeated word for word is logged once per this many seconds, with a "
+                       "count of the lines left out; 0 logs every one"),
+    )  # fmt: skip
     device_price: tuple[DevicePriceSetting, ...] = field(
         default=(),
         metadata=_flag(
@@ -204,6 +262,16 @@ class ServerSettings:
         default=65536,
         metadata=_flag("usage log: records waiting for the disk, at most; when full, new requests are refused (UNAVAILABLE)"),
     )
+    default_max_queue_size: int = field(
+        default=10000,
+        metadata=_flag("max_queue_size of a model whose config sets none (0, Triton's unbounded): requests waiting "
+                       "beyond it are refused with UNAVAILABLE; 0 keeps such queues unbounded"),
+    )  # fmt: skip
+    model_load_timeout_secs: float = field(
+        default=1800.0,
+        metadata=_flag("a model version's load (sessions, TensorRT engine, calibration, warm-up) that takes longer "
+                       "fails, and what it built is freed"),
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         for name in ("grpc_port", "metrics_port"):
@@ -222,6 +290,10 @@ class ServerSettings:
             raise ConfigError(f"--exit-timeout-secs: {self.exit_timeout_secs} is negative")
         if self.default_max_batch_size < 1:
             raise ConfigError(f"--default-max-batch-size: {self.default_max_batch_size} must be >= 1")
+        _at_most("default_max_batch_size", self.default_max_batch_size, MAX_BATCH_SIZE)
+        if self.default_max_queue_size < 0:
+            raise ConfigError(f"--default-max-queue-size: {self.default_max_queue_size} is negative (0: unbounded)")
+        _at_most("default_max_queue_size", self.default_max_queue_size, MAX_QUEUE_SIZE)
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"--log-level: {self.log_level!r} is not DEBUG, INFO, WARNING or ERROR")
         devices = [price.device for price in self.device_price]
@@ -254,10 +326,37 @@ class ServerSettings:
             raise ConfigError(f"--usage-log-max-bytes: {self.usage_log_max_bytes} is below 4096 (0 never rotates)")
         if self.usage_log_buffer_records < 1:
             raise ConfigError(f"--usage-log-buffer-records: {self.usage_log_buffer_records} must be >= 1")
+        _at_most("usage_log_buffer_records", self.usage_log_buffer_records, MAX_USAGE_LOG_BUFFER_RECORDS)
+        if not 0 < self.model_load_timeout_secs <= MAX_MODEL_LOAD_TIMEOUT_SECS:
+            raise ConfigError(
+                f"--model-load-timeout-secs: {self.model_load_timeout_secs} is outside (0, {MAX_MODEL_LOAD_TIMEOUT_SECS}]"
+            )
         if self.usage_log and os.path.isdir(self.usage_log):
             raise ConfigError(f"--usage-log: {self.usage_log} is a directory; name a file in it")
+        _check_connection_limits(self)
+        _check_request_limits(self)
         if not self.model_repository.is_dir():
             raise ConfigError(f"--model-repository: {self.model_repository} is not a directory")
+
+
+# Records waiting for the disk: each holds a tuple of 18 fields, about half a KB in memory, so 2^20
+# records (16 times the default) are about 512 MiB: more than any disk stall is worth.
+MAX_USAGE_LOG_BUFFER_RECORDS = 1 << 20
+# A day: TensorRT engine builds of large models take tens of minutes; a load that runs longer hangs.
+MAX_MODEL_LOAD_TIMEOUT_SECS = 86400
+
+
+def _at_most(name: str, value: int, bound: int) -> None:
+    if value > bound:
+        raise ConfigError(f"--{_dashed(name)}: {value} exceeds onnxserve's limit of {bound}")
+
+
+def _check_request_limits(settings: ServerSettings) -> None:
+    """What one inference request may declare or carry (server/request_limits.py)."""
+    for name, low, high in (("max_bytes_elements", 1, 2**31 - 1), ("max_json_values", 1, 2**31 - 1),
+                            ("max_id_bytes", 1, 65536), ("max_request_parameters", 0, 65536)):  # fmt: skip
+        if not low <= getattr(settings, name) <= high:
+            raise ConfigError(f"--{_dashed(name)}: {getattr(settings, name)} is outside {low} .. {high}")
 
 
 def _check_tls(settings: ServerSettings, transport: str) -> None:
@@ -270,6 +369,27 @@ def _check_tls(settings: ServerSettings, transport: str) -> None:
             raise ConfigError(f"{flag}: needed by --{transport}-use-ssl{'-mutual' if name == 'root_cert' else ''}")
         if not os.access(path, os.R_OK) or not os.path.isfile(path):
             raise ConfigError(f"{flag}: {path} is not a readable file")
+
+
+def _check_connection_limits(settings: ServerSettings) -> None:
+    """What one connection may send and hold (server/connection_limits.py): every bound positive."""
+    if not 1024 <= settings.http_max_header_bytes <= 64 * MIB:
+        raise ConfigError(f"--http-max-header-bytes: {settings.http_max_header_bytes} is outside 1024 .. 64 MiB")
+    if not 64 <= settings.http_max_url_bytes <= settings.http_max_header_bytes:
+        raise ConfigError(f"--http-max-url-bytes: {settings.http_max_url_bytes} is outside 64 .. --http-max-header-bytes")
+    for name in ("http_header_timeout_secs", "http_body_timeout_secs", "metrics_header_timeout_secs",
+                 "grpc_handshake_timeout_secs"):  # fmt: skip
+        if not 0 < getattr(settings, name) <= 3600:
+            raise ConfigError(f"--{_dashed(name)}: {getattr(settings, name)} is outside (0, 3600]")
+    for name in ("http_max_connections", "metrics_max_connections", "grpc_max_concurrent_streams"):
+        if getattr(settings, name) < 1:
+            raise ConfigError(f"--{_dashed(name)}: {getattr(settings, name)} must be >= 1")
+    if settings.grpc_max_connections < 0:
+        raise ConfigError(f"--grpc-max-connections: {settings.grpc_max_connections} is negative (0: no limit)")
+    if not 0 <= settings.grpc_max_connection_idle_secs <= 2**31 / 1000:
+        raise ConfigError(f"--grpc-max-connection-idle-secs: {settings.grpc_max_connection_idle_secs} is outside 0 .. 2147483")
+    if settings.log_repeat_secs < 0:
+        raise ConfigError(f"--log-repeat-secs: {settings.log_repeat_secs} is negative (0 logs every line)")
 
 
 def _dashed(name: str) -> str:

@@ -11,7 +11,7 @@ from server import protocol
 from server.config import RestrictedProtocol
 from server.errors import ControlDisabled, PermissionDenied
 from server.overrides import parse_load_parameters
-from server.repository import READY, ModelRepository
+from server.repository import READY, ModelRepository, check_model_name
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +50,14 @@ class RepositoryControl:
 
     async def load(self, name: str, parameters: dict[str, object]) -> None:
         """`parameters`: 'config' (str) and 'file:<version>/<name>' (bytes), as Triton takes them."""
+        check_model_name(name)  # before anything quotes it: messages, the log, a path
         self._allowed("load", name)
         config, files = parse_load_parameters(name, parameters)
         log.info("load of model '%s' requested%s", name, _described(config, files))
         await self.repository.load(name, config, files)
 
     async def unload(self, name: str) -> None:
+        check_model_name(name)
         self._allowed("unload", name)
         log.info("unload of model '%s' requested", name)
         await self.repository.unload(name)
@@ -75,8 +77,8 @@ class RepositoryControl:
 
 def _described(config: str | None, files: dict[str, bytes]) -> str:
     parts = []
-    if config is not None:
-        parts.append(f"config {config[:200]}")
+    if config is not None:  # the caller's text: escaped (%r), so that a newline cannot start a log line
+        parts.append(f"config {config[:200]!r}")
     if files:
         parts.append(f"{len(files)} file(s) ({sum(len(content) for content in files.values())} bytes)")
     return f" with {' and '.join(parts)}" if parts else ""

@@ -1,13 +1,15 @@
 """What onnxruntime can do with a GPU here, as JSON: which libraries its CUDA and TensorRT providers
-lack, what `preload_dlls()` says, and what happens when a CUDA session is asked for.
+still lack once NVIDIA's pip-installed libraries are preloaded (server/cuda_libraries.py, as the
+server does at start), what the preloading said, and what happens when a CUDA session is asked for.
 
     python -m server.gpu_report [MODEL.onnx]
 
-The image test runs it inside the image, where only the driver (libcuda.so.1, which the NVIDIA
-container runtime mounts) may be missing; an operator runs it in a pod that will not use its GPU."""
+The image test and the `[cuda]` install test run it where only the driver (libcuda.so.1, which the
+NVIDIA container runtime or the host provides) may be missing; an operator runs it in a pod that
+will not use its GPU."""
 
 import contextlib
-import io
+import ctypes
 import json
 import os
 import subprocess
@@ -17,24 +19,28 @@ from pathlib import Path
 
 import onnxruntime as ort
 
+from server import cuda_libraries
 from server.providers import provider_unavailable_reason
 from server.placement import CUDA, PROVIDER_LIBRARIES, visible_gpus
 
 
 def missing_libraries(library: Path) -> list[str]:
-    """The shared libraries `library` needs that the dynamic loader cannot find (ldd's "not found")."""
+    """The shared libraries `library` needs that this process cannot load: those ldd does not find
+    on the loader's paths, less those already loaded here under that soname (preloaded), which the
+    loader reuses when the provider is opened."""
     if not library.exists():
         return [library.name]
     listed = subprocess.run(["ldd", str(library)], capture_output=True, text=True, check=False).stdout
-    return sorted({line.split()[0] for line in listed.splitlines() if "not found" in line})
+    unresolved = sorted({line.split()[0] for line in listed.splitlines() if "not found" in line})
+    return [name for name in unresolved if not _loadable(name)]
 
 
-def preload_messages() -> list[str]:
-    """What onnxruntime.preload_dlls() prints about CUDA and cuDNN libraries it could not load."""
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
-        ort.preload_dlls(cuda=True, cudnn=True, msvc=False)
-    return [line for line in printed.getvalue().splitlines() if line.strip()]
+def _loadable(soname: str) -> bool:
+    try:
+        ctypes.CDLL(soname)  # found by soname among the libraries this process already loaded
+    except OSError:
+        return False
+    return True
 
 
 @contextlib.contextmanager
@@ -61,13 +67,14 @@ def cuda_session(model: Path) -> dict:
 
 
 def report(model: Path | None) -> dict:
+    preloaded = cuda_libraries.preload()  # before the checks below, as the server does at start
     gpus = visible_gpus()
     found = {
         "onnxruntime": ort.__version__,
         "available_providers": ort.get_available_providers(),
         "gpus_visible": gpus,
         "libraries": {name: {"path": str(path), "missing": missing_libraries(path)} for name, path in PROVIDER_LIBRARIES.items()},
-        "preload": preload_messages(),
+        "preload": preloaded,
         "cuda_unavailable_because": provider_unavailable_reason(PROVIDER_LIBRARIES[CUDA], gpus),
     }
     if model is not None:

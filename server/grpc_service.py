@@ -13,11 +13,13 @@ from server.batching import Answer
 from server.config import PROTOCOL_GROUPS, RestrictedProtocol
 from server.control import RepositoryControl, restricted
 from server.errors import ServingError, Unauthenticated
+from server.grpc_codec import RequestHead, parse_request, request_head, response_bytes, response_weight, serialize_response
 from server.identity import AUTHORIZATION, TENANT_HEADER, Identity
 from server.inference import GRPC, Call, InferenceCore, outcome_of
+from server.request_limits import OFFLOAD_BYTES
 from server.model_info import EXTENSIONS, PLATFORM, SERVER_NAME, server_version, model_config_proto, ready_versions, statistics_response
 from server.statistics import StatisticsRecorder
-from server.tensors import decode_request, encode_outputs
+from server.tensors import DecodedRequest, decode_request
 from server.tls import grpc_client_name
 
 log = logging.getLogger(__name__)
@@ -35,7 +37,8 @@ STATUS = {
     errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
 }
 # Open to every caller, so that probes need no key; the inference RPCs identify their caller themselves.
-WITHOUT_KEY = (*PROTOCOL_GROUPS["health"], *PROTOCOL_GROUPS["inference"])
+# ModelReady is not open: it would tell anyone which model names exist (probes use ServerReady).
+WITHOUT_KEY = ("ServerLive", "ServerReady", *PROTOCOL_GROUPS["inference"])
 
 
 @dataclass(slots=True)
@@ -85,6 +88,8 @@ class InferenceService:
                 implementation = self._authenticated(implementation)
             deserialize = protocol.request_class(method.name).FromString
             serialize = protocol.response_class(method.name).SerializeToString
+            if method.name in PROTOCOL_GROUPS["inference"]:  # bytes both ways: parsed and built in grpc_codec
+                deserialize, serialize = None, serialize_response
             if method.client_streaming or method.server_streaming:
                 handlers[method.name] = grpc.stream_stream_rpc_method_handler(
                     _unimplemented_stream(method.name) if implementation is None else implementation,
@@ -160,26 +165,27 @@ class InferenceService:
 
     async def ModelStreamInfer(self, requests, context):
         """Triton's stream: requests run concurrently (so they batch), and each is answered on
-        the stream as it completes; a failure is that answer's error_message, not the stream's."""
+        the stream as it completes; a failure is that answer's error_message, not the stream's.
+        A caller whose key leaves the keys file is the exception: the stream ends UNAUTHENTICATED."""
+        stream, reader = _Stream(), None
         try:
             identity = self.identity(context)
-        except Unauthenticated as err:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(err))
-        stream = _Stream()
-        reader = asyncio.create_task(self._answer_each(requests, stream, identity))
-        try:
+            reader = asyncio.create_task(self._answer_each(requests, stream, context, identity))
             while (answer := await stream.get()) is not None:
                 yield answer
             await reader  # raises what broke the reading, if anything did
+        except Unauthenticated as err:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(err))
         finally:
-            reader.cancel()  # the client went away: its requests still queued are dropped
+            if reader is not None:
+                reader.cancel()  # the client went away: its requests still queued are dropped
 
-    async def _answer_each(self, requests, stream: "_Stream", identity: Identity) -> None:
+    async def _answer_each(self, requests, stream: "_Stream", context, identity: Identity) -> None:
         """Queue each request as it arrives, without a task of its own: a callback answers it when
-        its batch is done. Returns once every request read is answered."""
+        its batch is done. Returns once every request read is answered; raises Unauthenticated
+        after that when the caller's key was revoked meanwhile."""
         try:
-            async for request in requests:
-                self._stream_one(request, self.core.start(GRPC, identity), stream)
+            refused = await self._read_each(requests, stream, context, identity)
             if stream.queued:
                 stream.idle = asyncio.get_running_loop().create_future()
                 await stream.idle
@@ -187,85 +193,131 @@ class InferenceService:
             for item, (call, _) in list(stream.queued.items()):
                 call.model.batcher.cancel(item)
             stream.put(None)
+        if refused is not None:
+            raise refused
 
-    def _stream_one(self, request, call: Call, stream: "_Stream") -> None:
+    async def _read_each(self, requests, stream: "_Stream", context, identity: Identity) -> Unauthenticated | None:
+        """Queue the stream's requests; stop at the first one whose caller the current keys refuse.
+
+        A stream lives for hours, and its metadata was checked as it opened: each message is checked
+        again once the keys file has been re-read (Authenticator.follow swaps in a new KeyFile), so
+        a revoked key stops at its next message, which is neither run nor billed. The requests
+        accepted before it were authorised when they arrived, and are answered."""
+        keys = self.core.auth.keys
+        async for request in requests:
+            if self.core.auth.keys is not keys:
+                keys = self.core.auth.keys
+                try:
+                    identity = self.identity(context)  # the tenant too may have changed
+                except Unauthenticated as err:
+                    return err
+            await self._stream_one(request, self.core.start(GRPC, identity), stream)
+        return None
+
+    async def _stream_one(self, request: bytes, call: Call, stream: "_Stream") -> None:
+        """Decode and queue one of the stream's requests (a big one in a codec thread, while the
+        stream's next message waits: a stream's requests are read one after another anyway)."""
+        head = None
         try:
-            item = self.core.enqueue(call, self._decoded(request, call), _parameters(request))
+            message, raw, head = await self._parsed(request, call)
+            item = self.core.enqueue(call, await self._decoded(message, raw, head, call), head.parameters)
         except ServingError as err:
-            self._stream_error(request, call, stream, str(err), outcome_of(err, "rejected"))
+            self._stream_error(head, call, stream, str(err), outcome_of(err, "rejected"))
             return
+        except asyncio.CancelledError:  # the stream went away while its request was being decoded
+            self.core.finished(call, "cancelled")
+            raise
         except Exception:  # one bad request must not end the stream, nor its neighbours
             log.exception("ModelStreamInfer failed")
-            self._stream_error(request, call, stream, "ModelStreamInfer: internal error; the server log has details", "error")
+            self._stream_error(head, call, stream, "ModelStreamInfer: internal error; the server log has details", "error")
             return
-        stream.queued[item] = (call, request)
-        item.future.add_done_callback(lambda done: self._stream_done(request, call, stream, item, done))
+        stream.queued[item] = (call, None)
+        item.future.add_done_callback(lambda done: self._stream_done(head, call, stream, item, done))
 
-    def _stream_done(self, request, call: Call, stream: "_Stream", item, done: asyncio.Future) -> None:
-        stream.queued.pop(item, None)
+    def _stream_done(self, head: RequestHead, call: Call, stream: "_Stream", item, done: asyncio.Future) -> None:
         if done.cancelled():  # the stream went away; nobody is left to answer
             self.core.finished(call, "cancelled")
         elif isinstance(error := done.exception(), ServingError):
-            self._stream_error(request, call, stream, str(error), outcome_of(error, "error"))
+            self._stream_error(head, call, stream, str(error), outcome_of(error, "error"))
         else:
             try:
                 if error is not None:
                     raise error
-                answer = protocol.ModelStreamInferResponse()
                 call.answer = done.result()
-                self._respond(request, call, call.answer, answer.infer_response)
+                outputs, said = self._outputs(call, call.answer)
+                if response_weight(outputs) > OFFLOAD_BYTES:  # encoded in a codec thread; stays queued till then
+                    encoding = asyncio.ensure_future(self._stream_encoded(head, call, stream, item, outputs, said))
+                    stream.queued[item] = (call, encoding)
+                    return
+                answer = response_bytes(call.model, head.id, outputs, said, stream=True)
             except Exception:
                 log.exception("ModelStreamInfer failed")
-                self._stream_error(request, call, stream, "ModelStreamInfer: internal error; the server log has details", "error")
+                self._stream_error(head, call, stream, "ModelStreamInfer: internal error; the server log has details", "error")
             else:
                 stream.put(answer)
                 self.core.finished(call, "ok")
+        self._stream_settled(stream, item)
+
+    async def _stream_encoded(self, head: RequestHead, call: Call, stream: "_Stream", item, outputs, said) -> None:
+        try:
+            answer = await self.core.offload.run(response_weight(outputs), response_bytes, call.model, head.id, outputs, said, True)
+        except Exception:
+            log.exception("ModelStreamInfer failed")
+            self._stream_error(head, call, stream, "ModelStreamInfer: internal error; the server log has details", "error")
+        else:
+            stream.put(answer)
+            self.core.finished(call, "ok")
+        finally:
+            self._stream_settled(stream, item)
+
+    @staticmethod
+    def _stream_settled(stream: "_Stream", item) -> None:
+        stream.queued.pop(item, None)
         if not stream.queued and stream.idle is not None and not stream.idle.done():
             stream.idle.set_result(None)
 
-    def _stream_error(self, request, call: Call, stream: "_Stream", message: str, outcome: str) -> None:
-        echo = protocol.ModelInferResponse(model_name=request.model_name, model_version=request.model_version, id=request.id)
+    def _stream_error(self, head: RequestHead | None, call: Call, stream: "_Stream", message: str, outcome: str) -> None:
+        echo = protocol.ModelInferResponse()
+        if head is not None:  # else the message did not parse, or broke a bound: nothing of it is echoed
+            echo.model_name, echo.model_version, echo.id = head.model_name, head.model_version, head.id
         stream.put(protocol.ModelStreamInferResponse(error_message=message, infer_response=echo))
         self.core.finished(call, outcome)
 
-    async def infer(self, request, identity: Identity):
-        """One ModelInferRequest to its response; raises ServingError for the caller to report."""
+    async def infer(self, request: bytes, identity: Identity) -> bytes:
+        """One serialized ModelInferRequest to its serialized response; raises ServingError for the
+        caller to report."""
         with self.core.request(GRPC, identity) as call:
-            answer = await self.core.infer(call, self._decoded(request, call), _parameters(request))
-            return self._respond(request, call, answer, protocol.ModelInferResponse())
+            head, decoded = await self._read(request, call)
+            answer = await self.core.infer(call, decoded, head.parameters)
+            outputs, said = self._outputs(call, answer)
+            return await self.core.offload.run(response_weight(outputs), response_bytes, call.model, head.id, outputs, said)
 
-    def _decoded(self, request, call: Call):
-        call.request_id = request.id
-        model = self.core.resolve(call, request.model_name, request.model_version)
-        return decode_request(request, model.signature)
+    async def _read(self, data: bytes, call: Call) -> tuple[RequestHead, DecodedRequest]:
+        """Parsed and decoded; the message itself (and its typed contents) is gone on return."""
+        message, raw, head = await self._parsed(data, call)
+        return head, await self._decoded(message, raw, head, call)
 
-    def _respond(self, request, call: Call, answer: Answer, response):
-        """Fill `response`, a ModelInferResponse (a stream's is built in place, not copied in)."""
-        model = call.model
-        response.model_name, response.model_version, response.id = model.name, model.version, request.id
-        encode_outputs(response, ((model.signature.output(name), answer.outputs[name]) for name in call.outputs))
-        parameters = response.parameters
-        for key, value in self.core.accounting(call, answer):
-            if isinstance(value, str):
-                parameters[key].string_param = value
-            elif isinstance(value, float):
-                parameters[key].double_param = value
-            else:
-                parameters[key].int64_param = value
-        return response
+    async def _parsed(self, data: bytes, call: Call):
+        """(message, raw contents, checked RequestHead); parsed in a codec thread when big."""
+        message, raw = await self.core.offload.run(len(data), parse_request, data)
+        head = request_head(message, len(data), self.core.limits)
+        call.request_id = head.id
+        return message, raw, head
+
+    async def _decoded(self, message, raw: list | None, head: RequestHead, call: Call) -> DecodedRequest:
+        model = self.core.resolve(call, head.model_name, head.model_version)
+        return await self.core.offload.run(head.size, decode_request, message, model.signature, self.core.limits, raw)
+
+    def _outputs(self, call: Call, answer: Answer):
+        """The (spec, array) of each output asked for, and the accounting parameters; on the loop."""
+        signature = call.model.signature
+        return [(signature.output(name), answer.outputs[name]) for name in call.outputs], self.core.accounting(call, answer)
 
     # --- statistics ---------------------------------------------------------------------------
 
     async def ModelStatistics(self, request, context):
         """Triton's counts and durations, plus what each version cost (an onnxserve field)."""
         return statistics_response(self.repository, self.statistics, self.core.ledger, request.name, request.version)
-
-
-def _parameters(request) -> dict[str, object]:
-    """A request's parameters as Python values (most requests have none)."""
-    if not request.parameters:
-        return {}
-    return {key: getattr(value, value.WhichOneof("parameter_choice") or "string_param") for key, value in request.parameters.items()}
 
 
 def _guarded(method: str, implementation):

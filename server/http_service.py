@@ -3,7 +3,6 @@ statistics, repository index/load/unload, binary tensor data) over the core that
 too (inference.py), as a minimal ASGI app served by uvicorn with httptools in the server's own
 event loop; and the one table from domain errors to HTTP status codes."""
 
-import asyncio
 import base64
 import binascii
 import logging
@@ -14,6 +13,7 @@ import uvicorn
 
 from server import errors
 from server.config import RestrictedProtocol, ServerSettings
+from server.connection_limits import ConnectionMetrics, Listener, http_limits, listen
 from server.control import RepositoryControl, permitted
 from server.errors import InvalidInput, ServingError, Unauthenticated
 from server.http_codec import HEADER_LENGTH, decode_infer, encode_infer, json_body, split_body
@@ -21,6 +21,7 @@ from server.http_tls import uvicorn_tls
 from server.tls import http_client_name
 from server.identity import AUTHORIZATION, TENANT_HEADER, Identity
 from server.inference import HTTP, InferenceCore
+from server.request_limits import RequestLimits, encode_weight
 from server.model_info import (
     EXTENSIONS,
     PLATFORM,
@@ -52,7 +53,6 @@ AUTHORIZATION_KEY, TENANT_KEY = AUTHORIZATION.encode(), TENANT_HEADER.encode()
 BODY_TYPES = ("application/json", "application/octet-stream", "application/x-www-form-urlencoded", "")  # the last two: curl -d, and none
 JSON_TYPE = ((b"content-type", b"application/json"),)
 HEADER_LENGTH_KEY = HEADER_LENGTH.encode()
-OFFLOAD_BYTES = 1 << 20  # bodies above this are parsed in a worker thread
 # Route action -> (HTTP method, API group for --http-restricted-api)
 ACTIONS = {
     "live": ("GET", "health"),
@@ -67,6 +67,9 @@ ACTIONS = {
     "load": ("POST", "model-repository"),
     "unload": ("POST", "model-repository"),
 }
+# Open to every caller, so that probes need no key. Not a model's readiness: it would tell anyone
+# which model names exist (Kubernetes probes use /v2/health/ready).
+WITHOUT_KEY = ("live", "ready")
 
 
 class HttpError(Exception):
@@ -144,7 +147,7 @@ class HttpApi:
                 rule = self.restricted[group]
                 given = headers.get(rule.header.encode())
                 permitted(rule, None if given is None else given.decode("latin-1"))
-            identity = None if group == "health" else self._identity(scope, headers)
+            identity = None if found.action in WITHOUT_KEY else self._identity(scope, headers)
             body = await self._body(headers, receive) if method == "POST" else b""
             if body is None:
                 return  # the client went away while sending: nobody to answer
@@ -159,7 +162,7 @@ class HttpApi:
             if isinstance(err, Unauthenticated):
                 extra = (*JSON_TYPE, *CHALLENGE)
         except Exception:
-            log.exception("HTTP %s %s failed", scope["method"], scope["path"])
+            log.exception("HTTP %r %r failed", scope["method"], scope["path"])  # %r: the caller's text, escaped
             message = f"{scope['method']} {scope['path']}: internal error; the server log has details"
             status, payload, extra = 500, json_body({"error": message}), JSON_TYPE
         response_headers = [*extra, (b"content-length", str(len(payload)).encode())]
@@ -230,18 +233,16 @@ class HttpApi:
         with core.request(HTTP, identity) as call:
             model = core.resolve(call, found.model, found.version)
             header_length = _text(headers.get(HEADER_LENGTH_KEY))
-            if len(body) > OFFLOAD_BYTES:  # a big JSON body takes milliseconds to parse: not on the loop
-                request, decoded, binary = await asyncio.to_thread(_decode, body, header_length, model.signature)
-            else:
-                request, decoded, binary = _decode(body, header_length, model.signature)
-            call.request_id = str(request.header.get("id") or "")
-            parameters = request.header.get("parameters") or {}
-            if not isinstance(parameters, dict):
-                raise InvalidInput(f"{model.signature.label}: 'parameters' must be an object")
-            answer = await core.infer(call, decoded, parameters)
+            # Parsed, checked and decoded in a codec thread when big (limits.Offload), as gRPC's are.
+            request, decoded, binary = await core.offload.run(
+                len(body), _decode, body, header_length, model.signature, core.limits
+            )
+            call.request_id = request.id or ""
+            answer = await core.infer(call, decoded, request.parameters)
             outputs = [(model.signature.output(name), answer.outputs[name], binary[name]) for name in decoded.outputs]
             said = dict(core.accounting(call, answer))
-            encoded = encode_infer(model.name, model.version, request.header.get("id"), outputs, said)
+            weight = sum(encode_weight(array, not binary) for _, array, binary in outputs)
+            encoded = await core.offload.run(weight, encode_infer, model.name, model.version, request.id, outputs, said)
         if encoded.header_length is None:
             return 200, encoded.body, JSON_TYPE
         return 200, encoded.body, (
@@ -270,9 +271,9 @@ class HttpApi:
         return 200, b"", ()
 
 
-def _decode(body: bytes, header_length: str | None, signature):
-    request = split_body(body, header_length)
-    decoded, binary = decode_infer(request, signature)
+def _decode(body: bytes, header_length: str | None, signature, limits: RequestLimits):
+    request = split_body(body, header_length, limits.max_json_values, signature.label)
+    decoded, binary = decode_infer(request, signature, limits)
     return request, decoded, binary
 
 
@@ -310,9 +311,12 @@ def _file_bytes(model: str, key: str, value) -> bytes:
         raise InvalidInput(f"failed to load '{model}': parameter {key!r} is not valid base64") from None
 
 
-async def start_http(settings: ServerSettings, api: HttpApi) -> uvicorn.Server:
+async def start_http(
+    settings: ServerSettings, api: HttpApi, connections: ConnectionMetrics | None = None
+) -> uvicorn.Server:
     """uvicorn in the running loop: its start-up and shutdown are called directly, so it installs
-    no signal handlers of its own and the server's lifecycle stays in app.py."""
+    no signal handlers of its own and the server's lifecycle stays in app.py. Each connection is
+    bounded (server/connection_limits.py) and counted in `connections`."""
     config = uvicorn.Config(
         api,
         host=settings.http_address,
@@ -321,15 +325,12 @@ async def start_http(settings: ServerSettings, api: HttpApi) -> uvicorn.Server:
         log_config=None,
         access_log=False,
         server_header=False,
+        ws="none",  # no WebSocket upgrade: a connection speaks HTTP/1.1 under the limits, or nothing
         timeout_keep_alive=75,  # longer than the usual load balancer idle timeout (60 s)
         timeout_graceful_shutdown=settings.exit_timeout_secs,
-        **uvicorn_tls(settings),  # httptools; under TLS, its files and a protocol that reads client certificates
+        **uvicorn_tls(settings),  # the limited protocol; under TLS, its files and a protocol that reads client certificates
     )
-    config.load()
-    server = uvicorn.Server(config)
-    server.lifespan = config.lifespan_class(config)
-    await server.startup()
-    return server
+    return await listen(config, Listener("http", http_limits(settings, "http"), connections))
 
 
 def http_port(server: uvicorn.Server) -> int:

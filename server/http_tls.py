@@ -2,30 +2,31 @@
 
 uvicorn's httptools protocol puts nothing of TLS into the ASGI scope. TlsHttpToolsProtocol adds the
 ASGI TLS extension (scope["extensions"]["tls"]), built once per connection from the peer
-certificate; server.tls.http_client_name reads the caller's name from it. Plain HTTP keeps
-uvicorn's own protocol, so that it does nothing more per request than before.
+certificate; server.tls.http_client_name reads the caller's name from it. Plain HTTP keeps the
+protocol it derives from, LimitedHttpToolsProtocol (server/connection_limits.py: bounds on each
+request and connection), so that it does nothing more per request than that.
 """
 
 import ssl
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-
 from server.config import ServerSettings
+from server.connection_limits import LimitedHttpToolsProtocol
 from server.tls import rfc4514, tls_files
 
 TLS_VERSIONS = {"TLSv1": 0x0301, "TLSv1.1": 0x0302, "TLSv1.2": 0x0303, "TLSv1.3": 0x0304}
 
 
-class TlsHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, plus the ASGI TLS extension in every request's scope."""
+class TlsHttpToolsProtocol(LimitedHttpToolsProtocol):
+    """The limited httptools protocol, plus the ASGI TLS extension in every request's scope."""
 
     tls_extension: dict | None = None
 
-    def connection_made(self, transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        # asyncio calls this after the handshake: the peer's certificate is known by now
+    def connection_ready(self, transport) -> None:
+        # called after the handshake: the peer's certificate is known by now, and before the
+        # request bytes that came with the handshake's end are parsed
         self.tls_extension = tls_extension(transport.get_extra_info("ssl_object"))
+        super().connection_ready(transport)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()  # builds a fresh scope for each request of the connection
@@ -53,7 +54,7 @@ def uvicorn_tls(settings: ServerSettings) -> dict[str, Any]:
     """uvicorn.Config's protocol and TLS arguments for --http-use-ssl[-mutual]."""
     files = tls_files(settings, "http")
     if files is None:
-        return {"http": "httptools"}
+        return {"http": LimitedHttpToolsProtocol}
     options: dict[str, Any] = {"http": TlsHttpToolsProtocol, "ssl_certfile": files.cert, "ssl_keyfile": files.key}
     if files.mutual:
         options.update(ssl_ca_certs=files.root, ssl_cert_reqs=ssl.CERT_REQUIRED)

@@ -4,9 +4,11 @@ bounded set of tenant names that get series of their own on /metrics.
 
 A tenant comes from the most trusted source configured: the API key, else the client certificate,
 else the x-tenant-id header (only with --trust-tenant-header), else "unknown". With --api-keys set,
-every call but health and readiness needs a valid key, or, under mutual TLS, a client certificate
-whose subject CN the file's "certificates" maps to a tenant; without --api-keys, a verified client
-certificate's CN is the tenant.
+every call but the server's health and readiness needs a valid key, or, under mutual TLS, a client
+certificate whose subject CN the file's "certificates" maps to a tenant; without --api-keys, a
+verified client certificate's CN is the tenant. A subject with no CN or several names no one
+(server/tls.py common_name). A reload replaces `keys` with a new KeyFile, never changes it in place:
+open streams compare it to tell when to check their caller again.
 """
 
 import asyncio

@@ -14,6 +14,7 @@ from server.costs import CostLedger, Share
 from server.errors import DeadlineExceeded, InvalidInput, ModelNotFound, Overloaded, ServingError, ShuttingDown
 from server.events import EventBus, RequestFinished, RequestStarted
 from server.identity import Authenticator, Identity
+from server.request_limits import DEFAULT_LIMITS, Offload, RequestLimits
 from server.repository import ModelRepository, ModelVersion
 from server.tensors import DecodedRequest
 from server.usage_log import UsageLog
@@ -64,8 +65,15 @@ class InferenceCore:
         strict_readiness: bool,
         auth: Authenticator,
         usage: UsageLog | None = None,
+        limits: RequestLimits = DEFAULT_LIMITS,
+        offload: Offload | None = None,
     ) -> None:
         self.repository = repository
+        # What the transports' codecs check and where they decode and encode big tensors.
+        self.limits, self.offload = limits, offload or Offload()
+        # With keys, a NOT_FOUND names no model the caller did not name: a key of one tenant must not
+        # learn every model's name by asking for a wrong one. Without keys, Triton's helpful list.
+        repository.names_in_errors = auth.keys is None
         self.bus = bus
         self.ledger = ledger
         self.strict_readiness = strict_readiness

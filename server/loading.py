@@ -1,6 +1,7 @@
 """Loading one model version: its sessions, the configuration completed from the graph,
-calibration, warm-up and a batcher. The blocking parts run in a worker thread, so the
-versions already serving keep serving while a new one loads beside them."""
+calibration, warm-up and a batcher. The blocking parts run in worker threads, so the versions
+already serving keep serving while a new one loads beside them, within the load's deadline
+(load_deadline.py: --model-load-timeout-secs, an unload, shutdown)."""
 
 import asyncio
 import dataclasses
@@ -15,6 +16,7 @@ from server import warmup
 from server.batching import Batcher
 from server.errors import ConfigError
 from server.events import EventBus, ModelStateChanged
+from server.load_deadline import LoadDeadline
 from server.model_config import ModelSettings, TensorConfig
 from server.providers import engine_cache_dir, profile_shapes
 from server.placement import GpuPolicy
@@ -50,9 +52,11 @@ async def load_version(
     model_dir: Path,
     default_max_batch_size: int,
     bus: EventBus,
-    gpu: GpuPolicy = GpuPolicy(),
+    gpu: GpuPolicy,
+    deadline: LoadDeadline,
 ) -> ModelVersion:
-    """A version ready to serve, not yet announced; raises ConfigError (sessions closed) when it cannot load."""
+    """A version ready to serve, not yet announced; raises ConfigError (sessions closed, or closed by the
+    step still running when the load was given up) when it cannot load in time."""
     loaded = ModelVersion(name, version)
     path = model_dir / version / settings.model_filename
     if not path.resolve().is_relative_to((model_dir / version).resolve()):
@@ -60,23 +64,28 @@ async def load_version(
     if not path.is_file():
         raise ConfigError(f"{path}: model file not found")
     started = time.perf_counter()
-    profiles = await asyncio.to_thread(tensorrt_profiles, settings, path, default_max_batch_size)
+    profiles = await deadline.run("reading the model", tensorrt_profiles, settings, path, default_max_batch_size)
     gpu = dataclasses.replace(gpu, tensorrt_profiles=profiles)
     if _wants_tensorrt(settings) and gpu.tensorrt_cache_dir is not None:
-        cache = await asyncio.to_thread(engine_cache_dir, gpu.tensorrt_cache_dir, path, gpu.hardware, ort.__version__)
+        cache_dir, hardware = gpu.tensorrt_cache_dir, gpu.hardware
+        cache = await deadline.run("hashing the model", engine_cache_dir, cache_dir, path, hardware, ort.__version__)
         gpu = dataclasses.replace(gpu, tensorrt_cache_dir=cache)
-    pool = await asyncio.to_thread(InstancePool, path, settings.session, loaded.label, gpu)
+    opening = (InstancePool, path, settings.session, loaded.label, gpu)
+    pool = await deadline.run("opening sessions", *opening, cleanup=InstancePool.close)
+    pool.load_check = deadline.check  # calibration and warm-up stop between two runs once the load is given up
     try:
         completed, signature = complete_settings(settings, pool, default_max_batch_size, version)
-        choice = await asyncio.to_thread(pool.calibrate, signature.inputs, completed.batching.max_batch_size)
+        await deadline.run("binding", pool.bind_batch_sizes, completed.batching, signature)  # CUDA graphs' padded sizes
+        choice = await deadline.run("calibration", pool.calibrate, signature.inputs, completed.batching.max_batch_size)
         log.info("%s runs with %s", loaded.label, choice.describe())
-        await asyncio.to_thread(warmup.warm_up, pool, completed, signature, model_dir)
+        await deadline.run("warm-up", warmup.warm_up, pool, completed, signature, model_dir)
     except BaseException as err:  # a failure, a bug, or a cancelled load: the sessions close either way
-        await asyncio.shield(asyncio.to_thread(pool.close))
+        await deadline.release(pool.close)
         if isinstance(err, (ConfigError, asyncio.CancelledError)) or not isinstance(err, Exception):
             raise
         log.exception("%s: unexpected failure while loading", loaded.label)
         raise ConfigError(f"{loaded.label}: unexpected failure while loading ({type(err).__name__}); see the server log") from err
+    del pool.load_check  # loaded: its runs are no longer the load's to stop
     loaded.batcher = Batcher(pool.run, completed.batching, pool.instance_count, name, version, bus, pool.devices)
     loaded.batcher.start()
     loaded.settings, loaded.signature, loaded.pool = completed, signature, pool

@@ -2,11 +2,11 @@
 GPU readings collected at scrape time; the /metrics HTTP endpoint."""
 
 import logging
+import os
 from dataclasses import dataclass
-from typing import Callable, Iterator
-from wsgiref.simple_server import WSGIServer
+from typing import Callable, Iterator, Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_asgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -18,7 +18,10 @@ from server.events import (
     RequestFinished,
     RequestStarted,
 )
-from server.tls import serve_wsgi_tls
+from server import nvml_devices
+from server.config import ServerSettings
+from server.connection_limits import ConnectionMetrics
+from server.metrics_server import MetricsServer, start_metrics_server
 
 log = logging.getLogger(__name__)
 
@@ -235,28 +238,40 @@ class CostCollector(Collector):
 
 
 class GpuReader:
-    """NVML handles of the GPUs the driver reports; `open()` is None without a driver or GPU."""
+    """NVML handles of the GPUs CUDA sees, keyed by CUDA ordinal; `open()` is None without a
+    driver or a visible GPU."""
 
-    def __init__(self, nvml, handles: dict[str, object]) -> None:
+    def __init__(self, nvml, handles: dict[str, object], memory_handles: Mapping[str, object] | None = None) -> None:
         self._nvml = nvml
-        self.handles = handles  # "cuda:N" -> NVML handle
+        self.handles = handles  # "cuda:N" -> NVML handle of the board (of a MIG instance's parent board)
+        self._memory_handles = dict(memory_handles or {})  # "cuda:N" -> its MIG instance: memory is per instance
 
     @classmethod
-    def open(cls) -> "GpuReader | None":
+    def open(cls, nvml=None, environ: Mapping[str, str] | None = None) -> "GpuReader | None":
+        """pynvml and os.environ unless given; call after nvml_devices.pin_cuda_order."""
         try:
-            import pynvml
-
-            pynvml.nvmlInit()
-        except Exception as err:  # no driver or no library: a CPU machine
+            nvml = nvml_devices.start(nvml)
+        except nvml_devices.NvmlUnavailable as err:  # no driver or no library: a CPU machine
             log.info("GPU metrics: NVML is not available (%s); no onnxserve_gpu_* series", err)
             return None
-        count = pynvml.nvmlDeviceGetCount()
-        if not count:
-            pynvml.nvmlShutdown()
-            log.info("GPU metrics: NVML sees no GPU; no onnxserve_gpu_* series")
+        environ = os.environ if environ is None else environ
+        try:
+            devices = nvml_devices.cuda_devices(nvml, environ)
+        except nvml.NVMLError as err:  # a driver that cannot list its GPUs: as good as none
+            devices = []
+            log.warning("GPU metrics: NVML cannot list the GPUs (%s)", err)
+        if not devices:
+            nvml.nvmlShutdown()
+            visible = environ.get(nvml_devices.VISIBLE_VARIABLE)
+            shown = "" if visible is None else f" ({nvml_devices.VISIBLE_VARIABLE}={visible!r})"
+            log.info("GPU metrics: CUDA sees no GPU%s; no onnxserve_gpu_* series", shown)
             return None
-        handles = {f"cuda:{i}": pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)}
-        return cls(pynvml, handles)
+        for device in devices:  # once, at start: a MIG device's energy over-counts, a pinned order may not hold
+            log.info("GPU metrics: %s reads NVML device %s%s", device.name, device.uuid, " (MIG)" if device.mig else "")
+            if device.note:
+                log.warning("GPU metrics: %s", device.note)
+        memory = {device.name: device.instance for device in devices if device.instance is not None}
+        return cls(nvml, {device.name: device.handle for device in devices}, memory)
 
     def names(self) -> dict[str, str]:
         return {device: _text(self._nvml.nvmlDeviceGetName(handle)) for device, handle in self.handles.items()}
@@ -274,10 +289,11 @@ class GpuReader:
     def readings(self, device: str) -> dict[str, float]:
         """Whatever this GPU reports now; a reading it does not support is left out."""
         nvml, handle = self._nvml, self.handles[device]
+        memory = self._memory_handles.get(device, handle)
         probes = {
             "utilization": lambda: nvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100.0,
-            "memory_used": lambda: float(nvml.nvmlDeviceGetMemoryInfo(handle).used),
-            "memory_total": lambda: float(nvml.nvmlDeviceGetMemoryInfo(handle).total),
+            "memory_used": lambda: float(nvml.nvmlDeviceGetMemoryInfo(memory).used),
+            "memory_total": lambda: float(nvml.nvmlDeviceGetMemoryInfo(memory).total),
             "power": lambda: nvml.nvmlDeviceGetPowerUsage(handle) / 1000.0,
             "energy": lambda: nvml.nvmlDeviceGetTotalEnergyConsumption(handle) / 1000.0,
         }
@@ -322,10 +338,9 @@ def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def serve_metrics(registry: CollectorRegistry, address: str, port: int, certfile: str = "", keyfile: str = "") -> WSGIServer:
-    """Start /metrics in a daemon thread; the returned server knows its bound port. With a
-    certificate and key (--metrics-use-ssl), over TLS; plain otherwise."""
-    if certfile:  # not start_http_server's certfile: there, one silent client stalls every scrape
-        return serve_wsgi_tls(make_wsgi_app(registry), address, port, certfile, keyfile)
-    httpd, _thread = start_http_server(port, addr=address, registry=registry)
-    return httpd
+def serve_metrics(
+    registry: CollectorRegistry, settings: ServerSettings, connections: ConnectionMetrics | None = None
+) -> MetricsServer:
+    """Start /metrics on an event loop in a daemon thread of its own (server/metrics_server.py); the
+    returned server knows its bound port. Over TLS with --metrics-use-ssl; plain otherwise."""
+    return start_metrics_server(make_asgi_app(registry), settings, connections)

@@ -4,13 +4,14 @@ Triton's ModelConfig message, parsed and validated into frozen dataclasses. Erro
 the file (or the request parameter) and the field that is wrong.
 """
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from google.protobuf import json_format, text_format
 
-from server import protocol, providers
+from server import model_limits, protocol, providers
 from server.errors import ConfigError
 
 
@@ -184,12 +185,16 @@ ONNX_BACKENDS = ("", "onnxruntime")
 
 
 def load_model_settings(model_dir: Path) -> ModelSettings:
-    """Read <model_dir>/config.pbtxt if there is one; ConfigError names file and field."""
+    """Read <model_dir>/config.pbtxt if there is one; ConfigError names file and field. Blocking."""
     path = model_dir / "config.pbtxt"
     if not path.exists():
         return ModelSettings(name=model_dir.name, source="(no config.pbtxt)")
     try:
-        proto = text_format.Parse(path.read_text(), protocol.ModelConfig())
+        with open(path, "rb") as handle:
+            content = handle.read(model_limits.MAX_CONFIG_BYTES + 1)
+            size = max(len(content), os.fstat(handle.fileno()).st_size)
+        model_limits.check_size(size, "bytes", str(path))
+        proto = text_format.Parse(content.decode(), protocol.ModelConfig())
     except text_format.ParseError as err:
         raise ConfigError(f"{path}: {err}") from None
     except (OSError, UnicodeDecodeError) as err:
@@ -201,6 +206,7 @@ def settings_from_json(text: str, model_name: str) -> ModelSettings:
     """A load request's `config` parameter: Triton's JSON mapping of ModelConfig, which
     replaces config.pbtxt for that load."""
     where = "load request parameter 'config'"
+    model_limits.check_size(len(text), "characters", where)
     try:
         proto = json_format.Parse(text, protocol.ModelConfig())
     except json_format.ParseError as err:
@@ -218,6 +224,7 @@ def settings_from_proto(proto, where: str, model_name: str) -> ModelSettings:
     max_batch_size = proto.max_batch_size if proto.HasField("max_batch_size") else None
     if max_batch_size is not None and max_batch_size < 0:
         raise ConfigError(f"{where}: max_batch_size: {max_batch_size} is negative")
+    model_limits.check(proto, where)  # before anything is sized by these numbers
     return ModelSettings(
         name=model_name,
         source=where,
@@ -328,7 +335,9 @@ def _session(proto, where: str) -> SessionSettings:
         gpu.append(Accelerator(accelerator.name, tuple(sorted(parameters.items()))))
     values["gpu_accelerators"] = tuple(gpu)
     values["model_cuda_options"] = tuple(sorted(model_cuda.items()))  # options, not a request for a GPU
-    return SessionSettings(**values)
+    session = SessionSettings(**values)
+    model_limits.check_threads(session.instance_count, session.intra_op_threads, where)
+    return session
 
 
 def _parameter_value(key: str, text: str, where: str) -> int | bool:
@@ -342,7 +351,7 @@ def _parameter_value(key: str, text: str, where: str) -> int | bool:
         raise ConfigError(f"{where}: parameters[{key!r}]: {text!r} is not an integer") from None
     if count < 0:
         raise ConfigError(f"{where}: parameters[{key!r}]: {count} is negative")
-    return count
+    return model_limits.at_most(count, model_limits.PARAMETER_BOUNDS[key], where, f"parameters[{key!r}]")
 
 
 def _warmup(proto, where: str) -> WarmupSample:

@@ -2,6 +2,7 @@
 extensions, a version's configuration in force and its statistics, as Triton's ModelConfig and
 ModelStatistics messages (the HTTP transport sends their JSON mapping)."""
 
+import json
 from functools import cache
 from importlib import metadata
 
@@ -81,6 +82,8 @@ def model_config_proto(model: ModelVersion):
     # The provider actually in use, not the one asked for.
     config.parameters["execution_provider"].string_value = pool.provider
     config.parameters["device"].string_value = pool.device
+    # Exactly what instance 0's session was opened with: a raw baseline can open the same.
+    config.parameters["provider_options"].string_value = json.dumps(pool.in_use[0].providers)
     # The session settings in force, whether config.pbtxt set them or calibration chose them.
     choice = pool.choice
     config.parameters["intra_op_thread_count"].string_value = str(choice.intra_op_threads)

@@ -11,6 +11,7 @@ from pathlib import Path, PurePosixPath
 from typing import Mapping
 
 from server.errors import InvalidInput
+from server.model_limits import MAX_LOAD_FILES
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,10 @@ def check_files(name: str, files: Mapping[str, bytes], config: str | None) -> No
         raise InvalidInput(f"failed to load '{name}': 'file:' parameters need a 'config' parameter too, as in Triton")
     if not is_model_name(name):
         raise InvalidInput(f"failed to load '{name}': the model name must be one path component")
+    if len(files) > MAX_LOAD_FILES:  # each is a file written and removed in a worker thread
+        raise InvalidInput(
+            f"failed to load '{name}': 'file:' parameters: {len(files)} exceeds onnxserve's limit of {MAX_LOAD_FILES}"
+        )
     for relative in files:
         problem = _path_problem(relative)
         if problem:

@@ -1,7 +1,8 @@
 """GPU execution provider options: what config.pbtxt may say to onnxruntime's CUDA and TensorRT
-providers, with Triton's ORT-backend names, checked at load (onnxruntime ignores an option it
-does not know, so a misspelt one would be silently lost), plus TensorRT's optimisation profiles
-and engine cache, and why a CUDA provider cannot be used here."""
+providers, with Triton's ORT-backend names, checked at load (onnxruntime refuses an option it does
+not know with "Unknown provider option" or "Invalid TensorRT EP option", so a misspelt one is
+named here, with its file and field, before any session opens), plus TensorRT's optimisation
+profiles and engine cache, and why a GPU provider cannot be used here."""
 
 import ctypes
 import hashlib
@@ -172,14 +173,21 @@ def profile_shapes(inputs, max_batch_size: int) -> dict[str, str]:
     }
 
 
-def provider_unavailable_reason(provider_library: Path, gpus: int) -> str:
-    """Why an onnxruntime GPU provider cannot run here, in the dynamic loader's or NVML's words."""
+def library_unloadable(provider_library: Path) -> str:
+    """Why an onnxruntime provider library cannot be loaded into this process; "" when it can."""
     if not provider_library.exists():
         return f"this onnxruntime has no {provider_library.name} (the CPU-only wheel, or a build without it)"
     try:
         ctypes.CDLL(str(provider_library))
     except OSError as err:  # the loader names the library it could not find: libcuda.so.1, libnvinfer.so.10
         return f"{provider_library.name} cannot be loaded: {err}"
+    return ""
+
+
+def provider_unavailable_reason(provider_library: Path, gpus: int) -> str:
+    """Why an onnxruntime GPU provider cannot run here, in the dynamic loader's or NVML's words."""
+    if reason := library_unloadable(provider_library):
+        return reason
     if gpus == 0:
         return "no NVIDIA GPU is visible (NVML reports none, or no driver is mounted)"
     return "onnxruntime chose another provider; its log above says why"

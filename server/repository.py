@@ -6,21 +6,58 @@ at once; the versions it replaces answer what they accepted, then close. A reloa
 that fails leaves what served before serving."""
 
 import asyncio
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from server import overrides
-from server.errors import ConfigError, LoadFailed, ModelNotFound, ModelNotReady
+from server.errors import ConfigError, InvalidInput, LoadFailed, ModelNotFound, ModelNotReady
 from server.events import EventBus, ModelStateChanged, RepositoryChanged
+from server.load_deadline import LoadThreads
 from server.loading import LOADING, READY, UNAVAILABLE, UNLOADING, ModelVersion, load_version, ready_event, retire
 from server.model_config import ModelSettings, load_model_settings, settings_from_json
+from server.model_limits import MAX_VERSIONS, at_most
 from server.placement import GpuPolicy
 
 log = logging.getLogger(__name__)
 
-__all__ = ["READY", "UNAVAILABLE", "LOADING", "UNLOADING", "ModelRepository", "ModelVersion"]
+__all__ = ["READY", "UNAVAILABLE", "LOADING", "UNLOADING", "ModelRepository", "ModelVersion", "check_model_name"]
 NOT_LOADED = "not loaded"
+# At shutdown, past the exit timeout: how long loads given up and batchers draining still get. A
+# given-up load fails at once (its loop side stops waiting), so this is slack, not work.
+GIVE_UP_SECONDS = 1.0
+NAME_MAX = 255  # bytes in a file name (Linux): a model's name is its directory's
+
+
+def model_name_problem(name: str) -> str:
+    """Why `name` cannot be a model's name, or "" when it can: it must be one directory name in the
+    repository, and it reaches log lines, where a newline would forge a line of its own."""
+    if not name:
+        return "the model name is empty"
+    size = len(name.encode("utf-8", "surrogatepass"))
+    if size > NAME_MAX:
+        return f"the model name is {size} bytes long; at most {NAME_MAX}"
+    if not name.isprintable():  # control characters, line separators, bidi and zero-width marks
+        index, character = next((i, c) for i, c in enumerate(name) if not c.isprintable())
+        return f"the model name must not contain control or invisible characters (U+{ord(character):04X} at {index})"
+    if "/" in name or "\\" in name or name in (".", ".."):
+        return "the model name must be one path component (no '/', '\\', '.' or '..')"
+    return ""
+
+
+def check_model_name(name: str) -> None:
+    """InvalidInput naming the problem, with the name shortened and escaped."""
+    if problem := model_name_problem(name):
+        shown = name if len(name) <= 64 else f"{name[:64]}..."
+        raise InvalidInput(f"{problem}: {shown!r}")
+
+
+def check_version(version: str) -> None:
+    """A version is a number (Triton refuses others as invalid too); "" asks for the latest."""
+    if version and not (version.isascii() and version.isdigit()):
+        shown = version if len(version) <= 32 else f"{version[:32]}..."
+        raise InvalidInput(f"the model version must be a number: {shown!r}")
 
 
 @dataclass
@@ -31,19 +68,26 @@ class ModelEntry:
     reason: str = NOT_LOADED
     wanted: bool = False  # loaded at start, or served since, and not unloaded: counts for the server's readiness
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    given_up: str = ""  # why a load under way stops before its next version (an unload waits for the lock)
 
     def serving(self) -> dict[str, ModelVersion]:
         return {number: version for number, version in self.versions.items() if version.state == READY}
 
 
 class ModelRepository:
-    def __init__(self, root: Path, default_max_batch_size: int, bus: EventBus, gpu: GpuPolicy = GpuPolicy()) -> None:
+    def __init__(self, root: Path, default_max_batch_size: int, bus: EventBus, gpu: GpuPolicy = GpuPolicy(),
+                 load_timeout_secs: float = 1800.0, default_max_queue_size: int = 0) -> None:  # fmt: skip
         self.root = root
         self.default_max_batch_size = default_max_batch_size
+        self.default_max_queue_size = default_max_queue_size  # for configs that leave the queue unbounded
         self.gpu = gpu
         self.bus = bus
+        self.loads = LoadThreads(load_timeout_secs)  # each version's load within --model-load-timeout-secs
         self.models: dict[str, ModelEntry] = {}
         self.loaded = False  # the start-up loads are done
+        # NOT_FOUND lists the loaded models (or a model's versions), as Triton's does; off with
+        # --api-keys, so that an error tells a caller no names it did not give (InferenceCore sets it).
+        self.names_in_errors = True
         self._changes: set[asyncio.Task] = set()  # loads and unloads under way
 
     # --- lookups ------------------------------------------------------------------------------
@@ -52,14 +96,16 @@ class ModelRepository:
         """The version asked for, or the latest ready one; raises ModelNotFound/ModelNotReady."""
         entry = self.models.get(name)
         if entry is None:
+            check_model_name(name)  # only here: a name that serves was checked as it loaded
             loaded = sorted(n for n, e in self.models.items() if e.wanted)
-            raise ModelNotFound(f"Request for unknown model: '{name}' is not found; loaded models: {loaded}")
+            listed = f"; loaded models: {loaded}" if self.names_in_errors else ""
+            raise ModelNotFound(f"Request for unknown model: '{name}' is not found{listed}")
         if version:
             found = entry.versions.get(version)
             if found is None:
-                raise ModelNotFound(
-                    f"Request for unknown model: '{name}' version {version} is not found; versions: {self.version_names(name)}"
-                )
+                check_version(version)
+                listed = f"; versions: {self.version_names(name)}" if self.names_in_errors else ""
+                raise ModelNotFound(f"Request for unknown model: '{name}' version {version} is not found{listed}")
             if found.state != READY:
                 raise ModelNotReady(f"model '{name}' version {version} is {found.state}: {found.reason}")
             return found
@@ -151,9 +197,9 @@ class ModelRepository:
     async def _load(self, name: str, model_dir: Path, config: str | None) -> None:
         entry = self.models.setdefault(name, ModelEntry(name))
         async with entry.lock:
-            try:
-                settings = settings_from_json(config, name) if config is not None else load_model_settings(model_dir)
-                chosen = _chosen_versions(settings, model_dir)
+            try:  # a thread: the file may be large or on a slow disk, the directory may hold thousands of versions
+                settings, chosen = await asyncio.to_thread(_read_config, name, model_dir, config)
+                settings = _bounded_queue(settings, self.default_max_queue_size)
             except ConfigError as err:
                 raise self._failure(entry, str(err)) from None
             loaded, failures = await self._load_versions(entry, settings, model_dir, chosen)
@@ -167,14 +213,19 @@ class ModelRepository:
     ) -> tuple[dict[str, ModelVersion], dict[str, str]]:
         loaded, failures = {}, {}
         for number in chosen:
-            entry.versions.setdefault(number, ModelVersion(entry.name, number, reason="loading"))
+            if number not in entry.versions or entry.versions[number].state == UNAVAILABLE:  # a retry shows LOADING too
+                entry.versions[number] = ModelVersion(entry.name, number, reason="loading")
             try:
-                loaded[number] = await load_version(
-                    entry.name, number, settings, model_dir, self.default_max_batch_size, self.bus, self.gpu
-                )
+                if entry.given_up:
+                    raise ConfigError(f"{entry.versions[number].label}: the load was given up: {entry.given_up}")
+                with self.loads.deadline(entry.name, entry.versions[number].label) as deadline:
+                    loaded[number] = await load_version(
+                        entry.name, number, settings, model_dir, self.default_max_batch_size, self.bus, self.gpu, deadline
+                    )
             except ConfigError as err:
                 failures[number] = str(err)
-                log.error("model '%s' version %s failed to load: %s", entry.name, number, err)
+                # %r: a load request's config is the caller's text, and its messages quote it
+                log.error("model '%s' version %s failed to load: %r", entry.name, number, str(err))
                 if entry.versions[number].state != READY:
                     self.bus.publish(ModelStateChanged(entry.name, number, False, "none", str(err)))
         return loaded, failures
@@ -232,7 +283,11 @@ class ModelRepository:
             if name in self.discover():
                 return  # never loaded: nothing to do
             raise ModelNotFound(f"failed to unload '{name}': Request for unknown model: '{name}' is not found")
+        if entry.lock.locked():  # a load under way: it fails now, not when its warm-up would end
+            entry.given_up = "the model was unloaded"
+            self.loads.stop(entry.given_up, name)
         async with entry.lock:
+            entry.given_up = ""
             entry.wanted = False
             serving = list(entry.serving().values())
             for version in serving:
@@ -245,29 +300,66 @@ class ModelRepository:
         if serving:
             log.info("model '%s' unloaded (versions %s)", name, sorted(v.version for v in serving))
 
-    async def close(self) -> None:
-        """Shutdown: let loads and unloads under way finish, drain every batcher, then close the sessions."""
-        await asyncio.gather(*self._changes, return_exceptions=True)  # their failures are logged
+    async def close(self, timeout: float) -> list[str]:
+        """Shutdown within `timeout` seconds: loads and unloads under way may finish until then, and
+        loads are given up after; every batcher drains, then the sessions close. Returns what still
+        runs when the time is up (a given-up load's step, a batch), for the exit to report."""
+        loop = asyncio.get_running_loop()
+        ends = loop.time() + timeout
+        if self._changes:
+            _, pending = await asyncio.wait(set(self._changes), timeout=timeout)  # their failures are logged
+            if pending:
+                log.warning("shutdown: giving up %d model load(s) still under way", len(pending))
+                for entry in self.models.values():
+                    entry.given_up = "the server is shutting down"
+                self.loads.stop("the server is shutting down")
+                await asyncio.wait(pending, timeout=max(GIVE_UP_SECONDS, ends - loop.time()))
         versions = [version for entry in self.models.values() for version in entry.serving().values()]
-        await asyncio.gather(*(retire(version) for version in versions))
+        retiring = {asyncio.create_task(retire(version)): version for version in versions}
+        late = set()
+        if retiring:
+            _, late = await asyncio.wait(retiring, timeout=max(GIVE_UP_SECONDS, ends - loop.time()))
         for version in versions:
             version.state, version.reason = UNAVAILABLE, "server shut down"
+        steps = await self.loads.settled(max(0.0, ends - loop.time()))
+        return steps + [f"{retiring[task].label}: a batch" for task in late]
+
+
+def _bounded_queue(settings: ModelSettings, default_max_queue_size: int) -> ModelSettings:
+    """max_queue_size 0 (Triton's unbounded) becomes --default-max-queue-size: every queued request
+    holds its tensors, and a stream can queue requests without waiting for their answers."""
+    policy = settings.batching.queue_policy
+    if policy.max_queue_size or not default_max_queue_size:
+        return settings
+    bounded = dataclasses.replace(policy, max_queue_size=default_max_queue_size)
+    batching = dataclasses.replace(settings.batching, queue_policy=bounded)
+    return dataclasses.replace(settings, batching=batching)
+
+
+def _read_config(name: str, model_dir: Path, config: str | None) -> tuple[ModelSettings, list[str]]:
+    """The model's settings and the versions they choose; blocking."""
+    settings = settings_from_json(config, name) if config is not None else load_model_settings(model_dir)
+    return settings, _chosen_versions(settings, model_dir)
 
 
 def _chosen_versions(settings: ModelSettings, model_dir: Path) -> list[str]:
     available = [int(p.name) for p in model_dir.iterdir() if p.is_dir() and _is_version(p.name)]
     chosen = settings.version_policy.select(available)
     if not chosen:
+        found = sorted(available)
+        shown = found if len(found) <= 20 else [*found[:10], "...", *found[-10:]]
         raise ConfigError(
             f"{model_dir}: no version directory matches the version policy "
-            f"({settings.version_policy.kind}); found {sorted(available)}"
+            f"({settings.version_policy.kind}); found {shown}"
         )
+    field_name = f"version_policy {settings.version_policy.kind} (versions chosen)"
+    at_most(len(chosen), MAX_VERSIONS, settings.source, field_name)
     return [str(number) for number in chosen]
 
 
 def _is_version(name: str) -> bool:
-    """Numeric directory names; Triton ignores those starting with 0."""
-    return name.isdigit() and not name.startswith("0")
+    """Numeric directory names within Triton's int64; Triton ignores those starting with 0."""
+    return name.isascii() and name.isdigit() and not name.startswith("0") and int(name) < 2**63
 
 
 def _describe(failures: dict[str, str]) -> str:

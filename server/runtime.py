@@ -1,25 +1,29 @@
-"""onnxruntime sessions of one model version, opened where placement.py says (with a loud
-fallback): IO specs from the graph, calibration and warm-up, IO binding, and `run` in a thread per
-instance (or on the event loop itself for batches measured to be shorter than the handoff)."""
+"""onnxruntime sessions of one model version, opened where placement.py says (with a loud fallback): IO
+specs from the graph, calibration and warm-up, and `run` in a thread per instance (or on the event loop
+for batches measured to be shorter than the handoff). IO binding, CUDA graphs' too, is in binding.py."""
 
 import asyncio
 import functools
 import logging
 import math
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnxruntime as ort
 
-from server import calibration, protocol, providers
-from server.placement import CPU, PROVIDER_LIBRARIES, GpuPolicy, Placement, no_gpu, plan_placements, visible_gpus
-from server.model_config import SessionSettings
+from server import calibration, protocol
+from server.binding import GRAPH_CAPTURE_RUNS, GRAPH_OWN_SESSIONS, GRAPH_THREAD, FixedBinding, GraphBindings, GraphShapes
+from server.binding import bound_run, cuda_graphs_asked, unbound
+from server.placement import GpuPolicy, Placement, open_session, plan_placements, visible_gpus
+from server.model_config import BatchingSettings, SessionSettings
 from server.errors import ConfigError, ExecutionFailed
-from server.tensors import DATATYPE_BY_ORT, DATATYPES, TensorSpec
+from server.tensors import DATATYPE_BY_ORT, DATATYPES, Signature, TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +41,8 @@ SWITCH_LOG_SECONDS = 60.0
 # Calibration's size for variable dimensions other than the batch (a sequence, an image side):
 # at 1, an encoder measures like a tiny model and gets too few threads.
 CALIBRATION_DIM = 64
+
+
 def cpu_cores(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
     """Cores this process may use: its CPU affinity, capped by a container's CPU limit.
 
@@ -120,10 +126,19 @@ def graph_specs(args, model_path: Path) -> tuple[TensorSpec, ...]:
 class InstancePool:
     """N sessions of one model file, each with its own worker thread."""
 
+    # While the pool loads, loading.py sets this to its deadline's check, which raises once the load
+    # is given up (its time limit, an unload, shutdown): calibration and warm-up stop between runs.
+    load_check: Callable[[], None] = staticmethod(lambda: None)
+
     def __init__(self, model_path: Path, settings: SessionSettings, label: str, gpu: GpuPolicy = GpuPolicy()) -> None:
         self.label, self.model_path, self.settings, self.gpu = label, model_path, settings, gpu
         self.placements = plan_placements(settings, visible_gpus(), label, gpu)
         self.control_flow = control_flow(model_path)
+        self.graphs = cuda_graphs_asked(settings)
+        # With CUDA graphs, set by bind_batch_sizes (until then its sessions cannot run): what each
+        # instance binds, and each instance's thread (threading.get_ident()).
+        self.graph_shapes: GraphShapes | None = None
+        self._owners: list[int] = []
         # Until calibration chooses: the configured values, else one core's share per instance.
         self.choice = calibration.previous_defaults(self.fixed(), cpu_cores(), len(self.placements))
         self._sessions = self._open_all()
@@ -131,48 +146,43 @@ class InstancePool:
             ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ort-{label}-{i}") for i in range(len(self.placements))
         ]
         first = self._sessions[0]
-        self.provider = first.get_providers()[0]
-        # Where each instance really runs: a GPU placement that fell back to the CPU provider is "cpu".
-        self.devices = tuple(
-            p.device if session.get_providers()[0] != CPU else "cpu" for p, session in zip(self.placements, self._sessions)
-        )
+        self.provider = self.in_use[0].providers[0][0]
+        # Where each instance really runs and is billed: a GPU placement on the CPU provider is "cpu".
+        self.devices = tuple(placement.device for placement in self.in_use)
         self.device = self.devices[0]
         self.inputs = graph_specs(first.get_inputs(), model_path)
         self.outputs = graph_specs(first.get_outputs(), model_path)
         self.io_binding = self._binds()
         self.static = all(dim >= 0 for spec in self.inputs + self.outputs for dim in spec.shape)
-        self._check_cuda_graph()
         self._runs = self._run_functions()
         self._peaks = self._run_peaks(None)
 
     def _binds(self) -> bool:
-        """IO binding where it pays (GPU instances) or where config.pbtxt asks for it."""
+        """IO binding where it pays (GPU instances), where config.pbtxt asks for it, and always with
+        CUDA graphs: on the CPU fallback too, so that their padded bindings serve alike everywhere."""
         strings = [spec.name for spec in self.inputs + self.outputs if spec.datatype == "BYTES"]
         asked = self.settings.io_binding
-        if asked and strings:
-            raise ConfigError(
-                f"{self.label}: parameters['io_binding']: onnxruntime cannot bind string tensors ({', '.join(strings)})"
-            )
-        return (self.device != "cpu" and not strings) if asked is None else asked
+        if self.graphs and asked is False:
+            raise ConfigError(f"{self.label}: enable_cuda_graph needs IO binding at fixed addresses; parameters['io_binding'] is 0")
+        if (asked or self.graphs) and strings:
+            field_name = "enable_cuda_graph needs IO binding, and" if self.graphs else "parameters['io_binding']:"
+            raise ConfigError(f"{self.label}: {field_name} onnxruntime cannot bind string tensors ({', '.join(strings)})")
+        if asked is None:
+            return self.graphs or (self.device != "cpu" and not strings)
+        return asked
 
     def _run_functions(self) -> list:
-        """Per instance: session.run; IO binding; or, for a model whose shapes never change, tensors
-        bound once at fixed addresses (what a CUDA graph replays)."""
+        """Per instance: session.run; IO binding; for a model whose shapes never change, tensors bound
+        once at fixed addresses; with CUDA graphs, those per padded batch size (binding.py)."""
+        if self.graphs and self.graph_shapes is None:  # until bind_batch_sizes knows the completed shapes
+            return [unbound] * len(self._sessions)
+        if self.graphs:
+            return self.graph_shapes.bind(self.label, self._sessions, self.devices, self._owners)
         if not self.io_binding:
             return [_timed_run] * len(self._sessions)
         if self.static:
             return [FixedBinding(session, device, self.inputs, self.outputs) for session, device in zip(self._sessions, self.devices)]
         return [functools.partial(bound_run, device) for device in self.devices]
-
-    def _check_cuda_graph(self) -> None:
-        graphs = [a for a in self.settings.gpu_accelerators if providers.flag(dict(a.parameters).get("enable_cuda_graph", "0"))]
-        if graphs and not self.static:
-            raise ConfigError(
-                f"{self.label}: enable_cuda_graph replays one fixed launch, so every input and output needs a fixed "
-                "shape; this model has a batch dimension or other variable dimensions"
-            )
-        if graphs and self.settings.io_binding is False:
-            raise ConfigError(f"{self.label}: enable_cuda_graph needs IO binding at fixed addresses; parameters['io_binding'] is 0")
 
     @property
     def instance_count(self) -> int:
@@ -190,31 +200,23 @@ class InstancePool:
             threads, reasons["intra_op_thread_count"] = 1, "one per GPU instance"
         if inline is None and self.control_flow:
             inline, reasons["inline_run_below_us"] = 0, f"the graph has {', '.join(self.control_flow)}"
-        return calibration.Fixed(threads or None, settings.allow_spinning, inline, reasons)
+        spinning = settings.allow_spinning
+        if self.graphs:  # even where config.pbtxt says otherwise: a graph never runs on the loop
+            inline, reasons["inline_run_below_us"] = 0, GRAPH_THREAD
+            if not threads:
+                threads, reasons["intra_op_thread_count"] = max(1, cpu_cores() // len(self.placements)), GRAPH_OWN_SESSIONS
+            if spinning is None:
+                spinning, reasons["allow_spinning"] = threads > 1, GRAPH_OWN_SESSIONS
+        return calibration.Fixed(threads or None, spinning, inline, reasons)
 
     def _open_all(self) -> list[ort.InferenceSession]:
         options = session_options(self.settings, self.choice.intra_op_threads, self.choice.allow_spinning)
-        return [self._open(options, placement) for placement in self.placements]
+        opened = [open_session(self.model_path, options, placement, self.label, self.gpu) for placement in self.placements]
+        self.in_use = [placement for _, placement in opened]  # where each instance really runs, as verified
+        return [session for session, _ in opened]
 
     def _open(self, options: ort.SessionOptions, placement: Placement) -> ort.InferenceSession:
-        try:
-            session = ort.InferenceSession(
-                str(self.model_path),
-                sess_options=options,
-                providers=[name for name, _ in placement.providers],
-                provider_options=[opts for _, opts in placement.providers],
-            )
-        except Exception as err:
-            raise ConfigError(f"{self.model_path}: onnxruntime cannot load the model: {err}") from None
-        asked, used = placement.providers[0][0], session.get_providers()[0]
-        if asked == used:
-            return session
-        reason = providers.provider_unavailable_reason(PROVIDER_LIBRARIES[asked], visible_gpus()) if asked in PROVIDER_LIBRARIES else ""
-        if used == CPU:
-            no_gpu(self.label, reason or f"onnxruntime runs it on {used}", self.gpu)
-        else:  # TensorRT asked for, CUDA in use
-            log.warning("%s: asked for %s but onnxruntime runs it on %s: %s", self.label, asked, used, reason)
-        return session
+        return open_session(self.model_path, options, placement, self.label, self.gpu)[0]
 
     def calibrate(self, inputs: tuple[TensorSpec, ...], max_batch_size: int) -> calibration.Choice:
         """Measure what config.pbtxt leaves open (blocking, about 2 s at most), then reopen the
@@ -227,6 +229,7 @@ class InstancePool:
                 self._trial_runner(inputs), lambda: self._handoff(loop), fixed, cores, self.instance_count, max_batch_size
             )
         except Exception as err:  # noqa: BLE001 - any failure of a trial run means: keep the defaults
+            self.load_check()  # ... unless the load was given up: then calibration stops here
             choice = calibration.fallback(fixed, cores, self.instance_count, f"{err}")
             log.warning("%s: %s", self.label, choice.note)
         finally:
@@ -242,14 +245,20 @@ class InstancePool:
         def open_run(threads: int, spinning: bool) -> calibration.Run:
             if _same_options((self.choice.intra_op_threads, self.choice.allow_spinning), (threads, spinning)):
                 session = self._sessions[0]
+            elif self.graphs:  # fixed() leaves nothing to measure on other sessions; this guards it
+                raise RuntimeError(GRAPH_OWN_SESSIONS)
             else:
                 session = self._open(session_options(self.settings, threads, spinning), self.placements[0])
             feeds: dict[int, dict] = {}
 
             def run(batch: int) -> None:
+                self.load_check()
                 if batch not in feeds:
                     feeds[batch] = {spec.name: zeros(spec, batch, CALIBRATION_DIM) for spec in inputs}
-                session.run(None, feeds[batch])
+                if self.graphs:
+                    self._on_thread(0, self._runs[0], session, [spec.name for spec in self.outputs], feeds[batch])
+                else:
+                    session.run(None, feeds[batch])
 
             return run
 
@@ -266,13 +275,44 @@ class InstancePool:
         return [RunPeak.starting(below, calibrated_seconds) for _ in self.placements]
 
     def run_everywhere(self, feeds: dict[str, np.ndarray], count: int = 1) -> None:
-        """Run `feeds` `count` times on every instance (warm-up); blocking; ExecutionFailed on failure."""
-        for session in self._sessions:
+        """Run `feeds` `count` times on every instance (warm-up); blocking; ExecutionFailed on failure.
+        With CUDA graphs, on each instance's own thread through its bindings, as batches run."""
+        names = [spec.name for spec in self.outputs]
+        for instance, session in enumerate(self._sessions):
             for _ in range(count):
+                self.load_check()
                 try:
-                    session.run(None, feeds)
+                    if self.graphs:
+                        self._on_thread(instance, self._runs[instance], session, names, feeds)
+                    else:
+                        session.run(None, feeds)
                 except Exception as err:
                     raise ExecutionFailed(f"{self.label}: onnxruntime failed: {err}") from err
+
+    def bind_batch_sizes(self, batching: BatchingSettings, signature: Signature) -> None:
+        """With CUDA graphs (else nothing): each instance's fixed bindings per padded batch size, at the
+        completed config's shapes (binding.GraphShapes). Blocking: it allocates device buffers."""
+        if not self.graphs:
+            return
+        self.graph_shapes = GraphShapes.of(self.label, batching, signature)
+        self._owners = [self._on_thread(instance, threading.get_ident) for instance in range(self.instance_count)]
+        self._runs = self._run_functions()
+
+    def capture_graphs(self, runs: int = GRAPH_CAPTURE_RUNS) -> tuple[int, ...]:
+        """Blocking: each padded size `runs` times on every instance's thread through its binding and
+        graph id, so every CUDA graph is captured before the model is ready; the sizes (() = unbatched)."""
+        for size in self.graph_shapes.sizes or (0,):
+            self.run_everywhere(self.graph_shapes.zeros(size), runs)
+        return self.graph_shapes.sizes
+
+    @property
+    def graph_bindings(self) -> list[GraphBindings]:
+        """Each instance's bindings, with CUDA graphs on and batch sizes bound; else empty."""
+        return [run for run in self._runs if isinstance(run, GraphBindings)]
+
+    def _on_thread(self, instance: int, function, *args):
+        """`function(*args)` on the instance's own thread, waited for: load code in a worker thread only."""
+        return self._executors[instance].submit(function, *args).result()
 
     def run(self, feeds: dict[str, np.ndarray], output_names: list[str], instance: int):
         """The outputs, when the batch runs on the loop; else an awaitable of them (the instance's thread)."""
@@ -318,6 +358,7 @@ class InstancePool:
     def close(self) -> None:
         for executor in self._executors:
             executor.shutdown(wait=True)
+        self._runs = []  # bound device buffers go before their sessions
         self._sessions.clear()
 
 
@@ -326,56 +367,11 @@ def _same_options(a: tuple[int, bool], b: tuple[int, bool]) -> bool:
     return a[0] == b[0] and (a[0] == 1 or a[1] == b[1])
 
 
-def bound_run(device: str, session: ort.InferenceSession, output_names: list[str], feeds: dict) -> tuple[list, float]:
-    """session.run through IO binding: each input copied to the instance's device once, each output
-    left where the provider allocates it (its shape follows the batch) and copied back once."""
-    started = time.perf_counter()
-    binding = session.io_binding()
-    for name, array in feeds.items():
-        binding.bind_cpu_input(name, np.ascontiguousarray(array))
-    kind, _, index = device.partition(":")
-    for name in output_names:
-        binding.bind_output(name, kind, int(index or 0))
-    session.run_with_iobinding(binding)
-    values = binding.copy_outputs_to_cpu()
-    return values, time.perf_counter() - started
-
-
-class FixedBinding:
-    """A model whose shapes never change: its inputs and outputs live at fixed addresses on the
-    instance's device, bound once; each batch updates the inputs in place and copies the outputs
-    back once. One per instance, which runs one batch at a time."""
-
-    def __init__(self, session: ort.InferenceSession, device: str, inputs, outputs) -> None:
-        kind, _, index = device.partition(":")
-        self.binding = session.io_binding()
-        self.inputs = {}
-        self.dtypes = {spec.name: np.dtype(DATATYPES[spec.datatype].numpy) for spec in inputs}
-        for spec in inputs:
-            value = ort.OrtValue.ortvalue_from_shape_and_type(spec.shape, DATATYPES[spec.datatype].numpy, kind, int(index or 0))
-            self.binding.bind_ortvalue_input(spec.name, value)
-            self.inputs[spec.name] = value
-        self.output_names = [spec.name for spec in outputs]
-        for spec in outputs:
-            value = ort.OrtValue.ortvalue_from_shape_and_type(spec.shape, DATATYPES[spec.datatype].numpy, kind, int(index or 0))
-            self.binding.bind_ortvalue_output(spec.name, value)
-
-    def __call__(self, session: ort.InferenceSession, output_names: list[str], feeds: dict) -> tuple[list, float]:
-        started = time.perf_counter()
-        for name, array in feeds.items():
-            value = self.inputs[name]
-            if tuple(array.shape) != tuple(value.shape()) or array.dtype != self.dtypes[name]:
-                raise ValueError(f"input '{name}' is {array.dtype}{list(array.shape)}; bound as {self.dtypes[name]}{value.shape()}")
-            value.update_inplace(np.ascontiguousarray(array))
-        session.run_with_iobinding(self.binding)
-        values = dict(zip(self.output_names, self.binding.copy_outputs_to_cpu()))
-        return [values[name] for name in output_names], time.perf_counter() - started
-
-
 def _timed_run(session: ort.InferenceSession, output_names: list[str], feeds: dict) -> tuple[list, float]:
     started = time.perf_counter()
     values = session.run(output_names, feeds)
     return values, time.perf_counter() - started
+
 
 
 @dataclass

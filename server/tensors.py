@@ -1,15 +1,15 @@
 """Wire <-> numpy: the datatype table, tensor specs, and decode/encode of
 raw and typed contents, with checks whose messages name model and tensor."""
 
-import math
-import struct
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Iterable
 
 import numpy as np
 
+from server.bytes_codec import bytes_from_contents, deserialize_bytes, serialize_bytes
 from server.errors import InvalidInput
+from server.request_limits import DEFAULT_LIMITS, BytesBudget, RequestLimits, declared_count, shape_text, shown
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,6 @@ DATATYPES = {
     )
 }
 DATATYPE_BY_ORT = {d.ort: d for d in DATATYPES.values()}
-_LENGTH = struct.Struct("<I")
 
 
 @dataclass(frozen=True)
@@ -77,14 +76,14 @@ class Signature:
         for spec in self.inputs:
             if spec.name == name:
                 return spec
-        raise InvalidInput(f"{self.label}: unknown input '{name}'; the model's inputs are {self._names(self.inputs)}")
+        raise InvalidInput(f"{self.label}: unknown input '{shown(name)}'; the model's inputs are {self._names(self.inputs)}")
 
     def output(self, name: str) -> TensorSpec:
         for spec in self.outputs:
             if spec.name == name:
                 return spec
         raise InvalidInput(
-            f"{self.label}: unknown requested output '{name}'; the model's outputs are {self._names(self.outputs)}"
+            f"{self.label}: unknown requested output '{shown(name)}'; the model's outputs are {self._names(self.outputs)}"
         )
 
     @staticmethod
@@ -99,51 +98,70 @@ class DecodedRequest:
     outputs: tuple[str, ...]  # requested output names, in the order asked
 
 
-def decode_request(request, signature: Signature) -> DecodedRequest:
+def decode_request(request, signature: Signature, limits: RequestLimits = DEFAULT_LIMITS, raw=None) -> DecodedRequest:
     """Turn a ModelInferRequest into numpy feeds checked against the signature.
 
     Runs for every request, so the checks that pass are cheap; a check that fails goes through
-    the slower functions below, whose messages name model, tensor, expected and actual."""
+    the slower functions below, whose messages name model, tensor, expected and actual. Sizes are
+    checked against the shape before any element is converted. `raw`: the raw contents, when the
+    caller has them apart from the message (grpc_codec keeps them as views of the wire bytes)."""
     inputs = request.inputs
-    raw = request.raw_input_contents
+    raw = request.raw_input_contents if raw is None else raw
     if raw and len(raw) != len(inputs):
         raise InvalidInput(
             f"{signature.label}: {len(raw)} raw_input_contents for {len(inputs)} inputs; expected one per input"
         )
     specs, max_batch = signature.input_specs, signature.max_batch_size
+    budget = BytesBudget(limits)
     feeds: dict[str, np.ndarray] = {}
     for index, tensor in enumerate(inputs):
         name = tensor.name
         spec = specs.get(name) or signature.input(name)  # input() raises, naming the model's inputs
         if name in feeds:
             raise InvalidInput(f"{signature.label}: input '{name}' appears twice")
+        if len(tensor.shape) != len(spec.shape):  # before a shape of a million dims becomes a tuple
+            check_shape(tensor.shape, spec, signature, _where(signature, name))
         shape = tuple(tensor.shape)
         datatype = DATATYPES.get(tensor.datatype)
         if datatype is None or tensor.datatype != spec.datatype or not _fits(shape, spec.shape, max_batch):
             where = _where(signature, name)
             datatype = checked_datatype(tensor.datatype, spec, where)
             check_shape(shape, spec, signature, where)
+        count = declared_count(shape, _where(signature, name))
+        if datatype.numpy is None:
+            budget.spend(count, _where(signature, name))
         if not raw:
             feeds[name] = from_contents(tensor.contents, datatype, shape, _where(signature, name))
             continue
         if tensor.HasField("contents") and tensor.contents.ListFields():
             raise InvalidInput(f"{_where(signature, name)}: has typed contents while the request uses raw_input_contents; use one")
         buffer = raw[index]
-        if datatype.numpy is not None and len(buffer) == math.prod(shape) * datatype.numpy.itemsize:
+        if datatype.numpy is not None and len(buffer) == count * datatype.numpy.itemsize:
             feeds[name] = np.frombuffer(buffer, dtype=datatype.numpy).reshape(shape)
         else:  # BYTES, or a size that does not match: from_raw says how
             feeds[name] = from_raw(buffer, datatype, shape, _where(signature, name))
     if len(feeds) != len(specs):
         missing = [s.name for s in signature.inputs if s.name not in feeds]
         raise InvalidInput(f"{signature.label}: missing inputs {missing}; the model needs {Signature._names(signature.inputs)}")
-    requested = request.outputs
-    outputs = signature.output_names
-    if requested:
-        outputs = tuple(o.name for o in requested)
-        for name in outputs:
-            if name not in signature.output_names:
-                signature.output(name)  # raises, naming the model's outputs
+    asked = request.outputs[: len(signature.output_names) + 1]  # see requested_outputs
+    outputs = requested_outputs([o.name for o in asked], signature)
     return DecodedRequest(feeds=feeds, rows=batch_rows(feeds, signature), outputs=outputs)
+
+
+def requested_outputs(names: list[str], signature: Signature) -> tuple[str, ...]:
+    """The outputs asked for (all when none are named), each at most once: no request may have one
+    output encoded a million times over. Callers pass at most one name more than the model has
+    outputs: among those, one is unknown or repeated, which is all there is to say."""
+    if not names:
+        return signature.output_names
+    seen = set()
+    for name in names:
+        if name not in signature.output_names:
+            signature.output(name)  # raises, naming the model's outputs
+        if name in seen:
+            raise InvalidInput(f"{signature.label}: output '{name}' is requested more than once")
+        seen.add(name)
+    return tuple(names)
 
 
 def _where(signature: Signature, name: str) -> str:
@@ -163,24 +181,24 @@ def _fits(shape: tuple[int, ...], want: tuple[int, ...], max_batch_size: int) ->
 def checked_datatype(wire: str, spec: TensorSpec, where: str) -> Datatype:
     datatype = DATATYPES.get(wire)
     if datatype is None:
-        raise InvalidInput(f"{where}: unknown datatype '{wire}'; expected {spec.datatype}")
+        raise InvalidInput(f"{where}: unknown datatype '{shown(wire)}'; expected {spec.datatype}")
     if wire != spec.datatype:
         raise InvalidInput(f"{where}: datatype {wire} does not match the model's {spec.datatype}")
     return datatype
 
 
 def check_shape(shape: tuple[int, ...], spec: TensorSpec, signature: Signature, where: str) -> None:
-    expected = list(spec.shape)
+    expected, shown_shape = list(spec.shape), shape_text(shape)
     if len(shape) != len(spec.shape):
         hint = ""
         if signature.max_batch_size == 0 and len(shape) == len(spec.shape) + 1:
             hint = " (this model has no batch dimension: send the tensor without one)"
-        raise InvalidInput(f"{where}: shape {list(shape)} has {len(shape)} dims; expected {expected}{hint}")
+        raise InvalidInput(f"{where}: shape {shown_shape} has {len(shape)} dims; expected {expected}{hint}")
     for dim, want in zip(shape, spec.shape):
         if dim < 0:
-            raise InvalidInput(f"{where}: shape {list(shape)} has a negative dimension; expected {expected}")
+            raise InvalidInput(f"{where}: shape {shown_shape} has a negative dimension; expected {expected}")
         if want != -1 and dim != want:
-            raise InvalidInput(f"{where}: shape {list(shape)} does not match the model's {expected}")
+            raise InvalidInput(f"{where}: shape {shown_shape} does not match the model's {expected}")
     if signature.max_batch_size:
         batch = shape[0]
         if batch < 1 or batch > signature.max_batch_size:
@@ -201,31 +219,34 @@ def batch_rows(feeds: dict[str, np.ndarray], signature: Signature) -> int:
 
 
 def from_raw(buffer: bytes, datatype: Datatype, shape: tuple[int, ...], where: str) -> np.ndarray:
-    count = math.prod(shape)
+    """A checked shape's tensor from raw contents. BYTES elements must have been counted against
+    RequestLimits.max_bytes_elements (a BytesBudget) before: this builds them."""
+    count = declared_count(shape, where)
     if datatype.numpy is None:
         return np.array(deserialize_bytes(buffer, count, where), dtype=object).reshape(shape)
     expected = count * datatype.numpy.itemsize
     if len(buffer) != expected:
         raise InvalidInput(
             f"{where}: raw content is {len(buffer)} bytes; expected {expected} "
-            f"(shape {list(shape)} x {datatype.wire} of {datatype.numpy.itemsize} bytes)"
+            f"(shape {shape_text(shape)} x {datatype.wire} of {datatype.numpy.itemsize} bytes)"
         )
     return np.frombuffer(buffer, dtype=datatype.numpy).reshape(shape)
 
 
 def from_contents(contents, datatype: Datatype, shape: tuple[int, ...], where: str) -> np.ndarray:
+    """Typed contents: counted against the shape before a single value is converted."""
     if datatype.contents_field is None:
         raise InvalidInput(f"{where}: {datatype.wire} has no typed contents field; send it as raw_input_contents")
     values = getattr(contents, datatype.contents_field)
-    count = math.prod(shape)
+    count = declared_count(shape, where)
     if len(values) != count:
         present = [f.name for f, _ in contents.ListFields()] or ["none"]
         raise InvalidInput(
             f"{where}: {len(values)} values in {datatype.contents_field}; expected {count} for shape "
-            f"{list(shape)} (contents present: {', '.join(present)})"
+            f"{shape_text(shape)} (contents present: {', '.join(present)})"
         )
     if datatype.numpy is None:
-        return np.array([_utf8(v, i, where) for i, v in enumerate(values)], dtype=object).reshape(shape)
+        return bytes_from_contents(values, shape, where)
     wide = np.array(values)  # as sent: int_contents holds INT8 and INT16 values in 32 bits
     return narrowed(wide, datatype, f"{where}: {datatype.contents_field}").reshape(shape)
 
@@ -245,49 +266,16 @@ def narrowed(wide: np.ndarray, datatype: Datatype, where: str) -> np.ndarray:
     return wide.astype(target, copy=False)
 
 
-def deserialize_bytes(buffer: bytes, count: int, where: str) -> list[str]:
-    """BYTES raw contents: per element a little-endian uint32 length, then the bytes.
-
-    onnxruntime's string tensors take Python str, so elements must be UTF-8."""
-    items: list[str] = []
-    offset, size = 0, len(buffer)
-    while offset < size:
-        if offset + 4 > size:
-            raise InvalidInput(f"{where}: BYTES element {len(items)} has a truncated 4-byte length prefix")
-        (length,) = _LENGTH.unpack_from(buffer, offset)
-        offset += 4
-        if offset + length > size:
-            raise InvalidInput(
-                f"{where}: BYTES element {len(items)} declares {length} bytes but only {size - offset} remain"
-            )
-        items.append(_utf8(buffer[offset : offset + length], len(items), where))
-        offset += length
-    if len(items) != count:
-        raise InvalidInput(f"{where}: raw BYTES content holds {len(items)} elements; the shape needs {count}")
-    return items
-
-
-def _utf8(value: bytes, index: int, where: str) -> str:
-    try:
-        return value.decode("utf-8")
-    except UnicodeDecodeError:
-        raise InvalidInput(f"{where}: BYTES element {index} is not valid UTF-8 (ONNX strings are UTF-8)") from None
-
-
-def serialize_bytes(array: np.ndarray) -> bytes:
-    parts = []
-    for item in array.reshape(-1):
-        data = item.encode("utf-8") if isinstance(item, str) else bytes(item)
-        parts.append(_LENGTH.pack(len(data)))
-        parts.append(data)
-    return b"".join(parts)
+def output_bytes(datatype: str, array: np.ndarray) -> bytearray | memoryview:
+    """One output as raw contents, little-endian numbers or length-prefixed BYTES, without a copy
+    where there need be none: whoever writes the response copies it once, into the response."""
+    if datatype == "BYTES":
+        return serialize_bytes(array)
+    return memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
 
 
 def encode_outputs(response, outputs: Iterable[tuple[TensorSpec, np.ndarray]]) -> None:
     """Append each output to a ModelInferResponse as raw contents (what Triton sends over gRPC)."""
     for spec, array in outputs:
         response.outputs.add(name=spec.name, datatype=spec.datatype, shape=array.shape)
-        if spec.datatype == "BYTES":
-            response.raw_output_contents.append(serialize_bytes(array))
-        else:
-            response.raw_output_contents.append(np.ascontiguousarray(array).tobytes())
+        response.raw_output_contents.append(bytes(output_bytes(spec.datatype, array)))

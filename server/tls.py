@@ -6,20 +6,19 @@ check_certificates() parses every file before anything listens, so that a bad on
 with a message naming the flag and the file (exit 2) instead of an ssl traceback later.
 """
 
+import logging
 import re
-import socket
 import ssl
-import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Mapping
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import grpc
-from prometheus_client.exposition import ThreadingWSGIServer
 
 from server.config import ServerSettings
 from server.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 ENDPOINTS = ("grpc", "http", "metrics")
 
@@ -128,69 +127,45 @@ def metrics_cert_and_key(settings: ServerSettings) -> tuple[str, str]:
     return ("", "") if files is None else (files.cert, files.key)
 
 
-HANDSHAKE_SECONDS = 10.0  # and then per read or write of the scrape
-
-
-class _HandshakeInItsThread(ThreadingWSGIServer):
-    """prometheus_client's own TLS wraps the listening socket, so that its accept loop makes every
-    handshake: one client that connects and says nothing stalls every scrape (seen: a plain
-    socket left open made https scrapes time out). Here each connection's thread makes its own."""
-
-    context: ssl.SSLContext
-
-    def finish_request(self, request, client_address) -> None:
-        request.settimeout(HANDSHAKE_SECONDS)
-        try:
-            secure = self.context.wrap_socket(request, server_side=True)
-        except OSError:  # plain HTTP, a silent client, a failed handshake: only this thread ends
-            return
-        with secure:
-            super().finish_request(secure, client_address)
-
-
-class _Silent(WSGIRequestHandler):
-    def log_message(self, format: str, *args) -> None:  # as prometheus_client's: no line per scrape
-        pass
-
-
-def serve_wsgi_tls(app, address: str, port: int, certfile: str, keyfile: str) -> WSGIServer:
-    """A WSGI app over TLS in daemon threads, as prometheus_client's start_http_server serves one."""
-    family, _, _, _, sockaddr = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-    server_class = type("MetricsTlsServer", (_HandshakeInItsThread,), {"address_family": family})
-    httpd = make_server(sockaddr[0], port, app, server_class, handler_class=_Silent)
-    httpd.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    httpd.context.load_cert_chain(certfile, keyfile)
-    threading.Thread(target=httpd.serve_forever, name="metrics-tls", daemon=True).start()
-    return httpd
-
-
 def grpc_client_name(context: grpc.aio.ServicerContext) -> str | None:
-    """The subject Common Name of the client certificate the server verified (mutual TLS), or None.
+    """The client certificate's name (mutual TLS; see common_name), or None.
 
-    grpc puts x509_common_name into the auth context only for a verified client certificate; not
-    peer_identities(), which names the subjectAltNames instead when the certificate has some."""
-    names = context.auth_context().get("x509_common_name")
-    return names[0].decode("utf-8", "replace") if names else None
+    Read from the verified certificate's whole subject, x509_subject (RFC 2253, as OpenSSL prints
+    it), with the parser REST uses: grpc's own x509_common_name is the first CN in certificate
+    order while an RFC 4514 string starts from the last, so the two transports named different
+    tenants for one certificate with two CNs. Not peer_identities(): it names the subjectAltNames
+    instead when the certificate has some."""
+    subjects = context.auth_context().get("x509_subject")
+    return common_name(subjects[0].decode("utf-8", "replace")) if subjects else None
 
 
 def http_client_name(scope: Mapping) -> str | None:
-    """The subject Common Name of the client certificate (mutual TLS) of an ASGI scope, or None.
+    """The client certificate's name (mutual TLS; see common_name) of an ASGI scope, or None.
 
     The scope's ASGI TLS extension, which server/http_tls.py adds: its client_cert_name is the
-    subject's whole distinguished name (RFC 4514); the first CN in it is the most specific one."""
+    subject's whole distinguished name (RFC 4514)."""
     tls = (scope.get("extensions") or {}).get("tls")
     name = tls.get("client_cert_name") if tls else None
     return common_name(name) if name else None
 
 
-@lru_cache(maxsize=256)  # per request, but a handful of distinct clients
+@lru_cache(maxsize=256)  # per request, but a handful of distinct clients; and one warning per subject
 def common_name(distinguished_name: str) -> str | None:
-    """The first CN attribute of an RFC 4514 string, unescaped; None when it has none."""
+    """The subject's one CN attribute of an RFC 4514 string, unescaped; None when it has none, or
+    more than one. Two CNs are refused as ambiguous rather than one picked: libraries disagree on
+    which one names the client (OpenSSL's lookup and grpc take the first in certificate order, an
+    RFC 4514 reader the last), so any pick would be one some other component does not share."""
+    found = []
     for attribute in _split(distinguished_name, ",+"):
         kind, _, value = attribute.partition("=")
         if kind.strip().upper() in ("CN", "2.5.4.3"):
-            return _unescape(value)
-    return None
+            found.append(value)
+    if len(found) > 1:
+        log.warning("a client certificate has more than one CN, so it names no one (ambiguous): subject %r", distinguished_name)
+        return None
+    if not found or found[0].startswith("#"):  # "#" unescaped: a hex dump of a value no string type holds
+        return None
+    return _unescape(found[0])
 
 
 def _split(text: str, separators: str) -> list[str]:

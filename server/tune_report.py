@@ -9,6 +9,7 @@ import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from server import nvml_devices
 from server.loadgen import process_tree_cpu
 from server.tune_search import Capacity, Choice, Measurement, meets
 
@@ -44,16 +45,8 @@ def _cpu_model() -> str:
 
 
 def _gpu_names() -> list[str]:
-    try:
-        import pynvml  # nvidia-ml-py: a dependency of the server; NVML itself may be absent
-
-        pynvml.nvmlInit()
-    except Exception:  # no library, no driver, no device: no GPU to name
-        return []
-    try:
-        return [str(pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(i))) for i in range(pynvml.nvmlDeviceGetCount())]
-    finally:
-        pynvml.nvmlShutdown()
+    """The GPUs CUDA sees, in CUDA's order: a tune measures those, not every board NVML lists."""
+    return nvml_devices.gpu_names()
 
 
 def _version(distribution: str) -> str | None:

@@ -10,9 +10,13 @@ fsyncs); SIGKILL loses only records not yet written (at most one fsync period); 
 most the records since the last fsync. Lines are whole or torn at the end only: on open, a torn
 last line left by a crash is cut off, and the reader skips one it finds.
 
-Rotation is by size: past --usage-log-max-bytes the file is renamed PATH.N, N one above the
-highest already there (numbers only grow, so a shipper never sees a file renamed twice), and a
-new PATH is started. Nothing is ever deleted by the server.
+Rotation is by size: past --usage-log-max-bytes the file is renamed PATH.N and a new PATH is
+started. N is one above both the highest number already there and the last one this log ever
+used, kept in .NAME.rotation beside it (written atomically before the rename), so numbers only
+grow, across files shipped and deleted and across restarts: a shipper never sees a number twice.
+The new file is opened before the old one is given up: when it cannot be (no descriptor left, no
+space), records keep going to the current file and the rotation is retried later. Nothing is
+ever deleted by the server.
 """
 
 import collections
@@ -23,6 +27,7 @@ import re
 import socket
 import stat
 import threading
+import time
 from pathlib import Path
 
 import orjson
@@ -30,6 +35,8 @@ import orjson
 log = logging.getLogger(__name__)
 
 SCHEMA = 1
+ROTATION_RETRY_SECONDS = 1.0  # after a failed rotation; records go on to the current file meanwhile
+ROTATION_LOG_SECONDS = 60.0  # a rotation that keeps failing is logged this often
 # The fields of a record, in order (see README, "Usage log"); the loop hands the writer tuples.
 FIELDS = (
     "time", "request_id", "tenant", "tenant_source", "model", "version", "protocol", "outcome", "rows",
@@ -56,6 +63,10 @@ class UsageLog:
         self._fd = -1
         self._regular = True
         self._size = 0
+        self._last_number = 0  # the highest PATH.N this process has used or seen
+        self._retry_at = 0.0  # time.monotonic() of the next rotation attempt after a failure
+        self._failures_logged_at = float("-inf")
+        self._failed_rotations = 0
         self._thread = threading.Thread(target=self._run, name="usage-log", daemon=True)
 
     # --- the event loop's side ------------------------------------------------------------------
@@ -89,15 +100,27 @@ class UsageLog:
         return (f"usage log is behind: {self.depth} records wait for the disk "
                 f"(--usage-log-buffer-records {self.capacity}); retry later")  # fmt: skip
 
-    def close(self) -> None:
-        """Write and fsync every record left, then stop the writer. Blocks: call it off the loop."""
+    def close(self) -> int:
+        """Write and fsync every record left, then stop the writer. Returns the number of records that
+        could not be written, which it logs (0: every one is on disk). Blocks: call it off the loop."""
         self._closing.set()
         self._thread.join()
-        if self.depth:  # the writer failed to the end: try once more, loudly
-            self._write_pending()
-            self._write_pending()
+        error = None
+        if self.depth:  # the writer failed to the end: once more
+            try:
+                self._write_pending()
+            except OSError as err:
+                error = err
         os.close(self._fd)
-        log.info("usage log: closed after %d records", self.written)
+        lost = self.depth
+        if lost:
+            log.error("usage log: %d records could not be written to %s (%s): they are lost; %d were written",
+                      lost, self.path, error.strerror if error else "not fsynced", self.written)  # fmt: skip
+        else:
+            log.info("usage log: closed after %d records", self.written)
+        if self._reserved:  # requests accepted whose batches still ran when the server stopped
+            log.error("usage log: %d accepted requests have no record: they were still running at exit", self._reserved)
+        return lost
 
     # --- the writer thread ----------------------------------------------------------------------
 
@@ -107,7 +130,7 @@ class UsageLog:
             try:
                 self._write_pending()
             except OSError as err:  # the records stay buffered; new requests are refused once it is full
-                log.error("usage log: cannot write %s (%s); %d records wait", self.path, err, len(self._buffer))
+                log.error("usage log: cannot write %s (%s); %d records wait", self.path, err, self.depth)
                 if closing:
                     return
                 continue
@@ -152,18 +175,98 @@ class UsageLog:
         return fd
 
     def _rotate(self) -> None:
-        numbers = [int(match.group(1)) for name in os.listdir(self.path.parent)
-                   if (match := re.fullmatch(re.escape(self.path.name) + r"\.(\d+)", name))]  # fmt: skip
-        target = self.path.with_name(f"{self.path.name}.{max(numbers, default=0) + 1}")
-        os.rename(self.path, target)
-        os.close(self._fd)
-        self._fd = self._open_file()
-        directory = os.open(self.path.parent, os.O_RDONLY)
+        """PATH becomes PATH.N and a new PATH is started. A failure leaves the current file in use,
+        with every record in it, and is retried ROTATION_RETRY_SECONDS later."""
+        now = time.monotonic()
+        if now < self._retry_at:
+            return
         try:
-            os.fsync(directory)  # the rename and the new file survive a power loss
-        finally:
-            os.close(directory)
-        log.info("usage log: rotated to %s", target)
+            target = self._swap_files()
+        except OSError as err:
+            self._retry_at, self._failed_rotations = now + ROTATION_RETRY_SECONDS, self._failed_rotations + 1
+            if now - self._failures_logged_at >= ROTATION_LOG_SECONDS:
+                self._failures_logged_at = now
+                log.error("usage log: cannot rotate %s (%s); records go on to it, and rotation is retried every %g s",
+                          self.path, err, ROTATION_RETRY_SECONDS)  # fmt: skip
+            return
+        log.info("usage log: rotated to %s%s", target,
+                 f" after {self._failed_rotations} failed attempt(s)" if self._failed_rotations else "")  # fmt: skip
+        self._failed_rotations, self._failures_logged_at = 0, float("-inf")
+        try:
+            _fsync_directory(self.path.parent)  # the renames and the new file survive a power loss
+        except OSError as err:
+            log.warning("usage log: cannot fsync the directory of %s after rotating it: %s", self.path, err)
+
+    def _swap_files(self) -> Path:
+        """Open the new file first; only then rename PATH to PATH.N and the new one to PATH, and give
+        the old descriptor up. Never a moment where records go to a closed (reusable) descriptor."""
+        fresh_path = self.path.with_name(f".{self.path.name}.next")  # a dot: shippers' globs skip it
+        fresh = os.open(fresh_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_TRUNC, 0o640)
+        try:
+            target = self.path.with_name(f"{self.path.name}.{self._next_number()}")
+            os.rename(self.path, target)
+            try:
+                os.rename(fresh_path, self.path)
+            except OSError:
+                os.rename(target, self.path)  # undone: the current file keeps its name
+                raise
+        except OSError:
+            os.close(fresh)
+            _discard(fresh_path)
+            raise
+        old, self._fd, self._size = self._fd, fresh, 0
+        os.close(old)  # every record in it was written and fsynced before the rotation began
+        return target
+
+    def _next_number(self) -> int:
+        """One above the highest number present and the last one saved, saved before it is used:
+        a crash after the rename then skips a number, never reuses one."""
+        state = self.path.with_name(f".{self.path.name}.rotation")
+        pattern = re.compile(re.escape(self.path.name) + r"\.(\d+)")
+        present = [int(match.group(1)) for name in os.listdir(self.path.parent) if (match := pattern.fullmatch(name))]
+        number = max(self._last_number, _saved_number(state), *present) + 1
+        _write_atomically(state, f"{number}\n".encode())
+        self._last_number = number
+        return number
+
+
+def _saved_number(state: Path) -> int:
+    try:
+        text = state.read_text()
+    except FileNotFoundError:
+        return 0
+    try:
+        return int(text.strip())
+    except ValueError:
+        log.warning("usage log: the rotation state %s is damaged (%r): numbering goes on from the files present",
+                    state, text[:40])  # fmt: skip
+        return 0
+
+
+def _write_atomically(path: Path, content: bytes) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+    try:
+        os.write(fd, content)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temporary, path)
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _discard(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as err:
+        log.warning("usage log: cannot remove %s: %s", path, err)
 
 
 def _cut_torn_tail(path: Path, fd: int, size: int) -> int:

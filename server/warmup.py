@@ -1,5 +1,6 @@
 """Warm-up before a model version serves: Triton's `model_warmup` samples, whose failure fails
-the load, or else one best-effort run with zeros per instance."""
+the load, or else one best-effort run with zeros per instance. With CUDA graphs, first every padded
+batch size's graph is captured on each instance's own thread."""
 
 import logging
 from pathlib import Path
@@ -23,6 +24,8 @@ FIX = (
 
 def warm_up(pool: InstancePool, settings: ModelSettings, signature: Signature, model_dir: Path) -> None:
     """Blocking. Raises ConfigError naming the sample when an explicit warm-up fails."""
+    if pool.graphs:
+        capture(pool, signature)
     if not settings.warmup:
         try:
             pool.run_everywhere({spec.name: zeros(spec) for spec in signature.inputs})
@@ -36,6 +39,23 @@ def warm_up(pool: InstancePool, settings: ModelSettings, signature: Signature, m
         except ExecutionFailed as err:
             raise ConfigError(f"{sample.where} ({sample.name!r}): the model failed on this warm-up sample: {err}") from None
         log.info("%s: warm-up sample %r ran %d time(s) on each instance", signature.label, sample.name, sample.count)
+
+
+def capture(pool: InstancePool, signature: Signature) -> None:
+    """Every padded size's CUDA graph captured on every instance: the first batch of a size must not
+    pay for it. ConfigError when a size cannot run: its graph would fail the first batch instead."""
+    try:
+        sizes = pool.capture_graphs()
+    except ExecutionFailed as err:
+        raise ConfigError(f"{signature.label}: enable_cuda_graph: capturing the CUDA graphs on zeros failed: {err}") from None
+    shown = list(sizes) or "the fixed shape"
+    captured = [instance for instance, device in enumerate(pool.devices) if device != "cpu"]
+    if captured:
+        log.info("%s: CUDA graphs captured for %d batch size(s) %s on each of instance(s) %s", signature.label,
+                 max(1, len(sizes)), shown, captured)  # fmt: skip
+    if len(captured) < pool.instance_count:
+        log.info("%s: %d padded batch size(s) %s warmed on each CPU instance, no CUDA graph captured (CPUExecutionProvider)",
+                 signature.label, max(1, len(sizes)), shown)  # fmt: skip
 
 
 def sample_feeds(sample: WarmupSample, signature: Signature, model_dir: Path) -> dict[str, np.ndarray]:

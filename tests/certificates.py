@@ -61,14 +61,15 @@ def make_ca(directory: Path, name: str) -> Pair:
 
 
 def make_leaf(directory: Path, name: str, ca: Pair, common_name: str, extra: str = "") -> Pair:
-    """A certificate for common_name signed by ca; extra: more extension lines (subjectAltName = ...)."""
+    """A certificate for common_name (UTF-8; openssl's -subj syntax, so "a/O=b/CN=c" makes a subject
+    of three attributes) signed by ca; extra: more extension lines (subjectAltName = ...)."""
     config = _config(directory)
     extensions = directory / f"{name}.ext"
     extensions.write_text(CONFIG.split("[leaf]\n")[1] + extra)
     pair, request = Pair(directory / f"{name}.pem", directory / f"{name}.key"), directory / f"{name}.csr"
     openssl(
         "req", "-new", "-config", str(config), "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-        "-nodes", "-keyout", str(pair.key), "-out", str(request), "-subj", f"/CN={common_name}",
+        "-nodes", "-keyout", str(pair.key), "-out", str(request), "-utf8", "-subj", f"/CN={common_name}",
     )  # fmt: skip
     openssl(
         "x509", "-req", "-in", str(request), "-CA", str(ca.cert), "-CAkey", str(ca.key), "-set_serial",

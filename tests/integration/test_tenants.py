@@ -90,8 +90,11 @@ def test_api_keys_over_grpc_and_rest_with_probes_open(tmp_path, serve):
     status, _ = refused_status(lambda: grpc_infer(client, headers={"authorization": "Basic a2V5LW9mLWE="}))
     assert status == "StatusCode.UNAUTHENTICATED"
 
-    # Health and readiness stay open for probes; metadata, config, statistics and the repository need a key.
-    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("plus")
+    # Server health and readiness stay open for probes; a model's readiness (it would tell anyone which
+    # names exist), metadata, config, statistics and the repository need a key.
+    assert client.is_server_live() and client.is_server_ready()
+    assert refused_status(lambda: client.is_model_ready("plus"))[0] == "StatusCode.UNAUTHENTICATED"
+    assert client.is_model_ready("plus", headers=bearer("key-of-a"))
     with grpc.insecure_channel(server.url) as channel:
         health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
     assert health.status == health_pb2.HealthCheckResponse.SERVING
@@ -102,7 +105,7 @@ def test_api_keys_over_grpc_and_rest_with_probes_open(tmp_path, serve):
         assert call(headers=bearer("key-of-b")) is not None
 
     assert http_call(server, "/v2/health/ready")[0] == 200
-    assert http_call(server, "/v2/models/plus/ready")[0] == 200
+    assert http_call(server, "/v2/models/plus/ready")[0] == 401
     status, headers, body = http_call(server, "/v2/models/plus/infer", body=INFER_BODY)
     assert status == 401 and headers["www-authenticate"].startswith("Bearer") and "API key is required" in body["error"]
     assert http_call(server, "/v2/models/plus/infer", bearer("key-of-z"), INFER_BODY)[0] == 401
@@ -113,7 +116,7 @@ def test_api_keys_over_grpc_and_rest_with_probes_open(tmp_path, serve):
     assert http.get_model_metadata("plus", headers=bearer("key-of-a"))["name"] == "plus"
 
     samples = server.samples()
-    assert samples.get("onnxserve_unauthenticated_requests_total", reason="missing") == 2 + 5 + 2  # gRPC, Basic, 5 RPCs, REST
+    assert samples.get("onnxserve_unauthenticated_requests_total", reason="missing") == 2 + 1 + 5 + 3  # gRPC, Basic, ready, 5 RPCs, REST
     assert samples.get("onnxserve_unauthenticated_requests_total", reason="invalid") == 2
     assert samples.get("onnxserve_tenant_requests_total", tenant="team-a", model="plus", version="1", outcome="ok") == 1
     assert samples.get("onnxserve_tenant_requests_total", tenant="team-c", model="plus", version="1", outcome="ok") == 1

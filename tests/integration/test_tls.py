@@ -22,10 +22,10 @@ import onnxruntime as ort
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from server.config import parse_server_settings
 from server.http_service import http_port, start_http
+from server.connection_limits import LimitedHttpToolsProtocol
 from server.http_tls import TlsHttpToolsProtocol
 from server.tls import grpc_client_name, grpc_credentials, http_client_name
 from tests.certificates import make_certificates
@@ -309,4 +309,4 @@ def test_http_client_name_is_the_verified_certificates_cn(certs, tmp_path):
     _, answers = asyncio.run(http_names(tls_only, lambda port: two_requests(port, client_context(certs, certs.client))))
     assert answers == [{"name": None, "tls": True}] * 2  # TLS without client certificates
     protocol, answers = asyncio.run(http_names(settings_of(tmp_path), lambda port: two_requests(port, None)))
-    assert protocol is HttpToolsProtocol and answers == [{"name": None, "tls": False}] * 2  # plain: uvicorn's own
+    assert protocol is LimitedHttpToolsProtocol and answers == [{"name": None, "tls": False}] * 2  # plain: no TLS extension

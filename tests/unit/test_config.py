@@ -174,3 +174,94 @@ def test_a_json_config_parses_like_config_pbtxt():
         with pytest.raises(ConfigError, match="load request parameter 'config'") as error:
             settings_from_json(text, "m")
         assert fragment in str(error.value)
+
+
+WARMUP_INPUT = 'inputs { key: "x" value { data_type: TYPE_FP32 dims: [%s] zero_data: true } }'
+
+
+@pytest.mark.parametrize(
+    "text, field, value, bound",
+    [
+        ("max_batch_size: 100000", "max_batch_size", 100000, 65536),
+        ("dynamic_batching { priority_levels: 1000000 }", "dynamic_batching.priority_levels", 1000000, 1024),
+        ("dynamic_batching { preferred_batch_size: [ 70000 ] }", "dynamic_batching.preferred_batch_size", 70000, 65536),
+        (
+            "dynamic_batching { preferred_batch_size: [ %s ] }" % ", ".join(map(str, range(1, 70))),
+            "dynamic_batching.preferred_batch_size (distinct sizes)", 69, 64,
+        ),
+        ("dynamic_batching { max_queue_delay_microseconds: 18446744073709551615 }",
+         "dynamic_batching.max_queue_delay_microseconds", 18446744073709551615, 60000000),
+        ("dynamic_batching { default_queue_policy { max_queue_size: 4294967295 } }",
+         "dynamic_batching.default_queue_policy.max_queue_size", 4294967295, 1000000),
+        ("dynamic_batching { default_queue_policy { default_timeout_microseconds: 4000000000 } }",
+         "dynamic_batching.default_queue_policy.default_timeout_microseconds", 4000000000, 3600000000),
+        ("instance_group [{ count: 2147483647 }]", "instance_group[0].count", 2147483647, 128),
+        ("instance_group [{ count: 32 gpus: [0, 1, 2, 3, 4, 5] }]", "instance_group[0].count x gpus", 192, 128),
+        ("instance_group [{ gpus: [64] }]", "instance_group[0].gpus", 64, 63),
+        ('parameters { key: "intra_op_thread_count" value { string_value: "100000" } }',
+         "parameters['intra_op_thread_count']", 100000, 512),
+        ('parameters { key: "inter_op_thread_count" value { string_value: "4096" } }',
+         "parameters['inter_op_thread_count']", 4096, 512),
+        ('instance_group [{ count: 16 }] parameters { key: "intra_op_thread_count" value { string_value: "512" } }',
+         "instance_group[0].count x parameters['intra_op_thread_count']", 8192, 2048),
+        ('parameters { key: "inline_run_below_us" value { string_value: "10000000" } }',
+         "parameters['inline_run_below_us']", 10000000, 100000),
+        ('parameters { key: "adaptive_queue_delay_us" value { string_value: "99999999999" } }',
+         "parameters['adaptive_queue_delay_us']", 99999999999, 60000000),
+        ("version_policy { latest { num_versions: 4294967295 } }", "version_policy.latest.num_versions", 4294967295, 64),
+        ("version_policy { specific { versions: [%s] } }" % ", ".join(map(str, range(1, 100))),
+         "version_policy.specific.versions", 99, 64),
+        ('input [{ name: "x" data_type: TYPE_FP32 dims: [%s] }]' % ", ".join(["1"] * 40), "input[0].dims (rank)", 40, 32),
+        ('output [{ name: "y" data_type: TYPE_FP32 dims: [1048576, 1048576, 2] }]',
+         "output[0].dims (elements of one row)", 2199023255552, 1099511627776),
+        ('model_warmup [{ name: "w" count: 2147483647 %s }]' % (WARMUP_INPUT % "4"), "model_warmup[0].count", 2147483647, 100000),
+        ('model_warmup [{ name: "w" batch_size: 4000000 %s }]' % (WARMUP_INPUT % "4"), "model_warmup[0].batch_size", 4000000, 65536),
+        ('model_warmup [{ name: "w" batch_size: 64 %s }]' % (WARMUP_INPUT % "3, 1024, 1024"),
+         "model_warmup[0].inputs['x'].dims (elements with the batch)", 201326592, 67108864),
+        (" ".join(['model_warmup [{ name: "w" %s }]' % (WARMUP_INPUT % "4")] * 65), "model_warmup (samples)", 65, 64),
+    ],
+)
+def test_numbers_that_size_memory_or_work_are_bounded(tmp_path, text, field, value, bound):
+    model = write_config(tmp_path, text)
+    with pytest.raises(ConfigError) as error:
+        load_model_settings(model)
+    expected = f"{model / 'config.pbtxt'}: {field}: {value} exceeds onnxserve's limit of {bound}"
+    assert expected in str(error.value)
+
+
+def test_values_at_the_bounds_load(tmp_path):
+    model = write_config(
+        tmp_path,
+        "max_batch_size: 65536 dynamic_batching { priority_levels: 1024 preferred_batch_size: [ 1, 65536 ]"
+        " max_queue_delay_microseconds: 60000000 default_queue_policy { max_queue_size: 1000000"
+        " default_timeout_microseconds: 3600000000 } } instance_group [{ count: 128 }]"
+        ' parameters { key: "intra_op_thread_count" value { string_value: "16" } }'
+        ' model_warmup [{ name: "w" batch_size: 16 count: 100000 %s }]' % (WARMUP_INPUT % "4096, 1024"),
+    )
+    settings = load_model_settings(model)
+    assert settings.batching.priority_levels == 1024 and settings.warmup[0].count == 100000
+
+
+def test_a_huge_config_is_refused_before_it_is_parsed(tmp_path):
+    model = write_config(tmp_path, "max_batch_size: 4\n" + "# padding\n" * 120_000)
+    with pytest.raises(ConfigError, match=r"config.pbtxt: 1200018 bytes exceeds onnxserve's limit of 1048576"):
+        load_model_settings(model)
+    with pytest.raises(ConfigError, match="load request parameter 'config': 2000002 characters exceeds"):
+        settings_from_json('"' + "x" * 2_000_000 + '"', "m")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model-load-timeout-secs", "0"], "--model-load-timeout-secs: 0.0 is outside"),
+        (["--model-load-timeout-secs", "100000"], "--model-load-timeout-secs: 100000.0 is outside"),
+        (["--usage-log-buffer-records", "100000000"], "--usage-log-buffer-records: 100000000 exceeds onnxserve's limit of 1048576"),
+        (["--default-max-batch-size", "1000000"], "--default-max-batch-size: 1000000 exceeds onnxserve's limit of 65536"),
+        (["--default-max-queue-size", "2000000"], "--default-max-queue-size: 2000000 exceeds onnxserve's limit of 1000000"),
+        (["--default-max-queue-size", "-1"], "--default-max-queue-size: -1 is negative"),
+    ],
+)
+def test_server_limits_are_bounded_too(tmp_path, argv, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_server_settings([*argv, "--model-repository", str(tmp_path)], {})
+    assert parse_server_settings(["--model-repository", str(tmp_path)], {}).model_load_timeout_secs == 1800

@@ -8,6 +8,7 @@ import pytest
 
 from server.errors import InvalidInput
 from server.http_codec import decode_infer, encode_infer, from_json, split_body
+from server.request_limits import RequestLimits
 from server.http_service import HttpError, Route, route
 from server.tensors import DATATYPES, Signature, TensorSpec
 
@@ -52,6 +53,9 @@ def test_json_and_binary_inputs_decode_to_the_same_feeds():
         ("FP32", [[[1]]], (1, 1), "nested deeper than shape [1, 1]"),
         ("FP32", [1, 2, 3], (2, 2), "data holds 3 values; shape [2, 2] needs 4"),
         ("FP32", 5, (1,), "'data' must be a list"),
+        ("FP16", [1.0, 70000], (2,), "holds 70000, outside FP16's range of ±65504"),  # else inf, silently
+        ("FP32", [1e39, 2], (2,), "holds 1e+39, outside FP32's range"),
+        ("FP32", [], (0, 2**62, 2**62), "declares more than 1099511627776 elements"),  # else numpy's 500
     ],
 )
 def test_json_data_that_would_change_silently_is_refused(datatype, data, shape, fragment):
@@ -119,3 +123,85 @@ def test_other_paths_are_not_found(path):
     with pytest.raises(HttpError) as error:
         route(path)
     assert error.value.status == 404
+
+
+def test_deep_json_nesting_is_refused_not_recursed():
+    deep = b"[" * 100_000 + b"]" * 100_000
+    with pytest.raises(InvalidInput, match="malformed"):
+        split_body(b'{"inputs": ' + deep + b"}", None)
+
+
+def test_json_with_more_values_than_allowed_is_refused_before_it_is_parsed():
+    text = b'{"inputs": [{"name": "x", "data": [' + b"0," * 1000 + b"0]}]}"
+    with pytest.raises(InvalidInput, match=r"model 'm': the request's JSON has 1001 commas.*at most 1000 \(--max-json-values\)"):
+        split_body(text, None, 1000, "model 'm'")
+    assert split_body(text, None, 1001, "model 'm'").header["inputs"][0]["name"] == "x"
+
+
+def request_with_id(request_id, **extra) -> dict:
+    inputs = [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [1, 2]},
+              {"name": "n", "shape": [1, 1], "datatype": "INT8", "data": [3]}]  # fmt: skip
+    return {"id": request_id, "inputs": inputs, **extra}
+
+
+@pytest.mark.parametrize(
+    "request_id, fragment",
+    [
+        ({"a": 1}, "'id' must be a string; got dict"),
+        (7, "'id' must be a string; got int"),
+        ("i" * 257, "'id' (257 characters) is longer than 256 bytes"),
+        ("é" * 129, "'id' (129 characters) is longer than 256 bytes"),
+    ],
+)
+def test_an_id_that_is_not_a_short_string_is_refused(request_id, fragment):
+    with pytest.raises(InvalidInput) as error:
+        decode_infer(split_body(*body(request_with_id(request_id))), SIGNATURE)
+    assert fragment in str(error.value) and "model 'm'" in str(error.value)
+
+
+def test_a_short_string_id_and_parameters_pass():
+    request = split_body(*body(request_with_id("é" * 128, parameters={"priority": 1})))
+    decode_infer(request, SIGNATURE)
+    assert request.id == "é" * 128 and request.parameters == {"priority": 1}
+    absent = split_body(*body({"inputs": request_with_id("")["inputs"]}))
+    decode_infer(absent, SIGNATURE)
+    assert absent.id is None
+
+
+def test_parameters_are_bounded():
+    parameters = {f"k{i}": i for i in range(65)}
+    with pytest.raises(InvalidInput, match="'parameters' has 65 entries; at most 64"):
+        decode_infer(split_body(*body(request_with_id("r", parameters=parameters))), SIGNATURE)
+    with pytest.raises(InvalidInput, match="'parameters' must be an object; got list"):
+        decode_infer(split_body(*body(request_with_id("r", parameters=[1]))), SIGNATURE)
+
+
+def test_bytes_in_json_are_counted_against_the_limit():
+    signature = Signature("m", "1", (TensorSpec("s", "BYTES", (-1, -1)),), (TensorSpec("t", "BYTES", (-1, -1)),), 8)
+    header = {"inputs": [{"name": "s", "shape": [2, 3], "datatype": "BYTES", "data": ["a"] * 6}]}
+    with pytest.raises(InvalidInput, match="declares 6 BYTES elements; at most 5 per request"):
+        decode_infer(split_body(*body(header)), signature, RequestLimits(max_bytes_elements=5))
+    decoded, _ = decode_infer(split_body(*body(header)), signature, RequestLimits(max_bytes_elements=6))
+    assert decoded.feeds["s"].tolist() == [["a"] * 3] * 2
+
+
+def test_long_json_tensors_convert_and_encode_across_chunks():
+    values = list(range(200_000))
+    decoded = from_json(values, DATATYPES["INT32"], (200_000,), "w")
+    assert decoded.dtype == np.int32 and decoded.tolist() == values
+    with pytest.raises(InvalidInput, match="holds 300, outside INT8's"):
+        from_json([1] * 150_000 + [300], DATATYPES["INT8"], (150_001,), "w")  # in the third chunk
+    texts = [f"t{i}" for i in range(150_000)]
+    assert from_json(texts, DATATYPES["BYTES"], (150_000,), "w").tolist() == texts
+    floats = np.arange(150_000, dtype=np.float32) / 7
+    spec = TensorSpec("y", "FP32", (-1,))
+    strings = (TensorSpec("s", "BYTES", (-1,)), np.array(texts, object), False)
+    encoded = encode_infer("m", "1", None, [(spec, floats, False), strings], {})
+    outputs = orjson.loads(encoded.body)["outputs"]
+    assert np.array_equal(np.array(outputs[0]["data"], np.float32), floats) and outputs[1]["data"] == texts
+
+
+def test_a_shape_of_more_dims_than_any_model_is_refused_short():
+    header = {"inputs": [{"name": "x", "shape": [1] * 100_000, "datatype": "FP32", "data": [1.0]}]}
+    with pytest.raises(InvalidInput, match=r"shape \[1, 1, 1, 1, 1, 1, 1, 1, \.\.\. \(100000 dims\)\] has 100000 dims"):
+        decode_infer(split_body(*body(header)), SIGNATURE)

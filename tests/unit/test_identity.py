@@ -1,5 +1,6 @@
 """API key files, tenant sources and their precedence, and the bound on tenant series."""
 
+import asyncio
 import hashlib
 import json
 
@@ -81,3 +82,28 @@ def test_tenants_past_the_limit_fold_into_other_and_are_counted_once():
     labels = TenantLabels(2)
     assert [labels.label(t) for t in ("a", "unknown", "b", "c", "a", "d", "c")] == ["a", "unknown", "b", "other", "a", "other", "other"]
     assert labels.folded == 2
+
+
+def test_a_reload_swaps_the_key_file_object_that_open_streams_compare(tmp_path):
+    """ModelStreamInfer checks a message's key again once `auth.keys` is another object: follow()
+    must replace it on every reload, never change it in place."""
+    path = key_file(tmp_path, GOOD)
+    auth = Authenticator(path, trust_header=False, mutual_tls=False, max_tenant_series=10)
+    before = auth.keys
+
+    async def reload() -> None:
+        follower = asyncio.create_task(auth.follow(period=0.01))
+        key_file(tmp_path, {"keys": [{"sha256": digest("k2"), "tenant": "team-b"}]})
+        for _ in range(500):
+            if auth.keys is not before:
+                break
+            await asyncio.sleep(0.01)
+        follower.cancel()
+
+    asyncio.run(reload())
+    assert auth.keys is not before and before.keys, "the old object is left as it was"
+    with pytest.raises(Unauthenticated, match="not valid"):
+        auth.identify("Bearer k1", None, None)
+    assert auth.identify("Bearer k2", None, None).tenant == "team-b"
+    with pytest.raises(Unauthenticated, match="required"):
+        auth.identify(None, None, None)  # a certificate that names no one (two CNs) counts as none

@@ -7,9 +7,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from server.binding import FixedBinding
 from server.errors import ConfigError
-from server.model_config import Accelerator, SessionSettings
-from server.runtime import FixedBinding, InstancePool
+from server.model_config import SessionSettings
+from server.runtime import InstancePool
 from tests import onnx_models
 from tests.integration.test_protocol import DATATYPES, sample
 
@@ -17,10 +18,10 @@ BINDABLE = [datatype for datatype in DATATYPES if datatype != "BYTES"]
 MAX_BATCH = 8
 
 
-def pool(tmp_path, model, io_binding, accelerators=()) -> InstancePool:
+def pool(tmp_path, model, io_binding) -> InstancePool:
     path = tmp_path / "model.onnx"
     path.write_bytes(model.SerializeToString())
-    settings = SessionSettings(intra_op_threads=1, inline_run_below_us=0, io_binding=io_binding, gpu_accelerators=accelerators)
+    settings = SessionSettings(intra_op_threads=1, inline_run_below_us=0, io_binding=io_binding)
     return InstancePool(path, settings, "model 'm' version 1")
 
 
@@ -83,13 +84,3 @@ def test_fixed_shape_models_bind_once_at_fixed_addresses(tmp_path):
             np.testing.assert_array_equal(value, np.full((2, 4), k + 1, np.float32))
     finally:
         fixed.close()
-
-
-def test_cuda_graphs_need_fixed_shapes_and_io_binding(tmp_path):
-    graph = (Accelerator("cuda", (("enable_cuda_graph", "1"),)),)
-    with pytest.raises(ConfigError, match="enable_cuda_graph replays one fixed launch"):
-        pool(tmp_path, onnx_models.add_one(), None, graph)  # a batch dimension
-    with pytest.raises(ConfigError, match="needs IO binding at fixed addresses"):
-        pool(tmp_path, onnx_models.add_one(shape=(2, 4)), False, graph)
-    accepted = pool(tmp_path, onnx_models.add_one(shape=(2, 4)), None, graph)  # on this CPU it falls back, loudly
-    accepted.close()

@@ -7,6 +7,8 @@ import pytest
 
 from server import protocol
 from server.errors import InvalidInput
+from server.grpc_codec import parse_request, request_head, response_bytes
+from server.request_limits import OFFLOAD_BYTES, RequestLimits
 from server.tensors import (
     DATATYPES,
     Signature,
@@ -77,21 +79,24 @@ def test_typed_contents_in_the_wrong_field():
 
 
 @pytest.mark.parametrize(
-    "buffer, message",
+    "buffer, count, message",
     [
-        (b"\x01\x00", "truncated"),
-        (b"\x05\x00\x00\x00ab", "declares 5 bytes"),
-        (b"\x01\x00\x00\x00\xff", "not valid UTF-8"),
+        (b"\x02\x00\x00\x00ab\x01\x00", 2, "element 1 has a truncated 4-byte length prefix"),
+        (b"\x01\x00", 1, "element 0 has a truncated 4-byte length prefix"),
+        (b"", 1 << 40, "holds 0 elements; the shape needs 1099511627776"),  # nothing sized by the shape
+        (b"\x05\x00\x00\x00ab", 1, "declares 5 bytes"),
+        (b"\x01\x00\x00\x00\xff", 1, "not valid UTF-8"),
     ],
 )
-def test_malformed_bytes(buffer, message):
+def test_malformed_bytes(buffer, count, message):
     with pytest.raises(InvalidInput, match=message):
-        deserialize_bytes(buffer, 1, "input 's'")
+        deserialize_bytes(buffer, count, "input 's'")
 
 
 def test_bytes_round_trip():
     array = np.array([["a", "é"], ["", "xyz"]], dtype=object)
-    assert deserialize_bytes(serialize_bytes(array), 4, "t") == ["a", "é", "", "xyz"]
+    assert deserialize_bytes(bytes(serialize_bytes(array)), 4, "t") == ["a", "é", "", "xyz"]
+    assert deserialize_bytes(memoryview(bytes(serialize_bytes(array))), 4, "t") == ["a", "é", "", "xyz"]
 
 
 def test_encode_outputs_raw_little_endian():
@@ -117,3 +122,134 @@ def test_typed_contents_outside_the_datatype_range_are_invalid_input():
     edges = protocol.ModelInferRequest(model_name="m")
     edges.inputs.add(name="small", datatype="INT8", shape=[2]).contents.int_contents.extend([-128, 127])
     np.testing.assert_array_equal(decode_request(edges, signature).feeds["small"], np.array([-128, 127], np.int8))
+
+
+def test_raw_bytes_parsing_stops_one_element_past_the_shape():
+    buffer = struct.pack("<I", 2) + b"ab"
+    with pytest.raises(InvalidInput, match=r"more than 1 elements \(5999994 bytes are left after 1\); the shape needs 1"):
+        deserialize_bytes(buffer * 1_000_000, 1, "input 's'")  # one step, not a million
+    with pytest.raises(InvalidInput, match="holds 2 elements; the shape needs 3"):
+        deserialize_bytes(buffer * 2, 3, "input 's'")
+
+
+def test_bytes_elements_are_counted_against_the_limit_before_any_is_parsed():
+    request = request_with(np.zeros((4, 3), np.float32), [b"a"] * 7)  # 8 declared, 7 sent: never parsed
+    with pytest.raises(InvalidInput, match=r"input 's': the request declares 8 BYTES elements; at most 6 per request"):
+        decode_request(request, SIGNATURE, RequestLimits(max_bytes_elements=6))
+    typed = protocol.ModelInferRequest(model_name="m")
+    typed.inputs.add(name="x", datatype="FP32", shape=[4, 3]).contents.fp32_contents.extend([0.0] * 12)
+    typed.inputs.add(name="s", datatype="BYTES", shape=[4, 2]).contents.bytes_contents.extend([b"a"] * 8)
+    with pytest.raises(InvalidInput, match="declares 8 BYTES elements; at most 6"):
+        decode_request(typed, SIGNATURE, RequestLimits(max_bytes_elements=6))
+    assert decode_request(typed, SIGNATURE, RequestLimits(max_bytes_elements=8)).feeds["s"].shape == (4, 2)
+
+
+@pytest.mark.parametrize(
+    "shape, fragment",
+    [
+        ((0, 2**62, 2**62), "declares more than 1099511627776 elements"),  # numpy: "array is too big", a 500
+        ((1,) * 100_000, "shape [1, 1, 1, 1, 1, 1, 1, 1, ... (100000 dims)] has 100000 dims"),
+    ],
+)
+def test_shapes_no_request_can_fill_are_refused_in_few_words(shape, fragment):
+    signature = Signature("m", "1", (TensorSpec("x", "FP32", (-1,) * 3),), (TensorSpec("y", "FP32", (-1,) * 3),), 0)
+    request = protocol.ModelInferRequest(model_name="m")
+    request.inputs.add(name="x", datatype="FP32", shape=shape)
+    request.raw_input_contents.append(b"")
+    with pytest.raises(InvalidInput) as error:
+        decode_request(request, signature)
+    assert fragment in str(error.value) and len(str(error.value)) < 300
+
+
+def test_an_output_asked_for_twice_is_refused():
+    request = request_with(np.zeros((1, 3), np.float32), [b"a", b"b"])
+    for _ in range(1000):
+        request.outputs.add(name="y")
+    with pytest.raises(InvalidInput, match="output 'y' is requested more than once"):
+        decode_request(request, SIGNATURE)
+
+
+def test_an_unknown_name_is_quoted_short():
+    request = request_with(np.zeros((1, 3), np.float32), [b"a", b"b"])
+    request.inputs[0].name = "x" * 100_000
+    with pytest.raises(InvalidInput, match=r"unknown input 'x+\.\.\. \(100000 characters\)'"):
+        decode_request(request, SIGNATURE)
+
+
+def padded(request):
+    """`request` past OFFLOAD_BYTES, where parse_request walks the wire itself."""
+    request.parameters["pad"].string_param = "p" * OFFLOAD_BYTES
+    return request
+
+
+def test_raw_contents_parse_as_views_of_the_wire_bytes():
+    request = request_with(np.arange(6, dtype=np.float32).reshape(2, 3), [b"a", b"bc", b"", b"d"])
+    request.id, request.parameters["priority"].int64_param = "r-1", 2
+    data = padded(request).SerializeToString()
+    message, raw = parse_request(data)
+    assert [bytes(view) for view in raw] == list(request.raw_input_contents)
+    assert message.id == "r-1" and not message.raw_input_contents and len(message.inputs) == 2
+    decoded = decode_request(message, SIGNATURE, raw=raw)
+    assert np.shares_memory(decoded.feeds["x"], np.frombuffer(data, np.uint8))  # no copy of the tensor
+    assert decoded.feeds["s"].tolist() == [["a", "bc"], ["", "d"]]
+    head = request_head(message, len(data), RequestLimits())
+    assert (head.id, head.parameters["priority"], head.size) == ("r-1", 2, len(data))
+    small, raw = parse_request(request_with(np.zeros((1, 3), np.float32), [b"a", b"b"]).SerializeToString())
+    assert raw is None and len(small.raw_input_contents) == 2  # small: protobuf's own parse
+
+
+@pytest.mark.parametrize("data", [b"\x3a\x05ab", b"\x0b", b"\xff" * 11, b"\x08"])
+@pytest.mark.parametrize("size", ["small", "big"])
+def test_a_malformed_message_is_invalid_input(data, size):
+    prefix = padded(protocol.ModelInferRequest()).SerializeToString() if size == "big" else b""
+    with pytest.raises(InvalidInput, match="not a valid ModelInferRequest"):
+        parse_request(prefix + data)
+
+
+def test_request_head_bounds_the_id_and_the_parameters():
+    limits = RequestLimits(max_id_bytes=4, max_parameters=2)
+    message = protocol.ModelInferRequest(model_name="m", id="é" * 3)  # 3 characters, 6 bytes
+    with pytest.raises(InvalidInput, match=r"model 'm': 'id' \(3 characters\) is longer than 4 bytes"):
+        request_head(message, 0, limits)
+    message.id = "ok"
+    for key in "abc":
+        message.parameters[key].bool_param = True
+    with pytest.raises(InvalidInput, match="'parameters' has 3 entries; at most 2"):
+        request_head(message, 0, limits)
+
+
+class _Model:
+    name, version = "m", "1"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_response_bytes_parse_as_the_protobuf_response(stream):
+    y, s = np.arange(6, dtype=np.float32).reshape(2, 3), np.array([["a"], ["é"]], dtype=object)
+    outputs = [(TensorSpec("y", "FP32", (-1, 3)), y), (TensorSpec("s", "BYTES", (-1, 1)), s)]
+    data = response_bytes(_Model, "r-1", outputs, [("cost", 0.5), ("rows", 2), ("device", "cpu")], stream=stream)
+    if stream:
+        data = protocol.ModelStreamInferResponse.FromString(data).infer_response.SerializeToString()
+    response = protocol.ModelInferResponse.FromString(data)
+    expected = protocol.ModelInferResponse(model_name="m", model_version="1", id="r-1")
+    encode_outputs(expected, outputs)
+    expected.parameters["cost"].double_param = 0.5
+    expected.parameters["rows"].int64_param = 2
+    expected.parameters["device"].string_param = "cpu"
+    assert response == expected
+
+
+def test_the_wire_walk_refuses_what_protobuf_would_spend_memory_on():
+    deep = padded(protocol.ModelInferRequest(model_name="m"))
+    deep.inputs.add(name="x", datatype="FP32", shape=[1] * 65)  # packed: 65 bytes, so 7 dims at least
+    assert parse_request(deep.SerializeToString())[0].inputs[0].shape == [1] * 65  # decode_request says why
+    deep.inputs[0].shape.extend([1] * 600)
+    with pytest.raises(InvalidInput, match="an input's shape has more than 64 dims"):
+        parse_request(deep.SerializeToString())
+    unpacked = b"\x2a\x82\x01" + b"\x18\x01" * 65  # inputs (130 bytes) { shape: 1 } x 65, one varint field each
+    with pytest.raises(InvalidInput, match="more than 64 dims"):
+        parse_request(padded(protocol.ModelInferRequest()).SerializeToString() + unpacked)
+    with pytest.raises(InvalidInput, match="more than 65536 fields"):
+        parse_request(b"\x32\x00" * 65537)  # empty requested outputs
+    flood = b"\x12\x00" * 65537  # one requested output of 65537 empty parameters entries
+    with pytest.raises(InvalidInput, match="an input or output of the request has more than 65536 fields"):
+        parse_request(b"\x32\x82\x80\x08" + flood)

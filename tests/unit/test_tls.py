@@ -1,16 +1,27 @@
 """server/tls.py without a server: the start-up check of PEM files and its messages, the TLS
-arguments each listener gets, and reading a client's name out of a distinguished name."""
+arguments each listener gets, and reading a client's name out of a distinguished name, the same
+from gRPC's reading of a certificate as from REST's."""
 
 import ssl
+import subprocess
 
 import grpc
 import pytest
 
 from server.config import parse_server_settings
 from server.errors import ConfigError
+from server.connection_limits import LimitedHttpToolsProtocol
 from server.http_tls import TlsHttpToolsProtocol, uvicorn_tls
-from server.tls import check_certificates, common_name, grpc_credentials, http_client_name, metrics_cert_and_key, rfc4514
-from tests.certificates import make_certificates, openssl
+from server.tls import (
+    check_certificates,
+    common_name,
+    grpc_client_name,
+    grpc_credentials,
+    http_client_name,
+    metrics_cert_and_key,
+    rfc4514,
+)
+from tests.certificates import make_certificates, make_leaf, openssl
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +64,7 @@ def test_plain_text_is_the_default_everywhere(settings):
     check_certificates(parsed)
     assert grpc_credentials(parsed) is None
     assert metrics_cert_and_key(parsed) == ("", "")
-    assert uvicorn_tls(parsed) == {"http": "httptools"}  # uvicorn's own protocol: nothing more per request
+    assert uvicorn_tls(parsed) == {"http": LimitedHttpToolsProtocol}  # no TLS extension: nothing more per request than the limits
 
 
 def test_mutual_http_requires_a_client_certificate_signed_by_the_root(certs, settings):
@@ -131,3 +142,49 @@ def test_http_client_name_reads_the_asgi_tls_extension():
     assert http_client_name({"type": "http"}) is None  # plain HTTP: no extension at all
     assert http_client_name({"extensions": {"tls": {"client_cert_name": None}}}) is None  # TLS, no certificate
     assert http_client_name({"extensions": {"tls": {"client_cert_name": "CN=team-a,O=Example"}}}) == "team-a"
+
+
+def test_a_subject_with_two_common_names_names_no_one(caplog):
+    common_name.cache_clear()  # the warning comes once per subject parsed, and other tests parse these too
+    assert common_name("CN=team-second,O=acme,CN=team-first") is None  # the two orders disagree: neither is taken
+    assert common_name("CN=team-b+CN=team-c,O=x") is None  # two CNs in one multi-valued RDN
+    assert common_name("CN=#0c067465616d2d61,O=x") is None  # a value dumped as hex: no string to read
+    assert [record.levelname for record in caplog.records] == ["WARNING", "WARNING"]
+    assert "more than one CN" in caplog.records[0].getMessage()
+    common_name("CN=team-second,O=acme,CN=team-first")
+    assert len(caplog.records) == 2, "one warning per distinct subject, not per call"
+
+
+class AuthContext:
+    """What grpc.aio's ServicerContext.auth_context() gives under mutual TLS, as far as it is read."""
+
+    def __init__(self, subject: str) -> None:
+        self.properties = {"x509_subject": [subject.encode()], "x509_common_name": [b"not-read"]}
+
+    def auth_context(self) -> dict:
+        return self.properties
+
+
+@pytest.mark.parametrize(
+    "subject, expected",
+    [
+        ("team-a", "team-a"),
+        ("Müller, GmbH\\+1", "Müller, GmbH+1"),  # OpenSSL escapes the bytes of ü (\C3\BC), Python keeps it
+        ("\\#lead", "#lead"),
+        ("x=y;z", "x=y;z"),
+        ('q"uote<> ', 'q"uote<> '),  # a trailing space
+        ("tab\there", "tab\there"),  # OpenSSL writes \09
+        ("team-first/O=acme/CN=team-second", None),
+    ],
+)
+def test_grpc_and_rest_read_one_certificate_alike(certs, tmp_path, subject, expected):
+    """gRPC gets the subject as OpenSSL prints it (RFC 2253), REST as Python's ssl parses it: one name."""
+    decode = getattr(ssl._ssl, "_test_decode_cert", None)  # CPython's own tests read certificates with it
+    if decode is None:
+        pytest.skip("this Python has no ssl._ssl._test_decode_cert")
+    pair = make_leaf(tmp_path, "subject", certs.ca, subject)
+    printed = subprocess.run(["openssl", "x509", "-in", str(pair.cert), "-noout", "-subject", "-nameopt", "RFC2253"],
+                             capture_output=True, text=True, check=True).stdout  # fmt: skip
+    over_grpc = grpc_client_name(AuthContext(printed.rstrip("\n").removeprefix("subject=")))
+    over_rest = http_client_name({"extensions": {"tls": {"client_cert_name": rfc4514(decode(str(pair.cert))["subject"])}}})
+    assert over_grpc == over_rest == expected

@@ -2,12 +2,14 @@
 skipped by the reader, numbered rotation, and totals per tenant and model."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
 from server import usage
 from server.usage_log import FIELDS, UsageLog
-from tests.conftest import wait_until
+from tests.conftest import ROOT, wait_until
 
 
 def record(tenant="t1", outcome="ok", rows=2, cost=1e-6, model="m"):
@@ -96,3 +98,123 @@ def test_the_reader_totals_by_tenant_and_model_and_flags_corruption(tmp_path, ca
     assert f"{path}:1: not a usage record" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         usage.main([])
+
+
+def rotated(directory) -> dict[int, int]:
+    """Numbered files and the records in each."""
+    return {int(p.name.rsplit(".", 1)[1]): len(p.read_text().splitlines()) for p in directory.glob("usage.log.*")}
+
+
+def fill_and_rotate(log: UsageLog, tenant: str, rotations: int) -> None:
+    """Write until the log has rotated `rotations` more times (4096 bytes: about a dozen records)."""
+    for _ in range(rotations):
+        before = len(rotated(log.path.parent))
+        write(log, *(record(tenant) for _ in range(16)))
+        assert wait_until(lambda: not log.depth and len(rotated(log.path.parent)) > before, 10)
+
+
+def test_rotated_numbers_are_never_reused_after_shipping_or_a_restart(tmp_path):
+    path = tmp_path / "usage.log"
+    log = UsageLog(str(path), fsync_ms=1, max_bytes=4096, capacity=1000)
+    log.open()
+    fill_and_rotate(log, "t1", 2)
+    log.close()
+    shipped = sorted(rotated(tmp_path))
+    assert shipped == [1, 2]
+    for number in shipped:  # shipped and removed, as the docs advise
+        (tmp_path / f"usage.log.{number}").unlink()
+
+    again = UsageLog(str(path), fsync_ms=1, max_bytes=4096, capacity=1000)  # a restart
+    again.open()
+    fill_and_rotate(again, "t2", 1)
+    assert sorted(rotated(tmp_path)) == [3]
+    for number in rotated(tmp_path):
+        (tmp_path / f"usage.log.{number}").unlink()
+    fill_and_rotate(again, "t3", 1)  # the same process, after a deletion
+    again.close()
+    assert sorted(rotated(tmp_path)) == [4]
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith("usage.log.") and not p.name[10:].isdigit()]
+
+
+def test_a_damaged_rotation_state_falls_back_to_the_files_present(tmp_path, caplog):
+    path = tmp_path / "usage.log"
+    (tmp_path / "usage.log.5").write_text("")
+    (tmp_path / ".usage.log.rotation").write_text("not a number")
+    log = UsageLog(str(path), fsync_ms=1, max_bytes=4096, capacity=1000)
+    log.open()
+    fill_and_rotate(log, "t1", 1)
+    log.close()
+    assert sorted(rotated(tmp_path)) == [5, 6]
+    assert "rotation state" in caplog.text
+
+
+# In a process of its own: the log's descriptor is above RLIMIT_NOFILE and every lower one is taken,
+# so no file can be opened when the log rotates (EMFILE). Then the limit is lifted and a socketpair
+# takes the lowest free numbers, which are the log's own if rotation had closed it.
+EMFILE_SCRIPT = r"""
+import json, os, resource, socket, sys, time
+from server.usage_log import FIELDS, UsageLog
+
+path = sys.argv[1]
+item = tuple({"time": 1.8e9, "tenant": "t", "rows": 1, "outcome": "ok"}.get(name) for name in FIELDS)
+
+
+def send(count):
+    for _ in range(count):
+        assert log.reserve()
+        log.append(item)
+    deadline = time.monotonic() + 10
+    while log.depth and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+log = UsageLog(path, fsync_ms=1, max_bytes=4096, capacity=100000)
+log.open()
+fd = next(int(n) for n in os.listdir("/proc/self/fd") if os.readlink(f"/proc/self/fd/{n}") == path)
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (fd, hard))
+fillers = []
+while True:
+    try:
+        fillers.append(os.open(os.devnull, os.O_RDONLY))
+    except OSError:
+        break
+send(20)  # past 4096 bytes: the rotation's open fails
+time.sleep(0.3)
+resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+reader, writer = socket.socketpair()
+reader.setblocking(False)
+send(20)
+time.sleep(1.5)  # a later rotation succeeds once a file can be opened
+send(20)
+try:
+    lost = log.close()
+    error = ""
+except OSError as err:
+    lost, error = None, str(err)
+try:
+    leaked = len(reader.recv(1 << 20))
+except BlockingIOError:
+    leaked = 0
+print(json.dumps({"leaked": leaked, "lost": lost, "error": error, "written": log.written}))
+"""
+
+
+def test_rotation_that_cannot_open_a_file_keeps_every_record_in_the_old_one(tmp_path):
+    path = tmp_path / "usage.log"
+    result = subprocess.run([sys.executable, "-c", EMFILE_SCRIPT, str(path)], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert result.returncode == 0, result.stderr[-3000:]
+    outcome = json.loads(result.stdout.splitlines()[-1])
+    assert outcome == {"leaked": 0, "lost": 0, "error": "", "written": 60}, (outcome, result.stderr[-3000:])
+    files = [str(path), *(str(p) for p in tmp_path.glob("usage.log.*"))]
+    assert usage.read(files).records == 60
+    assert rotated(tmp_path), "the rotation is retried once files can be opened"
+    assert "cannot rotate" in result.stderr
+
+
+def test_close_with_an_unwritable_log_says_how_many_records_are_lost(caplog):
+    log = UsageLog("/dev/full", fsync_ms=1, max_bytes=0, capacity=100)  # every write fails: ENOSPC
+    log.open()
+    write(log, record(), record(), record())
+    assert log.close() == 3
+    assert "3 records could not be written to /dev/full" in caplog.text

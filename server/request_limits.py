@@ -1,0 +1,139 @@
+"""Bounds on what one inference request may make the server hold or do, each checked before the
+work it bounds, and the hand-off of big requests' decoding and big answers' encoding to a small
+pool of worker threads, so that one caller's tensors never stall the event loop for the others."""
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from server.errors import InvalidInput
+
+# Work on more than this many bytes of request (or of answer) leaves the loop. A hop to a thread
+# costs ~0.1 ms; decoding 64 KiB costs well under that for raw numbers but up to ~3 ms for BYTES or
+# JSON of tiny elements (16K elements at ~0.2 us of Python each), which is what a loop can afford.
+OFFLOAD_BYTES = 64 * 1024
+# What encoding one element of a BYTES output, or of any output as a JSON list, costs in bytes of
+# raw copy: a Python object per element, about 32 bytes' worth of memcpy time.
+ELEMENT_COST = 32
+# No tensor may claim more elements than this, zero dimensions ignored: numpy cannot reshape past
+# 2**63 bytes (a 500 before), and no message or body we accept carries a trillion elements.
+MAX_DECLARED_ELEMENTS = 1 << 40
+# Dims of a request's tensor: it must equal its model's rank, which configs bound at 32
+# (model_limits.MAX_RANK) and ONNX models keep to 8 in practice. Checked before a shape is built.
+MAX_REQUEST_RANK = 64
+SHOWN_CHARACTERS = 64  # of a caller's name or value quoted back in an error message
+SHOWN_DIMS = 8  # of a shape quoted back in an error message
+CODEC_THREADS = 2  # see Offload
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Per-request bounds; ServerSettings gives each a flag (app.py builds this from it).
+
+    BYTES elements and JSON values are capped by count, not by bytes: each becomes a Python object
+    of ~50-60 bytes (plus onnxruntime's own 32-byte std::string for BYTES) however short it is on
+    the wire, so a cap on bytes alone lets 2-byte elements cost 16x the request. Keeping BYTES as
+    a length-prefixed buffer would avoid that only until onnxruntime, which takes nothing but
+    Python str for string tensors; so the count is what bounds the memory, and the cap is it."""
+
+    max_bytes_elements: int = 1 << 20  # BYTES elements in one request, all its inputs together
+    # Values in a REST request's JSON (counted as its commas). orjson parses the whole body in one
+    # call that holds the GIL, ~40-70 ns a value on a small core: 2M values stall everyone ~100 ms.
+    max_json_values: int = 1 << 21
+    max_id_bytes: int = 256  # of the request's `id` (UTF-8)
+    max_parameters: int = 64  # entries in the request's `parameters`
+
+    @classmethod
+    def from_settings(cls, settings) -> "RequestLimits":
+        """From ServerSettings' fields of the same names."""
+        return cls(settings.max_bytes_elements, settings.max_json_values, settings.max_id_bytes, settings.max_request_parameters)
+
+    def check_id(self, value, label: str) -> str:
+        """The request's `id` as the usage log and the response carry it: a short string."""
+        if value is None:
+            return ""
+        if not isinstance(value, str):
+            raise InvalidInput(f"{label}: 'id' must be a string; got {type(value).__name__}")
+        if len(value) > self.max_id_bytes or len(value.encode()) > self.max_id_bytes:
+            raise InvalidInput(
+                f"{label}: 'id' ({len(value)} characters) is longer than {self.max_id_bytes} bytes (--max-id-bytes)"
+            )
+        return value
+
+    def check_parameters(self, count: int, label: str) -> None:
+        if count > self.max_parameters:
+            raise InvalidInput(
+                f"{label}: 'parameters' has {count} entries; at most {self.max_parameters} (--max-request-parameters)"
+            )
+
+
+DEFAULT_LIMITS = RequestLimits()
+
+
+class BytesBudget:
+    """The BYTES elements one request may still declare, spent input by input before any is parsed."""
+
+    def __init__(self, limits: RequestLimits) -> None:
+        self.left, self.limits = limits.max_bytes_elements, limits
+
+    def spend(self, count: int, where: str) -> None:
+        if count > self.left:
+            total = self.limits.max_bytes_elements - self.left + count
+            raise InvalidInput(
+                f"{where}: the request declares {total} BYTES elements; at most {self.limits.max_bytes_elements} "
+                "per request (--max-bytes-elements)"
+            )
+        self.left -= count
+
+
+def declared_count(shape: tuple[int, ...], where: str) -> int:
+    """The element count of a checked shape; refuses counts no request can carry."""
+    nonzero = 1
+    for dim in shape:
+        nonzero *= dim or 1
+        if nonzero > MAX_DECLARED_ELEMENTS:
+            raise InvalidInput(f"{where}: shape {shape_text(shape)} declares more than {MAX_DECLARED_ELEMENTS} elements")
+    return 0 if 0 in shape else nonzero
+
+
+def shape_text(shape) -> str:
+    """A shape for an error message: the first dims of a long one, and how many there are."""
+    if len(shape) <= SHOWN_DIMS:
+        return str(list(shape))
+    return f"[{', '.join(str(d) for d in shape[:SHOWN_DIMS])}, ... ({len(shape)} dims)]"
+
+
+def shown(value) -> str:
+    """A caller's string (a name, a datatype) for an error message, cut short if long."""
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= SHOWN_CHARACTERS else f"{text[:SHOWN_CHARACTERS]}... ({len(text)} characters)"
+
+
+def encode_weight(array: np.ndarray, as_json: bool = False) -> int:
+    """What encoding `array` costs, in bytes of memcpy: what Offload compares with OFFLOAD_BYTES."""
+    if not as_json and array.dtype != object:
+        return array.nbytes
+    weight = array.size * ELEMENT_COST
+    if array.dtype == object and weight <= OFFLOAD_BYTES:  # few elements, but perhaps long ones
+        weight += sum(len(item) for item in array.reshape(-1))
+    return weight
+
+
+class Offload:
+    """Runs the decoding and encoding of big requests in worker threads of their own.
+
+    A dedicated pool, not the loop's default executor, and a small one: a thread running Python
+    holds the GIL for up to 5 ms slices, and every extra such thread is one more the loop may wait
+    behind, so CODEC_THREADS bounds that wait (and the big requests half-decoded at once) whatever
+    the number of callers. Their Python loops are kept short (numpy where it can do the work)."""
+
+    def __init__(self, threads: int = CODEC_THREADS) -> None:
+        self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="codec")
+
+    async def run(self, weight: int, function, *args):
+        """`function(*args)`: on the loop when `weight` (bytes) is small, else in a codec thread."""
+        if weight <= OFFLOAD_BYTES:
+            return function(*args)
+        return await asyncio.get_running_loop().run_in_executor(self.executor, function, *args)
