@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import importlib.metadata
 import json
+import os
 import re
 import subprocess
 import sys
@@ -29,12 +30,11 @@ from pathlib import Path
 
 ONNXRUNTIME_GPU = "onnxruntime-gpu==1.31.1"  # a CUDA 13 build, like the machine's NVIDIA wheels and torch
 WANTED = ("grpcio-health-checking", "grpcio-reflection", "uvicorn", "httptools", "orjson")  # at this venv's versions
-# In the closure, but the GPU machine has them at versions these wheels accept (onnxruntime-gpu:
-# numpy>=1.21.6, packaging, flatbuffers; uvicorn: click>=7, h11>=0.8), so pip would keep its own and
-# carrying them only costs parts (numpy alone is 16 MB). grpcio and protobuf stay in: that machine's
-# versions are unknown, and the health and reflection wheels' generated modules refuse an older
-# grpcio or protobuf at import; so does typing-extensions (grpcio wants ~=4.12, torch only >=4.10).
-SKIP = frozenset({"numpy", "packaging", "flatbuffers", "click", "h11"})
+# In the closure, but the GPU machine has it (PyTorch needs it) at a version onnxruntime-gpu accepts
+# (numpy>=1.21.6), and it alone would cost 16 MB of parts. Everything else comes along, if only a few
+# hundred KiB: an offline pip stops at the first requirement it cannot find, and grpcio and protobuf
+# must be new enough for the health and reflection wheels' generated modules.
+SKIP = frozenset({"numpy"})
 # pip matches --platform exactly, so every manylinux tag the machine accepts is listed. torch 2.11's
 # wheels are manylinux_2_28, so its glibc is at least 2.28; nothing newer is assumed.
 PLATFORMS = (*(f"manylinux_2_{minor}_x86_64" for minor in range(28, 4, -1)),
@@ -180,7 +180,9 @@ def bundled_version(manifest: dict, name: str) -> str | None:
 
 
 def _pip(*arguments: str) -> None:
-    subprocess.run([sys.executable, "-m", "pip", *arguments, "--disable-pip-version-check"], check=True)
+    # A distribution's own Python (PEP 668) refuses pip installs unless told; a throwaway machine allows it.
+    environment = {**os.environ, "PIP_BREAK_SYSTEM_PACKAGES": "1"}
+    subprocess.run([sys.executable, "-m", "pip", *arguments, "--disable-pip-version-check"], check=True, env=environment)
 
 
 def pip_install(manifest: dict, wheel_dir: Path) -> None:

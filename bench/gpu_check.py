@@ -55,6 +55,7 @@ from typing import Callable
 
 from bench import gpu_restarts, gpu_steps
 from bench.gpu_steps import Context, Failed, Plan, Skip
+from server import gpu_report
 from server.placement import visible_gpus
 
 CUT_EXIT = 3  # --exit-after: the status of a run cut off on purpose
@@ -221,8 +222,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--fail-step", action="append", default=[], help=argparse.SUPPRESS)  # tests: NAME or NAME=hang
     parser.add_argument("--exit-after", default="", help=argparse.SUPPRESS)  # tests: end the process as a cut-off would
     args = parser.parse_args(argv)
-    if not args.cpu and not visible_gpus():
-        parser.error("no NVIDIA GPU is visible (NVML): run on the GPU machine, or pass --cpu to test the plumbing")
+    args.no_gpu = not args.cpu and not visible_gpus()
     args.seconds = args.seconds or (1.0 if args.cpu else 3.0 if args.quick else 8.0)
     args.deadline_minutes = 5.5 if args.quick and args.deadline_minutes is None else args.deadline_minutes
     args.deadline_minutes = 9.5 if args.deadline_minutes is None else args.deadline_minutes
@@ -234,6 +234,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.no_gpu:
+        return _no_gpu(args.out)
     scratch = Path(tempfile.mkdtemp(prefix="onnxserve-gpu-check-"))
     try:
         return check(args, sys.argv[1:] if argv is None else argv, scratch)
@@ -269,6 +271,16 @@ def check(args: argparse.Namespace, argv: list[str], scratch: Path) -> int:
     journal.say(f"done: {len(failed)} step(s) failed{': ' + ', '.join(failed) if failed else ''}"
                 f"{' (not counting --fail-step)' if args.hooks else ''}; {args.out / 'gpu-check.md'}")  # fmt: skip
     return 1 if failed else 0
+
+
+def _no_gpu(out: Path) -> int:
+    """Even where NVML sees no GPU, the run leaves its reason and the environment behind, not nothing."""
+    reason = "no NVIDIA GPU is visible (NVML): run on the GPU machine, or pass --cpu to test the plumbing"
+    found = {"error": reason, "environment": gpu_report.report(None)}
+    (out / "gpu-check.json").write_text(json.dumps(found, indent=2, default=str))
+    (out / "gpu-check.md").write_text(f"# onnxserve GPU check\n\nNOT RUN: {reason}\n")
+    print(f"gpu_check: {reason}; the environment is in {out / 'gpu-check.json'}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -11,9 +11,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, ProcessCollector
 
-from server import log_limits, protocol
+from server import log_limits, protocol, shutdown
 from server.config import ServerSettings
-from server.connection_limits import ConnectionMetrics, ensure_open_files, grpc_options
+from server.connection_limits import ConnectionMetrics
 from server.errors import ConfigError
 from server.control import RepositoryControl
 from server.costs import CostLedger, resolve_prices
@@ -21,6 +21,7 @@ from server.energy import SampledMeters
 from server.events import BatchExecuted, BatchStarted, EventBus, ModelStateChanged, RepositoryChanged, RequestFinished
 from server.metrics import CostCollector, GpuCollector, GpuReader, MetricsObserver, serve_metrics
 from server.polling import RepositoryPoller
+from server.process_limits import ensure_open_files, grpc_options
 from server.repository import ModelRepository
 from server.placement import CPU, GpuPolicy
 from server.runtime import cpu_cores
@@ -53,19 +54,8 @@ async def serve(settings: ServerSettings) -> int:
         settings.grpc_use_ssl_mutual or settings.http_use_ssl_mutual,
         settings.max_tenant_series,
     )
-    for observer in (MetricsObserver(registry), TenantRequests(registry)):
-        for event_type, handler in observer.handlers().items():
-            bus.subscribe(handler, event_type, deferred=True)
-    bus.subscribe(ledger.observe, BatchStarted, BatchExecuted, ModelStateChanged)
-    bus.subscribe(statistics.observe, RequestFinished, BatchExecuted, deferred=True)
-    registry.register(CostCollector(ledger.snapshot))
-    registry.register(TenantCollector(auth))
     usage = _usage_log(settings)
-    if usage is not None:
-        registry.register(UsageLogCollector(usage))
-    if gpus:
-        registry.register(GpuCollector(gpus))
-    ProcessCollector(registry=registry)
+    _observe(bus, registry, ledger, statistics, auth, usage, gpus)
     gpu = GpuPolicy(
         settings.require_gpu,
         Path(settings.tensorrt_cache_dir) if settings.tensorrt_cache_dir else None,
@@ -80,20 +70,7 @@ async def serve(settings: ServerSettings) -> int:
     service = InferenceService(core, statistics, control, settings.grpc_restricted_protocol)
     health_servicer = health.aio.HealthServicer()
 
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_send_message_length", settings.grpc_max_message_bytes),
-            ("grpc.max_receive_message_length", settings.grpc_max_message_bytes),
-            *grpc_options(settings),  # connections, idle time, calls per connection, the wait for HTTP/2
-        ]
-    )
-    server.add_generic_rpc_handlers((service.handler(),))
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (protocol.SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server, pool=protocol.POOL
-    )
-    grpc_target, credentials = f"{settings.grpc_address}:{settings.grpc_port}", grpc_credentials(settings)
-    grpc_port = server.add_secure_port(grpc_target, credentials) if credentials else server.add_insecure_port(grpc_target)
+    server, grpc_port = _grpc_server(settings, service, health_servicer)
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
     await health_servicer.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
     connections = ConnectionMetrics(registry)
@@ -106,20 +83,19 @@ async def serve(settings: ServerSettings) -> int:
         api = HttpApi(core, statistics, control, settings.http_restricted_api, settings.http_max_body_bytes)
         http = await start_http(settings, api, connections)
         http_bound = http_port(http)
-    http_tls = describe(tls_files(settings, "http"))
-    http_where = f"HTTP on {settings.http_address}:{http_bound}{http_tls}" if http else "HTTP off (--http-port -1)"
-    log.info(  # bench/serving.py parses this line: keep its regexes in step
-        "listening: gRPC on %s:%d%s, metrics on %s://%s:%d/metrics, %s; loading models from %s",
-        settings.grpc_address,
-        grpc_port,
-        describe(tls_files(settings, "grpc")),
-        "https" if settings.metrics_use_ssl else "http",
-        settings.metrics_address,
-        metrics_httpd.server_port,
-        http_where,
-        settings.model_repository,
-    )
+    _log_listening(settings, grpc_port, metrics_httpd.server_port, http_bound if http else None)
+    ports = f"gRPC port {grpc_port}, metrics port {metrics_httpd.server_port}" + (f", HTTP port {http_bound}" if http else "")
+    tasks = await _serve_until_signal(settings, bus, repository, auth, core, health_servicer, ports)
+    serving = shutdown.Serving(server, health_servicer, http, core, repository, usage, metrics_httpd, energy, gpus, tasks)
+    return await shutdown.stop(serving, settings.exit_timeout_secs)
 
+
+async def _serve_until_signal(
+    settings: ServerSettings, bus: EventBus, repository: ModelRepository, auth: Authenticator, core: InferenceCore,
+    health_servicer: health.aio.HealthServicer, ports: str,
+) -> list[asyncio.Task]:
+    """Load the start-up models, then follow readiness, the keys file and the repository, until the
+    first SIGTERM/SIGINT. Returns the tasks for the stop to cancel."""
     stop = _install_signal_handlers()
     poller = RepositoryPoller(repository, settings.repository_poll_secs)
     if settings.model_control_mode == "poll":
@@ -131,49 +107,63 @@ async def serve(settings: ServerSettings) -> int:
     await asyncio.wait((loading, asyncio.create_task(stop.wait())), return_when=asyncio.FIRST_COMPLETED)
     if loading.done():
         loading.result()
-        ports = f"gRPC port {grpc_port}, metrics port {metrics_httpd.server_port}" + (f", HTTP port {http_bound}" if http else "")
         followers.append(asyncio.create_task(_follow_readiness(core, health_servicer, changed, ports)))
         if settings.model_control_mode == "poll":
             followers.append(asyncio.create_task(poller.run()))
         await stop.wait()
+    return [loading, *followers]
 
-    log.info("shutting down: refusing new requests, answering those in flight (up to %.1f s)", settings.exit_timeout_secs)
-    ends = asyncio.get_running_loop().time() + settings.exit_timeout_secs
-    for task in (loading, *followers):
-        task.cancel()
-    core.shutting_down = True
-    await health_servicer.enter_graceful_shutdown()
-    await asyncio.gather(server.stop(settings.exit_timeout_secs), *([http.shutdown()] if http else []))
-    still_running = await repository.close(max(0.0, ends - asyncio.get_running_loop().time()))
-    lost = 0
-    if usage is not None:  # every request is answered by now: its record is the last to go to disk
-        lost = await asyncio.to_thread(usage.close)
-    await asyncio.to_thread(metrics_httpd.shutdown)
-    energy.close()
+
+def _observe(bus: EventBus, registry: CollectorRegistry, ledger: CostLedger, statistics: StatisticsRecorder,
+             auth: Authenticator, usage: UsageLog | None, gpus: GpuReader | None) -> None:  # fmt: skip
+    """Metrics, cost, statistics and tenants follow the bus; /metrics collects from them."""
+    for observer in (MetricsObserver(registry), TenantRequests(registry)):
+        for event_type, handler in observer.handlers().items():
+            bus.subscribe(handler, event_type, deferred=True)
+    bus.subscribe(ledger.observe, BatchStarted, BatchExecuted, ModelStateChanged)
+    bus.subscribe(statistics.observe, RequestFinished, BatchExecuted, deferred=True)
+    registry.register(CostCollector(ledger.snapshot))
+    registry.register(TenantCollector(auth))
+    if usage is not None:
+        registry.register(UsageLogCollector(usage))
     if gpus:
-        gpus.close()
-    return _exit_code(still_running, lost)
+        registry.register(GpuCollector(gpus))
+    ProcessCollector(registry=registry)
 
 
-# Exit codes (README, "Command line"): 0 a clean stop; 2 a setting refused at start; 3 usage records
-# could not be written (the log says how many); 4 a stop past --exit-timeout-secs with work still
-# running in worker threads (a load's step, a batch), left behind; 130 a second signal.
-USAGE_RECORDS_LOST_EXIT_CODE = 3
-ABANDONED_EXIT_CODE = 4
+def _grpc_server(settings: ServerSettings, service: InferenceService, health_servicer) -> tuple[grpc.aio.Server, int]:
+    """The gRPC server with the inference, health and reflection services, bound; and its port."""
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_send_message_length", settings.grpc_max_message_bytes),
+            ("grpc.max_receive_message_length", settings.grpc_max_message_bytes),
+            *grpc_options(settings),  # connections, idle time, calls per connection, the wait for HTTP/2
+        ]
+    )
+    server.add_generic_rpc_handlers((service.handler(),))
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (protocol.SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server, pool=protocol.POOL
+    )
+    target, credentials = f"{settings.grpc_address}:{settings.grpc_port}", grpc_credentials(settings)
+    port = server.add_secure_port(target, credentials) if credentials else server.add_insecure_port(target)
+    return server, port
 
 
-def _exit_code(still_running: list[str], lost: int) -> int:
-    """The exit status; with threads still running, the process exits here without waiting for them:
-    asyncio.run and the interpreter would join them, and a thread in onnxruntime cannot be stopped."""
-    code = USAGE_RECORDS_LOST_EXIT_CODE if lost else 0
-    if not still_running:
-        log.info("stopped%s", f" (exit {code})" if code else "")
-        return code
-    code = code or ABANDONED_EXIT_CODE
-    log.warning("stopped with %d thread(s) still running past --exit-timeout-secs, left behind: %s (exit %d)",
-                len(still_running), "; ".join(still_running), code)  # fmt: skip
-    logging.shutdown()  # the log's last lines reach stderr: os._exit skips every other flush
-    os._exit(code)
+def _log_listening(settings: ServerSettings, grpc_port: int, metrics_port: int, http_port: int | None) -> None:
+    http_tls = describe(tls_files(settings, "http"))
+    http_where = f"HTTP on {settings.http_address}:{http_port}{http_tls}" if http_port is not None else "HTTP off (--http-port -1)"
+    log.info(  # bench/serving.py parses this line: keep its regexes in step
+        "listening: gRPC on %s:%d%s, metrics on %s://%s:%d/metrics, %s; loading models from %s",
+        settings.grpc_address,
+        grpc_port,
+        describe(tls_files(settings, "grpc")),
+        "https" if settings.metrics_use_ssl else "http",
+        settings.metrics_address,
+        metrics_port,
+        http_where,
+        settings.model_repository,
+    )
 
 
 def _usage_log(settings: ServerSettings) -> UsageLog | None:

@@ -26,6 +26,11 @@ GRAPH_ID = "gpu_graph_id"  # onnxruntime's run option: the CUDA graph a run capt
 # onnxruntime's CUDA provider needs a regular run or two (for its allocations) before it captures a
 # graph: three runs per padded size capture every graph, and replay it once, before the model is ready.
 GRAPH_CAPTURE_RUNS = 3
+# Its count of those regular runs is kept per thread, not per graph id (cuda_execution_provider.h:
+# regular_run_count_before_graph_capture_), so after the first size's capture every later size would
+# be captured on its very first run, with the arena growing and cuDNN's algorithm search inside the
+# capture. Each size first runs this often with gpu_graph_id -1, which captures nothing.
+GRAPH_PRIME_RUNS = 2
 GRAPH_THREAD = "CUDA graphs replay on the instance's thread"  # why such a model never runs inline
 GRAPH_OWN_SESSIONS = "CUDA graphs: only the instances' own sessions run, so nothing is measured on others"
 
@@ -145,9 +150,9 @@ class FixedBinding:
             value.update_inplace(np.ascontiguousarray(array))
         return self.execute(session, output_names), time.perf_counter() - started
 
-    def execute(self, session: ort.InferenceSession, output_names: list[str]) -> list[np.ndarray]:
+    def execute(self, session: ort.InferenceSession, output_names: list[str], run_options: ort.RunOptions | None = None) -> list[np.ndarray]:
         """Run on what the inputs hold now; the outputs, copied to the host (each its own array)."""
-        session.run_with_iobinding(self.binding, self.run_options)
+        session.run_with_iobinding(self.binding, run_options or self.run_options)
         values = dict(zip(self.output_names, self.binding.copy_outputs_to_cpu()))
         return [values[name] for name in output_names]
 
@@ -178,7 +183,21 @@ class GraphBindings:
             for size in sizes
         }
         self.runs: collections.Counter[int] = collections.Counter()  # padded size (0: unbatched) -> runs
+        self.primed: collections.Counter[int] = collections.Counter()  # the same, runs that capture nothing
         self.threads: collections.Counter[str] = collections.Counter()  # thread name -> runs, for logs and tests
+
+    def prime(self, session: ort.InferenceSession, size: int, runs: int = GRAPH_PRIME_RUNS) -> None:
+        """Regular runs of one padded size (0: unbatched) on zeros, capturing no graph (see GRAPH_PRIME_RUNS)."""
+        if threading.get_ident() != self.owner:
+            raise RuntimeError(f"CUDA graphs replay on the instance's own thread; called on {threading.current_thread().name}")
+        binding = self.bindings[size]
+        for name, value in binding.inputs.items():
+            value.update_inplace(np.zeros(value.shape(), binding.dtypes[name]))
+        no_graph = ort.RunOptions()
+        no_graph.add_run_config_entry(GRAPH_ID, "-1")
+        for _ in range(runs):
+            binding.execute(session, binding.output_names, no_graph)
+            self.primed[size] += 1
 
     def size_for(self, rows: int) -> int:
         index = bisect.bisect_left(self.sizes, rows)

@@ -1,7 +1,7 @@
 """Every setting onnxserve reads, declared once: server flags/env and per-model config.pbtxt.
 
-Values are parsed and validated here, then frozen. Errors name the flag, or the
-file and field, that is wrong.
+Values are parsed here, validated (server/config_checks.py), then frozen. Errors name the flag,
+or the file and field, that is wrong.
 """
 
 import argparse
@@ -10,8 +10,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from server.config_checks import check_settings
 from server.errors import ConfigError
-from server.model_limits import MAX_BATCH_SIZE, MAX_QUEUE_SIZE
 
 MIB = 1024 * 1024
 ENV_PREFIX = "ONNXSERVE_"
@@ -60,7 +60,6 @@ PROTOCOL_GROUPS = {
     "trace": ("TraceSetting",),
     "logging": ("LogSettings",),
 }  # fmt: skip
-CONTROL_MODES = ("none", "poll", "explicit")
 
 
 @dataclass(frozen=True)
@@ -274,122 +273,7 @@ class ServerSettings:
     )  # fmt: skip
 
     def __post_init__(self) -> None:
-        for name in ("grpc_port", "metrics_port"):
-            port = getattr(self, name)
-            if not 0 <= port <= 65535:
-                raise ConfigError(f"--{_dashed(name)}: {port} is not a port number (0-65535)")
-        if not -1 <= self.http_port <= 65535:
-            raise ConfigError(f"--http-port: {self.http_port} is not a port number (0-65535), nor -1 (HTTP off)")
-        if self.http_max_body_bytes < 1024:
-            raise ConfigError(f"--http-max-body-bytes: {self.http_max_body_bytes} is below 1024")
-        if self.grpc_max_message_bytes < 4 * MIB or self.grpc_max_message_bytes > 2**31 - 1:
-            raise ConfigError(
-                f"--grpc-max-message-bytes: {self.grpc_max_message_bytes} is outside 4 MiB .. 2 GiB"
-            )
-        if self.exit_timeout_secs < 0:
-            raise ConfigError(f"--exit-timeout-secs: {self.exit_timeout_secs} is negative")
-        if self.default_max_batch_size < 1:
-            raise ConfigError(f"--default-max-batch-size: {self.default_max_batch_size} must be >= 1")
-        _at_most("default_max_batch_size", self.default_max_batch_size, MAX_BATCH_SIZE)
-        if self.default_max_queue_size < 0:
-            raise ConfigError(f"--default-max-queue-size: {self.default_max_queue_size} is negative (0: unbounded)")
-        _at_most("default_max_queue_size", self.default_max_queue_size, MAX_QUEUE_SIZE)
-        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-            raise ConfigError(f"--log-level: {self.log_level!r} is not DEBUG, INFO, WARNING or ERROR")
-        devices = [price.device for price in self.device_price]
-        if len(set(devices)) != len(devices):
-            raise ConfigError(f"--device-price: a device is priced twice: {devices}")
-        if self.model_control_mode not in CONTROL_MODES:
-            raise ConfigError(f"--model-control-mode: {self.model_control_mode!r} is not one of {CONTROL_MODES}")
-        if not 0 < self.repository_poll_secs <= 86400:
-            raise ConfigError(f"--repository-poll-secs: {self.repository_poll_secs} is outside (0, 86400]")
-        if self.load_model and self.model_control_mode != "explicit":
-            raise ConfigError(
-                f"--load-model: {list(self.load_model)} needs --model-control-mode explicit "
-                f"(mode {self.model_control_mode} loads every model)"
-            )
-        for name in ("grpc_restricted_protocol", "http_restricted_api"):
-            restricted = [method for rule in getattr(self, name) for method in rule.methods]
-            if len(set(restricted)) != len(restricted):
-                raise ConfigError(f"--{_dashed(name)}: a protocol group is restricted twice")
-        if self.tensorrt_cache_dir and not os.access(self.tensorrt_cache_dir, os.W_OK | os.X_OK):
-            raise ConfigError(f"--tensorrt-cache-dir: {self.tensorrt_cache_dir} is not a writable directory")
-        for transport in ("grpc", "http", "metrics"):
-            _check_tls(self, transport)
-        if self.api_keys and not os.path.isfile(self.api_keys):
-            raise ConfigError(f"--api-keys: {self.api_keys} is not a file")
-        if self.max_tenant_series < 1:
-            raise ConfigError(f"--max-tenant-series: {self.max_tenant_series} must be >= 1")
-        if not 1 <= self.usage_log_fsync_ms <= 60000:
-            raise ConfigError(f"--usage-log-fsync-ms: {self.usage_log_fsync_ms} is outside 1..60000")
-        if self.usage_log_max_bytes and self.usage_log_max_bytes < 4096:
-            raise ConfigError(f"--usage-log-max-bytes: {self.usage_log_max_bytes} is below 4096 (0 never rotates)")
-        if self.usage_log_buffer_records < 1:
-            raise ConfigError(f"--usage-log-buffer-records: {self.usage_log_buffer_records} must be >= 1")
-        _at_most("usage_log_buffer_records", self.usage_log_buffer_records, MAX_USAGE_LOG_BUFFER_RECORDS)
-        if not 0 < self.model_load_timeout_secs <= MAX_MODEL_LOAD_TIMEOUT_SECS:
-            raise ConfigError(
-                f"--model-load-timeout-secs: {self.model_load_timeout_secs} is outside (0, {MAX_MODEL_LOAD_TIMEOUT_SECS}]"
-            )
-        if self.usage_log and os.path.isdir(self.usage_log):
-            raise ConfigError(f"--usage-log: {self.usage_log} is a directory; name a file in it")
-        _check_connection_limits(self)
-        _check_request_limits(self)
-        if not self.model_repository.is_dir():
-            raise ConfigError(f"--model-repository: {self.model_repository} is not a directory")
-
-
-# Records waiting for the disk: each holds a tuple of 18 fields, about half a KB in memory, so 2^20
-# records (16 times the default) are about 512 MiB: more than any disk stall is worth.
-MAX_USAGE_LOG_BUFFER_RECORDS = 1 << 20
-# A day: TensorRT engine builds of large models take tens of minutes; a load that runs longer hangs.
-MAX_MODEL_LOAD_TIMEOUT_SECS = 86400
-
-
-def _at_most(name: str, value: int, bound: int) -> None:
-    if value > bound:
-        raise ConfigError(f"--{_dashed(name)}: {value} exceeds onnxserve's limit of {bound}")
-
-
-def _check_request_limits(settings: ServerSettings) -> None:
-    """What one inference request may declare or carry (server/request_limits.py)."""
-    for name, low, high in (("max_bytes_elements", 1, 2**31 - 1), ("max_json_values", 1, 2**31 - 1),
-                            ("max_id_bytes", 1, 65536), ("max_request_parameters", 0, 65536)):  # fmt: skip
-        if not low <= getattr(settings, name) <= high:
-            raise ConfigError(f"--{_dashed(name)}: {getattr(settings, name)} is outside {low} .. {high}")
-
-
-def _check_tls(settings: ServerSettings, transport: str) -> None:
-    """TLS of one endpoint: the files it needs are named and readable (their PEM is read at start)."""
-    use = getattr(settings, f"{transport}_use_ssl") or getattr(settings, f"{transport}_use_ssl_mutual", False)
-    needed = ["server_cert", "server_key"] + (["root_cert"] if getattr(settings, f"{transport}_use_ssl_mutual", False) else [])
-    for name in needed if use else ():
-        flag, path = f"--{transport}-{_dashed(name)}", getattr(settings, f"{transport}_{name}")
-        if not path:
-            raise ConfigError(f"{flag}: needed by --{transport}-use-ssl{'-mutual' if name == 'root_cert' else ''}")
-        if not os.access(path, os.R_OK) or not os.path.isfile(path):
-            raise ConfigError(f"{flag}: {path} is not a readable file")
-
-
-def _check_connection_limits(settings: ServerSettings) -> None:
-    """What one connection may send and hold (server/connection_limits.py): every bound positive."""
-    if not 1024 <= settings.http_max_header_bytes <= 64 * MIB:
-        raise ConfigError(f"--http-max-header-bytes: {settings.http_max_header_bytes} is outside 1024 .. 64 MiB")
-    if not 64 <= settings.http_max_url_bytes <= settings.http_max_header_bytes:
-        raise ConfigError(f"--http-max-url-bytes: {settings.http_max_url_bytes} is outside 64 .. --http-max-header-bytes")
-    for name in ("http_header_timeout_secs", "http_body_timeout_secs", "metrics_header_timeout_secs",
-                 "grpc_handshake_timeout_secs"):  # fmt: skip
-        if not 0 < getattr(settings, name) <= 3600:
-            raise ConfigError(f"--{_dashed(name)}: {getattr(settings, name)} is outside (0, 3600]")
-    for name in ("http_max_connections", "metrics_max_connections", "grpc_max_concurrent_streams"):
-        if getattr(settings, name) < 1:
-            raise ConfigError(f"--{_dashed(name)}: {getattr(settings, name)} must be >= 1")
-    if settings.grpc_max_connections < 0:
-        raise ConfigError(f"--grpc-max-connections: {settings.grpc_max_connections} is negative (0: no limit)")
-    if not 0 <= settings.grpc_max_connection_idle_secs <= 2**31 / 1000:
-        raise ConfigError(f"--grpc-max-connection-idle-secs: {settings.grpc_max_connection_idle_secs} is outside 0 .. 2147483")
-    if settings.log_repeat_secs < 0:
-        raise ConfigError(f"--log-repeat-secs: {settings.log_repeat_secs} is negative (0 logs every line)")
+        check_settings(self)  # server/config_checks.py: ConfigError naming the flag
 
 
 def _dashed(name: str) -> str:

@@ -20,6 +20,7 @@ import onnxruntime as ort
 
 # Loaded in this order: a library's own dependencies first (libnvinfer before its ONNX parser).
 TENSORRT_LIBRARIES = ("libnvinfer.so.10", "libnvinfer_plugin.so.10", "libnvonnxparser.so.10")
+CUDNN = "libcudnn.so.9"
 
 
 def cuda_build() -> str:
@@ -37,13 +38,46 @@ def preload() -> list[str]:
     when everything installed loaded, and for a CPU-only onnxruntime). Safe to call more than once."""
     if not cuda_build():
         return []
+    messages = _preload_dlls()
+    if messages:  # onnxruntime looks beside itself only: NVIDIA's wheels may sit in another site folder
+        messages = _preload_from_nvidia_folders() or messages
+    return messages + _check_cudnn() + _preload_tensorrt()
+
+
+def _preload_dlls(**where) -> list[str]:
+    """onnxruntime.preload_dlls(), which prints what it could not load: those lines."""
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        ort.preload_dlls(cuda=True, cudnn=True, msvc=False)
+        ort.preload_dlls(msvc=False, **where)
     messages = [line.strip() for line in printed.getvalue().splitlines() if line.strip()]
-    messages += [str(warning.message) for warning in caught]
-    return messages + _preload_tensorrt()
+    return messages + [str(warning.message) for warning in caught]
+
+
+def _preload_from_nvidia_folders() -> list[str] | None:
+    """preload_dlls() pointed at each folder of the `nvidia` namespace package (cu13/lib, cudnn/lib);
+    None where there is none to try. Its messages when it still failed, [] when it loaded them."""
+    spec = importlib.util.find_spec("nvidia")
+    roots = [Path(root) for root in (spec.submodule_search_locations or [])] if spec else []
+    cuda = [root / f"cu{cuda_build().split('.')[0]}" / "lib" for root in roots]
+    cudnn = [root / "cudnn" / "lib" for root in roots]
+    cuda, cudnn = [path for path in cuda if path.is_dir()], [path for path in cudnn if path.is_dir()]
+    if not cuda:
+        return None
+    messages = _preload_dlls(cuda=True, cudnn=False, directory=str(cuda[0]))
+    if cudnn:
+        messages += _preload_dlls(cuda=False, cudnn=True, directory=str(cudnn[0]))
+    return messages
+
+
+def _check_cudnn() -> list[str]:
+    """preload_dlls() takes cuDNN as optional and says nothing when it fails, and the CUDA provider
+    loads it only at its first convolution: a model would load, then fail every request."""
+    try:
+        ctypes.CDLL(CUDNN)
+    except OSError as err:
+        return [f"Failed to load {CUDNN} (cuDNN 9, which convolutions need): {err}"]
+    return []
 
 
 def tensorrt_directory() -> Path | None:

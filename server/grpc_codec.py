@@ -4,9 +4,9 @@ out, the request's bounds checked before its tensors are decoded.
 The inference RPCs take and give bytes (grpc_service registers pass-through (de)serializers for
 them), because protobuf's own would run on the event loop: upb parses ~1 GB/s on a small core and
 copies raw contents again on every access, and building a response copies each output twice more.
-So a big request is parsed where it is decoded, in a codec thread (limits.Offload), and a response
-is its small header serialized by protobuf followed by its raw outputs written as wire fields, one
-copy of each output."""
+So a big request's raw contents are found by walking its fields (on the loop when it has few, in a
+codec thread otherwise), its other fields parsed by protobuf, and a response is its small header
+serialized by protobuf followed by its raw outputs written as wire fields, one copy of each output."""
 
 from dataclasses import dataclass
 from typing import Iterable
@@ -16,7 +16,9 @@ from google.protobuf.message import DecodeError
 
 from server import protocol
 from server.errors import InvalidInput
-from server.request_limits import MAX_REQUEST_RANK, OFFLOAD_BYTES, RequestLimits, encode_weight, shown
+from server.repository import NAME_MAX, check_model_name
+from server.request_limits import DEFAULT_LIMITS, ELEMENT_COST, MAX_REQUEST_RANK, OFFLOAD_BYTES, RequestLimits
+from server.request_limits import encode_weight, raw_bytes_weight, shown
 from server.tensors import TensorSpec, output_bytes
 
 # Wire tags (field number << 3 | wire type; 2: length-delimited, 0: varint) the codec reads itself.
@@ -24,12 +26,21 @@ INPUT_TAG = 5 << 3 | 2  # ModelInferRequest.inputs = 5
 OUTPUT_TAG = 6 << 3 | 2  # ModelInferRequest.outputs = 6
 RAW_INPUT_TAG = 7 << 3 | 2  # ModelInferRequest.raw_input_contents = 7
 SHAPE_PACKED_TAG, SHAPE_TAG = 3 << 3 | 2, 3 << 3 | 0  # InferInputTensor.shape = 3, packed or not
-# Fields of one request (names, id, one per parameter, input, requested output and raw contents),
-# or of one of its tensors: a model with thousands of inputs would still fit.
-MAX_FIELDS = 1 << 16
+CONTENTS_TAG = 5 << 3 | 2  # InferInputTensor.contents = 5
+BYTES_CONTENTS_TAG = 8 << 3 | 2  # InferTensorContents.bytes_contents = 8: one byte, 0x42, before each entry
+# Fields of a big message walked in a codec thread, at every depth together: the request's names,
+# id and parameters, its inputs, outputs and raw contents, and each tensor's own fields. A model of
+# a thousand inputs needs ~7000; at ~1 us a field, a message of more is refused within ~15 ms.
+MAX_FIELDS = 1 << 14
+# Top-level fields walked on the event loop (~0.25 ms at most) to find a big message's raw contents;
+# a message of more goes to a codec thread. A request has a few, and two per input.
+LOOP_FIELDS = 256
 RAW_OUTPUT_TAG = bytes([6 << 3 | 2])  # ModelInferResponse.raw_output_contents = 6, length-delimited
 STREAM_RESPONSE_TAG = bytes([2 << 3 | 2])  # ModelStreamInferResponse.infer_response = 2
-MAX_NAME_CHARACTERS = 1024  # of a model name or version: they are quoted back in errors
+
+
+class _OverBudget(Exception):
+    """The walk ran out of fields."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,87 +52,209 @@ class RequestHead:
     model_version: str
     id: str
     parameters: dict[str, object]
-    size: int  # of the serialized message: what decoding it may cost, in bytes
+    size: int  # of the serialized message, in bytes
 
 
-def parse_request(data: bytes) -> tuple[object, list[memoryview] | None]:
+def parse_request(
+    data: bytes, max_bytes_elements: int = DEFAULT_LIMITS.max_bytes_elements
+) -> tuple[object, list[memoryview] | None]:
     """The ModelInferRequest, and its raw_input_contents as views of `data` (no copy); None for
-    them when the message is small: then they are the message's own.
+    them when the message is small: then they are the message's own. Blocking: a big message's
+    walk may take milliseconds, so it runs in a codec thread (parse_on_loop says when not).
 
     upb would copy raw contents into its arena, then again into a new bytes object on each
     access: twice the request's size, for what np.frombuffer can take in place. So a big message's
-    top-level fields are walked here (a few per request: inputs are skipped whole), the raw
-    contents kept as views, and the rest given to protobuf. A small one (most) goes to protobuf
-    whole: walking it in Python would cost more (~8 us) than the copies it saves."""
+    fields are walked here, the raw contents kept as views, and the rest given to protobuf. A
+    small one (most) goes to protobuf whole: walking it in Python would cost more (~8 us) than the
+    copies it saves, and what it can make protobuf spend is bounded by its size."""
     try:
         if len(data) <= OFFLOAD_BYTES:
             return protocol.ModelInferRequest.FromString(data), None
-        rest, raw = _split_raw(data)
-        return protocol.ModelInferRequest.FromString(rest), raw
+        walk = _Walk(data, MAX_FIELDS)
+        rest, raw = walk.split(check_tensors=True)
+        walk.check_bytes_contents(max_bytes_elements)
+        return protocol.ModelInferRequest.FromString(b"".join(rest)), raw
+    except _OverBudget:
+        raise InvalidInput(f"the request has more than {MAX_FIELDS} fields (inputs, outputs, parameters...)") from None
     except DecodeError:
         raise InvalidInput(f"the request ({len(data)} bytes) is not a valid ModelInferRequest message") from None
 
 
-def _split_raw(data: bytes) -> tuple[bytes, list[memoryview]]:
-    """(every top-level field but raw_input_contents, the raw_input_contents in order).
-
-    On the way, what upb would spend memory on before any check could run: the number of fields,
-    here and in each input and requested output (a flood of empty `outputs`, or of a tensor's
-    `parameters`, costs upb ~40 bytes for each 2 on the wire), and each input's rank (a packed
-    shape of 100M dims is 800 MB in the arena and 3.6 GB as a tuple of Python ints)."""
-    view = memoryview(data)
-    rest: list[memoryview] = []
-    raw: list[memoryview] = []
-    kept = 0  # rest holds data[kept:field] once a raw field ends the run
-    for count, (tag, field, start, end) in enumerate(_fields(data, 0, len(data))):
-        if count == MAX_FIELDS:
-            raise InvalidInput(f"the request has more than {MAX_FIELDS} fields (inputs, outputs, parameters...)")
-        if tag in (INPUT_TAG, OUTPUT_TAG):
-            _check_tensor(data, start, end)
-        elif tag == RAW_INPUT_TAG:
-            rest.append(view[kept:field])
-            raw.append(view[start:end])
-            kept = end
-    if not raw:
-        return data, raw
-    rest.append(view[kept:])
-    return b"".join(rest), raw
+def parse_on_loop(data: bytes) -> tuple[object, list[memoryview] | None] | None:
+    """parse_request's answer where it is cheap enough for the event loop, else None: a small
+    message, or a big one of few top-level fields whose bytes besides its raw contents would make
+    a small message (a big numeric request). Protobuf parses that rest as it parses a small
+    message, with the same bound on what it may spend, so the rest's tensors need no walk."""
+    if len(data) <= OFFLOAD_BYTES:
+        return parse_request(data)
+    try:
+        rest, raw = _Walk(data, LOOP_FIELDS).split(check_tensors=False)
+        if sum(len(part) for part in rest) > OFFLOAD_BYTES:
+            return None
+        return protocol.ModelInferRequest.FromString(b"".join(rest)), raw
+    except _OverBudget:
+        return None
+    except DecodeError:
+        raise InvalidInput(f"the request ({len(data)} bytes) is not a valid ModelInferRequest message") from None
 
 
-def _check_tensor(data: bytes, start: int, end: int) -> None:
-    """Refuse an input or requested output (in data[start:end]) of more than MAX_FIELDS fields, or
-    an input whose shape has more than MAX_REQUEST_RANK dims (outputs have no field 3)."""
-    dims = packed = 0
-    for count, (tag, _, value_start, value_end) in enumerate(_fields(data, start, end)):
-        if count == MAX_FIELDS:
-            raise InvalidInput(f"an input or output of the request has more than {MAX_FIELDS} fields (parameters...)")
-        if tag == SHAPE_PACKED_TAG:
-            packed += value_end - value_start
-        elif tag == SHAPE_TAG:
-            dims += 1
-        if dims + -(-packed // 10) > MAX_REQUEST_RANK:  # a packed dim takes 1 to 10 bytes
-            raise InvalidInput(f"an input's shape has more than {MAX_REQUEST_RANK} dims; models have at most {MAX_REQUEST_RANK}")
+def decode_weight(message, raw: list[memoryview] | None, size: int) -> int:
+    """What decode_request weighs (request_limits.Offload): BYTES and typed contents element by
+    element; raw numbers nothing, as they are views of the wire bytes however big. A small
+    message's raw contents are protobuf's own, not read here: its size stands for them, as it does
+    for a message of more inputs than the loop should look at one by one."""
+    if raw is None or len(message.inputs) > LOOP_FIELDS:
+        return size
+    weight = 0
+    for index, tensor in enumerate(message.inputs):
+        if tensor.HasField("contents"):
+            weight += ELEMENT_COST * sum(len(values) for _, values in tensor.contents.ListFields())
+        if tensor.datatype == "BYTES" and index < len(raw):
+            weight += raw_bytes_weight(len(raw[index]), _declared(tensor.shape))
+    return weight
 
 
-def _fields(data: bytes, start: int, end: int):
-    """(tag, field start, value start, value end) of each protobuf field in data[start:end]."""
-    offset = start
-    while offset < end:
-        tag, after = _read_varint(data, offset)
+def _declared(shape) -> int | None:
+    """The element count a shape declares, as far as weighing goes (decode_request checks it)."""
+    if len(shape) > MAX_REQUEST_RANK:
+        return None
+    count = 1
+    for dim in shape:
+        count *= max(dim, 0)
+    return count
+
+
+class _Walk:
+    """A message's fields, walked as protobuf reads them, every field at any depth spent from one
+    budget: the work done before a message is refused is bounded, whatever its size or shape.
+
+    On the way, what upb would spend memory on before any check could run: many fields (a flood
+    of empty `outputs`, or of a tensor's `parameters`, costs upb ~40 bytes for each 2 on the
+    wire), an input's rank (a packed shape of 100M dims is 800 MB in the arena and 3.6 GB as a
+    tuple of Python ints), and typed BYTES elements (an empty one is 2 bytes on the wire and ~30
+    in the arena, before the shape can say how many there should be)."""
+
+    def __init__(self, data: bytes, budget: int) -> None:
+        self.data, self.left = data, budget
+        self.contents: list[tuple[int, int]] = []  # each input's typed contents, as (start, end) in data
+
+    def split(self, check_tensors: bool) -> tuple[list[memoryview], list[memoryview]]:
+        """(every top-level field but raw_input_contents, in parts; the raw_input_contents in
+        order). `check_tensors`: walk each input and output too (their fields, rank and contents)."""
+        view = memoryview(self.data)
+        rest: list[memoryview] = []
+        raw: list[memoryview] = []
+        kept = 0  # rest holds data[kept:field] once a raw field ends the run
+        for tag, field, start, end in self.fields(0, len(self.data)):
+            if tag == RAW_INPUT_TAG:
+                rest.append(view[kept:field])
+                raw.append(view[start:end])
+                kept = end
+            elif check_tensors and tag in (INPUT_TAG, OUTPUT_TAG):
+                self._check_tensor(start, end, tag == INPUT_TAG)
+        rest.append(view[kept:])
+        return rest, raw
+
+    def _check_tensor(self, start: int, end: int, is_input: bool) -> None:
+        """Refuse an input whose shape has more than MAX_REQUEST_RANK dims; note its contents."""
+        dims = packed = 0
+        for tag, _, value_start, value_end in self.fields(start, end):
+            if not is_input:  # a requested output: its fields are only counted
+                continue
+            if tag == SHAPE_PACKED_TAG:
+                packed += value_end - value_start
+            elif tag == SHAPE_TAG:
+                dims += 1
+            elif tag == CONTENTS_TAG:
+                self.contents.append((value_start, value_end))
+            if dims + -(-packed // 10) > MAX_REQUEST_RANK:  # a packed dim takes 1 to 10 bytes
+                raise InvalidInput(f"an input's shape has more than {MAX_REQUEST_RANK} dims; models have at most {MAX_REQUEST_RANK}")
+
+    def check_bytes_contents(self, most: int) -> None:
+        """Refuse more than `most` bytes_contents entries in all the inputs together. Each entry's
+        tag is a 0x42 byte, so their count is at most the 0x42 bytes in the contents, counted at C
+        speed; only when that bound is past `most` are the entries counted one by one."""
+        if sum(self.data.count(BYTES_CONTENTS_TAG, start, end) for start, end in self.contents) <= most:
+            return
+        count = 0
+        for start, end in self.contents:
+            count += self._bytes_entries(start, end, most - count)
+            if count > most:
+                raise InvalidInput(
+                    f"the request has more than {most} BYTES elements in bytes_contents; at most {most} per request "
+                    "(--max-bytes-elements)"
+                )
+
+    def _bytes_entries(self, start: int, end: int, most: int) -> int:
+        """The bytes_contents entries in InferTensorContents data[start:end], up to one past `most`
+        (~0.1 us each); its other fields are spent from the budget."""
+        data, count, offset = self.data, 0, start
+        while offset < end and count <= most:
+            if data[offset] == BYTES_CONTENTS_TAG and offset + 1 < end and data[offset + 1] < 0x80:
+                count += 1  # an entry of under 128 bytes, the case that costs memory: in fewest steps
+                offset += 2 + data[offset + 1]
+                continue
+            tag, after = _read_varint(data, offset)
+            if tag == BYTES_CONTENTS_TAG:
+                count += 1
+            else:
+                self._spend()
+            offset = self._value(tag, after, end)[1]
+        if offset > end:
+            raise DecodeError(f"a field at byte {offset} runs past its message")
+        return count
+
+    def fields(self, start: int, end: int):
+        """(tag, field start, value start, value end) of each protobuf field in data[start:end]."""
+        offset = start
+        while offset < end:
+            self._spend()
+            tag, after = _read_varint(self.data, offset)
+            value_start, value_end = self._value(tag, after, end)
+            yield tag, offset, value_start, value_end
+            offset = value_end
+
+    def _spend(self) -> None:
+        if not self.left:
+            raise _OverBudget
+        self.left -= 1
+
+    def _value(self, tag: int, offset: int, end: int) -> tuple[int, int]:
+        """(start, end) of the value of a field whose tag ends before `offset`."""
         wire = tag & 7
         if wire == 2:
-            length, value_start = _read_varint(data, after)
-            value_end = value_start + length
+            length, start = _read_varint(self.data, offset)
+            stop = start + length
         elif wire == 0:
-            value_start, value_end = after, _read_varint(data, after)[1]
+            start, stop = offset, _read_varint(self.data, offset)[1]
         elif wire in (1, 5):
-            value_start, value_end = after, after + (8 if wire == 1 else 4)
-        else:
+            start, stop = offset, offset + (8 if wire == 1 else 4)
+        elif wire == 3:
+            start, stop = offset, self._group_end(tag >> 3, offset, end)
+        else:  # 4, an end of group with none open; 6 and 7 do not exist
             raise DecodeError(f"wire type {wire} at byte {offset}")
-        if value_end > end:
+        if stop > end:
             raise DecodeError(f"a field at byte {offset} runs past its message")
-        yield tag, offset, value_start, value_end
-        offset = value_end
+        return start, stop
+
+    def _group_end(self, number: int, offset: int, end: int) -> int:
+        """The offset after the group of field `number` whose fields start at `offset`. Groups are
+        proto2's, unknown to this proto3 message: protobuf keeps one (whatever its field number) as
+        unknown bytes, so it is skipped here as protobuf skips it, nested groups and all."""
+        open_groups = [number]  # a list, not recursion: the budget, not the stack, bounds the depth
+        while open_groups:
+            if offset >= end:
+                raise DecodeError(f"a group at byte {offset} does not end")
+            self._spend()
+            tag, offset = _read_varint(self.data, offset)
+            if tag & 7 == 4:
+                if open_groups.pop() != tag >> 3:
+                    raise DecodeError(f"a group's end at byte {offset} does not match its start")
+            elif tag & 7 == 3:
+                open_groups.append(tag >> 3)
+            else:
+                offset = self._value(tag, offset, end)[1]
+        return offset
 
 
 def _read_varint(data: bytes, offset: int) -> tuple[int, int]:
@@ -137,12 +270,13 @@ def _read_varint(data: bytes, offset: int) -> tuple[int, int]:
 
 
 def request_head(request, size: int, limits: RequestLimits) -> RequestHead:
-    """The request's name, version, id and parameters, each checked against its bound."""
+    """The request's name, version, id and parameters, each checked against its bound: what an
+    error on a stream echoes, so a name no model can have is refused before anything quotes it."""
     name, version = request.model_name, request.model_version
-    if len(name) > MAX_NAME_CHARACTERS or len(version) > MAX_NAME_CHARACTERS:
-        raise InvalidInput(
-            f"model '{shown(name)}' version '{shown(version)}': names and versions are at most {MAX_NAME_CHARACTERS} characters"
-        )
+    if len(name) > NAME_MAX:  # characters: at least as many bytes, so past the repository's bound
+        check_model_name(name)  # raises, saying why
+    if len(version) > NAME_MAX:
+        raise InvalidInput(f"model '{shown(name)}': the model version is {len(version)} characters long; at most {NAME_MAX}")
     label = f"model '{name}'"
     request_id = limits.check_id(request.id, label)
     parameters = request.parameters

@@ -13,7 +13,8 @@ from server.batching import Answer
 from server.config import PROTOCOL_GROUPS, RestrictedProtocol
 from server.control import RepositoryControl, restricted
 from server.errors import ServingError, Unauthenticated
-from server.grpc_codec import RequestHead, parse_request, request_head, response_bytes, response_weight, serialize_response
+from server.grpc_codec import RequestHead, decode_weight, parse_on_loop, parse_request, request_head, response_bytes
+from server.grpc_codec import response_weight, serialize_response
 from server.identity import AUTHORIZATION, TENANT_HEADER, Identity
 from server.inference import GRPC, Call, InferenceCore, outcome_of
 from server.request_limits import OFFLOAD_BYTES
@@ -228,8 +229,7 @@ class InferenceService:
             self.core.finished(call, "cancelled")
             raise
         except Exception:  # one bad request must not end the stream, nor its neighbours
-            log.exception("ModelStreamInfer failed")
-            self._stream_error(head, call, stream, "ModelStreamInfer: internal error; the server log has details", "error")
+            self._stream_failed(head, call, stream)
             return
         stream.queued[item] = (call, None)
         item.future.add_done_callback(lambda done: self._stream_done(head, call, stream, item, done))
@@ -251,8 +251,7 @@ class InferenceService:
                     return
                 answer = response_bytes(call.model, head.id, outputs, said, stream=True)
             except Exception:
-                log.exception("ModelStreamInfer failed")
-                self._stream_error(head, call, stream, "ModelStreamInfer: internal error; the server log has details", "error")
+                self._stream_failed(head, call, stream)
             else:
                 stream.put(answer)
                 self.core.finished(call, "ok")
@@ -262,8 +261,7 @@ class InferenceService:
         try:
             answer = await self.core.offload.run(response_weight(outputs), response_bytes, call.model, head.id, outputs, said, True)
         except Exception:
-            log.exception("ModelStreamInfer failed")
-            self._stream_error(head, call, stream, "ModelStreamInfer: internal error; the server log has details", "error")
+            self._stream_failed(head, call, stream)
         else:
             stream.put(answer)
             self.core.finished(call, "ok")
@@ -275,6 +273,11 @@ class InferenceService:
         stream.queued.pop(item, None)
         if not stream.queued and stream.idle is not None and not stream.idle.done():
             stream.idle.set_result(None)
+
+    def _stream_failed(self, head: RequestHead | None, call: Call, stream: "_Stream") -> None:
+        """Answer a request the server failed on (a bug: the log has it) with an error; the stream goes on."""
+        log.exception("ModelStreamInfer failed")
+        self._stream_error(head, call, stream, "ModelStreamInfer: internal error; the server log has details", "error")
 
     def _stream_error(self, head: RequestHead | None, call: Call, stream: "_Stream", message: str, outcome: str) -> None:
         echo = protocol.ModelInferResponse()
@@ -298,15 +301,20 @@ class InferenceService:
         return head, await self._decoded(message, raw, head, call)
 
     async def _parsed(self, data: bytes, call: Call):
-        """(message, raw contents, checked RequestHead); parsed in a codec thread when big."""
-        message, raw = await self.core.offload.run(len(data), parse_request, data)
+        """(message, raw contents, checked RequestHead): parsed on the loop where that is cheap (a
+        small message, or a big one of raw numbers), else in a codec thread."""
+        parsed = parse_on_loop(data)
+        if parsed is None:
+            parsed = await self.core.offload.in_thread(parse_request, data, self.core.limits.max_bytes_elements)
+        message, raw = parsed
         head = request_head(message, len(data), self.core.limits)
         call.request_id = head.id
         return message, raw, head
 
     async def _decoded(self, message, raw: list | None, head: RequestHead, call: Call) -> DecodedRequest:
         model = self.core.resolve(call, head.model_name, head.model_version)
-        return await self.core.offload.run(head.size, decode_request, message, model.signature, self.core.limits, raw)
+        weight = decode_weight(message, raw, head.size)
+        return await self.core.offload.run(weight, decode_request, message, model.signature, self.core.limits, raw)
 
     def _outputs(self, call: Call, answer: Answer):
         """The (spec, array) of each output asked for, and the accounting parameters; on the loop."""

@@ -21,7 +21,7 @@ from server.http_tls import uvicorn_tls
 from server.tls import http_client_name
 from server.identity import AUTHORIZATION, TENANT_HEADER, Identity
 from server.inference import HTTP, InferenceCore
-from server.request_limits import RequestLimits, encode_weight
+from server.request_limits import OFFLOAD_BYTES, RequestLimits, encode_weight, raw_bytes_weight
 from server.model_info import (
     EXTENSIONS,
     PLATFORM,
@@ -232,11 +232,7 @@ class HttpApi:
         core = self.core
         with core.request(HTTP, identity) as call:
             model = core.resolve(call, found.model, found.version)
-            header_length = _text(headers.get(HEADER_LENGTH_KEY))
-            # Parsed, checked and decoded in a codec thread when big (limits.Offload), as gRPC's are.
-            request, decoded, binary = await core.offload.run(
-                len(body), _decode, body, header_length, model.signature, core.limits
-            )
+            request, decoded, binary = await self._decode(body, _text(headers.get(HEADER_LENGTH_KEY)), model.signature)
             call.request_id = request.id or ""
             answer = await core.infer(call, decoded, request.parameters)
             outputs = [(model.signature.output(name), answer.outputs[name], binary[name]) for name in decoded.outputs]
@@ -249,6 +245,19 @@ class HttpApi:
             (b"content-type", b"application/octet-stream"),
             (HEADER_LENGTH_KEY, str(encoded.header_length).encode()),
         )
+
+    async def _decode(self, body: bytes, header_length: str | None, signature):
+        """(HttpInfer, DecodedRequest, binary per output): a short JSON parsed on the loop, then decoded
+        where its weight says (request_limits.Offload), so that binary numbers, which are views of the
+        body, stay on the loop however big; a long JSON parsed and decoded in a codec thread."""
+        core = self.core
+        json_length = _json_length(body, header_length)
+        if json_length > OFFLOAD_BYTES:
+            return await core.offload.in_thread(_decode, body, header_length, signature, core.limits)
+        request = split_body(body, header_length, core.limits.max_json_values, signature.label)
+        weight = json_length + _binary_bytes_weight(request.header)
+        decoded, binary = await core.offload.run(weight, decode_infer, request, signature, core.limits)
+        return request, decoded, binary
 
     # --- model repository ---------------------------------------------------------------------------
 
@@ -275,6 +284,24 @@ def _decode(body: bytes, header_length: str | None, signature, limits: RequestLi
     request = split_body(body, header_length, limits.max_json_values, signature.label)
     decoded, binary = decode_infer(request, signature, limits)
     return request, decoded, binary
+
+
+def _json_length(body: bytes, header_length: str | None) -> int:
+    """The JSON's length, as split_body will find it (or refuse the header)."""
+    if header_length is not None and header_length.isascii() and header_length.isdigit() and len(header_length) < 20:
+        return min(int(header_length), len(body))
+    return len(body)
+
+
+def _binary_bytes_weight(header: dict) -> int:
+    """What decoding the BYTES inputs sent as binary data weighs; binary numbers weigh nothing."""
+    weight, inputs = 0, header.get("inputs")
+    for tensor in inputs if isinstance(inputs, list) else ():
+        parameters = tensor.get("parameters") if isinstance(tensor, dict) else None
+        size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
+        if isinstance(size, int) and size > 0 and tensor.get("datatype") == "BYTES":
+            weight += raw_bytes_weight(size)
+    return weight
 
 
 def _tensors(specs) -> list[dict]:

@@ -333,6 +333,7 @@ def _session(proto, where: str) -> SessionSettings:
         parameters = dict(accelerator.parameters)
         providers.check_options(accelerator.name, parameters, field_name)
         gpu.append(Accelerator(accelerator.name, tuple(sorted(parameters.items()))))
+    providers.check_combination([(a.name, dict(a.parameters)) for a in gpu], f"{where}: optimization.execution_accelerators")
     values["gpu_accelerators"] = tuple(gpu)
     values["model_cuda_options"] = tuple(sorted(model_cuda.items()))  # options, not a request for a GPU
     session = SessionSettings(**values)

@@ -164,7 +164,7 @@ def verify(session: ort.InferenceSession, placement: Placement, asked: Placement
     device = f"cuda:{options.get(in_use[0], {}).get('device_id', placement.device.partition(':')[2])}"
     log.error("%s: %s: it runs on %s with these options, and %s is billed (asked: %s)",
               label, "; ".join(found), in_use[0], device, asked.providers)  # fmt: skip
-    return Placement(device, [(name, options.get(name, {})) for name in in_use])
+    return Placement(device, placement.providers)  # what it was opened with, billed where it runs
 
 
 def _gpu_providers(settings: SessionSettings, device_id: int, policy: GpuPolicy) -> list:

@@ -117,6 +117,18 @@ def check_options(accelerator: str, parameters: dict[str, str], where: str) -> N
             )
 
 
+def check_combination(accelerators: list[tuple[str, dict]], where: str) -> None:
+    """ConfigError for accelerators that cannot open together: a CUDA graph needs every node on the
+    CUDA provider (inference_session.cc refuses the session otherwise), and TensorRT takes them."""
+    names = {name for name, _ in accelerators}
+    graphs = any(name == "cuda" and flag(options.get("enable_cuda_graph", "0")) for name, options in accelerators)
+    if graphs and "tensorrt" in names:
+        raise ConfigError(
+            f"{where}: the cuda accelerator's enable_cuda_graph needs every node on CUDA, and the tensorrt "
+            "accelerator takes them: onnxruntime would refuse the session; use one or the other"
+        )
+
+
 def cuda_options(device_id: int, parameters: dict[str, str]) -> dict[str, str]:
     """onnxruntime's CUDA provider options; Triton's numeric spellings become onnxruntime's names."""
     options = {"device_id": str(device_id)}

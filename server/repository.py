@@ -19,6 +19,7 @@ from server.loading import LOADING, READY, UNAVAILABLE, UNLOADING, ModelVersion,
 from server.model_config import ModelSettings, load_model_settings, settings_from_json
 from server.model_limits import MAX_VERSIONS, at_most
 from server.placement import GpuPolicy
+from server.request_limits import shown
 
 log = logging.getLogger(__name__)
 
@@ -49,15 +50,13 @@ def model_name_problem(name: str) -> str:
 def check_model_name(name: str) -> None:
     """InvalidInput naming the problem, with the name shortened and escaped."""
     if problem := model_name_problem(name):
-        shown = name if len(name) <= 64 else f"{name[:64]}..."
-        raise InvalidInput(f"{problem}: {shown!r}")
+        raise InvalidInput(f"{problem}: {shown(name)!r}")
 
 
 def check_version(version: str) -> None:
     """A version is a number (Triton refuses others as invalid too); "" asks for the latest."""
     if version and not (version.isascii() and version.isdigit()):
-        shown = version if len(version) <= 32 else f"{version[:32]}..."
-        raise InvalidInput(f"the model version must be a number: {shown!r}")
+        raise InvalidInput(f"the model version must be a number: {shown(version)!r}")
 
 
 @dataclass

@@ -3,20 +3,24 @@ work it bounds, and the hand-off of big requests' decoding and big answers' enco
 pool of worker threads, so that one caller's tensors never stall the event loop for the others."""
 
 import asyncio
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
 from server.errors import InvalidInput
 
-# Work on more than this many bytes of request (or of answer) leaves the loop. A hop to a thread
-# costs ~0.1 ms; decoding 64 KiB costs well under that for raw numbers but up to ~3 ms for BYTES or
-# JSON of tiny elements (16K elements at ~0.2 us of Python each), which is what a loop can afford.
+# Decoding or encoding that weighs more than this leaves the loop. The weight counts the work done
+# in Python per element or per byte of JSON (a byte each, ELEMENT_COST an element): ~3 ms at most
+# for 64 KiB of tiny JSON values, what a loop can afford, against a hop to a thread of 0.03-0.1 ms.
 OFFLOAD_BYTES = 64 * 1024
-# What encoding one element of a BYTES output, or of any output as a JSON list, costs in bytes of
-# raw copy: a Python object per element, about 32 bytes' worth of memcpy time.
+# One element of a BYTES tensor, of typed contents, or of any output as a JSON list: a Python
+# object made or read (~0.1-0.2 us), weighed like 32 bytes of JSON.
 ELEMENT_COST = 32
+# Raw numbers cost no Python per element: decoded by np.frombuffer on the wire bytes (no copy at
+# all), encoded by one memcpy (~10 GB/s) into the response. A raw byte weighs this fraction of a
+# JSON byte, so answers up to 1 MiB (a copy of ~0.05 ms, no longer than the hop) stay on the loop.
+RAW_COPY_SHARE = 16
 # No tensor may claim more elements than this, zero dimensions ignored: numpy cannot reshape past
 # 2**63 bytes (a 500 before), and no message or body we accept carries a trillion elements.
 MAX_DECLARED_ELEMENTS = 1 << 40
@@ -112,13 +116,20 @@ def shown(value) -> str:
 
 
 def encode_weight(array: np.ndarray, as_json: bool = False) -> int:
-    """What encoding `array` costs, in bytes of memcpy: what Offload compares with OFFLOAD_BYTES."""
+    """What encoding `array` weighs: what Offload compares with OFFLOAD_BYTES."""
     if not as_json and array.dtype != object:
-        return array.nbytes
+        return array.nbytes // RAW_COPY_SHARE
     weight = array.size * ELEMENT_COST
     if array.dtype == object and weight <= OFFLOAD_BYTES:  # few elements, but perhaps long ones
         weight += sum(len(item) for item in array.reshape(-1))
     return weight
+
+
+def raw_bytes_weight(size: int, declared: int | None = None) -> int:
+    """What decoding `size` bytes of raw BYTES contents weighs: an element per declared one (at most
+    one per 4-byte length prefix), and each byte, which is copied and checked as UTF-8."""
+    elements = size // 4 + 1 if declared is None else min(declared, size // 4 + 1)
+    return elements * ELEMENT_COST + size
 
 
 class Offload:
@@ -131,9 +142,26 @@ class Offload:
 
     def __init__(self, threads: int = CODEC_THREADS) -> None:
         self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="codec")
+        self._jobs: dict[Future, str] = {}  # submitted, not done yet: for close() to name
 
     async def run(self, weight: int, function, *args):
-        """`function(*args)`: on the loop when `weight` (bytes) is small, else in a codec thread."""
+        """`function(*args)`: on the loop when `weight` is small, else in a codec thread."""
         if weight <= OFFLOAD_BYTES:
             return function(*args)
-        return await asyncio.get_running_loop().run_in_executor(self.executor, function, *args)
+        return await self.in_thread(function, *args)
+
+    async def in_thread(self, function, *args):
+        job = self.executor.submit(function, *args)  # what run_in_executor does, keeping the job for close()
+        self._jobs[job] = getattr(function, "__name__", "a request's decoding or encoding")
+        job.add_done_callback(self._forget)  # after the entry: runs here at once if the job is done already
+        return await asyncio.wrap_future(job)
+
+    def _forget(self, job: Future) -> None:
+        self._jobs.pop(job, None)
+
+    def close(self) -> list[str]:
+        """At stop, without waiting: work not started yet is dropped (its callers are gone) and no
+        more is taken. Returns what codec threads still run: the interpreter would join them at exit,
+        past --exit-timeout-secs if need be, so the stop leaves them behind as it does a batch."""
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        return [f"codec: {name}" for job, name in list(self._jobs.items()) if not job.done()]

@@ -1,6 +1,6 @@
 """onnxruntime sessions of one model version, opened where placement.py says (with a loud fallback): IO
 specs from the graph, calibration and warm-up, and `run` in a thread per instance (or on the event loop
-for batches measured to be shorter than the handoff). IO binding, CUDA graphs' too, is in binding.py."""
+for batches measured to be shorter than the handoff: run_peak.py). IO binding, CUDA graphs' too, is in binding.py."""
 
 import asyncio
 import functools
@@ -10,7 +10,6 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -21,6 +20,7 @@ from server import calibration, protocol
 from server.binding import GRAPH_CAPTURE_RUNS, GRAPH_OWN_SESSIONS, GRAPH_THREAD, FixedBinding, GraphBindings, GraphShapes
 from server.binding import bound_run, cuda_graphs_asked, unbound
 from server.placement import GpuPolicy, Placement, open_session, plan_placements, visible_gpus
+from server.run_peak import RunPeak, batch_bytes
 from server.model_config import BatchingSettings, SessionSettings
 from server.errors import ConfigError, ExecutionFailed
 from server.tensors import DATATYPE_BY_ORT, DATATYPES, Signature, TensorSpec
@@ -35,9 +35,6 @@ GRAPH_LEVELS = {
 }
 # Operators whose run time depends on the data, not only the shapes: such a graph never runs inline.
 DATA_DEPENDENT_OPS = frozenset({"Loop", "Scan", "If"})
-# Per batch: a preempted run (hundreds of us on a busy VM) is forgotten within about 20 batches.
-RUN_PEAK_DECAY = 0.9
-SWITCH_LOG_SECONDS = 60.0
 # Calibration's size for variable dimensions other than the batch (a sequence, an image side):
 # at 1, an encoder measures like a tiny model and gets too few threads.
 CALIBRATION_DIM = 64
@@ -238,7 +235,7 @@ class InstancePool:
         if not _same_options(before, (choice.intra_op_threads, choice.allow_spinning)):
             self._sessions = self._open_all()
             self._runs = self._run_functions()
-        self._peaks = self._run_peaks(choice.run_seconds)
+        self._peaks = self._run_peaks(choice.run_seconds, calibrated_bytes(inputs, choice))
         return choice
 
     def _trial_runner(self, inputs: tuple[TensorSpec, ...]) -> calibration.OpenRun:
@@ -268,11 +265,11 @@ class InstancePool:
         """One round trip from an event loop to an instance's thread and back, as a batch makes it."""
         loop.run_until_complete(loop.run_in_executor(self._executors[0], int))
 
-    def _run_peaks(self, calibrated_seconds: float | None) -> list["RunPeak | None"]:
+    def _run_peaks(self, calibrated_seconds: float | None, calibrated_size: int = 0) -> list[RunPeak | None]:
         below = self.choice.inline_run_below_us / 1e6
         if not below:
             return [None] * len(self.placements)
-        return [RunPeak.starting(below, calibrated_seconds) for _ in self.placements]
+        return [RunPeak.starting(below, calibrated_seconds, calibrated_size) for _ in self.placements]
 
     def run_everywhere(self, feeds: dict[str, np.ndarray], count: int = 1) -> None:
         """Run `feeds` `count` times on every instance (warm-up); blocking; ExecutionFailed on failure.
@@ -302,6 +299,11 @@ class InstancePool:
         """Blocking: each padded size `runs` times on every instance's thread through its binding and
         graph id, so every CUDA graph is captured before the model is ready; the sizes (() = unbatched)."""
         for size in self.graph_shapes.sizes or (0,):
+            for instance, (session, bindings) in enumerate(zip(self._sessions, self._runs)):
+                try:
+                    self._on_thread(instance, bindings.prime, session, size)
+                except Exception as err:
+                    raise ExecutionFailed(f"{self.label}: onnxruntime failed: {err}") from err
             self.run_everywhere(self.graph_shapes.zeros(size), runs)
         return self.graph_shapes.sizes
 
@@ -317,16 +319,17 @@ class InstancePool:
     def run(self, feeds: dict[str, np.ndarray], output_names: list[str], instance: int):
         """The outputs, when the batch runs on the loop; else an awaitable of them (the instance's thread)."""
         session, peak = self._sessions[instance], self._peaks[instance]
-        if peak is None or not peak.inline:
-            return self._run_in_thread(feeds, output_names, instance)
+        size = None if peak is None else batch_bytes(feeds)
+        if peak is None or not peak.runs_inline(size):
+            return self._run_in_thread(feeds, output_names, instance, size)
         try:
             values, seconds = self._runs[instance](session, output_names, feeds)
         except Exception as err:
             raise ExecutionFailed(f"{self.label}: onnxruntime failed: {err}") from err
-        self._record(peak, seconds, instance)
+        peak.observe(seconds, size, self.label, instance)
         return dict(zip(output_names, values))
 
-    async def _run_in_thread(self, feeds: dict, output_names: list[str], instance: int) -> dict[str, np.ndarray]:
+    async def _run_in_thread(self, feeds: dict, output_names: list[str], instance: int, size: int | None) -> dict[str, np.ndarray]:
         session, executor = self._sessions[instance], self._executors[instance]
         try:
             values, seconds = await asyncio.get_running_loop().run_in_executor(
@@ -335,25 +338,8 @@ class InstancePool:
         except Exception as err:
             raise ExecutionFailed(f"{self.label}: onnxruntime failed: {err}") from err
         if (peak := self._peaks[instance]) is not None:
-            self._record(peak, seconds, instance)
+            peak.observe(seconds, size, self.label, instance)
         return dict(zip(output_names, values))
-
-    def _record(self, peak: "RunPeak", seconds: float, instance: int) -> None:
-        was_inline = peak.inline
-        peak.record(seconds)
-        if peak.inline != was_inline:
-            peak.switches += 1
-        elif peak.announced or not peak.inline:
-            return  # nothing new: only a switch, or the first batch on the loop, is worth a line
-        now = time.monotonic()
-        if peak.announced and now - peak.announced < SWITCH_LOG_SECONDS:
-            return  # a busy machine can flip it often: the log says so at most once a minute
-        where = "on the event loop" if peak.inline else "in the instance's thread"
-        log.info(
-            "%s instance %d: batches run in %.0f us (limit %.0f us): they run %s (%d switches so far)",
-            self.label, instance, peak.seconds * 1e6, peak.limit * 1e6, where, peak.switches,
-        )  # fmt: skip
-        peak.announced = now
 
     def close(self) -> None:
         for executor in self._executors:
@@ -373,29 +359,11 @@ def _timed_run(session: ort.InferenceSession, output_names: list[str], feeds: di
     return values, time.perf_counter() - started
 
 
-
-@dataclass
-class RunPeak:
-    """A decaying peak of one instance's session.run times: its next batch runs on the event loop
-    while the peak stays below `limit` seconds. Without a calibrated time the first batch runs
-    in the thread, to be measured."""
-
-    limit: float
-    seconds: float | None = None
-    inline: bool = False
-    announced: float = 0.0  # time.monotonic() the log last said where batches run
-    switches: int = 0
-
-    @classmethod
-    def starting(cls, limit: float, calibrated_seconds: float | None) -> "RunPeak":
-        peak = cls(limit)
-        if calibrated_seconds is not None:
-            peak.record(calibrated_seconds)
-        return peak
-
-    def record(self, seconds: float) -> None:
-        self.seconds = seconds if self.seconds is None else max(seconds, self.seconds * RUN_PEAK_DECAY)
-        self.inline = self.seconds < self.limit
+def calibrated_bytes(inputs: tuple[TensorSpec, ...], choice: calibration.Choice) -> int:
+    """The input bytes (strings count none) of the batch whose run calibration timed: batches no
+    bigger may run on the loop before any is measured (RunPeak)."""
+    batch = next((b for _, _, b, seconds in reversed(choice.timings) if seconds == choice.run_seconds), 1)
+    return sum(zeros(spec, batch, CALIBRATION_DIM).nbytes for spec in inputs if spec.datatype != "BYTES")
 
 
 def zeros(spec: TensorSpec, batch: int = 1, variable: int = 1) -> np.ndarray:

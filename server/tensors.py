@@ -7,7 +7,7 @@ from typing import Iterable
 
 import numpy as np
 
-from server.bytes_codec import bytes_from_contents, deserialize_bytes, serialize_bytes
+from server.bytes_codec import bytes_from_contents, deserialize_bytes, object_array, serialize_bytes
 from server.errors import InvalidInput
 from server.request_limits import DEFAULT_LIMITS, BytesBudget, RequestLimits, declared_count, shape_text, shown
 
@@ -223,7 +223,7 @@ def from_raw(buffer: bytes, datatype: Datatype, shape: tuple[int, ...], where: s
     RequestLimits.max_bytes_elements (a BytesBudget) before: this builds them."""
     count = declared_count(shape, where)
     if datatype.numpy is None:
-        return np.array(deserialize_bytes(buffer, count, where), dtype=object).reshape(shape)
+        return object_array(deserialize_bytes(buffer, count, where), shape)
     expected = count * datatype.numpy.itemsize
     if len(buffer) != expected:
         raise InvalidInput(
@@ -272,10 +272,3 @@ def output_bytes(datatype: str, array: np.ndarray) -> bytearray | memoryview:
     if datatype == "BYTES":
         return serialize_bytes(array)
     return memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
-
-
-def encode_outputs(response, outputs: Iterable[tuple[TensorSpec, np.ndarray]]) -> None:
-    """Append each output to a ModelInferResponse as raw contents (what Triton sends over gRPC)."""
-    for spec, array in outputs:
-        response.outputs.add(name=spec.name, datatype=spec.datatype, shape=array.shape)
-        response.raw_output_contents.append(bytes(output_bytes(spec.datatype, array)))

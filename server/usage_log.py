@@ -6,17 +6,22 @@ buffer when it is accepted, so a full buffer refuses new requests (the caller se
 instead of serving them unbilled, and an accepted request always has room for its record.
 
 What a crash can cost: SIGTERM loses nothing (the server drains, then the writer flushes and
-fsyncs); SIGKILL loses only records not yet written (at most one fsync period); power loss at
-most the records since the last fsync. Lines are whole or torn at the end only: on open, a torn
-last line left by a crash is cut off, and the reader skips one it finds.
+fsyncs), unless the disk does not answer within what is left of --exit-timeout-secs: the records
+not known to be written are then counted, in the log and the exit status. SIGKILL loses only
+records not yet written (at most one fsync period); power loss at most the records since the last
+fsync. Lines are whole or torn at the end only: on open, a torn last line left by a crash is cut
+off, and the reader skips one it finds.
 
 Rotation is by size: past --usage-log-max-bytes the file is renamed PATH.N and a new PATH is
 started. N is one above both the highest number already there and the last one this log ever
 used, kept in .NAME.rotation beside it (written atomically before the rename), so numbers only
 grow, across files shipped and deleted and across restarts: a shipper never sees a number twice.
 The new file is opened before the old one is given up: when it cannot be (no descriptor left, no
-space), records keep going to the current file and the rotation is retried later. Nothing is
-ever deleted by the server.
+space, a damaged state file), records keep going to the current file and the rotation is retried
+later. Nothing is ever deleted by the server.
+
+The writer thread owns the file: it alone writes, fsyncs, rotates and closes it, and no failure
+ends it, since a dead writer would refuse every request from then on.
 """
 
 import collections
@@ -32,11 +37,13 @@ from pathlib import Path
 
 import orjson
 
+from server.log_limits import Repeats
+
 log = logging.getLogger(__name__)
 
 SCHEMA = 1
 ROTATION_RETRY_SECONDS = 1.0  # after a failed rotation; records go on to the current file meanwhile
-ROTATION_LOG_SECONDS = 60.0  # a rotation that keeps failing is logged this often
+ROTATION_LOG_SECONDS = 60.0  # a rotation that keeps failing, or a bug in the writer, is logged this often
 # The fields of a record, in order (see README, "Usage log"); the loop hands the writer tuples.
 FIELDS = (
     "time", "request_id", "tenant", "tenant_source", "model", "version", "protocol", "outcome", "rows",
@@ -65,8 +72,10 @@ class UsageLog:
         self._size = 0
         self._last_number = 0  # the highest PATH.N this process has used or seen
         self._retry_at = 0.0  # time.monotonic() of the next rotation attempt after a failure
-        self._failures_logged_at = float("-inf")
         self._failed_rotations = 0
+        self._rotations = 0
+        self._told = Repeats(ROTATION_LOG_SECONDS)  # the writer's repeated failures: one line per window
+        self._error = ""  # why the last write failed
         self._thread = threading.Thread(target=self._run, name="usage-log", daemon=True)
 
     # --- the event loop's side ------------------------------------------------------------------
@@ -100,22 +109,24 @@ class UsageLog:
         return (f"usage log is behind: {self.depth} records wait for the disk "
                 f"(--usage-log-buffer-records {self.capacity}); retry later")  # fmt: skip
 
-    def close(self) -> int:
-        """Write and fsync every record left, then stop the writer. Returns the number of records that
-        could not be written, which it logs (0: every one is on disk). Blocks: call it off the loop."""
+    def close(self, timeout: float | None = None) -> int:
+        """Have the writer write and fsync every record left and close the file, and wait for it up to
+        `timeout` seconds (None: as long as that takes). Returns the number of records not known to be
+        on disk, which it logs (0: every one is). Blocks: call it off the loop."""
         self._closing.set()
-        self._thread.join()
-        error = None
-        if self.depth:  # the writer failed to the end: once more
-            try:
-                self._write_pending()
-            except OSError as err:
-                error = err
-        os.close(self._fd)
-        lost = self.depth
-        if lost:
+        self._thread.join(timeout)
+        hung = self._thread.is_alive()  # in a write or an fsync that does not return: it keeps the file
+        lost = self.depth  # a hung writer is blocked in a system call: what it holds is not moving
+        if hung and lost:
+            log.error("usage log: %d records are not known to be written to %s: its writer has waited on the disk for "
+                      "over %g s (a disk or mount that does not answer); %d were written", lost, self.path, timeout,
+                      self.written)  # fmt: skip
+        elif hung:
+            log.warning("usage log: closed after %d records, all written; its writer is still waiting on the disk after "
+                        "rotating %s", self.written, self.path)  # fmt: skip
+        elif lost:
             log.error("usage log: %d records could not be written to %s (%s): they are lost; %d were written",
-                      lost, self.path, error.strerror if error else "not fsynced", self.written)  # fmt: skip
+                      lost, self.path, self._error or "not fsynced", self.written)  # fmt: skip
         else:
             log.info("usage log: closed after %d records", self.written)
         if self._reserved:  # requests accepted whose batches still ran when the server stopped
@@ -125,17 +136,28 @@ class UsageLog:
     # --- the writer thread ----------------------------------------------------------------------
 
     def _run(self) -> None:
-        while True:
-            closing = self._closing.wait(self.fsync_seconds)
-            try:
-                self._write_pending()
-            except OSError as err:  # the records stay buffered; new requests are refused once it is full
-                log.error("usage log: cannot write %s (%s); %d records wait", self.path, err, self.depth)
-                if closing:
-                    return
-                continue
-            if closing:
-                return
+        try:
+            while not self._closing.wait(self.fsync_seconds):
+                self._flush()
+            if not self._flush():  # the last records: once more, the failure may have passed
+                self._flush()
+        finally:
+            _close_descriptor(self._fd, self.path)
+
+    def _flush(self) -> bool:
+        """_write_pending; on a failure the records stay buffered (new requests are refused once the
+        buffer is full) and the next period tries again. False when it failed."""
+        try:
+            self._write_pending()
+            return True
+        except OSError as err:
+            self._error = err.strerror or str(err)
+            log.error("usage log: cannot write %s (%s); %d records wait", self.path, err, self.depth)
+        except Exception as err:  # noqa: BLE001 - a bug: the writer must outlive it (see the module's docstring)
+            self._error = f"{type(err).__name__}: {err}"
+            if self._told.admit(("write", self._error)) is not None:
+                log.exception("usage log: writing %s failed; %d records wait", self.path, self.depth)
+        return False
 
     def _write_pending(self) -> None:
         """Write the buffered records as one chunk and fsync. A failed write is resumed from the
@@ -175,23 +197,23 @@ class UsageLog:
         return fd
 
     def _rotate(self) -> None:
-        """PATH becomes PATH.N and a new PATH is started. A failure leaves the current file in use,
-        with every record in it, and is retried ROTATION_RETRY_SECONDS later."""
+        """PATH becomes PATH.N and a new PATH is started. A failure, whatever it is, leaves the current
+        file in use, with every record in it, and is retried ROTATION_RETRY_SECONDS later."""
         now = time.monotonic()
         if now < self._retry_at:
             return
         try:
             target = self._swap_files()
-        except OSError as err:
+        except Exception as err:  # noqa: BLE001 - a bug included: the records still have a file (see _flush)
             self._retry_at, self._failed_rotations = now + ROTATION_RETRY_SECONDS, self._failed_rotations + 1
-            if now - self._failures_logged_at >= ROTATION_LOG_SECONDS:
-                self._failures_logged_at = now
+            # Keyed by the rotations done so far: the first failure after a success is always told.
+            if self._told.admit(("rotate", self._rotations)) is not None:
                 log.error("usage log: cannot rotate %s (%s); records go on to it, and rotation is retried every %g s",
-                          self.path, err, ROTATION_RETRY_SECONDS)  # fmt: skip
+                          self.path, err, ROTATION_RETRY_SECONDS, exc_info=not isinstance(err, OSError))  # fmt: skip
             return
         log.info("usage log: rotated to %s%s", target,
                  f" after {self._failed_rotations} failed attempt(s)" if self._failed_rotations else "")  # fmt: skip
-        self._failed_rotations, self._failures_logged_at = 0, float("-inf")
+        self._failed_rotations, self._rotations = 0, self._rotations + 1
         try:
             _fsync_directory(self.path.parent)  # the renames and the new file survive a power loss
         except OSError as err:
@@ -210,12 +232,12 @@ class UsageLog:
             except OSError:
                 os.rename(target, self.path)  # undone: the current file keeps its name
                 raise
-        except OSError:
+        except BaseException:  # whatever it is: the new file must not stay open, nor be left behind
             os.close(fresh)
             _discard(fresh_path)
             raise
         old, self._fd, self._size = self._fd, fresh, 0
-        os.close(old)  # every record in it was written and fsynced before the rotation began
+        _close_descriptor(old, target)  # every record in it was written and fsynced before the rotation began
         return target
 
     def _next_number(self) -> int:
@@ -231,15 +253,21 @@ class UsageLog:
 
 
 def _saved_number(state: Path) -> int:
+    """The number saved in the state file; 0 when there is none or it cannot be read or parsed (then
+    logged): numbering goes on from the files present and from this process's own."""
     try:
-        text = state.read_text()
+        content = state.read_bytes()  # not text: a damaged file may hold any bytes
     except FileNotFoundError:
         return 0
+    except OSError as err:
+        log.warning("usage log: the rotation state %s cannot be read (%s): numbering goes on from the files present",
+                    state, err)  # fmt: skip
+        return 0
     try:
-        return int(text.strip())
+        return int(content.strip())  # ASCII digits only, from bytes
     except ValueError:
         log.warning("usage log: the rotation state %s is damaged (%r): numbering goes on from the files present",
-                    state, text[:40])  # fmt: skip
+                    state, content[:40])  # fmt: skip
         return 0
 
 
@@ -260,6 +288,13 @@ def _fsync_directory(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _close_descriptor(fd: int, path: Path) -> None:
+    try:
+        os.close(fd)
+    except OSError as err:  # NFS may report a failed write-back here; every record was fsynced, or is counted lost
+        log.warning("usage log: cannot close %s: %s", path, err)
 
 
 def _discard(path: Path) -> None:

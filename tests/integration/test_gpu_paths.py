@@ -215,3 +215,15 @@ def test_cuda_graph_batches_run_padded_and_are_billed_by_their_real_rows(tmp_pat
         assert told == pytest.approx(counted, rel=1e-6)
         rows = samples.get("onnxserve_tenant_inferences_total", tenant=tenant, model="graphed", version="1")
         assert rows == sum(count for who, count in calls if who == tenant)
+
+
+def test_cudnn_is_checked_and_nvidias_folders_are_searched_where_onnxruntime_does_not_look():
+    """preload_dlls() passes over a missing cuDNN in silence, and looks for NVIDIA's wheels only
+    beside onnxruntime: the server checks cuDNN itself, and tries the nvidia package's own folders."""
+    assert _cuda_extra_installed()
+    probe = ("import json; from server import cuda_libraries as c; before = c._check_cudnn(); "
+             "after = c._preload_from_nvidia_folders(); print(json.dumps([before, after, c._check_cudnn()]))")
+    found = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=ROOT, check=True)
+    before, after, checked = json.loads(found.stdout)
+    assert len(before) == 1 and "libcudnn.so.9" in before[0] and "cuDNN 9" in before[0]
+    assert after == [] and checked == []

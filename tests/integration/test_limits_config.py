@@ -2,7 +2,10 @@
 on a real server with an honest caller beside the attack (tests/prober.py)."""
 
 import json
+import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 import tracemalloc
@@ -12,12 +15,13 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from server import app
+from server import shutdown
 from server.batching import Batcher
 from server.events import EventBus
 from server.model_config import BatchingSettings
+from server.repository import GIVE_UP_SECONDS
 from tests import onnx_models
-from tests.conftest import wait_until
+from tests.conftest import ROOT, wait_until
 from tests.prober import Prober, resident_bytes
 
 EXPLICIT = ("--model-control-mode", "explicit")
@@ -141,7 +145,7 @@ def test_sigterm_during_a_long_load_exits_within_the_exit_timeout(tmp_path, serv
     server.process.send_signal(signal.SIGTERM)
     code = server.wait(20)
     assert time.monotonic() - started < 2 + 3
-    assert code == app.ABANDONED_EXIT_CODE, server.log_text(last=20)
+    assert code == shutdown.ABANDONED_EXIT_CODE, server.log_text(last=20)
     assert any("still running" in line for line in server.log) and "Traceback" not in server.log_text()
 
 
@@ -153,9 +157,91 @@ def test_sigterm_with_an_unwritable_usage_log_says_how_many_records_are_lost(tmp
     x.set_data_from_numpy(np.zeros((1, 4), np.float32))
     for _ in range(3):
         client.infer("probe", [x])
-    assert server.stop() == app.USAGE_RECORDS_LOST_EXIT_CODE, server.log_text(last=20)
+    assert server.stop() == shutdown.USAGE_RECORDS_LOST_EXIT_CODE, server.log_text(last=20)
     assert any("3 records could not be written" in line for line in server.log), server.log_text(last=20)
     assert "Traceback" not in server.log_text()
+
+
+def refused_infer(server, model: str, tensors) -> None:
+    """A call the stop cuts off: the server cancels it at --exit-timeout-secs, or exits first."""
+    with pytest.raises(InferenceServerException):
+        server.client().infer(model, tensors)
+
+
+def test_the_stop_is_bounded_with_a_batch_past_the_timeout_and_a_disk_that_does_not_answer(tmp_path, serve):
+    """The worst a stop without a load under way can take: the drain uses all of --exit-timeout-secs,
+    a batch then gets GIVE_UP_SECONDS to stop, and the usage log's writer is stuck in a write (a FIFO
+    nobody reads, as a dead mount would hold it) through the last steps' LAST_STEPS_SECONDS."""
+    onnx_models.write(tmp_path, "probe", onnx_models.add_one())
+    onnx_models.write(tmp_path, "slow", onnx_models.slow_add_one(), "max_batch_size: 4")
+    fifo = tmp_path / "usage.fifo"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # opened, never read: the pipe fills, then write() blocks
+    try:
+        server = serve(tmp_path, "--usage-log", str(fifo), "--exit-timeout-secs", "2")
+        client = server.client()
+        x = grpcclient.InferInput("x", [1, 4], "FP32")
+        x.set_data_from_numpy(np.zeros((1, 4), np.float32))
+        for _ in range(400):  # ~400 bytes a record: past the pipe's 64 KiB
+            client.infer("probe", [x])
+        assert wait_until(lambda: server.metric("onnxserve_usage_log_buffer_records") > 0), "the writer is stuck"
+        work = grpcclient.InferInput("work", [1, 1], "INT64")
+        work.set_data_from_numpy(np.full((1, 1), 60000, np.int64))  # about 10 s: it outlives the timeout
+        caller = threading.Thread(target=refused_infer, args=(server, "slow", [x, work]), daemon=True)
+        caller.start()
+        assert wait_until(lambda: server.metric("onnxserve_inflight_requests", model="slow", version="1") == 1)
+        started = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        code = server.wait(30)
+        took = time.monotonic() - started
+        caller.join(10)
+    finally:
+        os.close(reader)
+    log = server.log_text()
+    assert code == shutdown.USAGE_RECORDS_LOST_EXIT_CODE, server.log_text(last=20)
+    bound = 2 + GIVE_UP_SECONDS + shutdown.LAST_STEPS_SECONDS  # 4.0-4.1 s measured on 2 shared cores
+    assert bound <= took < bound + 0.8, (took, server.log_text(last=20))
+    assert "records are not known to be written" in log and "slow" in log, server.log_text(last=20)
+    assert "Traceback" not in log
+
+
+# The codec threads' pool: two jobs run past the stop (a caller gone), a third waits for a thread.
+CODEC_SCRIPT = r"""
+import asyncio, logging, sys, threading, time
+from server import shutdown
+from server.request_limits import OFFLOAD_BYTES, Offload
+
+started = []
+
+
+def decode():
+    started.append(threading.current_thread().name)
+    time.sleep(60)
+
+
+async def main():
+    offload = Offload()
+    calls = [asyncio.create_task(offload.run(OFFLOAD_BYTES + 1, decode)) for _ in range(3)]
+    while len(started) < 2:
+        await asyncio.sleep(0.01)
+    left = offload.close()
+    await asyncio.sleep(0.2)
+    print(f"started {len(started)}; the third call cancelled: {calls[2].cancelled()}", flush=True)
+    return shutdown.exit_code(left, 0)
+
+
+logging.basicConfig(level="INFO")
+sys.exit(asyncio.run(main()))
+"""
+
+
+def test_codec_work_still_running_at_the_stop_does_not_hold_the_exit():
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", CODEC_SCRIPT], capture_output=True, text=True, cwd=ROOT, timeout=30)
+    assert time.monotonic() - started < 10, "the exit waited for the codec threads"
+    assert result.returncode == shutdown.ABANDONED_EXIT_CODE, result.stderr[-3000:]
+    assert "started 2; the third call cancelled: True" in result.stdout
+    assert "left behind: codec: decode; codec: decode" in result.stderr, result.stderr[-3000:]
 
 
 def test_a_queue_the_config_leaves_unbounded_is_bounded_by_the_server(tmp_path, serve):

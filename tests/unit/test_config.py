@@ -1,14 +1,19 @@
 """Settings from flags and env, and config.pbtxt validation, without a server."""
 
+import asyncio
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 
+import grpc
 import pytest
 
-from server.config import parse_server_settings
+from server.config import ServerSettings, parse_server_settings
+from server.config_checks import MAX_GRPC_IDLE_SECS
 from server.model_config import WarmupInput, load_model_settings, settings_from_json
 from server.errors import ConfigError
+from server.process_limits import grpc_options
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -265,3 +270,58 @@ def test_server_limits_are_bounded_too(tmp_path, argv, message):
     with pytest.raises(ConfigError, match=message):
         parse_server_settings([*argv, "--model-repository", str(tmp_path)], {})
     assert parse_server_settings(["--model-repository", str(tmp_path)], {}).model_load_timeout_secs == 1800
+
+
+SECONDS_FLAGS = [spec.name for spec in fields(ServerSettings) if spec.type is float]
+
+
+@pytest.mark.parametrize("text", ["nan", "inf", "-inf", "1e309"])
+@pytest.mark.parametrize("name", SECONDS_FLAGS)
+def test_every_float_setting_is_a_finite_number(tmp_path, name, text):
+    """argparse's float() takes these, and NaN passes any one-sided test such as `< 0`."""
+    flag = "--" + name.replace("_", "-")
+    with pytest.raises(ConfigError, match=f"^{flag}: "):
+        parse_server_settings([f"{flag}={text}", "--model-repository", str(tmp_path)], {})
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--exit-timeout-secs", "100000"], "--exit-timeout-secs: 100000.0 is outside \\[0, 3600\\]"),
+        (["--log-repeat-secs", "1e6"], "--log-repeat-secs: 1000000.0 is outside \\[0, 86400\\]"),
+        (["--grpc-max-connection-idle-secs", "2147483.648"], "--grpc-max-connection-idle-secs: 2147483.648 is outside"),
+        (["--grpc-max-concurrent-streams", "3000000000"], "--grpc-max-concurrent-streams: 3000000000 is outside 1 .. 2147483647"),
+        (["--grpc-max-connections", "3000000000"], "--grpc-max-connections: 3000000000 exceeds onnxserve's limit of 1048576"),
+        (["--http-max-connections", "10000000"], "--http-max-connections: 10000000 exceeds onnxserve's limit of 1048576"),
+        (["--metrics-max-connections", "10000000"], "--metrics-max-connections: 10000000 exceeds onnxserve's limit of 1048576"),
+        (["--default-max-batch-size", "0"], "--default-max-batch-size: 0 must be >= 1"),
+    ],
+)
+def test_every_number_has_an_upper_bound(tmp_path, argv, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_server_settings([*argv, "--model-repository", str(tmp_path)], {})
+
+
+def test_settings_at_their_bounds_start_grpc(tmp_path):
+    """Every integer grpc core takes as a channel argument fits its C int at the highest accepted value."""
+    highest = parse_server_settings([
+        "--model-repository", str(tmp_path), "--grpc-max-concurrent-streams", str(2**31 - 1),
+        "--grpc-max-connections", str(1 << 20), "--grpc-max-connection-idle-secs", str(MAX_GRPC_IDLE_SECS),
+        "--grpc-handshake-timeout-secs", "3600", "--grpc-max-message-bytes", str(2**31 - 1),
+    ], {})  # fmt: skip
+    assert max(value for _, value in grpc_options(highest)) <= 2**31 - 1
+
+    async def build() -> None:
+        await grpc.aio.server(options=grpc_options(highest)).stop(None)  # OverflowError past a C int
+
+    asyncio.run(build())
+
+
+def test_a_number_out_of_range_exits_2_naming_the_flag(tmp_path):
+    """Refused before anything starts: a usage error (exit 2), not grpc's OverflowError (exit 1)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "server", "--model-repository", str(tmp_path), "--grpc-max-connections", "3000000000"],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2 and "--grpc-max-connections: 3000000000" in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr

@@ -13,7 +13,7 @@ import pytest
 
 from server import warmup
 from server.batching import Batcher
-from server.binding import GRAPH_CAPTURE_RUNS, GRAPH_ID, GRAPH_THREAD, padded_sizes
+from server.binding import GRAPH_CAPTURE_RUNS, GRAPH_PRIME_RUNS, GRAPH_ID, GRAPH_THREAD, padded_sizes
 from server.costs import CostLedger, DevicePrice
 from server.errors import ConfigError
 from server.events import BatchExecuted, BatchStarted, EventBus
@@ -168,7 +168,9 @@ def test_warm_up_and_calibration_run_only_on_each_instances_thread(open_pool, ca
         assert session.threads and all(name.startswith(own_thread(instance)) for name in session.threads)
         # every size captured (3 runs each), then the automatic warm-up's batch of 1
         assert dict(bindings.runs) == {1: GRAPH_CAPTURE_RUNS + 1, 2: GRAPH_CAPTURE_RUNS, 4: GRAPH_CAPTURE_RUNS, 8: GRAPH_CAPTURE_RUNS}
-        assert len(session.threads) == sum(bindings.runs.values())  # nothing ran around the bindings
+        # each size first ran without a graph id, so its capture is not its first run (GRAPH_PRIME_RUNS)
+        assert dict(bindings.primed) == {1: GRAPH_PRIME_RUNS, 2: GRAPH_PRIME_RUNS, 4: GRAPH_PRIME_RUNS, 8: GRAPH_PRIME_RUNS}
+        assert len(session.threads) == sum(bindings.runs.values()) + sum(bindings.primed.values())  # nothing ran around them
     assert "4 padded batch size(s) [1, 2, 4, 8] warmed on each CPU instance, no CUDA graph captured" in caplog.text
     assert choice.inline_run_below_us == 0 and choice.sources["inline_run_below_us"] == GRAPH_THREAD
     # a trial run of calibration, asked for from this thread, runs on instance 0's thread

@@ -110,14 +110,14 @@ def test_a_damaged_part_is_named_and_refused(tmp_path):
 
 def test_build_and_install_into_a_fresh_environment(tmp_path):
     """pip download gathers the closure from a local folder instead of PyPI (PIP_NO_INDEX,
-    PIP_FIND_LINKS), drops the skipped h11; the install replaces a CPU onnxruntime installed beside
+    PIP_FIND_LINKS), drops the skipped numpy; the install replaces a CPU onnxruntime installed beside
     the GPU one, and takes standin's dependency from the bundle."""
     index = tmp_path / "index"
     index.mkdir()
     standin = {"standin/__init__.py": b"VALUE = 42\n", "standin/data.bin": payload(9 * KIB, 1)}
-    make_wheel(index, "standin", "1.0", standin, requires=("standin-extra>=2", "h11"))
+    make_wheel(index, "standin", "1.0", standin, requires=("standin-extra>=2", "numpy"))
     make_wheel(index, "standin_extra", "2.0", {"standin_extra/__init__.py": b"", "standin_extra/data.bin": payload(5 * KIB, 2)})
-    make_wheel(index, "h11", "0.0.1", {"h11/__init__.py": b""})
+    make_wheel(index, "numpy", "0.0.1", {"numpy/__init__.py": b""})
     cpu, gpu = fake_onnxruntime(index, "onnxruntime", "1.0"), fake_onnxruntime(index, "onnxruntime_gpu", "1.31.1")
     bundle = tmp_path / "bundle"
     pip_env = {**os.environ, "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(index)}
@@ -126,7 +126,7 @@ def test_build_and_install_into_a_fresh_environment(tmp_path):
     assert built.returncode == 0, built.stdout + built.stderr
     manifest = json.loads((bundle / "manifest.json").read_text())
     carried = [gpu_bundle.wheel_name(wheel["file"])[0] for wheel in manifest["wheels"]]
-    assert carried == ["onnxruntime-gpu", "standin", "standin-extra"]  # not h11
+    assert carried == ["onnxruntime-gpu", "standin", "standin-extra"]  # not numpy
     assert len(manifest["parts"]) >= 4 and all(part["size"] <= 4 * KIB for part in manifest["parts"])
     assert "3 wheels, " in built.stdout and f"in {len(manifest['parts'])} parts" in built.stdout
 
@@ -134,8 +134,8 @@ def test_build_and_install_into_a_fresh_environment(tmp_path):
     venv.EnvBuilder(with_pip=True).create(environment)
     python = str(environment / "bin" / "python")
     preinstall = [python, "-m", "pip", "install", "--no-index", "--disable-pip-version-check", "--no-deps"]
-    h11 = index / "h11-0.0.1-py3-none-any.whl"
-    subprocess.run([*preinstall, str(cpu), str(gpu), str(h11)], check=True, capture_output=True)
+    numpy = index / "numpy-0.0.1-py3-none-any.whl"
+    subprocess.run([*preinstall, str(cpu), str(gpu), str(numpy)], check=True, capture_output=True)
 
     installed = run_bundle("--install", str(bundle), python=python)
     assert installed.returncode == 0, installed.stdout + installed.stderr

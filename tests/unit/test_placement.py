@@ -95,7 +95,7 @@ def test_a_session_on_another_gpu_is_billed_where_it_runs_or_fails_with_require_
     placement = Placement("cuda:1", [(CUDA, {"device_id": "1", "gpu_mem_limit": "1073741824"}), (CPU, {})])
     with caplog.at_level(logging.ERROR):
         in_use = verify(OpenedElsewhere(), placement, placement, LABEL, GpuPolicy())
-    assert in_use.device == "cuda:0" and in_use.providers[0][1]["device_id"] == "0"
+    assert in_use.device == "cuda:0" and in_use.providers == placement.providers
     assert "CUDAExecutionProvider device_id is 0, asked for 1" in caplog.text and "cuda:0 is billed" in caplog.text
     with pytest.raises(ConfigError, match="device_id is 0, asked for 1.*--require-gpu"):
         verify(OpenedElsewhere(), placement, placement, LABEL, GpuPolicy(require=True))

@@ -142,3 +142,13 @@ def test_engine_caches_are_kept_apart_by_model_contents_runtime_and_gpu(tmp_path
     assert engine_cache_dir(tmp_path / "cache", model, "NVIDIA H200", "1.32.0") != first
     model.write_bytes(onnx_models.add_constant(2).SerializeToString())  # new weights, same graph
     assert engine_cache_dir(tmp_path / "cache", model, "NVIDIA H200", "1.31.1") != first
+
+
+def test_cuda_graphs_with_tensorrt_in_front_are_refused_naming_why(tmp_path):
+    both = ('optimization { execution_accelerators { gpu_execution_accelerator [{ name: "tensorrt" }, '
+            '{ name: "cuda" parameters { key: "enable_cuda_graph" value: "1" } }] } }')
+    with pytest.raises(ConfigError, match="enable_cuda_graph needs every node on CUDA, and the tensorrt accelerator"):
+        model_config(tmp_path, both)
+    alone = 'optimization { execution_accelerators { gpu_execution_accelerator [{ name: "cuda" parameters { key: "enable_cuda_graph" value: "1" } }] } }'
+    (tmp_path / "alone").mkdir()
+    assert model_config(tmp_path / "alone", alone).session.gpu_accelerators[0].name == "cuda"

@@ -1,23 +1,18 @@
 """Decode and encode without a server."""
 
 import struct
+import time
 
 import numpy as np
+import orjson
 import pytest
 
 from server import protocol
+from server.bytes_codec import CHUNK, bytes_from_contents, object_array
 from server.errors import InvalidInput
-from server.grpc_codec import parse_request, request_head, response_bytes
-from server.request_limits import OFFLOAD_BYTES, RequestLimits
-from server.tensors import (
-    DATATYPES,
-    Signature,
-    TensorSpec,
-    decode_request,
-    deserialize_bytes,
-    encode_outputs,
-    serialize_bytes,
-)
+from server.grpc_codec import MAX_FIELDS, _varint, decode_weight, parse_on_loop, parse_request, request_head, response_bytes
+from server.request_limits import OFFLOAD_BYTES, RequestLimits, encode_weight
+from server.tensors import DATATYPES, Signature, TensorSpec, decode_request, deserialize_bytes, serialize_bytes
 
 SIGNATURE = Signature(
     model="m",
@@ -99,10 +94,9 @@ def test_bytes_round_trip():
     assert deserialize_bytes(memoryview(bytes(serialize_bytes(array))), 4, "t") == ["a", "é", "", "xyz"]
 
 
-def test_encode_outputs_raw_little_endian():
-    response = protocol.ModelInferResponse()
+def test_response_outputs_are_raw_little_endian():
     y = np.arange(6, dtype=np.float32).reshape(2, 3)
-    encode_outputs(response, [(TensorSpec("y", "FP32", (-1, 3)), y)])
+    response = protocol.ModelInferResponse.FromString(response_bytes(_Model, "", [(TensorSpec("y", "FP32", (-1, 3)), y)], []))
     assert response.outputs[0].datatype == "FP32" and list(response.outputs[0].shape) == [2, 3]
     assert response.raw_output_contents[0] == y.astype("<f4").tobytes()
 
@@ -202,8 +196,9 @@ def test_raw_contents_parse_as_views_of_the_wire_bytes():
 @pytest.mark.parametrize("size", ["small", "big"])
 def test_a_malformed_message_is_invalid_input(data, size):
     prefix = padded(protocol.ModelInferRequest()).SerializeToString() if size == "big" else b""
-    with pytest.raises(InvalidInput, match="not a valid ModelInferRequest"):
-        parse_request(prefix + data)
+    for parse in (parse_request, parse_on_loop):
+        with pytest.raises(InvalidInput, match="not a valid ModelInferRequest"):
+            parse(prefix + data)
 
 
 def test_request_head_bounds_the_id_and_the_parameters():
@@ -231,7 +226,9 @@ def test_response_bytes_parse_as_the_protobuf_response(stream):
         data = protocol.ModelStreamInferResponse.FromString(data).infer_response.SerializeToString()
     response = protocol.ModelInferResponse.FromString(data)
     expected = protocol.ModelInferResponse(model_name="m", model_version="1", id="r-1")
-    encode_outputs(expected, outputs)
+    expected.outputs.add(name="y", datatype="FP32", shape=[2, 3])
+    expected.outputs.add(name="s", datatype="BYTES", shape=[2, 1])
+    expected.raw_output_contents.extend([y.tobytes(), bytes(serialize_bytes(s))])
     expected.parameters["cost"].double_param = 0.5
     expected.parameters["rows"].int64_param = 2
     expected.parameters["device"].string_param = "cpu"
@@ -248,8 +245,128 @@ def test_the_wire_walk_refuses_what_protobuf_would_spend_memory_on():
     unpacked = b"\x2a\x82\x01" + b"\x18\x01" * 65  # inputs (130 bytes) { shape: 1 } x 65, one varint field each
     with pytest.raises(InvalidInput, match="more than 64 dims"):
         parse_request(padded(protocol.ModelInferRequest()).SerializeToString() + unpacked)
-    with pytest.raises(InvalidInput, match="more than 65536 fields"):
-        parse_request(b"\x32\x00" * 65537)  # empty requested outputs
-    flood = b"\x12\x00" * 65537  # one requested output of 65537 empty parameters entries
-    with pytest.raises(InvalidInput, match="an input or output of the request has more than 65536 fields"):
-        parse_request(b"\x32\x82\x80\x08" + flood)
+    big = padded(protocol.ModelInferRequest()).SerializeToString()
+    with pytest.raises(InvalidInput, match=f"more than {MAX_FIELDS} fields"):
+        parse_request(big + b"\x32\x00" * MAX_FIELDS)  # empty requested outputs
+    flood = b"\x12\x00" * MAX_FIELDS  # one requested output of as many empty parameters entries
+    with pytest.raises(InvalidInput, match=f"the request has more than {MAX_FIELDS} fields"):
+        parse_request(big + b"\x32" + _varint(len(flood)) + flood)
+
+
+@pytest.mark.parametrize("element", [b"", b"a"])
+def test_typed_bytes_elements_past_the_limit_are_refused_before_protobuf_builds_them(element):
+    """An empty element is 2 bytes on the wire and ~30 in protobuf's arena: they are counted first."""
+    message = padded(protocol.ModelInferRequest(model_name="m"))
+    message.inputs.add(name="s", datatype="BYTES", shape=[1, 1]).contents.bytes_contents.extend([element] * 1001)
+    with pytest.raises(InvalidInput, match=r"more than 1000 BYTES elements in bytes_contents; at most 1000 per request \(--max-bytes-elements\)"):
+        parse_request(message.SerializeToString(), max_bytes_elements=1000)
+    del message.inputs[0].contents.bytes_contents[1:]  # within the limit, the shape's count is decode_request's to check
+    assert parse_request(message.SerializeToString(), max_bytes_elements=1000)[0].inputs[0].contents.bytes_contents == [element]
+
+
+def test_typed_bytes_elements_are_counted_exactly_when_their_bytes_look_like_more():
+    message = padded(protocol.ModelInferRequest(model_name="m"))
+    contents = message.inputs.add(name="s", datatype="BYTES", shape=[2, 2]).contents
+    contents.bytes_contents.extend([b"B" * 200, b"BB", b"", b"B" * 20000])  # 0x42 is "B": 20206 of them
+    contents.fp32_contents.extend([48.0] * 100)  # 0x42400000, in one packed field
+    assert parse_request(message.SerializeToString(), max_bytes_elements=4)[0].inputs[0].contents == contents
+    contents.bytes_contents.append(b"B")
+    with pytest.raises(InvalidInput, match="more than 4 BYTES elements"):
+        parse_request(message.SerializeToString(), max_bytes_elements=4)
+
+
+def test_one_field_budget_for_the_whole_message_bounds_the_walk():
+    """100 inputs of 200 empty parameters entries each: past the budget together, not one by one."""
+    entries = b"\x22\x00" * 200  # InferInputTensor.parameters = 4
+    inputs = (b"\x2a" + _varint(len(entries)) + entries) * 100
+    big = padded(protocol.ModelInferRequest()).SerializeToString()
+    with pytest.raises(InvalidInput, match=f"the request has more than {MAX_FIELDS} fields"):
+        parse_request(big + inputs)
+    entries = b"\x22\x00" * 65530  # 12.5 MiB, which the walk took 6 s of CPU to accept when each input had a budget
+    started = time.process_time()
+    with pytest.raises(InvalidInput, match=f"the request has more than {MAX_FIELDS} fields"):
+        parse_request((b"\x2a" + _varint(len(entries)) + entries) * 100)
+    assert time.process_time() - started < 1.0  # ~20 ms: MAX_FIELDS fields at ~1 us
+
+
+@pytest.mark.parametrize(
+    "group",
+    [
+        b"\x7b\x08\x01\x7c",  # field 15, a group holding a varint
+        b"\x7b\x7b\x1a\x01a\x7c\x7c",  # a group in a group, one holding a string
+        b"\x2b\x2c",  # a group with the number of `inputs`: protobuf keeps it unknown too
+        b"\x2a\x04\x0b\x08\x01\x0c",  # a group inside an input
+    ],
+)
+def test_groups_parse_alike_in_small_and_big_messages(group):
+    small = protocol.ModelInferRequest(model_name="m")
+    for message in (small, padded(protocol.ModelInferRequest(model_name="m"))):
+        assert parse_request(message.SerializeToString() + group)[0] == protocol.ModelInferRequest.FromString(
+            message.SerializeToString() + group
+        )
+
+
+@pytest.mark.parametrize("group", [b"\x7b\x6c", b"\x7b\x08\x01", b"\x7c", b"\x2a\x02\x0b\x14"])
+def test_broken_groups_are_invalid_in_small_and_big_messages(group):
+    for message in (protocol.ModelInferRequest(model_name="m"), padded(protocol.ModelInferRequest(model_name="m"))):
+        with pytest.raises(InvalidInput, match="not a valid ModelInferRequest"):
+            parse_request(message.SerializeToString() + group)
+
+
+def resnet_request() -> bytes:
+    """The benchmark's ResNet-50 request: one FP32 [1, 3, 224, 224] as raw contents, 602 KB."""
+    request = protocol.ModelInferRequest(model_name="resnet50")
+    request.inputs.add(name="input", datatype="FP32", shape=[1, 3, 224, 224])
+    request.raw_input_contents.append(np.ones((1, 3, 224, 224), np.float32).tobytes())
+    request.outputs.add(name="logits")
+    return request.SerializeToString()
+
+
+def test_raw_numbers_decode_and_encode_on_the_loop_however_big():
+    data = resnet_request()
+    message, raw = parse_on_loop(data)  # not None: no codec thread for the parse
+    assert len(raw[0]) == 3 * 224 * 224 * 4 and message.inputs[0].shape == [1, 3, 224, 224]
+    assert decode_weight(message, raw, len(data)) == 0  # np.frombuffer on the wire bytes: nor for the decode
+    assert encode_weight(np.zeros((1, 3, 224, 224), np.float32)) <= OFFLOAD_BYTES  # a 602 KB answer is one memcpy
+    assert encode_weight(np.zeros((16, 3, 224, 224), np.float32)) > OFFLOAD_BYTES  # 9.6 MB: a copy longer than the hop
+
+
+def test_per_element_work_leaves_the_loop():
+    strings = request_with(np.zeros((4, 3), np.float32), [b"ab"] * 8)
+    strings.raw_input_contents[1] = b"".join(struct.pack("<I", 2) + b"ab" for _ in range(40_000))
+    strings.inputs[1].shape[:] = [4, 10_000]
+    message, raw = parse_on_loop(strings.SerializeToString())  # its fields are few: the walk is cheap
+    assert decode_weight(message, raw, 0) > OFFLOAD_BYTES  # 40K strings to build: a codec thread
+    typed = padded(protocol.ModelInferRequest(model_name="m"))
+    typed.inputs.add(name="x", datatype="FP32", shape=[1, 20_000]).contents.fp32_contents.extend([1.0] * 20_000)
+    assert parse_on_loop(typed.SerializeToString()) is None  # its typed contents are protobuf's to parse: a thread
+    message, raw = parse_request(typed.SerializeToString())
+    assert decode_weight(message, raw, 0) > OFFLOAD_BYTES
+    many = padded(protocol.ModelInferRequest(model_name="m")).SerializeToString() + b"\x32\x00" * 300
+    assert parse_on_loop(many) is None  # more top-level fields than the loop walks
+
+
+def test_rest_binary_numbers_weigh_nothing_and_binary_strings_their_elements():
+    from server.http_service import _binary_bytes_weight, _json_length
+
+    header = b'{"inputs":[{"name":"input","shape":[1,3,224,224],"datatype":"FP32","parameters":{"binary_data_size":602112}}]}'
+    body = header + bytes(602112)
+    assert _json_length(body, str(len(header))) == len(header) and _json_length(body, None) == len(body)
+    assert _json_length(body, "9" * 5000) == len(body)  # not a length split_body accepts: it says so, not this
+    numbers = orjson.loads(header)
+    assert len(header) + _binary_bytes_weight(numbers) <= OFFLOAD_BYTES  # decoded on the loop: a view of the body
+    numbers["inputs"][0]["datatype"] = "BYTES"  # 150K elements at most: a codec thread
+    assert _binary_bytes_weight(numbers) > OFFLOAD_BYTES
+    assert _binary_bytes_weight({"inputs": ["x", {"parameters": 3}, {"datatype": "BYTES", "parameters": {"binary_data_size": "9"}}]}) == 0
+
+
+def test_bytes_past_one_chunk_are_whole_and_their_errors_placed():
+    strings = [str(index).encode() for index in range(CHUNK + 10)]  # more than one numpy call's worth
+    assert deserialize_bytes(bytes(serialize_bytes(np.array(strings, dtype=object))), len(strings), "t") == [s.decode() for s in strings]
+    assert object_array([s.decode() for s in strings], (1, len(strings)))[0, -1] == str(CHUNK + 9)
+    typed = protocol.ModelInferRequest().inputs.add().contents
+    typed.bytes_contents.extend(strings)
+    assert bytes_from_contents(typed.bytes_contents, (len(strings),), "t")[-1] == str(CHUNK + 9)
+    typed.bytes_contents[CHUNK + 5] = b"\xff"
+    with pytest.raises(InvalidInput, match=f"BYTES element {CHUNK + 5} is not valid UTF-8"):
+        bytes_from_contents(typed.bytes_contents, (len(strings),), "t")

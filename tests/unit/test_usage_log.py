@@ -1,13 +1,18 @@
 """The usage log's writer and reader on real files: whole lines only, a torn tail cut on open and
 skipped by the reader, numbered rotation, and totals per tenant and model."""
 
+import errno
 import json
+import logging
+import os
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
-from server import usage
+from server import usage, usage_log
 from server.usage_log import FIELDS, UsageLog
 from tests.conftest import ROOT, wait_until
 
@@ -218,3 +223,130 @@ def test_close_with_an_unwritable_log_says_how_many_records_are_lost(caplog):
     write(log, record(), record(), record())
     assert log.close() == 3
     assert "3 records could not be written to /dev/full" in caplog.text
+
+
+def open_to(path) -> list[str]:
+    """This process's descriptors open on `path`."""
+    found = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:  # the listing's own descriptor, closed by now
+            continue
+        if target == str(path):
+            found.append(target)
+    return found
+
+
+def test_a_rotation_state_that_is_not_text_counts_as_absent(tmp_path, caplog):
+    path = tmp_path / "usage.log"
+    (tmp_path / "usage.log.5").write_text("")
+    (tmp_path / ".usage.log.rotation").write_bytes(b"\xff\xfe7\x00\n")  # not UTF-8: a damaged disk, a stray copy
+    log = UsageLog(str(path), fsync_ms=1, max_bytes=4096, capacity=1000)
+    log.open()
+    fill_and_rotate(log, "t1", 2)
+    assert log.close() == 0
+    assert sorted(rotated(tmp_path)) == [5, 6, 7]
+    assert "rotation state" in caplog.text and not open_to(tmp_path / ".usage.log.next")
+    assert usage.read([str(path), *map(str, tmp_path.glob("usage.log.*"))]).records == 32
+
+
+def test_the_writer_outlives_any_error_in_a_rotation_and_keeps_no_descriptor(tmp_path, caplog, monkeypatch):
+    path = tmp_path / "usage.log"
+    log = UsageLog(str(path), fsync_ms=1, max_bytes=4096, capacity=1000)
+    numbering, failures = UsageLog._next_number, []
+
+    def broken_once(self):
+        if not failures:
+            failures.append(1)
+            raise RuntimeError("a bug in the numbering")
+        return numbering(self)
+
+    monkeypatch.setattr(UsageLog, "_next_number", broken_once)
+    log.open()
+    write(log, *(record("t1") for _ in range(16)))  # past 4096 bytes: the rotation fails
+    assert wait_until(lambda: failures and not log.depth)
+    assert not open_to(tmp_path / ".usage.log.next") and not (tmp_path / ".usage.log.next").exists()
+    sent = 16
+    while not rotated(tmp_path) and sent < 16 + 4 * 25:  # the current file takes them until the retry, a second later
+        write(log, *(record("t2") for _ in range(4)))
+        sent += 4
+        assert wait_until(lambda: not log.depth)
+        time.sleep(0.1)
+    assert rotated(tmp_path) and sent > 16
+    assert log.close() == 0
+    assert "cannot rotate" in caplog.text and "a bug in the numbering" in caplog.text
+    assert usage.read([str(path), *map(str, tmp_path.glob("usage.log.*"))]).records == sent
+
+
+def test_close_waits_for_a_hung_disk_only_until_its_timeout(tmp_path, caplog, monkeypatch):
+    log = UsageLog(str(tmp_path / "usage.log"), fsync_ms=1, max_bytes=0, capacity=100)
+    hung, release, real_fsync = threading.Event(), threading.Event(), os.fsync
+
+    def fsync(fd):
+        if fd == log._fd:  # a dead NFS server: the call never returns
+            hung.set()
+            release.wait(30)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    log.open()
+    try:
+        write(log, record(), record())
+        assert hung.wait(5)
+        write(log, record())  # waits behind the hung one
+        started = time.monotonic()
+        assert log.close(timeout=0.3) == 3
+        assert time.monotonic() - started < 1
+        assert "3 records are not known to be written" in caplog.text
+    finally:
+        release.set()
+
+
+def test_a_failing_close_of_the_file_is_logged_not_raised(tmp_path, caplog, monkeypatch):
+    log = UsageLog(str(tmp_path / "usage.log"), fsync_ms=1, max_bytes=0, capacity=100)
+    real_close = os.close
+
+    def close(fd):
+        real_close(fd)
+        if fd == log._fd:  # NFS reports a failed write-back at close
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    log.open()
+    write(log, record())
+    assert wait_until(lambda: log.written == 1)
+    monkeypatch.setattr(os, "close", close)
+    assert log.close() == 0
+    assert "cannot close" in caplog.text
+
+
+def test_a_rotation_that_keeps_failing_is_logged_once_per_window_and_again_after_a_success(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(usage_log, "ROTATION_RETRY_SECONDS", 0.01)
+    caplog.set_level(logging.INFO, logger="server.usage_log")
+    path = tmp_path / "usage.log"
+    log = UsageLog(str(path), fsync_ms=1, max_bytes=1024, capacity=1000)
+    numbering, broken = UsageLog._next_number, [True]
+
+    def next_number(self):
+        if broken[0]:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return numbering(self)
+
+    def told() -> int:
+        return caplog.text.count("cannot rotate")
+
+    monkeypatch.setattr(UsageLog, "_next_number", next_number)
+    log.open()
+    for _ in range(5):  # five failed attempts, one line
+        write(log, *(record() for _ in range(4)))
+        assert wait_until(lambda: not log.depth)
+        time.sleep(0.02)
+    assert told() == 1 and log._failed_rotations == 5
+    broken[0] = False
+    write(log, record())
+    assert wait_until(lambda: rotated(tmp_path))
+    assert "after 5 failed attempt(s)" in caplog.text
+    broken[0] = True
+    write(log, *(record() for _ in range(4)))  # a new failure after a success: told at once
+    assert wait_until(lambda: told() == 2)
+    assert log.close() == 0
