@@ -156,6 +156,11 @@ class ServerSettings:
         metadata=_flag("REST: values one inference request's JSON may hold (counted as its commas, before it is "
                        "parsed); each costs ~50 bytes of Python: send big tensors as binary data"),
     )  # fmt: skip
+    max_typed_elements: int = field(
+        default=1 << 24,
+        metadata=_flag("gRPC: numeric values in one inference request's typed contents (int_contents, "
+                       "fp32_contents...), all its inputs together; raw_input_contents have no such cap"),
+    )  # fmt: skip
     max_id_bytes: int = field(default=256, metadata=_flag("longest inference request 'id', in bytes (UTF-8)"))
     max_request_parameters: int = field(
         default=64, metadata=_flag("entries in one inference request's 'parameters' at most")

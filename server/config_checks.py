@@ -51,6 +51,7 @@ INTEGERS = {
     "grpc_max_concurrent_streams": (1, C_INT_MAX),
     "max_bytes_elements": (1, C_INT_MAX),
     "max_json_values": (1, C_INT_MAX),
+    "max_typed_elements": (1, C_INT_MAX),
     "max_id_bytes": (1, 65536),
     "max_request_parameters": (0, 65536),
     "usage_log_fsync_ms": (1, 60000),

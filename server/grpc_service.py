@@ -24,6 +24,12 @@ from server.tensors import DecodedRequest, decode_request
 from server.tls import grpc_client_name
 
 log = logging.getLogger(__name__)
+# A stream's requests queued, running or answered but not yet sent, and the bytes of those answers,
+# before its next message is read: far more than a client that reads its answers ever has in flight
+# (so one that writes a burst before reading is not held back), while answers a client does not read
+# cannot pile up without end.
+STREAM_WINDOW = 4096
+STREAM_WINDOW_BYTES = 64 << 20
 
 STATUS = {
     errors.ModelNotFound: grpc.StatusCode.NOT_FOUND,
@@ -44,15 +50,23 @@ WITHOUT_KEY = ("ServerLive", "ServerReady", *PROTOCOL_GROUPS["inference"])
 
 @dataclass(slots=True)
 class _Stream:
-    """One ModelStreamInfer call: answers to send, and its requests still queued or running."""
+    """One ModelStreamInfer call: answers to send, and its requests still queued or running.
+
+    A client may send faster than it reads its answers, or than the model serves them: past
+    STREAM_WINDOW requests queued or answered but unsent (or STREAM_WINDOW_BYTES of unsent answers),
+    the stream's next message is not read until answers are sent, so HTTP/2's flow control holds
+    the client back instead of our memory."""
 
     answers: collections.deque = field(default_factory=collections.deque)  # None ends the stream
     wakeup: asyncio.Future | None = None  # while the writer waits for the next answer
     queued: dict = field(default_factory=dict)  # QueuedRequest -> (Call, its ModelInferRequest)
     idle: asyncio.Future | None = None  # resolved once the last request read is answered
+    roomy: asyncio.Future | None = None  # while the reader waits for the window to open
+    unsent: int = 0  # bytes of the answers waiting to be sent
 
     def put(self, answer) -> None:
         self.answers.append(answer)
+        self.unsent += len(answer) if isinstance(answer, bytes) else 0
         if self.wakeup is not None and not self.wakeup.done():
             self.wakeup.set_result(None)
 
@@ -60,7 +74,17 @@ class _Stream:
         while not self.answers:
             self.wakeup = asyncio.get_running_loop().create_future()
             await self.wakeup
-        return self.answers.popleft()
+        answer = self.answers.popleft()
+        self.unsent -= len(answer) if isinstance(answer, bytes) else 0
+        if self.roomy is not None and not self.roomy.done():
+            self.roomy.set_result(None)
+        return answer
+
+    async def room(self) -> None:
+        """Back once fewer than STREAM_WINDOW requests are queued, running or answered but unsent."""
+        while len(self.queued) + len(self.answers) >= STREAM_WINDOW or self.unsent >= STREAM_WINDOW_BYTES:
+            self.roomy = asyncio.get_running_loop().create_future()
+            await self.roomy
 
 
 class InferenceService:
@@ -213,6 +237,7 @@ class InferenceService:
                 except Unauthenticated as err:
                     return err
             await self._stream_one(request, self.core.start(GRPC, identity), stream)
+            await stream.room()
         return None
 
     async def _stream_one(self, request: bytes, call: Call, stream: "_Stream") -> None:
@@ -305,7 +330,8 @@ class InferenceService:
         small message, or a big one of raw numbers), else in a codec thread."""
         parsed = parse_on_loop(data)
         if parsed is None:
-            parsed = await self.core.offload.in_thread(parse_request, data, self.core.limits.max_bytes_elements)
+            limits = self.core.limits
+            parsed = await self.core.offload.in_thread(parse_request, data, limits.max_bytes_elements, limits.max_typed_elements)
         message, raw = parsed
         head = request_head(message, len(data), self.core.limits)
         call.request_id = head.id

@@ -48,11 +48,23 @@ class RequestLimits:
     max_json_values: int = 1 << 21
     max_id_bytes: int = 256  # of the request's `id` (UTF-8)
     max_parameters: int = 64  # entries in the request's `parameters`
+    # Numeric values in a gRPC request's typed contents (int_contents, fp32_contents...), all its
+    # inputs together: 64 MiB as FP32. Typed contents are the slow path (tritonclient sends raw
+    # contents): each value is parsed by protobuf into its arena (a one-byte varint becomes 8
+    # bytes) and converted one by one, so a 256 MiB message could hold 256M of them, gigabytes
+    # and seconds of GIL; big tensors go as raw_input_contents, which have no such cap.
+    max_typed_elements: int = 1 << 24
 
     @classmethod
     def from_settings(cls, settings) -> "RequestLimits":
         """From ServerSettings' fields of the same names."""
-        return cls(settings.max_bytes_elements, settings.max_json_values, settings.max_id_bytes, settings.max_request_parameters)
+        return cls(
+            settings.max_bytes_elements,
+            settings.max_json_values,
+            settings.max_id_bytes,
+            settings.max_request_parameters,
+            settings.max_typed_elements,
+        )
 
     def check_id(self, value, label: str) -> str:
         """The request's `id` as the usage log and the response carry it: a short string."""
@@ -74,6 +86,22 @@ class RequestLimits:
 
 
 DEFAULT_LIMITS = RequestLimits()
+
+
+class TypedBudget:
+    """The typed numeric values one gRPC request may still carry, spent input by input before any
+    is converted (a big message's were counted on the wire already, before protobuf parsed them)."""
+
+    def __init__(self, limits: RequestLimits) -> None:
+        self.left, self.most = limits.max_typed_elements, limits.max_typed_elements
+
+    def spend(self, count: int, where: str) -> None:
+        if count > self.left:
+            raise InvalidInput(
+                f"{where}: the request has {self.most - self.left + count} typed values; at most {self.most} per request "
+                "(--max-typed-elements): send big tensors as raw_input_contents"
+            )
+        self.left -= count
 
 
 class BytesBudget:

@@ -9,7 +9,7 @@ import numpy as np
 
 from server.bytes_codec import bytes_from_contents, deserialize_bytes, object_array, serialize_bytes
 from server.errors import InvalidInput
-from server.request_limits import DEFAULT_LIMITS, BytesBudget, RequestLimits, declared_count, shape_text, shown
+from server.request_limits import DEFAULT_LIMITS, BytesBudget, RequestLimits, TypedBudget, declared_count, shape_text, shown
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,7 @@ def decode_request(request, signature: Signature, limits: RequestLimits = DEFAUL
             f"{signature.label}: {len(raw)} raw_input_contents for {len(inputs)} inputs; expected one per input"
         )
     specs, max_batch = signature.input_specs, signature.max_batch_size
-    budget = BytesBudget(limits)
+    budget, typed = BytesBudget(limits), TypedBudget(limits)
     feeds: dict[str, np.ndarray] = {}
     for index, tensor in enumerate(inputs):
         name = tensor.name
@@ -131,6 +131,8 @@ def decode_request(request, signature: Signature, limits: RequestLimits = DEFAUL
         if datatype.numpy is None:
             budget.spend(count, _where(signature, name))
         if not raw:
+            if datatype.numpy is not None:
+                typed.spend(count, _where(signature, name))
             feeds[name] = from_contents(tensor.contents, datatype, shape, _where(signature, name))
             continue
         if tensor.HasField("contents") and tensor.contents.ListFields():
