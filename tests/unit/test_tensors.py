@@ -10,7 +10,8 @@ import pytest
 from server import protocol
 from server.bytes_codec import CHUNK, bytes_from_contents, object_array
 from server.errors import InvalidInput
-from server.grpc_codec import MAX_FIELDS, _varint, decode_weight, parse_on_loop, parse_request, request_head, response_bytes
+from server.wire_walk import MAX_FIELDS
+from server.grpc_codec import _varint, decode_weight, parse_on_loop, parse_request, request_head, response_bytes
 from server.request_limits import OFFLOAD_BYTES, RequestLimits, encode_weight
 from server.tensors import DATATYPES, Signature, TensorSpec, decode_request, deserialize_bytes, serialize_bytes
 
