@@ -63,7 +63,7 @@ async def serve(settings: ServerSettings) -> int:
     )
     repository = ModelRepository(
         settings.model_repository, settings.default_max_batch_size, bus, gpu, settings.model_load_timeout_secs,
-        settings.default_max_queue_size,
+        settings.default_max_queue_size, names_in_errors=not settings.api_keys,
     )  # fmt: skip
     control = RepositoryControl(repository, settings.model_control_mode)
     core = InferenceCore(repository, bus, ledger, settings.strict_readiness, auth, usage, RequestLimits.from_settings(settings))

@@ -135,7 +135,6 @@ class FixedBinding:
             value = ort.OrtValue.ortvalue_from_shape_and_type(spec.shape, DATATYPES[spec.datatype].numpy, kind, int(index or 0))
             self.binding.bind_ortvalue_output(spec.name, value)
             self.outputs[spec.name] = value
-        self.graph_id = graph_id
         self.run_options = None
         if graph_id is not None:
             self.run_options = ort.RunOptions()

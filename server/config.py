@@ -10,10 +10,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from server.config_checks import check_settings
+from server.config_checks import MIB, check_settings, flag
 from server.errors import ConfigError
 
-MIB = 1024 * 1024
 ENV_PREFIX = "ONNXSERVE_"
 
 
@@ -281,10 +280,6 @@ class ServerSettings:
         check_settings(self)  # server/config_checks.py: ConfigError naming the flag
 
 
-def _dashed(name: str) -> str:
-    return name.replace("_", "-")
-
-
 def _parse_bool(text: str) -> bool:
     lowered = text.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -313,7 +308,7 @@ def parse_server_settings(argv: Sequence[str], environ: Mapping[str, str] = os.e
         env_name = ENV_PREFIX + spec.name.upper()
         repeated = spec.name in _REPEATED
         parser.add_argument(
-            f"--{_dashed(spec.name)}",
+            flag(spec.name),
             dest=spec.name,
             type=str if repeated else _PARSERS[spec.type],
             action="append" if repeated else "store",
@@ -342,7 +337,7 @@ def parse_server_settings(argv: Sequence[str], environ: Mapping[str, str] = os.e
 def _repeated(name: str, flags: list[str] | None, environ: Mapping[str, str]) -> tuple:
     parse, separator = _REPEATED[name]
     if flags is not None:
-        return tuple(parse(text, "flag", f"--{_dashed(name)}") for text in flags)
+        return tuple(parse(text, "flag", flag(name)) for text in flags)
     env_name = ENV_PREFIX + name.upper()
     items = [item for item in environ.get(env_name, "").split(separator) if item.strip()]
     return tuple(parse(item, "env", env_name) for item in items)

@@ -137,7 +137,7 @@ def _check_tls(settings: "ServerSettings", transport: str) -> None:
     use = getattr(settings, f"{transport}_use_ssl") or getattr(settings, f"{transport}_use_ssl_mutual", False)
     needed = ["server_cert", "server_key"] + (["root_cert"] if getattr(settings, f"{transport}_use_ssl_mutual", False) else [])
     for name in needed if use else ():
-        option, path = f"--{transport}-{name.replace('_', '-')}", getattr(settings, f"{transport}_{name}")
+        option, path = flag(f"{transport}_{name}"), getattr(settings, f"{transport}_{name}")
         if not path:
             raise ConfigError(f"{option}: needed by --{transport}-use-ssl{'-mutual' if name == 'root_cert' else ''}")
         if not os.access(path, os.R_OK) or not os.path.isfile(path):

@@ -45,9 +45,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     its listener's open connections. asyncio calls connection_made with the TCP connection; under
     TLS the handshake follows, then connection_ready starts uvicorn's protocol."""
 
-    def __init__(self, config, server_state, app_state, _loop=None, listener: Listener | None = None) -> None:
+    def __init__(self, config, server_state, app_state, _loop=None, *, listener: Listener) -> None:
         super().__init__(config, server_state, app_state, _loop)
-        self.listener = listener if listener is not None else Listener("http", HttpLimits())
+        self.listener = listener
         self.limits = self.listener.limits
         self._admitted = False
         self._socket: asyncio.Transport | None = None  # the TCP connection (under TLS, beneath self.transport)

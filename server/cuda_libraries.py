@@ -40,7 +40,8 @@ def preload() -> list[str]:
         return []
     messages = _preload_dlls()
     if messages:  # onnxruntime looks beside itself only: NVIDIA's wheels may sit in another site folder
-        messages = _preload_from_nvidia_folders() or messages
+        if (retried := _preload_from_nvidia_folders()) is not None:  # [] when they loaded from there
+            messages = retried
     return messages + _check_cudnn() + _preload_tensorrt()
 
 

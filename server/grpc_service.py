@@ -59,7 +59,7 @@ class _Stream:
 
     answers: collections.deque = field(default_factory=collections.deque)  # None ends the stream
     wakeup: asyncio.Future | None = None  # while the writer waits for the next answer
-    queued: dict = field(default_factory=dict)  # QueuedRequest -> (Call, its ModelInferRequest)
+    queued: dict = field(default_factory=dict)  # QueuedRequest -> (Call, its encoding task or None)
     idle: asyncio.Future | None = None  # resolved once the last request read is answered
     roomy: asyncio.Future | None = None  # while the reader waits for the window to open
     unsent: int = 0  # bytes of the answers waiting to be sent
@@ -284,7 +284,7 @@ class InferenceService:
 
     async def _stream_encoded(self, head: RequestHead, call: Call, stream: "_Stream", item, outputs, said) -> None:
         try:
-            answer = await self.core.offload.run(response_weight(outputs), response_bytes, call.model, head.id, outputs, said, True)
+            answer = await self.core.offload.in_thread(response_bytes, call.model, head.id, outputs, said, True)  # weighed already
         except Exception:
             self._stream_failed(head, call, stream)
         else:

@@ -10,7 +10,7 @@ import numpy as np
 import orjson
 
 from server.errors import InvalidInput
-from server.request_limits import DEFAULT_LIMITS, MAX_REQUEST_RANK, BytesBudget, RequestLimits, declared_count, shape_text, shown
+from server.request_limits import DEFAULT_LIMITS, MAX_REQUEST_RANK, ElementBudget, RequestLimits, bytes_budget, declared_count, shape_text, shown
 from server.tensors import (
     DecodedRequest,
     Signature,
@@ -90,7 +90,7 @@ def decode_infer(
     if not isinstance(inputs, list) or not inputs:
         raise InvalidInput(f"{signature.label}: the request has no 'inputs' list")
     feeds: dict[str, np.ndarray] = {}
-    offset, budget = 0, BytesBudget(limits)
+    offset, budget = 0, bytes_budget(limits)
     for index, tensor in enumerate(inputs):
         if not isinstance(tensor, dict):
             raise InvalidInput(f"{signature.label}: inputs[{index}] is not an object")
@@ -112,7 +112,7 @@ def decode_infer(
 
 
 def _input(
-    tensor: dict, index: int, binary: memoryview, offset: int, signature: Signature, budget: BytesBudget
+    tensor: dict, index: int, binary: memoryview, offset: int, signature: Signature, budget: ElementBudget
 ) -> tuple[str, np.ndarray, int]:
     """(name, array, binary bytes used) of one input."""
     name, shape, wire = tensor.get("name"), tensor.get("shape"), tensor.get("datatype")
@@ -144,7 +144,7 @@ def _input(
     if offset + size > len(binary):
         raise InvalidInput(f"{where}: binary_data_size {size} runs past the body ({len(binary) - offset} binary bytes left)")
     chunk = binary[offset : offset + size]
-    return name, from_raw(chunk if datatype.numpy is not None else chunk.tobytes(), datatype, shape, where), size
+    return name, from_raw(chunk, datatype, shape, where), size
 
 
 def from_json(data, datatype, shape: tuple[int, ...], where: str) -> np.ndarray:

@@ -66,14 +66,10 @@ class InferenceCore:
         auth: Authenticator,
         usage: UsageLog | None = None,
         limits: RequestLimits = DEFAULT_LIMITS,
-        offload: Offload | None = None,
     ) -> None:
         self.repository = repository
         # What the transports' codecs check and where they decode and encode big tensors.
-        self.limits, self.offload = limits, offload or Offload()
-        # With keys, a NOT_FOUND names no model the caller did not name: a key of one tenant must not
-        # learn every model's name by asking for a wrong one. Without keys, Triton's helpful list.
-        repository.names_in_errors = auth.keys is None
+        self.limits, self.offload = limits, Offload()
         self.bus = bus
         self.ledger = ledger
         self.strict_readiness = strict_readiness

@@ -17,13 +17,13 @@ DROP_REASONS = ("timeout", "headers_too_large", "url_too_long")
 
 @dataclass(frozen=True, slots=True)
 class HttpLimits:
-    """One HTTP listener's bounds; the defaults are ServerSettings' (--http-max-header-bytes, ...)."""
+    """One HTTP listener's bounds, from ServerSettings (--http-max-header-bytes, ...)."""
 
-    max_header_bytes: int = 64 * 1024  # request line and headers together
-    max_url_bytes: int = 8 * 1024  # path and query
-    header_timeout: float = 10.0  # from the connection's start, or a kept-alive request's first byte
-    body_timeout: float = 30.0  # from the end of the headers, plus a second per MiB received
-    max_connections: int = 1000
+    max_header_bytes: int  # request line and headers together
+    max_url_bytes: int  # path and query
+    header_timeout: float  # from the connection's start, or a kept-alive request's first byte
+    body_timeout: float  # from the end of the headers, plus a second per MiB received
+    max_connections: int
 
 
 def http_limits(settings: ServerSettings, listener: str) -> HttpLimits:

@@ -157,7 +157,7 @@ class LoadDeadline:
             then, self._then = (self._then, []) if abandoned else ([], self._then)
         if not abandoned:
             try:
-                loop.call_soon_threadsafe(_settle, done, *outcome)
+                loop.call_soon_threadsafe(settle, done, *outcome)
             except RuntimeError:  # the loop is closed: the server stopped while this step ran
                 abandoned = True
         if abandoned:
@@ -178,7 +178,8 @@ class LoadDeadline:
                  f"{type(error).__name__}" if error is not None else "it finished")  # fmt: skip
 
 
-def _settle(future: asyncio.Future, result, error: BaseException | None) -> None:
+def settle(future: asyncio.Future, result, error: BaseException | None) -> None:
+    """A future set from another thread (through call_soon_threadsafe), unless it is done already."""
     if future.done():
         return
     if error is not None:

@@ -274,7 +274,7 @@ class GpuReader:
         return cls(nvml, {device.name: device.handle for device in devices}, memory)
 
     def names(self) -> dict[str, str]:
-        return {device: _text(self._nvml.nvmlDeviceGetName(handle)) for device, handle in self.handles.items()}
+        return {device: nvml_devices.text(self._nvml.nvmlDeviceGetName(handle)) for device, handle in self.handles.items()}
 
     def energy_meter(self, device: str) -> Callable[[], float] | None:
         """Joules since the driver loaded, or None where the GPU does not count energy."""
@@ -332,10 +332,6 @@ class GpuCollector(Collector):
                     family.add_metric((device,), values[key])
             if family.samples:
                 yield family
-
-
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def serve_metrics(

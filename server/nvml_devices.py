@@ -132,7 +132,7 @@ def gpu_names(nvml=None, environ: Mapping[str, str] | None = None) -> list[str]:
     try:
         with session(nvml) as started:
             devices = cuda_devices(started, os.environ if environ is None else environ)
-            return [_text(started.nvmlDeviceGetName(d.handle if d.instance is None else d.instance)) for d in devices]
+            return [text(started.nvmlDeviceGetName(d.handle if d.instance is None else d.instance)) for d in devices]
     except NvmlUnavailable as err:
         log.debug("NVML unavailable: %s", err)
         return []
@@ -170,7 +170,7 @@ def _reading(nvml, device: NvmlDevice) -> dict:
     millijoules = probe(nvml.nvmlDeviceGetTotalEnergyConsumption, device.handle)
     return {
         "device": device.name,
-        "name": _text(nvml.nvmlDeviceGetName(device.handle)),
+        "name": text(nvml.nvmlDeviceGetName(device.handle)),
         "uuid": device.uuid,
         "mig": device.mig,
         "memory_used": None if memory is None else float(memory.used),
@@ -186,8 +186,8 @@ def _physical_boards(nvml) -> list[_Board]:
     for index in range(nvml.nvmlDeviceGetCount()):
         handle = nvml.nvmlDeviceGetHandleByIndex(index)
         # NVML writes every bus id as fixed-width upper-case hex ("00000000:3B:00.0"), so text order is bus order
-        bus_id = _text(nvml.nvmlDeviceGetPciInfo(handle).busId).upper()
-        boards.append(_Board(handle, _text(nvml.nvmlDeviceGetUUID(handle)), bus_id))
+        bus_id = text(nvml.nvmlDeviceGetPciInfo(handle).busId).upper()
+        boards.append(_Board(handle, text(nvml.nvmlDeviceGetUUID(handle)), bus_id))
     return sorted(boards, key=lambda board: board.bus_id)
 
 
@@ -223,7 +223,7 @@ def _mig_device(nvml, boards: list[_Board], entry: str, name: str) -> NvmlDevice
     try:
         instance = nvml.nvmlDeviceGetHandleByUUID(entry)
         board = nvml.nvmlDeviceGetDeviceHandleFromMigDeviceHandle(instance)
-        board_uuid = _text(nvml.nvmlDeviceGetUUID(board))
+        board_uuid = text(nvml.nvmlDeviceGetUUID(board))
     except nvml.NVMLError as err:  # no such instance (destroyed, or a typo): CUDA finds it invalid too
         log.debug("%s=%s: %s", VISIBLE_VARIABLE, entry, err)
         return None
@@ -262,5 +262,6 @@ def _warn_once(message: str) -> None:
     log.warning("%s", message)
 
 
-def _text(value) -> str:
+def text(value) -> str:
+    """What NVML returns as a name or id: bytes from older bindings, str from newer ones."""
     return value.decode() if isinstance(value, bytes) else value

@@ -82,9 +82,9 @@ def open_session(model_path: Path, options: ort.SessionOptions, placement: Place
     asked, placement = placement, loadable(placement, label)
     try:
         session = _session(model_path, options, placement)
-    except Exception as err:
+    except ConfigError as err:  # _session's words: "onnxruntime cannot load the model: ..."
         if placement.providers[0][0] != TENSORRT:
-            raise ConfigError(f"{model_path}: onnxruntime cannot load the model: {err}") from None
+            raise
         placement = _without_tensorrt(placement, label, f"onnxruntime refused it: {err}")
         session = _session(model_path, options, placement)
     return session, verify(session, placement, asked, label, policy)

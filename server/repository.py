@@ -28,7 +28,7 @@ NOT_LOADED = "not loaded"
 # At shutdown, past the exit timeout: how long loads given up and batchers draining still get. A
 # given-up load fails at once (its loop side stops waiting), so this is slack, not work.
 GIVE_UP_SECONDS = 1.0
-NAME_MAX = 255  # bytes in a file name (Linux): a model's name is its directory's
+NAME_MAX = overrides.NAME_MAX  # a model's name is its directory's
 
 
 def model_name_problem(name: str) -> str:
@@ -75,7 +75,7 @@ class ModelEntry:
 
 class ModelRepository:
     def __init__(self, root: Path, default_max_batch_size: int, bus: EventBus, gpu: GpuPolicy = GpuPolicy(),
-                 load_timeout_secs: float = 1800.0, default_max_queue_size: int = 0) -> None:  # fmt: skip
+                 load_timeout_secs: float = 1800.0, default_max_queue_size: int = 0, names_in_errors: bool = True) -> None:  # fmt: skip
         self.root = root
         self.default_max_batch_size = default_max_batch_size
         self.default_max_queue_size = default_max_queue_size  # for configs that leave the queue unbounded
@@ -85,8 +85,8 @@ class ModelRepository:
         self.models: dict[str, ModelEntry] = {}
         self.loaded = False  # the start-up loads are done
         # NOT_FOUND lists the loaded models (or a model's versions), as Triton's does; off with
-        # --api-keys, so that an error tells a caller no names it did not give (InferenceCore sets it).
-        self.names_in_errors = True
+        # --api-keys: a key of one tenant must not learn every model's name by asking for a wrong one.
+        self.names_in_errors = names_in_errors
         self._changes: set[asyncio.Task] = set()  # loads and unloads under way
 
     # --- lookups ------------------------------------------------------------------------------
@@ -346,10 +346,10 @@ def _chosen_versions(settings: ModelSettings, model_dir: Path) -> list[str]:
     chosen = settings.version_policy.select(available)
     if not chosen:
         found = sorted(available)
-        shown = found if len(found) <= 20 else [*found[:10], "...", *found[-10:]]
+        listed = found if len(found) <= 20 else [*found[:10], "...", *found[-10:]]
         raise ConfigError(
             f"{model_dir}: no version directory matches the version policy "
-            f"({settings.version_policy.kind}); found {shown}"
+            f"({settings.version_policy.kind}); found {listed}"
         )
     field_name = f"version_policy {settings.version_policy.kind} (versions chosen)"
     at_most(len(chosen), MAX_VERSIONS, settings.source, field_name)

@@ -88,36 +88,32 @@ class RequestLimits:
 DEFAULT_LIMITS = RequestLimits()
 
 
-class TypedBudget:
-    """The typed numeric values one gRPC request may still carry, spent input by input before any
-    is converted (a big message's were counted on the wire already, before protobuf parsed them)."""
+class ElementBudget:
+    """Elements of one kind that one request may still carry, spent input by input before any is
+    built: BYTES elements (bytes_budget) and gRPC typed numeric values (typed_budget)."""
 
-    def __init__(self, limits: RequestLimits) -> None:
-        self.left, self.most = limits.max_typed_elements, limits.max_typed_elements
-
-    def spend(self, count: int, where: str) -> None:
-        if count > self.left:
-            raise InvalidInput(
-                f"{where}: the request has {self.most - self.left + count} typed values; at most {self.most} per request "
-                "(--max-typed-elements): send big tensors as raw_input_contents"
-            )
-        self.left -= count
-
-
-class BytesBudget:
-    """The BYTES elements one request may still declare, spent input by input before any is parsed."""
-
-    def __init__(self, limits: RequestLimits) -> None:
-        self.left, self.limits = limits.max_bytes_elements, limits
+    def __init__(self, most: int, refusal: str) -> None:
+        self.left, self.most, self.refusal = most, most, refusal  # refusal: a format of total and most
 
     def spend(self, count: int, where: str) -> None:
         if count > self.left:
-            total = self.limits.max_bytes_elements - self.left + count
-            raise InvalidInput(
-                f"{where}: the request declares {total} BYTES elements; at most {self.limits.max_bytes_elements} "
-                "per request (--max-bytes-elements)"
-            )
+            raise InvalidInput(f"{where}: " + self.refusal.format(total=self.most - self.left + count, most=self.most))
         self.left -= count
+
+
+def bytes_budget(limits: RequestLimits) -> ElementBudget:
+    return ElementBudget(
+        limits.max_bytes_elements, "the request declares {total} BYTES elements; at most {most} per request (--max-bytes-elements)"
+    )
+
+
+def typed_budget(limits: RequestLimits) -> ElementBudget:
+    """A big message's typed values were counted on the wire already, before protobuf parsed them."""
+    return ElementBudget(
+        limits.max_typed_elements,
+        "the request has {total} typed values; at most {most} per request (--max-typed-elements): "
+        "send big tensors as raw_input_contents",
+    )
 
 
 def declared_count(shape: tuple[int, ...], where: str) -> int:

@@ -363,14 +363,24 @@ def calibrated_bytes(inputs: tuple[TensorSpec, ...], choice: calibration.Choice)
     """The input bytes (strings count none) of the batch whose run calibration timed: batches no
     bigger may run on the loop before any is measured (RunPeak)."""
     batch = next((b for _, _, b, seconds in reversed(choice.timings) if seconds == choice.run_seconds), 1)
-    return sum(zeros(spec, batch, CALIBRATION_DIM).nbytes for spec in inputs if spec.datatype != "BYTES")
+    return sum(
+        math.prod(_shape(spec, batch, CALIBRATION_DIM)) * np.dtype(DATATYPES[spec.datatype].numpy).itemsize
+        for spec in inputs
+        if spec.datatype != "BYTES"
+    )
+
+
+def _shape(spec: TensorSpec, batch: int, variable: int) -> tuple[int, ...]:
+    """The spec's shape: a variable first dimension is `batch`, the other variable ones `variable`."""
+    shape = [variable if dim == -1 else dim for dim in spec.shape]
+    if spec.shape and spec.shape[0] == -1:
+        shape[0] = batch
+    return tuple(shape)
 
 
 def zeros(spec: TensorSpec, batch: int = 1, variable: int = 1) -> np.ndarray:
     """Zeros of the spec's shape: a variable first dimension is `batch`, the other variable ones `variable`."""
-    shape = [variable if dim == -1 else dim for dim in spec.shape]
-    if spec.shape and spec.shape[0] == -1:
-        shape[0] = batch
+    shape = _shape(spec, batch, variable)
     if spec.datatype == "BYTES":
-        return np.full(tuple(shape), "", dtype=object)
-    return np.zeros(tuple(shape), dtype=DATATYPES[spec.datatype].numpy)
+        return np.full(shape, "", dtype=object)
+    return np.zeros(shape, dtype=DATATYPES[spec.datatype].numpy)

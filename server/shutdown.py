@@ -24,6 +24,7 @@ from grpc_health.v1 import health
 
 from server.energy import SampledMeters
 from server.inference import InferenceCore
+from server.load_deadline import settle
 from server.metrics import GpuReader
 from server.metrics_server import MetricsServer
 from server.repository import ModelRepository
@@ -104,18 +105,9 @@ def _close_monitoring(serving: Serving, loop: asyncio.AbstractEventLoop, closed:
     except Exception as err:  # noqa: BLE001 - handed to the stop, which raises it
         error = err
     try:
-        loop.call_soon_threadsafe(_settle, closed, error)
+        loop.call_soon_threadsafe(settle, closed, None, error)
     except RuntimeError:  # the loop is closed: the stop gave up waiting and returned
         log.debug("closing /metrics and NVML ended after the stop")
-
-
-def _settle(future: asyncio.Future, error: Exception | None) -> None:
-    if future.done():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(None)
 
 
 def exit_code(still_running: list[str], lost: int) -> int:

@@ -9,7 +9,7 @@ import numpy as np
 
 from server.bytes_codec import bytes_from_contents, deserialize_bytes, object_array, serialize_bytes
 from server.errors import InvalidInput
-from server.request_limits import DEFAULT_LIMITS, BytesBudget, RequestLimits, TypedBudget, declared_count, shape_text, shown
+from server.request_limits import DEFAULT_LIMITS, RequestLimits, bytes_budget, declared_count, shape_text, shown, typed_budget
 
 
 @dataclass(frozen=True)
@@ -112,36 +112,36 @@ def decode_request(request, signature: Signature, limits: RequestLimits = DEFAUL
             f"{signature.label}: {len(raw)} raw_input_contents for {len(inputs)} inputs; expected one per input"
         )
     specs, max_batch = signature.input_specs, signature.max_batch_size
-    budget, typed = BytesBudget(limits), TypedBudget(limits)
+    budget, typed = bytes_budget(limits), typed_budget(limits)
     feeds: dict[str, np.ndarray] = {}
     for index, tensor in enumerate(inputs):
         name = tensor.name
         spec = specs.get(name) or signature.input(name)  # input() raises, naming the model's inputs
         if name in feeds:
             raise InvalidInput(f"{signature.label}: input '{name}' appears twice")
+        where = _where(signature, name)
         if len(tensor.shape) != len(spec.shape):  # before a shape of a million dims becomes a tuple
-            check_shape(tensor.shape, spec, signature, _where(signature, name))
+            check_shape(tensor.shape, spec, signature, where)
         shape = tuple(tensor.shape)
         datatype = DATATYPES.get(tensor.datatype)
         if datatype is None or tensor.datatype != spec.datatype or not _fits(shape, spec.shape, max_batch):
-            where = _where(signature, name)
             datatype = checked_datatype(tensor.datatype, spec, where)
             check_shape(shape, spec, signature, where)
-        count = declared_count(shape, _where(signature, name))
+        count = declared_count(shape, where)
         if datatype.numpy is None:
-            budget.spend(count, _where(signature, name))
+            budget.spend(count, where)
         if not raw:
             if datatype.numpy is not None:
-                typed.spend(count, _where(signature, name))
-            feeds[name] = from_contents(tensor.contents, datatype, shape, _where(signature, name))
+                typed.spend(count, where)
+            feeds[name] = from_contents(tensor.contents, datatype, shape, where)
             continue
         if tensor.HasField("contents") and tensor.contents.ListFields():
-            raise InvalidInput(f"{_where(signature, name)}: has typed contents while the request uses raw_input_contents; use one")
+            raise InvalidInput(f"{where}: has typed contents while the request uses raw_input_contents; use one")
         buffer = raw[index]
         if datatype.numpy is not None and len(buffer) == count * datatype.numpy.itemsize:
             feeds[name] = np.frombuffer(buffer, dtype=datatype.numpy).reshape(shape)
         else:  # BYTES, or a size that does not match: from_raw says how
-            feeds[name] = from_raw(buffer, datatype, shape, _where(signature, name))
+            feeds[name] = from_raw(buffer, datatype, shape, where)
     if len(feeds) != len(specs):
         missing = [s.name for s in signature.inputs if s.name not in feeds]
         raise InvalidInput(f"{signature.label}: missing inputs {missing}; the model needs {Signature._names(signature.inputs)}")
@@ -222,7 +222,7 @@ def batch_rows(feeds: dict[str, np.ndarray], signature: Signature) -> int:
 
 def from_raw(buffer: bytes, datatype: Datatype, shape: tuple[int, ...], where: str) -> np.ndarray:
     """A checked shape's tensor from raw contents. BYTES elements must have been counted against
-    RequestLimits.max_bytes_elements (a BytesBudget) before: this builds them."""
+    RequestLimits.max_bytes_elements (a bytes_budget) before: this builds them."""
     count = declared_count(shape, where)
     if datatype.numpy is None:
         return object_array(deserialize_bytes(buffer, count, where), shape)

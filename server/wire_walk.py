@@ -65,7 +65,6 @@ class Walk:
 
     def __init__(self, data: bytes, budget: int) -> None:
         self.data, self.left = data, budget
-        self.contents: list[tuple[int, int]] = []  # each input's typed contents, as (start, end) in data
         self.model = (0, 0)  # the model name, as (start, end) in data
         # each input's typed contents: its name, datatype and declared element count, and the
         # contents' (start, end) in data
@@ -113,7 +112,6 @@ class Walk:
                 datatype = (value_start, value_end)
             if dims + -(-packed // 10) > MAX_REQUEST_RANK:  # a packed dim takes 1 to 10 bytes
                 raise InvalidInput(f"an input's shape has more than {MAX_REQUEST_RANK} dims; models have at most {MAX_REQUEST_RANK}")
-        self.contents += contents
         if contents:
             declared = 1  # the rank is bounded now: the dims can be read
             for dim in (dim for span in shape for dim in _varints(self.data, *span)):
@@ -124,10 +122,10 @@ class Walk:
         """Refuse more than `most` bytes_contents entries in all the inputs together. Each entry's
         tag is a 0x42 byte, so their count is at most the 0x42 bytes in the contents, counted at C
         speed; only when that bound is past `most` are the entries counted one by one."""
-        if sum(self.data.count(BYTES_CONTENTS_TAG, start, end) for start, end in self.contents) <= most:
+        if sum(self.data.count(BYTES_CONTENTS_TAG, start, end) for *_, (start, end) in self.typed) <= most:
             return
         count = 0
-        for start, end in self.contents:
+        for *_, (start, end) in self.typed:
             count += self._bytes_entries(start, end, most - count)
             if count > most:
                 raise InvalidInput(

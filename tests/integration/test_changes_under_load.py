@@ -3,11 +3,9 @@ version), unloads and poll mode drop no accepted request and never answer one wi
 wrong model's data; sessions do not leak; cost stays conserved."""
 
 import asyncio
-import os
 import shutil
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +15,7 @@ from tritonclient.utils import InferenceServerException
 from tests import onnx_models
 from tests.conftest import wait_until
 from tests.integration.test_model_control import EXPLICIT, answer, index, refused
+from tests.prober import open_fds as open_files, resident_bytes
 
 CALLERS = 64
 PRICE_PER_HOUR = 36.0
@@ -71,17 +70,6 @@ class Callers:
             if not np.array_equal(result.as_numpy("y"), x + float(version)):
                 self.wrong.append(f"caller {caller} request {sent}: version {version} answered {result.as_numpy('y')}")
             self.answers[version] = self.answers.get(version, 0) + 1
-
-
-def open_files(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def resident_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
 
 
 def test_reloads_under_load_drop_nothing_and_mix_nothing(tmp_path, serve):

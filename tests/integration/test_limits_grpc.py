@@ -38,14 +38,10 @@ def prober(server: ServerProcess):
     return probing(server.url, server.http_url, MODEL)
 
 
-def grpc_port(server: ServerProcess) -> int:
-    return int(server.url.rpartition(":")[2])
-
-
 def test_grpc_closes_silent_and_idle_connections(server):
     with prober(server) as probe:
-        silent = connect(grpc_port(server))  # never says HTTP/2
-        idle = connect(grpc_port(server))
+        silent = connect(server.grpc_port)  # never says HTTP/2
+        idle = connect(server.grpc_port)
         idle[0].sendall(PREFACE)  # says HTTP/2, then makes no call
         try:
             closed = close_times(silent + idle, GRPC_TIMEOUT + 3)
@@ -57,7 +53,7 @@ def test_grpc_closes_silent_and_idle_connections(server):
 
 def test_grpc_connections_beyond_the_cap_are_closed_at_once(server):
     with prober(server) as probe:
-        attackers = connect(grpc_port(server), GRPC_CAP + 10)
+        attackers = connect(server.grpc_port, GRPC_CAP + 10)
         try:
             for sock in attackers:
                 sock.sendall(PREFACE)
@@ -103,7 +99,7 @@ def test_huge_grpc_metadata_is_refused_before_it_is_read(server):
     """grpc's own default (16 KiB of metadata at most), checked: a 16 MiB header value, sent raw in
     16 KiB CONTINUATION frames, is answered RESOURCE_EXHAUSTED long before its end."""
     with prober(server) as probe:
-        (sent, received), cpu = cpu_beyond_baseline(server.process.pid, lambda: send_huge_metadata(grpc_port(server), 16 * MIB))
+        (sent, received), cpu = cpu_beyond_baseline(server.process.pid, lambda: send_huge_metadata(server.grpc_port, 16 * MIB))
     assert sent < 8 * MIB and {1, 3} & set(frames(received)), (sent, frames(received))
     assert cpu < 0.5, f"server CPU {cpu:+.2f} s beyond the prober's"
     assert_unharmed(probe)

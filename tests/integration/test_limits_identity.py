@@ -3,9 +3,7 @@ gRPC and REST, an API key revoked while its stream is open, model names that can
 lines, and what NOT_FOUND and per-model readiness tell a caller without a key. Real servers, real
 clients (tritonclient, urllib)."""
 
-import hashlib
 import json
-import os
 import ssl
 import time
 import urllib.error
@@ -21,9 +19,10 @@ from tritonclient.utils import InferenceServerException
 from tests import onnx_models
 from tests.certificates import make_certificates, make_leaf
 from tests.conftest import wait_until
+from tests.integration.test_tenants import INFER_BODY, bearer, write_keys
+from tests.integration.test_tenants import refused_status as refused
 
 X = np.arange(8, dtype=np.float32).reshape(2, 4)
-INFER_BODY = json.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}).encode()
 # More than NAME_MAX (255) bytes; a newline that would start a forged log line; a NUL that ends a C
 # string; a Unicode line separator, which some log viewers break lines at too.
 BAD_NAMES = ("m" * 300, "plus\nINJECTED model line", "plus\x00nul", "plus\u2028INJECTED")
@@ -36,28 +35,10 @@ def repository(tmp_path_factory) -> Path:
     return root
 
 
-def write_keys(path: Path, keys: dict[str, str], **extra) -> Path:
-    entries = [{"sha256": hashlib.sha256(key.encode()).hexdigest(), "tenant": tenant} for key, tenant in keys.items()]
-    staged = path.with_name(path.name + ".new")
-    staged.write_text(json.dumps({"keys": entries, **extra}))
-    os.replace(staged, path)  # as an operator would: never a half-written file
-    return path
-
-
-def bearer(key: str) -> dict[str, str]:
-    return {"authorization": f"Bearer {key}"}
-
-
 def tensor() -> grpcclient.InferInput:
     given = grpcclient.InferInput("x", list(X.shape), "FP32")
     given.set_data_from_numpy(X)
     return given
-
-
-def refused(call) -> tuple[str, str]:
-    with pytest.raises(InferenceServerException) as raised:
-        call()
-    return str(raised.value.status()), raised.value.message()
 
 
 def rest(base: str, path: str, headers: dict | None = None, body: bytes | None = None, context=None):
