@@ -20,7 +20,7 @@ import numpy as np
 import onnxruntime as ort
 
 from server import protocol
-from server.runtime import graph_specs
+from server.engine.runtime import graph_specs
 from server.tensors import DATATYPES
 
 READY = "echo ready on port"

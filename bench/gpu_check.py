@@ -6,10 +6,10 @@ on the CPU (`--cpu`, which CI runs):
     python -m bench.gpu_check --cpu --quick --out /tmp/check   # the plumbing, on any machine
 
 Steps, in order, each with a time limit (seconds), on ResNet-50 (with --cpu: the mlp):
-- environment (60): onnxruntime's version and providers, server.gpu_report's report;
+- environment (60): onnxruntime's version and providers, server.tools.gpu_report's report;
 - providers (240): starts one onnxserve (gRPC only) with the models, and records the provider and
   the provider options each model really runs with (ModelConfig's parameters);
-- io_binding (90): onnxserve's bound run (server/binding.py) equals session.run; device memory
+- io_binding (90): onnxserve's bound run (server/engine/binding.py) equals session.run; device memory
   (NVML) stays flat over hundreds of bound runs;
 - serving (150): raw onnxruntime in this process, opened with exactly the server's providers and
   options, against onnxserve through the load generator at concurrency 1 and 16;
@@ -55,8 +55,8 @@ from typing import Callable
 
 from bench import gpu_restarts, gpu_steps
 from bench.gpu_steps import Context, Failed, Plan, Skip
-from server import gpu_report
-from server.placement import visible_gpus
+from server.tools import gpu_report
+from server.engine.placement import visible_gpus
 
 CUT_EXIT = 3  # --exit-after: the status of a run cut off on purpose
 

@@ -15,7 +15,7 @@ import numpy as np
 import onnxruntime as ort
 
 from bench.run import raw_feeds
-from server.placement import CPU
+from server.engine.placement import CPU
 
 # Served and raw answers are compared within these: TF32 and a kernel chosen per shape (a padded
 # batch of 4 rows against 3 raw rows) move results by about 1e-3; a replayed graph reading a stale
@@ -28,7 +28,8 @@ def preload_cuda() -> tuple[str, ...]:
     """What the server does before its first CUDA session, done once in this process: CUDA numbers
     GPUs in NVML's order (read once, when CUDA starts), and NVIDIA's pip-installed libraries are
     loaded where onnxruntime's providers find them. What could not be loaded, and any warning."""
-    from server import cuda_libraries, nvml_devices
+    from server.engine import cuda_libraries
+    from server.observe import nvml_devices
 
     order = nvml_devices.pin_cuda_order(os.environ)
     return tuple(([order] if order else []) + list(cuda_libraries.preload()))
@@ -37,7 +38,7 @@ def preload_cuda() -> tuple[str, ...]:
 def device_reading(device: str = "cuda:0") -> dict:
     """{"memory_used": bytes, "energy_joules": joules} of one CUDA device; each None where NVML
     cannot say (no GPU, no driver, a GPU without the counter)."""
-    from server import nvml_devices
+    from server.observe import nvml_devices
 
     found = nvml_devices.read(device) or {}
     return {"memory_used": found.get("memory_used"), "energy_joules": found.get("energy_joules")}
@@ -45,7 +46,7 @@ def device_reading(device: str = "cuda:0") -> dict:
 
 def gpu_names() -> list[str]:
     """The name of each GPU CUDA sees, in CUDA's order; empty without NVML."""
-    from server import nvml_devices
+    from server.observe import nvml_devices
 
     return nvml_devices.gpu_names()
 
@@ -67,7 +68,7 @@ def without_option(providers: list, option: str) -> list:
 
 
 def session_options(parameters: dict[str, str]) -> ort.SessionOptions:
-    """server/runtime.py's session options, from the values ModelConfig reports in force."""
+    """server/engine/runtime.py's session options, from the values ModelConfig reports in force."""
     options = ort.SessionOptions()
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.intra_op_num_threads = int(parameters.get("intra_op_thread_count") or 0)

@@ -15,8 +15,8 @@ from bench.gpu_steps import GRPC_ONLY, ON_GPU, Context, Failed, Skip, rows, writ
 from bench.grpc_client import Client
 from bench.run import Running, Workload, loadgen
 from bench.serving import start_server
-from server import gpu_report
-from server.placement import PROVIDER_LIBRARIES, TENSORRT
+from server.tools import gpu_report
+from server.engine.placement import PROVIDER_LIBRARIES, TENSORRT
 
 
 def tensorrt_config(rows: int) -> str:

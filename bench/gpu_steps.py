@@ -21,9 +21,9 @@ from bench import gpu_raw, make_models
 from bench.grpc_client import Client
 from bench.run import Running, Workload, loadgen, raw_feeds
 from bench.serving import ServerProcess, start_server
-from server import gpu_report
-from server.binding import FixedBinding, bound_run
-from server.placement import CPU, CUDA
+from server.tools import gpu_report
+from server.engine.binding import FixedBinding, bound_run
+from server.engine.placement import CPU, CUDA
 from server.tensors import DATATYPE_BY_ORT, TensorSpec
 
 GRPC_ONLY = ("--http-port", "-1")  # measured over gRPC; REST would need uvicorn in the server's environment
@@ -219,7 +219,7 @@ def providers(ctx: Context) -> dict:
 
 
 def io_binding(ctx: Context) -> dict:
-    """server/binding.py's bound_run equals session.run, and device memory stays flat over many runs."""
+    """server/engine/binding.py's bound_run equals session.run, and device memory stays flat over many runs."""
     model = ctx.plan.model
     parameters, listed, source = ctx.providers_of(model)
     session = ctx.raw(model, parameters, listed)

@@ -22,7 +22,7 @@ Prints throughput, p50/p90/p99 latency and errors; with `--metrics-url` (an onnx
 The request is serialized once and sent as bytes, so the generator spends its CPU on gRPC,
 not on protobuf: on a small machine it competes with the server, and it reports how much
 CPU it used so that the figures can be read with that in mind. The core (requests, loops,
-the report) is server/loadgen.py, which onnxserve-tune uses; this file adds REST and the CLI.
+the report) is server/tools/loadgen.py, which onnxserve-tune uses; this file adds REST and the CLI.
 """
 
 import argparse
@@ -36,7 +36,7 @@ from dataclasses import asdict
 import numpy as np
 
 from server import protocol
-from server.loadgen import (  # the core lives in the package, so onnxserve-tune has it installed
+from server.tools.loadgen import (  # the core lives in the package, so onnxserve-tune has it installed
     ARRIVALS,
     LoadError,
     Report,

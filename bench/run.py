@@ -38,7 +38,7 @@ import onnxruntime as ort
 
 from bench import echo, make_models
 from bench.peer_ready import free_port
-from server.runtime import cpu_cores
+from server.engine.runtime import cpu_cores
 from bench.serving import start_server
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.launcher import HTTP_LINE, LISTENING_LINE, NOT_READY_LINE, READY_LINE, Launched, launch
+from server.tools.launcher import HTTP_LINE, LISTENING_LINE, NOT_READY_LINE, READY_LINE, Launched, launch
 
 __all__ = [  # the log lines are re-exported for the tests
     "HTTP_LINE", "LISTENING_LINE", "NOT_READY_LINE", "READY_LINE", "ROOT", "Samples", "ServerProcess",

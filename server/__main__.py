@@ -5,17 +5,18 @@ import logging
 import os
 import sys
 
-from server import cuda_libraries, nvml_devices
+from server.engine import cuda_libraries
+from server.observe import nvml_devices
 from server.app import serve
 from server.config import parse_server_settings
 from server.errors import ConfigError
-from server.placement import visible_gpus
-from server.tls import check_certificates
+from server.engine.placement import visible_gpus
+from server.frontend.tls import check_certificates
 
 
 def main() -> int:
     if sys.argv[1:2] == ["usage"]:  # `onnxserve usage PATH...`: the usage log's totals
-        from server.usage import main as usage
+        from server.tools.usage import main as usage
 
         return usage(sys.argv[2:])
     try:

@@ -11,28 +11,29 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, ProcessCollector
 
-from server import log_limits, protocol, shutdown
+from server import protocol, shutdown
+from server.observe import log_limits
 from server.config import ServerSettings
-from server.connection_limits import ConnectionMetrics
+from server.frontend.connection_limits import ConnectionMetrics
 from server.errors import ConfigError
-from server.control import RepositoryControl
-from server.costs import CostLedger, resolve_prices
-from server.energy import SampledMeters
-from server.events import BatchExecuted, BatchStarted, EventBus, ModelStateChanged, RepositoryChanged, RequestFinished
-from server.metrics import CostCollector, GpuCollector, GpuReader, MetricsObserver, serve_metrics
-from server.polling import RepositoryPoller
-from server.process_limits import ensure_open_files, grpc_options
-from server.repository import ModelRepository
-from server.placement import CPU, GpuPolicy
-from server.runtime import cpu_cores
-from server.grpc_service import InferenceService
-from server.identity import Authenticator
-from server.inference import InferenceCore
-from server.request_limits import RequestLimits
-from server.statistics import StatisticsRecorder
-from server.tenant_metrics import TenantCollector, TenantRequests, UsageLogCollector
-from server.usage_log import UsageLog
-from server.tls import describe, grpc_credentials, tls_files
+from server.models.control import RepositoryControl
+from server.engine.costs import CostLedger, resolve_prices
+from server.engine.energy import SampledMeters
+from server.observe.events import BatchExecuted, BatchStarted, EventBus, ModelStateChanged, RepositoryChanged, RequestFinished
+from server.observe.metrics import CostCollector, GpuCollector, GpuReader, MetricsObserver, serve_metrics
+from server.models.polling import RepositoryPoller
+from server.frontend.process_limits import ensure_open_files, grpc_options
+from server.models.repository import ModelRepository
+from server.engine.placement import CPU, GpuPolicy
+from server.engine.runtime import cpu_cores
+from server.frontend.grpc_service import InferenceService
+from server.frontend.identity import Authenticator
+from server.engine.inference import InferenceCore
+from server.frontend.request_limits import RequestLimits
+from server.observe.statistics import StatisticsRecorder
+from server.observe.tenant_metrics import TenantCollector, TenantRequests, UsageLogCollector
+from server.engine.usage_log import UsageLog
+from server.frontend.tls import describe, grpc_credentials, tls_files
 
 log = logging.getLogger("onnxserve")
 FORCED_EXIT_CODE = 130
@@ -78,7 +79,7 @@ async def serve(settings: ServerSettings) -> int:
     await server.start()
     http, http_bound = None, 0
     if settings.http_port >= 0:  # imported only then: a gRPC-only install needs no HTTP stack
-        from server.http_service import HttpApi, http_port, start_http
+        from server.frontend.http_service import HttpApi, http_port, start_http
 
         api = HttpApi(core, statistics, control, settings.http_restricted_api, settings.http_max_body_bytes)
         http = await start_http(settings, api, connections)

@@ -12,7 +12,7 @@ import os
 from typing import TYPE_CHECKING
 
 from server.errors import ConfigError
-from server.model_limits import MAX_BATCH_SIZE, MAX_QUEUE_SIZE, at_most
+from server.models.model_limits import MAX_BATCH_SIZE, MAX_QUEUE_SIZE, at_most
 
 if TYPE_CHECKING:
     from server.config import ServerSettings

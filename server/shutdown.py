@@ -2,7 +2,7 @@
 
 The drain takes the timeout at most: health turns NOT_SERVING, gRPC and REST answer the requests in
 flight and refuse new ones, loads under way finish or are given up, batches drain. What is still
-running past it is given GIVE_UP_SECONDS (server/repository.py) to stop by itself, then left
+running past it is given GIVE_UP_SECONDS (server/models/repository.py) to stop by itself, then left
 behind. The last steps follow: the usage log's last records to disk, /metrics and NVML closed,
 within what is left of the timeout and at least LAST_STEPS_SECONDS.
 
@@ -22,13 +22,13 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health
 
-from server.energy import SampledMeters
-from server.inference import InferenceCore
-from server.load_deadline import settle
-from server.metrics import GpuReader
-from server.metrics_server import MetricsServer
-from server.repository import ModelRepository
-from server.usage_log import UsageLog
+from server.engine.energy import SampledMeters
+from server.engine.inference import InferenceCore
+from server.models.load_deadline import settle
+from server.observe.metrics import GpuReader
+from server.frontend.metrics_server import MetricsServer
+from server.models.repository import ModelRepository
+from server.engine.usage_log import UsageLog
 
 log = logging.getLogger("onnxserve")
 

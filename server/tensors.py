@@ -9,7 +9,7 @@ import numpy as np
 
 from server.bytes_codec import bytes_from_contents, deserialize_bytes, object_array, serialize_bytes
 from server.errors import InvalidInput
-from server.request_limits import DEFAULT_LIMITS, RequestLimits, bytes_budget, declared_count, shape_text, shown, typed_budget
+from server.frontend.request_limits import DEFAULT_LIMITS, RequestLimits, bytes_budget, declared_count, shape_text, shown, typed_budget
 
 
 @dataclass(frozen=True)

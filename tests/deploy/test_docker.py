@@ -16,7 +16,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
-from server.healthcheck import check
+from server.tools.healthcheck import check
 from tests import onnx_models
 from tests.conftest import parse_samples, wait_until
 from tests.deploy.conftest import IMAGE, ROOT
@@ -111,7 +111,7 @@ def test_the_images_cuda_provider_lacks_only_the_driver(docker):
     """Without a GPU the image can still prove its CUDA libraries: every one the CUDA provider links
     resolves except libcuda.so.1 (the driver, which the NVIDIA container runtime mounts),
     preload_dlls() reports nothing missing, and a CUDA session falls back for want of the driver."""
-    result = docker("run", "--rm", "--entrypoint", "python", IMAGE, "-m", "server.gpu_report")
+    result = docker("run", "--rm", "--entrypoint", "python", IMAGE, "-m", "server.tools.gpu_report")
     report = json.loads(result.stdout)
     assert report["libraries"]["CUDAExecutionProvider"]["missing"] == ["libcuda.so.1"]
     assert report["preload"] == []
@@ -133,7 +133,7 @@ def test_the_tensorrt_images_providers_lack_only_the_driver(docker):
     wheel is about 3 GB), so build and tag it, then run this test, before shipping it."""
     if docker("image", "inspect", TENSORRT_IMAGE, check=False).returncode != 0:
         pytest.skip(f"no {TENSORRT_IMAGE} image here: build it as deploy/README.md says (it needs NVIDIA's pip index)")
-    report = json.loads(docker("run", "--rm", "--entrypoint", "python", TENSORRT_IMAGE, "-m", "server.gpu_report").stdout)
+    report = json.loads(docker("run", "--rm", "--entrypoint", "python", TENSORRT_IMAGE, "-m", "server.tools.gpu_report").stdout)
     for provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider"):
         assert report["libraries"][provider]["missing"] == ["libcuda.so.1"], report["libraries"][provider]
 

@@ -534,7 +534,7 @@ def test_tenants_api_keys_secret(rendered, tmp_path):
     assert secret["metadata"]["name"] == API_KEYS_SECRET
     keys = json.loads(secret["stringData"][filename])
     # The server's own reader accepts it (format, hashes, tenant names, budgets).
-    from server.identity import read_key_file
+    from server.frontend.identity import read_key_file
 
     (tmp_path / filename).write_text(secret["stringData"][filename])
     parsed = read_key_file(str(tmp_path / filename))

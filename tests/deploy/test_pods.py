@@ -32,7 +32,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import yaml
 
-from server.healthcheck import ProbeTls, check
+from server.tools.healthcheck import ProbeTls, check
 from tests.certificates import Pair, make_ca, make_leaf
 from tests.conftest import wait_until
 from tests.deploy.conftest import IMAGE, ROOT, WORKDIR

@@ -58,7 +58,7 @@ def test_the_io_binding_path_serves_concurrent_callers_their_own_rows(tmp_path, 
 
 
 def test_gpu_report_says_what_the_cuda_provider_lacks_here():
-    result = subprocess.run([sys.executable, "-m", "server.gpu_report", str(ROOT / "models" / "mlp" / "1" / "model.onnx")],
+    result = subprocess.run([sys.executable, "-m", "server.tools.gpu_report", str(ROOT / "models" / "mlp" / "1" / "model.onnx")],
                             capture_output=True, text=True, timeout=120, cwd=ROOT)  # fmt: skip
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
@@ -134,12 +134,12 @@ def test_the_cuda_extras_libraries_all_resolve_but_the_driver():
     provider's libraries are not found (no RUNPATH, no LD_LIBRARY_PATH); after it, every one
     resolves except libcuda.so.1, the driver's, and the preloading reported no failure."""
     assert _cuda_extra_installed()
-    provider = "from server.placement import CUDA, PROVIDER_LIBRARIES; library = PROVIDER_LIBRARIES[CUDA]"
-    before = subprocess.run([sys.executable, "-c", f"{provider}; from server.gpu_report import missing_libraries; "
+    provider = "from server.engine.placement import CUDA, PROVIDER_LIBRARIES; library = PROVIDER_LIBRARIES[CUDA]"
+    before = subprocess.run([sys.executable, "-c", f"{provider}; from server.tools.gpu_report import missing_libraries; "
                              "print(','.join(missing_libraries(library)))"],
                             capture_output=True, text=True, timeout=120, cwd=ROOT, check=True)  # fmt: skip
     assert "libcublasLt.so.13" in before.stdout.split(",") and "libcuda.so.1" in before.stdout
-    result = subprocess.run([sys.executable, "-m", "server.gpu_report", str(ROOT / "models" / "mlp" / "1" / "model.onnx")],
+    result = subprocess.run([sys.executable, "-m", "server.tools.gpu_report", str(ROOT / "models" / "mlp" / "1" / "model.onnx")],
                             capture_output=True, text=True, timeout=120, cwd=ROOT, check=True)  # fmt: skip
     report = json.loads(result.stdout)
     assert report["preload"] == []
@@ -221,7 +221,7 @@ def test_cudnn_is_checked_and_nvidias_folders_are_searched_where_onnxruntime_doe
     """preload_dlls() passes over a missing cuDNN in silence, and looks for NVIDIA's wheels only
     beside onnxruntime: the server checks cuDNN itself, and tries the nvidia package's own folders."""
     assert _cuda_extra_installed()
-    probe = ("import json; from server import cuda_libraries as c; before = c._check_cudnn(); "
+    probe = ("import json; from server.engine import cuda_libraries as c; before = c._check_cudnn(); "
              "after = c._preload_from_nvidia_folders(); print(json.dumps([before, after, c._check_cudnn()]))")
     found = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=ROOT, check=True)
     before, after, checked = json.loads(found.stdout)

@@ -16,10 +16,10 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from server import shutdown
-from server.batching import Batcher
-from server.events import EventBus
-from server.model_config import BatchingSettings
-from server.repository import GIVE_UP_SECONDS
+from server.engine.batching import Batcher
+from server.observe.events import EventBus
+from server.models.model_config import BatchingSettings
+from server.models.repository import GIVE_UP_SECONDS
 from tests import onnx_models
 from tests.conftest import ROOT, wait_until
 from tests.prober import Prober, resident_bytes
@@ -209,7 +209,7 @@ def test_the_stop_is_bounded_with_a_batch_past_the_timeout_and_a_disk_that_does_
 CODEC_SCRIPT = r"""
 import asyncio, logging, sys, threading, time
 from server import shutdown
-from server.request_limits import OFFLOAD_BYTES, Offload
+from server.frontend.request_limits import OFFLOAD_BYTES, Offload
 
 started = []
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from server.launcher import launch
+from server.tools.launcher import launch
 from tests import onnx_models
 from tests.attacks import (
     assert_unharmed,

@@ -1,7 +1,7 @@
 """Attacks on the gRPC listener's connections, each beside an honest caller (tests/prober.py)
 whose every answer must come within 300 ms: connections that never say HTTP/2 or never make a
 call, more connections than the cap, huge metadata. grpc core bounds these by the channel
-arguments server/process_limits.py sets; timeouts are shortened by flags."""
+arguments server/frontend/process_limits.py sets; timeouts are shortened by flags."""
 
 import select
 import socket

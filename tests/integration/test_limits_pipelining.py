@@ -1,4 +1,4 @@
-"""Pipelined REST requests under the connection limits (server/connection_limits.py): a refusal or
+"""Pipelined REST requests under the connection limits (server/frontend/connection_limits.py): a refusal or
 a timeout of a later request waits for the responses to the earlier ones, the time the server
 stops reading (a pipelined request waits for the one before it) is not the client's, and every
 request's head is timed, whichever segment it starts in. The earlier request is an inference of a

@@ -15,8 +15,8 @@ import pytest
 from onnx import helper
 
 from server import protocol
-from server.grpc_codec import _varint
-from server.wire_walk import MAX_FIELDS
+from server.frontend.grpc_codec import _varint
+from server.frontend.wire_walk import MAX_FIELDS
 from tests import onnx_models
 from tests.conftest import start_server, wait_until
 from tests.prober import Prober, cpu_seconds, resident_bytes

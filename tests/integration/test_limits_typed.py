@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from server import protocol
-from server.grpc_codec import _varint
+from server.frontend.grpc_codec import _varint
 from tests import onnx_models
 from tests.conftest import start_server
 from tests.integration.test_limits_tensors import MIB, OPTIONS, Watch, refused

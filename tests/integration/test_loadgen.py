@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from server.loadgen import Run, build_request
+from server.tools.loadgen import Run, build_request
 from tests import onnx_models
 from tests.conftest import ROOT, start_server
 

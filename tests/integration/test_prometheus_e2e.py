@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from server.metrics import LATENCY_BUCKETS
+from server.observe.metrics import LATENCY_BUCKETS
 from tests import onnx_models
 from tests.conftest import ROOT, start_server, wait_until
 from tests.prometheus import prometheus_binary, start_prometheus

@@ -1,6 +1,6 @@
 """TLS and mutual TLS on real servers with real clients: tritonclient over gRPC and REST, /metrics
 plain or https, onnxserve-health, bad certificate files at start, and the client's name that
-server/tls.py reads (through small grpc.aio and uvicorn servers built from the real functions).
+server/frontend/tls.py reads (through small grpc.aio and uvicorn servers built from the real functions).
 Certificates are made per module by the openssl CLI (tests/certificates.py)."""
 
 import asyncio
@@ -24,10 +24,10 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
 from server.config import parse_server_settings
-from server.http_service import http_port, start_http
-from server.connection_limits import LimitedHttpToolsProtocol
-from server.http_tls import TlsHttpToolsProtocol
-from server.tls import grpc_client_name, grpc_credentials, http_client_name
+from server.frontend.http_service import http_port, start_http
+from server.frontend.connection_limits import LimitedHttpToolsProtocol
+from server.frontend.http_tls import TlsHttpToolsProtocol
+from server.frontend.tls import grpc_client_name, grpc_credentials, http_client_name
 from tests.certificates import make_certificates
 from tests.conftest import ROOT, start_server
 
@@ -188,7 +188,7 @@ def test_metrics_stay_plain_unless_asked(mutual_server, tls_server, certs):
 
 def health(server, environ: dict[str, str], *flags: str) -> subprocess.CompletedProcess:
     env = {key: value for key, value in os.environ.items() if not key.startswith("ONNXSERVE_")} | environ
-    command = [sys.executable, "-m", "server.healthcheck", "--address", server.url, "--timeout", "10", *flags]
+    command = [sys.executable, "-m", "server.tools.healthcheck", "--address", server.url, "--timeout", "10", *flags]
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
 
 

@@ -16,10 +16,10 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from server import protocol
-from server.model_config import load_model_settings, settings_from_json
-from server.tune_config import as_json, check, own_candidate, own_config, to_proto, write_config
-from server.tune_search import Candidate, coarse_candidates, make_space, neighbours
-from server.tune_server import LoadRefused, load
+from server.models.model_config import load_model_settings, settings_from_json
+from server.tune.candidates import as_json, check, own_candidate, own_config, to_proto, write_config
+from server.tune.search import Candidate, coarse_candidates, make_space, neighbours
+from server.tune.target import LoadRefused, load
 from tests import onnx_models
 from tests.conftest import ROOT
 

@@ -15,7 +15,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from server.usage import read
+from server.tools.usage import read
 from tests import onnx_models
 from tests.integration.test_batching import caller_rows, inputs
 from tests.integration.test_metrics import BLOCKING_WORK, SLOW_CONFIG

@@ -5,10 +5,10 @@ import asyncio
 import numpy as np
 import pytest
 
-from server.batching import Batcher
-from server.model_config import BatchingSettings, QueuePolicy
+from server.engine.batching import Batcher
+from server.models.model_config import BatchingSettings, QueuePolicy
 from server.errors import DeadlineExceeded, ExecutionFailed, Overloaded
-from server.events import BatchExecuted, EventBus
+from server.observe.events import BatchExecuted, EventBus
 
 
 class GatedModel:

@@ -3,8 +3,8 @@ the given threads, spinning and batch would take, so every choice follows from k
 
 import pytest
 
-from server import calibration
-from server.calibration import Fixed, Stopwatch, calibrate, fallback
+from server.engine import calibration
+from server.engine.calibration import Fixed, Stopwatch, calibrate, fallback
 
 
 class FakeClock:

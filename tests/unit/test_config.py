@@ -11,9 +11,9 @@ import pytest
 
 from server.config import ServerSettings, parse_server_settings
 from server.config_checks import MAX_GRPC_IDLE_SECS
-from server.model_config import WarmupInput, load_model_settings, settings_from_json
+from server.models.model_config import WarmupInput, load_model_settings, settings_from_json
 from server.errors import ConfigError
-from server.process_limits import grpc_options
+from server.frontend.process_limits import grpc_options
 
 ROOT = Path(__file__).resolve().parents[2]
 

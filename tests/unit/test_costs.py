@@ -2,8 +2,8 @@
 
 import pytest
 
-from server.costs import CostLedger, DevicePrice, resolve_prices, table_price
-from server.events import BatchExecuted, BatchStarted, ModelStateChanged
+from server.engine.costs import CostLedger, DevicePrice, resolve_prices, table_price
+from server.observe.events import BatchExecuted, BatchStarted, ModelStateChanged
 
 PRICE = DevicePrice(3600.0, "flag")  # one dollar per second keeps the arithmetic readable
 

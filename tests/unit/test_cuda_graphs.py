@@ -11,15 +11,15 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from server import warmup
-from server.batching import Batcher
-from server.binding import GRAPH_CAPTURE_RUNS, GRAPH_PRIME_RUNS, GRAPH_ID, GRAPH_THREAD, padded_sizes
-from server.costs import CostLedger, DevicePrice
+from server.models import warmup
+from server.engine.batching import Batcher
+from server.engine.binding import GRAPH_CAPTURE_RUNS, GRAPH_PRIME_RUNS, GRAPH_ID, GRAPH_THREAD, padded_sizes
+from server.engine.costs import CostLedger, DevicePrice
 from server.errors import ConfigError
-from server.events import BatchExecuted, BatchStarted, EventBus
-from server.loading import complete_settings
-from server.model_config import Accelerator, BatchingSettings, ModelSettings, SessionSettings
-from server.runtime import InstancePool
+from server.observe.events import BatchExecuted, BatchStarted, EventBus
+from server.models.loading import complete_settings
+from server.models.model_config import Accelerator, BatchingSettings, ModelSettings, SessionSettings
+from server.engine.runtime import InstancePool
 from tests import onnx_models
 
 LABEL = "model 'm' version 1"
@@ -161,7 +161,7 @@ def test_graph_runs_refuse_any_thread_but_their_instances(open_pool):
 
 def test_warm_up_and_calibration_run_only_on_each_instances_thread(open_pool, caplog):
     pool, completed, signature = open_pool(onnx_models.add_one(), instances=2, watch=True)
-    with caplog.at_level(logging.INFO, logger="server.warmup"):
+    with caplog.at_level(logging.INFO, logger="server.models.warmup"):
         choice = pool.calibrate(signature.inputs, completed.batching.max_batch_size)
         warmup.warm_up(pool, completed, signature, pool.model_path.parent)
     for instance, (session, bindings) in enumerate(zip(pool._sessions, pool.graph_bindings)):

@@ -4,7 +4,7 @@ driver on the event loop, and the samples only ever go up."""
 import threading
 import time
 
-from server.energy import SampledMeters
+from server.engine.energy import SampledMeters
 from tests.conftest import wait_until
 
 

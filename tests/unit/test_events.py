@@ -3,7 +3,7 @@ the loop turn, in order, after what the publisher scheduled first; a failing obs
 
 import asyncio
 
-from server.events import EventBus, RequestFinished, RequestStarted
+from server.observe.events import EventBus, RequestFinished, RequestStarted
 
 
 def started(n: int) -> RequestStarted:

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.metrics import GpuCollector, GpuReader
+from server.observe.metrics import GpuCollector, GpuReader
 
 
 class StandInNvml:

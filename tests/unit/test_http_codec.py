@@ -7,9 +7,9 @@ import orjson
 import pytest
 
 from server.errors import InvalidInput
-from server.http_codec import decode_infer, encode_infer, from_json, split_body
-from server.request_limits import RequestLimits
-from server.http_service import HttpError, Route, route
+from server.frontend.http_codec import decode_infer, encode_infer, from_json, split_body
+from server.frontend.request_limits import RequestLimits
+from server.frontend.http_service import HttpError, Route, route
 from server.tensors import DATATYPES, Signature, TensorSpec
 
 SIGNATURE = Signature(

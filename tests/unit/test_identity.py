@@ -7,7 +7,7 @@ import json
 import pytest
 
 from server.errors import ConfigError, Unauthenticated
-from server.identity import Authenticator, TenantLabels, read_key_file
+from server.frontend.identity import Authenticator, TenantLabels, read_key_file
 
 
 def digest(key: str) -> str:

@@ -7,10 +7,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from server.binding import FixedBinding
+from server.engine.binding import FixedBinding
 from server.errors import ConfigError
-from server.model_config import SessionSettings
-from server.runtime import InstancePool
+from server.models.model_config import SessionSettings
+from server.engine.runtime import InstancePool
 from tests import onnx_models
 from tests.integration.test_protocol import DATATYPES, sample
 

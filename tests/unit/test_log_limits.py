@@ -1,10 +1,10 @@
-"""Repeated log lines: once per window, with a count of those left out (server/log_limits.py)."""
+"""Repeated log lines: once per window, with a count of those left out (server/observe/log_limits.py)."""
 
 import asyncio
 import errno
 import logging
 
-from server.log_limits import ACCEPT_FAILED, RepeatFilter, Repeats, loop_exception_handler
+from server.observe.log_limits import ACCEPT_FAILED, RepeatFilter, Repeats, loop_exception_handler
 
 
 class Clock:

@@ -9,9 +9,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from server import nvml_devices
-from server.metrics import GpuReader
-from server.nvml_devices import cuda_devices, pin_cuda_order
+from server.observe import nvml_devices
+from server.observe.metrics import GpuReader
+from server.observe.nvml_devices import cuda_devices, pin_cuda_order
 
 PINNED = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
 MIG_UUID = "MIG-5a1e0000-1111-2222-3333-444455556666"
@@ -203,7 +203,7 @@ def test_gpu_reader_reads_the_board_cuda_numbers_0():
 
 
 def test_gpu_reader_on_a_mig_instance_logs_that_energy_is_the_boards(caplog):
-    with caplog.at_level(logging.INFO, logger="server.metrics"):
+    with caplog.at_level(logging.INFO, logger="server.observe.metrics"):
         reader = GpuReader.open(StandInNvml(), {**PINNED, "CUDA_VISIBLE_DEVICES": MIG_UUID})
     values = reader.readings("cuda:0")
     assert values["energy"] == 2000.0  # the parent board's counter
@@ -213,7 +213,7 @@ def test_gpu_reader_on_a_mig_instance_logs_that_energy_is_the_boards(caplog):
 
 
 def test_gpu_reader_without_nvml_or_without_a_visible_gpu_is_none(caplog):
-    with caplog.at_level(logging.INFO, logger="server.metrics"):
+    with caplog.at_level(logging.INFO, logger="server.observe.metrics"):
         assert GpuReader.open(StandInNvml(fails_init=True), PINNED) is None
         nvml = StandInNvml()
         assert GpuReader.open(nvml, {**PINNED, "CUDA_VISIBLE_DEVICES": ""}) is None

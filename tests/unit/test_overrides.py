@@ -6,8 +6,8 @@ import os
 import pytest
 
 from server.errors import InvalidInput
-from server.overrides import check_files, parse_load_parameters, remove_private_copy, write_private_copy
-from server.polling import fingerprint
+from server.models.overrides import check_files, parse_load_parameters, remove_private_copy, write_private_copy
+from server.models.polling import fingerprint
 
 
 def test_parameters_split_into_config_and_files():

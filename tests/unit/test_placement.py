@@ -8,8 +8,8 @@ import onnxruntime as ort
 import pytest
 
 from server.errors import ConfigError
-from server.model_config import load_model_settings
-from server.placement import CPU, CUDA, TENSORRT, GpuPolicy, Placement, loadable, mismatches, open_session, plan_placements, verify
+from server.models.model_config import load_model_settings
+from server.engine.placement import CPU, CUDA, TENSORRT, GpuPolicy, Placement, loadable, mismatches, open_session, plan_placements, verify
 from tests import onnx_models
 
 LABEL = "model 'm' version 1"

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 
 from server.errors import ConfigError
-from server.loading import tensorrt_profiles
-from server.model_config import load_model_settings
-from server.providers import check_options, cuda_options, engine_cache_dir, profile_shapes, tensorrt_options
-from server.placement import CPU, CUDA, TENSORRT, GpuPolicy, plan_placements
+from server.models.loading import tensorrt_profiles
+from server.models.model_config import load_model_settings
+from server.engine.providers import check_options, cuda_options, engine_cache_dir, profile_shapes, tensorrt_options
+from server.engine.placement import CPU, CUDA, TENSORRT, GpuPolicy, plan_placements
 from server.tensors import TensorSpec
 from tests import onnx_models
 

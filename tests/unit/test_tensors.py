@@ -10,9 +10,9 @@ import pytest
 from server import protocol
 from server.bytes_codec import CHUNK, bytes_from_contents, object_array
 from server.errors import InvalidInput
-from server.wire_walk import MAX_FIELDS
-from server.grpc_codec import _varint, decode_weight, parse_on_loop, parse_request, request_head, response_bytes
-from server.request_limits import OFFLOAD_BYTES, RequestLimits, encode_weight
+from server.frontend.wire_walk import MAX_FIELDS
+from server.frontend.grpc_codec import _varint, decode_weight, parse_on_loop, parse_request, request_head, response_bytes
+from server.frontend.request_limits import OFFLOAD_BYTES, RequestLimits, encode_weight
 from server.tensors import DATATYPES, Signature, TensorSpec, decode_request, deserialize_bytes, serialize_bytes
 
 SIGNATURE = Signature(
@@ -348,7 +348,7 @@ def test_per_element_work_leaves_the_loop():
 
 
 def test_rest_binary_numbers_weigh_nothing_and_binary_strings_their_elements():
-    from server.http_service import _binary_bytes_weight, _json_length
+    from server.frontend.http_service import _binary_bytes_weight, _json_length
 
     header = b'{"inputs":[{"name":"input","shape":[1,3,224,224],"datatype":"FP32","parameters":{"binary_data_size":602112}}]}'
     body = header + bytes(602112)

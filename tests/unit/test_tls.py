@@ -1,4 +1,4 @@
-"""server/tls.py without a server: the start-up check of PEM files and its messages, the TLS
+"""server/frontend/tls.py without a server: the start-up check of PEM files and its messages, the TLS
 arguments each listener gets, and reading a client's name out of a distinguished name, the same
 from gRPC's reading of a certificate as from REST's."""
 
@@ -10,9 +10,9 @@ import pytest
 
 from server.config import parse_server_settings
 from server.errors import ConfigError
-from server.connection_limits import LimitedHttpToolsProtocol
-from server.http_tls import TlsHttpToolsProtocol, uvicorn_tls
-from server.tls import (
+from server.frontend.connection_limits import LimitedHttpToolsProtocol
+from server.frontend.http_tls import TlsHttpToolsProtocol, uvicorn_tls
+from server.frontend.tls import (
     check_certificates,
     common_name,
     grpc_client_name,

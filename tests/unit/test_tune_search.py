@@ -5,8 +5,8 @@ import dataclasses
 
 import pytest
 
-from server.tune_budget import Budget, coarse_count, plan_for_budget
-from server.tune_search import (
+from server.tune.budget import Budget, coarse_count, plan_for_budget
+from server.tune.search import (
     Candidate, Measurement, Offer, break_even, capacities, capacity, choose, clearly_fails, closest, coarse_candidates,
     cost_per_million, dominates, make_space, meets, neighbours, pareto_front, replicas_needed, survivors,
 )  # fmt: skip
@@ -144,7 +144,7 @@ def test_candidates_respect_the_cores_and_step_one_value_at_a_time():
 
 
 def test_server_side_quantiles_interpolate_within_buckets_as_prometheus_does():
-    from server.tune_measure import bucket_quantile
+    from server.tune.measure import bucket_quantile
 
     buckets = [(0.001, 50.0), (0.0025, 90.0), (0.005, 100.0), (float("inf"), 100.0)]
     assert bucket_quantile(buckets, 0.5) == pytest.approx(0.001)

@@ -12,8 +12,9 @@ import time
 
 import pytest
 
-from server import usage, usage_log
-from server.usage_log import FIELDS, UsageLog
+from server.tools import usage
+from server.engine import usage_log
+from server.engine.usage_log import FIELDS, UsageLog
 from tests.conftest import ROOT, wait_until
 
 
@@ -158,7 +159,7 @@ def test_a_damaged_rotation_state_falls_back_to_the_files_present(tmp_path, capl
 # takes the lowest free numbers, which are the log's own if rotation had closed it.
 EMFILE_SCRIPT = r"""
 import json, os, resource, socket, sys, time
-from server.usage_log import FIELDS, UsageLog
+from server.engine.usage_log import FIELDS, UsageLog
 
 path = sys.argv[1]
 item = tuple({"time": 1.8e9, "tenant": "t", "rows": 1, "outcome": "ok"}.get(name) for name in FIELDS)
@@ -322,7 +323,7 @@ def test_a_failing_close_of_the_file_is_logged_not_raised(tmp_path, caplog, monk
 
 def test_a_rotation_that_keeps_failing_is_logged_once_per_window_and_again_after_a_success(tmp_path, caplog, monkeypatch):
     monkeypatch.setattr(usage_log, "ROTATION_RETRY_SECONDS", 0.01)
-    caplog.set_level(logging.INFO, logger="server.usage_log")
+    caplog.set_level(logging.INFO, logger="server.engine.usage_log")
     path = tmp_path / "usage.log"
     log = UsageLog(str(path), fsync_ms=1, max_bytes=1024, capacity=1000)
     numbering, broken = UsageLog._next_number, [True]

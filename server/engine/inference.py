@@ -1,0 +1,206 @@
+"""The transport-neutral request path, one for gRPC and HTTP: resolve the model version,
+admit a decoded request into its batcher, say what the answer cost, and report how the
+request ended. The transports decode before it and encode after it."""
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Iterator, Mapping
+
+from server.engine.batching import Answer, QueuedRequest
+from server.engine.costs import CostLedger, Share
+from server.errors import DeadlineExceeded, InvalidInput, ModelNotFound, Overloaded, ServingError, ShuttingDown
+from server.observe.events import EventBus, RequestFinished, RequestStarted
+from server.frontend.identity import Authenticator, Identity
+from server.frontend.request_limits import DEFAULT_LIMITS, Offload, RequestLimits
+from server.models.repository import ModelRepository, ModelVersion
+from server.tensors import DecodedRequest
+from server.engine.usage_log import UsageLog
+
+# Response parameters that tell a caller what its own request went through and cost.
+COST_PARAMETER = "onnxserve_cost_dollars"
+ENERGY_PARAMETER = "onnxserve_energy_joules"
+DEVICE_PARAMETER = "onnxserve_device"
+QUEUE_PARAMETER = "onnxserve_queue_us"
+COMPUTE_PARAMETER = "onnxserve_compute_us"
+BATCH_PARAMETER = "onnxserve_batch_rows"
+BATCH_ID_PARAMETER = "onnxserve_batch_id"
+TENANT_PARAMETER = "onnxserve_tenant"
+GRPC, HTTP = "grpc", "http"
+OUTCOMES = {InvalidInput: "invalid", Overloaded: "rejected", DeadlineExceeded: "timeout", ModelNotFound: "invalid"}
+
+log = logging.getLogger(__name__)
+
+
+def outcome_of(error: ServingError, default: str) -> str:
+    """The `outcome` label of a request that ended with `error`."""
+    return OUTCOMES.get(type(error), default)
+
+
+@dataclass(slots=True)
+class Call:
+    """One inference request on its way through the server."""
+
+    started: float  # perf_counter()
+    protocol: str  # GRPC or HTTP
+    identity: Identity
+    model: ModelVersion | None = None  # once the name resolved: its events carry the labels
+    rows: int = 0
+    outputs: tuple[str, ...] = ()
+    request_id: str = ""  # the caller's own id, if it gave one
+    requested: tuple[str, str] = ("", "")  # the model name and version asked for
+    reserved: bool = False  # holds a place in the usage log's buffer
+    item: QueuedRequest | None = None  # once queued: what its batch did
+    answer: Answer | None = None
+
+
+class InferenceCore:
+    def __init__(
+        self,
+        repository: ModelRepository,
+        bus: EventBus,
+        ledger: CostLedger,
+        strict_readiness: bool,
+        auth: Authenticator,
+        usage: UsageLog | None = None,
+        limits: RequestLimits = DEFAULT_LIMITS,
+    ) -> None:
+        self.repository = repository
+        # What the transports' codecs check and where they decode and encode big tensors.
+        self.limits, self.offload = limits, Offload()
+        self.bus = bus
+        self.ledger = ledger
+        self.strict_readiness = strict_readiness
+        self.auth = auth
+        self.usage = usage
+        self.shutting_down = False
+
+    def ready(self) -> bool:
+        if self.shutting_down or not self.repository.loaded:
+            return False
+        return self.repository.all_ready() or not self.strict_readiness
+
+    def start(self, protocol: str, identity: Identity) -> Call:
+        return Call(time.perf_counter(), protocol, identity)
+
+    @contextlib.contextmanager
+    def request(self, protocol: str, identity: Identity) -> Iterator[Call]:
+        """One request from receipt to response: its outcome is reported however the block ends."""
+        call, outcome = self.start(protocol, identity), "error"
+        try:
+            yield call
+            outcome = "ok"
+        except ServingError as err:
+            outcome = outcome_of(err, "rejected")
+            raise
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        finally:
+            self.finished(call, outcome)
+
+    def resolve(self, call: Call, name: str, version: str) -> ModelVersion:
+        """The version that will answer; raises ShuttingDown, ModelNotFound or ModelNotReady."""
+        if self.shutting_down:
+            raise ShuttingDown("the server is shutting down; retry on another replica")
+        if self.usage is not None:
+            if not self.usage.reserve():  # rather refused than served unbilled
+                raise Overloaded(self.usage.behind_message())
+            call.reserved, call.requested = True, (name, version)
+        model = call.model = self.repository.get(name, version)
+        self.bus.publish(RequestStarted(model.name, model.version))
+        return model
+
+    def enqueue(self, call: Call, decoded: DecodedRequest, parameters: Mapping[str, object]) -> QueuedRequest:
+        """Queue a decoded request on its version's batcher; its future resolves with the Answer."""
+        call.rows, call.outputs = decoded.rows, decoded.outputs
+        priority, timeout_us = request_options(parameters, call.model)
+        call.item = call.model.batcher.enqueue(
+            decoded.feeds, decoded.rows, decoded.outputs, priority=priority, timeout_us=timeout_us, tenant=call.identity.label
+        )
+        return call.item
+
+    async def infer(self, call: Call, decoded: DecodedRequest, parameters: Mapping[str, object]) -> Answer:
+        """Queue a decoded request and wait for its own rows; a cancelled caller leaves the queue."""
+        call.answer = await call.model.batcher.collect(self.enqueue(call, decoded, parameters))
+        return call.answer
+
+    def accounting(self, call: Call, answer: Answer) -> list[tuple[str, int | float | str]]:
+        """The response parameters that say what this request went through, cost, and who paid."""
+        said: list[tuple[str, int | float | str]] = [
+            (QUEUE_PARAMETER, round(answer.queue_seconds * 1e6)),
+            (COMPUTE_PARAMETER, round(answer.compute_seconds * 1e6)),
+            (BATCH_PARAMETER, answer.batch_rows),
+            (BATCH_ID_PARAMETER, answer.batch_id),
+            (DEVICE_PARAMETER, answer.device),
+            (TENANT_PARAMETER, call.identity.tenant),
+        ]
+        share = self.ledger.share(answer.batch_id, call.rows)
+        if share is None:  # never: a batch's cost stays until its requests have settled
+            log.error("cost of batch %d is unknown when its response is sent", answer.batch_id)
+            return said
+        said.append((COST_PARAMETER, share.dollars))
+        if share.joules is not None:
+            said.append((ENERGY_PARAMETER, share.joules))
+        return said
+
+    def finished(self, call: Call, outcome: str) -> None:
+        """Report how the request ended; settle its cost (and write its usage record) once its
+        batch, if it had one, is over: a caller gone while its batch runs still pays for its rows."""
+        if call.model is not None:  # unknown names would make unbounded label values
+            model = call.model
+            seconds = time.perf_counter() - call.started
+            label = call.identity.label
+            self.bus.publish(RequestFinished(model.name, model.version, outcome, call.rows, seconds, call.protocol, label))
+        item = call.item
+        if item is not None and item.batch_id and not item.executed:
+            item.on_executed = lambda: self._settle(call, outcome)
+        else:
+            self._settle(call, outcome)
+
+    def _settle(self, call: Call, outcome: str) -> None:
+        item = call.item
+        share = self.ledger.settle(item.batch_id, item.rows) if item is not None and item.batch_id else None
+        if call.reserved:
+            self.usage.append(self._usage_record(call, outcome, share))
+
+    def _usage_record(self, call: Call, outcome: str, share: Share | None) -> tuple:
+        """usage_log.FIELDS, in order."""
+        model, version = (call.model.name, call.model.version) if call.model is not None else call.requested
+        answer, item, identity = call.answer, call.item, call.identity
+        queue_us = compute_us = batch_rows = None
+        if answer is not None:
+            queue_us, compute_us = round(answer.queue_seconds * 1e6), round(answer.compute_seconds * 1e6)
+            batch_rows = answer.batch_rows
+        elif item is not None and item.taken:
+            queue_us = round((item.taken - item.arrival) * 1e6)
+        dollars = joules = price = source = device = None
+        if share is not None:
+            device, dollars, joules = share.device, share.dollars, share.joules
+            price = self.ledger.price(device)
+            price, source = price.dollars_per_hour, price.source
+        batch_id = item.batch_id if item is not None and item.batch_id else None
+        return (
+            time.time(), call.request_id, identity.tenant, identity.source, model, version, call.protocol, outcome,
+            call.rows, device, batch_id, batch_rows, queue_us, compute_us, dollars, joules, price, source,
+        )  # fmt: skip
+
+
+def request_options(parameters: Mapping[str, object], model: ModelVersion) -> tuple[int, int]:
+    """The reserved `priority` and `timeout` (microseconds) request parameters."""
+    if not parameters:
+        return 0, 0
+    values = []
+    for key in ("priority", "timeout"):
+        value = parameters.get(key)
+        if value is None:
+            values.append(0)
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise InvalidInput(
+                f"{model.signature.label}: parameter '{key}' must be a non-negative integer; got {type(value).__name__} {value!r}"
+            )
+        values.append(value)
+    return values[0], values[1]

@@ -1,0 +1,154 @@
+"""What the server says about itself and its models, for both transports: its name and
+extensions, a version's configuration in force and its statistics, as Triton's ModelConfig and
+ModelStatistics messages (the HTTP transport sends their JSON mapping)."""
+
+import json
+from functools import cache
+from importlib import metadata
+
+from server import protocol
+from server.engine.costs import CostLedger
+from server.observe.events import PHASES
+from server.models.model_config import CONFIG_TYPE_BY_WIRE
+from server.models.repository import READY, ModelRepository, ModelVersion
+from server.observe.statistics import StatisticsRecorder
+
+PLATFORM = "onnxruntime_onnx"
+SERVER_NAME = "onnxserve"
+EXTENSIONS = (
+    "model_configuration", "model_repository", "schedule_policy", "parameters", "binary_tensor_data", "statistics",
+)  # fmt: skip
+
+
+@cache
+def server_version() -> str:
+    try:
+        return metadata.version("onnxserve")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def ready_versions(repository: ModelRepository, name: str) -> list[str]:
+    versions = repository.models[name].versions
+    return [number for number in repository.version_names(name) if versions[number].state == READY]
+
+
+def statistics_response(
+    repository: ModelRepository, recorder: StatisticsRecorder, ledger: CostLedger, name: str, version: str
+):
+    """Triton's ModelStatisticsResponse: one version, or every ready one when no name is given."""
+    if name:
+        chosen = [repository.get(name, version)]
+    else:
+        chosen = [
+            repository.models[model].versions[number]
+            for model in sorted(repository.models)
+            for number in ready_versions(repository, model)
+        ]
+    costs = ledger.snapshot().models
+    response = protocol.ModelStatisticsResponse()
+    for model in chosen:
+        fill_statistics(response.model_stats.add(), model, recorder, costs)
+    return response
+
+
+def model_config_proto(model: ModelVersion):
+    """The configuration in force, completed from the graph, as Triton's ModelConfig."""
+    settings, pool = model.settings, model.pool
+    config = protocol.ModelConfig(
+        name=model.name,
+        platform=PLATFORM,
+        backend="onnxruntime",
+        max_batch_size=settings.max_batch_size,
+        default_model_filename=settings.model_filename,
+    )
+    for tensor in settings.inputs:
+        config.input.add(name=tensor.name, data_type=CONFIG_TYPE_BY_WIRE[tensor.datatype], dims=tensor.dims)
+    for tensor in settings.outputs:
+        config.output.add(name=tensor.name, data_type=CONFIG_TYPE_BY_WIRE[tensor.datatype], dims=tensor.dims)
+    kind = "KIND_CPU" if pool.device == "cpu" else "KIND_GPU"
+    config.instance_group.add(kind=kind, count=pool.instance_count)
+    batching = settings.batching
+    if batching.max_batch_size:
+        dynamic = config.dynamic_batching
+        dynamic.preferred_batch_size.extend(batching.preferred_batch_sizes)
+        dynamic.max_queue_delay_microseconds = batching.max_queue_delay_us
+        dynamic.priority_levels = batching.priority_levels
+        dynamic.default_priority_level = batching.default_priority_level
+        policy = dynamic.default_queue_policy
+        policy.max_queue_size = batching.queue_policy.max_queue_size
+        policy.default_timeout_microseconds = batching.queue_policy.default_timeout_us
+        policy.allow_timeout_override = batching.queue_policy.allow_timeout_override
+    # The provider actually in use, not the one asked for.
+    config.parameters["execution_provider"].string_value = pool.provider
+    config.parameters["device"].string_value = pool.device
+    # Exactly what instance 0's session was opened with: a raw baseline can open the same.
+    config.parameters["provider_options"].string_value = json.dumps(pool.in_use[0].providers)
+    # The session settings in force, whether config.pbtxt set them or calibration chose them.
+    choice = pool.choice
+    config.parameters["intra_op_thread_count"].string_value = str(choice.intra_op_threads)
+    config.parameters["allow_spinning"].string_value = str(int(choice.allow_spinning))
+    config.parameters["inline_run_below_us"].string_value = str(choice.inline_run_below_us)
+    config.parameters["io_binding"].string_value = str(int(pool.io_binding))
+    config.parameters["calibrated"].string_value = ",".join(choice.measured)
+    config.parameters["adaptive_queue_delay_us"].string_value = str(settings.batching.adaptive_delay_us)
+    return config
+
+
+def fill_statistics(message, model: ModelVersion, recorder: StatisticsRecorder, costs) -> None:
+    stats = recorder.get(model.name, model.version)
+    message.name, message.version = model.name, model.version
+    message.last_inference = stats.last_inference_ms
+    message.inference_count = stats.inference_count
+    message.execution_count = stats.execution_count
+    totals = message.inference_stats
+    for name in ("success", "fail", "queue"):
+        _duration(getattr(totals, name), getattr(stats, name))
+    for phase in PHASES:
+        _duration(getattr(totals, f"compute_{phase}"), stats.compute[phase])
+    for size in sorted(stats.batches):
+        batch = message.batch_stats.add(batch_size=size)
+        for phase in PHASES:
+            _duration(getattr(batch, f"compute_{phase}"), stats.batches[size][phase])
+    for account in costs:
+        if (account.model, account.version) != (model.name, model.version):
+            continue
+        cost = message.onnxserve_cost.add(device=account.device, dollars=account.dollars)
+        if stats.inference_count:
+            cost.dollars_per_inference = account.dollars / stats.inference_count
+        if account.joules is not None:
+            cost.energy_measured, cost.energy_joules = True, account.joules
+
+
+def _duration(message, duration) -> None:
+    message.count, message.ns = duration.count, duration.ns
+
+
+def proto_json(message) -> dict:
+    """A message as Triton's REST API writes it: proto field names, every scalar field (defaults
+    included, as clients index them), 64-bit integers as JSON numbers, enums by name."""
+    out = {}
+    for field in message.DESCRIPTOR.fields:
+        if field.message_type is not None and not field.is_repeated and not message.HasField(field.name):
+            continue
+        if field.containing_oneof is not None and message.WhichOneof(field.containing_oneof.name) != field.name:
+            continue
+        out[field.name] = _json_value(field, getattr(message, field.name))
+    return out
+
+
+def _json_value(field, value):
+    if field.message_type is not None and field.message_type.GetOptions().map_entry:
+        inner = field.message_type.fields_by_name["value"]
+        return {key: _json_scalar(inner, item) for key, item in value.items()}
+    if field.is_repeated:
+        return [_json_scalar(field, item) for item in value]
+    return _json_scalar(field, value)
+
+
+def _json_scalar(field, value):
+    if field.message_type is not None:
+        return proto_json(value)
+    if field.enum_type is not None:
+        return field.enum_type.values_by_number[value].name
+    return value

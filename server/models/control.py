@@ -1,0 +1,118 @@
+"""Administration: the model repository extension (index, load, unload) as repository calls,
+for both transports, with its gRPC RPCs; and API groups restricted to callers that send a
+header (--grpc-restricted-protocol, --http-restricted-api)."""
+
+import hmac
+import logging
+
+import grpc
+
+from server import protocol
+from server.config import RestrictedProtocol
+from server.errors import ControlDisabled, PermissionDenied
+from server.models.overrides import parse_load_parameters
+from server.models.repository import READY, ModelRepository, check_model_name
+
+log = logging.getLogger(__name__)
+
+EXPLICIT = "explicit"
+
+
+class RepositoryControl:
+    def __init__(self, repository: ModelRepository, control_mode: str) -> None:
+        self.repository = repository
+        self.control_mode = control_mode
+
+    async def RepositoryIndex(self, request, context):
+        response = protocol.RepositoryIndexResponse()
+        for row in self.index(request.ready):
+            response.models.add(**row)
+        return response
+
+    async def RepositoryModelLoad(self, request, context):
+        parameters = {key: getattr(value, value.WhichOneof("parameter_choice") or "string_param") for key, value in request.parameters.items()}
+        await self.load(request.model_name, parameters)
+        return protocol.response_class("RepositoryModelLoad")()
+
+    async def RepositoryModelUnload(self, request, context):
+        await self.unload(request.model_name)
+        return protocol.response_class("RepositoryModelUnload")()
+
+    # --- for both transports --------------------------------------------------------------------
+
+    def index(self, ready_only: bool) -> list[dict[str, str]]:
+        rows = self.repository.index()
+        return [
+            {"name": name, "version": version, "state": state, "reason": reason}
+            for name, version, state, reason in rows
+            if not ready_only or state == READY
+        ]
+
+    async def load(self, name: str, parameters: dict[str, object]) -> None:
+        """`parameters`: 'config' (str) and 'file:<version>/<name>' (bytes), as Triton takes them."""
+        check_model_name(name)  # before anything quotes it: messages, the log, a path
+        self._allowed("load", name)
+        config, files = parse_load_parameters(name, parameters)
+        log.info("load of model '%s' requested%s", name, _described(config, files))
+        await self.repository.load(name, config, files)
+
+    async def unload(self, name: str) -> None:
+        check_model_name(name)
+        self._allowed("unload", name)
+        log.info("unload of model '%s' requested", name)
+        await self.repository.unload(name)
+
+    def _allowed(self, action: str, name: str) -> None:
+        if self.control_mode == EXPLICIT:
+            return
+        why = {
+            "none": "the models were loaded at start and stay as they are",
+            "poll": "the server follows the repository's files; change those instead",
+        }[self.control_mode]
+        raise ControlDisabled(
+            f"failed to {action} '{name}': explicit model {action} is not allowed with "
+            f"--model-control-mode {self.control_mode} ({why}); start the server with --model-control-mode explicit"
+        )
+
+
+def _described(config: str | None, files: dict[str, bytes]) -> str:
+    parts = []
+    if config is not None:  # the caller's text: escaped (%r), so that a newline cannot start a log line
+        parts.append(f"config {config[:200]!r}")
+    if files:
+        parts.append(f"{len(files)} file(s) ({sum(len(content) for content in files.values())} bytes)")
+    return f" with {' and '.join(parts)}" if parts else ""
+
+
+def restricted(implementation, rule: RestrictedProtocol, streaming: bool):
+    """The RPC, refused with PERMISSION_DENIED unless the call carries the rule's metadata."""
+
+    def check(context) -> None:
+        permitted(rule, next((value for key, value in context.invocation_metadata() if key == rule.header), None))
+
+    if streaming:
+
+        async def stream(requests, context):
+            try:
+                check(context)
+            except PermissionDenied as err:
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(err))
+            async for answer in implementation(requests, context):
+                yield answer
+
+        return stream
+
+    async def call(request, context):
+        check(context)
+        return await implementation(request, context)
+
+    return call
+
+
+def permitted(rule: RestrictedProtocol, given: str | None) -> None:
+    """Raise PermissionDenied unless `given`, the caller's value of the rule's header, is the rule's."""
+    if given is None or not hmac.compare_digest(str(given).encode(), rule.value.encode()):
+        raise PermissionDenied(
+            f"this API is restricted ({', '.join(rule.groups)}): send the header '{rule.header}' "
+            "with the value the server was started with"
+        )

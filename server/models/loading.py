@@ -1,0 +1,220 @@
+"""Loading one model version: its sessions, the configuration completed from the graph,
+calibration, warm-up and a batcher. The blocking parts run in worker threads, so the versions
+already serving keep serving while a new one loads beside them, within the load's deadline
+(load_deadline.py: --model-load-timeout-secs, an unload, shutdown)."""
+
+import asyncio
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnxruntime as ort
+
+from server.models import warmup
+from server.engine.batching import Batcher
+from server.errors import ConfigError
+from server.observe.events import EventBus, ModelStateChanged
+from server.models.load_deadline import LoadDeadline
+from server.models.model_config import ModelSettings, TensorConfig
+from server.engine.providers import engine_cache_dir, profile_shapes
+from server.engine.placement import GpuPolicy
+from server.engine.runtime import InstancePool, graph_input_shapes
+from server.tensors import Signature, TensorSpec
+
+log = logging.getLogger(__name__)
+
+READY, UNAVAILABLE, LOADING, UNLOADING = "READY", "UNAVAILABLE", "LOADING", "UNLOADING"
+
+
+@dataclass
+class ModelVersion:
+    name: str
+    version: str
+    state: str = LOADING
+    reason: str = ""
+    settings: ModelSettings | None = None  # completed from the graph
+    signature: Signature | None = None
+    pool: InstancePool | None = None
+    batcher: Batcher | None = None
+    load_seconds: float = 0.0
+
+    @property
+    def label(self) -> str:
+        return f"model '{self.name}' version {self.version}"
+
+
+async def load_version(
+    name: str,
+    version: str,
+    settings: ModelSettings,
+    model_dir: Path,
+    default_max_batch_size: int,
+    bus: EventBus,
+    gpu: GpuPolicy,
+    deadline: LoadDeadline,
+) -> ModelVersion:
+    """A version ready to serve, not yet announced; raises ConfigError (sessions closed, or closed by the
+    step still running when the load was given up) when it cannot load in time."""
+    loaded = ModelVersion(name, version)
+    path = model_dir / version / settings.model_filename
+    if not path.resolve().is_relative_to((model_dir / version).resolve()):
+        raise ConfigError(f"{settings.source}: default_model_filename: {path} is outside {model_dir / version}")
+    if not path.is_file():
+        raise ConfigError(f"{path}: model file not found")
+    started = time.perf_counter()
+    profiles = await deadline.run("reading the model", tensorrt_profiles, settings, path, default_max_batch_size)
+    gpu = dataclasses.replace(gpu, tensorrt_profiles=profiles)
+    if _wants_tensorrt(settings) and gpu.tensorrt_cache_dir is not None:
+        cache_dir, hardware = gpu.tensorrt_cache_dir, gpu.hardware
+        cache = await deadline.run("hashing the model", engine_cache_dir, cache_dir, path, hardware, ort.__version__)
+        gpu = dataclasses.replace(gpu, tensorrt_cache_dir=cache)
+    opening = (InstancePool, path, settings.session, loaded.label, gpu)
+    pool = await deadline.run("opening sessions", *opening, cleanup=InstancePool.close)
+    pool.load_check = deadline.check  # calibration and warm-up stop between two runs once the load is given up
+    try:
+        completed, signature = complete_settings(settings, pool, default_max_batch_size, version)
+        await deadline.run("binding", pool.bind_batch_sizes, completed.batching, signature)  # CUDA graphs' padded sizes
+        choice = await deadline.run("calibration", pool.calibrate, signature.inputs, completed.batching.max_batch_size)
+        log.info("%s runs with %s", loaded.label, choice.describe())
+        await deadline.run("warm-up", warmup.warm_up, pool, completed, signature, model_dir)
+    except BaseException as err:  # a failure, a bug, or a cancelled load: the sessions close either way
+        await deadline.release(pool.close)
+        if isinstance(err, (ConfigError, asyncio.CancelledError)) or not isinstance(err, Exception):
+            raise
+        log.exception("%s: unexpected failure while loading", loaded.label)
+        raise ConfigError(f"{loaded.label}: unexpected failure while loading ({type(err).__name__}); see the server log") from err
+    del pool.load_check  # loaded: its runs are no longer the load's to stop
+    loaded.batcher = Batcher(pool.run, completed.batching, pool.instance_count, name, version, bus, pool.devices)
+    loaded.batcher.start()
+    loaded.settings, loaded.signature, loaded.pool = completed, signature, pool
+    loaded.state, loaded.load_seconds = READY, time.perf_counter() - started
+    _log_loaded(loaded)
+    return loaded
+
+
+def _wants_tensorrt(settings: ModelSettings) -> bool:
+    return any(accelerator.name == "tensorrt" for accelerator in settings.session.gpu_accelerators)
+
+
+def tensorrt_profiles(settings: ModelSettings, path: Path, default_max_batch_size: int) -> dict[str, str]:
+    """TensorRT optimisation profiles, so that the engine is built at load: the graph's inputs, with
+    the dims config.pbtxt fixes, from batch 1 to max_batch_size. Blocking (reads the model file)."""
+    if not _wants_tensorrt(settings):
+        return {}
+    shapes = graph_input_shapes(path)
+    batchable = all(shape and shape[0] == -1 for shape in shapes.values())
+    max_batch = settings.max_batch_size if settings.max_batch_size is not None else (default_max_batch_size if batchable else 0)
+    declared = {tensor.name: (-1, *tensor.dims) for tensor in settings.inputs}
+    specs = [TensorSpec(name, "", declared.get(name, shape)) for name, shape in shapes.items()]
+    return profile_shapes(specs, max_batch)
+
+
+def ready_event(model: ModelVersion) -> ModelStateChanged:
+    batcher, pool = model.batcher, model.pool
+    return ModelStateChanged(
+        model.name, model.version, True, pool.provider,
+        queue_capacity=model.settings.batching.queue_policy.max_queue_size, devices=pool.devices,
+        queue_depth=lambda: batcher.depth, load_seconds=model.load_seconds,
+    )  # fmt: skip
+
+
+async def retire(model: ModelVersion) -> None:
+    """Answer every request the version accepted, then close its sessions."""
+    await model.batcher.close()
+    await asyncio.to_thread(model.pool.close)
+
+
+def _log_loaded(model: ModelVersion) -> None:
+    settings, signature, pool = model.settings, model.signature, model.pool
+    batching = settings.batching
+    log.info(
+        "%s loaded in %.2f s: inputs %s, outputs %s, provider %s on %s, %d instance(s) x %d intra-op thread(s), "
+        "max_batch_size %d, max_queue_delay %d us, preferred sizes %s, max_queue_size %d, priority levels %d",
+        model.label,
+        model.load_seconds,
+        [(s.name, s.datatype, list(s.shape)) for s in signature.inputs],
+        [(s.name, s.datatype, list(s.shape)) for s in signature.outputs],
+        pool.provider,
+        pool.device,
+        pool.instance_count,
+        pool.intra_op_threads,
+        batching.max_batch_size,
+        batching.max_queue_delay_us,
+        list(batching.preferred_batch_sizes),
+        batching.queue_policy.max_queue_size,
+        batching.priority_levels,
+    )
+
+
+# --- completing a configuration from the graph ------------------------------------------------
+
+
+def complete_settings(
+    settings: ModelSettings, pool: InstancePool, default_max_batch_size: int, version: str
+) -> tuple[ModelSettings, Signature]:
+    """Merge config.pbtxt (possibly empty) with the graph; ConfigError on any disagreement."""
+    where = settings.source
+    graph = pool.inputs + pool.outputs
+    batchable = all(len(s.shape) >= 1 and s.shape[0] == -1 for s in graph)
+    max_batch = settings.max_batch_size
+    if max_batch is None:
+        max_batch = default_max_batch_size if batchable else 0
+    elif max_batch > 0 and not batchable:
+        fixed = next(s for s in graph if not s.shape or s.shape[0] != -1)
+        raise ConfigError(
+            f"{where}: max_batch_size: {max_batch}, but the model's tensor '{fixed.name}' has shape "
+            f"{list(fixed.shape)} with no variable first dimension to batch on"
+        )
+    inputs = _merge(settings.inputs, pool.inputs, max_batch, f"{where}: input")
+    outputs = _merge(settings.outputs, pool.outputs, max_batch, f"{where}: output")
+    for size in settings.batching.preferred_batch_sizes:
+        if size > max_batch:
+            raise ConfigError(
+                f"{where}: dynamic_batching.preferred_batch_size: {size} exceeds max_batch_size {max_batch}"
+            )
+    batching = dataclasses.replace(settings.batching, max_batch_size=max_batch)
+    completed = dataclasses.replace(settings, max_batch_size=max_batch, inputs=inputs, outputs=outputs, batching=batching)
+    batch_dim = (-1,) if max_batch else ()
+    signature = Signature(
+        model=settings.name,
+        version=version,
+        inputs=tuple(TensorSpec(t.name, t.datatype, batch_dim + t.dims) for t in inputs),
+        outputs=tuple(TensorSpec(t.name, t.datatype, batch_dim + t.dims) for t in outputs),
+        max_batch_size=max_batch,
+    )
+    return completed, signature
+
+
+def _merge(
+    configured: tuple[TensorConfig, ...], graph: tuple[TensorSpec, ...], max_batch: int, where: str
+) -> tuple[TensorConfig, ...]:
+    by_name = {spec.name: spec for spec in graph}
+    for index, tensor in enumerate(configured):
+        if tensor.name not in by_name:
+            raise ConfigError(f"{where}[{index}].name: '{tensor.name}' is not in the model; it has {list(by_name)}")
+    given = {tensor.name: (index, tensor) for index, tensor in enumerate(configured)}
+    merged = []
+    for spec in graph:
+        dims = spec.shape[1:] if max_batch else spec.shape
+        if spec.name not in given:
+            merged.append(TensorConfig(spec.name, spec.datatype, dims))
+            continue
+        index, tensor = given[spec.name]
+        _check_agrees(tensor, spec.datatype, dims, f"{where}[{index}]")
+        merged.append(tensor)
+    return tuple(merged)
+
+
+def _check_agrees(tensor: TensorConfig, datatype: str, dims: tuple[int, ...], where: str) -> None:
+    if tensor.datatype != datatype:
+        raise ConfigError(
+            f"{where}.data_type: tensor '{tensor.name}' is {tensor.datatype} in the config but {datatype} in the model"
+        )
+    compatible = len(tensor.dims) == len(dims) and all(g == -1 or c == g for c, g in zip(tensor.dims, dims))
+    if not compatible:
+        raise ConfigError(
+            f"{where}.dims: tensor '{tensor.name}' has dims {list(tensor.dims)} in the config but "
+            f"{list(dims)} in the model (batch dimension excluded when max_batch_size > 0)"
+        )

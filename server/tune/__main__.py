@@ -1,0 +1,5 @@
+import sys
+
+from server.tune.cli import main
+
+sys.exit(main())
