@@ -6,34 +6,34 @@ import os
 import signal
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, ProcessCollector
 
-from server import protocol, shutdown
-from server.observe import log_limits
+from server import shutdown
 from server.config import ServerSettings
-from server.frontend.connection_limits import ConnectionMetrics
-from server.errors import ConfigError
-from server.models.control import RepositoryControl
 from server.engine.costs import CostLedger, resolve_prices
 from server.engine.energy import SampledMeters
-from server.observe.events import BatchExecuted, BatchStarted, EventBus, ModelStateChanged, RepositoryChanged, RequestFinished
-from server.observe.metrics import CostCollector, GpuCollector, GpuReader, MetricsObserver, serve_metrics
-from server.models.polling import RepositoryPoller
-from server.frontend.process_limits import ensure_open_files, grpc_options
-from server.models.repository import ModelRepository
+from server.engine.inference import InferenceCore
 from server.engine.placement import CPU, GpuPolicy
 from server.engine.runtime import cpu_cores
-from server.frontend.grpc_service import InferenceService
+from server.engine.usage_log import UsageLog
+from server.errors import ConfigError
+from server.frontend.backend import Backend
+from server.frontend.connection_limits import ConnectionMetrics
+from server.frontend.grpc_server import start_grpc
 from server.frontend.identity import Authenticator
-from server.engine.inference import InferenceCore
-from server.frontend.request_limits import RequestLimits
+from server.frontend.metrics_server import start_metrics_server
+from server.frontend.model_info import ModelInfo
+from server.frontend.process_limits import ensure_open_files
+from server.frontend.request_limits import Offload, RequestLimits
+from server.frontend.tls import describe, tls_files
+from server.models.control import RepositoryControl
+from server.models.polling import RepositoryPoller
+from server.models.repository import ModelRepository
+from server.observe import log_limits
+from server.observe.events import BatchExecuted, BatchStarted, EventBus, ModelStateChanged, RepositoryChanged, RequestFinished
+from server.observe.metrics import CostCollector, GpuCollector, GpuReader, MetricsObserver
 from server.observe.statistics import StatisticsRecorder
 from server.observe.tenant_metrics import TenantCollector, TenantRequests, UsageLogCollector
-from server.engine.usage_log import UsageLog
-from server.frontend.tls import describe, grpc_credentials, tls_files
 
 log = logging.getLogger("onnxserve")
 FORCED_EXIT_CODE = 130
@@ -42,61 +42,59 @@ FORCED_EXIT_CODE = 130
 async def serve(settings: ServerSettings) -> int:
     asyncio.get_running_loop().set_exception_handler(log_limits.install(settings.log_repeat_secs))
     ensure_open_files(settings)
-    bus = EventBus()
-    registry = CollectorRegistry()
+    bus, registry = EventBus(), CollectorRegistry()
     gpus = GpuReader.open()
     if gpus is None:
         log.warning("no GPU is visible: every model runs on onnxruntime's %s", CPU)
     ledger, energy = _cost_ledger(settings, gpus)
-    statistics = StatisticsRecorder()
-    auth = Authenticator(
-        settings.api_keys,
-        settings.trust_tenant_header,
-        settings.grpc_use_ssl_mutual or settings.http_use_ssl_mutual,
-        settings.max_tenant_series,
-    )
-    usage = _usage_log(settings)
+    statistics, auth, usage = StatisticsRecorder(), _authenticator(settings), _usage_log(settings)
     _observe(bus, registry, ledger, statistics, auth, usage, gpus)
+    repository = _repository(settings, bus, gpus)
+    core = InferenceCore(repository, bus, ledger, settings.strict_readiness, usage)
+    backend = Backend(
+        core, ModelInfo(repository, statistics, ledger), RepositoryControl(repository, settings.model_control_mode), auth,
+        RequestLimits.from_settings(settings), Offload(),
+    )  # fmt: skip
+
+    grpc = await start_grpc(settings, backend)
+    connections = ConnectionMetrics(registry)
+    metrics_httpd = start_metrics_server(registry, settings, connections)
+    http, http_bound = None, 0
+    if settings.http_port >= 0:  # imported only then: a gRPC-only install needs no HTTP stack
+        from server.frontend.http_service import HttpApi, http_port, start_http
+
+        api = HttpApi(backend, settings.http_restricted_api, settings.http_max_body_bytes)
+        http = await start_http(settings, api, connections)
+        http_bound = http_port(http)
+    _log_listening(settings, grpc.port, metrics_httpd.server_port, http_bound if http else None)
+    ports = f"gRPC port {grpc.port}, metrics port {metrics_httpd.server_port}" + (f", HTTP port {http_bound}" if http else "")
+    followers = await _serve_until_signal(settings, bus, repository, auth, lambda changed: grpc.follow_readiness(core, changed, ports))
+    serving = shutdown.Serving(grpc, http, core, backend.offload, repository, usage, metrics_httpd, energy, gpus, followers)
+    return await shutdown.stop(serving, settings.exit_timeout_secs)
+
+
+def _authenticator(settings: ServerSettings) -> Authenticator:
+    mutual_tls = settings.grpc_use_ssl_mutual or settings.http_use_ssl_mutual
+    return Authenticator(settings.api_keys, settings.trust_tenant_header, mutual_tls, settings.max_tenant_series)
+
+
+def _repository(settings: ServerSettings, bus: EventBus, gpus: GpuReader | None) -> ModelRepository:
     gpu = GpuPolicy(
         settings.require_gpu,
         Path(settings.tensorrt_cache_dir) if settings.tensorrt_cache_dir else None,
         hardware=",".join(sorted(set(gpus.names().values()))) if gpus else "",
     )
-    repository = ModelRepository(
+    return ModelRepository(
         settings.model_repository, settings.default_max_batch_size, bus, gpu, settings.model_load_timeout_secs,
         settings.default_max_queue_size, names_in_errors=not settings.api_keys,
     )  # fmt: skip
-    control = RepositoryControl(repository, settings.model_control_mode)
-    core = InferenceCore(repository, bus, ledger, settings.strict_readiness, auth, usage, RequestLimits.from_settings(settings))
-    service = InferenceService(core, statistics, control, settings.grpc_restricted_protocol)
-    health_servicer = health.aio.HealthServicer()
-
-    server, grpc_port = _grpc_server(settings, service, health_servicer)
-    await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
-    await health_servicer.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
-    connections = ConnectionMetrics(registry)
-    metrics_httpd = serve_metrics(registry, settings, connections)
-    await server.start()
-    http, http_bound = None, 0
-    if settings.http_port >= 0:  # imported only then: a gRPC-only install needs no HTTP stack
-        from server.frontend.http_service import HttpApi, http_port, start_http
-
-        api = HttpApi(core, statistics, control, settings.http_restricted_api, settings.http_max_body_bytes)
-        http = await start_http(settings, api, connections)
-        http_bound = http_port(http)
-    _log_listening(settings, grpc_port, metrics_httpd.server_port, http_bound if http else None)
-    ports = f"gRPC port {grpc_port}, metrics port {metrics_httpd.server_port}" + (f", HTTP port {http_bound}" if http else "")
-    tasks = await _serve_until_signal(settings, bus, repository, auth, core, health_servicer, ports)
-    serving = shutdown.Serving(server, health_servicer, http, core, repository, usage, metrics_httpd, energy, gpus, tasks)
-    return await shutdown.stop(serving, settings.exit_timeout_secs)
 
 
 async def _serve_until_signal(
-    settings: ServerSettings, bus: EventBus, repository: ModelRepository, auth: Authenticator, core: InferenceCore,
-    health_servicer: health.aio.HealthServicer, ports: str,
+    settings: ServerSettings, bus: EventBus, repository: ModelRepository, auth: Authenticator, follow_readiness
 ) -> list[asyncio.Task]:
-    """Load the start-up models, then follow readiness, the keys file and the repository, until the
-    first SIGTERM/SIGINT. Returns the tasks for the stop to cancel."""
+    """Load the start-up models, then follow readiness (`follow_readiness(changed)`), the keys file
+    and the repository, until the first SIGTERM/SIGINT. Returns the tasks for the stop to cancel."""
     stop = _install_signal_handlers()
     poller = RepositoryPoller(repository, settings.repository_poll_secs)
     if settings.model_control_mode == "poll":
@@ -108,7 +106,7 @@ async def _serve_until_signal(
     await asyncio.wait((loading, asyncio.create_task(stop.wait())), return_when=asyncio.FIRST_COMPLETED)
     if loading.done():
         loading.result()
-        followers.append(asyncio.create_task(_follow_readiness(core, health_servicer, changed, ports)))
+        followers.append(asyncio.create_task(follow_readiness(changed)))
         if settings.model_control_mode == "poll":
             followers.append(asyncio.create_task(poller.run()))
         await stop.wait()
@@ -130,25 +128,6 @@ def _observe(bus: EventBus, registry: CollectorRegistry, ledger: CostLedger, sta
     if gpus:
         registry.register(GpuCollector(gpus))
     ProcessCollector(registry=registry)
-
-
-def _grpc_server(settings: ServerSettings, service: InferenceService, health_servicer) -> tuple[grpc.aio.Server, int]:
-    """The gRPC server with the inference, health and reflection services, bound; and its port."""
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_send_message_length", settings.grpc_max_message_bytes),
-            ("grpc.max_receive_message_length", settings.grpc_max_message_bytes),
-            *grpc_options(settings),  # connections, idle time, calls per connection, the wait for HTTP/2
-        ]
-    )
-    server.add_generic_rpc_handlers((service.handler(),))
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (protocol.SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server, pool=protocol.POOL
-    )
-    target, credentials = f"{settings.grpc_address}:{settings.grpc_port}", grpc_credentials(settings)
-    port = server.add_secure_port(target, credentials) if credentials else server.add_insecure_port(target)
-    return server, port
 
 
 def _log_listening(settings: ServerSettings, grpc_port: int, metrics_port: int, http_port: int | None) -> None:
@@ -201,34 +180,6 @@ def _cost_ledger(settings: ServerSettings, gpus: GpuReader | None) -> tuple[Cost
     )
     energy = SampledMeters(meters)  # NVML is read by a thread of its own, never on the loop
     return CostLedger(prices, {device: energy.meter(device) for device in energy.devices}), energy
-
-
-LIVENESS_SERVICE = "liveness"  # SERVING while the process runs, loading included: for liveness probes
-
-
-async def _follow_readiness(
-    core: InferenceCore, servicer: health.aio.HealthServicer, changed: asyncio.Event, ports: str
-) -> None:
-    """gRPC health follows readiness: once the start-up loads are done, then after every load or unload."""
-    if core.ready():
-        await _set_health(servicer, health_pb2.HealthCheckResponse.SERVING)
-        log.info("ready: %s", ports)
-    else:
-        log.error("not ready: some models failed to load (--strict-readiness is on); see the errors above")
-    serving = core.ready()
-    while True:
-        await changed.wait()
-        changed.clear()
-        if core.ready() != serving and not core.shutting_down:
-            serving = not serving
-            status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-            await _set_health(servicer, status)
-            log.info("readiness is now %s", "SERVING" if serving else "NOT_SERVING")
-
-
-async def _set_health(servicer: health.aio.HealthServicer, status) -> None:
-    for name in ("", protocol.SERVICE_NAME):
-        await servicer.set(name, status)
 
 
 def _install_signal_handlers() -> asyncio.Event:

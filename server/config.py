@@ -1,7 +1,8 @@
-"""Every setting onnxserve reads, declared once: server flags/env and per-model config.pbtxt.
+"""The server's settings, declared once: each field gives its flag, its environment variable and
+its help. A model's own settings (config.pbtxt) are server/models/model_config.py's.
 
-Values are parsed here, validated (server/config_checks.py), then frozen. Errors name the flag,
-or the file and field, that is wrong.
+Values are parsed here, validated (server/config_checks.py), then frozen. Errors name the flag
+that is wrong.
 """
 
 import argparse

@@ -1,5 +1,15 @@
-"""Domain errors. service.py maps each to one gRPC status code; nothing else
-inside the server knows about gRPC."""
+"""Domain errors, raised inside the server and mapped once at its edge: to a gRPC status code by
+server/frontend/grpc_service.py's STATUS table, to an HTTP status by server/frontend/http_service.py's.
+Nothing else inside the server knows about either. Messages name the model, the tensor, what was
+expected and what arrived; `shown` cuts what a caller sent short before a message quotes it."""
+
+SHOWN_CHARACTERS = 64  # of a caller's name or value quoted back in an error message
+
+
+def shown(value) -> str:
+    """A caller's string (a name, a datatype) for an error message, cut short if long."""
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= SHOWN_CHARACTERS else f"{text[:SHOWN_CHARACTERS]}... ({len(text)} characters)"
 
 
 class ServingError(Exception):

@@ -19,16 +19,15 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
-from grpc_health.v1 import health
-
 from server.engine.energy import SampledMeters
 from server.engine.inference import InferenceCore
-from server.models.load_deadline import settle
-from server.observe.metrics import GpuReader
-from server.frontend.metrics_server import MetricsServer
-from server.models.repository import ModelRepository
 from server.engine.usage_log import UsageLog
+from server.frontend.grpc_server import GrpcServer
+from server.frontend.metrics_server import MetricsServer
+from server.frontend.request_limits import Offload
+from server.models.load_deadline import settle
+from server.models.repository import ModelRepository
+from server.observe.metrics import GpuReader
 
 log = logging.getLogger("onnxserve")
 
@@ -46,10 +45,10 @@ LAST_STEPS_SECONDS = 1.0
 class Serving:
     """What the stop has to stop."""
 
-    grpc: grpc.aio.Server
-    health: health.aio.HealthServicer
+    grpc: GrpcServer
     http: Any  # uvicorn.Server, imported only with HTTP on; None with it off
     core: InferenceCore
+    offload: Offload
     repository: ModelRepository
     usage: UsageLog | None
     metrics: MetricsServer
@@ -66,10 +65,10 @@ async def stop(serving: Serving, exit_timeout: float) -> int:
     for task in serving.tasks:
         task.cancel()
     serving.core.shutting_down = True
-    await serving.health.enter_graceful_shutdown()
-    await asyncio.gather(serving.grpc.stop(exit_timeout), *([serving.http.shutdown()] if serving.http else []))
+    await serving.grpc.health.enter_graceful_shutdown()
+    await asyncio.gather(serving.grpc.server.stop(exit_timeout), *([serving.http.shutdown()] if serving.http else []))
     still_running = await serving.repository.close(max(0.0, ends - loop.time()))
-    still_running += serving.core.offload.close()
+    still_running += serving.offload.close()
     lost = await _last_steps(serving, max(LAST_STEPS_SECONDS, ends - loop.time()))
     return exit_code(still_running, lost)
 

@@ -1,6 +1,9 @@
 """The transport-neutral request path, one for gRPC and HTTP: resolve the model version,
 admit a decoded request into its batcher, say what the answer cost, and report how the
-request ended. The transports decode before it and encode after it."""
+request ended. The transports decode before it and encode after it.
+
+What a front end hands in is this module's vocabulary and the shared modules' (a DecodedRequest,
+an Identity, request parameters); what it gets back is an Answer and the accounting parameters."""
 
 import asyncio
 import contextlib
@@ -13,8 +16,6 @@ from server.engine.batching import Answer, QueuedRequest
 from server.engine.costs import CostLedger, Share
 from server.errors import DeadlineExceeded, InvalidInput, ModelNotFound, Overloaded, ServingError, ShuttingDown
 from server.observe.events import EventBus, RequestFinished, RequestStarted
-from server.frontend.identity import Authenticator, Identity
-from server.frontend.request_limits import DEFAULT_LIMITS, Offload, RequestLimits
 from server.models.repository import ModelRepository, ModelVersion
 from server.tensors import DecodedRequest
 from server.engine.usage_log import UsageLog
@@ -34,9 +35,24 @@ OUTCOMES = {InvalidInput: "invalid", Overloaded: "rejected", DeadlineExceeded: "
 log = logging.getLogger(__name__)
 
 
-def outcome_of(error: ServingError, default: str) -> str:
-    """The `outcome` label of a request that ended with `error`."""
-    return OUTCOMES.get(type(error), default)
+def outcome_of(error: BaseException | None) -> str:
+    """The `outcome` label of a request that ended with `error` (None: answered)."""
+    if error is None:
+        return "ok"
+    if isinstance(error, asyncio.CancelledError):
+        return "cancelled"
+    if isinstance(error, ServingError):
+        return OUTCOMES.get(type(error), "rejected")
+    return "error"
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who is calling, as the front end established it (server/frontend/identity.py)."""
+
+    tenant: str  # the real name: the usage log's
+    label: str  # the name on /metrics: the tenant, or "other" once --max-tenant-series are taken
+    source: str  # api_key, certificate, header or none
 
 
 @dataclass(slots=True)
@@ -57,23 +73,23 @@ class Call:
 
 
 class InferenceCore:
+    """The engine's request API: admit a decoded request, answer its own rows, say what it cost,
+    and report how it ended. The transports decode before it and encode after it; a request's
+    life is `request()` around one coroutine, or `start()` then `end()` where the answer comes
+    back through a callback (a stream's requests have no task of their own)."""
+
     def __init__(
         self,
         repository: ModelRepository,
         bus: EventBus,
         ledger: CostLedger,
         strict_readiness: bool,
-        auth: Authenticator,
         usage: UsageLog | None = None,
-        limits: RequestLimits = DEFAULT_LIMITS,
     ) -> None:
         self.repository = repository
-        # What the transports' codecs check and where they decode and encode big tensors.
-        self.limits, self.offload = limits, Offload()
         self.bus = bus
         self.ledger = ledger
         self.strict_readiness = strict_readiness
-        self.auth = auth
         self.usage = usage
         self.shutting_down = False
 
@@ -82,24 +98,27 @@ class InferenceCore:
             return False
         return self.repository.all_ready() or not self.strict_readiness
 
+    def model_ready(self, name: str, version: str) -> bool:
+        return not self.shutting_down and self.repository.is_ready(name, version)
+
     def start(self, protocol: str, identity: Identity) -> Call:
         return Call(time.perf_counter(), protocol, identity)
 
     @contextlib.contextmanager
     def request(self, protocol: str, identity: Identity) -> Iterator[Call]:
         """One request from receipt to response: its outcome is reported however the block ends."""
-        call, outcome = self.start(protocol, identity), "error"
+        call = self.start(protocol, identity)
         try:
             yield call
-            outcome = "ok"
-        except ServingError as err:
-            outcome = outcome_of(err, "rejected")
+        except BaseException as err:
+            self.end(call, err)
             raise
-        except asyncio.CancelledError:
-            outcome = "cancelled"
-            raise
-        finally:
-            self.finished(call, outcome)
+        self.end(call)
+
+    def end(self, call: Call, error: BaseException | None = None) -> None:
+        """The request is over: answered (no error), refused or failed (`error`), or its caller
+        went away (CancelledError)."""
+        self._finished(call, outcome_of(error))
 
     def resolve(self, call: Call, name: str, version: str) -> ModelVersion:
         """The version that will answer; raises ShuttingDown, ModelNotFound or ModelNotReady."""
@@ -146,7 +165,7 @@ class InferenceCore:
             said.append((ENERGY_PARAMETER, share.joules))
         return said
 
-    def finished(self, call: Call, outcome: str) -> None:
+    def _finished(self, call: Call, outcome: str) -> None:
         """Report how the request ended; settle its cost (and write its usage record) once its
         batch, if it had one, is over: a caller gone while its batch runs still pays for its rows."""
         if call.model is not None:  # unknown names would make unbounded label values

@@ -18,8 +18,10 @@ from server import protocol
 from server.errors import InvalidInput
 from server.models.repository import NAME_MAX, check_model_name
 from server.frontend.request_limits import DEFAULT_LIMITS, ELEMENT_COST, OFFLOAD_BYTES, RequestLimits
-from server.frontend.request_limits import encode_weight, raw_bytes_weight, shown
-from server.tensors import TensorSpec, output_bytes
+from server.frontend.request_limits import encode_weight, raw_bytes_weight
+from server.errors import shown
+from server.tensors import TensorSpec
+from server.frontend.tensor_codec import output_bytes
 from server.frontend.wire_walk import LOOP_FIELDS, MAX_FIELDS, OverBudget, Walk, declared_elements
 
 RAW_OUTPUT_TAG = bytes([6 << 3 | 2])  # ModelInferResponse.raw_output_contents = 6, length-delimited

@@ -1,5 +1,6 @@
 """The gRPC transport: inference.GRPCInferenceService's RPCs over the transport-neutral core
-(inference.py), and the one table from domain errors to gRPC status codes."""
+(server/engine/inference.py) and the rest of the Backend, and the one table from domain errors to
+gRPC status codes. grpc_server.py builds and starts the server around it."""
 
 import asyncio
 import collections
@@ -9,19 +10,20 @@ from dataclasses import dataclass, field
 import grpc
 
 from server import errors, protocol
-from server.engine.batching import Answer
 from server.config import PROTOCOL_GROUPS, RestrictedProtocol
-from server.models.control import RepositoryControl, restricted
+from server.engine.batching import Answer
+from server.engine.inference import GRPC, Call, Identity
 from server.errors import ServingError, Unauthenticated
+from server.frontend.backend import Backend
 from server.frontend.grpc_codec import RequestHead, decode_weight, parse_on_loop, parse_request, request_head, response_bytes
 from server.frontend.grpc_codec import response_weight, serialize_response
-from server.frontend.identity import AUTHORIZATION, TENANT_HEADER, Identity
-from server.engine.inference import GRPC, Call, InferenceCore, outcome_of
+from server.frontend.identity import AUTHORIZATION, TENANT_HEADER
+from server.frontend.model_info import EXTENSIONS, PLATFORM, SERVER_NAME, server_version
 from server.frontend.request_limits import OFFLOAD_BYTES
-from server.frontend.model_info import EXTENSIONS, PLATFORM, SERVER_NAME, server_version, model_config_proto, ready_versions, statistics_response
-from server.observe.statistics import StatisticsRecorder
-from server.tensors import DecodedRequest, decode_request
+from server.frontend.restricted import restricted
+from server.frontend.tensor_codec import decode_request
 from server.frontend.tls import grpc_client_name
+from server.tensors import DecodedRequest
 
 log = logging.getLogger(__name__)
 # A stream's requests queued, running or answered but not yet sent, and the bytes of those answers,
@@ -90,26 +92,28 @@ class _Stream:
 class InferenceService:
     """The v2 RPCs. `handler()` registers them with a grpc.aio server."""
 
-    def __init__(
-        self,
-        core: InferenceCore,
-        statistics: StatisticsRecorder,
-        control: RepositoryControl,
-        restricted: tuple[RestrictedProtocol, ...] = (),
-    ) -> None:
-        self.core = core
-        self.repository = core.repository
-        self.statistics = statistics
-        self.control = control
+    def __init__(self, backend: Backend, restricted: tuple[RestrictedProtocol, ...] = ()) -> None:
+        self.core, self.info, self.control, self.auth = backend.core, backend.info, backend.control, backend.auth
+        self.limits, self.offload = backend.limits, backend.offload
         self.restricted = {method: rule for rule in restricted for method in rule.methods}
 
+    def implementations(self) -> dict:
+        """The RPCs served, by name; the service's others answer UNIMPLEMENTED."""
+        return {
+            "ServerLive": self.ServerLive, "ServerReady": self.ServerReady, "ModelReady": self.ModelReady,
+            "ServerMetadata": self.ServerMetadata, "ModelMetadata": self.ModelMetadata, "ModelConfig": self.ModelConfig,
+            "ModelInfer": self.ModelInfer, "ModelStreamInfer": self.ModelStreamInfer, "ModelStatistics": self.ModelStatistics,
+            "RepositoryIndex": self.RepositoryIndex, "RepositoryModelLoad": self.RepositoryModelLoad,
+            "RepositoryModelUnload": self.RepositoryModelUnload,
+        }  # fmt: skip
+
     def handler(self) -> grpc.GenericRpcHandler:
-        handlers = {}
+        handlers, served = {}, self.implementations()
         for method in protocol.SERVICE.methods:
-            implementation = getattr(self, method.name, None) or getattr(self.control, method.name, None)
+            implementation = served.get(method.name)
             if implementation is not None and method.name in self.restricted:
                 implementation = restricted(implementation, self.restricted[method.name], method.server_streaming)
-            if implementation is not None and method.name not in WITHOUT_KEY and self.core.auth.keys is not None:
+            if implementation is not None and method.name not in WITHOUT_KEY and self.auth.keys is not None:
                 implementation = self._authenticated(implementation)
             deserialize = protocol.request_class(method.name).FromString
             serialize = protocol.response_class(method.name).SerializeToString
@@ -134,7 +138,7 @@ class InferenceService:
     def identity(self, context) -> Identity:
         """Who is calling, from the call's metadata and client certificate; Unauthenticated when
         keys are required and it has no valid one."""
-        auth = self.core.auth
+        auth = self.auth
         if not auth.reads_calls:  # nothing configured to read: skip the metadata
             return auth.anonymous
         authorization = header = None
@@ -162,17 +166,14 @@ class InferenceService:
         return protocol.ServerReadyResponse(ready=self.core.ready())
 
     async def ModelReady(self, request, context):
-        ready = not self.core.shutting_down and self.repository.is_ready(request.name, request.version)
-        return protocol.ModelReadyResponse(ready=ready)
+        return protocol.ModelReadyResponse(ready=self.core.model_ready(request.name, request.version))
 
     async def ServerMetadata(self, request, context):
         return protocol.ServerMetadataResponse(name=SERVER_NAME, version=server_version(), extensions=EXTENSIONS)
 
     async def ModelMetadata(self, request, context):
-        model = self.repository.get(request.name, request.version)
-        response = protocol.ModelMetadataResponse(
-            name=model.name, versions=ready_versions(self.repository, model.name), platform=PLATFORM
-        )
+        model = self.info.model(request.name, request.version)
+        response = protocol.ModelMetadataResponse(name=model.name, versions=self.info.ready_versions(model.name), platform=PLATFORM)
         for spec in model.signature.inputs:
             response.inputs.add(name=spec.name, datatype=spec.datatype, shape=spec.shape)
         for spec in model.signature.outputs:
@@ -180,8 +181,7 @@ class InferenceService:
         return response
 
     async def ModelConfig(self, request, context):
-        model = self.repository.get(request.name, request.version)
-        return protocol.ModelConfigResponse(config=model_config_proto(model))
+        return protocol.ModelConfigResponse(config=self.info.config(request.name, request.version))
 
     # --- inference ----------------------------------------------------------------------------
 
@@ -228,10 +228,10 @@ class InferenceService:
         again once the keys file has been re-read (Authenticator.follow swaps in a new KeyFile), so
         a revoked key stops at its next message, which is neither run nor billed. The requests
         accepted before it were authorised when they arrived, and are answered."""
-        keys = self.core.auth.keys
+        keys = self.auth.keys
         async for request in requests:
-            if self.core.auth.keys is not keys:
-                keys = self.core.auth.keys
+            if self.auth.keys is not keys:
+                keys = self.auth.keys
                 try:
                     identity = self.identity(context)  # the tenant too may have changed
                 except Unauthenticated as err:
@@ -247,27 +247,22 @@ class InferenceService:
         try:
             message, raw, head = await self._parsed(request, call)
             item = self.core.enqueue(call, await self._decoded(message, raw, head, call), head.parameters)
-        except ServingError as err:
-            self._stream_error(head, call, stream, str(err), outcome_of(err, "rejected"))
-            return
-        except asyncio.CancelledError:  # the stream went away while its request was being decoded
-            self.core.finished(call, "cancelled")
+        except asyncio.CancelledError as err:  # the stream went away while its request was being decoded
+            self.core.end(call, err)
             raise
-        except Exception:  # one bad request must not end the stream, nor its neighbours
-            self._stream_failed(head, call, stream)
+        except Exception as err:  # one bad request must not end the stream, nor its neighbours
+            self._stream_error(head, call, stream, err)
             return
         stream.queued[item] = (call, None)
         item.future.add_done_callback(lambda done: self._stream_done(head, call, stream, item, done))
 
     def _stream_done(self, head: RequestHead, call: Call, stream: "_Stream", item, done: asyncio.Future) -> None:
         if done.cancelled():  # the stream went away; nobody is left to answer
-            self.core.finished(call, "cancelled")
-        elif isinstance(error := done.exception(), ServingError):
-            self._stream_error(head, call, stream, str(error), outcome_of(error, "error"))
+            self.core.end(call, asyncio.CancelledError())
+        elif (error := done.exception()) is not None:
+            self._stream_error(head, call, stream, error)
         else:
             try:
-                if error is not None:
-                    raise error
                 call.answer = done.result()
                 outputs, said = self._outputs(call, call.answer)
                 if response_weight(outputs) > OFFLOAD_BYTES:  # encoded in a codec thread; stays queued till then
@@ -275,21 +270,21 @@ class InferenceService:
                     stream.queued[item] = (call, encoding)
                     return
                 answer = response_bytes(call.model, head.id, outputs, said, stream=True)
-            except Exception:
-                self._stream_failed(head, call, stream)
+            except Exception as err:
+                self._stream_error(head, call, stream, err)
             else:
                 stream.put(answer)
-                self.core.finished(call, "ok")
+                self.core.end(call)
         self._stream_settled(stream, item)
 
     async def _stream_encoded(self, head: RequestHead, call: Call, stream: "_Stream", item, outputs, said) -> None:
         try:
-            answer = await self.core.offload.in_thread(response_bytes, call.model, head.id, outputs, said, True)  # weighed already
-        except Exception:
-            self._stream_failed(head, call, stream)
+            answer = await self.offload.in_thread(response_bytes, call.model, head.id, outputs, said, True)  # weighed already
+        except Exception as err:
+            self._stream_error(head, call, stream, err)
         else:
             stream.put(answer)
-            self.core.finished(call, "ok")
+            self.core.end(call)
         finally:
             self._stream_settled(stream, item)
 
@@ -299,17 +294,18 @@ class InferenceService:
         if not stream.queued and stream.idle is not None and not stream.idle.done():
             stream.idle.set_result(None)
 
-    def _stream_failed(self, head: RequestHead | None, call: Call, stream: "_Stream") -> None:
-        """Answer a request the server failed on (a bug: the log has it) with an error; the stream goes on."""
-        log.exception("ModelStreamInfer failed")
-        self._stream_error(head, call, stream, "ModelStreamInfer: internal error; the server log has details", "error")
-
-    def _stream_error(self, head: RequestHead | None, call: Call, stream: "_Stream", message: str, outcome: str) -> None:
+    def _stream_error(self, head: RequestHead | None, call: Call, stream: "_Stream", error: Exception) -> None:
+        """Answer a refused or failed request with its error message; the stream goes on. A failure
+        that is no ServingError is a bug: the log has it, the caller a message without its details."""
+        message = str(error)
+        if not isinstance(error, ServingError):
+            log.error("ModelStreamInfer failed", exc_info=error)
+            message = "ModelStreamInfer: internal error; the server log has details"
         echo = protocol.ModelInferResponse()
         if head is not None:  # else the message did not parse, or broke a bound: nothing of it is echoed
             echo.model_name, echo.model_version, echo.id = head.model_name, head.model_version, head.id
         stream.put(protocol.ModelStreamInferResponse(error_message=message, infer_response=echo))
-        self.core.finished(call, outcome)
+        self.core.end(call, error)
 
     async def infer(self, request: bytes, identity: Identity) -> bytes:
         """One serialized ModelInferRequest to its serialized response; raises ServingError for the
@@ -318,7 +314,7 @@ class InferenceService:
             head, decoded = await self._read(request, call)
             answer = await self.core.infer(call, decoded, head.parameters)
             outputs, said = self._outputs(call, answer)
-            return await self.core.offload.run(response_weight(outputs), response_bytes, call.model, head.id, outputs, said)
+            return await self.offload.run(response_weight(outputs), response_bytes, call.model, head.id, outputs, said)
 
     async def _read(self, data: bytes, call: Call) -> tuple[RequestHead, DecodedRequest]:
         """Parsed and decoded; the message itself (and its typed contents) is gone on return."""
@@ -330,17 +326,17 @@ class InferenceService:
         small message, or a big one of raw numbers), else in a codec thread."""
         parsed = parse_on_loop(data)
         if parsed is None:
-            limits = self.core.limits
-            parsed = await self.core.offload.in_thread(parse_request, data, limits.max_bytes_elements, limits.max_typed_elements)
+            limits = self.limits
+            parsed = await self.offload.in_thread(parse_request, data, limits.max_bytes_elements, limits.max_typed_elements)
         message, raw = parsed
-        head = request_head(message, len(data), self.core.limits)
+        head = request_head(message, len(data), self.limits)
         call.request_id = head.id
         return message, raw, head
 
     async def _decoded(self, message, raw: list | None, head: RequestHead, call: Call) -> DecodedRequest:
         model = self.core.resolve(call, head.model_name, head.model_version)
         weight = decode_weight(message, raw, head.size)
-        return await self.core.offload.run(weight, decode_request, message, model.signature, self.core.limits, raw)
+        return await self.offload.run(weight, decode_request, message, model.signature, self.limits, raw)
 
     def _outputs(self, call: Call, answer: Answer):
         """The (spec, array) of each output asked for, and the accounting parameters; on the loop."""
@@ -351,7 +347,24 @@ class InferenceService:
 
     async def ModelStatistics(self, request, context):
         """Triton's counts and durations, plus what each version cost (an onnxserve field)."""
-        return statistics_response(self.repository, self.statistics, self.core.ledger, request.name, request.version)
+        return self.info.statistics(request.name, request.version)
+
+    # --- model repository ---------------------------------------------------------------------
+
+    async def RepositoryIndex(self, request, context):
+        response = protocol.RepositoryIndexResponse()
+        for row in self.control.index(request.ready):
+            response.models.add(**row)
+        return response
+
+    async def RepositoryModelLoad(self, request, context):
+        parameters = {key: getattr(value, value.WhichOneof("parameter_choice") or "string_param") for key, value in request.parameters.items()}
+        await self.control.load(request.model_name, parameters)
+        return protocol.response_class("RepositoryModelLoad")()
+
+    async def RepositoryModelUnload(self, request, context):
+        await self.control.unload(request.model_name)
+        return protocol.response_class("RepositoryModelUnload")()
 
 
 def _guarded(method: str, implementation):

@@ -10,17 +10,10 @@ import numpy as np
 import orjson
 
 from server.errors import InvalidInput
-from server.frontend.request_limits import DEFAULT_LIMITS, MAX_REQUEST_RANK, ElementBudget, RequestLimits, bytes_budget, declared_count, shape_text, shown
-from server.tensors import (
-    DecodedRequest,
-    Signature,
-    TensorSpec,
-    batch_rows,
-    check_shape,
-    checked_datatype,
-    from_raw,
-    output_bytes,
-)
+from server.frontend.request_limits import DEFAULT_LIMITS, MAX_REQUEST_RANK, ElementBudget, RequestLimits, bytes_budget, declared_count, shape_text
+from server.errors import shown
+from server.frontend.tensor_codec import batch_rows, check_shape, checked_datatype, from_raw, output_bytes
+from server.tensors import DecodedRequest, Signature, TensorSpec
 
 HEADER_LENGTH = "inference-header-content-length"
 JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY

@@ -1,7 +1,7 @@
 """The HTTP transport: the KServe v2 REST API and Triton's extensions (model config,
-statistics, repository index/load/unload, binary tensor data) over the core that gRPC uses
-too (inference.py), as a minimal ASGI app served by uvicorn with httptools in the server's own
-event loop; and the one table from domain errors to HTTP status codes."""
+statistics, repository index/load/unload, binary tensor data) over the Backend that gRPC uses
+too, as a minimal ASGI app served by uvicorn with httptools in the server's own event loop
+(start_http); and the one table from domain errors to HTTP status codes."""
 
 import base64
 import binascii
@@ -13,26 +13,17 @@ import uvicorn
 
 from server import errors
 from server.config import RestrictedProtocol, ServerSettings
-from server.frontend.connection_limits import ConnectionMetrics, Listener, http_limits, listen
-from server.models.control import RepositoryControl, permitted
+from server.engine.inference import HTTP, Identity
 from server.errors import InvalidInput, ServingError, Unauthenticated
+from server.frontend.backend import Backend
+from server.frontend.connection_limits import ConnectionMetrics, Listener, http_limits, listen
 from server.frontend.http_codec import HEADER_LENGTH, decode_infer, encode_infer, json_body, split_body
 from server.frontend.http_tls import uvicorn_tls
-from server.frontend.tls import http_client_name
-from server.frontend.identity import AUTHORIZATION, TENANT_HEADER, Identity
-from server.engine.inference import HTTP, InferenceCore
+from server.frontend.identity import AUTHORIZATION, TENANT_HEADER
+from server.frontend.model_info import EXTENSIONS, PLATFORM, SERVER_NAME, proto_json, server_version
 from server.frontend.request_limits import OFFLOAD_BYTES, RequestLimits, encode_weight, raw_bytes_weight
-from server.frontend.model_info import (
-    EXTENSIONS,
-    PLATFORM,
-    SERVER_NAME,
-    model_config_proto,
-    proto_json,
-    ready_versions,
-    server_version,
-    statistics_response,
-)
-from server.observe.statistics import StatisticsRecorder
+from server.frontend.restricted import permitted
+from server.frontend.tls import http_client_name
 
 log = logging.getLogger(__name__)
 
@@ -117,15 +108,9 @@ def route(path: str) -> Route:
 class HttpApi:
     """The ASGI application."""
 
-    def __init__(
-        self,
-        core: InferenceCore,
-        statistics: StatisticsRecorder,
-        control: RepositoryControl,
-        restricted: tuple[RestrictedProtocol, ...],
-        max_body_bytes: int,
-    ) -> None:
-        self.core, self.statistics, self.control = core, statistics, control
+    def __init__(self, backend: Backend, restricted: tuple[RestrictedProtocol, ...], max_body_bytes: int) -> None:
+        self.core, self.info, self.control, self.auth = backend.core, backend.info, backend.control, backend.auth
+        self.limits, self.offload = backend.limits, backend.offload
         self.restricted = {group: rule for rule in restricted for group in rule.groups}
         self.max_body_bytes = max_body_bytes
         self.handlers = {
@@ -171,7 +156,7 @@ class HttpApi:
 
     def _identity(self, scope, headers: dict) -> Identity:
         """Who is calling; Unauthenticated when keys are required and it has no valid one."""
-        auth = self.core.auth
+        auth = self.auth
         if not auth.reads_calls:
             return auth.anonymous
         certificate = http_client_name(scope) if auth.mutual_tls else None
@@ -206,25 +191,23 @@ class HttpApi:
         return (200 if self.core.ready() else 400), b"", ()
 
     async def _model_ready(self, found: Route, headers: dict, body: bytes):
-        ready = not self.core.shutting_down and self.core.repository.is_ready(found.model, found.version)
-        return (200 if ready else 400), b"", ()
+        return (200 if self.core.model_ready(found.model, found.version) else 400), b"", ()
 
     async def _server(self, found: Route, headers: dict, body: bytes):
         return _json({"name": SERVER_NAME, "version": server_version(), "extensions": EXTENSIONS})
 
     async def _metadata(self, found: Route, headers: dict, body: bytes):
-        model = self.core.repository.get(found.model, found.version)
-        versions = ready_versions(self.core.repository, model.name)
+        model = self.info.model(found.model, found.version)
+        versions = self.info.ready_versions(model.name)
         signature = model.signature
         return _json({"name": model.name, "versions": versions, "platform": PLATFORM,
                       "inputs": _tensors(signature.inputs), "outputs": _tensors(signature.outputs)})  # fmt: skip
 
     async def _config(self, found: Route, headers: dict, body: bytes):
-        return _json(proto_json(model_config_proto(self.core.repository.get(found.model, found.version))))
+        return _json(proto_json(self.info.config(found.model, found.version)))
 
     async def _stats(self, found: Route, headers: dict, body: bytes):
-        stats = statistics_response(self.core.repository, self.statistics, self.core.ledger, found.model, found.version)
-        return _json(proto_json(stats))
+        return _json(proto_json(self.info.statistics(found.model, found.version)))
 
     # --- inference ----------------------------------------------------------------------------------
 
@@ -238,7 +221,7 @@ class HttpApi:
             outputs = [(model.signature.output(name), answer.outputs[name], binary[name]) for name in decoded.outputs]
             said = dict(core.accounting(call, answer))
             weight = sum(encode_weight(array, not binary) for _, array, binary in outputs)
-            encoded = await core.offload.run(weight, encode_infer, model.name, model.version, request.id, outputs, said)
+            encoded = await self.offload.run(weight, encode_infer, model.name, model.version, request.id, outputs, said)
         if encoded.header_length is None:
             return 200, encoded.body, JSON_TYPE
         return 200, encoded.body, (
@@ -250,13 +233,12 @@ class HttpApi:
         """(HttpInfer, DecodedRequest, binary per output): a short JSON parsed on the loop, then decoded
         where its weight says (request_limits.Offload), so that binary numbers, which are views of the
         body, stay on the loop however big; a long JSON parsed and decoded in a codec thread."""
-        core = self.core
         json_length = _json_length(body, header_length)
         if json_length > OFFLOAD_BYTES:
-            return await core.offload.in_thread(_decode, body, header_length, signature, core.limits)
-        request = split_body(body, header_length, core.limits.max_json_values, signature.label)
+            return await self.offload.in_thread(_decode, body, header_length, signature, self.limits)
+        request = split_body(body, header_length, self.limits.max_json_values, signature.label)
         weight = json_length + _binary_bytes_weight(request.header)
-        decoded, binary = await core.offload.run(weight, decode_infer, request, signature, core.limits)
+        decoded, binary = await self.offload.run(weight, decode_infer, request, signature, self.limits)
         return request, decoded, binary
 
     # --- model repository ---------------------------------------------------------------------------

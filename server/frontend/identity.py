@@ -21,6 +21,7 @@ from pathlib import Path
 
 import orjson
 
+from server.engine.inference import Identity
 from server.errors import ConfigError, Unauthenticated
 
 log = logging.getLogger(__name__)
@@ -31,13 +32,6 @@ AUTHORIZATION = "authorization"
 TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._:@/-]{0,127}")
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 FILE_FIELDS = ("keys", "certificates", "tenants")
-
-
-@dataclass(frozen=True, slots=True)
-class Identity:
-    tenant: str  # the real name: the usage log's
-    label: str  # the name on /metrics: the tenant, or "other" once --max-tenant-series are taken
-    source: str  # api_key, certificate, header or none
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import logging
 import threading
 
 import uvicorn
+from prometheus_client import CollectorRegistry, make_asgi_app
 
 from server.config import ServerSettings
 from server.frontend.connection_limits import ConnectionMetrics, LimitedHttpToolsProtocol, Listener, http_limits, listen
@@ -48,12 +49,14 @@ class MetricsServer:
         self._thread.join(CLOSE_SECONDS)
 
 
-def start_metrics_server(app, settings: ServerSettings, connections: ConnectionMetrics | None = None) -> MetricsServer:
-    """Serve the ASGI `app` on --metrics-address/--metrics-port (TLS with --metrics-use-ssl); returns
-    once it listens, or raises what binding raised (a port in use)."""
+def start_metrics_server(
+    registry: CollectorRegistry, settings: ServerSettings, connections: ConnectionMetrics | None = None
+) -> MetricsServer:
+    """Serve the registry on --metrics-address/--metrics-port (TLS with --metrics-use-ssl, plain
+    otherwise); returns once it listens, or raises what binding raised (a port in use)."""
     certfile, keyfile = metrics_cert_and_key(settings)
     config = uvicorn.Config(
-        app,
+        make_asgi_app(registry),
         host=settings.metrics_address,
         port=settings.metrics_port,
         http=LimitedHttpToolsProtocol,

@@ -1,6 +1,7 @@
 """What the server says about itself and its models, for both transports: its name and
 extensions, a version's configuration in force and its statistics, as Triton's ModelConfig and
-ModelStatistics messages (the HTTP transport sends their JSON mapping)."""
+ModelStatistics messages (the HTTP transport sends their JSON mapping). ModelInfo is the
+transports' one view of the models: they never hold the repository itself."""
 
 import json
 from functools import cache
@@ -28,28 +29,37 @@ def server_version() -> str:
         return "0+unknown"
 
 
-def ready_versions(repository: ModelRepository, name: str) -> list[str]:
-    versions = repository.models[name].versions
-    return [number for number in repository.version_names(name) if versions[number].state == READY]
+class ModelInfo:
+    """What the transports may ask of the models, and nothing more: a version that answers, the
+    ready versions of a model, a version's configuration in force, and statistics with cost."""
 
+    def __init__(self, repository: ModelRepository, recorder: StatisticsRecorder, ledger: CostLedger) -> None:
+        self._repository, self._recorder, self._ledger = repository, recorder, ledger
 
-def statistics_response(
-    repository: ModelRepository, recorder: StatisticsRecorder, ledger: CostLedger, name: str, version: str
-):
-    """Triton's ModelStatisticsResponse: one version, or every ready one when no name is given."""
-    if name:
-        chosen = [repository.get(name, version)]
-    else:
-        chosen = [
-            repository.models[model].versions[number]
-            for model in sorted(repository.models)
-            for number in ready_versions(repository, model)
-        ]
-    costs = ledger.snapshot().models
-    response = protocol.ModelStatisticsResponse()
-    for model in chosen:
-        fill_statistics(response.model_stats.add(), model, recorder, costs)
-    return response
+    def model(self, name: str, version: str) -> ModelVersion:
+        """The version that answers for (name, version); ModelNotFound or ModelNotReady."""
+        return self._repository.get(name, version)
+
+    def ready_versions(self, name: str) -> list[str]:
+        repository = self._repository
+        versions = repository.models[name].versions
+        return [number for number in repository.version_names(name) if versions[number].state == READY]
+
+    def config(self, name: str, version: str):
+        return model_config_proto(self.model(name, version))
+
+    def statistics(self, name: str, version: str):
+        """Triton's ModelStatisticsResponse: one version, or every ready one when no name is given."""
+        models = self._repository.models
+        if name:
+            chosen = [self.model(name, version)]
+        else:
+            chosen = [models[model].versions[number] for model in sorted(models) for number in self.ready_versions(model)]
+        costs = self._ledger.snapshot().models
+        response = protocol.ModelStatisticsResponse()
+        for model in chosen:
+            fill_statistics(response.model_stats.add(), model, self._recorder, costs)
+        return response
 
 
 def model_config_proto(model: ModelVersion):

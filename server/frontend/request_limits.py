@@ -27,7 +27,6 @@ MAX_DECLARED_ELEMENTS = 1 << 40
 # Dims of a request's tensor: it must equal its model's rank, which configs bound at 32
 # (model_limits.MAX_RANK) and ONNX models keep to 8 in practice. Checked before a shape is built.
 MAX_REQUEST_RANK = 64
-SHOWN_CHARACTERS = 64  # of a caller's name or value quoted back in an error message
 SHOWN_DIMS = 8  # of a shape quoted back in an error message
 CODEC_THREADS = 2  # see Offload
 
@@ -131,12 +130,6 @@ def shape_text(shape) -> str:
     if len(shape) <= SHOWN_DIMS:
         return str(list(shape))
     return f"[{', '.join(str(d) for d in shape[:SHOWN_DIMS])}, ... ({len(shape)} dims)]"
-
-
-def shown(value) -> str:
-    """A caller's string (a name, a datatype) for an error message, cut short if long."""
-    text = value if isinstance(value, str) else repr(value)
-    return text if len(text) <= SHOWN_CHARACTERS else f"{text[:SHOWN_CHARACTERS]}... ({len(text)} characters)"
 
 
 def encode_weight(array: np.ndarray, as_json: bool = False) -> int:

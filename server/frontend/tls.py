@@ -122,7 +122,7 @@ def grpc_credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:
 
 
 def metrics_cert_and_key(settings: ServerSettings) -> tuple[str, str]:
-    """For serve_metrics: ("", "") keeps /metrics plain, its default even when gRPC and REST use TLS."""
+    """For start_metrics_server: ("", "") keeps /metrics plain, its default even when gRPC and REST use TLS."""
     files = tls_files(settings, "metrics")
     return ("", "") if files is None else (files.cert, files.key)
 

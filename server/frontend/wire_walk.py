@@ -7,7 +7,8 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from server.errors import InvalidInput
-from server.frontend.request_limits import MAX_REQUEST_RANK, shown
+from server.frontend.request_limits import MAX_REQUEST_RANK
+from server.errors import shown
 from server.tensors import DATATYPES
 
 # Wire tags (field number << 3 | wire type; 2: length-delimited, 0: varint) the codec reads itself.

@@ -1,15 +1,10 @@
-"""Administration: the model repository extension (index, load, unload) as repository calls,
-for both transports, with its gRPC RPCs; and API groups restricted to callers that send a
-header (--grpc-restricted-protocol, --http-restricted-api)."""
+"""Model control: Triton's model repository extension (index, load, unload) as repository calls,
+for any transport (the gRPC and REST adapters are thin over it), refused unless
+--model-control-mode is explicit."""
 
-import hmac
 import logging
 
-import grpc
-
-from server import protocol
-from server.config import RestrictedProtocol
-from server.errors import ControlDisabled, PermissionDenied
+from server.errors import ControlDisabled
 from server.models.overrides import parse_load_parameters
 from server.models.repository import READY, ModelRepository, check_model_name
 
@@ -22,23 +17,6 @@ class RepositoryControl:
     def __init__(self, repository: ModelRepository, control_mode: str) -> None:
         self.repository = repository
         self.control_mode = control_mode
-
-    async def RepositoryIndex(self, request, context):
-        response = protocol.RepositoryIndexResponse()
-        for row in self.index(request.ready):
-            response.models.add(**row)
-        return response
-
-    async def RepositoryModelLoad(self, request, context):
-        parameters = {key: getattr(value, value.WhichOneof("parameter_choice") or "string_param") for key, value in request.parameters.items()}
-        await self.load(request.model_name, parameters)
-        return protocol.response_class("RepositoryModelLoad")()
-
-    async def RepositoryModelUnload(self, request, context):
-        await self.unload(request.model_name)
-        return protocol.response_class("RepositoryModelUnload")()
-
-    # --- for both transports --------------------------------------------------------------------
 
     def index(self, ready_only: bool) -> list[dict[str, str]]:
         rows = self.repository.index()
@@ -82,37 +60,3 @@ def _described(config: str | None, files: dict[str, bytes]) -> str:
     if files:
         parts.append(f"{len(files)} file(s) ({sum(len(content) for content in files.values())} bytes)")
     return f" with {' and '.join(parts)}" if parts else ""
-
-
-def restricted(implementation, rule: RestrictedProtocol, streaming: bool):
-    """The RPC, refused with PERMISSION_DENIED unless the call carries the rule's metadata."""
-
-    def check(context) -> None:
-        permitted(rule, next((value for key, value in context.invocation_metadata() if key == rule.header), None))
-
-    if streaming:
-
-        async def stream(requests, context):
-            try:
-                check(context)
-            except PermissionDenied as err:
-                await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(err))
-            async for answer in implementation(requests, context):
-                yield answer
-
-        return stream
-
-    async def call(request, context):
-        check(context)
-        return await implementation(request, context)
-
-    return call
-
-
-def permitted(rule: RestrictedProtocol, given: str | None) -> None:
-    """Raise PermissionDenied unless `given`, the caller's value of the rule's header, is the rule's."""
-    if given is None or not hmac.compare_digest(str(given).encode(), rule.value.encode()):
-        raise PermissionDenied(
-            f"this API is restricted ({', '.join(rule.groups)}): send the header '{rule.header}' "
-            "with the value the server was started with"
-        )

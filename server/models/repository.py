@@ -19,7 +19,7 @@ from server.models.loading import LOADING, READY, UNAVAILABLE, UNLOADING, ModelV
 from server.models.model_config import ModelSettings, load_model_settings, settings_from_json
 from server.models.model_limits import MAX_VERSIONS, at_most
 from server.engine.placement import GpuPolicy
-from server.frontend.request_limits import shown
+from server.errors import shown
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,8 @@ import numpy as np
 from server.errors import ConfigError, ExecutionFailed, InvalidInput
 from server.models.model_config import ModelSettings, WarmupInput, WarmupSample
 from server.engine.runtime import InstancePool, zeros
-from server.tensors import DATATYPES, Signature, deserialize_bytes
+from server.tensors import DATATYPES, Signature
+from server.bytes_codec import deserialize_bytes
 
 log = logging.getLogger(__name__)
 

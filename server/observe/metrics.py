@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Iterator, Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_asgi_app
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -19,9 +19,6 @@ from server.observe.events import (
     RequestStarted,
 )
 from server.observe import nvml_devices
-from server.config import ServerSettings
-from server.frontend.connection_limits import ConnectionMetrics
-from server.frontend.metrics_server import MetricsServer, start_metrics_server
 
 log = logging.getLogger(__name__)
 
@@ -332,11 +329,3 @@ class GpuCollector(Collector):
                     family.add_metric((device,), values[key])
             if family.samples:
                 yield family
-
-
-def serve_metrics(
-    registry: CollectorRegistry, settings: ServerSettings, connections: ConnectionMetrics | None = None
-) -> MetricsServer:
-    """Start /metrics on an event loop in a daemon thread of its own (server/frontend/metrics_server.py); the
-    returned server knows its bound port. Over TLS with --metrics-use-ssl; plain otherwise."""
-    return start_metrics_server(make_asgi_app(registry), settings, connections)

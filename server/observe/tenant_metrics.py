@@ -2,15 +2,17 @@
 and the tenant-series bound, budgets, refused keys and the usage log's state (read at scrape time).
 Tenants' cost and energy come with the models' in CostCollector, from one ledger snapshot."""
 
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from server.observe.events import REQUEST_OUTCOMES, RequestFinished
-from server.frontend.identity import Authenticator
-from server.engine.usage_log import UsageLog
+
+if TYPE_CHECKING:  # read at scrape time, never called back: observers import what they read only to name it
+    from server.engine.usage_log import UsageLog
+    from server.frontend.identity import Authenticator
 
 TENANT_LABELS = ("tenant", "model", "version")
 
@@ -42,7 +44,7 @@ class TenantRequests:
 
 
 class TenantCollector(Collector):
-    def __init__(self, auth: Authenticator) -> None:
+    def __init__(self, auth: "Authenticator") -> None:
         self._auth = auth
 
     def collect(self) -> Iterator:
@@ -68,7 +70,7 @@ class TenantCollector(Collector):
 
 
 class UsageLogCollector(Collector):
-    def __init__(self, usage: UsageLog) -> None:
+    def __init__(self, usage: "UsageLog") -> None:
         self._usage = usage
 
     def collect(self) -> Iterator:

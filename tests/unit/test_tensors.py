@@ -13,7 +13,9 @@ from server.errors import InvalidInput
 from server.frontend.wire_walk import MAX_FIELDS
 from server.frontend.grpc_codec import _varint, decode_weight, parse_on_loop, parse_request, request_head, response_bytes
 from server.frontend.request_limits import OFFLOAD_BYTES, RequestLimits, encode_weight
-from server.tensors import DATATYPES, Signature, TensorSpec, decode_request, deserialize_bytes, serialize_bytes
+from server.tensors import DATATYPES, Signature, TensorSpec
+from server.frontend.tensor_codec import decode_request
+from server.bytes_codec import deserialize_bytes, serialize_bytes
 
 SIGNATURE = Signature(
     model="m",

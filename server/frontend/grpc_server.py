@@ -1,0 +1,76 @@
+"""The gRPC server: the inference service, the standard health service (which follows
+readiness) and reflection, on one port with the server's bounds, started in the running loop.
+REST's counterpart is http_service.start_http."""
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from server import protocol
+from server.config import ServerSettings
+from server.engine.inference import InferenceCore
+from server.frontend.backend import Backend
+from server.frontend.grpc_service import InferenceService
+from server.frontend.process_limits import grpc_options
+from server.frontend.tls import grpc_credentials
+
+log = logging.getLogger(__name__)
+
+LIVENESS_SERVICE = "liveness"  # SERVING while the process runs, loading included: for liveness probes
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@dataclass
+class GrpcServer:
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+
+    async def follow_readiness(self, core: InferenceCore, changed: asyncio.Event, ports: str) -> None:
+        """Health follows readiness: once the start-up loads are done, then after every load or
+        unload (`changed`), until the stop turns it NOT_SERVING. Stops only when cancelled."""
+        serving = core.ready()
+        if serving:
+            await self.set_health(SERVING)
+            log.info("ready: %s", ports)
+        else:
+            log.error("not ready: some models failed to load (--strict-readiness is on); see the errors above")
+        while True:
+            await changed.wait()
+            changed.clear()
+            if core.ready() != serving and not core.shutting_down:
+                serving = not serving
+                await self.set_health(SERVING if serving else NOT_SERVING)
+                log.info("readiness is now %s", "SERVING" if serving else "NOT_SERVING")
+
+    async def set_health(self, status) -> None:
+        for name in ("", protocol.SERVICE_NAME):
+            await self.health.set(name, status)
+
+
+async def start_grpc(settings: ServerSettings, backend: Backend) -> GrpcServer:
+    """Bound and started; health NOT_SERVING (liveness SERVING) until follow_readiness says otherwise."""
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_send_message_length", settings.grpc_max_message_bytes),
+            ("grpc.max_receive_message_length", settings.grpc_max_message_bytes),
+            *grpc_options(settings),  # connections, idle time, calls per connection, the wait for HTTP/2
+        ]
+    )
+    server.add_generic_rpc_handlers((InferenceService(backend, settings.grpc_restricted_protocol).handler(),))
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (protocol.SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server, pool=protocol.POOL
+    )
+    target, credentials = f"{settings.grpc_address}:{settings.grpc_port}", grpc_credentials(settings)
+    port = server.add_secure_port(target, credentials) if credentials else server.add_insecure_port(target)
+    started = GrpcServer(server, port, health_servicer)
+    await started.set_health(NOT_SERVING)
+    await health_servicer.set(LIVENESS_SERVICE, SERVING)
+    await server.start()
+    return started

@@ -1,0 +1,78 @@
+"""The package's rooms and who may use what (server/__init__.py's map), read from the imports of
+every module: a change that would tie the engine to a front end, or the server to its tools,
+fails here before the process split that depends on it does."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[2] / "server"
+ROOMS = ("frontend", "engine", "models", "observe", "tune", "tools")
+SHARED = ("config", "config_checks", "errors", "protocol", "protos_generated", "tensors", "bytes_codec")
+ROOT = ("__main__", "app", "shutdown")  # the composition root: wiring, the command line, the stop
+# What each room may import of the others, besides the shared modules and itself.
+MAY_IMPORT = {
+    "frontend": {"engine", "models", "observe"},
+    "engine": {"models", "observe"},
+    "models": {"engine", "observe"},
+    "observe": set(),
+    "tune": {"tools", "models", "observe"},
+    "tools": {"engine", "observe"},
+    "shared": {"models"},  # config_checks bounds the default batch and queue sizes as config.pbtxt does
+}
+
+
+def home(module: str) -> str:
+    """The room of `server.a.b`: a folder, "shared" or "root"."""
+    parts = module.split(".")[1:]
+    if parts and parts[0] in ROOMS:
+        return parts[0]
+    return "root" if parts and parts[0] in ROOT else "shared"
+
+
+def imports(path: Path) -> set[str]:
+    """The server modules `path` imports when it runs; imports for type annotations only (under
+    `if TYPE_CHECKING:`) name a type, not a dependency, and are left out."""
+    tree, found = ast.parse(path.read_text()), set()
+    skipped = {id(node) for node in ast.walk(tree) if isinstance(node, ast.If) and ast.unparse(node.test).endswith("TYPE_CHECKING")}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and id(node) in skipped:
+            for inner in ast.walk(node):
+                skipped.add(id(inner))
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "server":
+            found.update(f"{node.module}.{alias.name}" if node.module in ("server", *(f"server.{r}" for r in ROOMS)) else node.module for alias in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names if alias.name.split(".")[0] == "server")
+    return found
+
+
+def modules():
+    for path in sorted(PACKAGE.rglob("*.py")):
+        name = ".".join(("server", *path.relative_to(PACKAGE).with_suffix("").parts))
+        yield name.removesuffix(".__init__"), path
+
+
+@pytest.mark.parametrize("module,path", list(modules()), ids=lambda value: str(value) if isinstance(value, str) else "")
+def test_each_module_imports_only_what_its_room_may(module, path):
+    room = home(module)
+    allowed = {"shared", room} | MAY_IMPORT.get(room, set())
+    wrong = sorted(name for name in imports(path) if home(name) not in allowed and room != "root")
+    assert not wrong, f"{module} ({room}) imports {wrong}; {room} may import {sorted(allowed)}"
+
+
+def test_nothing_imports_the_root_but_the_root():
+    wrong = sorted(
+        (module, name) for module, path in modules() if home(module) != "root"
+        for name in imports(path) if home(name) == "root"
+    )  # fmt: skip
+    assert not wrong
+
+
+def test_every_room_says_what_it_owns_and_may_import():
+    for room in ROOMS:
+        doc = ast.get_docstring(ast.parse((PACKAGE / room / "__init__.py").read_text())) or ""
+        assert len(doc) > 100, f"server/{room}/__init__.py has no docstring saying what it owns"
