@@ -44,10 +44,10 @@ from server.tools.loadgen import (  # the core lives in the package, so onnxserv
     build_request,
     fill,
     process_tree_cpu,
-    scrape,
     server_figures,
 )
 from server.tensors import DATATYPES
+from server.tools.metrics_reader import read_samples
 
 
 def http_body(payload: bytes, binary: bool) -> tuple[bytes, dict[str, str]]:
@@ -123,7 +123,7 @@ async def run_load(args) -> Report:
         warm = new_run(args, payload, time.monotonic() + args.warmup, 0, False)
         await warm.closed_loop(min(args.concurrency, 8) if not args.rate else 4)
         await warm.close()
-    before = scrape(args.metrics_url)
+    before = read_samples(args.metrics_url) if args.metrics_url else None
     server_before = process_tree_cpu(args.server_pid) if args.server_pid else None
     cpu_before = resource.getrusage(resource.RUSAGE_SELF)
     limit = args.requests or 0
@@ -138,7 +138,7 @@ async def run_load(args) -> Report:
     cpu_after = resource.getrusage(resource.RUSAGE_SELF)
     server_after = process_tree_cpu(args.server_pid) if args.server_pid else None
     await run.close()
-    after = scrape(args.metrics_url)
+    after = read_samples(args.metrics_url) if args.metrics_url else None
     fill(report, run, cpu_after.ru_utime + cpu_after.ru_stime - cpu_before.ru_utime - cpu_before.ru_stime)
     report.server_average_batch, report.server_cost_per_inference = server_figures(before, after)
     if server_before is not None and report.requests:

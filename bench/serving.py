@@ -3,17 +3,14 @@ benchmark and the GPU check share it. Standard library and prometheus_client onl
 where the test tools are not installed (tritonclient is imported only by `client()`)."""
 
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from prometheus_client.parser import text_string_to_metric_families
-
 from server.tools.launcher import HTTP_LINE, LISTENING_LINE, NOT_READY_LINE, READY_LINE, Launched, launch
+from server.tools.metrics_reader import Samples, fetch_text, parse_samples
 
 __all__ = [  # the log lines are re-exported for the tests
-    "HTTP_LINE", "LISTENING_LINE", "NOT_READY_LINE", "READY_LINE", "ROOT", "Samples", "ServerProcess",
-    "parse_samples", "start_server", "wait_until",
+    "HTTP_LINE", "LISTENING_LINE", "NOT_READY_LINE", "READY_LINE", "ROOT", "ServerProcess", "start_server", "wait_until",
 ]  # fmt: skip
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,43 +34,14 @@ class ServerProcess(Launched):
         return f"127.0.0.1:{self.http_port}"
 
     def metrics(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as response:
-            return response.read().decode()
+        return fetch_text(f"http://127.0.0.1:{self.metrics_port}/metrics")
 
     def metric(self, name: str, **labels: str) -> float:
         """The value of one sample on /metrics; 0 when the series does not exist yet."""
         return self.samples().get(name, **labels)
 
-    def samples(self) -> "Samples":
+    def samples(self) -> Samples:
         return parse_samples(self.metrics())
-
-
-@dataclass(frozen=True)
-class Samples:
-    values: dict
-
-    def get(self, name: str, **labels: str) -> float:
-        """One sample's value, or the sum over the series that add labels not named (a request
-        counter's `protocol`); 0 when no series matches yet."""
-        exact = self.values.get((name, tuple(sorted(labels.items()))))
-        return self.total(name, **labels) if exact is None else exact
-
-    def total(self, name: str, **labels: str) -> float:
-        """Sum over the series of `name` whose labels include `labels`."""
-        wanted = set(labels.items())
-        return sum(v for (n, found), v in self.values.items() if n == name and wanted <= set(found))
-
-    def names(self) -> set[str]:
-        return {name for name, _ in self.values}
-
-
-def parse_samples(text: str) -> Samples:
-    """Every sample of a /metrics page, parsed by prometheus_client's own parser."""
-    parsed = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            parsed[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return Samples(parsed)
 
 
 def start_server(repository: Path, *extra: str, wait_ready: bool = True, timeout: float = 120) -> ServerProcess:

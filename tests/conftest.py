@@ -10,12 +10,11 @@ from bench.serving import (
     NOT_READY_LINE,
     READY_LINE,
     ROOT,
-    Samples,
     ServerProcess,
-    parse_samples,
     start_server,
     wait_until,
 )
+from server.tools.metrics_reader import Samples, parse_samples
 
 __all__ = [  # the tests import these from here
     "HTTP_LINE", "LISTENING_LINE", "NOT_READY_LINE", "READY_LINE", "ROOT", "Samples", "ServerProcess",

@@ -12,16 +12,15 @@ import os
 import random
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 import numpy as np
-from prometheus_client.parser import text_string_to_metric_families
 
 from server import protocol
 from server.tensors import DATATYPES
+from server.tools.metrics_reader import Samples
 
 METHOD = f"/{protocol.SERVICE_NAME}/ModelInfer"
 STREAM_METHOD = f"/{protocol.SERVICE_NAME}/ModelStreamInfer"
@@ -122,30 +121,14 @@ def process_tree_cpu(root: int) -> float:
     return total
 
 
-def scrape(metrics_url: str | None) -> dict | None:
-    """Every sample of an onnxserve /metrics page, summed over labels, by sample name."""
-    if not metrics_url:
-        return None
-    with urllib.request.urlopen(metrics_url, timeout=10) as response:
-        text = response.read().decode()
-    totals: dict = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
-    return totals
-
-
-def server_figures(before: dict | None, after: dict | None) -> tuple[float | None, float | None]:
-    """(average batch rows, cost per inference) between two scrapes."""
+def server_figures(before: Samples | None, after: Samples | None) -> tuple[float | None, float | None]:
+    """(average batch rows, cost per inference) between two readings of /metrics, over every model."""
     if before is None or after is None:
         return None, None
-
-    def delta(name: str) -> float:
-        return after.get(name, 0.0) - before.get(name, 0.0)
-
-    batches, inferences = delta("onnxserve_batch_size_count"), delta("onnxserve_inferences_total")
-    average = delta("onnxserve_batch_size_sum") / batches if batches else None
-    cost = delta("onnxserve_cost_dollars_total") / inferences if inferences else None
+    batches = after.change_since(before, "onnxserve_batch_size_count")
+    inferences = after.change_since(before, "onnxserve_inferences_total")
+    average = after.change_since(before, "onnxserve_batch_size_sum") / batches if batches else None
+    cost = after.change_since(before, "onnxserve_cost_dollars_total") / inferences if inferences else None
     return average, cost
 
 

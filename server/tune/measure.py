@@ -5,38 +5,15 @@ and after each window, so the figures are the ones users will see in production.
 
 import asyncio
 import time
-import urllib.request
 from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
-from prometheus_client.parser import text_string_to_metric_families
 
 from server.tools.loadgen import Run
+from server.tools.metrics_reader import Samples, read_samples
 from server.tune.budget import Budget, MeasurePlan
 from server.tune.search import Measurement
-
-
-class Snapshot(dict):
-    """One /metrics page: {(sample name, frozenset of label pairs): value}."""
-
-    def total(self, name: str, **labels: str) -> float:
-        wanted = set(labels.items())
-        return sum(value for (found, pairs), value in self.items() if found == name and wanted <= pairs)
-
-    def label_values(self, name: str, label: str, **labels: str) -> set[str]:
-        wanted = set(labels.items())
-        return {dict(pairs)[label] for (found, pairs) in self if found == name and wanted <= pairs and label in dict(pairs)}
-
-
-def read_metrics(url: str) -> Snapshot:
-    with urllib.request.urlopen(url, timeout=10) as response:
-        text = response.read().decode()
-    snapshot = Snapshot()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            snapshot[(sample.name, frozenset(sample.labels.items()))] = sample.value
-    return snapshot
 
 
 @dataclass(frozen=True)
@@ -47,20 +24,19 @@ class Price:
     energy_measured: bool
 
 
-def prices(snapshot: Snapshot) -> dict[str, Price]:
+def prices(samples: Samples) -> dict[str, Price]:
     """Each device's price as the server states it on /metrics."""
     found = {}
-    for (name, pairs), value in snapshot.items():
-        if name == "onnxserve_device_price_dollars_per_hour":
-            labels = dict(pairs)
-            energy = snapshot.label_values("onnxserve_device_info", "energy", device=labels["device"])
-            found[labels["device"]] = Price(labels["device"], value, labels.get("source", ""), energy == {"nvml"})
+    for labels, value in samples.series("onnxserve_device_price_dollars_per_hour"):
+        device = labels["device"]
+        energy = samples.label_values("onnxserve_device_info", "energy", device=device)
+        found[device] = Price(device, value, labels.get("source", ""), energy == {"nvml"})
     return found
 
 
-def model_devices(snapshot: Snapshot, model: str) -> tuple[str, ...]:
+def model_devices(samples: Samples, model: str) -> tuple[str, ...]:
     """The devices the model's batches are charged to (its cost series exist from its load on)."""
-    return tuple(sorted(snapshot.label_values("onnxserve_cost_dollars_total", "device", model=model)))
+    return tuple(sorted(samples.label_values("onnxserve_cost_dollars_total", "device", model=model)))
 
 
 def bucket_quantile(buckets: list[tuple[float, float]], q: float) -> float | None:
@@ -93,9 +69,9 @@ class Ledger:
     batch_rows: float = 0.0
     duration_buckets: dict[float, float] = field(default_factory=dict)
 
-    def add(self, before: Snapshot, after: Snapshot, model: str, devices: tuple[str, ...]) -> None:
+    def add(self, before: Samples, after: Samples, model: str, devices: tuple[str, ...]) -> None:
         def delta(name: str, **labels: str) -> float:
-            return after.total(name, **labels) - before.total(name, **labels)
+            return after.change_since(before, name, **labels)
 
         self.model_cost += delta("onnxserve_cost_dollars_total", model=model)
         self.idle_cost += sum(delta("onnxserve_idle_cost_dollars_total", device=d) for d in devices)
@@ -158,9 +134,9 @@ async def measure(target: Target, config: str, rate: float, plan: MeasurePlan, b
     while len(windows) < plan.max_windows:
         if len(windows) >= plan.min_windows and not budget.fits(window_s + plan.overhead_s):
             break
-        before = await asyncio.to_thread(read_metrics, target.metrics_url)
+        before = await asyncio.to_thread(read_samples, target.metrics_url)
         windows.append(await _window(target, rate, window_s, seed + len(windows) + 1))
-        after = await asyncio.to_thread(read_metrics, target.metrics_url)
+        after = await asyncio.to_thread(read_samples, target.metrics_url)
         devices = model_devices(after, target.model)
         ledger.add(before, after, target.model, devices)
         if len(windows) >= plan.min_windows and agree(windows[-1].p99_ms, windows[-2].p99_ms, plan.tolerance):

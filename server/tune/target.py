@@ -5,6 +5,7 @@ loopback; and the calls that apply a configuration to it (RepositoryModelLoad wi
 import ipaddress
 import os
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
@@ -47,7 +48,7 @@ def loopback_address(text: str, flag: str) -> str:
     return f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
 
 
-def launch(repository: Path, model: str, device_prices: list[str], timeout: float = 300) -> Launched:
+def launch(repository: Path, model: str, device_prices: Sequence[str], timeout: float = 300) -> Launched:
     """Start onnxserve serving only `model`, and wait until it is ready (ServerError if not)."""
     arguments = [
         "--model-repository", str(repository.resolve()),
