@@ -37,8 +37,13 @@ WANTED = ("grpcio-health-checking", "grpcio-reflection", "uvicorn", "httptools",
 SKIP = frozenset({"numpy"})
 # pip matches --platform exactly, so every manylinux tag the machine accepts is listed. torch 2.11's
 # wheels are manylinux_2_28, so its glibc is at least 2.28; nothing newer is assumed.
-PLATFORMS = (*(f"manylinux_2_{minor}_x86_64" for minor in range(28, 4, -1)),
-             "manylinux2014_x86_64", "manylinux2010_x86_64", "manylinux1_x86_64", "any")  # fmt: skip
+PLATFORMS = (
+    *(f"manylinux_2_{minor}_x86_64" for minor in range(28, 4, -1)),
+    "manylinux2014_x86_64",
+    "manylinux2010_x86_64",
+    "manylinux1_x86_64",
+    "any",
+)
 TARGET = ("--only-binary=:all:", "--python-version", "3.12", "--implementation", "cp", "--abi", "cp312")
 MANIFEST = "manifest.json"
 BLOCK = 1 << 20
@@ -86,8 +91,21 @@ def gather(requirements: list[str], into: Path) -> list[Path]:
     constraints = into / "constraints.txt"
     constraints.write_text(_constraints(requirements))
     platforms = [argument for platform in PLATFORMS for argument in ("--platform", platform)]
-    command = [sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "--quiet", *TARGET,
-               *platforms, "--dest", str(into), "-c", str(constraints), *requirements]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--disable-pip-version-check",
+        "--quiet",
+        *TARGET,
+        *platforms,
+        "--dest",
+        str(into),
+        "-c",
+        str(constraints),
+        *requirements,
+    ]
     subprocess.run(command, check=True)
     wheels = sorted(into.glob("*.whl"))
     return [wheel for wheel in wheels if wheel_name(wheel)[0] not in SKIP]
@@ -129,14 +147,21 @@ def split(wheels: list[Path], requirements: list[str], bundle: Path, part_bytes:
     entries, offset = [], 0
     for wheel in wheels:
         size = wheel.stat().st_size
-        entries.append({"file": wheel.name, "size": size, "sha256": sha256(wheel), "start": offset, "end": offset + size})
+        entries.append(
+            {"file": wheel.name, "size": size, "sha256": sha256(wheel), "start": offset, "end": offset + size}
+        )
         offset += size
     parts = []
     for index, start in enumerate(range(0, offset, part_bytes)):
         size, digest = _write(bundle / f"part-{index:03d}", _read(wheels, start, min(offset, start + part_bytes)))
         parts.append({"file": f"part-{index:03d}", "size": size, "sha256": digest})
-    manifest = {"requirements": requirements, "part_bytes": part_bytes, "total_bytes": offset, "wheels": entries,
-                "parts": parts}  # fmt: skip
+    manifest = {
+        "requirements": requirements,
+        "part_bytes": part_bytes,
+        "total_bytes": offset,
+        "wheels": entries,
+        "parts": parts,
+    }
     (bundle / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return manifest
 
@@ -151,8 +176,10 @@ def check_parts(bundle: Path, manifest: dict) -> list[Path]:
             continue
         size, digest = path.stat().st_size, sha256(path)
         if (size, digest) != (part["size"], part["sha256"]):
-            problems.append(f"{part['file']}: {size} bytes, SHA-256 {digest}; the manifest says {part['size']} bytes, "
-                            f"{part['sha256']}")  # fmt: skip
+            problems.append(
+                f"{part['file']}: {size} bytes, SHA-256 {digest}; the manifest says {part['size']} bytes, "
+                f"{part['sha256']}"
+            )
     if problems:
         raise BundleError("parts that do not match the manifest (send them again):\n  " + "\n  ".join(problems))
     return [bundle / part["file"] for part in manifest["parts"]]
@@ -182,7 +209,9 @@ def bundled_version(manifest: dict, name: str) -> str | None:
 def _pip(*arguments: str) -> None:
     # A distribution's own Python (PEP 668) refuses pip installs unless told; a throwaway machine allows it.
     environment = {**os.environ, "PIP_BREAK_SYSTEM_PACKAGES": "1"}
-    subprocess.run([sys.executable, "-m", "pip", *arguments, "--disable-pip-version-check"], check=True, env=environment)
+    subprocess.run(
+        [sys.executable, "-m", "pip", *arguments, "--disable-pip-version-check"], check=True, env=environment
+    )
 
 
 def pip_install(manifest: dict, wheel_dir: Path) -> None:
@@ -217,7 +246,9 @@ def onnxruntime_report(python: str, expected: str | None) -> int:
         print(f"onnxruntime does not import:\n{probe.stderr.strip()}")
         return 1 if expected else 0
     found = json.loads(probe.stdout)
-    print(f"onnxruntime {found['version']} (onnxruntime-gpu {found['onnxruntime-gpu']}), providers: {found['providers']}")
+    print(
+        f"onnxruntime {found['version']} (onnxruntime-gpu {found['onnxruntime-gpu']}), providers: {found['providers']}"
+    )
     if expected and not found["version"] == found["onnxruntime-gpu"] == expected:
         print(f"expected onnxruntime-gpu {expected}, the bundled one")
         return 1
@@ -235,8 +266,10 @@ def build(bundle: Path, requirements: list[str], part_bytes: int) -> None:
     for wheel in manifest["wheels"]:
         print(f"  {wheel['file']}: {wheel['size'] / 2**20:.2f} MiB")
     sizes = ", ".join(f"{part['size'] / 2**20:.1f}" for part in manifest["parts"])
-    print(f"{len(manifest['wheels'])} wheels, {manifest['total_bytes'] / 2**20:.1f} MiB in {len(manifest['parts'])} "
-          f"parts ({sizes} MiB) in {bundle}, {time.perf_counter() - began:.1f} s")  # fmt: skip
+    print(
+        f"{len(manifest['wheels'])} wheels, {manifest['total_bytes'] / 2**20:.1f} MiB in {len(manifest['parts'])} "
+        f"parts ({sizes} MiB) in {bundle}, {time.perf_counter() - began:.1f} s"
+    )
 
 
 def install(bundle: Path, dry_run: bool) -> int:
@@ -262,8 +295,9 @@ def install(bundle: Path, dry_run: bool) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser("python -m bench.gpu_bundle", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        "python -m bench.gpu_bundle", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("bundle", type=Path, help="the folder of parts and manifest.json")
     parser.add_argument("--install", action="store_true", help="check, join and install the bundle (offline)")
     parser.add_argument("--dry-run", action="store_true", help="with --install: check and join only")

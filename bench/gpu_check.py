@@ -49,14 +49,14 @@ import tempfile
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from bench import gpu_restarts, gpu_steps
 from bench.gpu_steps import Context, Failed, Plan, Skip
-from server.tools import gpu_report
 from server.engine.placement import visible_gpus
+from server.tools import gpu_report
 
 CUT_EXIT = 3  # --exit-after: the status of a run cut off on purpose
 
@@ -69,9 +69,14 @@ class Step:
 
 
 def steps(plan: Plan) -> list[Step]:
-    chosen = [Step("environment", 60, gpu_steps.environment), Step("providers", 240, gpu_steps.providers),
-              Step("io_binding", 90, gpu_steps.io_binding), Step("serving", 150, gpu_steps.serving),
-              Step("energy", 60, gpu_steps.energy), Step("cuda_graphs", 90, gpu_steps.cuda_graphs)]  # fmt: skip
+    chosen = [
+        Step("environment", 60, gpu_steps.environment),
+        Step("providers", 240, gpu_steps.providers),
+        Step("io_binding", 90, gpu_steps.io_binding),
+        Step("serving", 150, gpu_steps.serving),
+        Step("energy", 60, gpu_steps.energy),
+        Step("cuda_graphs", 90, gpu_steps.cuda_graphs),
+    ]
     if not plan.quick:
         chosen.append(Step("encoder", 240, gpu_steps.encoder))
     chosen.append(Step("tensorrt", 420, gpu_restarts.tensorrt))
@@ -128,8 +133,11 @@ class Journal:
 
     def __init__(self, out: Path, check: dict, chosen: list[Step]) -> None:
         self.out, self.began = out, time.monotonic()
-        self.doc = {"check": {**check, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}, "writes": 0,
-                    "steps": [{"name": step.name, "status": "pending", "limit_seconds": step.limit} for step in chosen]}  # fmt: skip
+        self.doc = {
+            "check": {**check, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")},
+            "writes": 0,
+            "steps": [{"name": step.name, "status": "pending", "limit_seconds": step.limit} for step in chosen],
+        }
 
     def elapsed(self) -> float:
         return time.monotonic() - self.began
@@ -139,8 +147,14 @@ class Journal:
 
     def write(self) -> None:
         self.doc["writes"] += 1
-        self.doc["updated"], self.doc["elapsed_seconds"] = time.strftime("%Y-%m-%d %H:%M:%S %Z"), round(self.elapsed(), 1)
-        for name, text in (("gpu-check.json", json.dumps(self.doc, indent=2, default=str)), ("gpu-check.md", markdown(self.doc))):
+        self.doc["updated"], self.doc["elapsed_seconds"] = (
+            time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            round(self.elapsed(), 1),
+        )
+        for name, text in (
+            ("gpu-check.json", json.dumps(self.doc, indent=2, default=str)),
+            ("gpu-check.md", markdown(self.doc)),
+        ):
             partial = self.out / f".{name}.partial"
             partial.write_text(text)
             os.replace(partial, self.out / name)  # whole or not at all, even if the run is killed meanwhile
@@ -169,7 +183,9 @@ def run_step(step: Step, entry: dict, ctx: Context, journal: Journal, deadline: 
     except OutOfTime as err:
         entry.update(status="failed", error=f"timed out: {err}")
     except Exception as err:  # noqa: BLE001 - recorded, with where it came from; the next step runs
-        entry.update(status="failed", error=f"{type(err).__name__}: {err}"[-2000:], traceback=traceback.format_exc()[-3000:])
+        entry.update(
+            status="failed", error=f"{type(err).__name__}: {err}"[-2000:], traceback=traceback.format_exc()[-3000:]
+        )
     finally:
         entry.update(seconds=round(time.perf_counter() - began, 2), ended_seconds=round(journal.elapsed(), 2))
         if stray := sweep(ctx.pids()):
@@ -194,31 +210,52 @@ def _cell(text: str) -> str:
 
 def markdown(doc: dict) -> str:
     check = doc["check"]
-    lines = [f"# onnxserve GPU check ({check['mode']})", "",
-             f"{doc.get('updated', '')}; {doc.get('elapsed_seconds', 0):.0f} s; {check['seconds_per_point']:g} s per point", "",
-             "| step | status | seconds | limit s | found |", "|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        f"# onnxserve GPU check ({check['mode']})",
+        "",
+        f"{doc.get('updated', '')}; {doc.get('elapsed_seconds', 0):.0f} s; {check['seconds_per_point']:g} s per point",
+        "",
+        "| step | status | seconds | limit s | found |",
+        "|---|---|---|---|---|",
+    ]
     for entry in doc["steps"]:
         found = entry.get("summary") or entry.get("error") or entry.get("reason") or ""
-        lines.append(f"| {entry['name']} | {entry['status']} | {entry.get('seconds', '')} | {entry['limit_seconds']:g} | {_cell(found)} |")
+        lines.append(
+            f"| {entry['name']} | {entry['status']} | {entry.get('seconds', '')} | {entry['limit_seconds']:g} | {_cell(found)} |"
+        )
     table = [row for entry in doc["steps"] for row in (entry.get("result") or {}).get("rows", [])]
     if table:
-        lines += ["", "| model | server provider | raw provider | c | onnxserve inf/s | p50 ms | raw inf/s (batch) | raw ms "
-                  "| / raw | errors |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "",
+            "| model | server provider | raw provider | c | onnxserve inf/s | p50 ms | raw inf/s (batch) | raw ms "
+            "| / raw | errors |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
     for row in table:
-        lines.append(f"| {row['model']} | {row['server_provider']} | {row['raw_provider']} | {row['concurrency']} "
-                     f"| {row['inferences_per_second']:,.0f} | {row['p50_ms']:.3f} | {row['raw_inferences_per_second']:,.0f} "
-                     f"({row['raw_batch']}) | {row['raw_ms']:.3f} | {row['ratio']:.2f} | {row['errors']} |")  # fmt: skip
+        lines.append(
+            f"| {row['model']} | {row['server_provider']} | {row['raw_provider']} | {row['concurrency']} "
+            f"| {row['inferences_per_second']:,.0f} | {row['p50_ms']:.3f} | {row['raw_inferences_per_second']:,.0f} "
+            f"({row['raw_batch']}) | {row['raw_ms']:.3f} | {row['ratio']:.2f} | {row['errors']} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__.splitlines()[0])
     parser.add_argument("--cpu", action="store_true", help="the plumbing only, on the CPU with the mlp (what CI runs)")
-    parser.add_argument("--quick", action="store_true", help="only what must finish on the lent machine (under 6 minutes)")
+    parser.add_argument(
+        "--quick", action="store_true", help="only what must finish on the lent machine (under 6 minutes)"
+    )
     parser.add_argument("--out", type=Path, default=Path("gpu-check"))
-    parser.add_argument("--seconds", type=float, help="seconds per measured point (default 1 with --cpu, 3 with --quick, else 8)")
-    parser.add_argument("--deadline-minutes", type=float, help="then skip what is left (default 5.5 with --quick, else 9.5)")
-    parser.add_argument("--tune-minutes", type=float, help="the onnxserve-tune step's budget (default 2; none with --quick or --cpu)")
+    parser.add_argument(
+        "--seconds", type=float, help="seconds per measured point (default 1 with --cpu, 3 with --quick, else 8)"
+    )
+    parser.add_argument(
+        "--deadline-minutes", type=float, help="then skip what is left (default 5.5 with --quick, else 9.5)"
+    )
+    parser.add_argument(
+        "--tune-minutes", type=float, help="the onnxserve-tune step's budget (default 2; none with --quick or --cpu)"
+    )
     parser.add_argument("--fail-step", action="append", default=[], help=argparse.SUPPRESS)  # tests: NAME or NAME=hang
     parser.add_argument("--exit-after", default="", help=argparse.SUPPRESS)  # tests: end the process as a cut-off would
     args = parser.parse_args(argv)
@@ -247,12 +284,23 @@ def check(args: argparse.Namespace, argv: list[str], scratch: Path) -> int:
     plan = Plan(args.cpu, args.quick, args.seconds, scratch, args.out, args.tune_minutes)
     chosen = steps(plan)
     names = {step.name for step in chosen}
-    wrong = [n for n in [*args.hooks, args.exit_after] if n and n not in names] + [m for m in args.hooks.values() if m not in ("raise", "hang")]
+    wrong = [n for n in [*args.hooks, args.exit_after] if n and n not in names] + [
+        m for m in args.hooks.values() if m not in ("raise", "hang")
+    ]
     if wrong:
         raise SystemExit(f"--fail-step/--exit-after: no such step or mode: {wrong}")
     mode = " ".join(["--cpu"] * args.cpu + ["--quick"] * args.quick) or "GPU"
-    journal = Journal(args.out, {"mode": mode, "argv": argv, "seconds_per_point": args.seconds,
-                                 "deadline_minutes": args.deadline_minutes, "hooks": args.hooks}, chosen)  # fmt: skip
+    journal = Journal(
+        args.out,
+        {
+            "mode": mode,
+            "argv": argv,
+            "seconds_per_point": args.seconds,
+            "deadline_minutes": args.deadline_minutes,
+            "hooks": args.hooks,
+        },
+        chosen,
+    )
     ctx = Context(plan, journal.say)
     journal.write()
     try:
@@ -268,8 +316,10 @@ def check(args: argparse.Namespace, argv: list[str], scratch: Path) -> int:
         sweep(set())
     print(markdown(journal.doc))
     failed = [e["name"] for e in journal.doc["steps"] if e["status"] == "failed" and e["name"] not in args.hooks]
-    journal.say(f"done: {len(failed)} step(s) failed{': ' + ', '.join(failed) if failed else ''}"
-                f"{' (not counting --fail-step)' if args.hooks else ''}; {args.out / 'gpu-check.md'}")  # fmt: skip
+    journal.say(
+        f"done: {len(failed)} step(s) failed{': ' + ', '.join(failed) if failed else ''}"
+        f"{' (not counting --fail-step)' if args.hooks else ''}; {args.out / 'gpu-check.md'}"
+    )
     return 1 if failed else 0
 
 

@@ -58,7 +58,9 @@ def provider_list(parameters: dict[str, str]) -> tuple[list, str]:
     if text:
         return [[name, dict(options)] for name, options in json.loads(text)], "server"
     provider = parameters.get("execution_provider") or CPU
-    return [[provider, {}]] + ([[CPU, {}]] if provider != CPU else []), "guessed: the server reports no provider_options"
+    return [[provider, {}]] + (
+        [[CPU, {}]] if provider != CPU else []
+    ), "guessed: the server reports no provider_options"
 
 
 def without_option(providers: list, option: str) -> list:
@@ -117,7 +119,10 @@ def reference(raw: dict[int, dict], concurrency: int) -> tuple[int, dict]:
 
 
 def max_difference(got: list[np.ndarray], expected: list[np.ndarray]) -> float:
-    return max(float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)), initial=0.0)) for a, b in zip(got, expected))
+    return max(
+        float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)), initial=0.0))
+        for a, b in zip(got, expected)
+    )
 
 
 def close(got: list[np.ndarray], expected: list[np.ndarray]) -> bool:

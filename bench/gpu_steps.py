@@ -10,9 +10,9 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import grpc
 import numpy as np
@@ -21,15 +21,17 @@ from bench import gpu_raw, make_models
 from bench.grpc_client import Client
 from bench.run import Running, Workload, loadgen, raw_feeds
 from bench.serving import ServerProcess, start_server
-from server.tools import gpu_report
 from server.engine.binding import FixedBinding, bound_run
 from server.engine.placement import CPU, CUDA
 from server.tensors import DATATYPE_BY_ORT, TensorSpec
+from server.tools import gpu_report
 
 GRPC_ONLY = ("--http-port", "-1")  # measured over gRPC; REST would need uvicorn in the server's environment
 ON_GPU = "instance_group [{ kind: KIND_GPU }]"
-GRAPHS = (f'{ON_GPU}\nmax_batch_size: 16\noptimization {{ execution_accelerators {{ gpu_execution_accelerator '
-          '[{ name: "cuda" parameters { key: "enable_cuda_graph" value: "1" } }] } }')  # fmt: skip
+GRAPHS = (
+    f"{ON_GPU}\nmax_batch_size: 16\noptimization {{ execution_accelerators {{ gpu_execution_accelerator "
+    '[{ name: "cuda" parameters { key: "enable_cuda_graph" value: "1" } }] } }'
+)
 MODELS = {  # served name -> (benchmark model, config.pbtxt, load generator shapes)
     "resnet50": ("resnet50", ON_GPU, ()),
     "encoder": ("encoder", ON_GPU, ("input_ids=1,128", "attention_mask=1,128")),
@@ -189,10 +191,20 @@ def environment(ctx: Context) -> dict:
     report = gpu_report.report(None)
     missing = {name: entry["missing"] for name, entry in report["libraries"].items()}
     gpus = gpu_raw.gpu_names()
-    found = {"python": sys.version.split()[0], "onnxruntime": report["onnxruntime"], "gpus": gpus, "preload": preload, "gpu_report": report}
-    libraries = "; ".join(f"{name}: {'loads' if not lacks else 'lacks ' + ', '.join(lacks)}" for name, lacks in missing.items())
-    found["summary"] = (f"onnxruntime {report['onnxruntime']}, providers {', '.join(report['available_providers'])}; "
-                        f"GPUs: {', '.join(gpus) or 'none'}; {libraries}; preload: {'; '.join(preload) or 'all loaded'}")  # fmt: skip
+    found = {
+        "python": sys.version.split()[0],
+        "onnxruntime": report["onnxruntime"],
+        "gpus": gpus,
+        "preload": preload,
+        "gpu_report": report,
+    }
+    libraries = "; ".join(
+        f"{name}: {'loads' if not lacks else 'lacks ' + ', '.join(lacks)}" for name, lacks in missing.items()
+    )
+    found["summary"] = (
+        f"onnxruntime {report['onnxruntime']}, providers {', '.join(report['available_providers'])}; "
+        f"GPUs: {', '.join(gpus) or 'none'}; {libraries}; preload: {'; '.join(preload) or 'all loaded'}"
+    )
     return found
 
 
@@ -206,12 +218,19 @@ def providers(ctx: Context) -> dict:
             models[model] = {"error": str(err)}
             continue
         listed, source = gpu_raw.provider_list(parameters)
-        models[model] = {"provider": parameters.get("execution_provider"), "device": parameters.get("device"),
-                         "io_binding": parameters.get("io_binding"), "provider_options": listed, "provider_options_from": source}  # fmt: skip
+        models[model] = {
+            "provider": parameters.get("execution_provider"),
+            "device": parameters.get("device"),
+            "io_binding": parameters.get("io_binding"),
+            "provider_options": listed,
+            "provider_options_from": source,
+        }
     said = [line for line in server.log if "asked for" in line or "enable_cuda_graph" in line][:6]
     found = {"start_to_ready_seconds": ctx.start_seconds, "models": models, "server_log": said}
     found["summary"] = "; ".join(f"{m}: {e.get('provider') or e['error']}" for m, e in models.items())
-    found["summary"] += f" (options from: {', '.join(sorted({e.get('provider_options_from', '-') for e in models.values()}))})"
+    found["summary"] += (
+        f" (options from: {', '.join(sorted({e.get('provider_options_from', '-') for e in models.values()}))})"
+    )
     wrong = [model for model, entry in models.items() if entry.get("provider") != ctx.plan.provider]
     if wrong:
         raise Failed(f"not on {ctx.plan.provider}: {', '.join(wrong)}; " + found["summary"], found)
@@ -234,11 +253,20 @@ def io_binding(ctx: Context) -> dict:
         bound_run(device, session, names, feeds)
     after = gpu_raw.device_reading()["memory_used"]
     growth = None if before is None or after is None else after - before
-    found = {"provider": provider, "provider_options_from": source, "device": device, "outputs_equal_session_run": gpu_raw.close(bound, expected),
-             "max_difference": gpu_raw.max_difference(bound, expected), "runs": runs, "device_memory_growth_bytes": growth}  # fmt: skip
+    found = {
+        "provider": provider,
+        "provider_options_from": source,
+        "device": device,
+        "outputs_equal_session_run": gpu_raw.close(bound, expected),
+        "max_difference": gpu_raw.max_difference(bound, expected),
+        "runs": runs,
+        "device_memory_growth_bytes": growth,
+    }
     memory = "not measured (no NVML)" if growth is None else f"{growth / 2**20:+.1f} MiB"
-    found["summary"] = (f"{provider}: bound outputs {'equal' if found['outputs_equal_session_run'] else 'DIFFER from'} "
-                        f"session.run's (max |diff| {found['max_difference']:.1e}); device memory over {runs} bound runs {memory}")  # fmt: skip
+    found["summary"] = (
+        f"{provider}: bound outputs {'equal' if found['outputs_equal_session_run'] else 'DIFFER from'} "
+        f"session.run's (max |diff| {found['max_difference']:.1e}); device memory over {runs} bound runs {memory}"
+    )
     if not found["outputs_equal_session_run"] or (growth or 0) > GROWTH_LIMIT:
         raise Failed(found["summary"], found)
     return found
@@ -255,7 +283,9 @@ def serving(ctx: Context, model: str = "") -> dict:
     served = {}
     for concurrency in ctx.plan.concurrencies:
         ctx.say(f"{model}: onnxserve at concurrency {concurrency} ...")
-        served[concurrency] = loadgen(ctx.running(), Workload(model, (concurrency,), (1,), shapes), concurrency, ctx.plan.seconds)
+        served[concurrency] = loadgen(
+            ctx.running(), Workload(model, (concurrency,), (1,), shapes), concurrency, ctx.plan.seconds
+        )
     found = {"model": model, "provider_options": listed, "provider_options_from": source, "raw": raw, "served": served}
     found["rows"] = rows(model, parameters.get("execution_provider", "?"), session.get_providers()[0], raw, served)
     return judged(found)
@@ -266,11 +296,21 @@ def rows(model: str, server_provider: str, raw_provider: str, raw: dict, served:
     found = []
     for concurrency, point in served.items():
         batch, figures = gpu_raw.reference(raw, concurrency)
-        found.append({"model": model, "server_provider": server_provider, "raw_provider": raw_provider,
-                      "concurrency": concurrency, "inferences_per_second": point["inferences_per_second"],
-                      "p50_ms": point["p50_ms"], "errors": point["errors"], "raw_batch": batch,
-                      "raw_inferences_per_second": figures["inferences_per_second"], "raw_ms": figures["ms"],
-                      "ratio": point["inferences_per_second"] / figures["inferences_per_second"]})  # fmt: skip
+        found.append(
+            {
+                "model": model,
+                "server_provider": server_provider,
+                "raw_provider": raw_provider,
+                "concurrency": concurrency,
+                "inferences_per_second": point["inferences_per_second"],
+                "p50_ms": point["p50_ms"],
+                "errors": point["errors"],
+                "raw_batch": batch,
+                "raw_inferences_per_second": figures["inferences_per_second"],
+                "raw_ms": figures["ms"],
+                "ratio": point["inferences_per_second"] / figures["inferences_per_second"],
+            }
+        )
     return found
 
 
@@ -279,8 +319,10 @@ def judged(found: dict, prefix: str = "") -> dict:
     table = found["rows"]
     first, best = table[0], max(row["ratio"] for row in table)
     overhead = first["p50_ms"] - first["raw_ms"]
-    found["summary"] = prefix + (f"{first['model']} on {first['server_provider']} (raw: {first['raw_provider']}): best {best:.2f} of raw "
-                        f"(target 0.90); p50 overhead at c={first['concurrency']} {overhead:.3f} ms (target < 0.5)")  # fmt: skip
+    found["summary"] = prefix + (
+        f"{first['model']} on {first['server_provider']} (raw: {first['raw_provider']}): best {best:.2f} of raw "
+        f"(target 0.90); p50 overhead at c={first['concurrency']} {overhead:.3f} ms (target < 0.5)"
+    )
     errors = sum(row["errors"] for row in table)
     if errors:
         samples = [s for point in found.get("served", {}).values() for s in point.get("error_samples", [])][:3]
@@ -299,15 +341,24 @@ def energy(ctx: Context) -> dict:
     attributed = server.samples().total("onnxserve_energy_joules_total")
     time.sleep(2.0)  # idle: no step runs anything on the GPU now
     marks.append((time.perf_counter(), gpu_raw.device_reading()["energy_joules"]))
-    point = loadgen(ctx.running(), Workload(ctx.plan.model, (16,), (1,), MODELS[ctx.plan.model][2]), 16, ctx.plan.seconds)
+    point = loadgen(
+        ctx.running(), Workload(ctx.plan.model, (16,), (1,), MODELS[ctx.plan.model][2]), 16, ctx.plan.seconds
+    )
     marks.append((time.perf_counter(), gpu_raw.device_reading()["energy_joules"]))
     idle_watts, load_watts = ((marks[i + 1][1] - marks[i][1]) / (marks[i + 1][0] - marks[i][0]) for i in (0, 1))
     inferences = point["inferences_per_second"] * ctx.plan.seconds
-    found = {"idle_watts": idle_watts, "load_watts": load_watts, "load_joules": marks[2][1] - marks[1][1],
-             "server_attributed_joules": server.samples().total("onnxserve_energy_joules_total") - attributed,
-             "inferences": inferences, "load": point}  # fmt: skip
-    found["summary"] = (f"{idle_watts:.0f} W idle, {load_watts:.0f} W under load (c=16, loadgen start-up included); "
-                        f"the server attributed {found['server_attributed_joules']:.1f} J to its batches")  # fmt: skip
+    found = {
+        "idle_watts": idle_watts,
+        "load_watts": load_watts,
+        "load_joules": marks[2][1] - marks[1][1],
+        "server_attributed_joules": server.samples().total("onnxserve_energy_joules_total") - attributed,
+        "inferences": inferences,
+        "load": point,
+    }
+    found["summary"] = (
+        f"{idle_watts:.0f} W idle, {load_watts:.0f} W under load (c=16, loadgen start-up included); "
+        f"the server attributed {found['server_attributed_joules']:.1f} J to its batches"
+    )
     if not load_watts > idle_watts * 1.2:
         raise Failed("the energy counter did not move with the load: " + found["summary"], found)
     return found
@@ -329,9 +380,13 @@ def cuda_graphs(ctx: Context) -> dict:
             x = rng.standard_normal((batch, 4), dtype=np.float32)
             answer = client.infer("graph_mlp", {name: x})
             got, want = [answer[n] for n in names], plain.run(names, {name: x})
-            served.append({"rows": batch, "equal": gpu_raw.close(got, want), "max_difference": gpu_raw.max_difference(got, want)})
-    found["summary"] = (f"served on {parameters.get('execution_provider')} (raw: {plain.get_providers()[0]}): rows {GRAPH_ROWS} "
-                        f"{'all equal' if all(s['equal'] for s in served) else 'DIFFER'}; in-process {replay['summary']}")  # fmt: skip
+            served.append(
+                {"rows": batch, "equal": gpu_raw.close(got, want), "max_difference": gpu_raw.max_difference(got, want)}
+            )
+    found["summary"] = (
+        f"served on {parameters.get('execution_provider')} (raw: {plain.get_providers()[0]}): rows {GRAPH_ROWS} "
+        f"{'all equal' if all(s['equal'] for s in served) else 'DIFFER'}; in-process {replay['summary']}"
+    )
     if not (all(s["equal"] for s in served) and replay["equal"]):
         raise Failed(found["summary"], found)
     return found
@@ -341,8 +396,12 @@ def replay_in_process(ctx: Context, parameters: dict[str, str], listed: list) ->
     """The server's options with enable_cuda_graph on, inputs bound once at fixed addresses
     (binding.FixedBinding) and updated in place with fresh random values each run: every run equal
     to a plain session's proves each replay read the updated buffers."""
-    graphed = [[n, {**o, "enable_cuda_graph": o.get("enable_cuda_graph", "True")} if n == CUDA else o] for n, o in listed]
-    session = gpu_raw.open_session(ctx.path("graph_mlp"), parameters, graphed)  # its own: a graph belongs to one binding
+    graphed = [
+        [n, {**o, "enable_cuda_graph": o.get("enable_cuda_graph", "True")} if n == CUDA else o] for n, o in listed
+    ]
+    session = gpu_raw.open_session(
+        ctx.path("graph_mlp"), parameters, graphed
+    )  # its own: a graph belongs to one binding
     plain = ctx.raw("graph_mlp", parameters, gpu_raw.without_option(listed, "enable_cuda_graph"))
     provider = session.get_providers()[0]
 
@@ -358,9 +417,18 @@ def replay_in_process(ctx: Context, parameters: dict[str, str], listed: list) ->
         want = plain.run(names, feeds)
         equal, difference = equal and gpu_raw.close(got, want), max(difference, gpu_raw.max_difference(got, want))
     graph = provider == CUDA
-    summary = (f"{'CUDA graph' if graph else 'no CUDA graph (' + provider + ')'}: {REPLAY_RUNS} runs on updated buffers "
-               f"{'equal' if equal else 'DIFFER from'} a plain session's (max |diff| {difference:.1e})")  # fmt: skip
-    return {"provider": provider, "cuda_graph": graph, "runs": REPLAY_RUNS, "equal": equal, "max_difference": difference, "summary": summary}
+    summary = (
+        f"{'CUDA graph' if graph else 'no CUDA graph (' + provider + ')'}: {REPLAY_RUNS} runs on updated buffers "
+        f"{'equal' if equal else 'DIFFER from'} a plain session's (max |diff| {difference:.1e})"
+    )
+    return {
+        "provider": provider,
+        "cuda_graph": graph,
+        "runs": REPLAY_RUNS,
+        "equal": equal,
+        "max_difference": difference,
+        "summary": summary,
+    }
 
 
 def encoder(ctx: Context) -> dict:

@@ -20,7 +20,7 @@ class Client:
         self.channel = grpc.insecure_channel(url)
         self.timeout = timeout
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -36,6 +36,7 @@ from dataclasses import asdict
 import numpy as np
 
 from server import protocol
+from server.tensors import DATATYPES
 from server.tools.loadgen import (  # the core lives in the package, so onnxserve-tune has it installed
     ARRIVALS,
     LoadError,
@@ -46,7 +47,6 @@ from server.tools.loadgen import (  # the core lives in the package, so onnxserv
     process_tree_cpu,
     server_figures,
 )
-from server.tensors import DATATYPES
 from server.tools.metrics_reader import read_samples
 
 
@@ -68,7 +68,10 @@ def http_body(payload: bytes, binary: bool) -> tuple[bytes, dict[str, str]]:
     text = json.dumps(header).encode()
     if not binary:
         return text, {"Content-Type": "application/json"}
-    return text + b"".join(raw), {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(text))}
+    return text + b"".join(raw), {
+        "Content-Type": "application/octet-stream",
+        "Inference-Header-Content-Length": str(len(text)),
+    }
 
 
 class HttpRun(Run):
@@ -148,7 +151,9 @@ async def run_load(args) -> Report:
 
 def print_report(report: Report) -> None:
     print(f"{report.model} ({report.mode}, batch {report.batch}): {report.requests} requests in {report.seconds:.1f} s")
-    print(f"  throughput  {report.inferences_per_second:,.0f} inferences/s ({report.requests_per_second:,.0f} requests/s)")
+    print(
+        f"  throughput  {report.inferences_per_second:,.0f} inferences/s ({report.requests_per_second:,.0f} requests/s)"
+    )
     print(f"  latency     p50 {report.p50_ms:.3f} ms   p90 {report.p90_ms:.3f} ms   p99 {report.p99_ms:.3f} ms")
     print(f"  errors      {report.errors}" + (f"  e.g. {report.error_samples[0]}" if report.error_samples else ""))
     if report.server_average_batch is not None:
@@ -158,10 +163,14 @@ def print_report(report: Report) -> None:
     if report.server_cpu_per_request_us is not None:
         print(f"  server CPU  {report.server_cpu_per_request_us:.0f} us per request")
     if report.send_gap_cv is not None:
-        print(f"  arrivals    {report.arrivals}: sent {report.sent_per_second:,.1f}/s, "
-              f"gaps' coefficient of variation {report.send_gap_cv:.2f}")
+        print(
+            f"  arrivals    {report.arrivals}: sent {report.sent_per_second:,.1f}/s, "
+            f"gaps' coefficient of variation {report.send_gap_cv:.2f}"
+        )
     load = report.client_cpu_seconds / report.seconds if report.seconds else 0.0
-    print(f"  client CPU  {report.client_cpu_seconds:.2f} s ({load:.0%} of a core, {report.client_cpu_per_request_us:.0f} us per request)")
+    print(
+        f"  client CPU  {report.client_cpu_seconds:.2f} s ({load:.0%} of a core, {report.client_cpu_per_request_us:.0f} us per request)"
+    )
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -171,23 +180,38 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     loop = parser.add_mutually_exclusive_group()
     loop.add_argument("--concurrency", type=int, default=1, help="closed loop: callers in flight")
     loop.add_argument("--rate", type=float, default=0.0, help="open loop: requests started per second")
-    parser.add_argument("--arrivals", choices=ARRIVALS, default="uniform",
-                        help="open loop: evenly spaced, or Poisson (exponential gaps, as independent users arrive)")  # fmt: skip
+    parser.add_argument(
+        "--arrivals",
+        choices=ARRIVALS,
+        default="uniform",
+        help="open loop: evenly spaced, or Poisson (exponential gaps, as independent users arrive)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="open loop with Poisson arrivals: the gaps' random seed")
     parser.add_argument("--streams", type=int, default=0, help="closed loop over this many ModelStreamInfer streams")
-    parser.add_argument("--stream-protocol", choices=("triton", "mlserver"), default="triton",
-                        help="what the server's ModelStreamInfer answers with (see above)")  # fmt: skip
+    parser.add_argument(
+        "--stream-protocol",
+        choices=("triton", "mlserver"),
+        default="triton",
+        help="what the server's ModelStreamInfer answers with (see above)",
+    )
     parser.add_argument("--http-url", default=None, help="REST host:port: send each request as a REST POST")
-    parser.add_argument("--http-body", choices=("binary", "json"), default="binary",
-                        help="with --http-url: Triton's binary tensor extension, or tensors as JSON lists")  # fmt: skip
+    parser.add_argument(
+        "--http-body",
+        choices=("binary", "json"),
+        default="binary",
+        help="with --http-url: Triton's binary tensor extension, or tensors as JSON lists",
+    )
     parser.add_argument("--duration", type=float, default=10.0, help="seconds (unless --requests)")
     parser.add_argument("--requests", type=int, default=0, help="stop after this many requests")
     parser.add_argument("--batch", type=int, default=1, help="rows per request")
-    parser.add_argument("--shape", action="append", default=[], help="NAME=D0,D1,... for an input (e.g. input_ids=1,128)")
+    parser.add_argument(
+        "--shape", action="append", default=[], help="NAME=D0,D1,... for an input (e.g. input_ids=1,128)"
+    )
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds of load before measuring")
     parser.add_argument("--metrics-url", default=None, help="onnxserve /metrics, for batch size and cost")
-    parser.add_argument("--server-pid", type=int, default=0,
-                        help="a server on this machine: report its process tree's CPU per request")  # fmt: skip
+    parser.add_argument(
+        "--server-pid", type=int, default=0, help="a server on this machine: report its process tree's CPU per request"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     parser.add_argument("--progress", action="store_true", help="a line every 5 s on stderr")
     args = parser.parse_args(argv)

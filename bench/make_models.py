@@ -37,6 +37,7 @@ OPSET = 17
 IR_VERSION = 9
 NAMES = ("mlp", "resnet50", "encoder")
 
+
 class _Graph:
     """Collects nodes and initializers; names are generated in a fixed order (deterministic)."""
 
@@ -63,7 +64,10 @@ class _Graph:
     def model(self, name: str, inputs, outputs) -> onnx.ModelProto:
         graph = helper.make_graph(self.nodes, name, inputs, outputs, self.initializers)
         model = helper.make_model(
-            graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION, producer_name="onnxserve-bench"
+            graph,
+            opset_imports=[helper.make_opsetid("", OPSET)],
+            ir_version=IR_VERSION,
+            producer_name="onnxserve-bench",
         )
         onnx.checker.check_model(model, full_check=True)
         return model
@@ -96,8 +100,12 @@ def _conv(g: _Graph, x: str, cin: int, cout: int, k: int, stride: int, relu: boo
     w = g.rng.standard_normal((cout, cin, k, k), dtype=np.float32) * np.float32(gain * np.sqrt(2.0 / (cin * k * k)))
     b = g.rng.standard_normal(cout, dtype=np.float32) * np.float32(0.01)
     y = g.op(
-        "Conv", [x, g.const(w, "conv_w"), g.const(b, "conv_b")], "conv",
-        kernel_shape=[k, k], strides=[stride, stride], pads=[k // 2] * 4,
+        "Conv",
+        [x, g.const(w, "conv_w"), g.const(b, "conv_b")],
+        "conv",
+        kernel_shape=[k, k],
+        strides=[stride, stride],
+        pads=[k // 2] * 4,
     )
     return g.op("Relu", [y]) if relu else y
 
@@ -147,8 +155,13 @@ def _encoder() -> onnx.ModelProto:
         return g.const(np.zeros(n, np.float32), "b")
 
     def layer_norm(x):
-        return g.op("LayerNormalization", [x, g.const(np.ones(HIDDEN, np.float32), "ln_g"), zeros(HIDDEN)], "ln",
-                    axis=-1, epsilon=1e-12)
+        return g.op(
+            "LayerNormalization",
+            [x, g.const(np.ones(HIDDEN, np.float32), "ln_g"), zeros(HIDDEN)],
+            "ln",
+            axis=-1,
+            epsilon=1e-12,
+        )
 
     def dense(x, n_in, n_out):
         return g.op("Add", [g.op("MatMul", [x, weight(n_in, n_out)]), zeros(n_out)])
@@ -161,8 +174,11 @@ def _encoder() -> onnx.ModelProto:
 
     # Embeddings: word + learned position (+ token type 0, folded into a constant row).
     words = g.op("Gather", [weight(VOCAB, HIDDEN), "input_ids"], "words", axis=0)
-    positions = g.op("Slice", [weight(MAX_POSITIONS, HIDDEN), g.const([0], "zero", np.int64), seq,
-                               g.const([0], "axis0", np.int64)], "positions")
+    positions = g.op(
+        "Slice",
+        [weight(MAX_POSITIONS, HIDDEN), g.const([0], "zero", np.int64), seq, g.const([0], "axis0", np.int64)],
+        "positions",
+    )
     x = g.op("Add", [g.op("Add", [words, positions]), weight(HIDDEN)])
     x = layer_norm(x)
 
@@ -174,6 +190,7 @@ def _encoder() -> onnx.ModelProto:
     half, one, rsqrt2 = g.const(0.5, "half"), g.const(1.0, "one"), g.const(1.0 / np.sqrt(2.0), "rsqrt2")
 
     for _ in range(LAYERS):
+
         def heads(t, perm):
             return g.op("Transpose", [g.op("Reshape", [t, split_shape])], perm=perm)
 
@@ -186,7 +203,9 @@ def _encoder() -> onnx.ModelProto:
         context = g.op("Reshape", [context, merge_shape], "context")
         x = layer_norm(g.op("Add", [dense(context, HIDDEN, HIDDEN), x]))
         h = dense(x, HIDDEN, FFN)
-        gelu = g.op("Mul", [g.op("Mul", [h, half]), g.op("Add", [g.op("Erf", [g.op("Mul", [h, rsqrt2])]), one])], "gelu")
+        gelu = g.op(
+            "Mul", [g.op("Mul", [h, half]), g.op("Add", [g.op("Erf", [g.op("Mul", [h, rsqrt2])]), one])], "gelu"
+        )
         x = layer_norm(g.op("Add", [dense(gelu, FFN, HIDDEN), x]))
 
     g.op("Identity", [x], outputs=["last_hidden_state"])
@@ -228,7 +247,7 @@ def sample_inputs(name: str, batch: int, seq: int = 16) -> dict[str, np.ndarray]
     if name == "resnet50":
         return {"input": rng.standard_normal((batch, 3, 224, 224), dtype=np.float32)}
     mask = np.ones((batch, seq), np.int64)
-    mask[1:, seq // 2:] = 0  # every row but the first padded to half length
+    mask[1:, seq // 2 :] = 0  # every row but the first padded to half length
     return {"input_ids": rng.integers(0, VOCAB, (batch, seq), dtype=np.int64), "attention_mask": mask}
 
 
@@ -253,8 +272,10 @@ def check_runs(name: str, model_bytes: bytes) -> None:
         for meta, value in zip(session.get_outputs(), outputs):
             expected = [batch if d == "batch" else seq if d == "seq" else d for d in meta.shape]
             if list(value.shape) != expected or value.dtype != np.float32 or not np.all(np.isfinite(value)):
-                raise RuntimeError(f"{name}: output {meta.name} at batch {batch}: shape {value.shape}, "
-                                   f"dtype {value.dtype}, finite {np.all(np.isfinite(value))}")
+                raise RuntimeError(
+                    f"{name}: output {meta.name} at batch {batch}: shape {value.shape}, "
+                    f"dtype {value.dtype}, finite {np.all(np.isfinite(value))}"
+                )
         if batch > 1:  # batching must not mix rows: row 0 equals the batch-1 answer
             single = session.run(None, {k: v[:1] for k, v in feeds.items()})
             for a, b in zip(outputs, single):
@@ -305,8 +326,10 @@ def main(argv: list[str]) -> int:
         runs = 10 if name == "resnet50" else 50
         latency = batch1_latency(name, path, runs)
         shape = " (seq 128)" if name == "encoder" else ""
-        print(f"{name:9s} {params / 1e6:7.2f} M params  {path.stat().st_size / 2**20:7.1f} MiB  "
-              f"built+checked {built:5.1f} s  onnxruntime batch 1{shape}: {latency * 1e3:9.3f} ms (median of {runs})")
+        print(
+            f"{name:9s} {params / 1e6:7.2f} M params  {path.stat().st_size / 2**20:7.1f} MiB  "
+            f"built+checked {built:5.1f} s  onnxruntime batch 1{shape}: {latency * 1e3:9.3f} ms (median of {runs})"
+        )
     return 0
 
 

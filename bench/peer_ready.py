@@ -5,9 +5,9 @@ import signal
 import socket
 import sys
 import time
-from pathlib import Path
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 
 def free_port() -> int:

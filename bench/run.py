@@ -29,17 +29,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import onnxruntime as ort
 
 from bench import echo, make_models
 from bench.peer_ready import free_port
-from server.engine.runtime import cpu_cores
 from bench.serving import start_server
+from server.engine.runtime import cpu_cores
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -91,8 +91,12 @@ def raw_onnxruntime(model_path: Path, workload: Workload, seconds: float) -> dic
         median = float(np.median(timings))
         results[batch] = {"latency_ms": median * 1e3, "inferences_per_second": batch / median}
     best = max(results, key=lambda b: results[b]["inferences_per_second"])
-    return {"best_batch": best, "best_inferences_per_second": results[best]["inferences_per_second"],
-            "batch1_latency_ms": results[workload.raw_batches[0]]["latency_ms"], "by_batch": results}  # fmt: skip
+    return {
+        "best_batch": best,
+        "best_inferences_per_second": results[best]["inferences_per_second"],
+        "batch1_latency_ms": results[workload.raw_batches[0]]["latency_ms"],
+        "by_batch": results,
+    }
 
 
 TRANSPORTS = ("unary", "stream", "rest-bin", "rest-json")
@@ -113,10 +117,25 @@ class Running:
     http_url: str | None = None  # REST host:port, where the server has REST
 
 
-def loadgen(running: Running, workload: Workload, concurrency: int, seconds: float, requests: int = 0,
-            transport: str = "unary") -> dict:  # fmt: skip
-    command = [sys.executable, "-m", "bench.loadgen", "--url", running.url, "--model", workload.model, "--json",
-               "--concurrency", str(concurrency), "--duration", str(seconds), "--server-pid", str(running.pid)]  # fmt: skip
+def loadgen(
+    running: Running, workload: Workload, concurrency: int, seconds: float, requests: int = 0, transport: str = "unary"
+) -> dict:
+    command = [
+        sys.executable,
+        "-m",
+        "bench.loadgen",
+        "--url",
+        running.url,
+        "--model",
+        workload.model,
+        "--json",
+        "--concurrency",
+        str(concurrency),
+        "--duration",
+        str(seconds),
+        "--server-pid",
+        str(running.pid),
+    ]
     if transport == "stream":
         command += ["--streams", str(concurrency)] + (["--stream-protocol", "mlserver"] if running.in_order else [])
     if transport.startswith("rest"):
@@ -139,7 +158,9 @@ def every_point(running: Running, workload: Workload, seconds: float) -> dict:
     for transport in transports:
         for concurrency in workload.concurrencies:
             try:
-                results.setdefault(transport, {})[concurrency] = loadgen(running, workload, concurrency, seconds, transport=transport)
+                results.setdefault(transport, {})[concurrency] = loadgen(
+                    running, workload, concurrency, seconds, transport=transport
+                )
             except RuntimeError as err:  # the server died: keep what was measured, say where it stopped
                 print(f"  stopped at {transport} c={concurrency}: {str(err)[-600:]}", file=sys.stderr)
                 results["died_at"] = f"{transport} c={concurrency}"
@@ -154,8 +175,13 @@ def start_onnxserve(repository: Path, model_path: Path, workdir: Path) -> Runnin
 
 
 def start_echo(repository: Path, model_path: Path, workdir: Path) -> Running:
-    process = subprocess.Popen([sys.executable, "-m", "bench.echo", str(model_path), "--port", "0"], cwd=ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bench.echo", str(model_path), "--port", "0"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     line = process.stderr.readline()
     if echo.READY not in line:
         process.kill()
@@ -173,8 +199,12 @@ def start_mlserver(repository: Path, model_path: Path, workdir: Path) -> Running
     from bench.mlserver import serve
 
     grpc_port, http_port = free_port(), free_port()
-    handle = serve.start(model_path, model_path.parent.parent.name, grpc_port, http_port, PEER_MAX_BATCH, 0.001, workdir)
-    return Running(f"127.0.0.1:{grpc_port}", handle.process.pid, handle.stop, in_order=True, http_url=f"127.0.0.1:{http_port}")
+    handle = serve.start(
+        model_path, model_path.parent.parent.name, grpc_port, http_port, PEER_MAX_BATCH, 0.001, workdir
+    )
+    return Running(
+        f"127.0.0.1:{grpc_port}", handle.process.pid, handle.stop, in_order=True, http_url=f"127.0.0.1:{http_port}"
+    )
 
 
 def start_pytriton(repository: Path, model_path: Path, workdir: Path) -> Running:
@@ -206,8 +236,12 @@ def soak(repository: Path, requests: int) -> dict:
         before = server.samples().get("process_resident_memory_bytes")
         report = loadgen(running, workload, 64, 0, requests=requests)
         after = server.samples().get("process_resident_memory_bytes")
-        return {"requests": report["requests"], "errors": report["errors"], "rss_before_mb": before / 2**20,
-                "rss_after_mb": after / 2**20}  # fmt: skip
+        return {
+            "requests": report["requests"],
+            "errors": report["errors"],
+            "rss_before_mb": before / 2**20,
+            "rss_after_mb": after / 2**20,
+        }
     finally:
         server.stop()
 
@@ -225,29 +259,44 @@ def print_table(results: dict) -> None:
                 point = figures.get(server, {}).get(transport, {}).get(concurrency)
                 if point is None:
                     if figures.get(server, {}).get("died_at") == f"{transport} c={concurrency}":
-                        print(f"{model:9} {concurrency:4} {transport:9} {LABELS[server]:10} {'the server died here':>30}")
+                        print(
+                            f"{model:9} {concurrency:4} {transport:9} {LABELS[server]:10} {'the server died here':>30}"
+                        )
                     continue
                 cpu, batch = point.get("server_cpu_per_request_us"), point.get("server_average_batch")
                 cpu = cpu if cpu and cpu > 0 else None  # a server that died mid-run took its CPU figures along
-                print(f"{model:9} {concurrency:4} {transport:9} {LABELS[server]:10} {point['inferences_per_second']:10,.0f}"
-                      f" {point['p50_ms']:9.3f} {f'{cpu:,.0f}' if cpu else '-':>18} {f'{batch:.1f}' if batch else '-':>6}"
-                      f" {point['errors']:7}")  # fmt: skip
+                print(
+                    f"{model:9} {concurrency:4} {transport:9} {LABELS[server]:10} {point['inferences_per_second']:10,.0f}"
+                    f" {point['p50_ms']:9.3f} {f'{cpu:,.0f}' if cpu else '-':>18} {f'{batch:.1f}' if batch else '-':>6}"
+                    f" {point['errors']:7}"
+                )
     print()
-    print("model     conc call      raw best (batch) | onnxserve / raw  / echo  / MLServer  / PyTriton | p50 / echo p50")
+    print(
+        "model     conc call      raw best (batch) | onnxserve / raw  / echo  / MLServer  / PyTriton | p50 / echo p50"
+    )
     for model, figures in results.items():
         raw = figures["raw"]
         for concurrency, transport in ((c, t) for c in WORKLOADS[model].concurrencies for t in TRANSPORTS):
-            rate = {s: figures.get(s, {}).get(transport, {}).get(concurrency, {}).get("inferences_per_second") for s in ("onnxserve", *PEERS)}
-            p50 = {s: figures.get(s, {}).get(transport, {}).get(concurrency, {}).get("p50_ms") for s in ("onnxserve", "echo")}
-            print(f"{model:9} {concurrency:4} {transport:9} {raw['best_inferences_per_second']:9,.0f} ({raw['best_batch']:3})    |"
-                  f" {ratio(rate['onnxserve'], raw['best_inferences_per_second']):>15} {ratio(rate['onnxserve'], rate['echo']):>6}"
-                  f" {ratio(rate['onnxserve'], rate['mlserver']):>10} {ratio(rate['onnxserve'], rate['pytriton']):>10} |"
-                  f" {ratio(p50['onnxserve'], p50['echo']):>14}")  # fmt: skip
+            rate = {
+                s: figures.get(s, {}).get(transport, {}).get(concurrency, {}).get("inferences_per_second")
+                for s in ("onnxserve", *PEERS)
+            }
+            p50 = {
+                s: figures.get(s, {}).get(transport, {}).get(concurrency, {}).get("p50_ms")
+                for s in ("onnxserve", "echo")
+            }
+            print(
+                f"{model:9} {concurrency:4} {transport:9} {raw['best_inferences_per_second']:9,.0f} ({raw['best_batch']:3})    |"
+                f" {ratio(rate['onnxserve'], raw['best_inferences_per_second']):>15} {ratio(rate['onnxserve'], rate['echo']):>6}"
+                f" {ratio(rate['onnxserve'], rate['mlserver']):>10} {ratio(rate['onnxserve'], rate['pytriton']):>10} |"
+                f" {ratio(p50['onnxserve'], p50['echo']):>14}"
+            )
     print()
 
 
 def targets(results: dict) -> list[tuple[str, str, bool]]:
     """(target, measured, met) for each target of the fast-by-default work this run can judge."""
+
     def point(model, server, transport, concurrency):
         return results.get(model, {}).get(server, {}).get(transport, {}).get(concurrency)
 
@@ -264,7 +313,13 @@ def targets(results: dict) -> list[tuple[str, str, bool]]:
             found.append(("MLP c=64 unary: >= 0.8x the echo floor", f"{value:.2f}x", value >= 0.8))
             single, floor = point("mlp", "onnxserve", "unary", 1), point("mlp", "echo", "unary", 1)
             value = single["p50_ms"] / floor["p50_ms"]
-            found.append(("MLP c=1 unary: p50 <= 1.5x the echo floor's", f"{single['p50_ms']:.3f} ms, {value:.2f}x", value <= 1.5))
+            found.append(
+                (
+                    "MLP c=1 unary: p50 <= 1.5x the echo floor's",
+                    f"{single['p50_ms']:.3f} ms, {value:.2f}x",
+                    value <= 1.5,
+                )
+            )
             streams, floor = point("mlp", "onnxserve", "stream", 64), point("mlp", "echo", "stream", 64)
             value = streams["inferences_per_second"] / floor["inferences_per_second"]
             found.append(("MLP 64 streams: >= 0.8x a bare streaming echo", f"{value:.2f}x", value >= 0.8))
@@ -277,8 +332,16 @@ def targets(results: dict) -> list[tuple[str, str, bool]]:
             best = results[model]["raw"]["best_inferences_per_second"]
             for transport in TRANSPORTS:
                 value = point(model, "onnxserve", transport, 16)["inferences_per_second"] / best
-                found.append((f"ResNet-50 c=16 {transport}: >= 0.9 of raw onnxruntime's best", f"{value:.2f}", value >= 0.9))
-    errors = sum(p["errors"] for m in results.values() for t in m.get("onnxserve", {}).values() if isinstance(t, dict) for p in t.values())
+                found.append(
+                    (f"ResNet-50 c=16 {transport}: >= 0.9 of raw onnxruntime's best", f"{value:.2f}", value >= 0.9)
+                )
+    errors = sum(
+        p["errors"]
+        for m in results.values()
+        for t in m.get("onnxserve", {}).values()
+        if isinstance(t, dict)
+        for p in t.values()
+    )
     found.append(("onnxserve: 0 errors at every point", str(errors), errors == 0))
     return found
 
@@ -287,8 +350,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per measured point")
-    parser.add_argument("--peers", nargs="*", default=list(PEERS), choices=list(PEERS),
-                        help="which baselines to run beside onnxserve (default: all)")  # fmt: skip
+    parser.add_argument(
+        "--peers",
+        nargs="*",
+        default=list(PEERS),
+        choices=list(PEERS),
+        help="which baselines to run beside onnxserve (default: all)",
+    )
     parser.add_argument("--soak", type=int, default=0, help="also: RSS before/after this many mlp requests")
     parser.add_argument("--json", type=Path, help="also write every figure to this file")
     args = parser.parse_args(argv)
@@ -319,7 +387,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {'met    ' if met else 'NOT met'}  {target}: {value}")
     if "soak" in results:
         s = results["soak"]
-        print(f"soak: {s['requests']} requests, {s['errors']} errors; server RSS {s['rss_before_mb']:.1f} MB -> {s['rss_after_mb']:.1f} MB")
+        print(
+            f"soak: {s['requests']} requests, {s['errors']} errors; server RSS {s['rss_before_mb']:.1f} MB -> {s['rss_after_mb']:.1f} MB"
+        )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=str))
     return 0

@@ -10,8 +10,15 @@ from server.tools.launcher import HTTP_LINE, LISTENING_LINE, NOT_READY_LINE, REA
 from server.tools.metrics_reader import Samples, fetch_text, parse_samples
 
 __all__ = [  # the log lines are re-exported for the tests
-    "HTTP_LINE", "LISTENING_LINE", "NOT_READY_LINE", "READY_LINE", "ROOT", "ServerProcess", "start_server", "wait_until",
-]  # fmt: skip
+    "HTTP_LINE",
+    "LISTENING_LINE",
+    "NOT_READY_LINE",
+    "READY_LINE",
+    "ROOT",
+    "ServerProcess",
+    "start_server",
+    "wait_until",
+]
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -47,12 +54,22 @@ class ServerProcess(Launched):
 def start_server(repository: Path, *extra: str, wait_ready: bool = True, timeout: float = 120) -> ServerProcess:
     """Start `python -m server` on port 0 and wait for its ready (or not-ready) log line."""
     arguments = [
-        "--model-repository", str(repository),
-        "--grpc-address", "127.0.0.1", "--grpc-port", "0",
-        "--metrics-address", "127.0.0.1", "--metrics-port", "0",
-        "--http-address", "127.0.0.1", "--http-port", "0",
+        "--model-repository",
+        str(repository),
+        "--grpc-address",
+        "127.0.0.1",
+        "--grpc-port",
+        "0",
+        "--metrics-address",
+        "127.0.0.1",
+        "--metrics-port",
+        "0",
+        "--http-address",
+        "127.0.0.1",
+        "--http-port",
+        "0",
         *extra,
-    ]  # fmt: skip
+    ]
     return launch(arguments, wait_ready=wait_ready, timeout=timeout, into=ServerProcess(None), cwd=ROOT)
 
 

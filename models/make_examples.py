@@ -59,7 +59,9 @@ def add_sub() -> onnx.ModelProto:
         helper.make_node("Add", ["INPUT0", "INPUT1"], ["OUTPUT0"]),
         helper.make_node("Sub", ["INPUT0", "INPUT1"], ["OUTPUT1"]),
     ]
-    return helper.make_model(helper.make_graph(nodes, "add_sub", inputs, outputs), opset_imports=OPSET, ir_version=IR_VERSION)
+    return helper.make_model(
+        helper.make_graph(nodes, "add_sub", inputs, outputs), opset_imports=OPSET, ir_version=IR_VERSION
+    )
 
 
 if __name__ == "__main__":

@@ -5,13 +5,13 @@ import logging
 import os
 import sys
 
-from server.engine import cuda_libraries
-from server.observe import nvml_devices
 from server.app import serve
 from server.config import parse_server_settings
-from server.errors import ConfigError
+from server.engine import cuda_libraries
 from server.engine.placement import visible_gpus
+from server.errors import ConfigError
 from server.frontend.tls import check_certificates
+from server.observe import nvml_devices
 
 
 def main() -> int:
@@ -44,9 +44,13 @@ def prepare_gpus() -> None:
     missing = cuda_libraries.preload()
     if missing:
         gpus = visible_gpus()
-        log.log(logging.WARNING if gpus else logging.INFO,
-                "CUDA libraries: %d could not be loaded (%s); for GPU execution install them with "
-                "pip install 'onnxserve[cuda]'", len(missing), "; ".join(missing[:3]))  # fmt: skip
+        log.log(
+            logging.WARNING if gpus else logging.INFO,
+            "CUDA libraries: %d could not be loaded (%s); for GPU execution install them with "
+            "pip install 'onnxserve[cuda]'",
+            len(missing),
+            "; ".join(missing[:3]),
+        )
 
 
 if __name__ == "__main__":

@@ -30,7 +30,14 @@ from server.models.control import RepositoryControl
 from server.models.polling import RepositoryPoller
 from server.models.repository import ModelRepository
 from server.observe import log_limits
-from server.observe.events import BatchExecuted, BatchStarted, EventBus, ModelStateChanged, RepositoryChanged, RequestFinished
+from server.observe.events import (
+    BatchExecuted,
+    BatchStarted,
+    EventBus,
+    ModelStateChanged,
+    RepositoryChanged,
+    RequestFinished,
+)
 from server.observe.metrics import CostCollector, GpuCollector, GpuReader, MetricsObserver
 from server.observe.statistics import StatisticsRecorder
 from server.observe.tenant_metrics import TenantCollector, TenantRequests, UsageLogCollector
@@ -52,9 +59,13 @@ async def serve(settings: ServerSettings) -> int:
     repository = _repository(settings, bus, gpus)
     core = InferenceCore(repository, bus, ledger, settings.strict_readiness, usage)
     backend = Backend(
-        core, ModelInfo(repository, statistics, ledger), RepositoryControl(repository, settings.model_control_mode), auth,
-        RequestLimits.from_settings(settings), Offload(),
-    )  # fmt: skip
+        core,
+        ModelInfo(repository, statistics, ledger),
+        RepositoryControl(repository, settings.model_control_mode),
+        auth,
+        RequestLimits.from_settings(settings),
+        Offload(),
+    )
 
     grpc = await start_grpc(settings, backend)
     connections = ConnectionMetrics(registry)
@@ -67,9 +78,15 @@ async def serve(settings: ServerSettings) -> int:
         http = await start_http(settings, api, connections)
         http_bound = http_port(http)
     _log_listening(settings, grpc.port, metrics_httpd.server_port, http_bound if http else None)
-    ports = f"gRPC port {grpc.port}, metrics port {metrics_httpd.server_port}" + (f", HTTP port {http_bound}" if http else "")
-    followers = await _serve_until_signal(settings, bus, repository, auth, lambda changed: grpc.follow_readiness(core, changed, ports))
-    serving = shutdown.Serving(grpc, http, core, backend.offload, repository, usage, metrics_httpd, energy, gpus, followers)
+    ports = f"gRPC port {grpc.port}, metrics port {metrics_httpd.server_port}" + (
+        f", HTTP port {http_bound}" if http else ""
+    )
+    followers = await _serve_until_signal(
+        settings, bus, repository, auth, lambda changed: grpc.follow_readiness(core, changed, ports)
+    )
+    serving = shutdown.Serving(
+        grpc, http, core, backend.offload, repository, usage, metrics_httpd, energy, gpus, followers
+    )
     return await shutdown.stop(serving, settings.exit_timeout_secs)
 
 
@@ -85,9 +102,14 @@ def _repository(settings: ServerSettings, bus: EventBus, gpus: GpuReader | None)
         hardware=",".join(sorted(set(gpus.names().values()))) if gpus else "",
     )
     return ModelRepository(
-        settings.model_repository, settings.default_max_batch_size, bus, gpu, settings.model_load_timeout_secs,
-        settings.default_max_queue_size, names_in_errors=not settings.api_keys,
-    )  # fmt: skip
+        settings.model_repository,
+        settings.default_max_batch_size,
+        bus,
+        gpu,
+        settings.model_load_timeout_secs,
+        settings.default_max_queue_size,
+        names_in_errors=not settings.api_keys,
+    )
 
 
 async def _serve_until_signal(
@@ -113,8 +135,15 @@ async def _serve_until_signal(
     return [loading, *followers]
 
 
-def _observe(bus: EventBus, registry: CollectorRegistry, ledger: CostLedger, statistics: StatisticsRecorder,
-             auth: Authenticator, usage: UsageLog | None, gpus: GpuReader | None) -> None:  # fmt: skip
+def _observe(
+    bus: EventBus,
+    registry: CollectorRegistry,
+    ledger: CostLedger,
+    statistics: StatisticsRecorder,
+    auth: Authenticator,
+    usage: UsageLog | None,
+    gpus: GpuReader | None,
+) -> None:
     """Metrics, cost, statistics and tenants follow the bus; /metrics collects from them."""
     for observer in (MetricsObserver(registry), TenantRequests(registry)):
         for event_type, handler in observer.handlers().items():
@@ -132,7 +161,11 @@ def _observe(bus: EventBus, registry: CollectorRegistry, ledger: CostLedger, sta
 
 def _log_listening(settings: ServerSettings, grpc_port: int, metrics_port: int, http_port: int | None) -> None:
     http_tls = describe(tls_files(settings, "http"))
-    http_where = f"HTTP on {settings.http_address}:{http_port}{http_tls}" if http_port is not None else "HTTP off (--http-port -1)"
+    http_where = (
+        f"HTTP on {settings.http_address}:{http_port}{http_tls}"
+        if http_port is not None
+        else "HTTP off (--http-port -1)"
+    )
     log.info(  # bench/serving.py parses this line: keep its regexes in step
         "listening: gRPC on %s:%d%s, metrics on %s://%s:%d/metrics, %s; loading models from %s",
         settings.grpc_address,
@@ -155,7 +188,9 @@ def _usage_log(settings: ServerSettings) -> UsageLog | None:
     try:
         usage.open()
     except OSError as err:
-        raise ConfigError(f"--usage-log: {settings.usage_log}: cannot be opened for appending: {err.strerror}") from None
+        raise ConfigError(
+            f"--usage-log: {settings.usage_log}: cannot be opened for appending: {err.strerror}"
+        ) from None
     return usage
 
 

@@ -7,9 +7,9 @@ that is wrong.
 
 import argparse
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Mapping, Sequence
 
 from server.config_checks import MIB, check_settings, flag
 from server.errors import ConfigError
@@ -51,15 +51,19 @@ PROTOCOL_GROUPS = {
     "metadata": ("ServerMetadata", "ModelMetadata"),
     "inference": ("ModelInfer", "ModelStreamInfer"),
     "shared-memory": (
-        "SystemSharedMemoryStatus", "SystemSharedMemoryRegister", "SystemSharedMemoryUnregister",
-        "CudaSharedMemoryStatus", "CudaSharedMemoryRegister", "CudaSharedMemoryUnregister",
+        "SystemSharedMemoryStatus",
+        "SystemSharedMemoryRegister",
+        "SystemSharedMemoryUnregister",
+        "CudaSharedMemoryStatus",
+        "CudaSharedMemoryRegister",
+        "CudaSharedMemoryUnregister",
     ),
     "model-config": ("ModelConfig",),
     "model-repository": ("RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload"),
     "statistics": ("ModelStatistics",),
     "trace": ("TraceSetting",),
     "logging": ("LogSettings",),
-}  # fmt: skip
+}
 
 
 @dataclass(frozen=True)
@@ -100,9 +104,7 @@ class ServerSettings:
     grpc_port: int = field(default=8001, metadata=_flag("gRPC port; 0 picks a free one"))
     http_address: str = field(default="0.0.0.0", metadata=_flag("address the HTTP/REST server binds"))
     http_port: int = field(default=8000, metadata=_flag("HTTP/REST port; 0 picks a free one; -1 turns HTTP off"))
-    http_max_body_bytes: int = field(
-        default=256 * MIB, metadata=_flag("largest HTTP request body accepted, in bytes")
-    )
+    http_max_body_bytes: int = field(default=256 * MIB, metadata=_flag("largest HTTP request body accepted, in bytes"))
     http_max_header_bytes: int = field(
         default=64 * 1024,
         metadata=_flag("REST and /metrics: largest request line plus headers, in bytes; more is refused with 431"),
@@ -113,9 +115,11 @@ class ServerSettings:
     )
     http_header_timeout_secs: float = field(
         default=10.0,
-        metadata=_flag("REST: seconds a request's line and headers may take, from the connection's start (TLS "
-                       "handshake included) or the request's first byte; then the connection is closed"),
-    )  # fmt: skip
+        metadata=_flag(
+            "REST: seconds a request's line and headers may take, from the connection's start (TLS "
+            "handshake included) or the request's first byte; then the connection is closed"
+        ),
+    )
     http_body_timeout_secs: float = field(
         default=30.0,
         metadata=_flag("REST: seconds a request body may take after its headers, plus one second per MiB received"),
@@ -148,19 +152,25 @@ class ServerSettings:
     )
     max_bytes_elements: int = field(
         default=1 << 20,
-        metadata=_flag("BYTES elements one inference request may declare, all its inputs together; each costs "
-                       "~200 bytes of Python and onnxruntime strings however short it is on the wire"),
-    )  # fmt: skip
+        metadata=_flag(
+            "BYTES elements one inference request may declare, all its inputs together; each costs "
+            "~200 bytes of Python and onnxruntime strings however short it is on the wire"
+        ),
+    )
     max_json_values: int = field(
         default=1 << 21,
-        metadata=_flag("REST: values one inference request's JSON may hold (counted as its commas, before it is "
-                       "parsed); each costs ~50 bytes of Python: send big tensors as binary data"),
-    )  # fmt: skip
+        metadata=_flag(
+            "REST: values one inference request's JSON may hold (counted as its commas, before it is "
+            "parsed); each costs ~50 bytes of Python: send big tensors as binary data"
+        ),
+    )
     max_typed_elements: int = field(
         default=1 << 24,
-        metadata=_flag("gRPC: numeric values in one inference request's typed contents (int_contents, "
-                       "fp32_contents...), all its inputs together; raw_input_contents have no such cap"),
-    )  # fmt: skip
+        metadata=_flag(
+            "gRPC: numeric values in one inference request's typed contents (int_contents, "
+            "fp32_contents...), all its inputs together; raw_input_contents have no such cap"
+        ),
+    )
     max_id_bytes: int = field(default=256, metadata=_flag("longest inference request 'id', in bytes (UTF-8)"))
     max_request_parameters: int = field(
         default=64, metadata=_flag("entries in one inference request's 'parameters' at most")
@@ -185,9 +195,11 @@ class ServerSettings:
     log_level: str = field(default="INFO", metadata=_flag("DEBUG, INFO, WARNING or ERROR"))
     log_repeat_secs: float = field(
         default=60.0,
-        metadata=_flag("a warning or error repeated word for word is logged once per this many seconds, with a "
-                       "count of the lines left out; 0 logs every one"),
-    )  # fmt: skip
+        metadata=_flag(
+            "a warning or error repeated word for word is logged once per this many seconds, with a "
+            "count of the lines left out; 0 logs every one"
+        ),
+    )
     device_price: tuple[DevicePriceSetting, ...] = field(
         default=(),
         metadata=_flag(
@@ -228,54 +240,77 @@ class ServerSettings:
         ),
     )
 
-    grpc_use_ssl: bool = field(default=False, metadata=_flag("serve gRPC over TLS (needs --grpc-server-cert and --grpc-server-key)"))
+    grpc_use_ssl: bool = field(
+        default=False, metadata=_flag("serve gRPC over TLS (needs --grpc-server-cert and --grpc-server-key)")
+    )
     grpc_use_ssl_mutual: bool = field(
-        default=False, metadata=_flag("serve gRPC over mutual TLS: clients must present a certificate signed by --grpc-root-cert")
+        default=False,
+        metadata=_flag("serve gRPC over mutual TLS: clients must present a certificate signed by --grpc-root-cert"),
     )
     grpc_server_cert: str = field(default="", metadata=_flag("PEM file: the gRPC server's certificate chain"))
     grpc_server_key: str = field(default="", metadata=_flag("PEM file: the gRPC server's private key"))
-    grpc_root_cert: str = field(default="", metadata=_flag("PEM file: CA certificates that sign client certificates (mutual TLS)"))
-    http_use_ssl: bool = field(default=False, metadata=_flag("serve REST over TLS (needs --http-server-cert and --http-server-key)"))
+    grpc_root_cert: str = field(
+        default="", metadata=_flag("PEM file: CA certificates that sign client certificates (mutual TLS)")
+    )
+    http_use_ssl: bool = field(
+        default=False, metadata=_flag("serve REST over TLS (needs --http-server-cert and --http-server-key)")
+    )
     http_use_ssl_mutual: bool = field(
-        default=False, metadata=_flag("serve REST over mutual TLS: clients must present a certificate signed by --http-root-cert")
+        default=False,
+        metadata=_flag("serve REST over mutual TLS: clients must present a certificate signed by --http-root-cert"),
     )
     http_server_cert: str = field(default="", metadata=_flag("PEM file: the REST server's certificate chain"))
     http_server_key: str = field(default="", metadata=_flag("PEM file: the REST server's private key"))
-    http_root_cert: str = field(default="", metadata=_flag("PEM file: CA certificates that sign client certificates (mutual TLS)"))
-    metrics_use_ssl: bool = field(default=False, metadata=_flag("serve /metrics over TLS (needs --metrics-server-cert and -key)"))
+    http_root_cert: str = field(
+        default="", metadata=_flag("PEM file: CA certificates that sign client certificates (mutual TLS)")
+    )
+    metrics_use_ssl: bool = field(
+        default=False, metadata=_flag("serve /metrics over TLS (needs --metrics-server-cert and -key)")
+    )
     metrics_server_cert: str = field(default="", metadata=_flag("PEM file: the /metrics endpoint's certificate chain"))
     metrics_server_key: str = field(default="", metadata=_flag("PEM file: the /metrics endpoint's private key"))
     api_keys: str = field(
         default="",
-        metadata=_flag("JSON file of API key hashes (sha256) and their tenants; inference and admin calls then need "
-                       "'authorization: Bearer <key>'; re-read when it changes"),
-    )  # fmt: skip
+        metadata=_flag(
+            "JSON file of API key hashes (sha256) and their tenants; inference and admin calls then need "
+            "'authorization: Bearer <key>'; re-read when it changes"
+        ),
+    )
     trust_tenant_header: bool = field(
         default=False,
         metadata=_flag("take the tenant from the x-tenant-id header or metadata (only behind a gateway that sets it)"),
     )
     max_tenant_series: int = field(
-        default=100, metadata=_flag("tenants with series of their own on /metrics; later ones count as tenant=\"other\"")
+        default=100, metadata=_flag('tenants with series of their own on /metrics; later ones count as tenant="other"')
     )
     usage_log: str = field(default="", metadata=_flag("file to append one JSON usage record per finished request to"))
-    usage_log_fsync_ms: int = field(default=200, metadata=_flag("usage log: milliseconds between fsyncs (the most a crash loses)"))
+    usage_log_fsync_ms: int = field(
+        default=200, metadata=_flag("usage log: milliseconds between fsyncs (the most a crash loses)")
+    )
     usage_log_max_bytes: int = field(
-        default=100 * MIB, metadata=_flag("usage log: rotate to PATH.N (numbered upwards) past this size; 0 never rotates")
+        default=100 * MIB,
+        metadata=_flag("usage log: rotate to PATH.N (numbered upwards) past this size; 0 never rotates"),
     )
     usage_log_buffer_records: int = field(
         default=65536,
-        metadata=_flag("usage log: records waiting for the disk, at most; when full, new requests are refused (UNAVAILABLE)"),
+        metadata=_flag(
+            "usage log: records waiting for the disk, at most; when full, new requests are refused (UNAVAILABLE)"
+        ),
     )
     default_max_queue_size: int = field(
         default=10000,
-        metadata=_flag("max_queue_size of a model whose config sets none (0, Triton's unbounded): requests waiting "
-                       "beyond it are refused with UNAVAILABLE; 0 keeps such queues unbounded"),
-    )  # fmt: skip
+        metadata=_flag(
+            "max_queue_size of a model whose config sets none (0, Triton's unbounded): requests waiting "
+            "beyond it are refused with UNAVAILABLE; 0 keeps such queues unbounded"
+        ),
+    )
     model_load_timeout_secs: float = field(
         default=1800.0,
-        metadata=_flag("a model version's load (sessions, TensorRT engine, calibration, warm-up) that takes longer "
-                       "fails, and what it built is freed"),
-    )  # fmt: skip
+        metadata=_flag(
+            "a model version's load (sessions, TensorRT engine, calibration, warm-up) that takes longer "
+            "fails, and what it built is freed"
+        ),
+    )
 
     def __post_init__(self) -> None:
         check_settings(self)  # server/config_checks.py: ConfigError naming the flag

@@ -80,7 +80,9 @@ def _check_numbers(settings: "ServerSettings") -> None:
     for name, (low, high, low_allowed, meaning) in SECONDS.items():
         value = getattr(settings, name)
         if not (math.isfinite(value) and (low <= value if low_allowed else low < value) and value <= high):
-            raise ConfigError(f"{flag(name)}: {value} is outside {'[' if low_allowed else '('}{low:g}, {high:.0f}]{meaning}")
+            raise ConfigError(
+                f"{flag(name)}: {value} is outside {'[' if low_allowed else '('}{low:g}, {high:.0f}]{meaning}"
+            )
     for name, (low, high) in INTEGERS.items():
         if not low <= (value := getattr(settings, name)) <= high:
             raise ConfigError(f"{flag(name)}: {value} is outside {low} .. {high}")
@@ -91,14 +93,21 @@ def _check_numbers(settings: "ServerSettings") -> None:
     if not 1024 <= settings.http_max_header_bytes <= 64 * MIB:
         raise ConfigError(f"--http-max-header-bytes: {settings.http_max_header_bytes} is outside 1024 .. 64 MiB")
     if not 64 <= settings.http_max_url_bytes <= settings.http_max_header_bytes:
-        raise ConfigError(f"--http-max-url-bytes: {settings.http_max_url_bytes} is outside 64 .. --http-max-header-bytes")
+        raise ConfigError(
+            f"--http-max-url-bytes: {settings.http_max_url_bytes} is outside 64 .. --http-max-header-bytes"
+        )
     _check_counts(settings)
 
 
 def _check_counts(settings: "ServerSettings") -> None:
     """Caps on things counted: at least one (or 0 where that means none), at most onnxserve's limit."""
-    for name in ("http_max_connections", "metrics_max_connections", "max_tenant_series", "usage_log_buffer_records",
-                 "default_max_batch_size"):  # fmt: skip
+    for name in (
+        "http_max_connections",
+        "metrics_max_connections",
+        "max_tenant_series",
+        "usage_log_buffer_records",
+        "default_max_batch_size",
+    ):
         if getattr(settings, name) < 1:
             raise ConfigError(f"{flag(name)}: {getattr(settings, name)} must be >= 1")
     for name, meaning in (("grpc_max_connections", "no limit"), ("default_max_queue_size", "unbounded")):
@@ -135,7 +144,9 @@ def _check_choices(settings: "ServerSettings") -> None:
 def _check_tls(settings: "ServerSettings", transport: str) -> None:
     """TLS of one endpoint: the files it needs are named and readable (their PEM is read at start)."""
     use = getattr(settings, f"{transport}_use_ssl") or getattr(settings, f"{transport}_use_ssl_mutual", False)
-    needed = ["server_cert", "server_key"] + (["root_cert"] if getattr(settings, f"{transport}_use_ssl_mutual", False) else [])
+    needed = ["server_cert", "server_key"] + (
+        ["root_cert"] if getattr(settings, f"{transport}_use_ssl_mutual", False) else []
+    )
     for name in needed if use else ():
         option, path = flag(f"{transport}_{name}"), getattr(settings, f"{transport}_{name}")
         if not path:

@@ -117,7 +117,11 @@ def exit_code(still_running: list[str], lost: int) -> int:
         log.info("stopped%s", f" (exit {code})" if code else "")
         return code
     code = code or ABANDONED_EXIT_CODE
-    log.warning("stopped with %d thread(s) still running past --exit-timeout-secs, left behind: %s (exit %d)",
-                len(still_running), "; ".join(still_running), code)  # fmt: skip
+    log.warning(
+        "stopped with %d thread(s) still running past --exit-timeout-secs, left behind: %s (exit %d)",
+        len(still_running),
+        "; ".join(still_running),
+        code,
+    )
     logging.shutdown()  # the log's last lines reach stderr: os._exit skips every other flush
     os._exit(code)

@@ -3,9 +3,9 @@ names of each type), tensor specs, a model version's signature, and a decoded re
 what a front end hands the engine. Decoding and encoding are the front end's
 (server/frontend/tensor_codec.py)."""
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Iterable
 
 import numpy as np
 
@@ -76,7 +76,9 @@ class Signature:
         for spec in self.inputs:
             if spec.name == name:
                 return spec
-        raise InvalidInput(f"{self.label}: unknown input '{shown(name)}'; the model's inputs are {self._names(self.inputs)}")
+        raise InvalidInput(
+            f"{self.label}: unknown input '{shown(name)}'; the model's inputs are {self._names(self.inputs)}"
+        )
 
     def output(self, name: str) -> TensorSpec:
         for spec in self.outputs:

@@ -7,8 +7,9 @@ import os
 import select
 import socket
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator, TypeVar
+from typing import TypeVar
 
 from tests.prober import Prober, cpu_seconds
 
@@ -86,8 +87,9 @@ def send_until_answered(port: int, head: bytes, total: int, chunk: int = 64 * 10
         return answer.partition(b"\r\n")[0], sent
 
 
-def close_times(sockets: list[socket.socket], timeout: float, trickle: list[socket.socket] = (),
-                since: float | None = None) -> list[float | None]:  # fmt: skip
+def close_times(
+    sockets: list[socket.socket], timeout: float, trickle: list[socket.socket] = (), since: float | None = None
+) -> list[float | None]:
     """Seconds from `since` (time.monotonic(); default now) until the server closed each socket
     (None: still open `timeout` seconds from now); meanwhile every socket of `trickle` sends one
     more header byte each 0.2 s."""

@@ -53,10 +53,26 @@ def make_ca(directory: Path, name: str) -> Pair:
     config = _config(directory)
     pair = Pair(directory / f"{name}.pem", directory / f"{name}.key")
     openssl(
-        "req", "-x509", "-config", str(config), "-extensions", "ca", "-newkey", "ec",
-        "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", str(pair.key), "-out", str(pair.cert),
-        "-days", "2", "-subj", f"/CN={name}",
-    )  # fmt: skip
+        "req",
+        "-x509",
+        "-config",
+        str(config),
+        "-extensions",
+        "ca",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        str(pair.key),
+        "-out",
+        str(pair.cert),
+        "-days",
+        "2",
+        "-subj",
+        f"/CN={name}",
+    )
     return pair
 
 
@@ -68,13 +84,41 @@ def make_leaf(directory: Path, name: str, ca: Pair, common_name: str, extra: str
     extensions.write_text(CONFIG.split("[leaf]\n")[1] + extra)
     pair, request = Pair(directory / f"{name}.pem", directory / f"{name}.key"), directory / f"{name}.csr"
     openssl(
-        "req", "-new", "-config", str(config), "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-        "-nodes", "-keyout", str(pair.key), "-out", str(request), "-utf8", "-subj", f"/CN={common_name}",
-    )  # fmt: skip
+        "req",
+        "-new",
+        "-config",
+        str(config),
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        str(pair.key),
+        "-out",
+        str(request),
+        "-utf8",
+        "-subj",
+        f"/CN={common_name}",
+    )
     openssl(
-        "x509", "-req", "-in", str(request), "-CA", str(ca.cert), "-CAkey", str(ca.key), "-set_serial",
-        str(secrets.randbits(62) + 1), "-days", "2", "-extfile", str(extensions), "-out", str(pair.cert),
-    )  # fmt: skip
+        "x509",
+        "-req",
+        "-in",
+        str(request),
+        "-CA",
+        str(ca.cert),
+        "-CAkey",
+        str(ca.key),
+        "-set_serial",
+        str(secrets.randbits(62) + 1),
+        "-days",
+        "2",
+        "-extfile",
+        str(extensions),
+        "-out",
+        str(pair.cert),
+    )
     return pair
 
 

@@ -17,9 +17,17 @@ from bench.serving import (
 from server.tools.metrics_reader import Samples, parse_samples
 
 __all__ = [  # the tests import these from here
-    "HTTP_LINE", "LISTENING_LINE", "NOT_READY_LINE", "READY_LINE", "ROOT", "Samples", "ServerProcess",
-    "parse_samples", "start_server", "wait_until",
-]  # fmt: skip
+    "HTTP_LINE",
+    "LISTENING_LINE",
+    "NOT_READY_LINE",
+    "READY_LINE",
+    "ROOT",
+    "Samples",
+    "ServerProcess",
+    "parse_samples",
+    "start_server",
+    "wait_until",
+]
 
 
 @pytest.fixture

@@ -40,21 +40,28 @@ def _io(name: str, datatype: str, shape) -> onnx.ValueInfoProto:
 def identity(datatype: str, shape=("batch", 3)) -> onnx.ModelProto:
     """output = input, for any datatype."""
     return _model(
-        [helper.make_node("Identity", ["input"], ["output"])], [_io("input", datatype, shape)], [_io("output", datatype, shape)]
+        [helper.make_node("Identity", ["input"], ["output"])],
+        [_io("input", datatype, shape)],
+        [_io("output", datatype, shape)],
     )
 
 
 def add_one(shape=("batch", 4)) -> onnx.ModelProto:
     """FP32: y = x + 1, so each caller can recognise its own rows."""
     one = numpy_helper.from_array(np.array(1.0, dtype=np.float32), "one")
-    return _model([helper.make_node("Add", ["x", "one"], ["y"])], [_io("x", "FP32", shape)], [_io("y", "FP32", shape)], [one])
+    return _model(
+        [helper.make_node("Add", ["x", "one"], ["y"])], [_io("x", "FP32", shape)], [_io("y", "FP32", shape)], [one]
+    )
 
 
 def add_constant(value: float, shape=("batch", 4)) -> onnx.ModelProto:
     """FP32: y = x + value; versions built with different values tell which one answered."""
     constant = numpy_helper.from_array(np.array(value, dtype=np.float32), "constant")
     return _model(
-        [helper.make_node("Add", ["x", "constant"], ["y"])], [_io("x", "FP32", shape)], [_io("y", "FP32", shape)], [constant]
+        [helper.make_node("Add", ["x", "constant"], ["y"])],
+        [_io("x", "FP32", shape)],
+        [_io("y", "FP32", shape)],
+        [constant],
     )
 
 
@@ -76,7 +83,11 @@ def two_in_two_out() -> onnx.ModelProto:
             helper.make_node("Identity", ["count"], ["count_out"]),
         ],
         [_io("a", "FP32", ["batch", 2]), _io("b", "FP32", ["batch", 2]), _io("count", "INT64", ["batch", 1])],
-        [_io("sum", "FP32", ["batch", 2]), _io("difference", "FP32", ["batch", 2]), _io("count_out", "INT64", ["batch", 1])],
+        [
+            _io("sum", "FP32", ["batch", 2]),
+            _io("difference", "FP32", ["batch", 2]),
+            _io("count_out", "INT64", ["batch", 1]),
+        ],
     )
 
 

@@ -38,7 +38,9 @@ class Prober:
         context = multiprocessing.get_context("spawn")  # no fork of a test process that holds grpc threads
         self._stop, self._results = context.Event(), context.Queue()
         self._process = context.Process(
-            target=_probe, args=(self.grpc_url, self.http_url, self.model, self.interval, self._stop, self._results), daemon=True
+            target=_probe,
+            args=(self.grpc_url, self.http_url, self.model, self.interval, self._stop, self._results),
+            daemon=True,
         )
         self._process.start()
         if not self._results.get(timeout=60) == "counting":
@@ -60,9 +62,17 @@ def _probe(grpc_url: str, http_url: str, model: str, interval: float, stop, resu
     counting = threading.Event()
     recorded: dict[str, list[float]] = {"grpc": [], "http": []}
     failures: list[str] = []
-    callers = [threading.Thread(target=_call_grpc, args=(grpc_url, model, interval, stop, counting, recorded["grpc"], failures))]
+    callers = [
+        threading.Thread(
+            target=_call_grpc, args=(grpc_url, model, interval, stop, counting, recorded["grpc"], failures)
+        )
+    ]
     if http_url:
-        callers.append(threading.Thread(target=_call_http, args=(http_url, model, interval, stop, counting, recorded["http"], failures)))
+        callers.append(
+            threading.Thread(
+                target=_call_http, args=(http_url, model, interval, stop, counting, recorded["http"], failures)
+            )
+        )
     for caller in callers:
         caller.start()
     time.sleep(SETTLE_SECONDS)
@@ -101,8 +111,12 @@ def _call_grpc(url: str, model: str, interval: float, stop, counting, recorded, 
 
 
 def _call_http(url: str, model: str, interval: float, stop, counting, recorded, failures) -> None:
-    body = b'{"inputs":[{"name":"x","shape":[2,4],"datatype":"FP32","data":' + str(ROWS.ravel().tolist()).encode() + b"}]}"
-    request = urllib.request.Request(f"http://{url}/v2/models/{model}/infer", data=body, headers={"content-type": "application/json"})
+    body = (
+        b'{"inputs":[{"name":"x","shape":[2,4],"datatype":"FP32","data":' + str(ROWS.ravel().tolist()).encode() + b"}]}"
+    )
+    request = urllib.request.Request(
+        f"http://{url}/v2/models/{model}/infer", data=body, headers={"content-type": "application/json"}
+    )
 
     def call() -> None:
         with urllib.request.urlopen(request, timeout=10) as response:

@@ -56,10 +56,15 @@ class Prometheus:
         self.log = workdir / "prometheus.log"
         with self.log.open("w") as log:  # the child keeps its own copy of the descriptor
             self.process = subprocess.Popen(
-                [binary, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'data'}",
-                 f"--web.listen-address={self.url.removeprefix('http://')}"],
-                stdout=subprocess.DEVNULL, stderr=log,
-            )  # fmt: skip
+                [
+                    binary,
+                    f"--config.file={config}",
+                    f"--storage.tsdb.path={workdir / 'data'}",
+                    f"--web.listen-address={self.url.removeprefix('http://')}",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+            )
 
     def ready(self) -> bool:
         try:

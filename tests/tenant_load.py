@@ -71,7 +71,9 @@ class TenantLoad:
             try:
                 result = await client.infer(self.model, [tensor], request_id=request_id, headers=self.headers[group])
             except InferenceServerException as err:
-                self.results[request_id] = Result(str(err.status()), answered_at=time.monotonic(), message=err.message())
+                self.results[request_id] = Result(
+                    str(err.status()), answered_at=time.monotonic(), message=err.message()
+                )
                 await asyncio.sleep(0.005)
                 continue
             if not np.array_equal(result.as_numpy("y"), x + 1):

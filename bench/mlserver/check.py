@@ -76,8 +76,13 @@ def sync_check(url: str, name: str) -> dict:
     y = result.as_numpy("y")
     client.close()
     ok = y is not None and y.dtype == np.float32 and y.shape == (2, 3) and np.allclose(y, expected(x), atol=1e-5)
-    return {"ok": bool(ok), "x": x.tolist(), "y": None if y is None else y.tolist(),
-            "expected": expected(x).tolist(), "metadata": metadata}  # fmt: skip
+    return {
+        "ok": bool(ok),
+        "x": x.tolist(),
+        "y": None if y is None else y.tolist(),
+        "expected": expected(x).tolist(),
+        "metadata": metadata,
+    }
 
 
 async def concurrent_check(url: str, name: str, callers: int, rounds: int) -> dict:
@@ -102,8 +107,13 @@ async def concurrent_check(url: str, name: str, callers: int, rounds: int) -> di
     await asyncio.gather(*(caller(i) for i in range(callers)))
     elapsed = time.perf_counter() - begin
     await client.close()
-    return {"callers": callers, "requests": callers * rounds, "wrong": wrong, "seconds": elapsed,
-            "p50_ms": 1e3 * float(np.median(latencies))}  # fmt: skip
+    return {
+        "callers": callers,
+        "requests": callers * rounds,
+        "wrong": wrong,
+        "seconds": elapsed,
+        "p50_ms": 1e3 * float(np.median(latencies)),
+    }
 
 
 async def sequential_latency(url: str, name: str, calls: int) -> dict:
@@ -120,8 +130,12 @@ async def sequential_latency(url: str, name: str, calls: int) -> dict:
         latencies.append(time.perf_counter() - begin)
     await client.close()
     ms = 1e3 * np.array(latencies)
-    return {"calls": calls, "p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
-            "p99_ms": float(np.percentile(ms, 99))}  # fmt: skip
+    return {
+        "calls": calls,
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p90_ms": float(np.percentile(ms, 90)),
+        "p99_ms": float(np.percentile(ms, 99)),
+    }
 
 
 async def throughput(url: str, name: str, concurrency: int, seconds: float) -> dict:
@@ -151,9 +165,16 @@ async def throughput(url: str, name: str, concurrency: int, seconds: float) -> d
     await client.close()
     ms = 1e3 * np.array(latencies)
     client_cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
-    return {"concurrency": concurrency, "requests": len(latencies), "errors": errors, "seconds": elapsed,
-            "requests_per_second": len(latencies) / elapsed, "p50_ms": float(np.percentile(ms, 50)),
-            "p99_ms": float(np.percentile(ms, 99)), "client_cpu_fraction": client_cpu / elapsed}  # fmt: skip
+    return {
+        "concurrency": concurrency,
+        "requests": len(latencies),
+        "errors": errors,
+        "seconds": elapsed,
+        "requests_per_second": len(latencies) / elapsed,
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "client_cpu_fraction": client_cpu / elapsed,
+    }
 
 
 def batch_histogram(path: Path) -> dict:
@@ -164,8 +185,13 @@ def batch_histogram(path: Path) -> dict:
     counts: dict[int, int] = {}
     for r in rows:
         counts[r] = counts.get(r, 0) + 1
-    return {"predict_calls": len(rows), "rows": sum(rows), "mean_rows": sum(rows) / len(rows) if rows else 0,
-            "max_rows": max(rows) if rows else 0, "rows_per_call": dict(sorted(counts.items()))}  # fmt: skip
+    return {
+        "predict_calls": len(rows),
+        "rows": sum(rows),
+        "mean_rows": sum(rows) / len(rows) if rows else 0,
+        "max_rows": max(rows) if rows else 0,
+        "rows_per_call": dict(sorted(counts.items())),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -189,10 +215,18 @@ def main(argv: list[str] | None = None) -> int:
         implementation = "counting_runtime.CountingOnnxRuntime" if args.count_batches else serve.IMPLEMENTATION
         os.environ["COUNT_BATCHES_FILE"] = str(counts)
         begin = time.perf_counter()
-        handle = serve.start(model, "tiny", serve.free_port(), serve.free_port(), args.max_batch_size,
-                             args.max_batch_time, scratch / "mls",
-                             parallel_workers=args.parallel_workers, threads=args.threads,
-                             implementation=implementation)  # fmt: skip
+        handle = serve.start(
+            model,
+            "tiny",
+            serve.free_port(),
+            serve.free_port(),
+            args.max_batch_size,
+            args.max_batch_time,
+            scratch / "mls",
+            parallel_workers=args.parallel_workers,
+            threads=args.threads,
+            implementation=implementation,
+        )
         report["startup_seconds"] = time.perf_counter() - begin
         try:
             report["sync"] = sync_check(handle.grpc_url, "tiny")

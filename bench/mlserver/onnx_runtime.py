@@ -79,7 +79,9 @@ class OnnxRuntime(MLModel):
             if expected is None:
                 raise InferenceError(f"unexpected input '{request_input.name}': the model takes {sorted(self._inputs)}")
             if request_input.datatype != expected:
-                raise InferenceError(f"input '{request_input.name}' is {request_input.datatype}, the model wants {expected}")
+                raise InferenceError(
+                    f"input '{request_input.name}' is {request_input.datatype}, the model wants {expected}"
+                )
             feeds[request_input.name] = NumpyCodec.decode_input(request_input)
         missing = set(self._inputs) - set(feeds)
         if missing:
@@ -103,4 +105,3 @@ class OnnxRuntime(MLModel):
         here still puts stream requests into its batches, as ModelStreamInfer does in onnxserve."""
         async for payload in payloads:
             yield await self.predict(payload)
-

@@ -106,9 +106,18 @@ class Handle:
             pass
 
 
-def write_settings(model_path, model_name: str, grpc_port: int, http_port: int, max_batch_size: int,
-                   max_batch_time_s: float, workdir, metrics_port: int | None = None,
-                   parallel_workers: int = 0, implementation: str = IMPLEMENTATION) -> Path:  # fmt: skip
+def write_settings(
+    model_path,
+    model_name: str,
+    grpc_port: int,
+    http_port: int,
+    max_batch_size: int,
+    max_batch_time_s: float,
+    workdir,
+    metrics_port: int | None = None,
+    parallel_workers: int = 0,
+    implementation: str = IMPLEMENTATION,
+) -> Path:
     """settings.json and <name>/model-settings.json in workdir; returns workdir."""
     workdir = Path(workdir).resolve()
     (workdir / model_name).mkdir(parents=True, exist_ok=True)
@@ -137,14 +146,36 @@ def write_settings(model_path, model_name: str, grpc_port: int, http_port: int, 
     return workdir
 
 
-def start(model_path, model_name: str, grpc_port: int, http_port: int, max_batch_size: int,
-          max_batch_time_s: float, workdir, *, metrics_port: int | None = None, parallel_workers: int = 0,
-          threads: int | None = None, implementation: str = IMPLEMENTATION, timeout: float = 120.0) -> Handle:  # fmt: skip
+def start(
+    model_path,
+    model_name: str,
+    grpc_port: int,
+    http_port: int,
+    max_batch_size: int,
+    max_batch_time_s: float,
+    workdir,
+    *,
+    metrics_port: int | None = None,
+    parallel_workers: int = 0,
+    threads: int | None = None,
+    implementation: str = IMPLEMENTATION,
+    timeout: float = 120.0,
+) -> Handle:
     """Launch MLServer on model_path and wait until the model is ready on HTTP and gRPC."""
     if not MLSERVER.exists():
         raise FileNotFoundError(f"{MLSERVER} is missing: run bench/mlserver/setup.sh")
-    workdir = write_settings(model_path, model_name, grpc_port, http_port, max_batch_size, max_batch_time_s,
-                             workdir, metrics_port, parallel_workers, implementation)  # fmt: skip
+    workdir = write_settings(
+        model_path,
+        model_name,
+        grpc_port,
+        http_port,
+        max_batch_size,
+        max_batch_time_s,
+        workdir,
+        metrics_port,
+        parallel_workers,
+        implementation,
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLSERVER_", "PYTHON", "VIRTUAL_ENV"))}
     env["PYTHONPATH"] = str(HERE)  # onnx_runtime.py; nothing from the caller's environment
     env["PYTHONUNBUFFERED"] = "1"
@@ -190,12 +221,24 @@ def main(argv: list[str] | None = None) -> int:
     name = args.name or model_name(args.model)
     with tempfile.TemporaryDirectory(prefix="mlserver-") as scratch:
         workdir = args.workdir or Path(scratch)
-        handle = start(args.model, name, args.grpc_port, args.http_port, args.max_batch_size, args.max_batch_time,
-                       workdir, metrics_port=args.metrics_port, parallel_workers=args.parallel_workers,
-                       threads=args.threads)  # fmt: skip
-        print(f"MLServer ready: model '{name}' on gRPC {handle.grpc_url}, REST {handle.http_url}"
-              + (f", metrics http://127.0.0.1:{args.metrics_port}/metrics" if args.metrics_port else "")
-              + f"; log {handle.log_path}. Ctrl-C to stop.", flush=True)  # fmt: skip
+        handle = start(
+            args.model,
+            name,
+            args.grpc_port,
+            args.http_port,
+            args.max_batch_size,
+            args.max_batch_time,
+            workdir,
+            metrics_port=args.metrics_port,
+            parallel_workers=args.parallel_workers,
+            threads=args.threads,
+        )
+        print(
+            f"MLServer ready: model '{name}' on gRPC {handle.grpc_url}, REST {handle.http_url}"
+            + (f", metrics http://127.0.0.1:{args.metrics_port}/metrics" if args.metrics_port else "")
+            + f"; log {handle.log_path}. Ctrl-C to stop.",
+            flush=True,
+        )
         return serve_until_interrupted(handle, "MLServer")
 
 

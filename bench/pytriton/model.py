@@ -24,11 +24,19 @@ from pytriton.model_config import ModelConfig, Tensor
 from pytriton.triton import Triton, TritonConfig
 
 DTYPES = {
-    "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
-    "tensor(int8)": np.int8, "tensor(int16)": np.int16, "tensor(int32)": np.int32, "tensor(int64)": np.int64,
-    "tensor(uint8)": np.uint8, "tensor(uint16)": np.uint16, "tensor(uint32)": np.uint32,
-    "tensor(uint64)": np.uint64, "tensor(bool)": np.bool_,
-}  # fmt: skip
+    "tensor(float)": np.float32,
+    "tensor(double)": np.float64,
+    "tensor(float16)": np.float16,
+    "tensor(int8)": np.int8,
+    "tensor(int16)": np.int16,
+    "tensor(int32)": np.int32,
+    "tensor(int64)": np.int64,
+    "tensor(uint8)": np.uint8,
+    "tensor(uint16)": np.uint16,
+    "tensor(uint32)": np.uint32,
+    "tensor(uint64)": np.uint64,
+    "tensor(bool)": np.bool_,
+}
 
 
 def session(model_path: Path) -> ort.InferenceSession:
@@ -70,11 +78,13 @@ def main(argv: list[str] | None = None) -> None:
         return dict(zip(output_names, sess.run(output_names, inputs)))
 
     config = TritonConfig(
-        grpc_address="127.0.0.1", grpc_port=args.grpc_port,
-        http_address="127.0.0.1", http_port=args.http_port,
+        grpc_address="127.0.0.1",
+        grpc_port=args.grpc_port,
+        http_address="127.0.0.1",
+        http_port=args.http_port,
         allow_metrics=False,  # nothing reads them, and no third port to clash
         log_file=args.workdir / "triton.log",  # else PyTriton keeps all of Triton's output in memory
-    )  # fmt: skip
+    )
     # SIGTERM as Ctrl-C: serve() then stops Triton and its stubs and frees their shared memory.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     with Triton(config=config, workspace=args.workdir / "workspace") as triton:

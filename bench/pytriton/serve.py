@@ -143,8 +143,9 @@ class Handle:
                 continue
 
 
-def start(model_path, model_name: str, grpc_port: int, http_port: int, max_batch_size: int, workdir,
-          *, timeout: float = 120.0) -> Handle:  # fmt: skip
+def start(
+    model_path, model_name: str, grpc_port: int, http_port: int, max_batch_size: int, workdir, *, timeout: float = 120.0
+) -> Handle:
     """Launch PyTriton on model_path and wait until the model is ready on HTTP and gRPC."""
     if not PYTHON.exists():
         raise FileNotFoundError(f"{PYTHON} is missing: run bench/pytriton/setup.sh")
@@ -157,11 +158,28 @@ def start(model_path, model_name: str, grpc_port: int, http_port: int, max_batch
     for path in (home, tmp):
         path.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTRITON_", "PYTHON", "VIRTUAL_ENV"))}
-    env.update(HOME=str(home), XDG_CACHE_HOME=str(home / ".cache"), PYTRITON_HOME=str(home / "pytriton"),
-               TMPDIR=str(tmp), PYTHONUNBUFFERED="1")  # fmt: skip
-    command = [str(PYTHON), str(HERE / "model.py"), str(Path(model_path).resolve()), "--name", model_name,
-               "--grpc-port", str(grpc_port), "--http-port", str(http_port),
-               "--max-batch-size", str(max_batch_size), "--workdir", str(workdir)]  # fmt: skip
+    env.update(
+        HOME=str(home),
+        XDG_CACHE_HOME=str(home / ".cache"),
+        PYTRITON_HOME=str(home / "pytriton"),
+        TMPDIR=str(tmp),
+        PYTHONUNBUFFERED="1",
+    )
+    command = [
+        str(PYTHON),
+        str(HERE / "model.py"),
+        str(Path(model_path).resolve()),
+        "--name",
+        model_name,
+        "--grpc-port",
+        str(grpc_port),
+        "--http-port",
+        str(http_port),
+        "--max-batch-size",
+        str(max_batch_size),
+        "--workdir",
+        str(workdir),
+    ]
     with open(workdir / "pytriton.log", "wb") as log:
         process = subprocess.Popen(
             command,
@@ -201,10 +219,14 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     with tempfile.TemporaryDirectory(prefix="pytriton-") as scratch:
         workdir = args.workdir or Path(scratch)
-        handle = start(args.model, name, args.grpc_port, args.http_port, args.max_batch_size, workdir,
-                       timeout=args.timeout)  # fmt: skip
-        print(f"PyTriton ready: model '{name}' on gRPC {handle.grpc_url}, REST {handle.http_url}; "
-              f"logs in {workdir}. Ctrl-C to stop.", flush=True)  # fmt: skip
+        handle = start(
+            args.model, name, args.grpc_port, args.http_port, args.max_batch_size, workdir, timeout=args.timeout
+        )
+        print(
+            f"PyTriton ready: model '{name}' on gRPC {handle.grpc_url}, REST {handle.http_url}; "
+            f"logs in {workdir}. Ctrl-C to stop.",
+            flush=True,
+        )
         return serve_until_interrupted(handle, "PyTriton")
 
 

@@ -20,13 +20,13 @@ import itertools
 import logging
 import math
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable
 
-from server.models.model_config import BatchingSettings
-from server.errors import DeadlineExceeded, ExecutionFailed, InvalidInput, Overloaded, ShuttingDown
-from server.observe.events import BatchExecuted, BatchStarted, EventBus
 from server.engine.queued import Answer, Batch, Feeds, QueuedRequest, concatenate, split_outputs, union_outputs
+from server.errors import DeadlineExceeded, ExecutionFailed, InvalidInput, Overloaded, ShuttingDown
+from server.models.model_config import BatchingSettings
+from server.observe.events import BatchExecuted, BatchStarted, EventBus
 
 __all__ = ["Answer", "Batcher", "QueuedRequest"]
 
@@ -106,7 +106,9 @@ class Batcher:
         tenant: str = "unknown",
     ) -> Answer:
         """Queue one request and wait for its own output rows."""
-        return await self.collect(self.enqueue(feeds, rows, outputs, priority=priority, timeout_us=timeout_us, tenant=tenant))
+        return await self.collect(
+            self.enqueue(feeds, rows, outputs, priority=priority, timeout_us=timeout_us, tenant=tenant)
+        )
 
     async def collect(self, item: QueuedRequest) -> Answer:
         """Wait for a queued request's own rows; a caller that gives up leaves the queue."""
@@ -129,7 +131,9 @@ class Batcher:
         """Queue one request; its `future` resolves with its Answer (or the error that ended it).
         For callers that do not await it in a task of their own, such as the requests of a stream."""
         if self._closing:
-            raise ShuttingDown(f"{self.label} is closing (unloaded, replaced by a reload, or the server is stopping); retry")
+            raise ShuttingDown(
+                f"{self.label} is closing (unloaded, replaced by a reload, or the server is stopping); retry"
+            )
         max_queue = self.settings.queue_policy.max_queue_size
         if max_queue and self._depth >= max_queue:
             raise Overloaded(f"{self.label}: queue is full ({max_queue} requests waiting); retry later")
@@ -332,7 +336,9 @@ class Batcher:
         for item in batch.requests:
             item.batch_id = batch.batch_id
             tenants[item.tenant] = tenants.get(item.tenant, 0) + item.rows
-        event = BatchStarted(self.model, self.version, batch.batch_id, self.devices[instance], started, tuple(tenants.items()))
+        event = BatchStarted(
+            self.model, self.version, batch.batch_id, self.devices[instance], started, tuple(tenants.items())
+        )
         self.bus.publish(event)
         try:
             feeds = concatenate(batch.requests)
@@ -397,6 +403,7 @@ class Batcher:
             output_seconds=ends[2] - ends[1],
             queue_seconds=tuple(item.taken - item.arrival for item in batch.requests),
         )
+
 
 def _outcome(done: asyncio.Future) -> tuple[Feeds | None, BaseException | None]:
     if done.cancelled():

@@ -89,8 +89,10 @@ class GraphShapes:
             log.warning(
                 "%s: enable_cuda_graph is on, but instance(s) %s run on CPUExecutionProvider, which captures no CUDA "
                 "graph: batches still run padded to sizes %s through fixed bindings on each instance's thread",
-                label, on_cpu, list(self.sizes) or "(the fixed shape)",
-            )  # fmt: skip
+                label,
+                on_cpu,
+                list(self.sizes) or "(the fixed shape)",
+            )
         return [GraphBindings(*args, self.inputs, self.outputs, self.sizes) for args in zip(sessions, devices, owners)]
 
 
@@ -120,19 +122,25 @@ class FixedBinding:
     back once. One per instance (and per padded size), which runs one batch at a time. With a
     `graph_id`, every run carries it as the gpu_graph_id run option (the CPU provider ignores it)."""
 
-    def __init__(self, session: ort.InferenceSession, device: str, inputs, outputs, graph_id: int | None = None) -> None:
+    def __init__(
+        self, session: ort.InferenceSession, device: str, inputs, outputs, graph_id: int | None = None
+    ) -> None:
         kind, _, index = device.partition(":")
         self.binding = session.io_binding()
         self.inputs = {}
         self.dtypes = {spec.name: np.dtype(DATATYPES[spec.datatype].numpy) for spec in inputs}
         for spec in inputs:
-            value = ort.OrtValue.ortvalue_from_shape_and_type(spec.shape, DATATYPES[spec.datatype].numpy, kind, int(index or 0))
+            value = ort.OrtValue.ortvalue_from_shape_and_type(
+                spec.shape, DATATYPES[spec.datatype].numpy, kind, int(index or 0)
+            )
             self.binding.bind_ortvalue_input(spec.name, value)
             self.inputs[spec.name] = value
         self.output_names = [spec.name for spec in outputs]
         self.outputs = {}
         for spec in outputs:
-            value = ort.OrtValue.ortvalue_from_shape_and_type(spec.shape, DATATYPES[spec.datatype].numpy, kind, int(index or 0))
+            value = ort.OrtValue.ortvalue_from_shape_and_type(
+                spec.shape, DATATYPES[spec.datatype].numpy, kind, int(index or 0)
+            )
             self.binding.bind_ortvalue_output(spec.name, value)
             self.outputs[spec.name] = value
         self.run_options = None
@@ -145,11 +153,15 @@ class FixedBinding:
         for name, array in feeds.items():
             value = self.inputs[name]
             if tuple(array.shape) != tuple(value.shape()) or array.dtype != self.dtypes[name]:
-                raise ValueError(f"input '{name}' is {array.dtype}{list(array.shape)}; bound as {self.dtypes[name]}{value.shape()}")
+                raise ValueError(
+                    f"input '{name}' is {array.dtype}{list(array.shape)}; bound as {self.dtypes[name]}{value.shape()}"
+                )
             value.update_inplace(np.ascontiguousarray(array))
         return self.execute(session, output_names), time.perf_counter() - started
 
-    def execute(self, session: ort.InferenceSession, output_names: list[str], run_options: ort.RunOptions | None = None) -> list[np.ndarray]:
+    def execute(
+        self, session: ort.InferenceSession, output_names: list[str], run_options: ort.RunOptions | None = None
+    ) -> list[np.ndarray]:
         """Run on what the inputs hold now; the outputs, copied to the host (each its own array)."""
         session.run_with_iobinding(self.binding, run_options or self.run_options)
         values = dict(zip(self.output_names, self.binding.copy_outputs_to_cpu()))
@@ -173,7 +185,9 @@ class GraphBindings:
             self.bindings = {0: FixedBinding(session, device, inputs, outputs, graph_id=0)}
         else:
             self.bindings = {
-                size: FixedBinding(session, device, _with_rows(inputs, size), _with_rows(outputs, size), graph_id=graph_id)
+                size: FixedBinding(
+                    session, device, _with_rows(inputs, size), _with_rows(outputs, size), graph_id=graph_id
+                )
                 for graph_id, size in enumerate(sizes)
             }
         # Host staging per size: a short batch is padded here, then copied to the device in one piece.
@@ -188,7 +202,9 @@ class GraphBindings:
     def prime(self, session: ort.InferenceSession, size: int, runs: int = GRAPH_PRIME_RUNS) -> None:
         """Regular runs of one padded size (0: unbatched) on zeros, capturing no graph (see GRAPH_PRIME_RUNS)."""
         if threading.get_ident() != self.owner:
-            raise RuntimeError(f"CUDA graphs replay on the instance's own thread; called on {threading.current_thread().name}")
+            raise RuntimeError(
+                f"CUDA graphs replay on the instance's own thread; called on {threading.current_thread().name}"
+            )
         binding = self.bindings[size]
         for name, value in binding.inputs.items():
             value.update_inplace(np.zeros(value.shape(), binding.dtypes[name]))
@@ -206,7 +222,9 @@ class GraphBindings:
 
     def __call__(self, session: ort.InferenceSession, output_names: list[str], feeds: dict) -> tuple[list, float]:
         if threading.get_ident() != self.owner:
-            raise RuntimeError(f"CUDA graphs replay on the instance's own thread; called on {threading.current_thread().name}")
+            raise RuntimeError(
+                f"CUDA graphs replay on the instance's own thread; called on {threading.current_thread().name}"
+            )
         self.threads[threading.current_thread().name] += 1
         if not self.sizes:
             self.runs[0] += 1
@@ -218,7 +236,9 @@ class GraphBindings:
         for name, array in feeds.items():
             buffer = self.staging[size][name]
             if tuple(array.shape[1:]) != buffer.shape[1:] or array.dtype != buffer.dtype:
-                raise ValueError(f"input '{name}' is {array.dtype}{list(array.shape)}; bound as {buffer.dtype}{list(buffer.shape)}")
+                raise ValueError(
+                    f"input '{name}' is {array.dtype}{list(array.shape)}; bound as {buffer.dtype}{list(buffer.shape)}"
+                )
             if rows == size:
                 binding.inputs[name].update_inplace(np.ascontiguousarray(array))
                 continue

@@ -9,8 +9,8 @@ pure function of the timings, so it can be tested with a stand-in clock.
 import dataclasses
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 BUDGET_SECONDS = 2.0  # per model version, all trials together
 RUNS_PER_TRIAL = 12  # timed runs per (threads, batch) trial, fewer when the budget runs short
@@ -49,8 +49,12 @@ class Choice:
 
     def describe(self) -> str:
         values = (self.intra_op_threads, int(self.allow_spinning), self.inline_run_below_us)
-        settings = ", ".join(f"{name} {value} ({self.sources.get(name, 'configured')})" for name, value in zip(SETTINGS, values))
-        runs = ", ".join(f"{t} thread(s){' spinning' if s else ''} batch {b}: {sec * 1e6:.0f} us" for t, s, b, sec in self.timings)
+        settings = ", ".join(
+            f"{name} {value} ({self.sources.get(name, 'configured')})" for name, value in zip(SETTINGS, values)
+        )
+        runs = ", ".join(
+            f"{t} thread(s){' spinning' if s else ''} batch {b}: {sec * 1e6:.0f} us" for t, s, b, sec in self.timings
+        )
         handoff = f"; thread handoff {self.handoff_us:.0f} us" if self.handoff_us is not None else ""
         return settings + (f" [{runs}{handoff}]" if runs else "") + (f" ({self.note})" if self.note else "")
 
@@ -188,8 +192,10 @@ def previous_defaults(fixed: Fixed, cores: int, instances: int) -> Choice:
     threads = fixed.intra_op_threads or max(1, cores // max(1, instances))
     spinning = threads > 1 if fixed.allow_spinning is None else fixed.allow_spinning
     inline = fixed.inline_run_below_us or 0
-    sources = {name: fixed.source(name) if value is not None else "previous default"
-               for name, value in zip(SETTINGS, (fixed.intra_op_threads, fixed.allow_spinning, fixed.inline_run_below_us))}  # fmt: skip
+    sources = {
+        name: fixed.source(name) if value is not None else "previous default"
+        for name, value in zip(SETTINGS, (fixed.intra_op_threads, fixed.allow_spinning, fixed.inline_run_below_us))
+    }
     return Choice(threads, spinning, inline, sources)
 
 

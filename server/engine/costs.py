@@ -13,8 +13,8 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
 
 from server.observe.events import BatchExecuted, BatchStarted, ModelStateChanged
 
@@ -71,8 +71,12 @@ def resolve_prices(
             continue
         found = table_price(name)
         if found is None:
-            log.warning("no default price for GPU %r (%s): its cost counts as 0; set --device-price %s=DOLLARS_PER_HOUR",
-                        name, device, device)  # fmt: skip
+            log.warning(
+                "no default price for GPU %r (%s): its cost counts as 0; set --device-price %s=DOLLARS_PER_HOUR",
+                name,
+                device,
+                device,
+            )
             prices[device] = DevicePrice(0.0, "unknown")
         else:
             prices[device] = DevicePrice(found, "table")
@@ -218,7 +222,8 @@ class CostLedger:
             rows = sum(count for _, count in event.tenants)
             keys = [(tenant, event.model, event.version, event.device) for tenant, _ in event.tenants]
             tenants = tuple(
-                (key, self._tenants.setdefault(key, [0.0, 0.0]), count / rows) for key, (_, count) in zip(keys, event.tenants)
+                (key, self._tenants.setdefault(key, [0.0, 0.0]), count / rows)
+                for key, (_, count) in zip(keys, event.tenants)
             )
             device.running[event.batch_id] = _Running(totals, tenants)
 

@@ -48,7 +48,11 @@ def preload() -> list[str]:
 def _preload_dlls(**where) -> list[str]:
     """onnxruntime.preload_dlls(), which prints what it could not load: those lines."""
     printed = io.StringIO()
-    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed), warnings.catch_warnings(record=True) as caught:
+    with (
+        contextlib.redirect_stdout(printed),
+        contextlib.redirect_stderr(printed),
+        warnings.catch_warnings(record=True) as caught,
+    ):
         warnings.simplefilter("always")
         ort.preload_dlls(msvc=False, **where)
     messages = [line.strip() for line in printed.getvalue().splitlines() if line.strip()]

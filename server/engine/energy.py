@@ -6,7 +6,7 @@ per device, models plus idle still add up to the counter's total."""
 
 import logging
 import threading
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 log = logging.getLogger(__name__)
 

@@ -9,16 +9,16 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Iterator, Mapping
 
 from server.engine.batching import Answer, QueuedRequest
 from server.engine.costs import CostLedger, Share
-from server.errors import DeadlineExceeded, InvalidInput, ModelNotFound, Overloaded, ServingError, ShuttingDown
-from server.observe.events import EventBus, RequestFinished, RequestStarted
-from server.models.repository import ModelRepository, ModelVersion
-from server.tensors import DecodedRequest
 from server.engine.usage_log import UsageLog
+from server.errors import DeadlineExceeded, InvalidInput, ModelNotFound, Overloaded, ServingError, ShuttingDown
+from server.models.repository import ModelRepository, ModelVersion
+from server.observe.events import EventBus, RequestFinished, RequestStarted
+from server.tensors import DecodedRequest
 
 # Response parameters that tell a caller what its own request went through and cost.
 COST_PARAMETER = "onnxserve_cost_dollars"
@@ -137,7 +137,12 @@ class InferenceCore:
         call.rows, call.outputs = decoded.rows, decoded.outputs
         priority, timeout_us = request_options(parameters, call.model)
         call.item = call.model.batcher.enqueue(
-            decoded.feeds, decoded.rows, decoded.outputs, priority=priority, timeout_us=timeout_us, tenant=call.identity.label
+            decoded.feeds,
+            decoded.rows,
+            decoded.outputs,
+            priority=priority,
+            timeout_us=timeout_us,
+            tenant=call.identity.label,
         )
         return call.item
 
@@ -172,7 +177,9 @@ class InferenceCore:
             model = call.model
             seconds = time.perf_counter() - call.started
             label = call.identity.label
-            self.bus.publish(RequestFinished(model.name, model.version, outcome, call.rows, seconds, call.protocol, label))
+            self.bus.publish(
+                RequestFinished(model.name, model.version, outcome, call.rows, seconds, call.protocol, label)
+            )
         item = call.item
         if item is not None and item.batch_id and not item.executed:
             item.on_executed = lambda: self._settle(call, outcome)
@@ -202,9 +209,25 @@ class InferenceCore:
             price, source = price.dollars_per_hour, price.source
         batch_id = item.batch_id if item is not None and item.batch_id else None
         return (
-            time.time(), call.request_id, identity.tenant, identity.source, model, version, call.protocol, outcome,
-            call.rows, device, batch_id, batch_rows, queue_us, compute_us, dollars, joules, price, source,
-        )  # fmt: skip
+            time.time(),
+            call.request_id,
+            identity.tenant,
+            identity.source,
+            model,
+            version,
+            call.protocol,
+            outcome,
+            call.rows,
+            device,
+            batch_id,
+            batch_rows,
+            queue_us,
+            compute_us,
+            dollars,
+            joules,
+            price,
+            source,
+        )
 
 
 def request_options(parameters: Mapping[str, object], model: ModelVersion) -> tuple[int, int]:

@@ -50,7 +50,9 @@ class Placement:
     providers: list  # [(name, options), ...] as InferenceSession takes them
 
 
-def plan_placements(settings: SessionSettings, gpus: int, label: str, policy: GpuPolicy = GpuPolicy()) -> list[Placement]:
+def plan_placements(
+    settings: SessionSettings, gpus: int, label: str, policy: GpuPolicy = GpuPolicy()
+) -> list[Placement]:
     wants_gpu = settings.instance_kind == "gpu" or bool(settings.gpu_accelerators)
     if settings.instance_kind == "cpu" or gpus == 0:
         if gpus == 0 and wants_gpu:
@@ -59,7 +61,9 @@ def plan_placements(settings: SessionSettings, gpus: int, label: str, policy: Gp
     device_ids = list(settings.gpus) or [0]
     placements = []
     for device_id in device_ids:
-        placements += [Placement(f"cuda:{device_id}", _gpu_providers(settings, device_id, policy))] * settings.instance_count
+        placements += [
+            Placement(f"cuda:{device_id}", _gpu_providers(settings, device_id, policy))
+        ] * settings.instance_count
     return placements
 
 
@@ -67,11 +71,14 @@ def no_gpu(label: str, reason: str, policy: GpuPolicy) -> None:
     """GPU execution was asked for and cannot be had: a load failure with --require-gpu, else a loud fallback."""
     if policy.require:
         raise ConfigError(f"{label}: GPU execution is asked for, but {reason}; --require-gpu makes that a load failure")
-    log.warning("%s: GPU execution is asked for, but %s: it runs on the CPU (--require-gpu would fail the load)", label, reason)
+    log.warning(
+        "%s: GPU execution is asked for, but %s: it runs on the CPU (--require-gpu would fail the load)", label, reason
+    )
 
 
-def open_session(model_path: Path, options: ort.SessionOptions, placement: Placement, label: str,
-                 policy: GpuPolicy) -> tuple[ort.InferenceSession, Placement]:  # fmt: skip
+def open_session(
+    model_path: Path, options: ort.SessionOptions, placement: Placement, label: str, policy: GpuPolicy
+) -> tuple[ort.InferenceSession, Placement]:
     """A session where `placement` says, or the loud account of where it runs instead: the session
     and the placement it really has (device and providers as asked of onnxruntime).
 
@@ -148,7 +155,9 @@ def _normal(value: str) -> str:
     return {"true": "1", "false": "0"}.get(text.lower(), text)
 
 
-def verify(session: ort.InferenceSession, placement: Placement, asked: Placement, label: str, policy: GpuPolicy) -> Placement:
+def verify(
+    session: ort.InferenceSession, placement: Placement, asked: Placement, label: str, policy: GpuPolicy
+) -> Placement:
     """The placement the session really has. A GPU placement that runs elsewhere fails the load
     under --require-gpu; otherwise it is logged as an error and billed where it really runs."""
     in_use, options = session.get_providers(), session.get_provider_options()
@@ -156,14 +165,22 @@ def verify(session: ort.InferenceSession, placement: Placement, asked: Placement
     if not found:
         return placement
     if in_use[0] == CPU:
-        reason = providers.provider_unavailable_reason(PROVIDER_LIBRARIES.get(placement.providers[0][0], Path()), visible_gpus())
+        reason = providers.provider_unavailable_reason(
+            PROVIDER_LIBRARIES.get(placement.providers[0][0], Path()), visible_gpus()
+        )
         no_gpu(label, reason, policy)
         return Placement("cpu", [(CPU, {})])
     if policy.require:
         raise ConfigError(f"{label}: {'; '.join(found)}; --require-gpu makes that a load failure")
     device = f"cuda:{options.get(in_use[0], {}).get('device_id', placement.device.partition(':')[2])}"
-    log.error("%s: %s: it runs on %s with these options, and %s is billed (asked: %s)",
-              label, "; ".join(found), in_use[0], device, asked.providers)  # fmt: skip
+    log.error(
+        "%s: %s: it runs on %s with these options, and %s is billed (asked: %s)",
+        label,
+        "; ".join(found),
+        in_use[0],
+        device,
+        asked.providers,
+    )
     return Placement(device, placement.providers)  # what it was opened with, billed where it runs
 
 
@@ -172,7 +189,9 @@ def _gpu_providers(settings: SessionSettings, device_id: int, policy: GpuPolicy)
     for accelerator in settings.gpu_accelerators:
         parameters = dict(accelerator.parameters)
         if accelerator.name == "tensorrt":
-            options = providers.tensorrt_options(device_id, parameters, policy.tensorrt_profiles, policy.tensorrt_cache_dir)
+            options = providers.tensorrt_options(
+                device_id, parameters, policy.tensorrt_profiles, policy.tensorrt_cache_dir
+            )
             chosen.append((TENSORRT, options))
         else:
             cuda.update(parameters)

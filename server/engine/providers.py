@@ -8,8 +8,8 @@ import ctypes
 import hashlib
 import logging
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from server.errors import ConfigError
 
@@ -68,7 +68,12 @@ CUDA_OPTIONS: dict[str, Callable[[str], object]] = {
     "sdpa_kernel": _integer,
 }
 # Triton's ORT backend reads these four from the model-level `parameters` too (its older form).
-CUDA_MODEL_PARAMETERS = ("cudnn_conv_algo_search", "gpu_mem_limit", "arena_extend_strategy", "do_copy_in_default_stream")
+CUDA_MODEL_PARAMETERS = (
+    "cudnn_conv_algo_search",
+    "gpu_mem_limit",
+    "arena_extend_strategy",
+    "do_copy_in_default_stream",
+)
 ALGO_SEARCH = {"0": "EXHAUSTIVE", "1": "HEURISTIC", "2": "DEFAULT"}
 ARENA_STRATEGY = {"0": "kNextPowerOfTwo", "1": "kSameAsRequested"}
 
@@ -82,20 +87,48 @@ TENSORRT_TRITON_OPTIONS: dict[str, Callable[[str], object]] = {
     "int8_use_native_calibration_table": flag,
 }
 TENSORRT_PASSTHROUGH: dict[str, Callable[[str], object]] = {
-    **{name: _integer for name in (
-        "trt_max_partition_iterations", "trt_min_subgraph_size", "trt_dla_core", "trt_builder_optimization_level",
-        "trt_auxiliary_streams", "trt_ep_context_embed_mode",
-    )},
-    **{name: flag for name in (
-        "trt_dla_enable", "trt_dump_subgraphs", "trt_force_sequential_engine_build", "trt_context_memory_sharing_enable",
-        "trt_layer_norm_fp32_fallback", "trt_timing_cache_enable", "trt_force_timing_cache", "trt_detailed_build_log",
-        "trt_build_heuristics_enable", "trt_sparsity_enable", "trt_cuda_graph_enable", "trt_dump_ep_context_model",
-    )},
-    **{name: _text for name in (
-        "trt_engine_cache_prefix", "trt_timing_cache_path", "trt_tactic_sources", "trt_extra_plugin_lib_paths",
-        "trt_profile_min_shapes", "trt_profile_max_shapes", "trt_profile_opt_shapes", "trt_ep_context_file_path",
-    )},
-}  # fmt: skip
+    **{
+        name: _integer
+        for name in (
+            "trt_max_partition_iterations",
+            "trt_min_subgraph_size",
+            "trt_dla_core",
+            "trt_builder_optimization_level",
+            "trt_auxiliary_streams",
+            "trt_ep_context_embed_mode",
+        )
+    },
+    **{
+        name: flag
+        for name in (
+            "trt_dla_enable",
+            "trt_dump_subgraphs",
+            "trt_force_sequential_engine_build",
+            "trt_context_memory_sharing_enable",
+            "trt_layer_norm_fp32_fallback",
+            "trt_timing_cache_enable",
+            "trt_force_timing_cache",
+            "trt_detailed_build_log",
+            "trt_build_heuristics_enable",
+            "trt_sparsity_enable",
+            "trt_cuda_graph_enable",
+            "trt_dump_ep_context_model",
+        )
+    },
+    **{
+        name: _text
+        for name in (
+            "trt_engine_cache_prefix",
+            "trt_timing_cache_path",
+            "trt_tactic_sources",
+            "trt_extra_plugin_lib_paths",
+            "trt_profile_min_shapes",
+            "trt_profile_max_shapes",
+            "trt_profile_opt_shapes",
+            "trt_ep_context_file_path",
+        )
+    },
+}
 TENSORRT_OPTIONS = {**TENSORRT_TRITON_OPTIONS, **TENSORRT_PASSTHROUGH}
 ACCELERATOR_OPTIONS = {"cuda": CUDA_OPTIONS, "tensorrt": TENSORRT_OPTIONS}
 
@@ -143,15 +176,19 @@ def cuda_options(device_id: int, parameters: dict[str, str]) -> dict[str, str]:
     return options
 
 
-def tensorrt_options(device_id: int, parameters: dict[str, str], profiles: dict[str, str], cache_dir: Path | None) -> dict[str, str]:
+def tensorrt_options(
+    device_id: int, parameters: dict[str, str], profiles: dict[str, str], cache_dir: Path | None
+) -> dict[str, str]:
     """onnxruntime's TensorRT provider options from Triton's names; engine and timing caches in
     `cache_dir` when one is given; optimisation profiles so the engine is built at load."""
     options = {"device_id": str(device_id), **profiles}
     if cache_dir is not None:
         options.update(
-            trt_engine_cache_enable="True", trt_engine_cache_path=str(cache_dir),
-            trt_timing_cache_enable="True", trt_timing_cache_path=str(cache_dir),
-        )  # fmt: skip
+            trt_engine_cache_enable="True",
+            trt_engine_cache_path=str(cache_dir),
+            trt_timing_cache_enable="True",
+            trt_timing_cache_path=str(cache_dir),
+        )
     for key, value in parameters.items():
         if TENSORRT_OPTIONS.get(key) is flag:
             value = _onnxruntime_bool(flag(value))

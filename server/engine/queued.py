@@ -2,8 +2,8 @@
 and the row arithmetic between them (gathering requests into one batch, splitting its outputs)."""
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 

@@ -79,6 +79,11 @@ class RunPeak:
         where = "on the event loop" if self.inline else "in the instance's thread"
         log.info(
             "%s instance %d: batches run in %.0f us (limit %.0f us): they run %s (%d switches so far)",
-            label, instance, self.seconds * 1e6, self.limit * 1e6, where, self.switches,
-        )  # fmt: skip
+            label,
+            instance,
+            self.seconds * 1e6,
+            self.limit * 1e6,
+            where,
+            self.switches,
+        )
         self.announced = now

@@ -9,21 +9,30 @@ import math
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import onnxruntime as ort
 
 from server import protocol
 from server.engine import calibration
-from server.engine.binding import GRAPH_CAPTURE_RUNS, GRAPH_OWN_SESSIONS, GRAPH_THREAD, FixedBinding, GraphBindings, GraphShapes
-from server.engine.binding import bound_run, cuda_graphs_asked, unbound
+from server.engine.binding import (
+    GRAPH_CAPTURE_RUNS,
+    GRAPH_OWN_SESSIONS,
+    GRAPH_THREAD,
+    FixedBinding,
+    GraphBindings,
+    GraphShapes,
+    bound_run,
+    cuda_graphs_asked,
+    unbound,
+)
 from server.engine.placement import GpuPolicy, Placement, open_session, plan_placements, visible_gpus
 from server.engine.run_peak import RunPeak, batch_bytes
-from server.models.model_config import BatchingSettings, SessionSettings
 from server.errors import ConfigError, ExecutionFailed
+from server.models.model_config import BatchingSettings, SessionSettings
 from server.tensors import DATATYPE_BY_ORT, DATATYPES, Signature, TensorSpec
 
 log = logging.getLogger(__name__)
@@ -141,7 +150,8 @@ class InstancePool:
         self.choice = calibration.previous_defaults(self.fixed(), cpu_cores(), len(self.placements))
         self._sessions = self._open_all()
         self._executors = [
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ort-{label}-{i}") for i in range(len(self.placements))
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ort-{label}-{i}")
+            for i in range(len(self.placements))
         ]
         first = self._sessions[0]
         self.provider = self.in_use[0].providers[0][0]
@@ -161,10 +171,14 @@ class InstancePool:
         strings = [spec.name for spec in self.inputs + self.outputs if spec.datatype == "BYTES"]
         asked = self.settings.io_binding
         if self.graphs and asked is False:
-            raise ConfigError(f"{self.label}: enable_cuda_graph needs IO binding at fixed addresses; parameters['io_binding'] is 0")
+            raise ConfigError(
+                f"{self.label}: enable_cuda_graph needs IO binding at fixed addresses; parameters['io_binding'] is 0"
+            )
         if (asked or self.graphs) and strings:
             field_name = "enable_cuda_graph needs IO binding, and" if self.graphs else "parameters['io_binding']:"
-            raise ConfigError(f"{self.label}: {field_name} onnxruntime cannot bind string tensors ({', '.join(strings)})")
+            raise ConfigError(
+                f"{self.label}: {field_name} onnxruntime cannot bind string tensors ({', '.join(strings)})"
+            )
         if asked is None:
             return self.graphs or (self.device != "cpu" and not strings)
         return asked
@@ -179,7 +193,10 @@ class InstancePool:
         if not self.io_binding:
             return [_timed_run] * len(self._sessions)
         if self.static:
-            return [FixedBinding(session, device, self.inputs, self.outputs) for session, device in zip(self._sessions, self.devices)]
+            return [
+                FixedBinding(session, device, self.inputs, self.outputs)
+                for session, device in zip(self._sessions, self.devices)
+            ]
         return [functools.partial(bound_run, device) for device in self.devices]
 
     @property
@@ -202,14 +219,19 @@ class InstancePool:
         if self.graphs:  # even where config.pbtxt says otherwise: a graph never runs on the loop
             inline, reasons["inline_run_below_us"] = 0, GRAPH_THREAD
             if not threads:
-                threads, reasons["intra_op_thread_count"] = max(1, cpu_cores() // len(self.placements)), GRAPH_OWN_SESSIONS
+                threads, reasons["intra_op_thread_count"] = (
+                    max(1, cpu_cores() // len(self.placements)),
+                    GRAPH_OWN_SESSIONS,
+                )
             if spinning is None:
                 spinning, reasons["allow_spinning"] = threads > 1, GRAPH_OWN_SESSIONS
         return calibration.Fixed(threads or None, spinning, inline, reasons)
 
     def _open_all(self) -> list[ort.InferenceSession]:
         options = session_options(self.settings, self.choice.intra_op_threads, self.choice.allow_spinning)
-        opened = [open_session(self.model_path, options, placement, self.label, self.gpu) for placement in self.placements]
+        opened = [
+            open_session(self.model_path, options, placement, self.label, self.gpu) for placement in self.placements
+        ]
         self.in_use = [placement for _, placement in opened]  # where each instance really runs, as verified
         return [session for session, _ in opened]
 
@@ -224,7 +246,12 @@ class InstancePool:
         loop = asyncio.new_event_loop()  # a private one: this runs in a worker thread, off the server's loop
         try:
             choice = calibration.calibrate(
-                self._trial_runner(inputs), lambda: self._handoff(loop), fixed, cores, self.instance_count, max_batch_size
+                self._trial_runner(inputs),
+                lambda: self._handoff(loop),
+                fixed,
+                cores,
+                self.instance_count,
+                max_batch_size,
             )
         except Exception as err:  # noqa: BLE001 - any failure of a trial run means: keep the defaults
             self.load_check()  # ... unless the load was given up: then calibration stops here
@@ -330,7 +357,9 @@ class InstancePool:
         peak.observe(seconds, size, self.label, instance)
         return dict(zip(output_names, values))
 
-    async def _run_in_thread(self, feeds: dict, output_names: list[str], instance: int, size: int | None) -> dict[str, np.ndarray]:
+    async def _run_in_thread(
+        self, feeds: dict, output_names: list[str], instance: int, size: int | None
+    ) -> dict[str, np.ndarray]:
         session, executor = self._sessions[instance], self._executors[instance]
         try:
             values, seconds = await asyncio.get_running_loop().run_in_executor(

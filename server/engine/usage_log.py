@@ -46,10 +46,25 @@ ROTATION_RETRY_SECONDS = 1.0  # after a failed rotation; records go on to the cu
 ROTATION_LOG_SECONDS = 60.0  # a rotation that keeps failing, or a bug in the writer, is logged this often
 # The fields of a record, in order (see README, "Usage log"); the loop hands the writer tuples.
 FIELDS = (
-    "time", "request_id", "tenant", "tenant_source", "model", "version", "protocol", "outcome", "rows",
-    "device", "batch_id", "batch_rows", "queue_us", "compute_us", "cost_dollars", "energy_joules",
-    "price_dollars_per_hour", "price_source",
-)  # fmt: skip
+    "time",
+    "request_id",
+    "tenant",
+    "tenant_source",
+    "model",
+    "version",
+    "protocol",
+    "outcome",
+    "rows",
+    "device",
+    "batch_id",
+    "batch_rows",
+    "queue_us",
+    "compute_us",
+    "cost_dollars",
+    "energy_joules",
+    "price_dollars_per_hour",
+    "price_source",
+)
 
 
 class UsageLog:
@@ -84,8 +99,12 @@ class UsageLog:
         """Open (creating) the file for appending, cut a torn last line, start the writer."""
         self._fd = self._open_file()
         self._thread.start()
-        log.info("usage log: %s (fsync every %g ms, rotation %s)", self.path, self.fsync_seconds * 1000,
-                 f"past {self.max_bytes} bytes" if self.max_bytes and self._regular else "off")  # fmt: skip
+        log.info(
+            "usage log: %s (fsync every %g ms, rotation %s)",
+            self.path,
+            self.fsync_seconds * 1000,
+            f"past {self.max_bytes} bytes" if self.max_bytes and self._regular else "off",
+        )
 
     def reserve(self) -> bool:
         """Room for one more request's record; False when the disk is this far behind."""
@@ -106,8 +125,10 @@ class UsageLog:
         return len(self._buffer) + self._unwritten_count
 
     def behind_message(self) -> str:
-        return (f"usage log is behind: {self.depth} records wait for the disk "
-                f"(--usage-log-buffer-records {self.capacity}); retry later")  # fmt: skip
+        return (
+            f"usage log is behind: {self.depth} records wait for the disk "
+            f"(--usage-log-buffer-records {self.capacity}); retry later"
+        )
 
     def close(self, timeout: float | None = None) -> int:
         """Have the writer write and fsync every record left and close the file, and wait for it up to
@@ -118,15 +139,29 @@ class UsageLog:
         hung = self._thread.is_alive()  # in a write or an fsync that does not return: it keeps the file
         lost = self.depth  # a hung writer is blocked in a system call: what it holds is not moving
         if hung and lost:
-            log.error("usage log: %d records are not known to be written to %s: its writer has waited on the disk for "
-                      "over %g s (a disk or mount that does not answer); %d were written", lost, self.path, timeout,
-                      self.written)  # fmt: skip
+            log.error(
+                "usage log: %d records are not known to be written to %s: its writer has waited on the disk for "
+                "over %g s (a disk or mount that does not answer); %d were written",
+                lost,
+                self.path,
+                timeout,
+                self.written,
+            )
         elif hung:
-            log.warning("usage log: closed after %d records, all written; its writer is still waiting on the disk after "
-                        "rotating %s", self.written, self.path)  # fmt: skip
+            log.warning(
+                "usage log: closed after %d records, all written; its writer is still waiting on the disk after "
+                "rotating %s",
+                self.written,
+                self.path,
+            )
         elif lost:
-            log.error("usage log: %d records could not be written to %s (%s): they are lost; %d were written",
-                      lost, self.path, self._error or "not fsynced", self.written)  # fmt: skip
+            log.error(
+                "usage log: %d records could not be written to %s (%s): they are lost; %d were written",
+                lost,
+                self.path,
+                self._error or "not fsynced",
+                self.written,
+            )
         else:
             log.info("usage log: closed after %d records", self.written)
         if self._reserved:  # requests accepted whose batches still ran when the server stopped
@@ -208,11 +243,19 @@ class UsageLog:
             self._retry_at, self._failed_rotations = now + ROTATION_RETRY_SECONDS, self._failed_rotations + 1
             # Keyed by the rotations done so far: the first failure after a success is always told.
             if self._told.admit(("rotate", self._rotations)) is not None:
-                log.error("usage log: cannot rotate %s (%s); records go on to it, and rotation is retried every %g s",
-                          self.path, err, ROTATION_RETRY_SECONDS, exc_info=not isinstance(err, OSError))  # fmt: skip
+                log.error(
+                    "usage log: cannot rotate %s (%s); records go on to it, and rotation is retried every %g s",
+                    self.path,
+                    err,
+                    ROTATION_RETRY_SECONDS,
+                    exc_info=not isinstance(err, OSError),
+                )
             return
-        log.info("usage log: rotated to %s%s", target,
-                 f" after {self._failed_rotations} failed attempt(s)" if self._failed_rotations else "")  # fmt: skip
+        log.info(
+            "usage log: rotated to %s%s",
+            target,
+            f" after {self._failed_rotations} failed attempt(s)" if self._failed_rotations else "",
+        )
         self._failed_rotations, self._rotations = 0, self._rotations + 1
         try:
             _fsync_directory(self.path.parent)  # the renames and the new file survive a power loss
@@ -260,14 +303,18 @@ def _saved_number(state: Path) -> int:
     except FileNotFoundError:
         return 0
     except OSError as err:
-        log.warning("usage log: the rotation state %s cannot be read (%s): numbering goes on from the files present",
-                    state, err)  # fmt: skip
+        log.warning(
+            "usage log: the rotation state %s cannot be read (%s): numbering goes on from the files present", state, err
+        )
         return 0
     try:
         return int(content.strip())  # ASCII digits only, from bytes
     except ValueError:
-        log.warning("usage log: the rotation state %s is damaged (%r): numbering goes on from the files present",
-                    state, content[:40])  # fmt: skip
+        log.warning(
+            "usage log: the rotation state %s is damaged (%r): numbering goes on from the files present",
+            state,
+            content[:40],
+        )
         return 0
 
 
@@ -326,5 +373,5 @@ def _cut_torn_tail(path: Path, fd: int, size: int) -> int:
 
 
 def _iso_time(epoch: float) -> str:
-    moment = datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc)
+    moment = datetime.datetime.fromtimestamp(epoch, datetime.UTC)
     return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")

@@ -145,7 +145,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                 size = self._head_slice(len(data) - start)
                 if size == 0:
                     limit = self.limits.max_header_bytes
-                    self._refuse(431, "headers_too_large", f"the request headers exceed {limit} bytes (--http-max-header-bytes)")
+                    self._refuse(
+                        431, "headers_too_large", f"the request headers exceed {limit} bytes (--http-max-header-bytes)"
+                    )
                     return
             else:
                 size, received = body.next_slice(len(data) - start, self.limits.max_header_bytes), body.received
@@ -169,8 +171,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def _check_framing(self, body: BodyCount) -> None:
         if body.framing_left(limit := self.limits.max_header_bytes) < 0:
-            self._refuse(431, "headers_too_large",
-                         f"the request's chunk-size lines and trailers exceed {limit} bytes (--http-max-header-bytes)")  # fmt: skip
+            self._refuse(
+                431,
+                "headers_too_large",
+                f"the request's chunk-size lines and trailers exceed {limit} bytes (--http-max-header-bytes)",
+            )
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to bytes that are not HTTP: like a refusal, it waits for an earlier response."""
@@ -248,7 +253,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self._timer = None
 
     def _paused_seconds(self) -> float:
-        return self.flow.paused_seconds() if isinstance(self.flow, TimedFlowControl) else 0.0  # None until connection_ready
+        return (
+            self.flow.paused_seconds() if isinstance(self.flow, TimedFlowControl) else 0.0
+        )  # None until connection_ready
 
     def _time_left(self) -> float:
         """Of the wait being timed: its timeout, plus the time reading was paused meanwhile, plus a
@@ -278,8 +285,12 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                 self.transport.close()
             return
         limits = self.limits
-        self._refuse(408, "timeout", f"the request was not complete in time: its headers within {limits.header_timeout:g} s, "
-                                     f"its body within {limits.body_timeout:g} s plus a second per MiB")  # fmt: skip
+        self._refuse(
+            408,
+            "timeout",
+            f"the request was not complete in time: its headers within {limits.header_timeout:g} s, "
+            f"its body within {limits.body_timeout:g} s plus a second per MiB",
+        )
 
     # --- refusals ------------------------------------------------------------------------------------
 

@@ -8,21 +8,26 @@ So a big request's raw contents are found by walking its fields (on the loop whe
 codec thread otherwise), its other fields parsed by protobuf, and a response is its small header
 serialized by protobuf followed by its raw outputs written as wire fields, one copy of each output."""
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import numpy as np
 from google.protobuf.message import DecodeError
 
 from server import protocol
-from server.errors import InvalidInput
-from server.models.repository import NAME_MAX, check_model_name
-from server.frontend.request_limits import DEFAULT_LIMITS, ELEMENT_COST, OFFLOAD_BYTES, RequestLimits
-from server.frontend.request_limits import encode_weight, raw_bytes_weight
-from server.errors import shown
-from server.tensors import TensorSpec
+from server.errors import InvalidInput, shown
+from server.frontend.request_limits import (
+    DEFAULT_LIMITS,
+    ELEMENT_COST,
+    OFFLOAD_BYTES,
+    RequestLimits,
+    encode_weight,
+    raw_bytes_weight,
+)
 from server.frontend.tensor_codec import output_bytes
 from server.frontend.wire_walk import LOOP_FIELDS, MAX_FIELDS, OverBudget, Walk, declared_elements
+from server.models.repository import NAME_MAX, check_model_name
+from server.tensors import TensorSpec
 
 RAW_OUTPUT_TAG = bytes([6 << 3 | 2])  # ModelInferResponse.raw_output_contents = 6, length-delimited
 STREAM_RESPONSE_TAG = bytes([2 << 3 | 2])  # ModelStreamInferResponse.infer_response = 2
@@ -102,7 +107,6 @@ def decode_weight(message, raw: list[memoryview] | None, size: int) -> int:
     return weight
 
 
-
 def request_head(request, size: int, limits: RequestLimits) -> RequestHead:
     """The request's name, version, id and parameters, each checked against its bound: what an
     error on a stream echoes, so a name no model can have is refused before anything quotes it."""
@@ -110,12 +114,16 @@ def request_head(request, size: int, limits: RequestLimits) -> RequestHead:
     if len(name) > NAME_MAX:  # characters: at least as many bytes, so past the repository's bound
         check_model_name(name)  # raises, saying why
     if len(version) > NAME_MAX:
-        raise InvalidInput(f"model '{shown(name)}': the model version is {len(version)} characters long; at most {NAME_MAX}")
+        raise InvalidInput(
+            f"model '{shown(name)}': the model version is {len(version)} characters long; at most {NAME_MAX}"
+        )
     label = f"model '{name}'"
     request_id = limits.check_id(request.id, label)
     parameters = request.parameters
     limits.check_parameters(len(parameters), label)
-    said = {key: getattr(value, value.WhichOneof("parameter_choice") or "string_param") for key, value in parameters.items()}
+    said = {
+        key: getattr(value, value.WhichOneof("parameter_choice") or "string_param") for key, value in parameters.items()
+    }
     return RequestHead(name, version, request_id, said, size)
 
 

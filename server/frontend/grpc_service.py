@@ -12,8 +12,16 @@ from server.engine.batching import Answer
 from server.engine.inference import GRPC, Call, Identity
 from server.errors import ServingError
 from server.frontend.backend import Backend
-from server.frontend.grpc_codec import RequestHead, decode_weight, parse_on_loop, parse_request, request_head, response_bytes
-from server.frontend.grpc_codec import response_weight, serialize_response
+from server.frontend.grpc_codec import (
+    RequestHead,
+    decode_weight,
+    parse_on_loop,
+    parse_request,
+    request_head,
+    response_bytes,
+    response_weight,
+    serialize_response,
+)
 from server.frontend.grpc_stream import StreamInfer
 from server.frontend.identity import AUTHORIZATION, TENANT_HEADER
 from server.frontend.model_info import EXTENSIONS, PLATFORM, SERVER_NAME, server_version
@@ -51,12 +59,19 @@ class InferenceService:
     def implementations(self) -> dict:
         """The RPCs served, by name; the service's others answer UNIMPLEMENTED."""
         return {
-            "ServerLive": self.ServerLive, "ServerReady": self.ServerReady, "ModelReady": self.ModelReady,
-            "ServerMetadata": self.ServerMetadata, "ModelMetadata": self.ModelMetadata, "ModelConfig": self.ModelConfig,
-            "ModelInfer": self.ModelInfer, "ModelStreamInfer": StreamInfer(self).serve, "ModelStatistics": self.ModelStatistics,
-            "RepositoryIndex": self.RepositoryIndex, "RepositoryModelLoad": self.RepositoryModelLoad,
+            "ServerLive": self.ServerLive,
+            "ServerReady": self.ServerReady,
+            "ModelReady": self.ModelReady,
+            "ServerMetadata": self.ServerMetadata,
+            "ModelMetadata": self.ModelMetadata,
+            "ModelConfig": self.ModelConfig,
+            "ModelInfer": self.ModelInfer,
+            "ModelStreamInfer": StreamInfer(self).serve,
+            "ModelStatistics": self.ModelStatistics,
+            "RepositoryIndex": self.RepositoryIndex,
+            "RepositoryModelLoad": self.RepositoryModelLoad,
             "RepositoryModelUnload": self.RepositoryModelUnload,
-        }  # fmt: skip
+        }
 
     def handler(self) -> grpc.GenericRpcHandler:
         handlers, served = {}, self.implementations()
@@ -124,7 +139,9 @@ class InferenceService:
 
     async def ModelMetadata(self, request, context):
         model = self.info.model(request.name, request.version)
-        response = protocol.ModelMetadataResponse(name=model.name, versions=self.info.ready_versions(model.name), platform=PLATFORM)
+        response = protocol.ModelMetadataResponse(
+            name=model.name, versions=self.info.ready_versions(model.name), platform=PLATFORM
+        )
         for spec in model.signature.inputs:
             response.inputs.add(name=spec.name, datatype=spec.datatype, shape=spec.shape)
         for spec in model.signature.outputs:
@@ -159,7 +176,9 @@ class InferenceService:
         parsed = parse_on_loop(data)
         if parsed is None:
             limits = self.limits
-            parsed = await self.offload.in_thread(parse_request, data, limits.max_bytes_elements, limits.max_typed_elements)
+            parsed = await self.offload.in_thread(
+                parse_request, data, limits.max_bytes_elements, limits.max_typed_elements
+            )
         message, raw = parsed
         head = request_head(message, len(data), self.limits)
         call.request_id = head.id
@@ -173,7 +192,9 @@ class InferenceService:
     def outputs(self, call: Call, answer: Answer):
         """The (spec, array) of each output asked for, and the accounting parameters; on the loop."""
         signature = call.model.signature
-        return [(signature.output(name), answer.outputs[name]) for name in call.outputs], self.core.accounting(call, answer)
+        return [(signature.output(name), answer.outputs[name]) for name in call.outputs], self.core.accounting(
+            call, answer
+        )
 
     # --- statistics ---------------------------------------------------------------------------
 
@@ -190,7 +211,10 @@ class InferenceService:
         return response
 
     async def RepositoryModelLoad(self, request, context):
-        parameters = {key: getattr(value, value.WhichOneof("parameter_choice") or "string_param") for key, value in request.parameters.items()}
+        parameters = {
+            key: getattr(value, value.WhichOneof("parameter_choice") or "string_param")
+            for key, value in request.parameters.items()
+        }
         await self.control.load(request.model_name, parameters)
         return protocol.response_class("RepositoryModelLoad")()
 

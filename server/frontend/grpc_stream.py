@@ -165,7 +165,9 @@ class StreamInfer:
 
     async def _encoded(self, head: RequestHead, call: Call, stream: Stream, item, outputs, said) -> None:
         try:
-            answer = await self.service.offload.in_thread(response_bytes, call.model, head.id, outputs, said, True)  # weighed already
+            answer = await self.service.offload.in_thread(
+                response_bytes, call.model, head.id, outputs, said, True
+            )  # weighed already
         except Exception as err:
             self._error(head, call, stream, err)
         else:

@@ -9,9 +9,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import orjson
 
-from server.errors import InvalidInput
-from server.frontend.request_limits import DEFAULT_LIMITS, MAX_REQUEST_RANK, ElementBudget, RequestLimits, bytes_budget, declared_count, shape_text
-from server.errors import shown
+from server.errors import InvalidInput, shown
+from server.frontend.request_limits import (
+    DEFAULT_LIMITS,
+    MAX_REQUEST_RANK,
+    ElementBudget,
+    RequestLimits,
+    bytes_budget,
+    declared_count,
+    shape_text,
+)
 from server.frontend.tensor_codec import batch_rows, check_shape, checked_datatype, from_raw, output_bytes
 from server.tensors import DecodedRequest, Signature, TensorSpec
 
@@ -99,7 +106,9 @@ def decode_infer(
         )
     if len(feeds) != len(signature.inputs):
         missing = [spec.name for spec in signature.inputs if spec.name not in feeds]
-        raise InvalidInput(f"{signature.label}: missing inputs {missing}; the model needs {Signature._names(signature.inputs)}")
+        raise InvalidInput(
+            f"{signature.label}: missing inputs {missing}; the model needs {Signature._names(signature.inputs)}"
+        )
     binary = _outputs(request.header, signature)
     return DecodedRequest(feeds=feeds, rows=batch_rows(feeds, signature), outputs=tuple(binary)), binary
 
@@ -135,7 +144,9 @@ def _input(
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
         raise InvalidInput(f"{where}: binary_data_size must be a non-negative integer; got {shown(size)}")
     if offset + size > len(binary):
-        raise InvalidInput(f"{where}: binary_data_size {size} runs past the body ({len(binary) - offset} binary bytes left)")
+        raise InvalidInput(
+            f"{where}: binary_data_size {size} runs past the body ({len(binary) - offset} binary bytes left)"
+        )
     chunk = binary[offset : offset + size]
     return name, from_raw(chunk, datatype, shape, where), size
 
@@ -246,7 +257,9 @@ def encode_infer(
             entry["parameters"] = {"binary_data_size": len(raw)}
             tails.append(raw)
         elif spec.datatype == "BYTES":
-            texts = [item if isinstance(item, str) else bytes(item).decode("utf-8", "replace") for item in array.reshape(-1)]
+            texts = [
+                item if isinstance(item, str) else bytes(item).decode("utf-8", "replace") for item in array.reshape(-1)
+            ]
             entry["data"] = _json_list(texts)
         else:
             entry["data"] = _json_list(np.ascontiguousarray(array).reshape(-1))
@@ -264,10 +277,11 @@ def _json_list(values):
     """`values` for orjson to write as a JSON list: a long one already written, CHUNK at a time."""
     if len(values) <= CHUNK:
         return values
-    parts = [orjson.dumps(values[start : start + CHUNK], option=JSON_OPTIONS)[1:-1] for start in range(0, len(values), CHUNK)]
+    parts = [
+        orjson.dumps(values[start : start + CHUNK], option=JSON_OPTIONS)[1:-1] for start in range(0, len(values), CHUNK)
+    ]
     return orjson.Fragment(b"[" + b",".join(parts) + b"]")
 
 
 def json_body(value) -> bytes:
     return orjson.dumps(value, option=JSON_OPTIONS)
-

@@ -41,7 +41,12 @@ STATUS = {  # Triton's mapping (PROTOCOL.md 2e), plus 403 and 504
 }
 CHALLENGE = ((b"www-authenticate", b'Bearer realm="onnxserve"'),)
 AUTHORIZATION_KEY, TENANT_KEY = AUTHORIZATION.encode(), TENANT_HEADER.encode()
-BODY_TYPES = ("application/json", "application/octet-stream", "application/x-www-form-urlencoded", "")  # the last two: curl -d, and none
+BODY_TYPES = (
+    "application/json",
+    "application/octet-stream",
+    "application/x-www-form-urlencoded",
+    "",
+)  # the last two: curl -d, and none
 JSON_TYPE = ((b"content-type", b"application/json"),)
 HEADER_LENGTH_KEY = HEADER_LENGTH.encode()
 # Route action -> (HTTP method, API group for --http-restricted-api)
@@ -114,10 +119,17 @@ class HttpApi:
         self.restricted = {group: rule for rule in restricted for group in rule.groups}
         self.max_body_bytes = max_body_bytes
         self.handlers = {
-            "live": self._live, "ready": self._ready, "server": self._server, "metadata": self._metadata,
-            "model_ready": self._model_ready, "config": self._config, "stats": self._stats,
-            "index": self._index, "load": self._load, "unload": self._unload,
-        }  # fmt: skip
+            "live": self._live,
+            "ready": self._ready,
+            "server": self._server,
+            "metadata": self._metadata,
+            "model_ready": self._model_ready,
+            "config": self._config,
+            "stats": self._stats,
+            "index": self._index,
+            "load": self._load,
+            "unload": self._unload,
+        }
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -127,7 +139,11 @@ class HttpApi:
             found = route(scope["path"])
             method, group = ACTIONS[found.action]
             if scope["method"] != method:
-                raise HttpError(405, f"{scope['method']} is not allowed on {scope['path']}; use {method}", ((b"allow", method.encode()),))
+                raise HttpError(
+                    405,
+                    f"{scope['method']} is not allowed on {scope['path']}; use {method}",
+                    ((b"allow", method.encode()),),
+                )
             if group in self.restricted:
                 rule = self.restricted[group]
                 given = headers.get(rule.header.encode())
@@ -165,10 +181,14 @@ class HttpApi:
     async def _body(self, headers: dict, receive) -> bytes | None:
         content_type = headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
         if content_type not in BODY_TYPES:
-            raise HttpError(400, f"content type {content_type!r} is not accepted; send application/json or application/octet-stream")
+            raise HttpError(
+                400, f"content type {content_type!r} is not accepted; send application/json or application/octet-stream"
+            )
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            raise HttpError(400, f"the body is {int(declared)} bytes; at most {self.max_body_bytes} (--http-max-body-bytes)")
+            raise HttpError(
+                400, f"the body is {int(declared)} bytes; at most {self.max_body_bytes} (--http-max-body-bytes)"
+            )
         chunks, size = [], 0
         while True:
             message = await receive()
@@ -200,8 +220,15 @@ class HttpApi:
         model = self.info.model(found.model, found.version)
         versions = self.info.ready_versions(model.name)
         signature = model.signature
-        return _json({"name": model.name, "versions": versions, "platform": PLATFORM,
-                      "inputs": _tensors(signature.inputs), "outputs": _tensors(signature.outputs)})  # fmt: skip
+        return _json(
+            {
+                "name": model.name,
+                "versions": versions,
+                "platform": PLATFORM,
+                "inputs": _tensors(signature.inputs),
+                "outputs": _tensors(signature.outputs),
+            }
+        )
 
     async def _config(self, found: Route, headers: dict, body: bytes):
         return _json(proto_json(self.info.config(found.model, found.version)))
@@ -224,9 +251,13 @@ class HttpApi:
             encoded = await self.offload.run(weight, encode_infer, model.name, model.version, request.id, outputs, said)
         if encoded.header_length is None:
             return 200, encoded.body, JSON_TYPE
-        return 200, encoded.body, (
-            (b"content-type", b"application/octet-stream"),
-            (HEADER_LENGTH_KEY, str(encoded.header_length).encode()),
+        return (
+            200,
+            encoded.body,
+            (
+                (b"content-type", b"application/octet-stream"),
+                (HEADER_LENGTH_KEY, str(encoded.header_length).encode()),
+            ),
         )
 
     async def _decode(self, body: bytes, header_length: str | None, signature):
@@ -337,7 +368,9 @@ async def start_http(
         ws="none",  # no WebSocket upgrade: a connection speaks HTTP/1.1 under the limits, or nothing
         timeout_keep_alive=75,  # longer than the usual load balancer idle timeout (60 s)
         timeout_graceful_shutdown=settings.exit_timeout_secs,
-        **uvicorn_tls(settings),  # the limited protocol; under TLS, its files and a protocol that reads client certificates
+        **uvicorn_tls(
+            settings
+        ),  # the limited protocol; under TLS, its files and a protocol that reads client certificates
     )
     return await listen(config, Listener("http", http_limits(settings, "http"), connections))
 

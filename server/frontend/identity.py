@@ -69,7 +69,7 @@ def read_key_file(path: str) -> KeyFile:
 
 def _keys(entries, where: str) -> dict[bytes, str]:
     if not isinstance(entries, list) or not entries:
-        raise ConfigError(f"{where}: 'keys' must be a non-empty list of {{\"sha256\": ..., \"tenant\": ...}}")
+        raise ConfigError(f'{where}: \'keys\' must be a non-empty list of {{"sha256": ..., "tenant": ...}}')
     keys: dict[bytes, str] = {}
     for index, entry in enumerate(entries):
         at = f"{where}: keys[{index}]"
@@ -143,8 +143,13 @@ class TenantLabels:
             if len(self.folded_names) < self.FOLDED_REMEMBERED:
                 self.folded_names.add(tenant)
             if self.folded == 1:
-                log.warning("more than %d tenants (--max-tenant-series): %r and later ones count as tenant=%r on "
-                            "/metrics; the usage log keeps their names", self.limit, tenant, OTHER)  # fmt: skip
+                log.warning(
+                    "more than %d tenants (--max-tenant-series): %r and later ones count as tenant=%r on "
+                    "/metrics; the usage log keeps their names",
+                    self.limit,
+                    tenant,
+                    OTHER,
+                )
         return OTHER
 
 
@@ -215,7 +220,9 @@ class Authenticator:
                 log.error("API keys: the changed file is not used, the previous keys stay: %s", err)
                 continue
             self.keys = keys
-            log.info("API keys: reloaded, %d keys of %d tenants from %s", len(keys.keys), len(keys.tenants), self.keys_path)
+            log.info(
+                "API keys: reloaded, %d keys of %d tenants from %s", len(keys.keys), len(keys.tenants), self.keys_path
+            )
 
 
 def _stamp(path: str) -> tuple | None:

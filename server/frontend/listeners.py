@@ -30,8 +30,13 @@ def http_limits(settings: ServerSettings, listener: str) -> HttpLimits:
     """REST's limits (listener "http") or /metrics' (a GET: its body limit never applies)."""
     if listener == "metrics":
         timeout = settings.metrics_header_timeout_secs
-        return HttpLimits(settings.http_max_header_bytes, settings.http_max_url_bytes, timeout, timeout,
-                          settings.metrics_max_connections)  # fmt: skip
+        return HttpLimits(
+            settings.http_max_header_bytes,
+            settings.http_max_url_bytes,
+            timeout,
+            timeout,
+            settings.metrics_max_connections,
+        )
     return HttpLimits(
         settings.http_max_header_bytes,
         settings.http_max_url_bytes,
@@ -77,7 +82,7 @@ class Listener:
     def __init__(self, name: str, limits: HttpLimits, metrics: ConnectionMetrics | None = None) -> None:
         metrics = metrics if metrics is not None else ConnectionMetrics(CollectorRegistry())
         self.name, self.limits, self.open = name, limits, 0
-        self._idle: dict["LimitedHttpToolsProtocol", None] = {}  # kept alive between requests, longest first
+        self._idle: dict[LimitedHttpToolsProtocol, None] = {}  # kept alive between requests, longest first
         self._open = metrics.open.labels(name)
         self._refused = metrics.refused.labels(name)
         self._dropped = {reason: metrics.dropped.labels(name, reason) for reason in DROP_REASONS}

@@ -17,8 +17,8 @@ from prometheus_client import CollectorRegistry, make_asgi_app
 
 from server.config import ServerSettings
 from server.frontend.connection_limits import ConnectionMetrics, LimitedHttpToolsProtocol, Listener, http_limits, listen
-from server.observe.log_limits import Repeats, loop_exception_handler
 from server.frontend.tls import metrics_cert_and_key
+from server.observe.log_limits import Repeats, loop_exception_handler
 
 log = logging.getLogger(__name__)
 

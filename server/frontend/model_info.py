@@ -9,16 +9,21 @@ from importlib import metadata
 
 from server import protocol
 from server.engine.costs import CostLedger
-from server.observe.events import PHASES
 from server.models.model_config import CONFIG_TYPE_BY_WIRE
 from server.models.repository import READY, ModelRepository, ModelVersion
+from server.observe.events import PHASES
 from server.observe.statistics import StatisticsRecorder
 
 PLATFORM = "onnxruntime_onnx"
 SERVER_NAME = "onnxserve"
 EXTENSIONS = (
-    "model_configuration", "model_repository", "schedule_policy", "parameters", "binary_tensor_data", "statistics",
-)  # fmt: skip
+    "model_configuration",
+    "model_repository",
+    "schedule_policy",
+    "parameters",
+    "binary_tensor_data",
+    "statistics",
+)
 
 
 @cache
@@ -54,7 +59,9 @@ class ModelInfo:
         if name:
             chosen = [self.model(name, version)]
         else:
-            chosen = [models[model].versions[number] for model in sorted(models) for number in self.ready_versions(model)]
+            chosen = [
+                models[model].versions[number] for model in sorted(models) for number in self.ready_versions(model)
+            ]
         costs = self._ledger.snapshot().models
         response = protocol.ModelStatisticsResponse()
         for model in chosen:

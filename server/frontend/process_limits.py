@@ -48,6 +48,8 @@ def ensure_open_files(settings: ServerSettings) -> int:
             "the open-file limit (ulimit -n) is %d, below the connection caps plus %d in reserve (%d): past it, "
             "new connections fail instead of being refused; raise it, or lower --http-max-connections, "
             "--metrics-max-connections, --grpc-max-connections",
-            soft, FILES_IN_RESERVE, wanted,
-        )  # fmt: skip
+            soft,
+            FILES_IN_RESERVE,
+            wanted,
+        )
     return soft

@@ -102,7 +102,8 @@ class ElementBudget:
 
 def bytes_budget(limits: RequestLimits) -> ElementBudget:
     return ElementBudget(
-        limits.max_bytes_elements, "the request declares {total} BYTES elements; at most {most} per request (--max-bytes-elements)"
+        limits.max_bytes_elements,
+        "the request declares {total} BYTES elements; at most {most} per request (--max-bytes-elements)",
     )
 
 
@@ -121,7 +122,9 @@ def declared_count(shape: tuple[int, ...], where: str) -> int:
     for dim in shape:
         nonzero *= dim or 1
         if nonzero > MAX_DECLARED_ELEMENTS:
-            raise InvalidInput(f"{where}: shape {shape_text(shape)} declares more than {MAX_DECLARED_ELEMENTS} elements")
+            raise InvalidInput(
+                f"{where}: shape {shape_text(shape)} declares more than {MAX_DECLARED_ELEMENTS} elements"
+            )
     return 0 if 0 in shape else nonzero
 
 

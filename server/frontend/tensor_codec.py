@@ -6,7 +6,14 @@ import numpy as np
 
 from server.bytes_codec import bytes_from_contents, deserialize_bytes, object_array, serialize_bytes
 from server.errors import InvalidInput, shown
-from server.frontend.request_limits import DEFAULT_LIMITS, RequestLimits, bytes_budget, declared_count, shape_text, typed_budget
+from server.frontend.request_limits import (
+    DEFAULT_LIMITS,
+    RequestLimits,
+    bytes_budget,
+    declared_count,
+    shape_text,
+    typed_budget,
+)
 from server.tensors import DATATYPES, Datatype, DecodedRequest, Signature, TensorSpec
 
 
@@ -56,7 +63,9 @@ def decode_request(request, signature: Signature, limits: RequestLimits = DEFAUL
             feeds[name] = from_raw(buffer, datatype, shape, where)
     if len(feeds) != len(specs):
         missing = [s.name for s in signature.inputs if s.name not in feeds]
-        raise InvalidInput(f"{signature.label}: missing inputs {missing}; the model needs {Signature._names(signature.inputs)}")
+        raise InvalidInput(
+            f"{signature.label}: missing inputs {missing}; the model needs {Signature._names(signature.inputs)}"
+        )
     asked = request.outputs[: len(signature.output_names) + 1]  # see requested_outputs
     outputs = requested_outputs([o.name for o in asked], signature)
     return DecodedRequest(feeds=feeds, rows=batch_rows(feeds, signature), outputs=outputs)
@@ -116,9 +125,7 @@ def check_shape(shape: tuple[int, ...], spec: TensorSpec, signature: Signature, 
     if signature.max_batch_size:
         batch = shape[0]
         if batch < 1 or batch > signature.max_batch_size:
-            raise InvalidInput(
-                f"{where}: batch size {batch} is outside 1..max_batch_size ({signature.max_batch_size})"
-            )
+            raise InvalidInput(f"{where}: batch size {batch} is outside 1..max_batch_size ({signature.max_batch_size})")
 
 
 def batch_rows(feeds: dict[str, np.ndarray], signature: Signature) -> int:

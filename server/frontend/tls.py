@@ -9,9 +9,9 @@ with a message naming the flag and the file (exit 2) instead of an ssl traceback
 import logging
 import re
 import ssl
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Mapping
 
 import grpc
 
@@ -161,7 +161,9 @@ def common_name(distinguished_name: str) -> str | None:
         if kind.strip().upper() in ("CN", "2.5.4.3"):
             found.append(value)
     if len(found) > 1:
-        log.warning("a client certificate has more than one CN, so it names no one (ambiguous): subject %r", distinguished_name)
+        log.warning(
+            "a client certificate has more than one CN, so it names no one (ambiguous): subject %r", distinguished_name
+        )
         return None
     if not found or found[0].startswith("#"):  # "#" unescaped: a hex dump of a value no string type holds
         return None
@@ -200,15 +202,23 @@ def _unescape(value: str) -> str:
 
 # RFC 4514's short names; other attributes keep Python's name for them (as OpenSSL prints them).
 SHORT_NAMES = {
-    "commonName": "CN", "localityName": "L", "stateOrProvinceName": "ST", "organizationName": "O",
-    "organizationalUnitName": "OU", "countryName": "C", "streetAddress": "STREET", "domainComponent": "DC",
+    "commonName": "CN",
+    "localityName": "L",
+    "stateOrProvinceName": "ST",
+    "organizationName": "O",
+    "organizationalUnitName": "OU",
+    "countryName": "C",
+    "streetAddress": "STREET",
+    "domainComponent": "DC",
     "userId": "UID",
-}  # fmt: skip
+}
 
 
 def rfc4514(subject: tuple) -> str:
     """ssl's getpeercert()["subject"] (RDNs in certificate order) as an RFC 4514 string (reversed order)."""
-    rdns = ("+".join(f"{SHORT_NAMES.get(kind, kind)}={_escape(value)}" for kind, value in rdn) for rdn in reversed(subject))
+    rdns = (
+        "+".join(f"{SHORT_NAMES.get(kind, kind)}={_escape(value)}" for kind, value in rdn) for rdn in reversed(subject)
+    )
     return ",".join(rdns)
 
 

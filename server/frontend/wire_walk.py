@@ -6,9 +6,8 @@ what a request can make protobuf spend is bounded before protobuf starts."""
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from server.errors import InvalidInput
+from server.errors import InvalidInput, shown
 from server.frontend.request_limits import MAX_REQUEST_RANK
-from server.errors import shown
 from server.tensors import DATATYPES
 
 # Wire tags (field number << 3 | wire type; 2: length-delimited, 0: varint) the codec reads itself.
@@ -17,7 +16,10 @@ OUTPUT_TAG = 6 << 3 | 2  # ModelInferRequest.outputs = 6
 RAW_INPUT_TAG = 7 << 3 | 2  # ModelInferRequest.raw_input_contents = 7
 SHAPE_PACKED_TAG, SHAPE_TAG = 3 << 3 | 2, 3 << 3 | 0  # InferInputTensor.shape = 3, packed or not
 CONTENTS_TAG = 5 << 3 | 2  # InferInputTensor.contents = 5
-NAME_TAG, DATATYPE_TAG = 1 << 3 | 2, 2 << 3 | 2  # ModelInferRequest.model_name and InferInputTensor.name = 1; .datatype = 2
+NAME_TAG, DATATYPE_TAG = (
+    1 << 3 | 2,
+    2 << 3 | 2,
+)  # ModelInferRequest.model_name and InferInputTensor.name = 1; .datatype = 2
 # InferTensorContents' numeric fields by number: (name, the wire type of one unpacked value, the
 # bytes of a packed value; 0: a varint, one of whose bytes, its last, is below 0x80).
 TYPED_FIELDS = {
@@ -112,7 +114,9 @@ class Walk:
             elif tag == DATATYPE_TAG:
                 datatype = (value_start, value_end)
             if dims + -(-packed // 10) > MAX_REQUEST_RANK:  # a packed dim takes 1 to 10 bytes
-                raise InvalidInput(f"an input's shape has more than {MAX_REQUEST_RANK} dims; models have at most {MAX_REQUEST_RANK}")
+                raise InvalidInput(
+                    f"an input's shape has more than {MAX_REQUEST_RANK} dims; models have at most {MAX_REQUEST_RANK}"
+                )
         if contents:
             declared = 1  # the rank is bounded now: the dims can be read
             for dim in (dim for span in shape for dim in _varints(self.data, *span)):
@@ -159,7 +163,9 @@ class Walk:
         for name, expected, (start, end) in other:
             total = self._count_input(name, expected, start, end, most, total, inputs)
 
-    def _count_input(self, name: str, expected: int | None, start: int, end: int, most: int, total: int, inputs: dict) -> int:
+    def _count_input(
+        self, name: str, expected: int | None, start: int, end: int, most: int, total: int, inputs: dict
+    ) -> int:
         """`total` plus the values of input `name`'s contents data[start:end], refusing more than it
         `expected` (None: any number) or more than `most` in all."""
         before, counts = inputs.get(name, (0, {}))
@@ -171,7 +177,9 @@ class Walk:
         if expected is not None and before + found > expected:
             fields = ", ".join(f"{field}: {count}" for field, count in counts.items())
             more = " or more" if stopped else ""
-            raise InvalidInput(f"{where}: {before + found}{more} typed values ({fields}); expected {expected} for its shape")
+            raise InvalidInput(
+                f"{where}: {before + found}{more} typed values ({fields}); expected {expected} for its shape"
+            )
         if total > most:
             raise InvalidInput(
                 f"{where}: the request has more than {most} typed values; at most {most} per request "
@@ -296,8 +304,6 @@ class Walk:
         return offset
 
 
-
-
 def _read_varint(data: bytes, offset: int) -> tuple[int, int]:
     """(value, offset after it) of the varint at `offset`."""
     value = shift = 0
@@ -317,4 +323,3 @@ def _varints(data: bytes, start: int, end: int) -> list[int]:
         value, offset = _read_varint(data, offset)
         values.append(value)
     return values
-

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from server.errors import ConfigError
 
@@ -31,7 +31,7 @@ class LoadThreads:
     def __init__(self, timeout_seconds: float) -> None:
         self.timeout_seconds = timeout_seconds
         self._threads: set[threading.Thread] = set()
-        self.loads: set["LoadDeadline"] = set()  # under way
+        self.loads: set[LoadDeadline] = set()  # under way
 
     def deadline(self, model: str, label: str) -> "LoadDeadline":
         """A version's load deadline, which stop() finds while it is entered (`with`)."""
@@ -109,15 +109,19 @@ class LoadDeadline:
         self.check()
         loop = asyncio.get_running_loop()
         done, self._wake = loop.create_future(), loop.create_future()
-        thread = threading.Thread(target=self._work, args=(loop, done, function, args, cleanup), daemon=True,
-                                  name=f"{self.label}: {step}")  # fmt: skip
+        thread = threading.Thread(
+            target=self._work, args=(loop, done, function, args, cleanup), daemon=True, name=f"{self.label}: {step}"
+        )
         with self._lock:
             self._step, self._abandoned = thread, False
         self._registry.started(thread)
         thread.start()
         try:
-            await asyncio.wait((done, self._wake), timeout=max(0.0, self._expires - time.monotonic()),
-                               return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+            await asyncio.wait(
+                (done, self._wake),
+                timeout=max(0.0, self._expires - time.monotonic()),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
         except asyncio.CancelledError:  # the thread must not hand a result to nobody
             if self._abandon(step):
                 self._give_up(f"it was cancelled during {step}")
@@ -135,8 +139,12 @@ class LoadDeadline:
             if self._step is None:
                 return False
             self._abandoned = True
-        log.warning("%s: the load was given up during %s, which is still running; its thread will free what the "
-                    "load built when the step stops", self.label, step)  # fmt: skip
+        log.warning(
+            "%s: the load was given up during %s, which is still running; its thread will free what the "
+            "load built when the step stops",
+            self.label,
+            step,
+        )
         return True
 
     async def release(self, close: Callable[[], None]) -> None:
@@ -174,8 +182,11 @@ class LoadDeadline:
         except Exception:  # noqa: BLE001 - nobody waits for this thread: the log is where it ends
             log.exception("%s: freeing what the given-up load built failed", self.label)
             return
-        log.info("%s: the given-up load's step has stopped (%s); what it built is freed", self.label,
-                 f"{type(error).__name__}" if error is not None else "it finished")  # fmt: skip
+        log.info(
+            "%s: the given-up load's step has stopped (%s); what it built is freed",
+            self.label,
+            f"{type(error).__name__}" if error is not None else "it finished",
+        )
 
 
 def settle(future: asyncio.Future, result, error: BaseException | None) -> None:

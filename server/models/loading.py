@@ -12,15 +12,15 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from server.models import warmup
 from server.engine.batching import Batcher
+from server.engine.placement import GpuPolicy
+from server.engine.providers import engine_cache_dir, profile_shapes
+from server.engine.runtime import InstancePool, graph_input_shapes
 from server.errors import ConfigError
-from server.observe.events import EventBus, ModelStateChanged
+from server.models import warmup
 from server.models.load_deadline import LoadDeadline
 from server.models.model_config import ModelSettings, TensorConfig
-from server.engine.providers import engine_cache_dir, profile_shapes
-from server.engine.placement import GpuPolicy
-from server.engine.runtime import InstancePool, graph_input_shapes
+from server.observe.events import EventBus, ModelStateChanged
 from server.tensors import Signature, TensorSpec
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,9 @@ async def load_version(
         if isinstance(err, (ConfigError, asyncio.CancelledError)) or not isinstance(err, Exception):
             raise
         log.exception("%s: unexpected failure while loading", loaded.label)
-        raise ConfigError(f"{loaded.label}: unexpected failure while loading ({type(err).__name__}); see the server log") from err
+        raise ConfigError(
+            f"{loaded.label}: unexpected failure while loading ({type(err).__name__}); see the server log"
+        ) from err
     del pool.load_check  # loaded: its runs are no longer the load's to stop
     loaded.batcher = Batcher(pool.run, completed.batching, pool.instance_count, name, version, bus, pool.devices)
     loaded.batcher.start()
@@ -105,7 +107,9 @@ def tensorrt_profiles(settings: ModelSettings, path: Path, default_max_batch_siz
         return {}
     shapes = graph_input_shapes(path)
     batchable = all(shape and shape[0] == -1 for shape in shapes.values())
-    max_batch = settings.max_batch_size if settings.max_batch_size is not None else (default_max_batch_size if batchable else 0)
+    max_batch = (
+        settings.max_batch_size if settings.max_batch_size is not None else (default_max_batch_size if batchable else 0)
+    )
     declared = {tensor.name: (-1, *tensor.dims) for tensor in settings.inputs}
     specs = [TensorSpec(name, "", declared.get(name, shape)) for name, shape in shapes.items()]
     return profile_shapes(specs, max_batch)
@@ -114,10 +118,15 @@ def tensorrt_profiles(settings: ModelSettings, path: Path, default_max_batch_siz
 def ready_event(model: ModelVersion) -> ModelStateChanged:
     batcher, pool = model.batcher, model.pool
     return ModelStateChanged(
-        model.name, model.version, True, pool.provider,
-        queue_capacity=model.settings.batching.queue_policy.max_queue_size, devices=pool.devices,
-        queue_depth=lambda: batcher.depth, load_seconds=model.load_seconds,
-    )  # fmt: skip
+        model.name,
+        model.version,
+        True,
+        pool.provider,
+        queue_capacity=model.settings.batching.queue_policy.max_queue_size,
+        devices=pool.devices,
+        queue_depth=lambda: batcher.depth,
+        load_seconds=model.load_seconds,
+    )
 
 
 async def retire(model: ModelVersion) -> None:
@@ -175,7 +184,9 @@ def complete_settings(
                 f"{where}: dynamic_batching.preferred_batch_size: {size} exceeds max_batch_size {max_batch}"
             )
     batching = dataclasses.replace(settings.batching, max_batch_size=max_batch)
-    completed = dataclasses.replace(settings, max_batch_size=max_batch, inputs=inputs, outputs=outputs, batching=batching)
+    completed = dataclasses.replace(
+        settings, max_batch_size=max_batch, inputs=inputs, outputs=outputs, batching=batching
+    )
     batch_dim = (-1,) if max_batch else ()
     signature = Signature(
         model=settings.name,

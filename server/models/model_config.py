@@ -5,16 +5,16 @@ the file (or the request parameter) and the field that is wrong.
 """
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from google.protobuf import json_format, text_format
 
 from server import protocol
-from server.models import model_limits
 from server.engine import providers
 from server.errors import ConfigError
+from server.models import model_limits
 
 
 @dataclass(frozen=True)
@@ -335,7 +335,9 @@ def _session(proto, where: str) -> SessionSettings:
         parameters = dict(accelerator.parameters)
         providers.check_options(accelerator.name, parameters, field_name)
         gpu.append(Accelerator(accelerator.name, tuple(sorted(parameters.items()))))
-    providers.check_combination([(a.name, dict(a.parameters)) for a in gpu], f"{where}: optimization.execution_accelerators")
+    providers.check_combination(
+        [(a.name, dict(a.parameters)) for a in gpu], f"{where}: optimization.execution_accelerators"
+    )
     values["gpu_accelerators"] = tuple(gpu)
     values["model_cuda_options"] = tuple(sorted(model_cuda.items()))  # options, not a request for a GPU
     session = SessionSettings(**values)

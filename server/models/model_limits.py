@@ -115,8 +115,9 @@ def check_threads(instances: int, intra_op_threads: int, where: str) -> None:
     at_most(instances * intra_op_threads, MAX_VERSION_THREADS, where, field_name)
 
 
-def _dims(dims, batch: int, where: str, field_name: str, limit: int = MAX_ROW_ELEMENTS,
-          what: str = "elements of one row") -> None:  # fmt: skip
+def _dims(
+    dims, batch: int, where: str, field_name: str, limit: int = MAX_ROW_ELEMENTS, what: str = "elements of one row"
+) -> None:
     at_most(len(dims), MAX_RANK, where, f"{field_name} (rank)")
     elements = batch * math.prod(dim for dim in dims if dim > 0)  # -1 and bad dims: checked where they are read
     at_most(elements, limit, where, f"{field_name} ({what})")
@@ -129,11 +130,17 @@ def _dynamic_batching(dynamic, where: str) -> None:
         at_most(size, MAX_BATCH_SIZE, where, f"{field_name}.preferred_batch_size")
     distinct = len(set(dynamic.preferred_batch_size))
     at_most(distinct, MAX_PREFERRED_BATCH_SIZES, where, f"{field_name}.preferred_batch_size (distinct sizes)")
-    at_most(dynamic.max_queue_delay_microseconds, MAX_QUEUE_DELAY_US, where, f"{field_name}.max_queue_delay_microseconds")
+    at_most(
+        dynamic.max_queue_delay_microseconds, MAX_QUEUE_DELAY_US, where, f"{field_name}.max_queue_delay_microseconds"
+    )
     policy = dynamic.default_queue_policy
     at_most(policy.max_queue_size, MAX_QUEUE_SIZE, where, f"{field_name}.default_queue_policy.max_queue_size")
-    at_most(policy.default_timeout_microseconds, MAX_QUEUE_TIMEOUT_US, where,
-            f"{field_name}.default_queue_policy.default_timeout_microseconds")  # fmt: skip
+    at_most(
+        policy.default_timeout_microseconds,
+        MAX_QUEUE_TIMEOUT_US,
+        where,
+        f"{field_name}.default_queue_policy.default_timeout_microseconds",
+    )
 
 
 def _version_policy(policy, where: str) -> None:
@@ -148,5 +155,11 @@ def _warmup(sample, where: str, field_name: str) -> None:
     at_most(sample.count, MAX_WARMUP_COUNT, where, f"{field_name}.count")
     at_most(sample.batch_size, MAX_BATCH_SIZE, where, f"{field_name}.batch_size")
     for name, given in sorted(sample.inputs.items()):
-        _dims(given.dims, max(1, sample.batch_size), where, f"{field_name}.inputs[{name!r}].dims",
-              MAX_WARMUP_ELEMENTS, "elements with the batch")  # fmt: skip
+        _dims(
+            given.dims,
+            max(1, sample.batch_size),
+            where,
+            f"{field_name}.inputs[{name!r}].dims",
+            MAX_WARMUP_ELEMENTS,
+            "elements with the batch",
+        )

@@ -7,8 +7,8 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
-from typing import Mapping
 
 from server.errors import InvalidInput
 from server.models.model_limits import MAX_LOAD_FILES
@@ -95,7 +95,9 @@ def write_private_copy(name: str, files: Mapping[str, bytes]) -> Path:
                 handle.write(content)
     except OSError as err:
         remove_private_copy(root)
-        raise InvalidInput(f"failed to load '{name}': the 'file:' parameters cannot be laid out as files: {err}") from None
+        raise InvalidInput(
+            f"failed to load '{name}': the 'file:' parameters cannot be laid out as files: {err}"
+        ) from None
     except InvalidInput:
         remove_private_copy(root)
         raise

@@ -62,7 +62,9 @@ class RepositoryPoller:
             try:
                 await self.poll_once()
             except Exception:  # a repository that vanished or turned unreadable: keep polling, loudly
-                log.exception("poll: scanning the repository %s failed; trying again in %g s", self.repository.root, self.period)
+                log.exception(
+                    "poll: scanning the repository %s failed; trying again in %g s", self.repository.root, self.period
+                )
 
     async def poll_once(self) -> None:
         seen = await asyncio.to_thread(self.scan)

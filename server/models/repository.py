@@ -11,15 +11,23 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from server.engine.placement import GpuPolicy
+from server.errors import ConfigError, InvalidInput, LoadFailed, ModelNotFound, ModelNotReady, shown
 from server.models import overrides
-from server.errors import ConfigError, InvalidInput, LoadFailed, ModelNotFound, ModelNotReady
-from server.observe.events import EventBus, ModelStateChanged, RepositoryChanged
 from server.models.load_deadline import LoadThreads
-from server.models.loading import LOADING, READY, UNAVAILABLE, UNLOADING, ModelVersion, load_version, ready_event, retire
+from server.models.loading import (
+    LOADING,
+    READY,
+    UNAVAILABLE,
+    UNLOADING,
+    ModelVersion,
+    load_version,
+    ready_event,
+    retire,
+)
 from server.models.model_config import ModelSettings, load_model_settings, settings_from_json
 from server.models.model_limits import MAX_VERSIONS, at_most
-from server.engine.placement import GpuPolicy
-from server.errors import shown
+from server.observe.events import EventBus, ModelStateChanged, RepositoryChanged
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +82,16 @@ class ModelEntry:
 
 
 class ModelRepository:
-    def __init__(self, root: Path, default_max_batch_size: int, bus: EventBus, gpu: GpuPolicy = GpuPolicy(),
-                 load_timeout_secs: float = 1800.0, default_max_queue_size: int = 0, names_in_errors: bool = True) -> None:  # fmt: skip
+    def __init__(
+        self,
+        root: Path,
+        default_max_batch_size: int,
+        bus: EventBus,
+        gpu: GpuPolicy = GpuPolicy(),
+        load_timeout_secs: float = 1800.0,
+        default_max_queue_size: int = 0,
+        names_in_errors: bool = True,
+    ) -> None:
         self.root = root
         self.default_max_batch_size = default_max_batch_size
         self.default_max_queue_size = default_max_queue_size  # for configs that leave the queue unbounded
@@ -219,7 +235,14 @@ class ModelRepository:
                     raise ConfigError(f"{entry.versions[number].label}: the load was given up: {entry.given_up}")
                 with self.loads.deadline(entry.name, entry.versions[number].label) as deadline:
                     loaded[number] = await load_version(
-                        entry.name, number, settings, model_dir, self.default_max_batch_size, self.bus, self.gpu, deadline
+                        entry.name,
+                        number,
+                        settings,
+                        model_dir,
+                        self.default_max_batch_size,
+                        self.bus,
+                        self.gpu,
+                        deadline,
                     )
             except ConfigError as err:
                 failures[number] = str(err)
@@ -235,7 +258,9 @@ class ModelRepository:
         before = entry.serving()
         departing = [version for number, version in before.items() if number not in loaded]
         versions = {number: version for number, version in entry.versions.items() if version.state == UNAVAILABLE}
-        versions.update({number: ModelVersion(entry.name, number, UNAVAILABLE, reason) for number, reason in failures.items()})
+        versions.update(
+            {number: ModelVersion(entry.name, number, UNAVAILABLE, reason) for number, reason in failures.items()}
+        )
         versions.update({version.version: version for version in departing})
         versions.update(loaded)
         entry.versions = versions  # from here on, new requests go to the new versions
@@ -253,7 +278,12 @@ class ModelRepository:
         for version in departing:
             self.bus.publish(_unready_event(version))
         if before:
-            log.info("model '%s': versions %s serve now, in place of %s", entry.name, sorted(loaded, key=int), sorted(before, key=int))
+            log.info(
+                "model '%s': versions %s serve now, in place of %s",
+                entry.name,
+                sorted(loaded, key=int),
+                sorted(before, key=int),
+            )
         if failures:
             raise self._failure(entry, _describe(failures))
 

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
+from server.bytes_codec import deserialize_bytes
+from server.engine.runtime import InstancePool, zeros
 from server.errors import ConfigError, ExecutionFailed, InvalidInput
 from server.models.model_config import ModelSettings, WarmupInput, WarmupSample
-from server.engine.runtime import InstancePool, zeros
 from server.tensors import DATATYPES, Signature
-from server.bytes_codec import deserialize_bytes
 
 log = logging.getLogger(__name__)
 
@@ -31,14 +31,18 @@ def warm_up(pool: InstancePool, settings: ModelSettings, signature: Signature, m
         try:
             pool.run_everywhere({spec.name: zeros(spec) for spec in signature.inputs})
         except ExecutionFailed as err:
-            log.warning("%s: automatic warm-up with zeros failed, so it serves unwarmed: %s; %s", signature.label, err, FIX)
+            log.warning(
+                "%s: automatic warm-up with zeros failed, so it serves unwarmed: %s; %s", signature.label, err, FIX
+            )
         return
     for sample in settings.warmup:
         feeds = sample_feeds(sample, signature, model_dir)
         try:
             pool.run_everywhere(feeds, sample.count)
         except ExecutionFailed as err:
-            raise ConfigError(f"{sample.where} ({sample.name!r}): the model failed on this warm-up sample: {err}") from None
+            raise ConfigError(
+                f"{sample.where} ({sample.name!r}): the model failed on this warm-up sample: {err}"
+            ) from None
         log.info("%s: warm-up sample %r ran %d time(s) on each instance", signature.label, sample.name, sample.count)
 
 
@@ -48,15 +52,26 @@ def capture(pool: InstancePool, signature: Signature) -> None:
     try:
         sizes = pool.capture_graphs()
     except ExecutionFailed as err:
-        raise ConfigError(f"{signature.label}: enable_cuda_graph: capturing the CUDA graphs on zeros failed: {err}") from None
+        raise ConfigError(
+            f"{signature.label}: enable_cuda_graph: capturing the CUDA graphs on zeros failed: {err}"
+        ) from None
     shown = list(sizes) or "the fixed shape"
     captured = [instance for instance, device in enumerate(pool.devices) if device != "cpu"]
     if captured:
-        log.info("%s: CUDA graphs captured for %d batch size(s) %s on each of instance(s) %s", signature.label,
-                 max(1, len(sizes)), shown, captured)  # fmt: skip
+        log.info(
+            "%s: CUDA graphs captured for %d batch size(s) %s on each of instance(s) %s",
+            signature.label,
+            max(1, len(sizes)),
+            shown,
+            captured,
+        )
     if len(captured) < pool.instance_count:
-        log.info("%s: %d padded batch size(s) %s warmed on each CPU instance, no CUDA graph captured (CPUExecutionProvider)",
-                 signature.label, max(1, len(sizes)), shown)  # fmt: skip
+        log.info(
+            "%s: %d padded batch size(s) %s warmed on each CPU instance, no CUDA graph captured (CPUExecutionProvider)",
+            signature.label,
+            max(1, len(sizes)),
+            shown,
+        )
 
 
 def sample_feeds(sample: WarmupSample, signature: Signature, model_dir: Path) -> dict[str, np.ndarray]:
@@ -73,7 +88,9 @@ def sample_feeds(sample: WarmupSample, signature: Signature, model_dir: Path) ->
             f"{sample.where}.batch_size: {sample.batch_size} is outside 1..max_batch_size ({signature.max_batch_size})"
         )
     if not batching and sample.batch_size > 1:
-        raise ConfigError(f"{sample.where}.batch_size: {sample.batch_size}, but the model does not batch (max_batch_size 0)")
+        raise ConfigError(
+            f"{sample.where}.batch_size: {sample.batch_size}, but the model does not batch (max_batch_size 0)"
+        )
     batch = (sample.batch_size,) if batching else ()
     return {item.name: _tensor(item, batch + item.dims, signature, model_dir, sample.where) for item in sample.inputs}
 
@@ -85,7 +102,9 @@ def _tensor(item: WarmupInput, shape: tuple[int, ...], signature: Signature, mod
         raise ConfigError(f"{field_name}.data_type: {item.datatype}, but the model's input is {spec.datatype}")
     fits = len(shape) == len(spec.shape) and all(want in (-1, got) for want, got in zip(spec.shape, shape))
     if not fits:
-        raise ConfigError(f"{field_name}.dims: the sample's shape {list(shape)} does not fit the input's {list(spec.shape)}")
+        raise ConfigError(
+            f"{field_name}.dims: the sample's shape {list(shape)} does not fit the input's {list(spec.shape)}"
+        )
     if item.data == "file":
         folder = model_dir / WARMUP_DIR
         path = folder / item.data_file

@@ -6,8 +6,8 @@ sees their failures: a failing observer is logged, not raised.
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,11 @@ class EventBus:
         self._routes.clear()
 
     def _route(self, event_type: type) -> tuple[tuple[Observer, ...], tuple[Observer, ...]]:
-        chosen = [(observer, deferred) for observer, types, deferred in self._subscriptions if not types or event_type in types]
+        chosen = [
+            (observer, deferred)
+            for observer, types, deferred in self._subscriptions
+            if not types or event_type in types
+        ]
         route = tuple(o for o, d in chosen if not d), tuple(o for o, d in chosen if d)
         self._routes[event_type] = route
         return route

@@ -11,7 +11,7 @@ import logging
 import resource
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,9 @@ def loop_exception_handler(repeats: Repeats) -> Callable:
         files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         log.error(
             "cannot accept new connections: %s (open-file limit %d); asyncio retries each second%s",
-            context.get("exception"), files, f" [{_repeated(left_out, repeats.window)}]" if left_out else "",
-        )  # fmt: skip
+            context.get("exception"),
+            files,
+            f" [{_repeated(left_out, repeats.window)}]" if left_out else "",
+        )
 
     return handle

@@ -3,13 +3,14 @@ GPU readings collected at scrape time; the /metrics HTTP endpoint."""
 
 import logging
 import os
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from server.observe import nvml_devices
 from server.observe.events import (
     PHASES,
     REQUEST_OUTCOMES,
@@ -18,16 +19,31 @@ from server.observe.events import (
     RequestFinished,
     RequestStarted,
 )
-from server.observe import nvml_devices
 
 log = logging.getLogger(__name__)
 
 MODEL_LABELS = ("model", "version")
 # From 50 microseconds (a tiny model on CPU) to 30 seconds (a large GPU batch), about 2.5x apart.
 LATENCY_BUCKETS = (
-    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
-    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-)  # fmt: skip
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
 PROTOCOLS = ("grpc", "http")
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
@@ -188,18 +204,30 @@ class CostCollector(Collector):
     def collect(self) -> Iterator:
         snapshot = self._snapshot()
         price = GaugeMetricFamily(
-            "onnxserve_device_price_dollars_per_hour", "Price of the device and where it came from", labels=("device", "source")
+            "onnxserve_device_price_dollars_per_hour",
+            "Price of the device and where it came from",
+            labels=("device", "source"),
         )
         seconds = CounterMetricFamily(
-            "onnxserve_device_seconds", "Device time accounted since start (price x this / 3600 = cost + idle cost)", labels=("device",)
+            "onnxserve_device_seconds",
+            "Device time accounted since start (price x this / 3600 = cost + idle cost)",
+            labels=("device",),
         )
-        idle = CounterMetricFamily("onnxserve_idle_cost_dollars", "Priced device time with no batch running", labels=("device",))
-        idle_energy = CounterMetricFamily("onnxserve_idle_energy_joules", "Device energy with no batch running", labels=("device",))
+        idle = CounterMetricFamily(
+            "onnxserve_idle_cost_dollars", "Priced device time with no batch running", labels=("device",)
+        )
+        idle_energy = CounterMetricFamily(
+            "onnxserve_idle_energy_joules", "Device energy with no batch running", labels=("device",)
+        )
         cost = CounterMetricFamily(
-            "onnxserve_cost_dollars", "Device cost apportioned to this model's batches", labels=(*MODEL_LABELS, "device")
+            "onnxserve_cost_dollars",
+            "Device cost apportioned to this model's batches",
+            labels=(*MODEL_LABELS, "device"),
         )
         energy = CounterMetricFamily(
-            "onnxserve_energy_joules", "Device energy apportioned to this model's batches", labels=(*MODEL_LABELS, "device")
+            "onnxserve_energy_joules",
+            "Device energy apportioned to this model's batches",
+            labels=(*MODEL_LABELS, "device"),
         )
         tenant_cost = CounterMetricFamily(
             "onnxserve_tenant_cost_dollars",
@@ -207,7 +235,9 @@ class CostCollector(Collector):
             labels=("tenant", *MODEL_LABELS, "device"),
         )
         tenant_energy = CounterMetricFamily(
-            "onnxserve_tenant_energy_joules", "The model's energy split between its tenants", labels=("tenant", *MODEL_LABELS, "device")
+            "onnxserve_tenant_energy_joules",
+            "The model's energy split between its tenants",
+            labels=("tenant", *MODEL_LABELS, "device"),
         )
         info = GaugeMetricFamily(
             "onnxserve_device_info",
@@ -271,7 +301,9 @@ class GpuReader:
         return cls(nvml, {device.name: device.handle for device in devices}, memory)
 
     def names(self) -> dict[str, str]:
-        return {device: nvml_devices.text(self._nvml.nvmlDeviceGetName(handle)) for device, handle in self.handles.items()}
+        return {
+            device: nvml_devices.text(self._nvml.nvmlDeviceGetName(handle)) for device, handle in self.handles.items()
+        }
 
     def energy_meter(self, device: str) -> Callable[[], float] | None:
         """Joules since the driver loaded, or None where the GPU does not count energy."""
@@ -310,12 +342,17 @@ class GpuCollector(Collector):
     """NVML readings at scrape time; a GPU's unsupported readings are absent, never zero."""
 
     FAMILIES = (
-        ("utilization", GaugeMetricFamily, "onnxserve_gpu_utilization_ratio", "Time the GPU was busy over NVML's last sample period"),
+        (
+            "utilization",
+            GaugeMetricFamily,
+            "onnxserve_gpu_utilization_ratio",
+            "Time the GPU was busy over NVML's last sample period",
+        ),
         ("memory_used", GaugeMetricFamily, "onnxserve_gpu_memory_used_bytes", "GPU memory in use"),
         ("memory_total", GaugeMetricFamily, "onnxserve_gpu_memory_total_bytes", "GPU memory installed"),
         ("power", GaugeMetricFamily, "onnxserve_gpu_power_watts", "GPU power draw"),
         ("energy", CounterMetricFamily, "onnxserve_gpu_energy_joules", "GPU energy since the driver loaded"),
-    )  # fmt: skip
+    )
 
     def __init__(self, reader: GpuReader) -> None:
         self._reader = reader

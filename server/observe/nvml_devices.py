@@ -13,8 +13,8 @@ import contextlib
 import functools
 import logging
 import os
+from collections.abc import Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
-from typing import Iterator, Mapping, MutableMapping
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +109,10 @@ def cuda_devices(nvml, environ: Mapping[str, str]) -> list[NvmlDevice]:
         if device is None or any(device.uuid == seen.uuid for seen in devices):
             # CUDA's rule: an invalid entry hides itself and every entry after it. A repeated
             # entry ends the list too: one board must not be metered as two devices.
-            _warn_once(f"{VISIBLE_VARIABLE}={visible!r}: entry {entry!r} names no GPU NVML sees (or repeats one): "
-                       f"CUDA sees only the {len(devices)} device(s) before it")  # fmt: skip
+            _warn_once(
+                f"{VISIBLE_VARIABLE}={visible!r}: entry {entry!r} names no GPU NVML sees (or repeats one): "
+                f"CUDA sees only the {len(devices)} device(s) before it"
+            )
             break
         devices.append(device)
     return devices

@@ -2,8 +2,8 @@
 ModelStatistics: an observer of the data path's events, read by the service."""
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from server.observe.events import PHASES, BatchExecuted, RequestFinished
 

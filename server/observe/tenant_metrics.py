@@ -2,7 +2,8 @@
 and the tenant-series bound, budgets, refused keys and the usage log's state (read at scrape time).
 Tenants' cost and energy come with the models' in CostCollector, from one ledger snapshot."""
 
-from typing import TYPE_CHECKING, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -22,7 +23,10 @@ class TenantRequests:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.requests = Counter(
-            "onnxserve_tenant_requests", "Inference requests per tenant, by outcome", (*TENANT_LABELS, "outcome"), registry=registry
+            "onnxserve_tenant_requests",
+            "Inference requests per tenant, by outcome",
+            (*TENANT_LABELS, "outcome"),
+            registry=registry,
         )
         self.inferences = Counter(
             "onnxserve_tenant_inferences", "Rows of each tenant's successful requests", TENANT_LABELS, registry=registry
@@ -51,7 +55,7 @@ class TenantCollector(Collector):
         auth = self._auth
         folded = CounterMetricFamily(
             "onnxserve_tenant_series_folded",
-            "Distinct tenants counted as tenant=\"other\" on /metrics (past --max-tenant-series); the usage log keeps their names",
+            'Distinct tenants counted as tenant="other" on /metrics (past --max-tenant-series); the usage log keeps their names',
         )
         folded.add_metric((), auth.labels.folded)
         refused = CounterMetricFamily(
@@ -62,7 +66,9 @@ class TenantCollector(Collector):
         for reason, count in auth.refused.items():
             refused.add_metric((reason,), count)
         budget = GaugeMetricFamily(
-            "onnxserve_tenant_budget_dollars_per_hour", "Each tenant's hourly budget, from the --api-keys file", labels=("tenant",)
+            "onnxserve_tenant_budget_dollars_per_hour",
+            "Each tenant's hourly budget, from the --api-keys file",
+            labels=("tenant",),
         )
         for tenant, dollars in sorted((auth.keys.budgets if auth.keys else {}).items()):
             budget.add_metric((tenant,), dollars)

@@ -20,8 +20,8 @@ from pathlib import Path
 import onnxruntime as ort
 
 from server.engine import cuda_libraries
-from server.engine.providers import provider_unavailable_reason
 from server.engine.placement import CUDA, PROVIDER_LIBRARIES, visible_gpus
+from server.engine.providers import provider_unavailable_reason
 
 
 def missing_libraries(library: Path) -> list[str]:
@@ -73,7 +73,9 @@ def report(model: Path | None) -> dict:
         "onnxruntime": ort.__version__,
         "available_providers": ort.get_available_providers(),
         "gpus_visible": gpus,
-        "libraries": {name: {"path": str(path), "missing": missing_libraries(path)} for name, path in PROVIDER_LIBRARIES.items()},
+        "libraries": {
+            name: {"path": str(path), "missing": missing_libraries(path)} for name, path in PROVIDER_LIBRARIES.items()
+        },
         "preload": preloaded,
         "cuda_unavailable_because": provider_unavailable_reason(PROVIDER_LIBRARIES[CUDA], gpus),
     }

@@ -18,8 +18,8 @@ import argparse
 import os
 import ssl
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -93,7 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--address", default=f"127.0.0.1:{os.environ.get('ONNXSERVE_GRPC_PORT', '8001')}")
     parser.add_argument("--service", default="", help='"" = ready to serve (default); "liveness" = process up')
     parser.add_argument("--timeout", type=float, default=3.0, help="seconds")
-    parser.add_argument("--client-cert", default="", help="PEM: client certificate under mutual TLS (default: the server's)")
+    parser.add_argument(
+        "--client-cert", default="", help="PEM: client certificate under mutual TLS (default: the server's)"
+    )
     parser.add_argument("--client-key", default="", help="PEM: its private key (default: the server's)")
     args = parser.parse_args(argv)
     if bool(args.client_cert) != bool(args.client_key):

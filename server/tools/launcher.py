@@ -47,13 +47,18 @@ class Launched:
         return code
 
 
-def launch(arguments: list[str], *, wait_ready: bool = True, timeout: float = 120, into: Launched | None = None,
-           **popen) -> Launched:  # fmt: skip
+def launch(
+    arguments: list[str], *, wait_ready: bool = True, timeout: float = 120, into: Launched | None = None, **popen
+) -> Launched:
     """Start `python -m server ARGUMENTS` and return once it is ready or not ready (or, without
     `wait_ready`, once it listens); StartFailed otherwise. `into`: a Launched (or a dataclass
     derived from one) to fill; `popen`: cwd, env."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "server", *arguments], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **popen
+        [sys.executable, "-m", "server", *arguments],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
     )
     server = into if into is not None else Launched(process)
     server.process = process

@@ -73,7 +73,9 @@ def build_request(url: str, model: str, batch: int, dims: dict[str, list[int]]) 
     rng = np.random.default_rng(0)
     request = protocol.ModelInferRequest(model_name=model)
     for spec in metadata.inputs:
-        shape = dims.get(spec.name) or [batch if i == 0 and d == -1 else (d if d > 0 else 1) for i, d in enumerate(spec.shape)]
+        shape = dims.get(spec.name) or [
+            batch if i == 0 and d == -1 else (d if d > 0 else 1) for i, d in enumerate(spec.shape)
+        ]
         values = _random(spec.datatype, shape, rng, spec.name)
         request.inputs.add(name=spec.name, datatype=spec.datatype, shape=shape)
         request.raw_input_contents.append(values.tobytes())
@@ -144,8 +146,16 @@ def gap_cv(times: list[float]) -> float | None:
 class Run:
     """One run of load: its callers, what they measured, and the errors they met."""
 
-    def __init__(self, url: str, payload: bytes, deadline: float, limit: int, progress: bool, in_order: bool = False,
-                 channel: grpc.aio.Channel | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        url: str,
+        payload: bytes,
+        deadline: float,
+        limit: int,
+        progress: bool,
+        in_order: bool = False,
+        channel: grpc.aio.Channel | None = None,
+    ) -> None:
         self.owns_channel = channel is None  # a caller that runs many windows keeps one connection
         self.channel = channel or grpc.aio.insecure_channel(url)
         self.call = self.channel.unary_unary(METHOD)  # bytes in, bytes out

@@ -36,8 +36,13 @@ class Totals:
             self.energy_joules = (self.energy_joules or 0.0) + record["energy_joules"]
 
     def row(self) -> dict:
-        return {"requests": self.requests, "ok": self.outcomes["ok"], "inferences": self.inferences,
-                "cost_dollars": self.cost_dollars, "energy_joules": self.energy_joules}  # fmt: skip
+        return {
+            "requests": self.requests,
+            "ok": self.outcomes["ok"],
+            "inferences": self.inferences,
+            "cost_dollars": self.cost_dollars,
+            "energy_joules": self.energy_joules,
+        }
 
 
 @dataclass
@@ -101,7 +106,9 @@ def _rows(totals: dict, columns: tuple[str, ...], outcomes: bool = False) -> lis
     rows = []
     for key, total in sorted(totals.items(), key=lambda item: -item[1].cost_dollars):
         key = key if isinstance(key, tuple) else (key,)
-        rows.append({**dict(zip(columns, key)), **total.row(), **({"outcomes": dict(total.outcomes)} if outcomes else {})})
+        rows.append(
+            {**dict(zip(columns, key)), **total.row(), **({"outcomes": dict(total.outcomes)} if outcomes else {})}
+        )
     return rows
 
 
@@ -110,8 +117,14 @@ def render(summary: Summary, form: str) -> str:
     models = _rows(summary.models, MODEL_COLUMNS)
     if form == "json":
         detail = _rows(summary.tenant_models, TENANT_COLUMNS + MODEL_COLUMNS, outcomes=True)
-        document = {"records": summary.records, "torn": summary.torn, "corrupt": summary.corrupt,
-                    "tenants": tenants, "models": models, "tenant_models": detail}  # fmt: skip
+        document = {
+            "records": summary.records,
+            "torn": summary.torn,
+            "corrupt": summary.corrupt,
+            "tenants": tenants,
+            "models": models,
+            "tenant_models": detail,
+        }
         return orjson.dumps(document, option=orjson.OPT_INDENT_2).decode()
     if form == "csv":
         out = io.StringIO()
@@ -119,8 +132,18 @@ def render(summary: Summary, form: str) -> str:
         writer.writerow(("by", "tenant", "model", "version", *VALUE_COLUMNS))
         for by, rows in (("tenant", tenants), ("model", models)):
             for row in rows:
-                writer.writerow((by, row.get("tenant", ""), row.get("model", ""), row.get("version", ""),
-                                 *("" if row[c] is None else repr(row[c]) if isinstance(row[c], float) else row[c] for c in VALUE_COLUMNS)))  # fmt: skip
+                writer.writerow(
+                    (
+                        by,
+                        row.get("tenant", ""),
+                        row.get("model", ""),
+                        row.get("version", ""),
+                        *(
+                            "" if row[c] is None else repr(row[c]) if isinstance(row[c], float) else row[c]
+                            for c in VALUE_COLUMNS
+                        ),
+                    )
+                )
         return out.getvalue().rstrip("\n")
     return "\n\n".join((_table(tenants, TENANT_COLUMNS), _table(models, MODEL_COLUMNS)))
 
@@ -129,8 +152,13 @@ def _table(rows: list[dict], keys: tuple[str, ...]) -> str:
     columns = (*keys, *VALUE_COLUMNS)
     cells = [columns] + [tuple(_cell(row[column]) for column in columns) for row in rows]
     widths = [max(len(line[index]) for line in cells) for index in range(len(columns))]
-    lines = ["  ".join(text.rjust(width) if index >= len(keys) else text.ljust(width)
-                       for index, (text, width) in enumerate(zip(line, widths))) for line in cells]  # fmt: skip
+    lines = [
+        "  ".join(
+            text.rjust(width) if index >= len(keys) else text.ljust(width)
+            for index, (text, width) in enumerate(zip(line, widths))
+        )
+        for line in cells
+    ]
     return "\n".join(lines)
 
 
@@ -141,7 +169,9 @@ def _cell(value) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="onnxserve usage", description="Totals of onnxserve usage logs per tenant and per model")
+    parser = argparse.ArgumentParser(
+        prog="onnxserve usage", description="Totals of onnxserve usage logs per tenant and per model"
+    )
     parser.add_argument("paths", nargs="+", metavar="PATH", help="usage log files (rotated ones too: PATH*)")
     parser.add_argument("--format", choices=("table", "csv", "json"), default="table")
     args = parser.parse_args(argv)

@@ -2,8 +2,8 @@
 the budget. Pure, with the clock passed in."""
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 COARSE_SHARE = 0.6  # of the budget, for the coarse sweep; refinement and rate probes share the rest
 
@@ -59,7 +59,6 @@ class Budget:
 
     def fits(self, estimate_s: float) -> bool:
         return estimate_s <= self.remaining
-
 
 
 def config_estimate_s(rates: Sequence[float], plan: MeasurePlan, load_s: float) -> float:

@@ -39,7 +39,9 @@ def own_candidate(proto, served_max_batch_size: int, gpu: bool) -> Candidate:
     kind_name = kinds.values_by_number[group.kind].name if group else "KIND_AUTO"
     kind = {"KIND_GPU": "gpu", "KIND_CPU": "cpu"}.get(kind_name, "gpu" if gpu else "cpu")
     accelerators = proto.optimization.execution_accelerators.gpu_execution_accelerator
-    trt_fp16 = any(a.name == "tensorrt" and a.parameters.get("precision_mode", "").upper() == "FP16" for a in accelerators)
+    trt_fp16 = any(
+        a.name == "tensorrt" and a.parameters.get("precision_mode", "").upper() == "FP16" for a in accelerators
+    )
     threads = proto.parameters[THREADS].string_value if THREADS in proto.parameters else "0"
     return Candidate(
         kind=kind,
@@ -69,7 +71,11 @@ def to_proto(own_proto, own: Candidate, candidate: Candidate):
     if changed & {"instances", "kind"}:
         group = proto.instance_group[0] if proto.instance_group else proto.instance_group.add()
         group.count = candidate.instances
-        group.kind = protocol.ModelInstanceGroup.DESCRIPTOR.enum_types_by_name["Kind"].values_by_name[KIND_BY_NAME[candidate.kind]].number
+        group.kind = (
+            protocol.ModelInstanceGroup.DESCRIPTOR.enum_types_by_name["Kind"]
+            .values_by_name[KIND_BY_NAME[candidate.kind]]
+            .number
+        )
     if "threads" in changed:
         if candidate.threads:
             proto.parameters[THREADS].string_value = str(candidate.threads)
@@ -127,7 +133,9 @@ def write_config(model_dir: Path, proto, header: list[str]) -> Written:
     handle, temporary = tempfile.mkstemp(prefix=".config.pbtxt.", dir=model_dir)  # a dot: poll mode ignores it
     with os.fdopen(handle, "w") as file:
         file.write(text)
-    os.chmod(temporary, (backup.stat().st_mode & 0o777) if backup is not None else 0o644)  # mkstemp's 0600 would hide it
+    os.chmod(
+        temporary, (backup.stat().st_mode & 0o777) if backup is not None else 0o644
+    )  # mkstemp's 0600 would hide it
     os.replace(temporary, path)
     load_model_settings(model_dir)  # raises ConfigError naming the file and field
     if text_format.Parse(path.read_text(), protocol.ModelConfig()) != proto:

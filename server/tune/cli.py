@@ -34,17 +34,30 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-repository", required=True, type=Path, help="the model repository directory")
     parser.add_argument("--model", required=True, help="the model to tune (a directory of the repository)")
     parser.add_argument("--p99-ms", required=True, type=float, help="the latency target: p99 in milliseconds")
-    parser.add_argument("--rate", type=float, help="your traffic, requests per second: the config written is its winner")
+    parser.add_argument(
+        "--rate", type=float, help="your traffic, requests per second: the config written is its winner"
+    )
     parser.add_argument("--rates", default="", help="comma-separated rates to measure as well, e.g. 100,300,1000")
-    parser.add_argument("--device-price", action="append", default=[], metavar="DEVICE=DOLLARS_PER_HOUR",
-                        help="as the server's flag, repeatable; default: the server's own prices")  # fmt: skip
+    parser.add_argument(
+        "--device-price",
+        action="append",
+        default=[],
+        metavar="DEVICE=DOLLARS_PER_HOUR",
+        help="as the server's flag, repeatable; default: the server's own prices",
+    )
     parser.add_argument("--budget-minutes", type=float, default=10.0, help="the whole tune stays within this")
     parser.add_argument("--out", type=Path, help="write the JSON report here")
-    parser.add_argument("--write-config", action="store_true", help="write the winner as config.pbtxt (old one kept as .bak)")
+    parser.add_argument(
+        "--write-config", action="store_true", help="write the winner as config.pbtxt (old one kept as .bak)"
+    )
     parser.add_argument("--url", help="tune a running onnxserve (explicit model control mode) at HOST:PORT on loopback")
     parser.add_argument("--metrics-url", help="with --url: its /metrics (default http://HOST:8002/metrics)")
-    parser.add_argument("--max-request-rows", type=int, default=1,
-                        help="the most rows your clients send in one request: max_batch_size is not tuned below it")  # fmt: skip
+    parser.add_argument(
+        "--max-request-rows",
+        type=int,
+        default=1,
+        help="the most rows your clients send in one request: max_batch_size is not tuned below it",
+    )
     parser.add_argument("--shape", action="append", default=[], help="NAME=D0,D1,... for an input with variable dims")
     parser.add_argument("--seed", type=int, default=0, help="seed of the Poisson arrivals")
     return parser
@@ -64,7 +77,9 @@ def parse_settings(argv: list[str]) -> TuneSettings:
 def settings_from(args: argparse.Namespace) -> TuneSettings:
     """TuneSettings from the parsed arguments; ConfigError or ServerError names the flag at fault."""
     try:
-        rates = tuple(sorted({float(r) for r in args.rates.split(",") if r.strip()} | ({args.rate} if args.rate else set())))
+        rates = tuple(
+            sorted({float(r) for r in args.rates.split(",") if r.strip()} | ({args.rate} if args.rate else set()))
+        )
     except ValueError:
         raise ConfigError(f"--rates: {args.rates!r} is not a comma-separated list of numbers") from None
     try:
@@ -77,7 +92,10 @@ def settings_from(args: argparse.Namespace) -> TuneSettings:
         (args.p99_ms <= 0, "--p99-ms: must be > 0"),
         (args.budget_minutes <= 0, "--budget-minutes: must be > 0"),
         (args.max_request_rows < 1, "--max-request-rows: must be >= 1"),
-        (not (args.model_repository / args.model).is_dir(), f"--model: {args.model_repository / args.model} is not a directory"),
+        (
+            not (args.model_repository / args.model).is_dir(),
+            f"--model: {args.model_repository / args.model} is not a directory",
+        ),
         (bool(args.url and args.device_price), "--device-price: a running server (--url) keeps its own prices"),
     ]
     for bad, message in problems:
@@ -91,11 +109,22 @@ def settings_from(args: argparse.Namespace) -> TuneSettings:
         metrics_url = metrics_url or f"http://{url.rpartition(':')[0]}:8002/metrics"
         loopback_address(urllib.parse.urlsplit(metrics_url).netloc, "--metrics-url")
     return TuneSettings(
-        model_repository=args.model_repository, model=args.model, p99_ms=args.p99_ms, rate=args.rate, rates=rates,
-        device_price=tuple(args.device_price), budget_minutes=args.budget_minutes, out=args.out,
-        write_config=args.write_config, url=url, metrics_url=metrics_url, max_request_rows=args.max_request_rows,
-        shape=tuple(args.shape), seed=args.seed, dims=dims,
-    )  # fmt: skip
+        model_repository=args.model_repository,
+        model=args.model,
+        p99_ms=args.p99_ms,
+        rate=args.rate,
+        rates=rates,
+        device_price=tuple(args.device_price),
+        budget_minutes=args.budget_minutes,
+        out=args.out,
+        write_config=args.write_config,
+        url=url,
+        metrics_url=metrics_url,
+        max_request_rows=args.max_request_rows,
+        shape=tuple(args.shape),
+        seed=args.seed,
+        dims=dims,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

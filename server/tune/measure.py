@@ -122,7 +122,9 @@ def agree(a: float, b: float, tolerance: float) -> bool:
     return abs(a - b) <= tolerance * min(a, b)
 
 
-async def measure(target: Target, config: str, rate: float, plan: MeasurePlan, budget: Budget, facts: dict, seed: int) -> Measurement:
+async def measure(
+    target: Target, config: str, rate: float, plan: MeasurePlan, budget: Budget, facts: dict, seed: int
+) -> Measurement:
     """One point: warm-up, then windows until two in a row agree on the p99 within the plan's
     tolerance, or max_windows, or the budget ends; unstable points are marked so, not hidden.
     `facts`: resources, changes (see Measurement)."""
@@ -142,7 +144,9 @@ async def measure(target: Target, config: str, rate: float, plan: MeasurePlan, b
         if len(windows) >= plan.min_windows and agree(windows[-1].p99_ms, windows[-2].p99_ms, plan.tolerance):
             stable = True
             break
-    return _point(target, config, rate, windows, ledger, devices, prices(after), stable, facts, time.perf_counter() - began)
+    return _point(
+        target, config, rate, windows, ledger, devices, prices(after), stable, facts, time.perf_counter() - began
+    )
 
 
 def _point(target, config, rate, windows, ledger, devices, priced, stable, facts, seconds) -> Measurement:

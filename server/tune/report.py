@@ -57,7 +57,7 @@ def _version(distribution: str) -> str | None:
 
 
 def now_utc() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
 class Sharing:
@@ -82,8 +82,11 @@ class Sharing:
             return {"measured": False, "note": "not measured: the server was not started by the tool"}
         share = max(0.0, busy - ours) / total
         shared = share > SHARED_ABOVE
-        note = (f"shared: other processes used {share:.0%} of the CPUs while tuning; figures carry that noise"
-                if shared else f"other processes used {share:.0%} of the CPUs while tuning")  # fmt: skip
+        note = (
+            f"shared: other processes used {share:.0%} of the CPUs while tuning; figures carry that noise"
+            if shared
+            else f"other processes used {share:.0%} of the CPUs while tuning"
+        )
         return {"measured": True, "other_cpu_share": round(share, 3), "shared": shared, "note": note}
 
 
@@ -133,29 +136,73 @@ def ms(value: float | None) -> str:
 
 
 def text(outcome: Outcome, p99_ms: float, header: dict) -> str:
-    out = [f"onnxserve-tune: model '{header['model']}', p99 <= {p99_ms:g} ms, on {header['machine']['label']}, {header['date']}"]
+    out = [
+        f"onnxserve-tune: model '{header['model']}', p99 <= {p99_ms:g} ms, on {header['machine']['label']}, {header['date']}"
+    ]
     out.append(f"prices: {header['prices_note']}")
-    out += ["", "Measurements (one replica; p50/p99 client-side from each request's scheduled start; srv p99 from the "
-            "server's histogram, buckets 2.5x apart, rough):"]
-    rows = [[m.config, f"{m.rate:g}", ms(m.p50_ms), ms(m.p99_ms), ms(m.server_p99_ms), f"{m.throughput:.4g}",
-             _num(m.cost_per_million, ".4g"), _num(m.busy_share, ".0%"), _num(m.joules_per_inference),
-             _num(m.mean_batch, ".2f"), str(m.errors), ("yes" if meets(m, p99_ms) else "no"),
-             ("stable" if m.stable else "noisy") + f" {m.noise:.0%}"] for m in outcome.measurements]  # fmt: skip
-    out += _table(["config", "rate/s", "p50 ms", "p99 ms", "srv p99", "inf/s", "$/1M", "busy", "J/inf", "batch",
-                   "errors", "meets", "noise"], rows)  # fmt: skip
+    out += [
+        "",
+        "Measurements (one replica; p50/p99 client-side from each request's scheduled start; srv p99 from the "
+        "server's histogram, buckets 2.5x apart, rough):",
+    ]
+    rows = [
+        [
+            m.config,
+            f"{m.rate:g}",
+            ms(m.p50_ms),
+            ms(m.p99_ms),
+            ms(m.server_p99_ms),
+            f"{m.throughput:.4g}",
+            _num(m.cost_per_million, ".4g"),
+            _num(m.busy_share, ".0%"),
+            _num(m.joules_per_inference),
+            _num(m.mean_batch, ".2f"),
+            str(m.errors),
+            ("yes" if meets(m, p99_ms) else "no"),
+            ("stable" if m.stable else "noisy") + f" {m.noise:.0%}",
+        ]
+        for m in outcome.measurements
+    ]
+    out += _table(
+        [
+            "config",
+            "rate/s",
+            "p50 ms",
+            "p99 ms",
+            "srv p99",
+            "inf/s",
+            "$/1M",
+            "busy",
+            "J/inf",
+            "batch",
+            "errors",
+            "meets",
+            "noise",
+        ],
+        rows,
+    )
     out += ["", "Highest rate within the p99 (one replica):"]
     for label, cap in outcome.capacities.items():
         if cap is not None:
-            bound = f"failed at {cap.failed_at:g}/s" if cap.failed_at else "no higher rate failed beyond the noise: a lower bound"
+            bound = (
+                f"failed at {cap.failed_at:g}/s"
+                if cap.failed_at
+                else "no higher rate failed beyond the noise: a lower bound"
+            )
             out.append(f"  {label:<28} {_num(cap.rate, 'g', '/s') if cap.rate else 'none measured'} ({bound})")
     out += ["", "Cheapest configuration meeting the p99, per rate (cost with the replicas that rate needs):"]
     for choice in outcome.choices:
         tied = f"; tied with {', '.join(choice.tied_with)}" if choice.tied_with else ""
-        out.append(f"  {choice.rate:g}/s: {choice.config} x{choice.replicas} replica(s), ${choice.cost_per_million:.4g} per 1M "
-                   f"inferences ({choice.reason}{tied})")  # fmt: skip
+        out.append(
+            f"  {choice.rate:g}/s: {choice.config} x{choice.replicas} replica(s), ${choice.cost_per_million:.4g} per 1M "
+            f"inferences ({choice.reason}{tied})"
+        )
     for rate, front in outcome.pareto.items():
         found = {(m.config, m.rate): m for m in outcome.measurements}
-        shown = [f"{c} (${_num(found[c, rate].cost_per_million, '.4g')}/1M, p99 {ms(found[c, rate].p99_ms)} ms)" for c in front]
+        shown = [
+            f"{c} (${_num(found[c, rate].cost_per_million, '.4g')}/1M, p99 {ms(found[c, rate].p99_ms)} ms)"
+            for c in front
+        ]
         out.append(f"Pareto front (cost, p99) at {rate:g}/s: {'; '.join(shown) or 'none measured'}")
     out.append(f"Break-even between devices: {outcome.break_even.get('note', '')}")
     if outcome.failure:

@@ -8,8 +8,8 @@ larger of the points' measured noise and the tolerance, so a winner is never cro
 
 import dataclasses
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 MAX_ERROR_RATIO = 0.001  # a point with more failed requests than this does not meet the target
 PROBE_STEP = 1.5  # rate probes go up (or down) by this factor
@@ -114,7 +114,10 @@ def coarse_candidates(base: Candidate, space: Space) -> list[Candidate]:
     if "tensorrt_fp16" in space.accelerators:
         tries.append(dataclasses.replace(base, kind="gpu", accelerator="tensorrt_fp16"))
     if batchable:
-        tries += [dataclasses.replace(base, max_batch_size=1), dataclasses.replace(base, max_batch_size=top, queue_delay_us=2000)]
+        tries += [
+            dataclasses.replace(base, max_batch_size=1),
+            dataclasses.replace(base, max_batch_size=top, queue_delay_us=2000),
+        ]
     tries += [dataclasses.replace(base, instances=2, threads=half if space.kinds == ("cpu",) else 0)]
     tries += [dataclasses.replace(base, threads=1)]
     if batchable:
@@ -210,7 +213,11 @@ def dominates(a: Measurement, b: Measurement, tolerance: float) -> bool:
     def not_worse(x: float, y: float) -> bool:
         return x <= y * (1 + slack)
 
-    return not_worse(cost_a, cost_b) and not_worse(a.p99_ms, b.p99_ms) and (better(cost_a, cost_b) or better(a.p99_ms, b.p99_ms))
+    return (
+        not_worse(cost_a, cost_b)
+        and not_worse(a.p99_ms, b.p99_ms)
+        and (better(cost_a, cost_b) or better(a.p99_ms, b.p99_ms))
+    )
 
 
 def pareto_front(points: Sequence[Measurement], tolerance: float) -> list[Measurement]:
@@ -305,15 +312,15 @@ def choose(rate: float, points: Sequence[Measurement], p99_ms: float, tolerance:
     tied = [o for o in options if o[1] == cheapest[1] and _same_cost(o, cheapest, tolerance)]
     winner = min(tied, key=lambda option: tie_break(option[2], p99_ms, tolerance))
     others = tuple(o[2].config for o in tied if o is not winner)
-    reason = "cheapest" if not others else f"tied on cost within the noise with {len(others)} other(s); " + TIE_BREAK_RULE
+    reason = (
+        "cheapest" if not others else f"tied on cost within the noise with {len(others)} other(s); " + TIE_BREAK_RULE
+    )
     if winner[1] > 1:
         reason += f"; {winner[1]} replicas, each sustaining {winner[2].rate:g}/s within the p99"
     return Choice(rate, winner[2].config, winner[1], winner[0], winner[3], others, reason)
 
 
-TIE_BREAK_RULE = (
-    "chosen by meeting the p99 beyond the noise, then fewer instances x threads, then fewer changed settings, then lower p99"
-)
+TIE_BREAK_RULE = "chosen by meeting the p99 beyond the noise, then fewer instances x threads, then fewer changed settings, then lower p99"
 
 
 def _same_cost(a: tuple, b: tuple, tolerance: float) -> bool:

@@ -17,8 +17,12 @@ from server.tools.launcher import Launched
 
 # The user's ONNXSERVE_* settings that still apply to the server the tool starts; the others
 # (TLS, API keys, ports, control mode...) would change what the tool connects to, or how.
-KEPT_ENVIRONMENT = ("ONNXSERVE_DEVICE_PRICE", "ONNXSERVE_TENSORRT_CACHE_DIR", "ONNXSERVE_REQUIRE_GPU",
-                    "ONNXSERVE_DEFAULT_MAX_BATCH_SIZE")  # fmt: skip
+KEPT_ENVIRONMENT = (
+    "ONNXSERVE_DEVICE_PRICE",
+    "ONNXSERVE_TENSORRT_CACHE_DIR",
+    "ONNXSERVE_REQUIRE_GPU",
+    "ONNXSERVE_DEFAULT_MAX_BATCH_SIZE",
+)
 
 
 class ServerError(RuntimeError):
@@ -51,13 +55,24 @@ def loopback_address(text: str, flag: str) -> str:
 def launch(repository: Path, model: str, device_prices: Sequence[str], timeout: float = 300) -> Launched:
     """Start onnxserve serving only `model`, and wait until it is ready (ServerError if not)."""
     arguments = [
-        "--model-repository", str(repository.resolve()),
-        "--model-control-mode", "explicit", "--load-model", model,
-        "--grpc-address", "127.0.0.1", "--grpc-port", "0",
-        "--metrics-address", "127.0.0.1", "--metrics-port", "0",
-        "--http-port", "-1",
+        "--model-repository",
+        str(repository.resolve()),
+        "--model-control-mode",
+        "explicit",
+        "--load-model",
+        model,
+        "--grpc-address",
+        "127.0.0.1",
+        "--grpc-port",
+        "0",
+        "--metrics-address",
+        "127.0.0.1",
+        "--metrics-port",
+        "0",
+        "--http-port",
+        "-1",
         *(argument for price in device_prices for argument in ("--device-price", price)),
-    ]  # fmt: skip
+    ]
     try:
         launched = launcher.launch(arguments, timeout=timeout, env=_environment())
     except launcher.StartFailed as err:
@@ -110,7 +125,11 @@ async def load(channel: grpc.aio.Channel, model: str, config_json: str | None, t
     except grpc.aio.AioRpcError as err:
         if err.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND):
             raise LoadRefused(err.details()) from None
-        if err.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
+        if err.code() in (
+            grpc.StatusCode.FAILED_PRECONDITION,
+            grpc.StatusCode.PERMISSION_DENIED,
+            grpc.StatusCode.UNAUTHENTICATED,
+        ):
             raise ServerError(f"the server refused to load '{model}' ({err.code().name}): {err.details()}") from None
         raise ServerError(f"RepositoryModelLoad of '{model}' failed ({err.code().name}): {err.details()}") from None
 

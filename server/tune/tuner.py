@@ -16,9 +16,25 @@ from server.tune.candidates import as_json, changed_fields, check, own_candidate
 from server.tune.measure import Target, measure, model_devices, prices
 from server.tune.report import Outcome, Sharing, document, machine, now_utc, progress_line, text
 from server.tune.search import (
-    PROBE_STEP, TIE_BREAK_RULE, Candidate, Measurement, Offer, Space, break_even, capacities, choose, clearly_fails,
-    closest, coarse_candidates, make_space, meets, neighbours, pareto_front, survivors, tie_break,
-)  # fmt: skip
+    PROBE_STEP,
+    TIE_BREAK_RULE,
+    Candidate,
+    Measurement,
+    Offer,
+    Space,
+    break_even,
+    capacities,
+    choose,
+    clearly_fails,
+    closest,
+    coarse_candidates,
+    make_space,
+    meets,
+    neighbours,
+    pareto_front,
+    survivors,
+    tie_break,
+)
 from server.tune.target import LoadRefused, instances_in_force, launch, load, served_config, stop, threads_in_force
 from server.tune.target import metrics_url as metrics_url_of
 
@@ -102,8 +118,15 @@ class Tuner:
         if self.loaded == label:
             return True
         proto = to_proto(self.own_proto, self.own, candidate)
-        record = self.outcome.configs.setdefault(label, {"config": json.loads(as_json(proto)), "phase": phase,
-                                                         "changed": changed_fields(candidate, self.own), "status": "measured"})  # fmt: skip
+        record = self.outcome.configs.setdefault(
+            label,
+            {
+                "config": json.loads(as_json(proto)),
+                "phase": phase,
+                "changed": changed_fields(candidate, self.own),
+                "status": "measured",
+            },
+        )
         self.candidates[label] = candidate
         problem = check(proto, self.settings.model)
         if not problem:
@@ -112,13 +135,18 @@ class Tuner:
                 await load(self.channel, self.settings.model, as_json(proto))
             except LoadRefused as err:
                 problem = str(err)
-            self.loaded, self.load_s = (None, self.load_s) if problem else (label, max(0.1, self.budget.spent - started))
+            self.loaded, self.load_s = (
+                (None, self.load_s) if problem else (label, max(0.1, self.budget.spent - started))
+            )
         if problem:
             record.update(status="refused", reason=problem)
             print(f"refused: {label}: {problem}", flush=True)
             return False
         served = await served_config(self.channel, self.settings.model)
-        self.facts[label] = {"resources": instances_in_force(served) * threads_in_force(served), "changes": len(record["changed"])}
+        self.facts[label] = {
+            "resources": instances_in_force(served) * threads_in_force(served),
+            "changes": len(record["changed"]),
+        }
         provider = served.get("parameters", {}).get("execution_provider", {}).get("string_value")
         record.update(threads_in_force=threads_in_force(served), provider=provider)
         return True
@@ -128,7 +156,9 @@ class Tuner:
         if not self.budget.fits(self.plan.estimate_s(rate, load_s)) or not await self.apply(candidate, phase):
             return None
         self.seed += 100
-        found = await measure(self.target, candidate.label, rate, self.plan, self.budget, self.facts[candidate.label], self.seed)
+        found = await measure(
+            self.target, candidate.label, rate, self.plan, self.budget, self.facts[candidate.label], self.seed
+        )
         self.points.append(found)
         print(progress_line(found, self.budget.spent, self.budget.seconds), flush=True)
         return found
@@ -142,20 +172,26 @@ class Tuner:
                     self.note(f"{candidate.label}: not measured at {rate:g}/s and above: the budget is spent")
                 return
             if clearly_fails(found, self.settings.p99_ms, self.plan.tolerance) and rate != self.settings.rates[-1]:
-                self.outcome.configs[candidate.label]["reason"] = f"fails the p99 at {rate:g}/s beyond the noise: higher rates not tried"
+                self.outcome.configs[candidate.label]["reason"] = (
+                    f"fails the p99 at {rate:g}/s beyond the noise: higher rates not tried"
+                )
                 return
 
     def best(self) -> Candidate | None:
         choice = choose(self.settings.rates[-1], self.points, self.settings.p99_ms, self.plan.tolerance)
-        found = choice.config if choice else (closest(self.points, self.settings.p99_ms) or Measurement("", 0, 0, 0)).config
+        found = (
+            choice.config if choice else (closest(self.points, self.settings.p99_ms) or Measurement("", 0, 0, 0)).config
+        )
         return self.candidates.get(found)
 
     async def coarse(self) -> None:
         tries = coarse_candidates(self.own, self.space)
         count = coarse_count(len(tries), self.settings.rates, self.plan, self.load_s, self.budget.remaining)
         if count < len(tries):
-            self.note(f"coarse sweep: {count} of {len(tries)} configurations fit the budget; not tried: "
-                      + ", ".join(c.label for c in tries[count:]))  # fmt: skip
+            self.note(
+                f"coarse sweep: {count} of {len(tries)} configurations fit the budget; not tried: "
+                + ", ".join(c.label for c in tries[count:])
+            )
         for candidate in tries[:count]:
             await self.sweep(candidate, "coarse")
 
@@ -186,7 +222,9 @@ class Tuner:
         met = [p.rate for p in self.points if meets(p, p99)]
         if met:
             top, step = max(met), PROBE_STEP
-            leaders = [p for p in self.points if p.rate == top and p.config in survivors(self.points, top, p99, tolerance)]
+            leaders = [
+                p for p in self.points if p.rate == top and p.config in survivors(self.points, top, p99, tolerance)
+            ]
             leaders.sort(key=lambda p: tie_break(p, p99, tolerance))
         elif near := closest(self.points, p99):
             leaders, step = [near], 1 / (2 * PROBE_STEP)
@@ -211,17 +249,23 @@ class Tuner:
         self.outcome.capacities = capacities(points, p99, tolerance)
         self.outcome.choices = [c for r in self.settings.rates if (c := choose(r, points, p99, tolerance))]
         for rate in self.settings.rates:
-            self.outcome.pareto[rate] = [p.config for p in pareto_front([p for p in points if p.rate == rate], tolerance)]
+            self.outcome.pareto[rate] = [
+                p.config for p in pareto_front([p for p in points if p.rate == rate], tolerance)
+            ]
         self.outcome.break_even = self.devices(priced)
         for device in sorted({d for p in points for d in p.devices if d in priced and priced[d].dollars_per_hour == 0}):
-            self.note(f"{device} is priced $0/h ({priced[device].source}): configurations on it look free; "
-                      f"give --device-price {device}=DOLLARS_PER_HOUR")  # fmt: skip
+            self.note(
+                f"{device} is priced $0/h ({priced[device].source}): configurations on it look free; "
+                f"give --device-price {device}=DOLLARS_PER_HOUR"
+            )
         if not self.outcome.choices:
             near = closest(points, p99)
             tried = ", ".join(f"{r:g}" for r in sorted({p.rate for p in points}))
             message = f"no configuration met p99 <= {p99:g} ms at any rate measured ({tried}/s)"
             if near:
-                message += f"; the closest: {near.config} at {near.rate:g}/s, p99 {near.p99_ms:.3g} ms, {near.errors} errors"
+                message += (
+                    f"; the closest: {near.config} at {near.rate:g}/s, p99 {near.p99_ms:.3g} ms, {near.errors} errors"
+                )
             self.outcome.failure = {"message": message, "closest": asdict(near) if near else None}
             print(f"NO CONFIGURATION MEETS THE TARGET: {message}", flush=True)
         if any(c.tied_with for c in self.outcome.choices):
@@ -237,8 +281,10 @@ class Tuner:
                     groups[device] = Offer(device, anchor.price_per_hour, cap.rate, label)
         if len(groups) < 2:
             why = "no GPU here, " if not any(d.startswith("cuda") for d in priced) else ""
-            return {"note": f"not computed: only one device was measured ({', '.join(groups) or 'none'}; {why}"
-                            "price and tune on machines with other devices to compare)"}  # fmt: skip
+            return {
+                "note": f"not computed: only one device was measured ({', '.join(groups) or 'none'}; {why}"
+                "price and tune on machines with other devices to compare)"
+            }
         changes = break_even(list(groups.values()), self.settings.rates[-1] * 10)
         note = "; ".join(f"from {rate:g}/s {device} is cheaper" for rate, device in changes)
         return {"note": note, "changes": changes, "offers": [asdict(o) for o in groups.values()]}
@@ -248,7 +294,11 @@ async def tune(settings: TuneSettings) -> int:
     """The whole tune; the exit status: 0 with a winner at the traffic's rate, 1 without."""
     budget = Budget(settings.budget_minutes * 60)
     launched = None if settings.url else launch(settings.model_repository, settings.model, settings.device_price)
-    url, metrics_url = (settings.url, settings.metrics_url) if settings.url else (f"127.0.0.1:{launched.grpc_port}", metrics_url_of(launched))
+    url, metrics_url = (
+        (settings.url, settings.metrics_url)
+        if settings.url
+        else (f"127.0.0.1:{launched.grpc_port}", metrics_url_of(launched))
+    )
     sharing = Sharing(server_is_child=launched is not None)
     channel = grpc.aio.insecure_channel(url)
     try:
@@ -274,9 +324,14 @@ async def _tune(settings: TuneSettings, server: Server, budget: Budget, sharing:
     target = Target(server.channel, server.metrics_url, settings.model, payload)
     tuner = Tuner(settings, target, Baseline(own_proto, own, space), budget)
     devices = model_devices(samples, settings.model)
-    prices_note = ", ".join(f"{d} ${p.dollars_per_hour:g}/h ({p.source})" for d, p in sorted(priced.items()) if d in devices or not devices)
-    print(f"tuning '{settings.model}' for p99 <= {settings.p99_ms:g} ms at {', '.join(f'{r:g}' for r in settings.rates)}/s on {here['label']}; "
-          f"prices {prices_note}; budget {budget.seconds:.0f} s", flush=True)  # fmt: skip
+    prices_note = ", ".join(
+        f"{d} ${p.dollars_per_hour:g}/h ({p.source})" for d, p in sorted(priced.items()) if d in devices or not devices
+    )
+    print(
+        f"tuning '{settings.model}' for p99 <= {settings.p99_ms:g} ms at {', '.join(f'{r:g}' for r in settings.rates)}/s on {here['label']}; "
+        f"prices {prices_note}; budget {budget.seconds:.0f} s",
+        flush=True,
+    )
     if not gpu:
         tuner.note("no GPU: CUDA and TensorRT not tried")
     if settings.url:
@@ -292,14 +347,23 @@ async def _tune(settings: TuneSettings, server: Server, budget: Budget, sharing:
         await load(server.channel, settings.model, None)
         tuner.note(f"'{settings.model}' reloaded from its repository files on the server at {server.url}")
     header = {
-        "tool": "onnxserve-tune", "schema": 1, "date": started, "machine": here,
+        "tool": "onnxserve-tune",
+        "schema": 1,
+        "date": started,
+        "machine": here,
         "tuned_on": f"tuned on {here['label']}, {started}" + ("; shared machine" if shared.get("shared") else ""),
-        "model": settings.model, "p99_ms": settings.p99_ms, "rates": settings.rates, "rate": settings.rate or settings.rates[-1],
+        "model": settings.model,
+        "p99_ms": settings.p99_ms,
+        "rates": settings.rates,
+        "rate": settings.rate or settings.rates[-1],
         "arguments": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()},
-        "prices": [asdict(p) for p in priced.values()], "prices_note": prices_note,
-        "server": {"started_by_tool": server.launched is not None, "url": server.url}, "sharing": shared,
-        "plan": asdict(tuner.plan), "budget": {"seconds": budget.seconds, "spent_s": round(budget.spent, 1)},
-    }  # fmt: skip
+        "prices": [asdict(p) for p in priced.values()],
+        "prices_note": prices_note,
+        "server": {"started_by_tool": server.launched is not None, "url": server.url},
+        "sharing": shared,
+        "plan": asdict(tuner.plan),
+        "budget": {"seconds": budget.seconds, "spent_s": round(budget.spent, 1)},
+    }
     return _report(settings, tuner, header)
 
 
@@ -307,8 +371,10 @@ def _report(settings: TuneSettings, tuner: Tuner, header: dict) -> int:
     """The winner at the traffic's rate, written when asked; the report printed and saved."""
     winner = next((c for c in tuner.outcome.choices if c.rate == header["rate"]), None)
     if winner and 0 < (lowered := tuner.candidates[winner.config].max_batch_size) < tuner.own.max_batch_size:
-        tuner.note(f"the winner lowers max_batch_size from {tuner.own.max_batch_size} to {lowered}: a request of more than "
-                   f"{lowered} row(s) is then refused; give --max-request-rows N if clients send up to N rows at once")  # fmt: skip
+        tuner.note(
+            f"the winner lowers max_batch_size from {tuner.own.max_batch_size} to {lowered}: a request of more than "
+            f"{lowered} row(s) is then refused; give --max-request-rows N if clients send up to N rows at once"
+        )
     if settings.write_config:
         tuner.outcome.written = _write(settings, tuner, winner, header)
     print("\n" + text(tuner.outcome, settings.p99_ms, header), flush=True)
@@ -329,11 +395,18 @@ def _write(settings: TuneSettings, tuner: Tuner, winner, header: dict) -> dict:
         f"tuned by onnxserve-tune on {header['machine']['label']} at {header['date']}",
         f"for p99 <= {settings.p99_ms:g} ms at {winner.rate:g}/s ({winner.replicas} replica(s), "
         f"${winner.cost_per_million:.4g} per 1M inferences); rates measured: {', '.join(f'{r:g}' for r in settings.rates)}/s",
-        f"configuration: {winner.config}" + ("; measured on a shared machine" if header["sharing"].get("shared") else ""),
+        f"configuration: {winner.config}"
+        + ("; measured on a shared machine" if header["sharing"].get("shared") else ""),
     ]
     if 0 < candidate.max_batch_size < tuner.own.max_batch_size:
-        lines.append(f"max_batch_size {candidate.max_batch_size} (was {tuner.own.max_batch_size}): requests of more rows are refused")
+        lines.append(
+            f"max_batch_size {candidate.max_batch_size} (was {tuner.own.max_batch_size}): requests of more rows are refused"
+        )
     written = write_config(model_dir, to_proto(tuner.own_proto, tuner.own, candidate), lines)
     kept = f" (the old one kept as {written.backup.name})" if written.backup else ""
     print(f"wrote {written.path}{kept}", flush=True)
-    return {"message": f"wrote {written.path}{kept}", "path": str(written.path), "backup": str(written.backup) if written.backup else None}
+    return {
+        "message": f"wrote {written.path}{kept}",
+        "path": str(written.path),
+        "backup": str(written.backup) if written.backup else None,
+    }

@@ -29,7 +29,9 @@ class Docker:
             [self.client, *args], env=self.environment, capture_output=True, text=True, timeout=timeout, **kwargs
         )
         if check and result.returncode != 0:
-            raise AssertionError(f"docker {' '.join(args)} exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+            raise AssertionError(
+                f"docker {' '.join(args)} exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+            )
         return result
 
 
@@ -54,10 +56,16 @@ def _start_daemon(dockerd: str, docker: Docker) -> subprocess.Popen | None:
     WORKDIR.mkdir(exist_ok=True)
     log = (WORKDIR / "dockerd.log").open("w")
     daemon = subprocess.Popen(
-        [dockerd, f"--data-root={WORKDIR / 'data'}", f"--exec-root={WORKDIR / 'exec'}",
-         f"--host=unix://{WORKDIR / 'docker.sock'}", f"--pidfile={WORKDIR / 'dockerd.pid'}"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+        [
+            dockerd,
+            f"--data-root={WORKDIR / 'data'}",
+            f"--exec-root={WORKDIR / 'exec'}",
+            f"--host=unix://{WORKDIR / 'docker.sock'}",
+            f"--pidfile={WORKDIR / 'dockerd.pid'}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     log.close()
     deadline = time.monotonic() + 60
     while docker("info", check=False, timeout=30).returncode != 0:
@@ -73,10 +81,18 @@ def _base_image(docker: Docker) -> None:
     tarball = WORKDIR / "base.tar"
     if not tarball.exists():
         subprocess.run(
-            ["mmdebstrap", "--variant=minbase", "--include=python3,python3-venv,python-is-python3,ca-certificates,passwd",
-             "bookworm", str(tarball), "http://deb.debian.org/debian"],
-            check=True, capture_output=True, timeout=600,
-        )  # fmt: skip
+            [
+                "mmdebstrap",
+                "--variant=minbase",
+                "--include=python3,python3-venv,python-is-python3,ca-certificates,passwd",
+                "bookworm",
+                str(tarball),
+                "http://deb.debian.org/debian",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=600,
+        )
     docker("import", "--change", 'CMD ["python3"]', str(tarball), BASE_IMAGE)
 
 

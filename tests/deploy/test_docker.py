@@ -41,8 +41,16 @@ def test_dockerfile_is_hadolint_clean():
 class Container:
     def __init__(self, docker, *args: str) -> None:
         self.docker = docker
-        self.id = docker("run", "--detach", "--health-interval=1s", "--publish=127.0.0.1::8000",
-                         "--publish=127.0.0.1::8001", "--publish=127.0.0.1::8002", *args, IMAGE).stdout.strip()  # fmt: skip
+        self.id = docker(
+            "run",
+            "--detach",
+            "--health-interval=1s",
+            "--publish=127.0.0.1::8000",
+            "--publish=127.0.0.1::8001",
+            "--publish=127.0.0.1::8002",
+            *args,
+            IMAGE,
+        ).stdout.strip()
         self.http = self._published(8000)
         self.grpc = self._published(8001)
         self.metrics = self._published(8002)
@@ -95,7 +103,9 @@ def test_example_models_answer_on_the_cpu_fallback(docker, example_container):
     tensor = grpcclient.InferInput("x", [5, 4], "FP32")
     tensor.set_data_from_numpy(x)
     answer = client.infer("mlp", [tensor]).as_numpy("probabilities")
-    session = ort.InferenceSession(str(ROOT / "models" / "mlp" / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(ROOT / "models" / "mlp" / "1" / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
     np.testing.assert_allclose(answer, session.run(None, {"x": x})[0], rtol=1e-5)
     rest = httpclient.InferenceServerClient(example_container.http)  # and over REST, port 8000
     assert rest.is_server_ready()
@@ -133,7 +143,9 @@ def test_the_tensorrt_images_providers_lack_only_the_driver(docker):
     wheel is about 3 GB), so build and tag it, then run this test, before shipping it."""
     if docker("image", "inspect", TENSORRT_IMAGE, check=False).returncode != 0:
         pytest.skip(f"no {TENSORRT_IMAGE} image here: build it as deploy/README.md says (it needs NVIDIA's pip index)")
-    report = json.loads(docker("run", "--rm", "--entrypoint", "python", TENSORRT_IMAGE, "-m", "server.tools.gpu_report").stdout)
+    report = json.loads(
+        docker("run", "--rm", "--entrypoint", "python", TENSORRT_IMAGE, "-m", "server.tools.gpu_report").stdout
+    )
     for provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider"):
         assert report["libraries"][provider]["missing"] == ["libcuda.so.1"], report["libraries"][provider]
 
@@ -160,7 +172,9 @@ def test_docker_stop_answers_the_request_in_flight_and_exits_fast(docker, tmp_pa
 
         def slow_request() -> None:
             client = grpcclient.InferenceServerClient(container.grpc)
-            answered["y"] = client.infer("slow", inputs(caller_rows(4, 1), module=grpcclient, work=SLOW_WORK)).as_numpy("y")
+            answered["y"] = client.infer("slow", inputs(caller_rows(4, 1), module=grpcclient, work=SLOW_WORK)).as_numpy(
+                "y"
+            )
 
         caller = threading.Thread(target=slow_request)
         caller.start()

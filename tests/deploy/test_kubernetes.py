@@ -201,10 +201,28 @@ def pem_pair(directory: Path) -> tuple[Path, Path]:
         openssl = shutil.which("openssl")
         if openssl:
             subprocess.run(
-                [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-                 "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=onnxserve"],
-                check=True, capture_output=True, timeout=60,
-            )  # fmt: skip
+                [
+                    openssl,
+                    "req",
+                    "-x509",
+                    "-newkey",
+                    "ec",
+                    "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1",
+                    "-nodes",
+                    "-keyout",
+                    str(key),
+                    "-out",
+                    str(cert),
+                    "-days",
+                    "1",
+                    "-subj",
+                    "/CN=onnxserve",
+                ],
+                check=True,
+                capture_output=True,
+                timeout=60,
+            )
         else:
             cert.write_text("placeholder certificate\n")
             key.write_text("placeholder key\n")
@@ -264,7 +282,12 @@ def test_ports_match_what_the_server_listens_on(rendered, name, tmp_path):
     env = env_of(container)
     # Pinned in the manifest, so ports, probes and grace period never rest on a default that may
     # change (and a patch with an empty `env:` that wipes the list is caught).
-    assert {"ONNXSERVE_GRPC_PORT", "ONNXSERVE_METRICS_PORT", "ONNXSERVE_HTTP_PORT", "ONNXSERVE_EXIT_TIMEOUT_SECS"} <= set(env)
+    assert {
+        "ONNXSERVE_GRPC_PORT",
+        "ONNXSERVE_METRICS_PORT",
+        "ONNXSERVE_HTTP_PORT",
+        "ONNXSERVE_EXIT_TIMEOUT_SECS",
+    } <= set(env)
     settings = server_settings(env, tmp_path)
     pinned = (ports["http"], ports["grpc"], ports["metrics"])
     assert pinned == (settings.http_port, settings.grpc_port, settings.metrics_port) == (8000, 8001, 8002)
@@ -401,7 +424,9 @@ def test_the_gpu_overlay_requires_the_gpu_and_caches_engines_on_its_volume(rende
     env = env_of(container)
     assert server_settings(env, tmp_path).require_gpu is True
     mounts = {mount["mountPath"]: mount for mount in container["volumeMounts"]}
-    assert env["ONNXSERVE_TENSORRT_CACHE_DIR"] in mounts and not mounts[env["ONNXSERVE_TENSORRT_CACHE_DIR"]].get("readOnly")
+    assert env["ONNXSERVE_TENSORRT_CACHE_DIR"] in mounts and not mounts[env["ONNXSERVE_TENSORRT_CACHE_DIR"]].get(
+        "readOnly"
+    )
     assert "ONNXSERVE_REQUIRE_GPU" not in env_of(server_container(rendered["overlays/cpu"]))
 
 
@@ -466,10 +491,12 @@ def test_tenants_serves_tls_from_the_cert_manager_secret(rendered, tmp_path):
     # Every TLS file is a key that cert-manager writes into the Secret its Certificate names.
     certificate = named(docs, "Certificate")[TLS_SECRET]
     for variable, key in {
-        "ONNXSERVE_GRPC_SERVER_CERT": "tls.crt", "ONNXSERVE_GRPC_SERVER_KEY": "tls.key",
-        "ONNXSERVE_GRPC_ROOT_CERT": "ca.crt", "ONNXSERVE_HTTP_SERVER_CERT": "tls.crt",
+        "ONNXSERVE_GRPC_SERVER_CERT": "tls.crt",
+        "ONNXSERVE_GRPC_SERVER_KEY": "tls.key",
+        "ONNXSERVE_GRPC_ROOT_CERT": "ca.crt",
+        "ONNXSERVE_HTTP_SERVER_CERT": "tls.crt",
         "ONNXSERVE_HTTP_SERVER_KEY": "tls.key",
-    }.items():  # fmt: skip
+    }.items():
         volume, filename = mounted_file(container, spec, env[variable])
         assert (volume["secret"]["secretName"], filename) == (certificate["spec"]["secretName"], key), variable
 
@@ -571,9 +598,10 @@ def test_tenants_probes_work_under_tls(rendered, tmp_path):
     # onnxserve-health reads the port and the TLS files from the same variables as the server.
     settings = server_settings(env_of(container), tmp_path)
     assert settings.grpc_port == 8001 and settings.grpc_use_ssl_mutual
-    assert "startupProbe" in found and found["startupProbe"]["periodSeconds"] * found["startupProbe"][
-        "failureThreshold"
-    ] >= 300
+    assert (
+        "startupProbe" in found
+        and found["startupProbe"]["periodSeconds"] * found["startupProbe"]["failureThreshold"] >= 300
+    )
 
 
 def test_tenants_usage_log_on_a_volume_per_pod_file(rendered):

@@ -123,7 +123,9 @@ def test_cpu_deployment_runs_as_a_real_pod(podman_image, tmp_path):
     assert absent_optional_secrets_as_empty_dirs(deployment["spec"]["template"]["spec"]) == ["tls", "api-keys"]
     manifest = tmp_path / "deployment.yaml"
     manifest.write_text(yaml.safe_dump(deployment))
-    container_name = f"{deployment['metadata']['name']}-pod-0-{deployment['spec']['template']['spec']['containers'][0]['name']}"
+    container_name = (
+        f"{deployment['metadata']['name']}-pod-0-{deployment['spec']['template']['spec']['containers'][0]['name']}"
+    )
     podman("kube", "play", "--replace", str(manifest))
     try:
         grpc_address = f"127.0.0.1:{published['grpc']}"
@@ -138,18 +140,32 @@ def test_cpu_deployment_runs_as_a_real_pod(podman_image, tmp_path):
         assert check(grpc_address, "liveness", timeout=2) == "SERVING"
         url = f"http://127.0.0.1:{published['metrics']}/metrics"
         with urllib.request.urlopen(url, timeout=10) as response:
-            assert 'onnxserve_model_ready{model="mlp",provider="CPUExecutionProvider",version="1"} 1.0' in response.read().decode()
+            assert (
+                'onnxserve_model_ready{model="mlp",provider="CPUExecutionProvider",version="1"} 1.0'
+                in response.read().decode()
+            )
 
-        probe = podman("exec", container_name, "sh", "-c", "id -u; touch /tmp/scratch && echo tmp-writable; touch /x",
-                       check_rc=False)  # fmt: skip
+        probe = podman(
+            "exec",
+            container_name,
+            "sh",
+            "-c",
+            "id -u; touch /tmp/scratch && echo tmp-writable; touch /x",
+            check_rc=False,
+        )
         assert probe.stdout.split() == ["10001", "tmp-writable"]
         assert "Read-only file system" in probe.stderr
         # The usage log's directory is writable by the server's user; the TLS and API key
         # directories are there, empty and read-only, and the server ignores them (all off).
-        volumes = podman("exec", container_name, "sh", "-c",
-                         "touch /var/log/onnxserve/probe && echo usage-log-writable; "
-                         "ls -A /etc/onnxserve/tls /etc/onnxserve/api-keys; touch /etc/onnxserve/tls/x",
-                         check_rc=False)  # fmt: skip
+        volumes = podman(
+            "exec",
+            container_name,
+            "sh",
+            "-c",
+            "touch /var/log/onnxserve/probe && echo usage-log-writable; "
+            "ls -A /etc/onnxserve/tls /etc/onnxserve/api-keys; touch /etc/onnxserve/tls/x",
+            check_rc=False,
+        )
         assert volumes.stdout.split() == ["usage-log-writable", "/etc/onnxserve/api-keys:", "/etc/onnxserve/tls:"]
         assert "Read-only file system" in volumes.stderr
         capabilities = podman("exec", container_name, "grep", "CapEff", "/proc/self/status").stdout.split()[-1]
@@ -174,10 +190,15 @@ def certificates_like(docs: list[dict], directory: Path) -> dict[str, Pair]:
     names = ",".join(f"DNS:{name}" for name in server["dnsNames"])
     return {
         "ca": ca,
-        "server": make_leaf(directory, "server", ca, server["commonName"],
-                            f"subjectAltName = {names}\nextendedKeyUsage = serverAuth,clientAuth\n"),
+        "server": make_leaf(
+            directory,
+            "server",
+            ca,
+            server["commonName"],
+            f"subjectAltName = {names}\nextendedKeyUsage = serverAuth,clientAuth\n",
+        ),
         "client": make_leaf(directory, "client", ca, client["commonName"], "extendedKeyUsage = clientAuth\n"),
-    }  # fmt: skip
+    }
 
 
 def write_secret_file(path: Path, content: str | bytes) -> None:
@@ -231,13 +252,19 @@ def test_tenants_example_runs_as_a_real_pod(podman_image, tmp_path):
     secrets = {"onnxserve-tls": tmp_path / "tls", keys_secret["metadata"]["name"]: tmp_path / "api-keys"}
     for directory in secrets.values():
         directory.mkdir()
-    for name, pair in (("tls.crt", pairs["server"].cert), ("tls.key", pairs["server"].key), ("ca.crt", pairs["ca"].cert)):
+    for name, pair in (
+        ("tls.crt", pairs["server"].cert),
+        ("tls.key", pairs["server"].key),
+        ("ca.crt", pairs["ca"].cert),
+    ):
         write_secret_file(secrets["onnxserve-tls"] / name, pair.read_bytes())
     write_secret_file(secrets[keys_secret["metadata"]["name"]] / "api-keys.json", json.dumps(keys))
 
     deployment, published = tenants_pod_for_podman(docs, podman_image, secrets)
     spec = deployment["spec"]["template"]["spec"]
-    [claim] = [volume["persistentVolumeClaim"]["claimName"] for volume in spec["volumes"] if "persistentVolumeClaim" in volume]
+    [claim] = [
+        volume["persistentVolumeClaim"]["claimName"] for volume in spec["volumes"] if "persistentVolumeClaim" in volume
+    ]
     manifest = tmp_path / "deployment.yaml"
     manifest.write_text(yaml.safe_dump(deployment))
     server_name, shipper_name = (f"{deployment['metadata']['name']}-pod-0-{c['name']}" for c in spec["containers"])
@@ -273,9 +300,13 @@ def test_tenants_example_runs_as_a_real_pod(podman_image, tmp_path):
         tls = ProbeTls(ca.cert.read_bytes(), dns_name, client.key.read_bytes(), client.cert.read_bytes())
         assert check(grpc_address, "", timeout=5, tls=tls) == "SERVING"
         triton = grpcclient.InferenceServerClient(
-            grpc_address, ssl=True, root_certificates=str(ca.cert), private_key=str(client.key),
-            certificate_chain=str(client.cert), channel_args=[("grpc.ssl_target_name_override", dns_name)],
-        )  # fmt: skip
+            grpc_address,
+            ssl=True,
+            root_certificates=str(ca.cert),
+            private_key=str(client.key),
+            certificate_chain=str(client.cert),
+            channel_args=[("grpc.ssl_target_name_override", dns_name)],
+        )
         rows = grpcclient.InferInput("x", [2, 4], "FP32")
         rows.set_data_from_numpy(np.ones((2, 4), np.float32))
         answer = triton.infer("mlp", [rows])
@@ -288,7 +319,9 @@ def test_tenants_example_runs_as_a_real_pod(podman_image, tmp_path):
             check(grpc_address, "", timeout=5, tls=plain_tls)
 
         # REST over TLS with API keys; the client checks the server against the CA.
-        body = json.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}).encode()
+        body = json.dumps(
+            {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}
+        ).encode()
 
         def rest(key: str | None) -> int:
             """An inference over HTTPS to loopback, checking the certificate for the Service's name."""
@@ -332,7 +365,9 @@ def test_tenants_example_runs_as_a_real_pod(podman_image, tmp_path):
         assert wait_until(lambda: len(shipped()) == 3, timeout=10), shipped()
         records = shipped()
         assert [(r["tenant"], r["tenant_source"], r["protocol"]) for r in records] == [
-            ("team-a", "certificate", "grpc"), ("team-a", "api_key", "http"), ("team-a", "api_key", "http")
+            ("team-a", "certificate", "grpc"),
+            ("team-a", "api_key", "http"),
+            ("team-a", "api_key", "http"),
         ]
         report = podman("exec", server_name, "onnxserve", "usage", "--format", "json", usage_path)
         assert '"team-a"' in report.stdout, report.stdout

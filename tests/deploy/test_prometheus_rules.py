@@ -9,9 +9,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import yaml
-
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS = ROOT / "deploy" / "prometheus"
@@ -121,9 +120,7 @@ def promtool(*args: str) -> subprocess.CompletedProcess:
     binary = shutil.which("promtool")
     if binary is None:
         pytest.skip("promtool is not installed (Debian package prometheus)")
-    return subprocess.run(
-        [binary, *args], cwd=PROMETHEUS, capture_output=True, text=True, timeout=120, check=False
-    )
+    return subprocess.run([binary, *args], cwd=PROMETHEUS, capture_output=True, text=True, timeout=120, check=False)
 
 
 def assert_passes(result: subprocess.CompletedProcess) -> None:
@@ -163,9 +160,22 @@ def test_rules_read_only_known_metrics():
     """Every series a rule reads is onnxserve's (the metrics contract), recorded by a rule, or
     one of OpenCost's; a misspelt metric would otherwise just record nothing."""
     functions_and_keywords = {
-        "sum", "max", "rate", "increase", "histogram_quantile", "label_replace", "group", "by", "on",
-        "group_left", "and", "or", "unless", "le", "ALERTS",
-    }  # fmt: skip
+        "sum",
+        "max",
+        "rate",
+        "increase",
+        "histogram_quantile",
+        "label_replace",
+        "group",
+        "by",
+        "on",
+        "group_left",
+        "and",
+        "or",
+        "unless",
+        "le",
+        "ALERTS",
+    }
     labels = {"model", "version", "tenant", "namespace", "pod", "container", "node", "outcome", "le"}
     for name, expr in rule_exprs():
         unquoted = QUOTED.sub('""', re.sub(r"#.*", "", expr))

@@ -62,7 +62,10 @@ def test_config_pbtxt_overrides_every_choice(server):
     assert found["adaptive_queue_delay_us"] == "0"
     line = log_line(server, "fixed")
     assert "(measured)" not in line
-    assert "intra_op_thread_count 2 (configured), allow_spinning 1 (configured), inline_run_below_us 0 (configured)" in line
+    assert (
+        "intra_op_thread_count 2 (configured), allow_spinning 1 (configured), inline_run_below_us 0 (configured)"
+        in line
+    )
 
 
 def test_a_model_that_cannot_run_on_zeros_still_loads_and_serves(server):

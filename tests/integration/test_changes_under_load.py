@@ -15,7 +15,8 @@ from tritonclient.utils import InferenceServerException
 from tests import onnx_models
 from tests.conftest import wait_until
 from tests.integration.test_model_control import EXPLICIT, answer, index, refused
-from tests.prober import open_fds as open_files, resident_bytes
+from tests.prober import open_fds as open_files
+from tests.prober import resident_bytes
 
 CALLERS = 64
 PRICE_PER_HOUR = 36.0
@@ -135,7 +136,9 @@ def test_cost_stays_conserved_across_loads_and_unloads(tmp_path, serve):
         client.load_model("second")
     client.unload_model("first")
     samples = server.samples()
-    models = sum(samples.get("onnxserve_cost_dollars_total", model=m, version="1", device="cpu") for m in ("first", "second"))
+    models = sum(
+        samples.get("onnxserve_cost_dollars_total", model=m, version="1", device="cpu") for m in ("first", "second")
+    )
     idle = samples.get("onnxserve_idle_cost_dollars_total", device="cpu")
     priced = samples.get("onnxserve_device_seconds_total", device="cpu") * PRICE_PER_HOUR / 3600
     assert models > 0 and idle > 0

@@ -79,7 +79,12 @@ def unknown_input_too():
 CASES = [
     ("unknown model", lambda: request(model="nope"), grpc.StatusCode.NOT_FOUND, ["'nope'"]),
     ("unknown version", lambda: request(version="7"), grpc.StatusCode.NOT_FOUND, ["'add_one'", "version 7"]),
-    ("wrong datatype", lambda: request(datatype="FP64", raw=np.zeros((1, 4)).tobytes()), INVALID, ["'x'", "FP64", "FP32"]),
+    (
+        "wrong datatype",
+        lambda: request(datatype="FP64", raw=np.zeros((1, 4)).tobytes()),
+        INVALID,
+        ["'x'", "FP64", "FP32"],
+    ),
     ("unknown datatype", lambda: request(datatype="FLOAT99"), INVALID, ["'x'", "FLOAT99", "FP32"]),
     ("wrong dims", lambda: request(shape=(1, 5)), INVALID, ["'x'", "[1, 5]", "[-1, 4]"]),
     ("wrong rank", lambda: request(shape=(4,)), INVALID, ["'x'", "[4]", "[-1, 4]"]),
@@ -89,12 +94,22 @@ CASES = [
     ("unknown input", unknown_input_too, INVALID, ["unknown input 'extra'", "['x']"]),
     ("unknown output", with_unknown_output, INVALID, ["unknown requested output 'z'", "['y']"]),
     ("batch too large", lambda: request(shape=(5, 4)), INVALID, ["'x'", "batch size 5", "max_batch_size (4)"]),
-    ("extra batch dim", lambda: request(model="fixed", shape=(1, 2, 4)), INVALID, ["'fixed'", "[1, 2, 4]", "[2, 4]", "no batch dimension"]),
+    (
+        "extra batch dim",
+        lambda: request(model="fixed", shape=(1, 2, 4)),
+        INVALID,
+        ["'fixed'", "[1, 2, 4]", "[2, 4]", "no batch dimension"],
+    ),
     ("mixed raw and typed", with_typed_and_raw, INVALID, ["'x'", "typed contents", "raw_input_contents"]),
     ("truncated BYTES prefix", lambda: bytes_request(b"\x01\x00\x00\x00a\x02\x00"), INVALID, ["'input'", "truncated"]),
-    ("BYTES length overrun", lambda: bytes_request(b"\x09\x00\x00\x00abc"), INVALID, ["'input'", "declares 9 bytes", "only 3 remain"]),
+    (
+        "BYTES length overrun",
+        lambda: bytes_request(b"\x09\x00\x00\x00abc"),
+        INVALID,
+        ["'input'", "declares 9 bytes", "only 3 remain"],
+    ),
     ("BYTES element count", lambda: bytes_request(b"\x01\x00\x00\x00a"), INVALID, ["'input'", "1 elements", "needs 3"]),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("case, make, code, fragments", CASES, ids=[c[0] for c in CASES])

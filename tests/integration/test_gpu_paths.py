@@ -44,7 +44,9 @@ def test_with_require_gpu_the_load_fails_and_the_other_models_serve(tmp_path, se
     assert state == "UNAVAILABLE" and "--require-gpu makes that a load failure" in reason
     assert not client.is_model_ready("wants_gpu")
     assert answer(client, "on_cpu") == ("1", 1.0)
-    assert np.isclose(server.metric("onnxserve_model_ready", model="on_cpu", version="1", provider="CPUExecutionProvider"), 1)
+    assert np.isclose(
+        server.metric("onnxserve_model_ready", model="on_cpu", version="1", provider="CPUExecutionProvider"), 1
+    )
 
 
 def test_the_io_binding_path_serves_concurrent_callers_their_own_rows(tmp_path, serve):
@@ -54,18 +56,28 @@ def test_the_io_binding_path_serves_concurrent_callers_their_own_rows(tmp_path, 
     assert server.client().get_model_config("bound").config.parameters["io_binding"].string_value == "1"
     answers = infer_many(server.url, "bound", [1 + caller % 4 for caller in range(32)], concurrency=16)
     assert len(answers) == 32  # infer_many checked every caller's own rows: y = x + 1
-    assert server.metric("onnxserve_inferences_total", model="bound", version="1") == sum(rows for rows, _, _ in answers)
+    assert server.metric("onnxserve_inferences_total", model="bound", version="1") == sum(
+        rows for rows, _, _ in answers
+    )
 
 
 def test_gpu_report_says_what_the_cuda_provider_lacks_here():
-    result = subprocess.run([sys.executable, "-m", "server.tools.gpu_report", str(ROOT / "models" / "mlp" / "1" / "model.onnx")],
-                            capture_output=True, text=True, timeout=120, cwd=ROOT)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "server.tools.gpu_report", str(ROOT / "models" / "mlp" / "1" / "model.onnx")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["gpus_visible"] == 0 and report["cuda_session"]["providers"] == ["CPUExecutionProvider"]
     missing = report["libraries"]["CUDAExecutionProvider"]["missing"]
     assert missing and all(".so" in name for name in missing)
-    assert any(name in report["cuda_unavailable_because"] for name in missing) or "no NVIDIA GPU" in report["cuda_unavailable_because"]
+    assert (
+        any(name in report["cuda_unavailable_because"] for name in missing)
+        or "no NVIDIA GPU" in report["cuda_unavailable_because"]
+    )
     assert "libnvinfer.so.10" in report["libraries"]["TensorrtExecutionProvider"]["missing"]
 
 
@@ -77,8 +89,10 @@ def test_the_gpu_check_runs_its_plumbing_on_the_cpu(tmp_path):
     after every step, so that a run cut off keeps what it had done."""
 
     def check(out, *flags):
-        code = ("import sys; [sys.modules.__setitem__(m, None) for m in ('tritonclient', 'uvicorn', 'orjson', 'httptools')]; "
-                "from bench import gpu_check; sys.exit(gpu_check.main(sys.argv[1:]))")  # fmt: skip
+        code = (
+            "import sys; [sys.modules.__setitem__(m, None) for m in ('tritonclient', 'uvicorn', 'orjson', 'httptools')]; "
+            "from bench import gpu_check; sys.exit(gpu_check.main(sys.argv[1:]))"
+        )
         command = [sys.executable, "-c", code, "--cpu", "--quick", "--out", str(out), *flags]
         return subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=ROOT)
 
@@ -87,23 +101,36 @@ def test_the_gpu_check_runs_its_plumbing_on_the_cpu(tmp_path):
     report = json.loads((tmp_path / "run" / "gpu-check.json").read_text())
     steps = {step["name"]: step for step in report["steps"]}
     assert {name: step["status"] for name, step in steps.items()} == {
-        "environment": "ok", "providers": "ok", "io_binding": "ok", "serving": "ok", "energy": "failed",
-        "cuda_graphs": "ok", "tensorrt": "failed",
-    }  # fmt: skip
+        "environment": "ok",
+        "providers": "ok",
+        "io_binding": "ok",
+        "serving": "ok",
+        "energy": "failed",
+        "cuda_graphs": "ok",
+        "tensorrt": "failed",
+    }
     assert "limit of 2 s" in steps["energy"]["error"] and "--fail-step" in steps["tensorrt"]["error"]
     started = [step["started_seconds"] for step in report["steps"]]
-    assert started == sorted(started) and all(step["ended_seconds"] >= step["started_seconds"] for step in report["steps"])
+    assert started == sorted(started) and all(
+        step["ended_seconds"] >= step["started_seconds"] for step in report["steps"]
+    )
     assert report["writes"] == 1 + 2 * len(steps)  # once at the start, then as each step starts and ends
     assert steps["environment"]["result"]["gpu_report"]["gpus_visible"] == 0
     for served in steps["providers"]["result"]["models"].values():  # what the server opened, in its own words
-        assert served["provider_options"] == [["CPUExecutionProvider", {}]] and served["provider_options_from"] == "server"
+        assert (
+            served["provider_options"] == [["CPUExecutionProvider", {}]] and served["provider_options_from"] == "server"
+        )
     assert steps["io_binding"]["result"]["outputs_equal_session_run"] is True
     graphs = steps["cuda_graphs"]["result"]
-    assert sorted({answer["rows"] for answer in graphs["served"]}) == [1, 3, 8, 16] and all(a["equal"] for a in graphs["served"])
+    assert sorted({answer["rows"] for answer in graphs["served"]}) == [1, 3, 8, 16] and all(
+        a["equal"] for a in graphs["served"]
+    )
     assert graphs["in_process"]["equal"] is True and graphs["in_process"]["runs"] >= 3
     rows = steps["serving"]["result"]["rows"]
     assert [row["concurrency"] for row in rows] == [1, 16]
-    assert all(row["errors"] == 0 and row["inferences_per_second"] > 0 and row["raw_inferences_per_second"] > 0 for row in rows)
+    assert all(
+        row["errors"] == 0 and row["inferences_per_second"] > 0 and row["raw_inferences_per_second"] > 0 for row in rows
+    )
     table = (tmp_path / "run" / "gpu-check.md").read_text()
     assert table in result.stdout
     for concurrency in (1, 16):  # model, the server's provider, raw onnxruntime's, concurrency
@@ -135,12 +162,28 @@ def test_the_cuda_extras_libraries_all_resolve_but_the_driver():
     resolves except libcuda.so.1, the driver's, and the preloading reported no failure."""
     assert _cuda_extra_installed()
     provider = "from server.engine.placement import CUDA, PROVIDER_LIBRARIES; library = PROVIDER_LIBRARIES[CUDA]"
-    before = subprocess.run([sys.executable, "-c", f"{provider}; from server.tools.gpu_report import missing_libraries; "
-                             "print(','.join(missing_libraries(library)))"],
-                            capture_output=True, text=True, timeout=120, cwd=ROOT, check=True)  # fmt: skip
+    before = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"{provider}; from server.tools.gpu_report import missing_libraries; "
+            "print(','.join(missing_libraries(library)))",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        check=True,
+    )
     assert "libcublasLt.so.13" in before.stdout.split(",") and "libcuda.so.1" in before.stdout
-    result = subprocess.run([sys.executable, "-m", "server.tools.gpu_report", str(ROOT / "models" / "mlp" / "1" / "model.onnx")],
-                            capture_output=True, text=True, timeout=120, cwd=ROOT, check=True)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "server.tools.gpu_report", str(ROOT / "models" / "mlp" / "1" / "model.onnx")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        check=True,
+    )
     report = json.loads(result.stdout)
     assert report["preload"] == []
     assert report["libraries"]["CUDAExecutionProvider"]["missing"] == ["libcuda.so.1"]
@@ -176,9 +219,13 @@ def infer_as_tenants(url: str, model: str, calls: list[tuple[str, int]], concurr
                 result = await client.infer(model, inputs(x), headers={"x-tenant-id": tenant})
             np.testing.assert_array_equal(result.as_numpy("y"), x + 1)  # its own rows, and only those
             parameters = result.get_response().parameters
-            return {"tenant": tenant, "rows": rows, "batch": parameters["onnxserve_batch_id"].int64_param,
-                    "batch_rows": parameters["onnxserve_batch_rows"].int64_param,
-                    "dollars": parameters["onnxserve_cost_dollars"].double_param}  # fmt: skip
+            return {
+                "tenant": tenant,
+                "rows": rows,
+                "batch": parameters["onnxserve_batch_id"].int64_param,
+                "batch_rows": parameters["onnxserve_batch_rows"].int64_param,
+                "dollars": parameters["onnxserve_cost_dollars"].double_param,
+            }
 
         return await asyncio.gather(*(one(caller, tenant, rows) for caller, (tenant, rows) in enumerate(calls)))
 
@@ -192,15 +239,18 @@ def test_cuda_graph_batches_run_padded_and_are_billed_by_their_real_rows(tmp_pat
     assert "enable_cuda_graph is on, but instance(s) [0] run on CPUExecutionProvider" in log
     assert "4 padded batch size(s) [1, 2, 4, 8] warmed on each CPU instance" in log
     config = server.client().get_model_config("graphed").config
-    assert config.parameters["io_binding"].string_value == "1" and config.parameters["inline_run_below_us"].string_value == "0"
+    assert (
+        config.parameters["io_binding"].string_value == "1"
+        and config.parameters["inline_run_below_us"].string_value == "0"
+    )
 
     calls = [(f"team-{caller % 3}", 1 + caller % 5) for caller in range(90)]  # 1..5 rows: most batches are padded
     answers = infer_as_tenants(server.url, "graphed", calls)
     samples = server.samples()
     assert samples.get("onnxserve_inferences_total", model="graphed", version="1") == sum(rows for _, rows in calls)
     batches: dict[int, list[dict]] = {}
-    for answer in answers:
-        batches.setdefault(answer["batch"], []).append(answer)
+    for each in answers:
+        batches.setdefault(each["batch"], []).append(each)
     assert any(members[0]["batch_rows"] not in (1, 2, 4, 8) for members in batches.values()), "some batch was padded"
     assert any(len(members) > 1 for members in batches.values()), "some requests shared a batch"
     for members in batches.values():  # a batch's rows are its requests' rows, and its cost follows them
@@ -211,7 +261,9 @@ def test_cuda_graph_batches_run_padded_and_are_billed_by_their_real_rows(tmp_pat
     assert model_cost > 0 and sum(answer["dollars"] for answer in answers) == pytest.approx(model_cost, rel=1e-6)
     for tenant in ("team-0", "team-1", "team-2"):
         told = sum(answer["dollars"] for answer in answers if answer["tenant"] == tenant)
-        counted = samples.get("onnxserve_tenant_cost_dollars_total", tenant=tenant, model="graphed", version="1", device="cpu")
+        counted = samples.get(
+            "onnxserve_tenant_cost_dollars_total", tenant=tenant, model="graphed", version="1", device="cpu"
+        )
         assert told == pytest.approx(counted, rel=1e-6)
         rows = samples.get("onnxserve_tenant_inferences_total", tenant=tenant, model="graphed", version="1")
         assert rows == sum(count for who, count in calls if who == tenant)
@@ -221,9 +273,13 @@ def test_cudnn_is_checked_and_nvidias_folders_are_searched_where_onnxruntime_doe
     """preload_dlls() passes over a missing cuDNN in silence, and looks for NVIDIA's wheels only
     beside onnxruntime: the server checks cuDNN itself, and tries the nvidia package's own folders."""
     assert _cuda_extra_installed()
-    probe = ("import json; from server.engine import cuda_libraries as c; before = c._check_cudnn(); "
-             "after = c._preload_from_nvidia_folders(); print(json.dumps([before, after, c._check_cudnn()]))")
-    found = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=ROOT, check=True)
+    probe = (
+        "import json; from server.engine import cuda_libraries as c; before = c._check_cudnn(); "
+        "after = c._preload_from_nvidia_folders(); print(json.dumps([before, after, c._check_cudnn()]))"
+    )
+    found = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=ROOT, check=True
+    )
     before, after, checked = json.loads(found.stdout)
     assert len(before) == 1 and "libcudnn.so.9" in before[0] and "cuDNN 9" in before[0]
     assert after == [] and checked == []

@@ -66,7 +66,9 @@ def request(server, method: str, path: str, body: bytes = b"", headers: dict | N
 def test_every_datatype_round_trips(server, datatype, binary):
     array = sample(datatype)
     output = httpclient.InferRequestedOutput("output", binary_data=binary)
-    result = client(server).infer(f"identity_{datatype.lower()}", [http_input("input", array, datatype, binary)], outputs=[output])
+    result = client(server).infer(
+        f"identity_{datatype.lower()}", [http_input("input", array, datatype, binary)], outputs=[output]
+    )
     same(result.as_numpy("output"), array, datatype)
     described = result.get_output("output")
     assert described["datatype"] == datatype and described["shape"] == [2, 3]
@@ -108,12 +110,22 @@ def test_metadata_config_statistics_and_health(server):
     assert {t["name"]: t["shape"] for t in model["inputs"]} == {"a": [-1, 2], "b": [-1, 2], "count": [-1, 1]}
     config = http.get_model_config("add_one")
     assert config["max_batch_size"] == 32 and config["dynamic_batching"]["max_queue_delay_microseconds"] == 20000
-    assert config["input"][0] == {"name": "x", "data_type": "TYPE_FP32", "format": "FORMAT_NONE", "dims": [4], "optional": False}
+    assert config["input"][0] == {
+        "name": "x",
+        "data_type": "TYPE_FP32",
+        "format": "FORMAT_NONE",
+        "dims": [4],
+        "optional": False,
+    }
     assert config["parameters"]["execution_provider"]["string_value"] == "CPUExecutionProvider"
 
     before = http.get_inference_statistics("multi")["model_stats"][0]["inference_count"]
     a, b, count = np.ones((2, 2), np.float32), np.full((2, 2), 3, np.float32), np.array([[5], [6]], np.int64)
-    inputs = [http_input("a", a, "FP32", True), http_input("b", b, "FP32", False), http_input("count", count, "INT64", True)]
+    inputs = [
+        http_input("a", a, "FP32", True),
+        http_input("b", b, "FP32", False),
+        http_input("count", count, "INT64", True),
+    ]
     result = http.infer("multi", inputs, outputs=[httpclient.InferRequestedOutput("difference", binary_data=False)])
     assert [o["name"] for o in result.get_response()["outputs"]] == ["difference"]
     np.testing.assert_array_equal(result.as_numpy("difference"), a - b)
@@ -129,8 +141,15 @@ def test_metadata_config_statistics_and_health(server):
 
 
 def test_curl_json_infer_and_errors_keep_the_server_serving(server):
-    body = json.dumps({"id": "c1", "inputs": [{"name": "x", "shape": [2, 4], "datatype": "FP32", "data": [[1, 2, 3, 4], [5, 6, 7, 8]]}]})
-    status, headers, answer = request(server, "POST", "/v2/models/add_one/infer", body.encode(), {"Content-Type": "application/json"})
+    body = json.dumps(
+        {
+            "id": "c1",
+            "inputs": [{"name": "x", "shape": [2, 4], "datatype": "FP32", "data": [[1, 2, 3, 4], [5, 6, 7, 8]]}],
+        }
+    )
+    status, headers, answer = request(
+        server, "POST", "/v2/models/add_one/infer", body.encode(), {"Content-Type": "application/json"}
+    )
     assert status == 200 and headers["content-type"] == "application/json"
     answer = json.loads(answer)
     assert answer["id"] == "c1" and answer["outputs"][0]["data"] == list(range(2, 10))
@@ -143,14 +162,49 @@ def test_curl_json_infer_and_errors_keep_the_server_serving(server):
     short_binary = {**binary, "Inference-Header-Content-Length": str(len(short_header))}
     cases = [
         ("POST", "/v2/models/add_one/infer", b'{"inputs": [', {}, 400, "malformed"),
-        ("POST", "/v2/models/add_one/infer", header + raw, {**binary, "Inference-Header-Content-Length": "9999"}, 400, "9999 bytes, but the body has"),
+        (
+            "POST",
+            "/v2/models/add_one/infer",
+            header + raw,
+            {**binary, "Inference-Header-Content-Length": "9999"},
+            400,
+            "9999 bytes, but the body has",
+        ),
         ("POST", "/v2/models/add_one/infer", header + raw[:12], binary, 400, "binary_data_size 16 runs past the body"),
         ("POST", "/v2/models/add_one/infer", header + raw + b"xx", binary, 400, "2 bytes of binary data follow"),
-        ("POST", "/v2/models/add_one/infer", short_header + raw[:12], short_binary, 400, "raw content is 12 bytes; expected 16"),
+        (
+            "POST",
+            "/v2/models/add_one/infer",
+            short_header + raw[:12],
+            short_binary,
+            400,
+            "raw content is 12 bytes; expected 16",
+        ),
         ("POST", "/v2/models/add_one/infer", b"{}" + b" " * (1024 * 1024), {}, 400, "at most 1048576"),
-        ("POST", "/v2/models/add_one/infer", body.encode(), {"Content-Type": "text/xml"}, 400, "content type 'text/xml'"),
-        ("POST", "/v2/models/add_one/infer", b'{"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2]}]}', {}, 400, "data holds 2 values; shape [1, 4] needs 4"),
-        ("POST", "/v2/models/add_one/infer", b'{"inputs": [{"name": "x", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3]}]}', {}, 400, "'add_one' version 1: input 'x'"),
+        (
+            "POST",
+            "/v2/models/add_one/infer",
+            body.encode(),
+            {"Content-Type": "text/xml"},
+            400,
+            "content type 'text/xml'",
+        ),
+        (
+            "POST",
+            "/v2/models/add_one/infer",
+            b'{"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2]}]}',
+            {},
+            400,
+            "data holds 2 values; shape [1, 4] needs 4",
+        ),
+        (
+            "POST",
+            "/v2/models/add_one/infer",
+            b'{"inputs": [{"name": "x", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3]}]}',
+            {},
+            400,
+            "'add_one' version 1: input 'x'",
+        ),
         ("POST", "/v2/models/nonexistent/infer", body.encode(), {}, 404, "Request for unknown model"),
         ("GET", "/v2/models/add_one/stuff", b"", {}, 404, "no such path"),
         ("GET", "/v1/models", b"", {}, 404, "under /v2"),
@@ -174,7 +228,9 @@ def test_grpc_and_http_callers_share_batches_and_each_get_their_own_rows(server)
     def call(caller: int) -> None:
         x = caller_rows(caller, 1 + caller % 3)
         if caller % 2:
-            result = httpclient.InferenceServerClient(server.http_url).infer("add_one", [http_input("x", x, "FP32", True)])
+            result = httpclient.InferenceServerClient(server.http_url).infer(
+                "add_one", [http_input("x", x, "FP32", True)]
+            )
             batch = result.get_response()["parameters"]["onnxserve_batch_id"]
         else:
             tensor = grpcclient.InferInput("x", list(x.shape), "FP32")
@@ -197,12 +253,18 @@ def test_grpc_and_http_callers_share_batches_and_each_get_their_own_rows(server)
     after = server.samples()
     for protocol in ("grpc", "http"):
         counted = after.get("onnxserve_requests_total", model="add_one", version="1", outcome="ok", protocol=protocol)
-        assert counted - before.get("onnxserve_requests_total", model="add_one", version="1", outcome="ok", protocol=protocol) == 12
+        assert (
+            counted
+            - before.get("onnxserve_requests_total", model="add_one", version="1", outcome="ok", protocol=protocol)
+            == 12
+        )
 
 
 def test_repository_control_and_restriction_over_http(tmp_path, serve):
     onnx_models.write(tmp_path, "plus_one", onnx_models.add_constant(1))
-    server = serve(tmp_path, "--model-control-mode", "explicit", "--http-restricted-api", "model-repository:admin-key=s3cret")
+    server = serve(
+        tmp_path, "--model-control-mode", "explicit", "--http-restricted-api", "model-repository:admin-key=s3cret"
+    )
     http = client(server)
     admin = {"admin-key": "s3cret"}
     with pytest.raises(InferenceServerException, match="restricted") as refused:
@@ -211,11 +273,18 @@ def test_repository_control_and_restriction_over_http(tmp_path, serve):
     http.load_model("plus_one", headers=admin)
     assert http.is_model_ready("plus_one")
     model = onnx_models.add_constant(9).SerializeToString()
-    http.load_model("pushed", headers=admin, config=json.dumps({"max_batch_size": 4}), files={"file:1/model.onnx": model})
+    http.load_model(
+        "pushed", headers=admin, config=json.dumps({"max_batch_size": 4}), files={"file:1/model.onnx": model}
+    )
     x = np.zeros((1, 4), np.float32)
     np.testing.assert_array_equal(http.infer("pushed", [http_input("x", x, "FP32", True)]).as_numpy("y"), x + 9)
-    status, _, answer = request(server, "POST", "/v2/repository/models/pushed/load", json.dumps(
-        {"parameters": {"config": "{}", "file:1/model.onnx": "not base64!"}}).encode(), admin)  # fmt: skip
+    status, _, answer = request(
+        server,
+        "POST",
+        "/v2/repository/models/pushed/load",
+        json.dumps({"parameters": {"config": "{}", "file:1/model.onnx": "not base64!"}}).encode(),
+        admin,
+    )
     assert status == 400 and "not valid base64" in json.loads(answer)["error"]
     status, _, answer = request(server, "POST", "/v2/repository/models/missing/load", b"", admin)
     assert status == 404 and "failed to load" in json.loads(answer)["error"]
@@ -224,8 +293,13 @@ def test_repository_control_and_restriction_over_http(tmp_path, serve):
     rows = {(row["name"], row.get("version")): row["state"] for row in http.get_model_repository_index(headers=admin)}
     assert rows[("plus_one", "1")] == "UNAVAILABLE" and rows[("pushed", "1")] == "READY"
     encoded = base64.b64encode(model).decode()
-    status, _, _ = request(server, "POST", "/v2/repository/models/plus_one/load", json.dumps(
-        {"parameters": {"config": "{}", "file:1/model.onnx": encoded}}).encode(), admin)  # fmt: skip
+    status, _, _ = request(
+        server,
+        "POST",
+        "/v2/repository/models/plus_one/load",
+        json.dumps({"parameters": {"config": "{}", "file:1/model.onnx": encoded}}).encode(),
+        admin,
+    )
     assert status == 200 and http.is_model_ready("plus_one")
 
 
@@ -233,12 +307,18 @@ def test_shutdown_answers_http_requests_in_flight(tmp_path, serve):
     onnx_models.write(tmp_path, "slow", onnx_models.slow_add_one(), "max_batch_size: 4")
     server = serve(tmp_path)
     outcome = {}
-    body = json.dumps({"inputs": [
-        {"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 1, 1, 1]},
-        {"name": "work", "shape": [1, 1], "datatype": "INT64", "data": [15000]},
-    ]}).encode()  # fmt: skip
+    body = json.dumps(
+        {
+            "inputs": [
+                {"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 1, 1, 1]},
+                {"name": "work", "shape": [1, 1], "datatype": "INT64", "data": [15000]},
+            ]
+        }
+    ).encode()
 
-    caller = threading.Thread(target=lambda: outcome.update(answer=request(server, "POST", "/v2/models/slow/infer", body)))
+    caller = threading.Thread(
+        target=lambda: outcome.update(answer=request(server, "POST", "/v2/models/slow/infer", body))
+    )
     caller.start()
     assert wait_until(lambda: server.metric("onnxserve_inflight_requests", model="slow", version="1") == 1)
     server.process.send_signal(signal.SIGTERM)

@@ -89,7 +89,9 @@ def test_one_slow_batch_sends_the_model_back_to_its_thread(server):
 
     def slow_request() -> None:
         x = caller_rows(3, 1)
-        np.testing.assert_array_equal(client.infer("slow", inputs(x, module=grpcclient, work=SLOW_WORK)).as_numpy("y"), x + 1)
+        np.testing.assert_array_equal(
+            client.infer("slow", inputs(x, module=grpcclient, work=SLOW_WORK)).as_numpy("y"), x + 1
+        )
 
     began = time.monotonic()
     slow_request()  # measured as fast so far: it runs on the loop, and shows how long it takes

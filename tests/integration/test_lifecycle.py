@@ -164,5 +164,10 @@ def test_logs_describe_each_model(tmp_path, serve):
     onnx_models.write(tmp_path, "described", onnx_models.add_one())
     server = serve(tmp_path)
     line = next(line for line in server.log if "model 'described' version 1 loaded" in line)
-    for fragment in ("('x', 'FP32', [-1, 4])", "('y', 'FP32', [-1, 4])", "provider CPUExecutionProvider", "max_batch_size 32"):
+    for fragment in (
+        "('x', 'FP32', [-1, 4])",
+        "('y', 'FP32', [-1, 4])",
+        "provider CPUExecutionProvider",
+        "max_batch_size 32",
+    ):
         assert fragment in line

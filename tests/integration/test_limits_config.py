@@ -17,9 +17,9 @@ from tritonclient.utils import InferenceServerException
 
 from server import shutdown
 from server.engine.batching import Batcher
-from server.observe.events import EventBus
 from server.models.model_config import BatchingSettings
 from server.models.repository import GIVE_UP_SECONDS
+from server.observe.events import EventBus
 from tests import onnx_models
 from tests.conftest import ROOT, wait_until
 from tests.prober import Prober, resident_bytes
@@ -55,12 +55,23 @@ def index(client) -> dict[tuple[str, str], tuple[str, str]]:
 
 def test_configs_that_ask_for_unbounded_memory_or_work_are_refused_at_load(tmp_path, serve):
     onnx_models.write(tmp_path, "probe", onnx_models.add_one())
-    onnx_models.write(tmp_path, "greedy", onnx_models.add_one(), "max_batch_size: 8 dynamic_batching { priority_levels: 1000000 }")
+    onnx_models.write(
+        tmp_path, "greedy", onnx_models.add_one(), "max_batch_size: 8 dynamic_batching { priority_levels: 1000000 }"
+    )
     server = serve(tmp_path, *EXPLICIT, "--load-model", "probe")
     client = server.client()
     before = resident_bytes(server.process.pid)
-    forever = {"max_batch_size": 8, "model_warmup": [{"name": "w", "batch_size": 1, "count": 2147483647,
-               "inputs": {"x": {"data_type": "TYPE_FP32", "dims": [4], "zero_data": True}}}]}  # fmt: skip
+    forever = {
+        "max_batch_size": 8,
+        "model_warmup": [
+            {
+                "name": "w",
+                "batch_size": 1,
+                "count": 2147483647,
+                "inputs": {"x": {"data_type": "TYPE_FP32", "dims": [4], "zero_data": True}},
+            }
+        ],
+    }
     for number in range(1, 101):  # a hundred versions, all served: each a whole set of sessions
         (tmp_path / "versions" / str(number)).mkdir(parents=True)
     (tmp_path / "versions" / "config.pbtxt").write_text("version_policy { all {} }")
@@ -70,14 +81,21 @@ def test_configs_that_ask_for_unbounded_memory_or_work_are_refused_at_load(tmp_p
         count = refused_load(client, "greedy", config=json.dumps(forever))
         refused_in = time.monotonic() - started
         versions = refused_load(client, "versions")
-        huge = refused_load(client, "greedy", config=json.dumps({"name": "greedy", "parameters": {
-            f"p{i}": {"string_value": "x" * 100} for i in range(20000)}}))  # fmt: skip
+        huge = refused_load(
+            client,
+            "greedy",
+            config=json.dumps(
+                {"name": "greedy", "parameters": {f"p{i}": {"string_value": "x" * 100} for i in range(20000)}}
+            ),
+        )
         files = refused_load(client, "pushed", config="{}", files={f"file:1/part{i}": b"" for i in range(10001)})
     assert "config.pbtxt: dynamic_batching.priority_levels: 1000000 exceeds onnxserve's limit of 1024" in levels, levels
     assert "model_warmup[0].count: 2147483647 exceeds onnxserve's limit of 100000" in count, count
     assert refused_in < 5
     assert "version_policy all (versions chosen): 100 exceeds onnxserve's limit of 64" in versions, versions
-    assert "load request parameter 'config': 2" in huge and "characters exceeds onnxserve's limit of 1048576" in huge, huge
+    assert "load request parameter 'config': 2" in huge and "characters exceeds onnxserve's limit of 1048576" in huge, (
+        huge
+    )
     assert "'file:' parameters: 10001 exceeds onnxserve's limit of 10000" in files, files
     assert probe.worst_ms() < 300 and not probe.failures, (probe.worst_ms(), probe.failures[:3])
     assert resident_bytes(server.process.pid) - before < 50 * MIB

@@ -38,13 +38,22 @@ MODEL = "plus"
 HTTP_TIMEOUT, METRICS_TIMEOUT = 1.0, 2.0  # seconds, by flag
 HTTP_CAP, METRICS_CAP = 40, 210
 FLAGS = (
-    "--http-header-timeout-secs", str(HTTP_TIMEOUT), "--http-body-timeout-secs", str(HTTP_TIMEOUT),
-    "--metrics-header-timeout-secs", str(METRICS_TIMEOUT),
-    "--http-max-connections", str(HTTP_CAP), "--metrics-max-connections", str(METRICS_CAP),
-)  # fmt: skip
+    "--http-header-timeout-secs",
+    str(HTTP_TIMEOUT),
+    "--http-body-timeout-secs",
+    str(HTTP_TIMEOUT),
+    "--metrics-header-timeout-secs",
+    str(METRICS_TIMEOUT),
+    "--http-max-connections",
+    str(HTTP_CAP),
+    "--metrics-max-connections",
+    str(METRICS_CAP),
+)
 MIB = 1 << 20
-CHUNKED_POST = (b"POST /v2/models/plus/infer HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-                b"transfer-encoding: chunked\r\n\r\n")  # fmt: skip
+CHUNKED_POST = (
+    b"POST /v2/models/plus/infer HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+    b"transfer-encoding: chunked\r\n\r\n"
+)
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +160,9 @@ def test_connections_that_never_complete_a_request_are_closed(server):
 def test_a_body_that_never_completes_is_answered_408(server):
     with socket.create_connection(("127.0.0.1", server.http_port), timeout=10) as sock:
         started = time.monotonic()  # before the send: the server's timer starts when it reads the head, later
-        sock.sendall(b"POST /v2/models/plus/infer HTTP/1.1\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{")
+        sock.sendall(
+            b"POST /v2/models/plus/infer HTTP/1.1\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{"
+        )
         answer = sock.recv(4096)
     assert answer.startswith(b"HTTP/1.1 408"), answer
     assert HTTP_TIMEOUT * 0.95 < time.monotonic() - started < HTTP_TIMEOUT + 1.5
@@ -165,7 +176,9 @@ def test_rest_connections_beyond_the_cap_are_refused_and_counted(server):
     with prober(server, rest=False) as probe:  # the prober's REST calls would be refused too
         attackers = connect(server.http_port, HTTP_CAP + 20)
         try:
-            first = [recv_or_reset(sock, 64) for sock in attackers]  # at once for the refused, at the timeout for the others
+            first = [
+                recv_or_reset(sock, 64) for sock in attackers
+            ]  # at once for the refused, at the timeout for the others
         finally:
             close_all(attackers)
     turned_away = sum(answer.startswith(b"HTTP/1.1 503") for answer in first)
@@ -212,7 +225,9 @@ def test_tls_handshakes_count_against_the_timeout(repository, tmp_path):
     """The listeners are plain sockets that start TLS per connection: a client that never says
     ClientHello is closed at the header timeout, and an https scrape meanwhile is answered."""
     certs = make_certificates(tmp_path / "certs")
-    tls = [f"--{endpoint}-{flag}" for endpoint in ("http", "metrics") for flag in ("use-ssl", "server-cert", "server-key")]
+    tls = [
+        f"--{endpoint}-{flag}" for endpoint in ("http", "metrics") for flag in ("use-ssl", "server-cert", "server-key")
+    ]
     values = ["true", str(certs.server.cert), str(certs.server.key)] * 2
     running = start_server(repository, *(item for pair in zip(tls, values) for item in pair), *FLAGS)
     try:
@@ -244,10 +259,23 @@ def low_file_limit() -> None:
 
 def test_out_of_file_descriptors_the_log_stays_small_and_service_resumes(repository):
     arguments = [
-        "--model-repository", str(repository), "--grpc-address", "127.0.0.1", "--grpc-port", "0",
-        "--metrics-address", "127.0.0.1", "--metrics-port", "0", "--http-address", "127.0.0.1", "--http-port", "0",
-        "--http-header-timeout-secs", "2",
-    ]  # fmt: skip
+        "--model-repository",
+        str(repository),
+        "--grpc-address",
+        "127.0.0.1",
+        "--grpc-port",
+        "0",
+        "--metrics-address",
+        "127.0.0.1",
+        "--metrics-port",
+        "0",
+        "--http-address",
+        "127.0.0.1",
+        "--http-port",
+        "0",
+        "--http-header-timeout-secs",
+        "2",
+    ]
     server = launch(arguments, into=ServerProcess(None), cwd=ROOT, preexec_fn=low_file_limit)
     try:
         log_before = sum(len(line) + 1 for line in server.log)

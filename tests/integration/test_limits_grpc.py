@@ -18,9 +18,13 @@ from tests.conftest import ServerProcess, start_server
 MODEL = "plus"
 GRPC_TIMEOUT, GRPC_CAP = 1.0, 30  # seconds, connections, by flag
 FLAGS = (
-    "--grpc-handshake-timeout-secs", str(GRPC_TIMEOUT), "--grpc-max-connection-idle-secs", str(GRPC_TIMEOUT),
-    "--grpc-max-connections", str(GRPC_CAP),
-)  # fmt: skip
+    "--grpc-handshake-timeout-secs",
+    str(GRPC_TIMEOUT),
+    "--grpc-max-connection-idle-secs",
+    str(GRPC_TIMEOUT),
+    "--grpc-max-connections",
+    str(GRPC_CAP),
+)
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])  # and an empty SETTINGS frame
 MIB = 1 << 20
 
@@ -99,12 +103,16 @@ def test_huge_grpc_metadata_is_refused_before_it_is_read(server):
     """grpc's own default (16 KiB of metadata at most), checked: a 16 MiB header value, sent raw in
     16 KiB CONTINUATION frames, is answered RESOURCE_EXHAUSTED long before its end."""
     with prober(server) as probe:
-        (sent, received), cpu = cpu_beyond_baseline(server.process.pid, lambda: send_huge_metadata(server.grpc_port, 16 * MIB))
+        (sent, received), cpu = cpu_beyond_baseline(
+            server.process.pid, lambda: send_huge_metadata(server.grpc_port, 16 * MIB)
+        )
     assert sent < 8 * MIB and {1, 3} & set(frames(received)), (sent, frames(received))
     assert cpu < 0.5, f"server CPU {cpu:+.2f} s beyond the prober's"
     assert_unharmed(probe)
     with grpc.insecure_channel(server.url) as channel, pytest.raises(grpc.RpcError) as refused:
-        channel.unary_unary("/inference.GRPCInferenceService/ServerLive")(b"", metadata=(("x-big", "a" * MIB),), timeout=10)
+        channel.unary_unary("/inference.GRPCInferenceService/ServerLive")(
+            b"", metadata=(("x-big", "a" * MIB),), timeout=10
+        )
     assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.value
     assert "metadata size exceeds" in refused.value.details()
 
@@ -114,8 +122,15 @@ def send_huge_metadata(port: int, total: int, chunk: int = 16 * 1024) -> tuple[i
     ends the stream or the connection; (the value bytes sent, the frames received). grpc refuses
     within the first 16 KiB it parses; what arrives meanwhile is the time its answer took."""
     path = b"/inference.GRPCInferenceService/ServerLive"
-    block = (b"\x83\x86\x04" + hpack_integer(len(path)) + path + b"\x01\x01x"  # POST, http, the path, authority x
-             + literal(b"content-type", b"application/grpc") + literal(b"te", b"trailers") + literal(b"x-big", b"", total))  # fmt: skip
+    block = (
+        b"\x83\x86\x04"
+        + hpack_integer(len(path))
+        + path
+        + b"\x01\x01x"  # POST, http, the path, authority x
+        + literal(b"content-type", b"application/grpc")
+        + literal(b"te", b"trailers")
+        + literal(b"x-big", b"", total)
+    )
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
         sock.sendall(PREFACE + frame(1, 0, 1, block))  # HEADERS on stream 1, the block not ended
         received, sent = b"", 0

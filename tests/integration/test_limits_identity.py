@@ -59,15 +59,27 @@ def rest(base: str, path: str, headers: dict | None = None, body: bytes | None =
 def mutual_flags(certs) -> list[str]:
     flags = []
     for endpoint in ("grpc", "http"):
-        flags += [f"--{endpoint}-use-ssl-mutual", f"--{endpoint}-server-cert", str(certs.server.cert),
-                  f"--{endpoint}-server-key", str(certs.server.key), f"--{endpoint}-root-cert", str(certs.ca.cert)]  # fmt: skip
+        flags += [
+            f"--{endpoint}-use-ssl-mutual",
+            f"--{endpoint}-server-cert",
+            str(certs.server.cert),
+            f"--{endpoint}-server-key",
+            str(certs.server.key),
+            f"--{endpoint}-root-cert",
+            str(certs.ca.cert),
+        ]
     return flags
 
 
 def tenants(server, certs, pair) -> tuple[str, str]:
     """Who one inference with pair's certificate is billed to over gRPC, and over REST (or the refusal)."""
-    client = grpcclient.InferenceServerClient(server.url, ssl=True, root_certificates=str(certs.ca.cert),
-                                              private_key=str(pair.key), certificate_chain=str(pair.cert))  # fmt: skip
+    client = grpcclient.InferenceServerClient(
+        server.url,
+        ssl=True,
+        root_certificates=str(certs.ca.cert),
+        private_key=str(pair.key),
+        certificate_chain=str(pair.cert),
+    )
     try:
         over_grpc = client.infer("plus", [tensor()]).get_response().parameters["onnxserve_tenant"].string_param
     except InferenceServerException as err:
@@ -76,7 +88,9 @@ def tenants(server, certs, pair) -> tuple[str, str]:
         client.close()
     context = ssl.create_default_context(cafile=str(certs.ca.cert))
     context.load_cert_chain(str(pair.cert), str(pair.key))
-    status, body = rest(f"https://localhost:{server.http_port}", "/v2/models/plus/infer", body=INFER_BODY, context=context)
+    status, body = rest(
+        f"https://localhost:{server.http_port}", "/v2/models/plus/infer", body=INFER_BODY, context=context
+    )
     return over_grpc, body["parameters"]["onnxserve_tenant"] if status == 200 else str(status)
 
 
@@ -138,10 +152,15 @@ def test_bad_model_names_are_invalid_on_every_entry_point_and_never_split_a_log_
     server = serve(repository, "--model-control-mode", "explicit", "--load-model", "plus")
     client, base = server.client(), f"http://{server.http_url}"
     for name in BAD_NAMES:
-        for call in (lambda: client.infer(name, [tensor()]), lambda: client.get_model_metadata(name),
-                     lambda: client.get_model_config(name), lambda: client.is_model_ready(name),
-                     lambda: client.get_inference_statistics(name), lambda: client.load_model(name),
-                     lambda: client.unload_model(name)):  # fmt: skip
+        for call in (
+            lambda: client.infer(name, [tensor()]),
+            lambda: client.get_model_metadata(name),
+            lambda: client.get_model_config(name),
+            lambda: client.is_model_ready(name),
+            lambda: client.get_inference_statistics(name),
+            lambda: client.load_model(name),
+            lambda: client.unload_model(name),
+        ):
             status, message = refused(call)
             assert status == "StatusCode.INVALID_ARGUMENT" and "model name" in message, (name[:20], status, message)
         quoted = urllib.parse.quote(name, safe="")
@@ -159,13 +178,18 @@ def test_bad_model_names_are_invalid_on_every_entry_point_and_never_split_a_log_
     assert rest(base, "/v2/models/plus/versions/latest/config")[0] == 400
 
     # A config's text is the caller's too, logged as the load is asked for and in its failure.
-    wrong_input = {"max_batch_size": 4, "input": [{"name": "x\nINJECTED tensor line", "data_type": "TYPE_FP32", "dims": [4]}]}
+    wrong_input = {
+        "max_batch_size": 4,
+        "input": [{"name": "x\nINJECTED tensor line", "data_type": "TYPE_FP32", "dims": [4]}],
+    }
     for config in ('{"max_batch_size": 4,\n"INJECTED": 1}', json.dumps(wrong_input)):
         assert refused(lambda: client.load_model("plus", config=config))[0] == "StatusCode.INVALID_ARGUMENT"
     assert wait_until(lambda: "version 1 failed to load" in server.log_text(), timeout=5)
     lines = server.log_text().splitlines()
     assert len([line for line in lines if "load of model 'plus' requested" in line]) == 2
-    forged = [line for line in lines if "INJECTED" in line and not line[:4].isdigit()]  # every line starts with its time
+    forged = [
+        line for line in lines if "INJECTED" in line and not line[:4].isdigit()
+    ]  # every line starts with its time
     assert not forged, forged
     assert client.is_model_ready("plus")  # the failed reload left it serving
 
@@ -177,8 +201,10 @@ def test_with_keys_not_found_names_no_model_and_model_readiness_needs_a_key(tmp_
     keys = write_keys(tmp_path / "keys.json", {"key-of-a": "team-a"})
     server = serve(repository, "--api-keys", str(keys))
     client, base = server.client(), f"http://{server.http_url}"
-    for call in (lambda: client.infer("nope", [tensor()], headers=bearer("key-of-a")),
-                 lambda: client.get_model_metadata("nope", headers=bearer("key-of-a"))):  # fmt: skip
+    for call in (
+        lambda: client.infer("nope", [tensor()], headers=bearer("key-of-a")),
+        lambda: client.get_model_metadata("nope", headers=bearer("key-of-a")),
+    ):
         status, message = refused(call)
         assert status == "StatusCode.NOT_FOUND" and "'nope'" in message and "plus" not in message, message
     status, message = refused(lambda: client.infer("plus", [tensor()], model_version="7", headers=bearer("key-of-a")))

@@ -59,10 +59,16 @@ class SlowRequests:
 
     @staticmethod
     def request(rounds: int) -> bytes:
-        return post(json.dumps({"inputs": [
-            {"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]},
-            {"name": "work", "shape": [1, 1], "datatype": "INT64", "data": [rounds]},
-        ]}).encode())  # fmt: skip
+        return post(
+            json.dumps(
+                {
+                    "inputs": [
+                        {"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]},
+                        {"name": "work", "shape": [1, 1], "datatype": "INT64", "data": [rounds]},
+                    ]
+                }
+            ).encode()
+        )
 
 
 def post(body: bytes, length: int | None = None) -> bytes:
@@ -70,7 +76,9 @@ def post(body: bytes, length: int | None = None) -> bytes:
     return head + b"content-length: %d\r\n\r\n" % (len(body) if length is None else length) + body
 
 
-def exchange(server: ServerProcess, data: bytes, timeout: float, count: int = 0) -> tuple[list[tuple[int, bytes]], bool]:
+def exchange(
+    server: ServerProcess, data: bytes, timeout: float, count: int = 0
+) -> tuple[list[tuple[int, bytes]], bool]:
     """Send `data` on a new connection; the responses (the first `count`), and whether it then closed."""
     with socket.create_connection(("127.0.0.1", server.http_port), timeout=10) as sock:
         sock.sendall(data)
@@ -110,8 +118,13 @@ def test_a_refused_request_is_answered_after_the_one_before_it(server, slow, lat
 def test_time_the_server_does_not_read_is_not_the_clients(server, slow):
     """A pipelined request's body, sent after the body timeout while the server had stopped reading
     (its request waits for the one before), is read once it reads again: both are answered."""
-    first, second = slow(3 * TIMEOUT), post(b'{"inputs":[{"name":"x","shape":[1,4],"datatype":"FP32","data":[1,2,3,4]},'
-                                             b'{"name":"work","shape":[1,1],"datatype":"INT64","data":[1]}]}')  # fmt: skip
+    first, second = (
+        slow(3 * TIMEOUT),
+        post(
+            b'{"inputs":[{"name":"x","shape":[1,4],"datatype":"FP32","data":[1,2,3,4]},'
+            b'{"name":"work","shape":[1,1],"datatype":"INT64","data":[1]}]}'
+        ),
+    )
     head, _, body = second.partition(b"\r\n\r\n")
     with socket.create_connection(("127.0.0.1", server.http_port), timeout=10) as sock:
         sock.sendall(first)

@@ -30,7 +30,9 @@ def test_a_stream_that_is_not_read_stops_being_read_and_loses_nothing(tmp_path, 
     onnx_models.write(tmp_path, "echo", onnx_models.identity("FP32", shape=("batch", ROW_VALUES)), "max_batch_size: 8")
     server = serve(tmp_path)
     channel = grpc.insecure_channel(server.url, options=[("grpc.max_receive_message_length", -1)])
-    call = channel.stream_stream(f"/{protocol.SERVICE_NAME}/ModelStreamInfer", request_serializer=None, response_deserializer=None)
+    call = channel.stream_stream(
+        f"/{protocol.SERVICE_NAME}/ModelStreamInfer", request_serializer=None, response_deserializer=None
+    )
     sent = threading.Event()
 
     def requests():
@@ -48,7 +50,9 @@ def test_a_stream_that_is_not_read_stops_being_read_and_loses_nothing(tmp_path, 
     time.sleep(2)  # the server answers what it read, then waits for the client to read
     held = served()
     grown = (resident_bytes(server.process.pid) - before) / MIB
-    assert not sent.is_set() and grown < 200, f"{held} of {REQUESTS} served, +{grown:.0f} MiB, while nobody read the answers"
+    assert not sent.is_set() and grown < 200, (
+        f"{held} of {REQUESTS} served, +{grown:.0f} MiB, while nobody read the answers"
+    )
     got = [protocol.response_class("ModelStreamInfer").FromString(answer) for answer in answers]
     assert [answer.error_message for answer in got] == [""] * REQUESTS
     assert [answer.infer_response.id for answer in got] == [str(index) for index in range(REQUESTS)]

@@ -177,7 +177,9 @@ def test_typed_bytes_elements_past_the_limit_are_refused_before_protobuf_builds_
     error, watch = quiet(server, lambda: refused(infer_bytes, data))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "more than 1048576 BYTES elements in bytes_contents; at most 1048576 per request" in error.details()
-    assert watch.growth < 3 * len(data) + 50 * MIB, f"resident memory grew {watch.growth / MIB:.0f} MiB for {len(data) / MIB:.0f} MiB"
+    assert watch.growth < 3 * len(data) + 50 * MIB, (
+        f"resident memory grew {watch.growth / MIB:.0f} MiB for {len(data) / MIB:.0f} MiB"
+    )
 
 
 def test_a_flood_of_fields_is_refused_after_a_bounded_walk(server, infer_bytes):
@@ -189,7 +191,9 @@ def test_a_flood_of_fields_is_refused_after_a_bounded_walk(server, infer_bytes):
     error, _ = quiet(server, lambda: refused(infer_bytes, data))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and f"more than {MAX_FIELDS} fields" in error.details()
     refusing = least_cpu(server, lambda: refused(infer_bytes, data))
-    receiving = least_cpu(server, lambda: refused(infer_bytes, bytes_request(b"\0" * len(data), [1, 1], "absent").SerializeToString()))
+    receiving = least_cpu(
+        server, lambda: refused(infer_bytes, bytes_request(b"\0" * len(data), [1, 1], "absent").SerializeToString())
+    )
     assert refusing < 2 * receiving + 0.2, f"refusing took {refusing:.2f} s of server CPU; receiving {receiving:.2f} s"
 
 
@@ -208,7 +212,9 @@ def test_a_batch_bigger_than_any_measured_runs_in_the_thread(server, infer):
         expected = np.sin(expected)
     small = np.full((1, 8), 0.5, np.float32)
     logged = ("'heavy'", "run on the event loop")
-    assert wait_until(lambda: np.allclose(run(small), expected) and any(all(w in line for w in logged) for line in server.log), 30)
+    assert wait_until(
+        lambda: np.allclose(run(small), expected) and any(all(w in line for w in logged) for line in server.log), 30
+    )
     answer, _ = quiet(server, lambda: run(np.full((1, HEAVY_VALUES), 0.5, np.float32)))
     assert np.allclose(answer, expected)
 
@@ -253,7 +259,9 @@ def post_bytes(server, model: str, body: bytes) -> tuple[int, bytes]:
 def test_large_valid_bytes_as_json_do_not_stall_other_callers(server):
     text = ELEMENT.decode()
     data = [text] * (ROWS * COLUMNS)
-    body = json.dumps({"inputs": [{"name": "input", "shape": [ROWS, COLUMNS], "datatype": "BYTES", "data": data}]}).encode()
+    body = json.dumps(
+        {"inputs": [{"name": "input", "shape": [ROWS, COLUMNS], "datatype": "BYTES", "data": data}]}
+    ).encode()
     (status, text), watch = quiet(server, lambda: post_bytes(server, "strings", body))
     answer = json.loads(text)
     assert status == 200, answer
@@ -292,7 +300,9 @@ def test_grpc_id_too_long_is_refused_and_a_normal_id_echoes(server, infer):
     message.inputs.add(name="x", datatype="FP32", shape=[1, 4])
     message.raw_input_contents.append(np.zeros((1, 4), np.float32).tobytes())
     error = refused(infer, message)
-    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "'id'" in error.details() and "256" in error.details(), error
+    assert (
+        error.code() == grpc.StatusCode.INVALID_ARGUMENT and "'id'" in error.details() and "256" in error.details()
+    ), error
     message.id = "request-7"
     assert infer(message, timeout=10).id == "request-7"
     status, answer = post(server, "add_one", small_json("request-8"))
@@ -354,7 +364,10 @@ def with_shape(shape, model="numbers"):
     [
         (with_parameters(65), "'parameters' has 65 entries; at most 64 (--max-request-parameters)"),
         (with_outputs(["output"] * 1000), "output 'output' is requested more than once"),
-        (with_shape([1, 0, 2**62], "cubes"), "shape [1, 0, 4611686018427387904] declares more than 1099511627776 elements"),
+        (
+            with_shape([1, 0, 2**62], "cubes"),
+            "shape [1, 0, 4611686018427387904] declares more than 1099511627776 elements",
+        ),
         (with_shape([1] * 100_000), "an input's shape has more than 64 dims"),
         (with_shape([1] * 65), "shape [1, 1, 1, 1, 1, 1, 1, 1, ... (65 dims)] has 65 dims; expected [-1, -1]"),
         (b"\x32\x00" * 70_000, f"the request has more than {MAX_FIELDS} fields"),  # 70000 empty requested outputs

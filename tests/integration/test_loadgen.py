@@ -24,7 +24,19 @@ def server(tmp_path_factory):
 
 
 def loadgen(server, *args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "bench.loadgen", "--url", server.url, "--model", "add_one", "--json", "--warmup", "0", *args]
+    command = [
+        sys.executable,
+        "-m",
+        "bench.loadgen",
+        "--url",
+        server.url,
+        "--model",
+        "add_one",
+        "--json",
+        "--warmup",
+        "0",
+        *args,
+    ]
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 
@@ -125,15 +137,22 @@ def test_server_cpu_per_request_is_read_from_the_server_process(server):
 
 def test_the_echo_floor_answers_unary_calls_and_streams_in_order(tmp_path):
     model = onnx_models.write(tmp_path, "add_one", onnx_models.add_one()) / "1" / "model.onnx"
-    echo = subprocess.Popen([sys.executable, "-m", "bench.echo", str(model), "--port", "0"], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    echo = subprocess.Popen(
+        [sys.executable, "-m", "bench.echo", str(model), "--port", "0"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = echo.stderr.readline()
         assert "echo ready on port" in line, line + echo.stderr.read()
         url = f"127.0.0.1:{line.split()[-1]}"
         base = [sys.executable, "-m", "bench.loadgen", "--url", url, "--model", "add_one", "--json", "--warmup", "0"]
         for extra in ([], ["--concurrency", "4", "--streams", "2", "--stream-protocol", "mlserver"]):
-            result = subprocess.run([*base, "--requests", "200", *extra], cwd=ROOT, capture_output=True, text=True, timeout=60)
+            result = subprocess.run(
+                [*base, "--requests", "200", *extra], cwd=ROOT, capture_output=True, text=True, timeout=60
+            )
             report = json.loads(result.stdout)
             assert (report["requests"], report["errors"]) == (200, 0), result.stderr
     finally:
@@ -146,7 +165,9 @@ def test_the_echo_floor_answers_unary_calls_and_streams_in_order(tmp_path):
 def test_rest_requests_are_counted_under_the_http_protocol(server, body):
     labels = {"model": "add_one", "version": "1", "outcome": "ok", "protocol": "http"}
     before = server.samples().get("onnxserve_requests_total", **labels)
-    result = loadgen(server, "--http-url", server.http_url, "--http-body", body, "--concurrency", "8", "--requests", "200")
+    result = loadgen(
+        server, "--http-url", server.http_url, "--http-body", body, "--concurrency", "8", "--requests", "200"
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert (report["requests"], report["errors"]) == (200, 0) and f"REST ({body})" in report["mode"]

@@ -108,9 +108,13 @@ def test_counters_and_histograms_move_by_exactly_what_was_sent(server):
 
     fast, slow_labels = {"model": "fast", "version": "1"}, {"model": "slow", "version": "1"}
     expected_outcomes = [
-        (fast, "ok", 12), (fast, "invalid", 3),
-        (slow_labels, "ok", 2), (slow_labels, "timeout", 1), (slow_labels, "cancelled", 1), (slow_labels, "rejected", 1),
-    ]  # fmt: skip
+        (fast, "ok", 12),
+        (fast, "invalid", 3),
+        (slow_labels, "ok", 2),
+        (slow_labels, "timeout", 1),
+        (slow_labels, "cancelled", 1),
+        (slow_labels, "rejected", 1),
+    ]
     for labels, outcome, count in expected_outcomes:
         assert delta(after, before, "onnxserve_requests_total", **labels, outcome=outcome) == count, (labels, outcome)
     assert delta(after, before, "onnxserve_requests_total", **fast, outcome="error") == 0
@@ -133,8 +137,10 @@ def test_counters_and_histograms_move_by_exactly_what_was_sent(server):
     inner = sum(parameter(r, "onnxserve_queue_us") + parameter(r, "onnxserve_compute_us") for _, r, _ in answered) / 1e6
     assert inner <= server_seconds + 12e-6
     # Buckets resolve a one-second execution: the blocker's infer phase is above 0.5 s.
-    infer_buckets = {le: delta(after, before, "onnxserve_compute_duration_seconds_bucket", **slow_labels, phase="infer", le=le)
-                     for le in ("0.5", "+Inf")}  # fmt: skip
+    infer_buckets = {
+        le: delta(after, before, "onnxserve_compute_duration_seconds_bucket", **slow_labels, phase="infer", le=le)
+        for le in ("0.5", "+Inf")
+    }
     assert infer_buckets["0.5"] < infer_buckets["+Inf"]
 
 
@@ -196,9 +202,15 @@ def test_cost_is_conserved_under_concurrent_load_with_idle_gaps(server):
     infer_many(server.url, "other", [1] * 30, concurrency=1)
     after = server.samples()
     charged = delta(after, before, "onnxserve_cost_dollars_total", model="other", version="1", device="cpu")
-    batch_seconds = delta(after, before, "onnxserve_compute_duration_seconds_sum", model="other", version="1", phase="infer")
-    batch_seconds += delta(after, before, "onnxserve_compute_duration_seconds_sum", model="other", version="1", phase="input")
-    batch_seconds += delta(after, before, "onnxserve_compute_duration_seconds_sum", model="other", version="1", phase="output")
+    batch_seconds = delta(
+        after, before, "onnxserve_compute_duration_seconds_sum", model="other", version="1", phase="infer"
+    )
+    batch_seconds += delta(
+        after, before, "onnxserve_compute_duration_seconds_sum", model="other", version="1", phase="input"
+    )
+    batch_seconds += delta(
+        after, before, "onnxserve_compute_duration_seconds_sum", model="other", version="1", phase="output"
+    )
     assert charged == pytest.approx(batch_seconds * PRICE_PER_HOUR / 3600, rel=0.01)
 
     # Three models at once, with idle gaps between bursts.
@@ -212,7 +224,10 @@ def test_cost_is_conserved_under_concurrent_load_with_idle_gaps(server):
     models, idle, priced, busy = cost_accounts(samples)
     assert models + idle == pytest.approx(priced, rel=0.01)
     assert idle > 0.4 * PRICE_PER_HOUR / 3600  # the gaps were idle
-    assert all(samples.get("onnxserve_cost_dollars_total", model=m, version="1", device="cpu") > 0 for m in ("fast", "other", "slow"))
+    assert all(
+        samples.get("onnxserve_cost_dollars_total", model=m, version="1", device="cpu") > 0
+        for m in ("fast", "other", "slow")
+    )
     # Overlapping batches share the device, so models together cost at most their batch time.
     assert models <= busy * 1.000001
     uptime = samples.get("onnxserve_device_seconds_total", device="cpu")
@@ -238,7 +253,9 @@ def test_response_cost_parameters_add_up_to_the_cost_counter(server):
     by_batch = {}
     for rows, result, _ in answered:
         batch = by_batch.setdefault(parameter(result, "onnxserve_batch_id"), [])
-        batch.append((rows, parameter(result, "onnxserve_batch_rows"), parameter(result, "onnxserve_cost_dollars") / rows))
+        batch.append(
+            (rows, parameter(result, "onnxserve_batch_rows"), parameter(result, "onnxserve_cost_dollars") / rows)
+        )
     assert any(len(members) > 1 for members in by_batch.values()), "some requests should have shared a batch"
     for members in by_batch.values():
         assert sum(rows for rows, _, _ in members) == members[0][1]  # the batch's rows are its requests' rows

@@ -146,7 +146,9 @@ def test_files_pushed_with_a_load_serve_without_touching_the_repository(reposito
 
 
 def test_versions_come_and_go_with_the_policy_and_a_broken_one_changes_nothing(repository, serve):
-    onnx_models.write(repository, "versions", onnx_models.add_constant(1), 'version_policy { latest { num_versions: 1 } }')
+    onnx_models.write(
+        repository, "versions", onnx_models.add_constant(1), "version_policy { latest { num_versions: 1 } }"
+    )
     server = serve(repository, *EXPLICIT, "--load-model", "versions")
     client = server.client()
     assert answer(client, "versions") == ("1", 1.0)
@@ -196,11 +198,20 @@ def test_readiness_and_grpc_health_follow_a_model_that_loads_later(tmp_path, ser
     onnx_models.write(tmp_path, "late", onnx_models.add_constant(4))
     client.load_model("late")
     assert client.is_server_ready() and answer(client, "late") == ("1", 4.0)
-    assert wait_until(lambda: health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING)
+    assert wait_until(
+        lambda: health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
+    )
 
 
 def test_restricted_model_repository_protocol_needs_its_header(repository, serve):
-    server = serve(repository, *EXPLICIT, "--load-model", "plus_one", "--grpc-restricted-protocol", "model-repository:admin-key=s3cret")
+    server = serve(
+        repository,
+        *EXPLICIT,
+        "--load-model",
+        "plus_one",
+        "--grpc-restricted-protocol",
+        "model-repository:admin-key=s3cret",
+    )
     client = server.client()
     for call in (client.load_model, client.unload_model):
         error = refused(call, "plus_ten")
@@ -266,7 +277,11 @@ def test_warmup_samples_that_do_not_fit_the_model_name_the_field(tmp_path, serve
     onnx_models.write(tmp_path, "plus_one", onnx_models.add_constant(1), "max_batch_size: 4")
     server = serve(tmp_path, *EXPLICIT, "--load-model", "plus_one")
     client = server.client()
-    sample = {"name": "s", "batch_size": 2, "inputs": {"x": {"data_type": "TYPE_FP32", "dims": [4], "random_data": True}}}
+    sample = {
+        "name": "s",
+        "batch_size": 2,
+        "inputs": {"x": {"data_type": "TYPE_FP32", "dims": [4], "random_data": True}},
+    }
     client.load_model("plus_one", config=json.dumps({"max_batch_size": 4, "model_warmup": [sample]}))
     assert "warm-up sample 's' ran 1 time(s)" in server.log_text()
     wrong = [
@@ -274,13 +289,15 @@ def test_warmup_samples_that_do_not_fit_the_model_name_the_field(tmp_path, serve
         ({**sample, "inputs": {"y": sample["inputs"]["x"]}}, "the model's inputs are ['x']"),
         ({**sample, "inputs": {"x": {**sample["inputs"]["x"], "data_type": "TYPE_INT32"}}}, "data_type: INT32"),
         ({**sample, "inputs": {"x": {**sample["inputs"]["x"], "dims": [5]}}}, "does not fit"),
-        ({**sample, "inputs": {"x": {"data_type": "TYPE_FP32", "dims": [4], "input_data_file": "absent"}}}, "cannot read"),
+        (
+            {**sample, "inputs": {"x": {"data_type": "TYPE_FP32", "dims": [4], "input_data_file": "absent"}}},
+            "cannot read",
+        ),
     ]
     for bad, expected in wrong:
         error = refused(client.load_model, "plus_one", config=json.dumps({"max_batch_size": 4, "model_warmup": [bad]}))
         assert "model_warmup[0]" in error.message() and expected in error.message(), error.message()
     assert answer(client, "plus_one") == ("1", 1.0)
-
 
 
 def test_any_rpc_group_can_be_restricted_streams_included(repository, serve):
@@ -302,7 +319,12 @@ def test_any_rpc_group_can_be_restricted_streams_included(repository, serve):
 def test_a_load_whose_caller_gives_up_still_finishes(repository, serve):
     server = serve(repository, *EXPLICIT)
     client = server.client()
-    sample = {"name": "long", "batch_size": 1, "count": 100000, "inputs": {"x": {"data_type": "TYPE_FP32", "dims": [4], "zero_data": True}}}
+    sample = {
+        "name": "long",
+        "batch_size": 1,
+        "count": 100000,
+        "inputs": {"x": {"data_type": "TYPE_FP32", "dims": [4], "zero_data": True}},
+    }
     slow_to_load = json.dumps({"model_warmup": [sample]})  # a warm-up of about a second
     names = ("plus_one", "plus_ten", "plus_hundred")
     for name in names:
@@ -326,7 +348,11 @@ def test_a_load_request_cannot_reach_files_outside_the_model(repository, serve, 
     for filename in (str(secret), "../../elsewhere0/secret.onnx", "a\u0000b"):
         error = refused(client.load_model, "plus_one", config=json.dumps({"default_model_filename": filename}))
         assert error.status() == "StatusCode.INVALID_ARGUMENT" and "default_model_filename" in error.message()
-    sample = {"name": "s", "batch_size": 1, "inputs": {"x": {"data_type": "TYPE_FP32", "dims": [4], "input_data_file": "a\u0000b"}}}
+    sample = {
+        "name": "s",
+        "batch_size": 1,
+        "inputs": {"x": {"data_type": "TYPE_FP32", "dims": [4], "input_data_file": "a\u0000b"}},
+    }
     error = refused(client.load_model, "plus_one", config=json.dumps({"model_warmup": [sample]}))
     assert error.status() == "StatusCode.INVALID_ARGUMENT" and "input_data_file" in error.message()
     (repository / "plus_one" / "warmup").mkdir()
@@ -345,15 +371,24 @@ def test_unloading_a_model_that_failed_at_start_makes_the_server_ready(tmp_path,
     server, client, health = unready_server(serve, tmp_path, "--load-model", "*")
     client.unload_model("broken")
     assert client.is_server_ready()
-    assert wait_until(lambda: health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING)
+    assert wait_until(
+        lambda: health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
+    )
 
 
 def test_index_shows_loading_and_unloading_while_they_happen(repository, serve):
     onnx_models.write(repository, "slow", onnx_models.slow_add_one(), "max_batch_size: 4")
     server = serve(repository, *EXPLICIT, "--load-model", "slow")
     client = server.client()
-    sample = {"name": "long", "batch_size": 1, "count": 100000, "inputs": {"x": {"data_type": "TYPE_FP32", "dims": [4], "zero_data": True}}}
-    loading = threading.Thread(target=client.load_model, args=("plus_one",), kwargs={"config": json.dumps({"model_warmup": [sample]})})
+    sample = {
+        "name": "long",
+        "batch_size": 1,
+        "count": 100000,
+        "inputs": {"x": {"data_type": "TYPE_FP32", "dims": [4], "zero_data": True}},
+    }
+    loading = threading.Thread(
+        target=client.load_model, args=("plus_one",), kwargs={"config": json.dumps({"model_warmup": [sample]})}
+    )
     loading.start()
     assert wait_until(lambda: index(client).get(("plus_one", "1")) == ("LOADING", "loading"), timeout=10)
     assert not client.is_model_ready("plus_one")

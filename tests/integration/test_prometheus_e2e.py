@@ -13,15 +13,20 @@ import tritonclient.grpc as grpcclient
 from server.observe.metrics import LATENCY_BUCKETS
 from tests import onnx_models
 from tests.conftest import ROOT, start_server, wait_until
-from tests.prometheus import prometheus_binary, start_prometheus
-from tests.integration.test_metrics import infer_many, parameter
 from tests.integration.test_batching import caller_rows, inputs
+from tests.integration.test_metrics import infer_many, parameter
+from tests.prometheus import prometheus_binary, start_prometheus
 
 RULES = [ROOT / "deploy" / "prometheus" / name for name in ("recording_rules.yml", "alert_rules.yml")]
 DASHBOARD = ROOT / "deploy" / "grafana" / "onnxserve-dashboard.json"
 LATENCY_BOUNDS = (0.0, *LATENCY_BUCKETS, float("inf"))  # the server's own buckets
 # Series that only exist on a GPU machine; their panels may be empty here.
-GPU_ONLY = ("onnxserve_gpu_", "onnxserve_energy_joules", "onnxserve_idle_energy_joules", "onnxserve_tenant_energy_joules")
+GPU_ONLY = (
+    "onnxserve_gpu_",
+    "onnxserve_energy_joules",
+    "onnxserve_idle_energy_joules",
+    "onnxserve_tenant_energy_joules",
+)
 # Budgets come from an --api-keys file, which would make every call here need a key: the tenants
 # example's pod test (tests/deploy/test_pods.py) scrapes them.
 KEYS_ONLY = ("onnxserve_tenant_budget_",)
@@ -99,7 +104,8 @@ def test_prometheus_computes_what_the_test_measured(stack):
     )
     counted = server.samples()
     assert raw == pytest.approx(
-        counted.total("onnxserve_cost_dollars_total", **fast) / counted.get("onnxserve_inferences_total", **fast), rel=1e-6
+        counted.total("onnxserve_cost_dollars_total", **fast) / counted.get("onnxserve_inferences_total", **fast),
+        rel=1e-6,
     )
 
 

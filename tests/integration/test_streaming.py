@@ -64,7 +64,10 @@ def test_every_request_on_a_stream_gets_its_own_rows_and_they_batch(server):
         np.testing.assert_array_equal(result.as_numpy("y"), sent[request_id] + 1)
     batch_rows = [result.get_response().parameters["onnxserve_batch_rows"].int64_param for result in by_id.values()]
     assert max(batch_rows) > 3, "requests on one stream should share batches"
-    assert server.metric("onnxserve_requests_total", model="add_one", version="1", outcome="ok") == before_ok + STREAM_REQUESTS
+    assert (
+        server.metric("onnxserve_requests_total", model="add_one", version="1", outcome="ok")
+        == before_ok + STREAM_REQUESTS
+    )
     assert server.metric("onnxserve_batches_total", model="add_one", version="1") - before_batches < STREAM_REQUESTS
 
 
@@ -90,7 +93,9 @@ def test_a_bad_request_is_answered_with_an_error_and_the_stream_goes_on(server):
     (result,) = [result for result, error in answers if error is None]
     assert result.get_response().id == "good"
     np.testing.assert_array_equal(result.as_numpy("y"), good + 1)
-    assert server.metric("onnxserve_requests_total", model="add_one", version="1", outcome="invalid") == before_invalid + 1
+    assert (
+        server.metric("onnxserve_requests_total", model="add_one", version="1", outcome="invalid") == before_invalid + 1
+    )
 
 
 def test_cancelled_stream_drops_its_queued_requests_and_the_server_goes_on(server):
@@ -105,7 +110,10 @@ def test_cancelled_stream_drops_its_queued_requests_and_the_server_goes_on(serve
     stream.close(cancel=True)
 
     assert wait_until(lambda: server.metric("onnxserve_inflight_requests", model="slow", version="1") == 0, timeout=30)
-    assert server.metric("onnxserve_requests_total", model="slow", version="1", outcome="cancelled") == before_cancelled + 4
+    assert (
+        server.metric("onnxserve_requests_total", model="slow", version="1", outcome="cancelled")
+        == before_cancelled + 4
+    )
     assert server.metric("onnxserve_queue_depth", model="slow", version="1") == 0
     # The blocker's row may have run before the cancel reached it; the queued 6 rows never did.
     assert server.metric("onnxserve_inferences_total", model="slow", version="1") - before_rows <= 1

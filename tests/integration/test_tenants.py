@@ -98,9 +98,13 @@ def test_api_keys_over_grpc_and_rest_with_probes_open(tmp_path, serve):
     with grpc.insecure_channel(server.url) as channel:
         health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
     assert health.status == health_pb2.HealthCheckResponse.SERVING
-    for call in (lambda **h: client.get_model_metadata("plus", **h), lambda **h: client.get_model_config("plus", **h),
-                 lambda **h: client.get_inference_statistics("plus", **h), lambda **h: client.get_model_repository_index(**h),
-                 lambda **h: client.get_server_metadata(**h)):  # fmt: skip
+    for call in (
+        lambda **h: client.get_model_metadata("plus", **h),
+        lambda **h: client.get_model_config("plus", **h),
+        lambda **h: client.get_inference_statistics("plus", **h),
+        lambda **h: client.get_model_repository_index(**h),
+        lambda **h: client.get_server_metadata(**h),
+    ):
         assert refused_status(call)[0] == "StatusCode.UNAUTHENTICATED"
         assert call(headers=bearer("key-of-b")) is not None
 
@@ -111,12 +115,18 @@ def test_api_keys_over_grpc_and_rest_with_probes_open(tmp_path, serve):
     assert http_call(server, "/v2/models/plus/infer", bearer("key-of-z"), INFER_BODY)[0] == 401
     assert http_call(server, "/v2/models/plus/config")[0] == 401
     status, _, body = http_call(server, "/v2/models/plus/infer", bearer("key-of-c"), INFER_BODY)
-    assert status == 200 and body["parameters"]["onnxserve_tenant"] == "team-c" and body["outputs"][0]["data"] == [2, 3, 4, 5]
+    assert (
+        status == 200
+        and body["parameters"]["onnxserve_tenant"] == "team-c"
+        and body["outputs"][0]["data"] == [2, 3, 4, 5]
+    )
     http = httpclient.InferenceServerClient(server.http_url)
     assert http.get_model_metadata("plus", headers=bearer("key-of-a"))["name"] == "plus"
 
     samples = server.samples()
-    assert samples.get("onnxserve_unauthenticated_requests_total", reason="missing") == 2 + 1 + 5 + 3  # gRPC, Basic, ready, 5 RPCs, REST
+    assert (
+        samples.get("onnxserve_unauthenticated_requests_total", reason="missing") == 2 + 1 + 5 + 3
+    )  # gRPC, Basic, ready, 5 RPCs, REST
     assert samples.get("onnxserve_unauthenticated_requests_total", reason="invalid") == 2
     assert samples.get("onnxserve_tenant_requests_total", tenant="team-a", model="plus", version="1", outcome="ok") == 1
     assert samples.get("onnxserve_tenant_requests_total", tenant="team-c", model="plus", version="1", outcome="ok") == 1
@@ -176,7 +186,10 @@ def test_tenant_sources_and_their_precedence(tmp_path, serve):
     gateway = serve(repository, "--trust-tenant-header")
     assert grpc_infer(gateway.client(), headers=claims)["onnxserve_tenant"].string_param == "team-claimed"
     assert grpc_infer(gateway.client())["onnxserve_tenant"].string_param == "unknown"
-    assert http_call(gateway, "/v2/models/plus/infer", claims, INFER_BODY)[2]["parameters"]["onnxserve_tenant"] == "team-claimed"
+    assert (
+        http_call(gateway, "/v2/models/plus/infer", claims, INFER_BODY)[2]["parameters"]["onnxserve_tenant"]
+        == "team-claimed"
+    )
     gateway.stop()
 
     keyed = serve(repository, "--trust-tenant-header", "--api-keys", str(keys))
@@ -209,7 +222,9 @@ def test_tenants_past_the_series_limit_count_as_other(tmp_path, serve):
 def test_cost_is_conserved_per_tenant_over_concurrent_mixed_batches(tmp_path, serve):
     keys = write_keys(tmp_path / "keys.json", KEYS)
     server = serve(plus_one(tmp_path, BATCHING), "--api-keys", str(keys), *PRICE)
-    load = TenantLoad(server.url, "plus", {tenant: bearer(key) for key, tenant in KEYS.items()}, callers=4, requests=40).run()
+    load = TenantLoad(
+        server.url, "plus", {tenant: bearer(key) for key, tenant in KEYS.items()}, callers=4, requests=40
+    ).run()
     assert not load.wrong
     assert len(load.ok()) == 3 * 4 * 40
     tenants_by_batch: dict[int, set[str]] = {}
@@ -219,8 +234,12 @@ def test_cost_is_conserved_per_tenant_over_concurrent_mixed_batches(tmp_path, se
 
     samples = server.samples()
     model_cost = samples.get("onnxserve_cost_dollars_total", model="plus", version="1", device="cpu")
-    tenant_costs = {tenant: samples.get("onnxserve_tenant_cost_dollars_total", tenant=tenant, model="plus", version="1", device="cpu")
-                    for tenant in KEYS.values()}  # fmt: skip
+    tenant_costs = {
+        tenant: samples.get(
+            "onnxserve_tenant_cost_dollars_total", tenant=tenant, model="plus", version="1", device="cpu"
+        )
+        for tenant in KEYS.values()
+    }
     assert model_cost > 0 and all(cost > 0 for cost in tenant_costs.values())
     assert samples.total("onnxserve_tenant_cost_dollars_total") == pytest.approx(model_cost, rel=1e-9)
     assert sum(tenant_costs.values()) == pytest.approx(model_cost, rel=1e-9)
@@ -237,17 +256,29 @@ def test_under_mutual_tls_the_client_certificate_names_the_tenant(tmp_path, serv
     repository = plus_one(tmp_path)
     mutual = []
     for endpoint in ("grpc", "http"):
-        mutual += [f"--{endpoint}-use-ssl-mutual", f"--{endpoint}-server-cert", str(certs.server.cert),
-                   f"--{endpoint}-server-key", str(certs.server.key), f"--{endpoint}-root-cert", str(certs.ca.cert)]  # fmt: skip
-    client_keys = {"root_certificates": str(certs.ca.cert), "private_key": str(certs.client.key),
-                   "certificate_chain": str(certs.client.cert)}  # fmt: skip
+        mutual += [
+            f"--{endpoint}-use-ssl-mutual",
+            f"--{endpoint}-server-cert",
+            str(certs.server.cert),
+            f"--{endpoint}-server-key",
+            str(certs.server.key),
+            f"--{endpoint}-root-cert",
+            str(certs.ca.cert),
+        ]
+    client_keys = {
+        "root_certificates": str(certs.ca.cert),
+        "private_key": str(certs.client.key),
+        "certificate_chain": str(certs.client.cert),
+    }
 
     by_certificate = serve(repository, *mutual, "--trust-tenant-header")
     client = grpcclient.InferenceServerClient(by_certificate.url, ssl=True, **client_keys)
     assert grpc_infer(client, headers={"x-tenant-id": "team-claimed"})["onnxserve_tenant"].string_param == "team-a"
     context = ssl.create_default_context(cafile=str(certs.ca.cert))
     context.load_cert_chain(str(certs.client.cert), str(certs.client.key))
-    request = urllib.request.Request(f"https://localhost:{by_certificate.http_port}/v2/models/plus/infer", data=INFER_BODY)
+    request = urllib.request.Request(
+        f"https://localhost:{by_certificate.http_port}/v2/models/plus/infer", data=INFER_BODY
+    )
     with urllib.request.urlopen(request, context=context, timeout=10) as response:
         assert json.loads(response.read())["parameters"]["onnxserve_tenant"] == "team-a"
     by_certificate.stop()
@@ -258,8 +289,12 @@ def test_under_mutual_tls_the_client_certificate_names_the_tenant(tmp_path, serv
     client = grpcclient.InferenceServerClient(keyed.url, ssl=True, **client_keys)
     assert grpc_infer(client)["onnxserve_tenant"].string_param == "team-mapped"
     assert grpc_infer(client, headers=bearer("key-of-b"))["onnxserve_tenant"].string_param == "team-b"
-    with urllib.request.urlopen(request.full_url.replace(str(by_certificate.http_port), str(keyed.http_port)), data=INFER_BODY,
-                                context=context, timeout=10) as response:  # fmt: skip
+    with urllib.request.urlopen(
+        request.full_url.replace(str(by_certificate.http_port), str(keyed.http_port)),
+        data=INFER_BODY,
+        context=context,
+        timeout=10,
+    ) as response:
         assert json.loads(response.read())["parameters"]["onnxserve_tenant"] == "team-mapped"
 
 
@@ -288,8 +323,28 @@ def test_a_bad_keys_file_or_usage_log_stops_the_start_naming_the_file(tmp_path):
     keys = tmp_path / "keys.json"
     keys.write_text('{"keys": [{"sha256": "%s", "tenant": "other"}]}' % hashlib.sha256(b"k").hexdigest())
     unwritable = keys  # a file: nothing can be created under it, not even by root
-    for flags, named in ((("--api-keys", str(keys)), f"--api-keys: {keys}: keys[0].tenant"),
-                         (("--usage-log", str(unwritable / "usage.log")), f"--usage-log: {unwritable / 'usage.log'}")):  # fmt: skip
-        done = subprocess.run([sys.executable, "-m", "server", "--model-repository", str(repository), "--grpc-port", "0",
-                               "--http-port", "0", "--metrics-port", "0", *flags], cwd=ROOT, capture_output=True, text=True, timeout=60)  # fmt: skip
+    for flags, named in (
+        (("--api-keys", str(keys)), f"--api-keys: {keys}: keys[0].tenant"),
+        (("--usage-log", str(unwritable / "usage.log")), f"--usage-log: {unwritable / 'usage.log'}"),
+    ):
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "server",
+                "--model-repository",
+                str(repository),
+                "--grpc-port",
+                "0",
+                "--http-port",
+                "0",
+                "--metrics-port",
+                "0",
+                *flags,
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert done.returncode == 2 and named in done.stderr, done.stderr

@@ -24,8 +24,8 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
 from server.config import parse_server_settings
-from server.frontend.http_service import http_port, start_http
 from server.frontend.connection_limits import LimitedHttpToolsProtocol
+from server.frontend.http_service import http_port, start_http
 from server.frontend.http_tls import TlsHttpToolsProtocol
 from server.frontend.tls import grpc_client_name, grpc_credentials, http_client_name
 from tests.certificates import make_certificates
@@ -76,7 +76,9 @@ def grpc_infer(client: grpcclient.InferenceServerClient) -> np.ndarray:
 
 def grpc_client(server, certs, pair=None, **kwargs) -> grpcclient.InferenceServerClient:
     keys = {"private_key": str(pair.key), "certificate_chain": str(pair.cert)} if pair else {}
-    return grpcclient.InferenceServerClient(server.url, ssl=True, root_certificates=str(certs.ca.cert), **keys, **kwargs)
+    return grpcclient.InferenceServerClient(
+        server.url, ssl=True, root_certificates=str(certs.ca.cert), **keys, **kwargs
+    )
 
 
 def refused(call) -> str:
@@ -110,7 +112,9 @@ def http_infer(server, certs, pair=None, use_ssl_options: bool = False) -> np.nd
     """tritonclient.http over TLS, configured either of its two ways: an SSLContext factory, or
     ssl_options for gevent.ssl.wrap_socket (deprecated ssl calls: warnings under pytest's -W error)."""
     if use_ssl_options:
-        options = {"ca_certs": str(certs.ca.cert)} | ({"certfile": str(pair.cert), "keyfile": str(pair.key)} if pair else {})
+        options = {"ca_certs": str(certs.ca.cert)} | (
+            {"certfile": str(pair.cert), "keyfile": str(pair.key)} if pair else {}
+        )
         client = httpclient.InferenceServerClient(server.http_url, ssl=True, ssl_options=options)
     else:
         # The context checks the server's name itself; insecure=True only skips geventhttpclient's
@@ -168,7 +172,9 @@ def test_rest_infers_under_tls_and_refuses_plain_http(tls_server, certs):
 @pytest.mark.filterwarnings("ignore:ssl.match_hostname\\(\\) is deprecated:DeprecationWarning")  # geventhttpclient's
 def test_rest_under_mutual_tls_takes_only_certificates_of_its_root(mutual_server, certs):
     np.testing.assert_allclose(http_infer(mutual_server, certs, certs.client), expected(), rtol=1e-5)
-    np.testing.assert_allclose(http_infer(mutual_server, certs, certs.client, use_ssl_options=True), expected(), rtol=1e-5)
+    np.testing.assert_allclose(
+        http_infer(mutual_server, certs, certs.client, use_ssl_options=True), expected(), rtol=1e-5
+    )
     assert https_get(mutual_server.http_port, "/v2/health/ready", client_context(certs, certs.client))[0] == 200
     for pair in (None, certs.stranger):  # no certificate; a certificate of another CA
         with pytest.raises((ssl.SSLError, ConnectionError)):  # the alert may come as a reset
@@ -209,15 +215,31 @@ def test_health_probe_under_mutual_tls(mutual_server, certs):
     environ = server_environment(certs, mutual=True)
     probe = health(mutual_server, environ)  # the server's own certificate as the client's
     assert probe.returncode == 0 and "SERVING" in probe.stdout, probe.stderr
-    chosen = health(mutual_server, environ, "--client-cert", str(certs.client.cert), "--client-key", str(certs.client.key))
+    chosen = health(
+        mutual_server, environ, "--client-cert", str(certs.client.cert), "--client-key", str(certs.client.key)
+    )
     assert chosen.returncode == 0, chosen.stderr
-    stranger = health(mutual_server, environ, "--client-cert", str(certs.stranger.cert), "--client-key", str(certs.stranger.key))
+    stranger = health(
+        mutual_server, environ, "--client-cert", str(certs.stranger.cert), "--client-key", str(certs.stranger.key)
+    )
     assert stranger.returncode == 1 and "UNAVAILABLE" in stranger.stderr
 
 
 def start(*flags: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "server", "--model-repository", str(MODELS), "--grpc-port", "0", "--http-port", "0",
-               "--metrics-port", "0", *flags]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "server",
+        "--model-repository",
+        str(MODELS),
+        "--grpc-port",
+        "0",
+        "--http-port",
+        "0",
+        "--metrics-port",
+        "0",
+        *flags,
+    ]
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 
@@ -228,9 +250,11 @@ def test_bad_certificate_files_stop_the_start_with_exit_2(certs, tmp_path):
         (["--grpc-server-cert", str(garbage)], f"--grpc-server-cert: {garbage}: no PEM certificate in it"),
         (["--grpc-server-key", str(certs.client.key)], f"--grpc-server-key: {certs.client.key} does not match"),
         (["--grpc-root-cert", ""], "--grpc-root-cert: needed by --grpc-use-ssl-mutual"),
-        (["--http-use-ssl", "true", "--http-server-cert", str(certs.server.cert), "--http-server-key", str(garbage)],
-         f"--http-server-key: {garbage}: no PEM private key in it"),
-    ]  # fmt: skip
+        (
+            ["--http-use-ssl", "true", "--http-server-cert", str(certs.server.cert), "--http-server-key", str(garbage)],
+            f"--http-server-key: {garbage}: no PEM private key in it",
+        ),
+    ]
     for flags, message in cases:
         done = start(*tls_flags(certs, "grpc", mutual=True), *flags)  # argparse: the later flag wins
         assert done.returncode == 2 and message in done.stderr, (flags, done.stderr)
@@ -303,10 +327,14 @@ def two_requests(port: int, context: ssl.SSLContext | None) -> list[dict]:
 
 def test_http_client_name_is_the_verified_certificates_cn(certs, tmp_path):
     mutual = settings_of(tmp_path, *tls_flags(certs, "http", mutual=True))
-    protocol, answers = asyncio.run(http_names(mutual, lambda port: two_requests(port, client_context(certs, certs.client))))
+    protocol, answers = asyncio.run(
+        http_names(mutual, lambda port: two_requests(port, client_context(certs, certs.client)))
+    )
     assert protocol is TlsHttpToolsProtocol and answers == [{"name": "team-a", "tls": True}] * 2
     tls_only = settings_of(tmp_path, *tls_flags(certs, "http"))
     _, answers = asyncio.run(http_names(tls_only, lambda port: two_requests(port, client_context(certs, certs.client))))
     assert answers == [{"name": None, "tls": True}] * 2  # TLS without client certificates
     protocol, answers = asyncio.run(http_names(settings_of(tmp_path), lambda port: two_requests(port, None)))
-    assert protocol is LimitedHttpToolsProtocol and answers == [{"name": None, "tls": False}] * 2  # plain: no TLS extension
+    assert (
+        protocol is LimitedHttpToolsProtocol and answers == [{"name": None, "tls": False}] * 2
+    )  # plain: no TLS extension

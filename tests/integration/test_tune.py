@@ -27,7 +27,9 @@ SLOW_CONFIG = "max_batch_size: 16\ndynamic_batching { max_queue_delay_microsecon
 
 
 def tune(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "server.tune", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "server.tune", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def infer_plus_one(server) -> np.ndarray:
@@ -43,15 +45,32 @@ def test_a_short_tune_measures_reports_and_writes_a_config_that_serves(tmp_path,
     model_dir = onnx_models.write(tmp_path, "add_one", onnx_models.add_one(), SLOW_CONFIG)
     report_path = tmp_path / "report.json"
     began = time.monotonic()
-    result = tune("--model-repository", str(tmp_path), "--model", "add_one", "--p99-ms", "25", "--rates", "50,200",
-                  "--budget-minutes", "1", "--out", str(report_path), "--write-config", "--max-request-rows", "2")  # fmt: skip
+    result = tune(
+        "--model-repository",
+        str(tmp_path),
+        "--model",
+        "add_one",
+        "--p99-ms",
+        "25",
+        "--rates",
+        "50,200",
+        "--budget-minutes",
+        "1",
+        "--out",
+        str(report_path),
+        "--write-config",
+        "--max-request-rows",
+        "2",
+    )
     elapsed = time.monotonic() - began
     assert result.returncode in (0, 1), result.stderr
     assert elapsed < 60 + 30, "the budget covers the tune; starting and stopping the server add seconds, not a minute"
     report = json.loads(report_path.read_text())
 
     assert report["machine"]["cores"] >= 1 and report["machine"]["onnxruntime"] and report["machine"]["cpu_model"]
-    assert datetime.datetime.fromisoformat(report["date"]).tzinfo is not None and report["tuned_on"].startswith("tuned on ")
+    assert datetime.datetime.fromisoformat(report["date"]).tzinfo is not None and report["tuned_on"].startswith(
+        "tuned on "
+    )
     assert report["prices"][0]["device"] == "cpu" and report["prices"][0]["dollars_per_hour"] > 0
     assert "no GPU: CUDA and TensorRT not tried" in report["notes"]
     assert report["sharing"]["measured"] and "other processes used" in report["sharing"]["note"]
@@ -93,13 +112,18 @@ def test_written_configs_round_trip_through_the_servers_parser(tmp_path):
     own = own_candidate(proto, 16, gpu=False)
     assert own == Candidate(max_batch_size=16, queue_delay_us=100_000)
     space = make_space(own, batchable=True, cores=4, gpu=False)
-    tries = coarse_candidates(own, space) + neighbours(Candidate(max_batch_size=8, queue_delay_us=500, threads=2, graph_level=1), space)
+    tries = coarse_candidates(own, space) + neighbours(
+        Candidate(max_batch_size=8, queue_delay_us=500, threads=2, graph_level=1), space
+    )
     for count, candidate in enumerate(tries):
         config = to_proto(proto, own, candidate)
         assert check(config, "add_one") == "", candidate
         written = write_config(model_dir, config, [f"try {count}"])
         settings = load_model_settings(model_dir)
-        assert settings.max_batch_size == candidate.max_batch_size and settings.session.instance_count == candidate.instances
+        assert (
+            settings.max_batch_size == candidate.max_batch_size
+            and settings.session.instance_count == candidate.instances
+        )
         assert settings.session.intra_op_threads == candidate.threads and settings.session.io_binding is False  # kept
         assert settings.batching.max_queue_delay_us == candidate.queue_delay_us
         assert written.backup.name == ("config.pbtxt.bak" if count == 0 else f"config.pbtxt.bak.{count}")
@@ -109,7 +133,9 @@ def test_written_configs_round_trip_through_the_servers_parser(tmp_path):
     assert "optimization.graph.level" in check(bad, "add_one")
     gpu_own = Candidate(kind="gpu", max_batch_size=16, queue_delay_us=100_000)  # the same model on a GPU machine
     for candidate in coarse_candidates(gpu_own, make_space(gpu_own, batchable=True, cores=16, gpu=True)):
-        assert check(to_proto(proto, own, candidate), "add_one") == "", candidate  # CUDA, TensorRT FP16: the parser's word
+        assert check(to_proto(proto, own, candidate), "add_one") == "", (
+            candidate
+        )  # CUDA, TensorRT FP16: the parser's word
 
 
 def test_a_config_the_server_refuses_at_load_is_reported_and_the_old_one_keeps_serving(tmp_path, serve):
@@ -135,13 +161,31 @@ def test_a_running_server_on_loopback_is_tuned_and_left_with_its_own_config(tmp_
     onnx_models.write(tmp_path, "add_one", onnx_models.add_one(), "max_batch_size: 16\n")
     server = serve(tmp_path, "--model-control-mode", "explicit", "--http-port", "-1")  # add_one not loaded yet
     metrics = f"http://127.0.0.1:{server.metrics_port}/metrics"
-    result = tune("--model-repository", str(tmp_path), "--model", "add_one", "--p99-ms", "50", "--rate", "100",
-                  "--budget-minutes", "0.4", "--url", server.url, "--metrics-url", metrics, "--out", str(tmp_path / "r.json"))  # fmt: skip
+    result = tune(
+        "--model-repository",
+        str(tmp_path),
+        "--model",
+        "add_one",
+        "--p99-ms",
+        "50",
+        "--rate",
+        "100",
+        "--budget-minutes",
+        "0.4",
+        "--url",
+        server.url,
+        "--metrics-url",
+        metrics,
+        "--out",
+        str(tmp_path / "r.json"),
+    )
     assert result.returncode in (0, 1), result.stderr
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["server"] == {"started_by_tool": False, "url": server.url} and not report["sharing"]["measured"]
     assert len({p["config"] for p in report["measurements"]}) >= 2
-    assert server.metric("onnxserve_requests_total", model="add_one", version="1", outcome="ok") > 100  # the load went there
+    assert (
+        server.metric("onnxserve_requests_total", model="add_one", version="1", outcome="ok") > 100
+    )  # the load went there
     loads = [line for line in server.log if "load of model 'add_one' requested" in line]
     assert len(loads) >= 3 and "with config" in loads[1] and "with config" not in loads[-1], "last: its own files"
     assert server.client().get_model_config("add_one").config.max_batch_size == 16
@@ -151,5 +195,17 @@ def test_a_running_server_on_loopback_is_tuned_and_left_with_its_own_config(tmp_
 @pytest.mark.parametrize("url", ["10.1.2.3:8001", "example.com:8001", "[2001:db8::1]:8001"])
 def test_load_goes_only_to_loopback(tmp_path, url):
     onnx_models.write(tmp_path, "add_one", onnx_models.add_one())
-    result = tune("--model-repository", str(tmp_path), "--model", "add_one", "--p99-ms", "10", "--rate", "100", "--url", url, timeout=30)
+    result = tune(
+        "--model-repository",
+        str(tmp_path),
+        "--model",
+        "add_one",
+        "--p99-ms",
+        "10",
+        "--rate",
+        "100",
+        "--url",
+        url,
+        timeout=30,
+    )
     assert result.returncode == 2 and "--url" in result.stderr and "not a loopback address" in result.stderr

@@ -17,10 +17,20 @@ from tritonclient.utils import InferenceServerException
 
 from server.tools.usage import read
 from tests import onnx_models
+from tests.conftest import ROOT, wait_until
 from tests.integration.test_batching import caller_rows, inputs
 from tests.integration.test_metrics import BLOCKING_WORK, SLOW_CONFIG
-from tests.conftest import ROOT, wait_until
-from tests.integration.test_tenants import BATCHING, INFER_BODY, KEYS, PRICE, bearer, grpc_infer, http_call, plus_one, write_keys
+from tests.integration.test_tenants import (
+    BATCHING,
+    INFER_BODY,
+    KEYS,
+    PRICE,
+    bearer,
+    grpc_infer,
+    http_call,
+    plus_one,
+    write_keys,
+)
 from tests.tenant_load import TenantLoad
 
 TENANTS = {tenant: bearer(key) for key, tenant in KEYS.items()}
@@ -32,8 +42,14 @@ def records(path) -> list[dict]:
 
 def usage_report(*paths) -> dict:
     """`onnxserve usage --format json`, run as a user would."""
-    command = [sys.executable, "-c", "import sys; from server.__main__ import main; sys.argv[0] = 'onnxserve'; sys.exit(main())"]
-    done = subprocess.run([*command, "usage", "--format", "json", *map(str, paths)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    command = [
+        sys.executable,
+        "-c",
+        "import sys; from server.__main__ import main; sys.argv[0] = 'onnxserve'; sys.exit(main())",
+    ]
+    done = subprocess.run(
+        [*command, "usage", "--format", "json", *map(str, paths)], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
 
@@ -64,7 +80,9 @@ def test_usage_records_add_up_to_the_metrics(tmp_path, serve):
     assert by_id["bad-shape"]["outcome"] == "invalid" and by_id["bad-shape"]["cost_dollars"] is None
     assert by_id["no-such-model"]["model"] == "absent"
     assert {r["protocol"] for r in written} == {"grpc", "http"}
-    assert all(r["price_dollars_per_hour"] == 36 and r["price_source"] == "flag" for r in written if r["outcome"] == "ok")
+    assert all(
+        r["price_dollars_per_hour"] == 36 and r["price_source"] == "flag" for r in written if r["outcome"] == "ok"
+    )
 
     report = usage_report(log)
     assert report["records"] == len(written) and not report["torn"] and not report["corrupt"]
@@ -76,7 +94,9 @@ def test_usage_records_add_up_to_the_metrics(tmp_path, serve):
             assert samples.get("onnxserve_tenant_requests_total", outcome=outcome, **labels) == count
         assert samples.total("onnxserve_tenant_requests_total", **labels) == row["requests"]
         assert samples.get("onnxserve_tenant_inferences_total", **labels) == row["inferences"]
-        assert samples.get("onnxserve_tenant_cost_dollars_total", device="cpu", **labels) == pytest.approx(row["cost_dollars"], rel=1e-12)
+        assert samples.get("onnxserve_tenant_cost_dollars_total", device="cpu", **labels) == pytest.approx(
+            row["cost_dollars"], rel=1e-12
+        )
     assert sum(row["cost_dollars"] for row in report["tenants"]) == pytest.approx(
         samples.get("onnxserve_cost_dollars_total", model="plus", version="1", device="cpu"), rel=1e-9
     )
@@ -85,7 +105,9 @@ def test_usage_records_add_up_to_the_metrics(tmp_path, serve):
 
 def test_sigterm_under_load_loses_no_record(tmp_path, serve):
     log = tmp_path / "usage.log"
-    server = serve(plus_one(tmp_path, BATCHING), "--trust-tenant-header", "--usage-log", str(log), "--usage-log-fsync-ms", "1000")
+    server = serve(
+        plus_one(tmp_path, BATCHING), "--trust-tenant-header", "--usage-log", str(log), "--usage-log-fsync-ms", "1000"
+    )
     groups = {tenant: {"x-tenant-id": tenant} for tenant in KEYS.values()}
     load = TenantLoad(server.url, "plus", groups, callers=6).start()
     assert wait_until(lambda: len(load.results) > 300, timeout=30)
@@ -135,7 +157,9 @@ def test_a_full_usage_buffer_refuses_requests_rather_than_dropping_records(tmp_p
     fifo = tmp_path / "usage.fifo"
     os.mkfifo(fifo)
     reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # a reader that does not read yet: the pipe fills
-    server = serve(plus_one(tmp_path), "--usage-log", str(fifo), "--usage-log-buffer-records", "16", "--usage-log-fsync-ms", "5")
+    server = serve(
+        plus_one(tmp_path), "--usage-log", str(fifo), "--usage-log-buffer-records", "16", "--usage-log-fsync-ms", "5"
+    )
     client = server.client()
     accepted, refusal = 0, None
     for _ in range(5000):
@@ -150,7 +174,10 @@ def test_a_full_usage_buffer_refuses_requests_rather_than_dropping_records(tmp_p
     samples = server.samples()
     assert samples.get("onnxserve_usage_log_refused_total") >= 1
     assert samples.get("onnxserve_usage_log_buffer_records") == 16
-    assert samples.get("onnxserve_tenant_requests_total", tenant="unknown", model="plus", version="1", outcome="ok") == accepted
+    assert (
+        samples.get("onnxserve_tenant_requests_total", tenant="unknown", model="plus", version="1", outcome="ok")
+        == accepted
+    )
 
     lines: list[bytes] = []
     os.set_blocking(reader, True)
@@ -188,12 +215,23 @@ def test_a_caller_gone_while_its_batch_runs_still_pays_and_is_recorded(tmp_path,
     client = server.client()
     x = caller_rows(0, 1)
     with pytest.raises(InferenceServerException, match="Deadline"):  # gives up a tenth of the way in
-        client.infer("slow", inputs(x, module=grpcclient, work=BLOCKING_WORK), request_id="gone",
-                     headers={"x-tenant-id": "team-gone"}, client_timeout=0.1)  # fmt: skip
-    assert wait_until(lambda: server.samples().get("onnxserve_batches_total", model="slow", version="1") == 1, timeout=30)
+        client.infer(
+            "slow",
+            inputs(x, module=grpcclient, work=BLOCKING_WORK),
+            request_id="gone",
+            headers={"x-tenant-id": "team-gone"},
+            client_timeout=0.1,
+        )
+    assert wait_until(
+        lambda: server.samples().get("onnxserve_batches_total", model="slow", version="1") == 1, timeout=30
+    )
     samples = server.samples()
-    paid = samples.get("onnxserve_tenant_cost_dollars_total", tenant="team-gone", model="slow", version="1", device="cpu")
-    assert paid > 0 and paid == pytest.approx(samples.get("onnxserve_cost_dollars_total", model="slow", version="1", device="cpu"), rel=1e-9)
+    paid = samples.get(
+        "onnxserve_tenant_cost_dollars_total", tenant="team-gone", model="slow", version="1", device="cpu"
+    )
+    assert paid > 0 and paid == pytest.approx(
+        samples.get("onnxserve_cost_dollars_total", model="slow", version="1", device="cpu"), rel=1e-9
+    )
     assert server.stop() == 0
     (record,) = records(log)
     assert (record["request_id"], record["tenant"], record["outcome"]) == ("gone", "team-gone", "cancelled")

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from server.engine.batching import Batcher
-from server.models.model_config import BatchingSettings, QueuePolicy
 from server.errors import DeadlineExceeded, ExecutionFailed, Overloaded
+from server.models.model_config import BatchingSettings, QueuePolicy
 from server.observe.events import BatchExecuted, EventBus
 
 
@@ -131,7 +131,9 @@ def test_full_queue_raises_overloaded_at_once():
 
 def test_timeout_in_queue_never_executes():
     async def body():
-        model, batcher, running = await busy_batcher(max_batch_size=4, queue_policy=QueuePolicy(default_timeout_us=20_000))
+        model, batcher, running = await busy_batcher(
+            max_batch_size=4, queue_policy=QueuePolicy(default_timeout_us=20_000)
+        )
         with pytest.raises(DeadlineExceeded):
             await submit(batcher, 5, 1)
         assert batcher.depth == 0

@@ -11,9 +11,9 @@ import pytest
 
 from server.config import ServerSettings, parse_server_settings
 from server.config_checks import MAX_GRPC_IDLE_SECS
-from server.models.model_config import WarmupInput, load_model_settings, settings_from_json
 from server.errors import ConfigError
 from server.frontend.process_limits import grpc_options
+from server.models.model_config import WarmupInput, load_model_settings, settings_from_json
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -46,7 +46,11 @@ def test_device_prices_say_where_they_came_from(tmp_path):
         (["--device-price", "cpu=1", "--device-price", "cpu=2"], {}, "priced twice"),
         ([], {"ONNXSERVE_DEVICE_PRICE": "cuda:0=cheap"}, "ONNXSERVE_DEVICE_PRICE: 'cuda:0=cheap'"),
         (["--model-control-mode", "auto"], {}, "--model-control-mode: 'auto'"),
-        (["--tensorrt-cache-dir", "/no/such/cache"], {}, "--tensorrt-cache-dir: /no/such/cache is not a writable directory"),
+        (
+            ["--tensorrt-cache-dir", "/no/such/cache"],
+            {},
+            "--tensorrt-cache-dir: /no/such/cache is not a writable directory",
+        ),
         (["--http-port", "-2"], {}, "--http-port: -2"),
         (["--repository-poll-secs", "0"], {}, "--repository-poll-secs: 0"),
         (["--load-model", "mlp"], {}, "--load-model: \\['mlp'\\] needs --model-control-mode explicit"),
@@ -139,12 +143,27 @@ def test_no_config_means_derive_everything(tmp_path):
         ('parameters { key: "turbo" value { string_value: "1" } }', "parameters['turbo']"),
         ("instance_group [{ count: 1 }, { count: 1 }]", "instance_group"),
         ('optimization { execution_accelerators { gpu_execution_accelerator [{ name: "warp" }] } }', "'warp'"),
-        ("max_batch_size: 4 dynamic_batching { priority_levels: 1 default_priority_level: 3 }", "default_priority_level"),
-        ('model_warmup [{ inputs { key: "x" value { data_type: TYPE_FP32 dims: [1] zero_data: true } } }]', "model_warmup[0].name"),
+        (
+            "max_batch_size: 4 dynamic_batching { priority_levels: 1 default_priority_level: 3 }",
+            "default_priority_level",
+        ),
+        (
+            'model_warmup [{ inputs { key: "x" value { data_type: TYPE_FP32 dims: [1] zero_data: true } } }]',
+            "model_warmup[0].name",
+        ),
         ('model_warmup [{ name: "w" }]', "model_warmup[0].inputs: empty"),
-        ('model_warmup [{ name: "w" inputs { key: "x" value { dims: [1] zero_data: true } } }]', "inputs['x'].data_type"),
-        ('model_warmup [{ name: "w" inputs { key: "x" value { data_type: TYPE_FP32 dims: [-1] zero_data: true } } }]', "dims: [-1]"),
-        ('model_warmup [{ name: "w" inputs { key: "x" value { data_type: TYPE_FP32 dims: [1] } } }]', "set one of zero_data"),
+        (
+            'model_warmup [{ name: "w" inputs { key: "x" value { dims: [1] zero_data: true } } }]',
+            "inputs['x'].data_type",
+        ),
+        (
+            'model_warmup [{ name: "w" inputs { key: "x" value { data_type: TYPE_FP32 dims: [-1] zero_data: true } } }]',
+            "dims: [-1]",
+        ),
+        (
+            'model_warmup [{ name: "w" inputs { key: "x" value { data_type: TYPE_FP32 dims: [1] } } }]',
+            "set one of zero_data",
+        ),
         (
             'model_warmup [{ name: "w" inputs { key: "x" value { data_type: TYPE_FP32 dims: [1] input_data_file: "../x" } } }]',
             "inside <model>/warmup/",
@@ -160,7 +179,9 @@ def test_bad_config_names_file_and_field(tmp_path, text, fragment):
 
 
 def test_generated_protos_are_up_to_date():
-    result = subprocess.run([sys.executable, str(ROOT / "protos" / "generate.py"), "--check"], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "protos" / "generate.py"), "--check"], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -175,7 +196,11 @@ def test_a_json_config_parses_like_config_pbtxt():
     (sample,) = settings.warmup
     assert (sample.name, sample.batch_size, sample.count) == ("w", 2, 3)
     assert sample.inputs[0] == WarmupInput("x", "FP32", (4,), "random")
-    for text, fragment in (("{max_batch_size: 4}", "not a JSON ModelConfig"), ('{"turbo": 1}', "turbo"), ('{"name": "n"}', "differs")):
+    for text, fragment in (
+        ("{max_batch_size: 4}", "not a JSON ModelConfig"),
+        ('{"turbo": 1}', "turbo"),
+        ('{"name": "n"}', "differs"),
+    ):
         with pytest.raises(ConfigError, match="load request parameter 'config'") as error:
             settings_from_json(text, "m")
         assert fragment in str(error.value)
@@ -192,37 +217,103 @@ WARMUP_INPUT = 'inputs { key: "x" value { data_type: TYPE_FP32 dims: [%s] zero_d
         ("dynamic_batching { preferred_batch_size: [ 70000 ] }", "dynamic_batching.preferred_batch_size", 70000, 65536),
         (
             "dynamic_batching { preferred_batch_size: [ %s ] }" % ", ".join(map(str, range(1, 70))),
-            "dynamic_batching.preferred_batch_size (distinct sizes)", 69, 64,
+            "dynamic_batching.preferred_batch_size (distinct sizes)",
+            69,
+            64,
         ),
-        ("dynamic_batching { max_queue_delay_microseconds: 18446744073709551615 }",
-         "dynamic_batching.max_queue_delay_microseconds", 18446744073709551615, 60000000),
-        ("dynamic_batching { default_queue_policy { max_queue_size: 4294967295 } }",
-         "dynamic_batching.default_queue_policy.max_queue_size", 4294967295, 1000000),
-        ("dynamic_batching { default_queue_policy { default_timeout_microseconds: 4000000000 } }",
-         "dynamic_batching.default_queue_policy.default_timeout_microseconds", 4000000000, 3600000000),
+        (
+            "dynamic_batching { max_queue_delay_microseconds: 18446744073709551615 }",
+            "dynamic_batching.max_queue_delay_microseconds",
+            18446744073709551615,
+            60000000,
+        ),
+        (
+            "dynamic_batching { default_queue_policy { max_queue_size: 4294967295 } }",
+            "dynamic_batching.default_queue_policy.max_queue_size",
+            4294967295,
+            1000000,
+        ),
+        (
+            "dynamic_batching { default_queue_policy { default_timeout_microseconds: 4000000000 } }",
+            "dynamic_batching.default_queue_policy.default_timeout_microseconds",
+            4000000000,
+            3600000000,
+        ),
         ("instance_group [{ count: 2147483647 }]", "instance_group[0].count", 2147483647, 128),
         ("instance_group [{ count: 32 gpus: [0, 1, 2, 3, 4, 5] }]", "instance_group[0].count x gpus", 192, 128),
         ("instance_group [{ gpus: [64] }]", "instance_group[0].gpus", 64, 63),
-        ('parameters { key: "intra_op_thread_count" value { string_value: "100000" } }',
-         "parameters['intra_op_thread_count']", 100000, 512),
-        ('parameters { key: "inter_op_thread_count" value { string_value: "4096" } }',
-         "parameters['inter_op_thread_count']", 4096, 512),
-        ('instance_group [{ count: 16 }] parameters { key: "intra_op_thread_count" value { string_value: "512" } }',
-         "instance_group[0].count x parameters['intra_op_thread_count']", 8192, 2048),
-        ('parameters { key: "inline_run_below_us" value { string_value: "10000000" } }',
-         "parameters['inline_run_below_us']", 10000000, 100000),
-        ('parameters { key: "adaptive_queue_delay_us" value { string_value: "99999999999" } }',
-         "parameters['adaptive_queue_delay_us']", 99999999999, 60000000),
-        ("version_policy { latest { num_versions: 4294967295 } }", "version_policy.latest.num_versions", 4294967295, 64),
-        ("version_policy { specific { versions: [%s] } }" % ", ".join(map(str, range(1, 100))),
-         "version_policy.specific.versions", 99, 64),
-        ('input [{ name: "x" data_type: TYPE_FP32 dims: [%s] }]' % ", ".join(["1"] * 40), "input[0].dims (rank)", 40, 32),
-        ('output [{ name: "y" data_type: TYPE_FP32 dims: [1048576, 1048576, 2] }]',
-         "output[0].dims (elements of one row)", 2199023255552, 1099511627776),
-        ('model_warmup [{ name: "w" count: 2147483647 %s }]' % (WARMUP_INPUT % "4"), "model_warmup[0].count", 2147483647, 100000),
-        ('model_warmup [{ name: "w" batch_size: 4000000 %s }]' % (WARMUP_INPUT % "4"), "model_warmup[0].batch_size", 4000000, 65536),
-        ('model_warmup [{ name: "w" batch_size: 64 %s }]' % (WARMUP_INPUT % "3, 1024, 1024"),
-         "model_warmup[0].inputs['x'].dims (elements with the batch)", 201326592, 67108864),
+        (
+            'parameters { key: "intra_op_thread_count" value { string_value: "100000" } }',
+            "parameters['intra_op_thread_count']",
+            100000,
+            512,
+        ),
+        (
+            'parameters { key: "inter_op_thread_count" value { string_value: "4096" } }',
+            "parameters['inter_op_thread_count']",
+            4096,
+            512,
+        ),
+        (
+            'instance_group [{ count: 16 }] parameters { key: "intra_op_thread_count" value { string_value: "512" } }',
+            "instance_group[0].count x parameters['intra_op_thread_count']",
+            8192,
+            2048,
+        ),
+        (
+            'parameters { key: "inline_run_below_us" value { string_value: "10000000" } }',
+            "parameters['inline_run_below_us']",
+            10000000,
+            100000,
+        ),
+        (
+            'parameters { key: "adaptive_queue_delay_us" value { string_value: "99999999999" } }',
+            "parameters['adaptive_queue_delay_us']",
+            99999999999,
+            60000000,
+        ),
+        (
+            "version_policy { latest { num_versions: 4294967295 } }",
+            "version_policy.latest.num_versions",
+            4294967295,
+            64,
+        ),
+        (
+            "version_policy { specific { versions: [%s] } }" % ", ".join(map(str, range(1, 100))),
+            "version_policy.specific.versions",
+            99,
+            64,
+        ),
+        (
+            'input [{ name: "x" data_type: TYPE_FP32 dims: [%s] }]' % ", ".join(["1"] * 40),
+            "input[0].dims (rank)",
+            40,
+            32,
+        ),
+        (
+            'output [{ name: "y" data_type: TYPE_FP32 dims: [1048576, 1048576, 2] }]',
+            "output[0].dims (elements of one row)",
+            2199023255552,
+            1099511627776,
+        ),
+        (
+            'model_warmup [{ name: "w" count: 2147483647 %s }]' % (WARMUP_INPUT % "4"),
+            "model_warmup[0].count",
+            2147483647,
+            100000,
+        ),
+        (
+            'model_warmup [{ name: "w" batch_size: 4000000 %s }]' % (WARMUP_INPUT % "4"),
+            "model_warmup[0].batch_size",
+            4000000,
+            65536,
+        ),
+        (
+            'model_warmup [{ name: "w" batch_size: 64 %s }]' % (WARMUP_INPUT % "3, 1024, 1024"),
+            "model_warmup[0].inputs['x'].dims (elements with the batch)",
+            201326592,
+            67108864,
+        ),
         (" ".join(['model_warmup [{ name: "w" %s }]' % (WARMUP_INPUT % "4")] * 65), "model_warmup (samples)", 65, 64),
     ],
 )
@@ -260,17 +351,38 @@ def test_a_huge_config_is_refused_before_it_is_parsed(tmp_path):
     [
         (["--model-load-timeout-secs", "0"], "--model-load-timeout-secs: 0.0 is outside"),
         (["--model-load-timeout-secs", "100000"], "--model-load-timeout-secs: 100000.0 is outside"),
-        (["--usage-log-buffer-records", "100000000"], "--usage-log-buffer-records: 100000000 exceeds onnxserve's limit of 1048576"),
-        (["--default-max-batch-size", "1000000"], "--default-max-batch-size: 1000000 exceeds onnxserve's limit of 65536"),
-        (["--default-max-queue-size", "2000000"], "--default-max-queue-size: 2000000 exceeds onnxserve's limit of 1000000"),
+        (
+            ["--usage-log-buffer-records", "100000000"],
+            "--usage-log-buffer-records: 100000000 exceeds onnxserve's limit of 1048576",
+        ),
+        (
+            ["--default-max-batch-size", "1000000"],
+            "--default-max-batch-size: 1000000 exceeds onnxserve's limit of 65536",
+        ),
+        (
+            ["--default-max-queue-size", "2000000"],
+            "--default-max-queue-size: 2000000 exceeds onnxserve's limit of 1000000",
+        ),
         (["--default-max-queue-size", "-1"], "--default-max-queue-size: -1 is negative"),
         (["--exit-timeout-secs", "100000"], "--exit-timeout-secs: 100000.0 is outside \\[0, 3600\\]"),
         (["--log-repeat-secs", "1e6"], "--log-repeat-secs: 1000000.0 is outside \\[0, 86400\\]"),
         (["--grpc-max-connection-idle-secs", "2147483.648"], "--grpc-max-connection-idle-secs: 2147483.648 is outside"),
-        (["--grpc-max-concurrent-streams", "3000000000"], "--grpc-max-concurrent-streams: 3000000000 is outside 1 .. 2147483647"),
-        (["--grpc-max-connections", "3000000000"], "--grpc-max-connections: 3000000000 exceeds onnxserve's limit of 1048576"),
-        (["--http-max-connections", "10000000"], "--http-max-connections: 10000000 exceeds onnxserve's limit of 1048576"),
-        (["--metrics-max-connections", "10000000"], "--metrics-max-connections: 10000000 exceeds onnxserve's limit of 1048576"),
+        (
+            ["--grpc-max-concurrent-streams", "3000000000"],
+            "--grpc-max-concurrent-streams: 3000000000 is outside 1 .. 2147483647",
+        ),
+        (
+            ["--grpc-max-connections", "3000000000"],
+            "--grpc-max-connections: 3000000000 exceeds onnxserve's limit of 1048576",
+        ),
+        (
+            ["--http-max-connections", "10000000"],
+            "--http-max-connections: 10000000 exceeds onnxserve's limit of 1048576",
+        ),
+        (
+            ["--metrics-max-connections", "10000000"],
+            "--metrics-max-connections: 10000000 exceeds onnxserve's limit of 1048576",
+        ),
         (["--default-max-batch-size", "0"], "--default-max-batch-size: 0 must be >= 1"),
     ],
 )
@@ -294,11 +406,23 @@ def test_every_float_setting_is_a_finite_number(tmp_path, name, text):
 
 def test_settings_at_their_bounds_start_grpc(tmp_path):
     """Every integer grpc core takes as a channel argument fits its C int at the highest accepted value."""
-    highest = parse_server_settings([
-        "--model-repository", str(tmp_path), "--grpc-max-concurrent-streams", str(2**31 - 1),
-        "--grpc-max-connections", str(1 << 20), "--grpc-max-connection-idle-secs", str(MAX_GRPC_IDLE_SECS),
-        "--grpc-handshake-timeout-secs", "3600", "--grpc-max-message-bytes", str(2**31 - 1),
-    ], {})  # fmt: skip
+    highest = parse_server_settings(
+        [
+            "--model-repository",
+            str(tmp_path),
+            "--grpc-max-concurrent-streams",
+            str(2**31 - 1),
+            "--grpc-max-connections",
+            str(1 << 20),
+            "--grpc-max-connection-idle-secs",
+            str(MAX_GRPC_IDLE_SECS),
+            "--grpc-handshake-timeout-secs",
+            "3600",
+            "--grpc-max-message-bytes",
+            str(2**31 - 1),
+        ],
+        {},
+    )
     assert max(value for _, value in grpc_options(highest)) <= 2**31 - 1
 
     async def build() -> None:
@@ -311,7 +435,10 @@ def test_a_number_out_of_range_exits_2_naming_the_flag(tmp_path):
     """Refused before anything starts: a usage error (exit 2), not grpc's OverflowError (exit 1)."""
     result = subprocess.run(
         [sys.executable, "-m", "server", "--model-repository", str(tmp_path), "--grpc-max-connections", "3000000000"],
-        capture_output=True, text=True, cwd=ROOT, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert result.returncode == 2 and "--grpc-max-connections: 3000000000" in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr

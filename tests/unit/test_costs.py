@@ -118,9 +118,16 @@ def test_prices_come_from_configuration_then_the_table_then_defaults():
 
 @pytest.mark.parametrize(
     "name, price",
-    [("NVIDIA H200", 7.912), ("NVIDIA L40S", 1.861), ("NVIDIA L4", 0.8048), ("NVIDIA A100-SXM4-80GB", 3.4309),
-     ("NVIDIA A100-PCIE-40GB", 2.7447), ("Tesla T4", 0.526), ("NVIDIA L40", None)],
-)  # fmt: skip
+    [
+        ("NVIDIA H200", 7.912),
+        ("NVIDIA L40S", 1.861),
+        ("NVIDIA L4", 0.8048),
+        ("NVIDIA A100-SXM4-80GB", 3.4309),
+        ("NVIDIA A100-PCIE-40GB", 2.7447),
+        ("Tesla T4", 0.526),
+        ("NVIDIA L40", None),
+    ],
+)
 def test_table_matches_whole_words(name, price):
     assert table_price(name) == price
 

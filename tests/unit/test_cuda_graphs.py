@@ -11,15 +11,15 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from server.models import warmup
 from server.engine.batching import Batcher
-from server.engine.binding import GRAPH_CAPTURE_RUNS, GRAPH_PRIME_RUNS, GRAPH_ID, GRAPH_THREAD, padded_sizes
+from server.engine.binding import GRAPH_CAPTURE_RUNS, GRAPH_ID, GRAPH_PRIME_RUNS, GRAPH_THREAD, padded_sizes
 from server.engine.costs import CostLedger, DevicePrice
+from server.engine.runtime import InstancePool
 from server.errors import ConfigError
-from server.observe.events import BatchExecuted, BatchStarted, EventBus
+from server.models import warmup
 from server.models.loading import complete_settings
 from server.models.model_config import Accelerator, BatchingSettings, ModelSettings, SessionSettings
-from server.engine.runtime import InstancePool
+from server.observe.events import BatchExecuted, BatchStarted, EventBus
 from tests import onnx_models
 
 LABEL = "model 'm' version 1"
@@ -54,10 +54,12 @@ def open_pool(tmp_path):
         path = tmp_path / "model.onnx"
         path.write_bytes(model.SerializeToString())
         settings = ModelSettings(
-            name="m", source="(test)", max_batch_size=max_batch_size,
+            name="m",
+            source="(test)",
+            max_batch_size=max_batch_size,
             batching=BatchingSettings(max_batch_size=max_batch_size, preferred_batch_sizes=preferred),
             session=SessionSettings(instance_count=instances, gpu_accelerators=GRAPHS, **session),
-        )  # fmt: skip
+        )
         pool = InstancePool(path, settings.session, LABEL)
         pools.append(pool)
         if watch:  # before the bindings are built, so that they run through it
@@ -141,8 +143,11 @@ def test_every_batch_size_gets_session_runs_answer_for_its_own_rows(open_pool, t
     assert pool.graph_shapes.sizes == padded_sizes(8, preferred)
     generator = np.random.default_rng(0)
     for rows in range(1, 9):
-        feeds = {"a": generator.standard_normal((rows, 2), np.float32), "b": generator.standard_normal((rows, 2), np.float32),
-                 "count": np.arange(rows, dtype=np.int64).reshape(rows, 1)}  # fmt: skip
+        feeds = {
+            "a": generator.standard_normal((rows, 2), np.float32),
+            "b": generator.standard_normal((rows, 2), np.float32),
+            "count": np.arange(rows, dtype=np.int64).reshape(rows, 1),
+        }
         answer = run_batch(pool, feeds, ("sum", "difference", "count_out"))
         for name, expected in zip(("sum", "difference", "count_out"), reference(tmp_path, feeds)):
             assert answer[name].shape[0] == rows
@@ -167,10 +172,22 @@ def test_warm_up_and_calibration_run_only_on_each_instances_thread(open_pool, ca
     for instance, (session, bindings) in enumerate(zip(pool._sessions, pool.graph_bindings)):
         assert session.threads and all(name.startswith(own_thread(instance)) for name in session.threads)
         # every size captured (3 runs each), then the automatic warm-up's batch of 1
-        assert dict(bindings.runs) == {1: GRAPH_CAPTURE_RUNS + 1, 2: GRAPH_CAPTURE_RUNS, 4: GRAPH_CAPTURE_RUNS, 8: GRAPH_CAPTURE_RUNS}
+        assert dict(bindings.runs) == {
+            1: GRAPH_CAPTURE_RUNS + 1,
+            2: GRAPH_CAPTURE_RUNS,
+            4: GRAPH_CAPTURE_RUNS,
+            8: GRAPH_CAPTURE_RUNS,
+        }
         # each size first ran without a graph id, so its capture is not its first run (GRAPH_PRIME_RUNS)
-        assert dict(bindings.primed) == {1: GRAPH_PRIME_RUNS, 2: GRAPH_PRIME_RUNS, 4: GRAPH_PRIME_RUNS, 8: GRAPH_PRIME_RUNS}
-        assert len(session.threads) == sum(bindings.runs.values()) + sum(bindings.primed.values())  # nothing ran around them
+        assert dict(bindings.primed) == {
+            1: GRAPH_PRIME_RUNS,
+            2: GRAPH_PRIME_RUNS,
+            4: GRAPH_PRIME_RUNS,
+            8: GRAPH_PRIME_RUNS,
+        }
+        assert len(session.threads) == sum(bindings.runs.values()) + sum(
+            bindings.primed.values()
+        )  # nothing ran around them
     assert "4 padded batch size(s) [1, 2, 4, 8] warmed on each CPU instance, no CUDA graph captured" in caplog.text
     assert choice.inline_run_below_us == 0 and choice.sources["inline_run_below_us"] == GRAPH_THREAD
     # a trial run of calibration, asked for from this thread, runs on instance 0's thread
@@ -209,7 +226,9 @@ def test_what_cannot_be_graphed_is_refused_at_load(open_pool):
         open_pool(onnx_models.add_one(), max_batch_size=0)
     with pytest.raises(ConfigError, match=r"needs IO binding at fixed addresses; parameters\['io_binding'\] is 0"):
         open_pool(onnx_models.add_one(), io_binding=False)
-    with pytest.raises(ConfigError, match=r"needs IO binding, and onnxruntime cannot bind string tensors \(input, output\)"):
+    with pytest.raises(
+        ConfigError, match=r"needs IO binding, and onnxruntime cannot bind string tensors \(input, output\)"
+    ):
         open_pool(onnx_models.identity("BYTES"))
 
 

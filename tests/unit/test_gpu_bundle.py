@@ -22,9 +22,14 @@ def make_wheel(folder: Path, name: str, version: str, files: dict[str, bytes], r
     """A real wheel: the files, METADATA, WHEEL and a RECORD with their hashes, stored uncompressed so
     its size is the payload's."""
     dist_info = f"{name}-{version}.dist-info"
-    metadata = "".join([f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n", *(f"Requires-Dist: {r}\n" for r in requires)])
-    entries = {**files, f"{dist_info}/METADATA": metadata.encode(),
-               f"{dist_info}/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}  # fmt: skip
+    metadata = "".join(
+        [f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n", *(f"Requires-Dist: {r}\n" for r in requires)]
+    )
+    entries = {
+        **files,
+        f"{dist_info}/METADATA": metadata.encode(),
+        f"{dist_info}/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
     record = "".join(f"{path},sha256={_record_hash(data)},{len(data)}\n" for path, data in entries.items())
     entries[f"{dist_info}/RECORD"] = (record + f"{dist_info}/RECORD,,\n").encode()
     path = folder / f"{name}-{version}-py3-none-any.whl"
@@ -49,16 +54,21 @@ def fake_onnxruntime(folder: Path, name: str, version: str) -> Path:
 
 
 def run_bundle(*arguments: str, python: str = sys.executable, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([python, "-m", "bench.gpu_bundle", *arguments], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, **kwargs)  # fmt: skip
+    return subprocess.run(
+        [python, "-m", "bench.gpu_bundle", *arguments], cwd=ROOT, capture_output=True, text=True, timeout=300, **kwargs
+    )
 
 
 def small_bundle(tmp_path: Path) -> tuple[Path, list[Path]]:
     """Two wheels across several 4 KiB parts, the first ending inside a part."""
     wheels = tmp_path / "wheels"
     wheels.mkdir()
-    built = [make_wheel(wheels, "standin", "1.0", {"standin/__init__.py": b"VALUE = 42\n", "standin/data.bin": payload(9 * KIB, 1)}),
-             make_wheel(wheels, "standin_extra", "2.0", {"standin_extra/data.bin": payload(5 * KIB, 2)})]  # fmt: skip
+    built = [
+        make_wheel(
+            wheels, "standin", "1.0", {"standin/__init__.py": b"VALUE = 42\n", "standin/data.bin": payload(9 * KIB, 1)}
+        ),
+        make_wheel(wheels, "standin_extra", "2.0", {"standin_extra/data.bin": payload(5 * KIB, 2)}),
+    ]
     gpu_bundle.split(built, ["standin==1.0"], tmp_path / "bundle", 4 * KIB)
     return tmp_path / "bundle", built
 
@@ -116,7 +126,9 @@ def test_build_and_install_into_a_fresh_environment(tmp_path):
     index.mkdir()
     standin = {"standin/__init__.py": b"VALUE = 42\n", "standin/data.bin": payload(9 * KIB, 1)}
     make_wheel(index, "standin", "1.0", standin, requires=("standin-extra>=2", "numpy"))
-    make_wheel(index, "standin_extra", "2.0", {"standin_extra/__init__.py": b"", "standin_extra/data.bin": payload(5 * KIB, 2)})
+    make_wheel(
+        index, "standin_extra", "2.0", {"standin_extra/__init__.py": b"", "standin_extra/data.bin": payload(5 * KIB, 2)}
+    )
     make_wheel(index, "numpy", "0.0.1", {"numpy/__init__.py": b""})
     cpu, gpu = fake_onnxruntime(index, "onnxruntime", "1.0"), fake_onnxruntime(index, "onnxruntime_gpu", "1.31.1")
     bundle = tmp_path / "bundle"
@@ -140,8 +152,10 @@ def test_build_and_install_into_a_fresh_environment(tmp_path):
     installed = run_bundle("--install", str(bundle), python=python)
     assert installed.returncode == 0, installed.stdout + installed.stderr
     assert "onnxruntime 1.31.1 (onnxruntime-gpu 1.31.1), providers: ['onnxruntime_gpu']" in installed.stdout
-    probe = ("import importlib.metadata as m, standin, standin_extra\n"
-             "print(standin.VALUE, sorted(d.metadata['Name'] for d in m.distributions()))")
+    probe = (
+        "import importlib.metadata as m, standin, standin_extra\n"
+        "print(standin.VALUE, sorted(d.metadata['Name'] for d in m.distributions()))"
+    )
     found = subprocess.run([python, "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True).stdout
     assert found.startswith("42 ") and "'onnxruntime'" not in found and "'onnxruntime_gpu'" in found
     assert gpu_bundle.onnxruntime_report(python, "9.9.9") == 1

@@ -8,15 +8,17 @@ import pytest
 
 from server.errors import InvalidInput
 from server.frontend.http_codec import decode_infer, encode_infer, from_json, split_body
-from server.frontend.request_limits import RequestLimits
 from server.frontend.http_service import HttpError, Route, route
+from server.frontend.request_limits import RequestLimits
 from server.tensors import DATATYPES, Signature, TensorSpec
 
 SIGNATURE = Signature(
-    model="m", version="1", max_batch_size=8,
+    model="m",
+    version="1",
+    max_batch_size=8,
     inputs=(TensorSpec("x", "FP32", (-1, 2)), TensorSpec("n", "INT8", (-1, 1))),
     outputs=(TensorSpec("y", "FP32", (-1, 2)), TensorSpec("s", "BYTES", (-1, 1))),
-)  # fmt: skip
+)
 
 
 def body(header: dict, *tails: bytes) -> tuple[bytes, str | None]:
@@ -26,15 +28,26 @@ def body(header: dict, *tails: bytes) -> tuple[bytes, str | None]:
 
 def test_json_and_binary_inputs_decode_to_the_same_feeds():
     x = np.array([[1.5, 2.5], [3.5, 4.5]], np.float32)
-    as_json = {"inputs": [{"name": "x", "shape": [2, 2], "datatype": "FP32", "data": [[1.5, 2.5], [3.5, 4.5]]},
-                          {"name": "n", "shape": [2, 1], "datatype": "INT8", "data": [-128, 127]}]}  # fmt: skip
+    as_json = {
+        "inputs": [
+            {"name": "x", "shape": [2, 2], "datatype": "FP32", "data": [[1.5, 2.5], [3.5, 4.5]]},
+            {"name": "n", "shape": [2, 1], "datatype": "INT8", "data": [-128, 127]},
+        ]
+    }
     decoded, binary = decode_infer(split_body(*body(as_json)), SIGNATURE)
     np.testing.assert_array_equal(decoded.feeds["x"], x)
     assert decoded.feeds["n"].dtype == np.int8 and decoded.rows == 2 and binary == {"y": False, "s": False}
-    as_binary = {"inputs": [{"name": "x", "shape": [2, 2], "datatype": "FP32", "parameters": {"binary_data_size": 16}},
-                            {"name": "n", "shape": [2, 1], "datatype": "INT8", "parameters": {"binary_data_size": 2}}],
-                 "outputs": [{"name": "s"}], "parameters": {"binary_data_output": True}}  # fmt: skip
-    decoded, binary = decode_infer(split_body(*body(as_binary, x.tobytes(), np.array([-128, 127], np.int8).tobytes())), SIGNATURE)
+    as_binary = {
+        "inputs": [
+            {"name": "x", "shape": [2, 2], "datatype": "FP32", "parameters": {"binary_data_size": 16}},
+            {"name": "n", "shape": [2, 1], "datatype": "INT8", "parameters": {"binary_data_size": 2}},
+        ],
+        "outputs": [{"name": "s"}],
+        "parameters": {"binary_data_output": True},
+    }
+    decoded, binary = decode_infer(
+        split_body(*body(as_binary, x.tobytes(), np.array([-128, 127], np.int8).tobytes())), SIGNATURE
+    )
     np.testing.assert_array_equal(decoded.feeds["x"], x)
     assert decoded.outputs == ("s",) and binary == {"s": True}
 
@@ -92,7 +105,12 @@ def test_responses_put_binary_outputs_after_the_json_header():
     encoded = encode_infer("m", "1", "r1", outputs, {"onnxserve_batch_rows": 1})
     header = orjson.loads(encoded.body[: encoded.header_length])
     assert header["id"] == "r1" and header["parameters"] == {"onnxserve_batch_rows": 1}
-    assert header["outputs"][0] == {"name": "y", "datatype": "FP32", "shape": [1, 2], "parameters": {"binary_data_size": 8}}
+    assert header["outputs"][0] == {
+        "name": "y",
+        "datatype": "FP32",
+        "shape": [1, 2],
+        "parameters": {"binary_data_size": 8},
+    }
     assert header["outputs"][1]["data"] == ["é"]
     assert encoded.body[encoded.header_length :] == y.tobytes()
     plain = encode_infer("m", "1", None, outputs[1:], {})
@@ -118,7 +136,9 @@ def test_paths_route_to_their_action(path, expected):
     assert route(path) == expected
 
 
-@pytest.mark.parametrize("path", ["/", "/v1/models/m", "/v2/models/m/versions", "/v2/models/m/infer/more", "/v2/health"])
+@pytest.mark.parametrize(
+    "path", ["/", "/v1/models/m", "/v2/models/m/versions", "/v2/models/m/infer/more", "/v2/health"]
+)
 def test_other_paths_are_not_found(path):
     with pytest.raises(HttpError) as error:
         route(path)
@@ -133,14 +153,18 @@ def test_deep_json_nesting_is_refused_not_recursed():
 
 def test_json_with_more_values_than_allowed_is_refused_before_it_is_parsed():
     text = b'{"inputs": [{"name": "x", "data": [' + b"0," * 1000 + b"0]}]}"
-    with pytest.raises(InvalidInput, match=r"model 'm': the request's JSON has 1001 commas.*at most 1000 \(--max-json-values\)"):
+    with pytest.raises(
+        InvalidInput, match=r"model 'm': the request's JSON has 1001 commas.*at most 1000 \(--max-json-values\)"
+    ):
         split_body(text, None, 1000, "model 'm'")
     assert split_body(text, None, 1001, "model 'm'").header["inputs"][0]["name"] == "x"
 
 
 def request_with_id(request_id, **extra) -> dict:
-    inputs = [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [1, 2]},
-              {"name": "n", "shape": [1, 1], "datatype": "INT8", "data": [3]}]  # fmt: skip
+    inputs = [
+        {"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [1, 2]},
+        {"name": "n", "shape": [1, 1], "datatype": "INT8", "data": [3]},
+    ]
     return {"id": request_id, "inputs": inputs, **extra}
 
 

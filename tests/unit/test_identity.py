@@ -20,8 +20,11 @@ def key_file(tmp_path, document) -> str:
     return str(path)
 
 
-GOOD = {"keys": [{"sha256": digest("k1"), "tenant": "team-a", "name": "ci"}], "certificates": {"client-7": "team-c"},
-        "tenants": {"team-a": {"budget_dollars_per_hour": 2.5}}}  # fmt: skip
+GOOD = {
+    "keys": [{"sha256": digest("k1"), "tenant": "team-a", "name": "ci"}],
+    "certificates": {"client-7": "team-c"},
+    "tenants": {"team-a": {"budget_dollars_per_hour": 2.5}},
+}
 
 
 @pytest.mark.parametrize(
@@ -34,7 +37,10 @@ GOOD = {"keys": [{"sha256": digest("k1"), "tenant": "team-a", "name": "ci"}], "c
         ({"keys": [{"sha256": digest("k"), "tenant": "unknown"}]}, "keys[0].tenant"),
         ({"keys": [{"sha256": digest("k"), "tenant": "t", "key": "k"}]}, "keys[0]: unknown fields ['key']"),
         ({"keys": [{"sha256": digest("k"), "tenant": "t"}] * 2}, "keys[1].sha256: the same key is listed twice"),
-        ({"keys": [{"sha256": digest("k"), "tenant": "t"}], "tenants": {"t": {"budget_dollars_per_hour": -1}}}, "budget_dollars_per_hour"),
+        (
+            {"keys": [{"sha256": digest("k"), "tenant": "t"}], "tenants": {"t": {"budget_dollars_per_hour": -1}}},
+            "budget_dollars_per_hour",
+        ),
         ({"keys": [{"sha256": digest("k"), "tenant": "t"}], "plaintext": ["k"]}, "unknown fields ['plaintext']"),
     ],
 )
@@ -80,7 +86,15 @@ def test_the_key_file_maps_certificate_names_to_tenants(tmp_path):
 
 def test_tenants_past_the_limit_fold_into_other_and_are_counted_once():
     labels = TenantLabels(2)
-    assert [labels.label(t) for t in ("a", "unknown", "b", "c", "a", "d", "c")] == ["a", "unknown", "b", "other", "a", "other", "other"]
+    assert [labels.label(t) for t in ("a", "unknown", "b", "c", "a", "d", "c")] == [
+        "a",
+        "unknown",
+        "b",
+        "other",
+        "a",
+        "other",
+        "other",
+    ]
     assert labels.folded == 2
 
 

@@ -8,9 +8,9 @@ import onnxruntime as ort
 import pytest
 
 from server.engine.binding import FixedBinding
+from server.engine.runtime import InstancePool
 from server.errors import ConfigError
 from server.models.model_config import SessionSettings
-from server.engine.runtime import InstancePool
 from tests import onnx_models
 from tests.integration.test_protocol import DATATYPES, sample
 
@@ -62,7 +62,9 @@ def test_cpu_instances_use_session_run_unless_asked_and_strings_cannot_bind(tmp_
     plain = pool(tmp_path, onnx_models.add_one(), None)
     assert not plain.io_binding  # measured: binding costs about 3 us more per batch on the CPU
     plain.close()
-    with pytest.raises(ConfigError, match=r"parameters\['io_binding'\]: onnxruntime cannot bind string tensors \(input, output\)"):
+    with pytest.raises(
+        ConfigError, match=r"parameters\['io_binding'\]: onnxruntime cannot bind string tensors \(input, output\)"
+    ):
         pool(tmp_path, onnx_models.identity("BYTES"), True)
     strings = pool(tmp_path, onnx_models.identity("BYTES"), None)
     assert not strings.io_binding

@@ -35,7 +35,11 @@ def imports(path: Path) -> set[str]:
     """The server modules `path` imports when it runs; imports for type annotations only (under
     `if TYPE_CHECKING:`) name a type, not a dependency, and are left out."""
     tree, found = ast.parse(path.read_text()), set()
-    skipped = {id(node) for node in ast.walk(tree) if isinstance(node, ast.If) and ast.unparse(node.test).endswith("TYPE_CHECKING")}
+    skipped = {
+        id(node)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and ast.unparse(node.test).endswith("TYPE_CHECKING")
+    }
     for node in ast.walk(tree):
         if isinstance(node, ast.If) and id(node) in skipped:
             for inner in ast.walk(node):
@@ -44,7 +48,12 @@ def imports(path: Path) -> set[str]:
         if id(node) in skipped:
             continue
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "server":
-            found.update(f"{node.module}.{alias.name}" if node.module in ("server", *(f"server.{r}" for r in ROOMS)) else node.module for alias in node.names)
+            found.update(
+                f"{node.module}.{alias.name}"
+                if node.module in ("server", *(f"server.{r}" for r in ROOMS))
+                else node.module
+                for alias in node.names
+            )
         elif isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names if alias.name.split(".")[0] == "server")
     return found
@@ -66,9 +75,12 @@ def test_each_module_imports_only_what_its_room_may(module, path):
 
 def test_nothing_imports_the_root_but_the_root():
     wrong = sorted(
-        (module, name) for module, path in modules() if home(module) != "root"
-        for name in imports(path) if home(name) == "root"
-    )  # fmt: skip
+        (module, name)
+        for module, path in modules()
+        if home(module) != "root"
+        for name in imports(path)
+        if home(name) == "root"
+    )
     assert not wrong
 
 

@@ -7,9 +7,20 @@ import logging
 import onnxruntime as ort
 import pytest
 
+from server.engine.placement import (
+    CPU,
+    CUDA,
+    TENSORRT,
+    GpuPolicy,
+    Placement,
+    loadable,
+    mismatches,
+    open_session,
+    plan_placements,
+    verify,
+)
 from server.errors import ConfigError
 from server.models.model_config import load_model_settings
-from server.engine.placement import CPU, CUDA, TENSORRT, GpuPolicy, Placement, loadable, mismatches, open_session, plan_placements, verify
 from tests import onnx_models
 
 LABEL = "model 'm' version 1"
@@ -65,7 +76,12 @@ def test_with_require_gpu_a_session_off_its_gpu_fails_the_load(model):
 
 def test_mismatches_compare_device_memory_limit_and_graph_as_onnxruntime_echoes_them():
     asked = [(CUDA, {"device_id": "1", "gpu_mem_limit": "1073741824", "enable_cuda_graph": "True"}), (CPU, {})]
-    echoed = {"device_id": "1", "gpu_mem_limit": "1073741824", "enable_cuda_graph": "1", "arena_extend_strategy": "kNextPowerOfTwo"}
+    echoed = {
+        "device_id": "1",
+        "gpu_mem_limit": "1073741824",
+        "enable_cuda_graph": "1",
+        "arena_extend_strategy": "kNextPowerOfTwo",
+    }
     assert mismatches(asked, [CUDA, CPU], {CUDA: echoed, CPU: {}}) == []
     padded = [(CUDA, {"device_id": "01", "gpu_mem_limit": "01073741824", "enable_cuda_graph": "1"})]
     assert mismatches(padded, [CUDA, CPU], {CUDA: echoed, CPU: {}}) == []

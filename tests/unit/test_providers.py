@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
+from server.engine.placement import CPU, CUDA, TENSORRT, GpuPolicy, plan_placements
+from server.engine.providers import check_options, cuda_options, engine_cache_dir, profile_shapes, tensorrt_options
 from server.errors import ConfigError
 from server.models.loading import tensorrt_profiles
 from server.models.model_config import load_model_settings
-from server.engine.providers import check_options, cuda_options, engine_cache_dir, profile_shapes, tensorrt_options
-from server.engine.placement import CPU, CUDA, TENSORRT, GpuPolicy, plan_placements
 from server.tensors import TensorSpec
 from tests import onnx_models
 
@@ -24,12 +24,22 @@ def model_config(tmp_path: Path, text: str):
 
 
 def test_triton_spellings_become_onnxruntimes():
-    options = cuda_options(1, {"cudnn_conv_algo_search": "1", "arena_extend_strategy": "0", "do_copy_in_default_stream": "true"})
-    assert options == {"device_id": "1", "cudnn_conv_algo_search": "HEURISTIC", "arena_extend_strategy": "kNextPowerOfTwo",
-                       "do_copy_in_default_stream": "True"}  # fmt: skip
+    options = cuda_options(
+        1, {"cudnn_conv_algo_search": "1", "arena_extend_strategy": "0", "do_copy_in_default_stream": "true"}
+    )
+    assert options == {
+        "device_id": "1",
+        "cudnn_conv_algo_search": "HEURISTIC",
+        "arena_extend_strategy": "kNextPowerOfTwo",
+        "do_copy_in_default_stream": "True",
+    }
     trt = tensorrt_options(0, {"precision_mode": "FP16", "max_workspace_size_bytes": "1073741824"}, {}, Path("/cache"))
     # onnxruntime's Python binding takes TensorRT's switches only as True/False, never 1/0
-    assert (trt["trt_fp16_enable"], trt["trt_int8_enable"], trt["trt_max_workspace_size"]) == ("True", "False", "1073741824")
+    assert (trt["trt_fp16_enable"], trt["trt_int8_enable"], trt["trt_max_workspace_size"]) == (
+        "True",
+        "False",
+        "1073741824",
+    )
     assert trt["trt_engine_cache_enable"] == trt["trt_timing_cache_enable"] == "True"
     assert tensorrt_options(0, {"trt_dump_subgraphs": "1"}, {}, None)["trt_dump_subgraphs"] == "True"
     assert trt["trt_engine_cache_path"] == trt["trt_timing_cache_path"] == "/cache"
@@ -55,11 +65,14 @@ def test_unknown_or_bad_options_are_refused_naming_the_field(accelerator, parame
 
 
 def test_config_pbtxt_accelerators_are_checked_and_model_level_cuda_options_merged(tmp_path):
-    settings = model_config(tmp_path, """
+    settings = model_config(
+        tmp_path,
+        """
         parameters { key: "gpu_mem_limit" value { string_value: "2147483648" } }
         optimization { execution_accelerators { gpu_execution_accelerator [
           { name: "tensorrt" parameters { key: "precision_mode" value: "FP16" } },
-          { name: "cuda" parameters { key: "cudnn_conv_algo_search" value: "2" } } ] } }""")
+          { name: "cuda" parameters { key: "cudnn_conv_algo_search" value: "2" } } ] } }""",
+    )
     trt, cuda = settings.session.gpu_accelerators
     assert (trt.name, dict(trt.parameters)) == ("tensorrt", {"precision_mode": "FP16"})
     assert dict(cuda.parameters) == {"cudnn_conv_algo_search": "2"}
@@ -69,16 +82,25 @@ def test_config_pbtxt_accelerators_are_checked_and_model_level_cuda_options_merg
 
 
 def test_model_level_cuda_options_do_not_ask_for_a_gpu(tmp_path):
-    settings = model_config(tmp_path, """instance_group [{ kind: KIND_CPU }]
-        parameters { key: "gpu_mem_limit" value { string_value: "1024" } }""").session
+    settings = model_config(
+        tmp_path,
+        """instance_group [{ kind: KIND_CPU }]
+        parameters { key: "gpu_mem_limit" value { string_value: "1024" } }""",
+    ).session
     assert [p.device for p in plan_placements(settings, 0, "model 'm' version 1", GpuPolicy(require=True))] == ["cpu"]
 
 
 def test_a_misspelt_accelerator_option_fails_the_config_naming_file_and_field(tmp_path):
     with pytest.raises(ConfigError) as error:
-        model_config(tmp_path, """optimization { execution_accelerators { gpu_execution_accelerator [
-          { name: "tensorrt" parameters { key: "precison_mode" value: "FP16" } } ] } }""")
-    assert "config.pbtxt: optimization.execution_accelerators.gpu_execution_accelerator[0].parameters['precison_mode']" in str(error.value)
+        model_config(
+            tmp_path,
+            """optimization { execution_accelerators { gpu_execution_accelerator [
+          { name: "tensorrt" parameters { key: "precison_mode" value: "FP16" } } ] } }""",
+        )
+    assert (
+        "config.pbtxt: optimization.execution_accelerators.gpu_execution_accelerator[0].parameters['precison_mode']"
+        in str(error.value)
+    )
 
 
 def test_tensorrt_profiles_span_batch_one_to_max_batch_size():
@@ -90,13 +112,21 @@ def test_tensorrt_profiles_span_batch_one_to_max_batch_size():
 
 
 def test_gpu_placements_list_tensorrt_then_cuda_then_cpu(tmp_path):
-    settings = model_config(tmp_path, """instance_group [{ kind: KIND_GPU count: 2 gpus: [1] }]
-        optimization { execution_accelerators { gpu_execution_accelerator [{ name: "tensorrt" }] } }""").session
-    placements = plan_placements(settings, 2, "model 'm' version 1", GpuPolicy(tensorrt_profiles={"trt_profile_min_shapes": "x:1"}))
+    settings = model_config(
+        tmp_path,
+        """instance_group [{ kind: KIND_GPU count: 2 gpus: [1] }]
+        optimization { execution_accelerators { gpu_execution_accelerator [{ name: "tensorrt" }] } }""",
+    ).session
+    placements = plan_placements(
+        settings, 2, "model 'm' version 1", GpuPolicy(tensorrt_profiles={"trt_profile_min_shapes": "x:1"})
+    )
     assert [p.device for p in placements] == ["cuda:1", "cuda:1"]
     names = [name for name, _ in placements[0].providers]
     assert names == [TENSORRT, CUDA, CPU]
-    assert placements[0].providers[0][1]["trt_profile_min_shapes"] == "x:1" and placements[0].providers[1][1]["device_id"] == "1"
+    assert (
+        placements[0].providers[0][1]["trt_profile_min_shapes"] == "x:1"
+        and placements[0].providers[1][1]["device_id"] == "1"
+    )
 
 
 def test_no_gpu_falls_back_loudly_or_fails_with_require_gpu(tmp_path, caplog):
@@ -105,7 +135,10 @@ def test_no_gpu_falls_back_loudly_or_fails_with_require_gpu(tmp_path, caplog):
         placements = plan_placements(settings, 0, "model 'm' version 1")
     assert [p.device for p in placements] == ["cpu"]
     assert "GPU execution is asked for, but" in caplog.text and "--require-gpu" in caplog.text
-    with pytest.raises(ConfigError, match=r"model 'm' version 1: GPU execution is asked for, but .*--require-gpu makes that a load failure"):
+    with pytest.raises(
+        ConfigError,
+        match=r"model 'm' version 1: GPU execution is asked for, but .*--require-gpu makes that a load failure",
+    ):
         plan_placements(settings, 0, "model 'm' version 1", GpuPolicy(require=True))
 
 
@@ -128,8 +161,12 @@ def test_profiles_come_from_the_graph_and_the_dims_the_config_fixes(tmp_path):
     sequence.write_bytes(onnx_models.identity("FP32", shape=("batch", "length")).SerializeToString())
     assert tensorrt_profiles(load_model_settings(tmp_path / "a"), sequence, 32) == {}  # a variable length
     (tmp_path / "d").mkdir()
-    (tmp_path / "d" / "config.pbtxt").write_text('max_batch_size: 4\ninput [{ name: "input" data_type: TYPE_FP32 dims: [16] }]\n' + trt)
-    assert tensorrt_profiles(load_model_settings(tmp_path / "d"), sequence, 32)["trt_profile_max_shapes"] == "input:4x16"
+    (tmp_path / "d" / "config.pbtxt").write_text(
+        'max_batch_size: 4\ninput [{ name: "input" data_type: TYPE_FP32 dims: [16] }]\n' + trt
+    )
+    assert (
+        tensorrt_profiles(load_model_settings(tmp_path / "d"), sequence, 32)["trt_profile_max_shapes"] == "input:4x16"
+    )
 
 
 def test_engine_caches_are_kept_apart_by_model_contents_runtime_and_gpu(tmp_path):
@@ -145,8 +182,10 @@ def test_engine_caches_are_kept_apart_by_model_contents_runtime_and_gpu(tmp_path
 
 
 def test_cuda_graphs_with_tensorrt_in_front_are_refused_naming_why(tmp_path):
-    both = ('optimization { execution_accelerators { gpu_execution_accelerator [{ name: "tensorrt" }, '
-            '{ name: "cuda" parameters { key: "enable_cuda_graph" value: "1" } }] } }')
+    both = (
+        'optimization { execution_accelerators { gpu_execution_accelerator [{ name: "tensorrt" }, '
+        '{ name: "cuda" parameters { key: "enable_cuda_graph" value: "1" } }] } }'
+    )
     with pytest.raises(ConfigError, match="enable_cuda_graph needs every node on CUDA, and the tensorrt accelerator"):
         model_config(tmp_path, both)
     alone = 'optimization { execution_accelerators { gpu_execution_accelerator [{ name: "cuda" parameters { key: "enable_cuda_graph" value: "1" } }] } }'

@@ -58,7 +58,9 @@ def test_a_batch_bigger_than_any_measured_short_runs_in_the_thread():
     assert not peak.runs_inline(batch_bytes({"x": big})), "a first big batch is measured in the thread"
     peak.record(300e-6, batch_bytes({"x": big}))  # measured there, shorter than the limit
     assert peak.runs_inline(batch_bytes({"x": big}))
-    peak.record(1e-3, batch_bytes({"x": np.zeros((8192, 4), np.float32)}))  # too long: learnt nothing, all to the thread
+    peak.record(
+        1e-3, batch_bytes({"x": np.zeros((8192, 4), np.float32)})
+    )  # too long: learnt nothing, all to the thread
     assert peak.measured_bytes == big.nbytes and not peak.runs_inline(batch_bytes({"x": small}))
 
 

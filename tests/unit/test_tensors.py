@@ -8,14 +8,20 @@ import orjson
 import pytest
 
 from server import protocol
-from server.bytes_codec import CHUNK, bytes_from_contents, object_array
+from server.bytes_codec import CHUNK, bytes_from_contents, deserialize_bytes, object_array, serialize_bytes
 from server.errors import InvalidInput
-from server.frontend.wire_walk import MAX_FIELDS
-from server.frontend.grpc_codec import _varint, decode_weight, parse_on_loop, parse_request, request_head, response_bytes
+from server.frontend.grpc_codec import (
+    _varint,
+    decode_weight,
+    parse_on_loop,
+    parse_request,
+    request_head,
+    response_bytes,
+)
 from server.frontend.request_limits import OFFLOAD_BYTES, RequestLimits, encode_weight
-from server.tensors import DATATYPES, Signature, TensorSpec
 from server.frontend.tensor_codec import decode_request
-from server.bytes_codec import deserialize_bytes, serialize_bytes
+from server.frontend.wire_walk import MAX_FIELDS
+from server.tensors import DATATYPES, Signature, TensorSpec
 
 SIGNATURE = Signature(
     model="m",
@@ -99,7 +105,9 @@ def test_bytes_round_trip():
 
 def test_response_outputs_are_raw_little_endian():
     y = np.arange(6, dtype=np.float32).reshape(2, 3)
-    response = protocol.ModelInferResponse.FromString(response_bytes(_Model, "", [(TensorSpec("y", "FP32", (-1, 3)), y)], []))
+    response = protocol.ModelInferResponse.FromString(
+        response_bytes(_Model, "", [(TensorSpec("y", "FP32", (-1, 3)), y)], [])
+    )
     assert response.outputs[0].datatype == "FP32" and list(response.outputs[0].shape) == [2, 3]
     assert response.raw_output_contents[0] == y.astype("<f4").tobytes()
 
@@ -123,7 +131,9 @@ def test_typed_contents_outside_the_datatype_range_are_invalid_input():
 
 def test_raw_bytes_parsing_stops_one_element_past_the_shape():
     buffer = struct.pack("<I", 2) + b"ab"
-    with pytest.raises(InvalidInput, match=r"more than 1 elements \(5999994 bytes are left after 1\); the shape needs 1"):
+    with pytest.raises(
+        InvalidInput, match=r"more than 1 elements \(5999994 bytes are left after 1\); the shape needs 1"
+    ):
         deserialize_bytes(buffer * 1_000_000, 1, "input 's'")  # one step, not a million
     with pytest.raises(InvalidInput, match="holds 2 elements; the shape needs 3"):
         deserialize_bytes(buffer * 2, 3, "input 's'")
@@ -261,10 +271,17 @@ def test_typed_bytes_elements_past_the_limit_are_refused_before_protobuf_builds_
     """An empty element is 2 bytes on the wire and ~30 in protobuf's arena: they are counted first."""
     message = padded(protocol.ModelInferRequest(model_name="m"))
     message.inputs.add(name="s", datatype="BYTES", shape=[1, 1]).contents.bytes_contents.extend([element] * 1001)
-    with pytest.raises(InvalidInput, match=r"more than 1000 BYTES elements in bytes_contents; at most 1000 per request \(--max-bytes-elements\)"):
+    with pytest.raises(
+        InvalidInput,
+        match=r"more than 1000 BYTES elements in bytes_contents; at most 1000 per request \(--max-bytes-elements\)",
+    ):
         parse_request(message.SerializeToString(), max_bytes_elements=1000)
-    del message.inputs[0].contents.bytes_contents[1:]  # within the limit, the shape's count is decode_request's to check
-    assert parse_request(message.SerializeToString(), max_bytes_elements=1000)[0].inputs[0].contents.bytes_contents == [element]
+    del message.inputs[0].contents.bytes_contents[
+        1:
+    ]  # within the limit, the shape's count is decode_request's to check
+    assert parse_request(message.SerializeToString(), max_bytes_elements=1000)[0].inputs[0].contents.bytes_contents == [
+        element
+    ]
 
 
 def test_typed_bytes_elements_are_counted_exactly_when_their_bytes_look_like_more():
@@ -360,12 +377,19 @@ def test_rest_binary_numbers_weigh_nothing_and_binary_strings_their_elements():
     assert len(header) + _binary_bytes_weight(numbers) <= OFFLOAD_BYTES  # decoded on the loop: a view of the body
     numbers["inputs"][0]["datatype"] = "BYTES"  # 150K elements at most: a codec thread
     assert _binary_bytes_weight(numbers) > OFFLOAD_BYTES
-    assert _binary_bytes_weight({"inputs": ["x", {"parameters": 3}, {"datatype": "BYTES", "parameters": {"binary_data_size": "9"}}]}) == 0
+    assert (
+        _binary_bytes_weight(
+            {"inputs": ["x", {"parameters": 3}, {"datatype": "BYTES", "parameters": {"binary_data_size": "9"}}]}
+        )
+        == 0
+    )
 
 
 def test_bytes_past_one_chunk_are_whole_and_their_errors_placed():
     strings = [str(index).encode() for index in range(CHUNK + 10)]  # more than one numpy call's worth
-    assert deserialize_bytes(bytes(serialize_bytes(np.array(strings, dtype=object))), len(strings), "t") == [s.decode() for s in strings]
+    assert deserialize_bytes(bytes(serialize_bytes(np.array(strings, dtype=object))), len(strings), "t") == [
+        s.decode() for s in strings
+    ]
     assert object_array([s.decode() for s in strings], (1, len(strings)))[0, -1] == str(CHUNK + 9)
     typed = protocol.ModelInferRequest().inputs.add().contents
     typed.bytes_contents.extend(strings)

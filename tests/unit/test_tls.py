@@ -39,20 +39,34 @@ def settings(tmp_path):
 
 def mutual_grpc(certs, cert=None, key=None, root=None) -> list[str]:
     return [
-        "--grpc-use-ssl-mutual", "true",
-        "--grpc-server-cert", str(cert or certs.server.cert),
-        "--grpc-server-key", str(key or certs.server.key),
-        "--grpc-root-cert", str(root or certs.ca.cert),
-    ]  # fmt: skip
+        "--grpc-use-ssl-mutual",
+        "true",
+        "--grpc-server-cert",
+        str(cert or certs.server.cert),
+        "--grpc-server-key",
+        str(key or certs.server.key),
+        "--grpc-root-cert",
+        str(root or certs.ca.cert),
+    ]
 
 
 def test_good_files_pass_for_every_endpoint(certs, settings):
     server = [str(certs.server.cert), str(certs.server.key)]
     parsed = settings(
         *mutual_grpc(certs),
-        "--http-use-ssl", "true", "--http-server-cert", server[0], "--http-server-key", server[1],
-        "--metrics-use-ssl", "true", "--metrics-server-cert", server[0], "--metrics-server-key", server[1],
-    )  # fmt: skip
+        "--http-use-ssl",
+        "true",
+        "--http-server-cert",
+        server[0],
+        "--http-server-key",
+        server[1],
+        "--metrics-use-ssl",
+        "true",
+        "--metrics-server-cert",
+        server[0],
+        "--metrics-server-key",
+        server[1],
+    )
     check_certificates(parsed)
     assert isinstance(grpc_credentials(parsed), grpc.ServerCredentials)
     assert metrics_cert_and_key(parsed) == tuple(server)
@@ -64,14 +78,22 @@ def test_plain_text_is_the_default_everywhere(settings):
     check_certificates(parsed)
     assert grpc_credentials(parsed) is None
     assert metrics_cert_and_key(parsed) == ("", "")
-    assert uvicorn_tls(parsed) == {"http": LimitedHttpToolsProtocol}  # no TLS extension: nothing more per request than the limits
+    assert uvicorn_tls(parsed) == {
+        "http": LimitedHttpToolsProtocol
+    }  # no TLS extension: nothing more per request than the limits
 
 
 def test_mutual_http_requires_a_client_certificate_signed_by_the_root(certs, settings):
     parsed = settings(
-        "--http-use-ssl-mutual", "1", "--http-server-cert", str(certs.server.cert),
-        "--http-server-key", str(certs.server.key), "--http-root-cert", str(certs.ca.cert),
-    )  # fmt: skip
+        "--http-use-ssl-mutual",
+        "1",
+        "--http-server-cert",
+        str(certs.server.cert),
+        "--http-server-key",
+        str(certs.server.key),
+        "--http-root-cert",
+        str(certs.ca.cert),
+    )
     options = uvicorn_tls(parsed)
     assert (options["ssl_cert_reqs"], options["ssl_ca_certs"]) == (ssl.CERT_REQUIRED, str(certs.ca.cert))
 
@@ -96,7 +118,14 @@ def test_a_key_that_does_not_match_the_certificate(certs, settings):
 
 
 def test_a_file_without_a_key(certs, settings):
-    flags = ["--http-use-ssl", "yes", "--http-server-cert", str(certs.server.cert), "--http-server-key", str(certs.ca.cert)]
+    flags = [
+        "--http-use-ssl",
+        "yes",
+        "--http-server-cert",
+        str(certs.server.cert),
+        "--http-server-key",
+        str(certs.ca.cert),
+    ]
     with pytest.raises(ConfigError, match=f"^--http-server-key: {certs.ca.cert}: no PEM private key in it \\(ssl: "):
         check_certificates(settings(*flags))
 
@@ -104,7 +133,14 @@ def test_a_file_without_a_key(certs, settings):
 def test_an_encrypted_key_is_refused_without_asking_for_a_passphrase(certs, settings, tmp_path):
     encrypted = tmp_path / "encrypted.key"
     openssl("pkey", "-in", str(certs.server.key), "-aes128", "-passout", "pass:secret", "-out", str(encrypted))
-    flags = ["--metrics-use-ssl", "on", "--metrics-server-cert", str(certs.server.cert), "--metrics-server-key", str(encrypted)]
+    flags = [
+        "--metrics-use-ssl",
+        "on",
+        "--metrics-server-cert",
+        str(certs.server.cert),
+        "--metrics-server-key",
+        str(encrypted),
+    ]
     with pytest.raises(ConfigError, match=f"^--metrics-server-key: {encrypted}: the key is encrypted"):
         check_certificates(settings(*flags))
 
@@ -115,7 +151,14 @@ def test_a_root_file_without_a_certificate(certs, settings):
 
 
 def test_the_root_is_read_only_under_mutual_tls(certs, settings):
-    flags = ["--grpc-use-ssl", "true", "--grpc-server-cert", str(certs.server.cert), "--grpc-server-key", str(certs.server.key)]
+    flags = [
+        "--grpc-use-ssl",
+        "true",
+        "--grpc-server-cert",
+        str(certs.server.cert),
+        "--grpc-server-key",
+        str(certs.server.key),
+    ]
     check_certificates(settings(*flags, "--grpc-root-cert", str(certs.ca.key)))  # TLS alone: no client certificates
 
 
@@ -183,8 +226,14 @@ def test_grpc_and_rest_read_one_certificate_alike(certs, tmp_path, subject, expe
     if decode is None:
         pytest.skip("this Python has no ssl._ssl._test_decode_cert")
     pair = make_leaf(tmp_path, "subject", certs.ca, subject)
-    printed = subprocess.run(["openssl", "x509", "-in", str(pair.cert), "-noout", "-subject", "-nameopt", "RFC2253"],
-                             capture_output=True, text=True, check=True).stdout  # fmt: skip
+    printed = subprocess.run(
+        ["openssl", "x509", "-in", str(pair.cert), "-noout", "-subject", "-nameopt", "RFC2253"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     over_grpc = grpc_client_name(AuthContext(printed.rstrip("\n").removeprefix("subject=")))
-    over_rest = http_client_name({"extensions": {"tls": {"client_cert_name": rfc4514(decode(str(pair.cert))["subject"])}}})
+    over_rest = http_client_name(
+        {"extensions": {"tls": {"client_cert_name": rfc4514(decode(str(pair.cert))["subject"])}}}
+    )
     assert over_grpc == over_rest == expected

@@ -7,19 +7,48 @@ import pytest
 
 from server.tune.budget import Budget, coarse_count, plan_for_budget
 from server.tune.search import (
-    Candidate, Measurement, Offer, break_even, capacities, capacity, choose, clearly_fails, closest, coarse_candidates,
-    cost_per_million, dominates, make_space, meets, neighbours, pareto_front, replicas_needed, survivors,
-)  # fmt: skip
+    Candidate,
+    Measurement,
+    Offer,
+    break_even,
+    capacities,
+    capacity,
+    choose,
+    clearly_fails,
+    closest,
+    coarse_candidates,
+    cost_per_million,
+    dominates,
+    make_space,
+    meets,
+    neighbours,
+    pareto_front,
+    replicas_needed,
+    survivors,
+)
 
 P99 = 50.0
 TOL = 0.15
 CPU = 0.0892  # $/h, the default price of a 2-core machine
 
 
-def point(config: str, rate: float, p99: float, noise: float = 0.05, errors: int = 0, price: float = CPU, **more) -> Measurement:
+def point(
+    config: str, rate: float, p99: float, noise: float = 0.05, errors: int = 0, price: float = CPU, **more
+) -> Measurement:
     """A measurement as the tuner records it; cost is what one replica's price comes to at that rate."""
-    return Measurement(config, rate, p50_ms=p99 / 3, p99_ms=p99, throughput=rate, requests=1000, errors=errors,
-                       cost_per_million=cost_per_million(rate, 1, price), noise=noise, price_per_hour=price, **more)  # fmt: skip
+    return Measurement(
+        config,
+        rate,
+        p50_ms=p99 / 3,
+        p99_ms=p99,
+        throughput=rate,
+        requests=1000,
+        errors=errors,
+        cost_per_million=cost_per_million(rate, 1, price),
+        noise=noise,
+        price_per_hour=price,
+        **more,
+    )
 
 
 def test_a_clear_failure_is_pruned_and_one_inside_the_noise_is_not():
@@ -53,9 +82,13 @@ def test_replicas_price_a_rate_one_server_cannot_carry():
     assert replicas_needed(1000, 300) == 4 and replicas_needed(600, 300) == 2 and replicas_needed(100, 300) == 1
     assert cost_per_million(100, 1, 3.6) == pytest.approx(10.0)  # $3.6/h = $0.001/s; 100/s -> $10 per million
     table = [
-        point("small", 100, 10, resources=1), point("small", 300, 20, resources=1), point("small", 1000, 900, resources=1),
-        point("wide", 100, 15, resources=2), point("wide", 300, 25, resources=2), point("wide", 1000, 45, resources=2),
-    ]  # fmt: skip
+        point("small", 100, 10, resources=1),
+        point("small", 300, 20, resources=1),
+        point("small", 1000, 900, resources=1),
+        point("wide", 100, 15, resources=2),
+        point("wide", 300, 25, resources=2),
+        point("wide", 1000, 45, resources=2),
+    ]
     at_1000 = choose(1000, table, P99, TOL)
     assert (at_1000.config, at_1000.replicas) == ("wide", 1)
     assert at_1000.cost_per_million == pytest.approx(cost_per_million(1000, 1, CPU))
@@ -66,8 +99,11 @@ def test_replicas_price_a_rate_one_server_cannot_carry():
 
 
 def test_configurations_that_cost_the_same_within_the_noise_are_tied_and_the_rule_picks_one():
-    table = [point("two-instances", 100, 12, resources=2), point("one-thread", 100, 30, resources=1),
-             point("changed-more", 100, 20, resources=1, changes=3)]  # fmt: skip
+    table = [
+        point("two-instances", 100, 12, resources=2),
+        point("one-thread", 100, 30, resources=1),
+        point("changed-more", 100, 20, resources=1, changes=3),
+    ]
     choice = choose(100, table, P99, TOL)
     assert choice.config == "one-thread"  # same price, same replicas: fewer cores busy, then fewer changes
     assert set(choice.tied_with) == {"two-instances", "changed-more"} and "tied" in choice.reason
@@ -109,7 +145,9 @@ def test_budget_accounting_and_the_plan_it_sizes():
     assert budget.spent == 45 and budget.remaining == 15
     assert budget.fits(15) and not budget.fits(15.5)
     short, long = plan_for_budget(60), plan_for_budget(600)
-    assert short.window_s(50) == short.max_window_s < long.window_s(50)  # 2,000 requests at 50/s: longer than either allows
+    assert (
+        short.window_s(50) == short.max_window_s < long.window_s(50)
+    )  # 2,000 requests at 50/s: longer than either allows
     assert long.window_s(10_000) == long.min_window_s  # 0.2 s would do; never shorter than the minimum
     assert short.estimate_s(50, 3.0) == pytest.approx(3.0 + short.warmup_s + 3 * short.window_s(50) + short.overhead_s)
     per_config = short.estimate_s(50, 3.0) + short.estimate_s(200, 0.0)
@@ -139,7 +177,9 @@ def test_candidates_respect_the_cores_and_step_one_value_at_a_time():
     assert Candidate(max_batch_size=1) not in neighbours(Candidate(max_batch_size=8), two_rows)
     assert Candidate(max_batch_size=1) not in neighbours(Candidate(max_batch_size=1), space)  # a delay step on b1 is b1
     gpu = make_space(Candidate(kind="gpu", max_batch_size=32), batchable=True, cores=16, gpu=True)
-    assert any(c.accelerator == "tensorrt_fp16" for c in coarse_candidates(Candidate(kind="gpu", max_batch_size=32), gpu))
+    assert any(
+        c.accelerator == "tensorrt_fp16" for c in coarse_candidates(Candidate(kind="gpu", max_batch_size=32), gpu)
+    )
     assert capacities([], P99, TOL) == {}
 
 

@@ -12,16 +12,26 @@ import time
 
 import pytest
 
-from server.tools import usage
 from server.engine import usage_log
 from server.engine.usage_log import FIELDS, UsageLog
+from server.tools import usage
 from tests.conftest import ROOT, wait_until
 
 
 def record(tenant="t1", outcome="ok", rows=2, cost=1e-6, model="m"):
     values = dict.fromkeys(FIELDS)
-    values.update(time=1.8e9, request_id="r", tenant=tenant, tenant_source="header", model=model, version="1",
-                  protocol="grpc", outcome=outcome, rows=rows, cost_dollars=cost)  # fmt: skip
+    values.update(
+        time=1.8e9,
+        request_id="r",
+        tenant=tenant,
+        tenant_source="header",
+        model=model,
+        version="1",
+        protocol="grpc",
+        outcome=outcome,
+        rows=rows,
+        cost_dollars=cost,
+    )
     return tuple(values[name] for name in FIELDS)
 
 
@@ -92,7 +102,14 @@ def test_the_reader_totals_by_tenant_and_model_and_flags_corruption(tmp_path, ca
     assert usage.main([str(path), "--format", "json"]) == 0
     report = json.loads(capsys.readouterr().out)
     tenants = {row["tenant"]: row for row in report["tenants"]}
-    assert tenants["t1"] == {"tenant": "t1", "requests": 2, "ok": 1, "inferences": 2, "cost_dollars": 2e-6, "energy_joules": None}
+    assert tenants["t1"] == {
+        "tenant": "t1",
+        "requests": 2,
+        "ok": 1,
+        "inferences": 2,
+        "cost_dollars": 2e-6,
+        "energy_joules": None,
+    }
     assert {(row["model"], row["requests"]) for row in report["models"]} == {("m", 2), ("n", 1)}
     assert usage.main([str(path), "--format", "csv"]) == 0
     assert capsys.readouterr().out.splitlines()[1] == "tenant,t1,,,2,1,2,2e-06,"
@@ -208,7 +225,9 @@ print(json.dumps({"leaked": leaked, "lost": lost, "error": error, "written": log
 
 def test_rotation_that_cannot_open_a_file_keeps_every_record_in_the_old_one(tmp_path):
     path = tmp_path / "usage.log"
-    result = subprocess.run([sys.executable, "-c", EMFILE_SCRIPT, str(path)], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", EMFILE_SCRIPT, str(path)], capture_output=True, text=True, cwd=ROOT, timeout=60
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     outcome = json.loads(result.stdout.splitlines()[-1])
     assert outcome == {"leaked": 0, "lost": 0, "error": "", "written": 60}, (outcome, result.stderr[-3000:])
@@ -321,7 +340,9 @@ def test_a_failing_close_of_the_file_is_logged_not_raised(tmp_path, caplog, monk
     assert "cannot close" in caplog.text
 
 
-def test_a_rotation_that_keeps_failing_is_logged_once_per_window_and_again_after_a_success(tmp_path, caplog, monkeypatch):
+def test_a_rotation_that_keeps_failing_is_logged_once_per_window_and_again_after_a_success(
+    tmp_path, caplog, monkeypatch
+):
     monkeypatch.setattr(usage_log, "ROTATION_RETRY_SECONDS", 0.01)
     caplog.set_level(logging.INFO, logger="server.engine.usage_log")
     path = tmp_path / "usage.log"
