@@ -51,8 +51,11 @@ class ServerProcess(Launched):
         return parse_samples(self.metrics())
 
 
-def start_server(repository: Path, *extra: str, wait_ready: bool = True, timeout: float = 120) -> ServerProcess:
-    """Start `python -m server` on port 0 and wait for its ready (or not-ready) log line."""
+def start_server(
+    repository: Path, *extra: str, wait_ready: bool = True, timeout: float = 120, root: Path = ROOT
+) -> ServerProcess:
+    """Start `python -m server` on port 0 and wait for its ready (or not-ready) log line; `root`: the
+    checkout whose `server` package runs (bench/compare.py starts an older one beside this one)."""
     arguments = [
         "--model-repository",
         str(repository),
@@ -70,7 +73,7 @@ def start_server(repository: Path, *extra: str, wait_ready: bool = True, timeout
         "0",
         *extra,
     ]
-    return launch(arguments, wait_ready=wait_ready, timeout=timeout, into=ServerProcess(None), cwd=ROOT)
+    return launch(arguments, wait_ready=wait_ready, timeout=timeout, into=ServerProcess(None), cwd=root)
 
 
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02) -> bool:
