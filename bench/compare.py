@@ -45,8 +45,11 @@ def compare_model(repository: Path, model: str, roots: dict[str, Path], rounds: 
                 for label in order:
                     report = loadgen(servers[label], WORKLOADS[model], concurrency, seconds, transport=transport)
                     rates = figures.setdefault((transport, concurrency), {}).setdefault(label, [])
-                    rates.append(report["inferences_per_second"] if not report["errors"] else 0.0)
-                    print(f"  {model} {transport} c={concurrency} {label}: {rates[-1]:,.0f}/s", file=sys.stderr)
+                    rates.append(report["inferences_per_second"])
+                    errors = f", {report['errors']} errors" if report["errors"] else ""
+                    print(f"  {model} {transport} c={concurrency} {label}: {rates[-1]:,.0f}/s{errors}", file=sys.stderr)
+                    if report["errors"]:  # a point with errors is no figure: say so, and stop
+                        raise RuntimeError(f"{label} answered {model} {transport} c={concurrency} with errors")
     finally:
         for server in servers.values():
             server.stop()

@@ -70,6 +70,7 @@ async def serve(settings: ServerSettings) -> int:
     grpc = await start_grpc(settings, backend)
     connections = ConnectionMetrics(registry)
     metrics_httpd = start_metrics_server(registry, settings, connections)
+    await grpc.start()
     http, http_bound = None, 0
     if settings.http_port >= 0:  # imported only then: a gRPC-only install needs no HTTP stack
         from server.frontend.http_service import HttpApi, http_port, start_http
@@ -82,7 +83,7 @@ async def serve(settings: ServerSettings) -> int:
         f", HTTP port {http_bound}" if http else ""
     )
     followers = await _serve_until_signal(
-        settings, bus, repository, auth, lambda changed: grpc.follow_readiness(core, changed, ports)
+        settings, bus, repository, auth, lambda changed: grpc.follow_readiness(changed, ports)
     )
     serving = shutdown.Serving(
         grpc, http, core, backend.offload, repository, usage, metrics_httpd, energy, gpus, followers

@@ -1,9 +1,13 @@
 """The engine: a decoded request in; its own rows, cost and timing out.
 
-Owns the inference core (inference: admit, resolve, account, settle), the per-model batchers and
-their queues, the onnxruntime sessions (runtime, binding, placement, providers, the CUDA
-libraries), calibration at load, and the bill: the cost ledger, GPU energy and the usage log.
+Owns the inference core (inference: admit, resolve, account, settle; call: a request's record),
+the per-model batchers and their queues (batching, queued), the onnxruntime sessions (runtime,
+binding, placement, providers, cuda_libraries, run_peak), calibration at load, and the bill: the
+cost ledger (costs), GPU energy (energy) and the usage log (usage_log).
 
-May import: the shared modules at the top of `server`, `server.models` (which version answers)
-and `server.observe` (events it publishes). Never the front end, the tuner or the tools.
+May import: the shared modules at the top of `server`, `server.models` and `server.observe`
+(events it publishes). The engine and the models are one process's two halves and import each
+other: the execution pieces read a model's typed settings (models.model_config), the core asks
+the repository which version answers, and loading builds a version from the execution pieces.
+Never the front end, the tuner or the tools.
 """

@@ -10,10 +10,10 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 
-from server.engine.batching import Answer, QueuedRequest
+from server.engine.call import Call, Identity
 from server.engine.costs import CostLedger, Share
+from server.engine.queued import Answer, QueuedRequest
 from server.engine.usage_log import UsageLog
 from server.errors import DeadlineExceeded, InvalidInput, ModelNotFound, Overloaded, ServingError, ShuttingDown
 from server.models.repository import ModelRepository, ModelVersion
@@ -29,7 +29,6 @@ COMPUTE_PARAMETER = "onnxserve_compute_us"
 BATCH_PARAMETER = "onnxserve_batch_rows"
 BATCH_ID_PARAMETER = "onnxserve_batch_id"
 TENANT_PARAMETER = "onnxserve_tenant"
-GRPC, HTTP = "grpc", "http"
 OUTCOMES = {InvalidInput: "invalid", Overloaded: "rejected", DeadlineExceeded: "timeout", ModelNotFound: "invalid"}
 
 log = logging.getLogger(__name__)
@@ -46,32 +45,6 @@ def outcome_of(error: BaseException | None) -> str:
     return "error"
 
 
-@dataclass(frozen=True, slots=True)
-class Identity:
-    """Who is calling, as the front end established it (server/frontend/identity.py)."""
-
-    tenant: str  # the real name: the usage log's
-    label: str  # the name on /metrics: the tenant, or "other" once --max-tenant-series are taken
-    source: str  # api_key, certificate, header or none
-
-
-@dataclass(slots=True)
-class Call:
-    """One inference request on its way through the server."""
-
-    started: float  # perf_counter()
-    protocol: str  # GRPC or HTTP
-    identity: Identity
-    model: ModelVersion | None = None  # once the name resolved: its events carry the labels
-    rows: int = 0
-    outputs: tuple[str, ...] = ()
-    request_id: str = ""  # the caller's own id, if it gave one
-    requested: tuple[str, str] = ("", "")  # the model name and version asked for
-    reserved: bool = False  # holds a place in the usage log's buffer
-    item: QueuedRequest | None = None  # once queued: what its batch did
-    answer: Answer | None = None
-
-
 class InferenceCore:
     """The engine's request API: admit a decoded request, answer its own rows, say what it cost,
     and report how it ended. The transports decode before it and encode after it; a request's
@@ -86,20 +59,17 @@ class InferenceCore:
         strict_readiness: bool,
         usage: UsageLog | None = None,
     ) -> None:
-        self.repository = repository
-        self.bus = bus
-        self.ledger = ledger
-        self.strict_readiness = strict_readiness
-        self.usage = usage
-        self.shutting_down = False
+        self._repository, self._bus, self._ledger, self._usage = repository, bus, ledger, usage
+        self._strict_readiness = strict_readiness
+        self.shutting_down = False  # set by the stop: new requests are refused, readiness is off
 
     def ready(self) -> bool:
-        if self.shutting_down or not self.repository.loaded:
+        if self.shutting_down or not self._repository.loaded:
             return False
-        return self.repository.all_ready() or not self.strict_readiness
+        return self._repository.all_ready() or not self._strict_readiness
 
     def model_ready(self, name: str, version: str) -> bool:
-        return not self.shutting_down and self.repository.is_ready(name, version)
+        return not self.shutting_down and self._repository.is_ready(name, version)
 
     def start(self, protocol: str, identity: Identity) -> Call:
         return Call(time.perf_counter(), protocol, identity)
@@ -124,13 +94,18 @@ class InferenceCore:
         """The version that will answer; raises ShuttingDown, ModelNotFound or ModelNotReady."""
         if self.shutting_down:
             raise ShuttingDown("the server is shutting down; retry on another replica")
-        if self.usage is not None:
-            if not self.usage.reserve():  # rather refused than served unbilled
-                raise Overloaded(self.usage.behind_message())
+        if self._usage is not None:
+            if not self._usage.reserve():  # rather refused than served unbilled
+                raise Overloaded(self._usage.behind_message())
             call.reserved, call.requested = True, (name, version)
-        model = call.model = self.repository.get(name, version)
-        self.bus.publish(RequestStarted(model.name, model.version))
+        model = call.model = self._repository.get(name, version)
+        self._bus.publish(RequestStarted(model.name, model.version))
         return model
+
+    def cancel(self, call: Call) -> None:
+        """The caller went away: its request leaves the queue, or its rows are dropped if its batch runs."""
+        if call.item is not None:
+            call.model.batcher.cancel(call.item)
 
     def enqueue(self, call: Call, decoded: DecodedRequest, parameters: Mapping[str, object]) -> QueuedRequest:
         """Queue a decoded request on its version's batcher; its future resolves with the Answer."""
@@ -161,7 +136,7 @@ class InferenceCore:
             (DEVICE_PARAMETER, answer.device),
             (TENANT_PARAMETER, call.identity.tenant),
         ]
-        share = self.ledger.share(answer.batch_id, call.rows)
+        share = self._ledger.share(answer.batch_id, call.rows)
         if share is None:  # never: a batch's cost stays until its requests have settled
             log.error("cost of batch %d is unknown when its response is sent", answer.batch_id)
             return said
@@ -177,7 +152,7 @@ class InferenceCore:
             model = call.model
             seconds = time.perf_counter() - call.started
             label = call.identity.label
-            self.bus.publish(
+            self._bus.publish(
                 RequestFinished(model.name, model.version, outcome, call.rows, seconds, call.protocol, label)
             )
         item = call.item
@@ -188,9 +163,9 @@ class InferenceCore:
 
     def _settle(self, call: Call, outcome: str) -> None:
         item = call.item
-        share = self.ledger.settle(item.batch_id, item.rows) if item is not None and item.batch_id else None
+        share = self._ledger.settle(item.batch_id, item.rows) if item is not None and item.batch_id else None
         if call.reserved:
-            self.usage.append(self._usage_record(call, outcome, share))
+            self._usage.append(self._usage_record(call, outcome, share))
 
     def _usage_record(self, call: Call, outcome: str, share: Share | None) -> tuple:
         """usage_log.FIELDS, in order."""
@@ -205,7 +180,7 @@ class InferenceCore:
         dollars = joules = price = source = device = None
         if share is not None:
             device, dollars, joules = share.device, share.dollars, share.joules
-            price = self.ledger.price(device)
+            price = self._ledger.price(device)
             price, source = price.dollars_per_hour, price.source
         batch_id = item.batch_id if item is not None and item.batch_id else None
         return (

@@ -1,12 +1,18 @@
 """The front end: where a request arrives and its answer leaves.
 
-Owns the transports (gRPC in grpc_service, REST in http_service, the /metrics listener), their
-codecs (wire bytes <-> the engine's DecodedRequest and back), the bounds on what one request or
-connection may hold, TLS, API keys and the caller's tenant, and the table from domain errors to
-gRPC and HTTP status codes.
+Owns the transports, each building and starting itself: gRPC (grpc_server starts it, grpc_service
+has the RPC table, the metadata and model-control adapters and the status table, grpc_infer and
+grpc_stream the inference paths, grpc_codec and wire_walk the wire) and REST (http_service,
+http_codec, http_flow, http_tls), the /metrics listener (metrics_server); tensor decoding and
+encoding (tensor_codec); the bounds on what one request or connection may hold (request_limits,
+connection_limits, listeners, process_limits); TLS, API keys and the caller's tenant (tls,
+identity); restricted API groups (restricted); what the server says about its models (model_info);
+and the Backend, what a transport is handed of the rest.
 
-May import: the shared modules at the top of `server` (config, errors, protocol, tensors,
-bytes_codec), `server.engine`'s request API (InferenceCore, Call), `server.models` for names,
-model control and what the server says about its models, and `server.observe`. Nothing in the
-engine, the models or the observers imports it: the front end is what a second process will run.
+May import, when it runs: the shared modules at the top of `server`; of the engine only a
+request's record and answer (engine.call, engine.queued); of the models only the name rules
+(models.names); and `server.observe`. The engine's core and model control are named for type
+annotations only. model_info alone reads the models' live state (models.repository,
+models.model_config). Nothing in the engine, the models or the observers imports the front end:
+it is what a process of its own will run. tests/unit/test_layout.py checks all of this.
 """

@@ -1,17 +1,23 @@
 """What the transports serve from, handed to them by the composition root (server/app.py).
 
-A transport reaches nothing beyond these: the engine's request API, its one view of the models,
-model control, who is calling, and the bounds and threads of its codecs. This is the front end's
-whole dependency on the rest of the server, so it is where a front end in a process of its own
-would plug in."""
+A transport holds nothing of the rest of the server beyond these: the engine's request API, its
+one view of the models, model control, who is calling, and the bounds and threads of its codecs.
+Besides them it uses only vocabulary (a request's record and answer, the name rules). So this is
+where a front end in a process of its own would plug in: a Backend whose core and control speak
+to the engine's process."""
+
+from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from server.engine.inference import InferenceCore
 from server.frontend.identity import Authenticator
 from server.frontend.model_info import ModelInfo
 from server.frontend.request_limits import Offload, RequestLimits
-from server.models.control import RepositoryControl
+
+if TYPE_CHECKING:  # the engine's side, named, not imported: a front end runs without the engine's machinery
+    from server.engine.inference import InferenceCore
+    from server.models.control import RepositoryControl
 
 
 @dataclass(frozen=True)

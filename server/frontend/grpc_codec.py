@@ -26,7 +26,7 @@ from server.frontend.request_limits import (
 )
 from server.frontend.tensor_codec import output_bytes
 from server.frontend.wire_walk import LOOP_FIELDS, MAX_FIELDS, OverBudget, Walk, declared_elements
-from server.models.repository import NAME_MAX, check_model_name
+from server.models.names import NAME_MAX, check_model_name
 from server.tensors import TensorSpec
 
 RAW_OUTPUT_TAG = bytes([6 << 3 | 2])  # ModelInferResponse.raw_output_contents = 6, length-delimited

@@ -2,9 +2,12 @@
 readiness) and reflection, on one port with the server's bounds, started in the running loop.
 REST's counterpart is http_service.start_http."""
 
+from __future__ import annotations
+
 import asyncio
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -12,13 +15,15 @@ from grpc_reflection.v1alpha import reflection
 
 from server import protocol
 from server.config import ServerSettings
-from server.engine.inference import InferenceCore
 from server.frontend.backend import Backend
 from server.frontend.grpc_service import InferenceService
 from server.frontend.process_limits import grpc_options
 from server.frontend.tls import grpc_credentials
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:  # named, not imported: see backend.py
+    from server.engine.inference import InferenceCore
+
+log = logging.getLogger("onnxserve")  # the lifecycle's lines, as app.py's and shutdown.py's
 
 LIVENESS_SERVICE = "liveness"  # SERVING while the process runs, loading included: for liveness probes
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
@@ -29,14 +34,19 @@ class GrpcServer:
     server: grpc.aio.Server
     port: int
     health: health.aio.HealthServicer
+    core: InferenceCore
 
-    async def follow_readiness(self, core: InferenceCore, changed: asyncio.Event, ports: str) -> None:
+    async def start(self) -> None:
+        await self.server.start()
+
+    async def follow_readiness(self, changed: asyncio.Event, ports: str) -> None:
         """Health follows readiness: once the start-up loads are done, then after every load or
         unload (`changed`), until the stop turns it NOT_SERVING. Stops only when cancelled."""
+        core = self.core
         serving = core.ready()
         if serving:
             await self.set_health(SERVING)
-            log.info("ready: %s", ports)
+            log.info("ready: %s", ports)  # server/tools/launcher.py's READY_LINE reads it
         else:
             log.error("not ready: some models failed to load (--strict-readiness is on); see the errors above")
         while True:
@@ -53,7 +63,8 @@ class GrpcServer:
 
 
 async def start_grpc(settings: ServerSettings, backend: Backend) -> GrpcServer:
-    """Bound and started; health NOT_SERVING (liveness SERVING) until follow_readiness says otherwise."""
+    """Bound, health NOT_SERVING (liveness SERVING) until follow_readiness says otherwise; it serves
+    once `start()` is called, after /metrics is up, as a failed start then leaves nothing serving."""
     server = grpc.aio.server(
         options=[
             ("grpc.max_send_message_length", settings.grpc_max_message_bytes),
@@ -69,8 +80,7 @@ async def start_grpc(settings: ServerSettings, backend: Backend) -> GrpcServer:
     )
     target, credentials = f"{settings.grpc_address}:{settings.grpc_port}", grpc_credentials(settings)
     port = server.add_secure_port(target, credentials) if credentials else server.add_insecure_port(target)
-    started = GrpcServer(server, port, health_servicer)
-    await started.set_health(NOT_SERVING)
+    bound = GrpcServer(server, port, health_servicer, backend.core)
+    await bound.set_health(NOT_SERVING)
     await health_servicer.set(LIVENESS_SERVICE, SERVING)
-    await server.start()
-    return started
+    return bound

@@ -1,6 +1,7 @@
-"""The gRPC transport: inference.GRPCInferenceService's RPCs over the transport-neutral core
-(server/engine/inference.py) and the rest of the Backend, and the one table from domain errors to
-gRPC status codes. grpc_server.py builds and starts the server around it."""
+"""The gRPC transport: inference.GRPCInferenceService's RPCs over the Backend (inference in
+grpc_infer.py and grpc_stream.py, the rest here), API groups restricted to callers that send a
+header, and the one table from domain errors to gRPC status codes. grpc_server.py builds and
+starts the server around it."""
 
 import logging
 
@@ -8,27 +9,15 @@ import grpc
 
 from server import errors, protocol
 from server.config import PROTOCOL_GROUPS, RestrictedProtocol
-from server.engine.batching import Answer
-from server.engine.inference import GRPC, Call, Identity
-from server.errors import ServingError
+from server.errors import PermissionDenied, ServingError
 from server.frontend.backend import Backend
 from server.frontend.grpc_codec import (
-    RequestHead,
-    decode_weight,
-    parse_on_loop,
-    parse_request,
-    request_head,
-    response_bytes,
-    response_weight,
     serialize_response,
 )
+from server.frontend.grpc_infer import GrpcInference
 from server.frontend.grpc_stream import StreamInfer
-from server.frontend.identity import AUTHORIZATION, TENANT_HEADER
 from server.frontend.model_info import EXTENSIONS, PLATFORM, SERVER_NAME, server_version
-from server.frontend.restricted import restricted
-from server.frontend.tensor_codec import decode_request
-from server.frontend.tls import grpc_client_name
-from server.tensors import DecodedRequest
+from server.frontend.restricted import permitted
 
 log = logging.getLogger(__name__)
 STATUS = {
@@ -53,7 +42,7 @@ class InferenceService:
 
     def __init__(self, backend: Backend, restricted: tuple[RestrictedProtocol, ...] = ()) -> None:
         self.core, self.info, self.control, self.auth = backend.core, backend.info, backend.control, backend.auth
-        self.limits, self.offload = backend.limits, backend.offload
+        self.inference = GrpcInference(backend.core, backend.auth, backend.limits, backend.offload)
         self.restricted = {method: rule for rule in restricted for method in rule.methods}
 
     def implementations(self) -> dict:
@@ -66,7 +55,7 @@ class InferenceService:
             "ModelMetadata": self.ModelMetadata,
             "ModelConfig": self.ModelConfig,
             "ModelInfer": self.ModelInfer,
-            "ModelStreamInfer": StreamInfer(self).serve,
+            "ModelStreamInfer": StreamInfer(self.inference).serve,
             "ModelStatistics": self.ModelStatistics,
             "RepositoryIndex": self.RepositoryIndex,
             "RepositoryModelLoad": self.RepositoryModelLoad,
@@ -101,24 +90,9 @@ class InferenceService:
                 )
         return grpc.method_handlers_generic_handler(protocol.SERVICE_NAME, handlers)
 
-    def identity(self, context) -> Identity:
-        """Who is calling, from the call's metadata and client certificate; Unauthenticated when
-        keys are required and it has no valid one."""
-        auth = self.auth
-        if not auth.reads_calls:  # nothing configured to read: skip the metadata
-            return auth.anonymous
-        authorization = header = None
-        for key, value in context.invocation_metadata():
-            if key == AUTHORIZATION:
-                authorization = value
-            elif key == TENANT_HEADER:
-                header = value
-        certificate = grpc_client_name(context) if auth.mutual_tls else None
-        return auth.identify(authorization, certificate, header)
-
     def _authenticated(self, implementation):
         async def call(request, context):
-            self.identity(context)
+            self.inference.identity(context)
             return await implementation(request, context)
 
         return call
@@ -154,47 +128,7 @@ class InferenceService:
     # --- inference ----------------------------------------------------------------------------
 
     async def ModelInfer(self, request, context):
-        return await self.infer(request, self.identity(context))
-
-    async def infer(self, request: bytes, identity: Identity) -> bytes:
-        """One serialized ModelInferRequest to its serialized response; raises ServingError for the
-        caller to report."""
-        with self.core.request(GRPC, identity) as call:
-            head, decoded = await self._read(request, call)
-            answer = await self.core.infer(call, decoded, head.parameters)
-            outputs, said = self.outputs(call, answer)
-            return await self.offload.run(response_weight(outputs), response_bytes, call.model, head.id, outputs, said)
-
-    async def _read(self, data: bytes, call: Call) -> tuple[RequestHead, DecodedRequest]:
-        """Parsed and decoded; the message itself (and its typed contents) is gone on return."""
-        message, raw, head = await self.parsed(data, call)
-        return head, await self.decoded(message, raw, head, call)
-
-    async def parsed(self, data: bytes, call: Call):
-        """(message, raw contents, checked RequestHead): parsed on the loop where that is cheap (a
-        small message, or a big one of raw numbers), else in a codec thread."""
-        parsed = parse_on_loop(data)
-        if parsed is None:
-            limits = self.limits
-            parsed = await self.offload.in_thread(
-                parse_request, data, limits.max_bytes_elements, limits.max_typed_elements
-            )
-        message, raw = parsed
-        head = request_head(message, len(data), self.limits)
-        call.request_id = head.id
-        return message, raw, head
-
-    async def decoded(self, message, raw: list | None, head: RequestHead, call: Call) -> DecodedRequest:
-        model = self.core.resolve(call, head.model_name, head.model_version)
-        weight = decode_weight(message, raw, head.size)
-        return await self.offload.run(weight, decode_request, message, model.signature, self.limits, raw)
-
-    def outputs(self, call: Call, answer: Answer):
-        """The (spec, array) of each output asked for, and the accounting parameters; on the loop."""
-        signature = call.model.signature
-        return [(signature.output(name), answer.outputs[name]) for name in call.outputs], self.core.accounting(
-            call, answer
-        )
+        return await self.inference.infer(request, self.inference.identity(context))
 
     # --- statistics ---------------------------------------------------------------------------
 
@@ -221,6 +155,31 @@ class InferenceService:
     async def RepositoryModelUnload(self, request, context):
         await self.control.unload(request.model_name)
         return protocol.response_class("RepositoryModelUnload")()
+
+
+def restricted(implementation, rule: RestrictedProtocol, streaming: bool):
+    """The RPC, refused with PERMISSION_DENIED unless the call carries the rule's metadata."""
+
+    def check(context) -> None:
+        permitted(rule, next((value for key, value in context.invocation_metadata() if key == rule.header), None))
+
+    if streaming:
+
+        async def stream(requests, context):
+            try:
+                check(context)
+            except PermissionDenied as err:
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(err))
+            async for answer in implementation(requests, context):
+                yield answer
+
+        return stream
+
+    async def call(request, context):
+        check(context)
+        return await implementation(request, context)
+
+    return call
 
 
 def _guarded(method: str, implementation):

@@ -1,5 +1,5 @@
 """Triton's ModelStreamInfer: a stream's requests run concurrently (so they batch with everyone's),
-each answered on the stream as it completes, in the unary path's steps (grpc_service.InferenceService:
+each answered on the stream as it completes, in the unary path's steps (grpc_infer.GrpcInference:
 parse, decode, encode) and through the core's request lifecycle (start, end). A request has no task
 of its own: a callback on its queued item answers it."""
 
@@ -7,18 +7,15 @@ import asyncio
 import collections
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import grpc
 
 from server import protocol
-from server.engine.inference import GRPC, Call, Identity
+from server.engine.call import GRPC, Call, Identity
 from server.errors import ServingError, Unauthenticated
 from server.frontend.grpc_codec import RequestHead, response_bytes, response_weight
+from server.frontend.grpc_infer import GrpcInference
 from server.frontend.request_limits import OFFLOAD_BYTES
-
-if TYPE_CHECKING:  # the service builds this with itself: a name for the annotation, not an import cycle
-    from server.frontend.grpc_service import InferenceService
 
 log = logging.getLogger(__name__)
 # A stream's requests queued, running or answered but not yet sent, and the bytes of those answers,
@@ -69,10 +66,10 @@ class Stream:
 
 
 class StreamInfer:
-    """The ModelStreamInfer RPC of one InferenceService."""
+    """The ModelStreamInfer RPC, over the unary path's steps."""
 
-    def __init__(self, service: "InferenceService") -> None:
-        self.service, self.core = service, service.core
+    def __init__(self, inference: GrpcInference) -> None:
+        self.inference, self.core = inference, inference.core
 
     async def serve(self, requests, context):
         """Triton's stream: requests run concurrently (so they batch), and each is answered on
@@ -80,7 +77,7 @@ class StreamInfer:
         A caller whose key leaves the keys file is the exception: the stream ends UNAUTHENTICATED."""
         stream, reader = Stream(), None
         try:
-            identity = self.service.identity(context)
+            identity = self.inference.identity(context)
             reader = asyncio.create_task(self._answer_each(requests, stream, context, identity))
             while (answer := await stream.get()) is not None:
                 yield answer
@@ -101,8 +98,8 @@ class StreamInfer:
                 stream.idle = asyncio.get_running_loop().create_future()
                 await stream.idle
         finally:
-            for item, (call, _) in list(stream.queued.items()):
-                call.model.batcher.cancel(item)
+            for call, _ in list(stream.queued.values()):
+                self.core.cancel(call)
             stream.put(None)
         if refused is not None:
             raise refused
@@ -114,12 +111,12 @@ class StreamInfer:
         again once the keys file has been re-read (Authenticator.follow swaps in a new KeyFile), so
         a revoked key stops at its next message, which is neither run nor billed. The requests
         accepted before it were authorised when they arrived, and are answered."""
-        keys = self.service.auth.keys
+        keys = self.inference.auth.keys
         async for request in requests:
-            if self.service.auth.keys is not keys:
-                keys = self.service.auth.keys
+            if self.inference.auth.keys is not keys:
+                keys = self.inference.auth.keys
                 try:
-                    identity = self.service.identity(context)  # the tenant too may have changed
+                    identity = self.inference.identity(context)  # the tenant too may have changed
                 except Unauthenticated as err:
                     return err
             await self._queue_one(request, self.core.start(GRPC, identity), stream)
@@ -131,8 +128,8 @@ class StreamInfer:
         stream's next message waits: a stream's requests are read one after another anyway)."""
         head = None
         try:
-            message, raw, head = await self.service.parsed(request, call)
-            item = self.core.enqueue(call, await self.service.decoded(message, raw, head, call), head.parameters)
+            message, raw, head = await self.inference.parsed(request, call)
+            item = self.core.enqueue(call, await self.inference.decoded(message, raw, head, call), head.parameters)
         except asyncio.CancelledError as err:  # the stream went away while its request was being decoded
             self.core.end(call, err)
             raise
@@ -150,7 +147,7 @@ class StreamInfer:
         else:
             try:
                 call.answer = done.result()
-                outputs, said = self.service.outputs(call, call.answer)
+                outputs, said = self.inference.outputs(call, call.answer)
                 if response_weight(outputs) > OFFLOAD_BYTES:  # encoded in a codec thread; stays queued till then
                     encoding = asyncio.ensure_future(self._encoded(head, call, stream, item, outputs, said))
                     stream.queued[item] = (call, encoding)
@@ -165,7 +162,7 @@ class StreamInfer:
 
     async def _encoded(self, head: RequestHead, call: Call, stream: Stream, item, outputs, said) -> None:
         try:
-            answer = await self.service.offload.in_thread(
+            answer = await self.inference.offload.in_thread(
                 response_bytes, call.model, head.id, outputs, said, True
             )  # weighed already
         except Exception as err:

@@ -13,7 +13,7 @@ import uvicorn
 
 from server import errors
 from server.config import RestrictedProtocol, ServerSettings
-from server.engine.inference import HTTP, Identity
+from server.engine.call import HTTP, Identity
 from server.errors import InvalidInput, ServingError, Unauthenticated
 from server.frontend.backend import Backend
 from server.frontend.connection_limits import ConnectionMetrics, Listener, http_limits, listen

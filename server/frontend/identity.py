@@ -21,7 +21,7 @@ from pathlib import Path
 
 import orjson
 
-from server.engine.inference import Identity
+from server.engine.call import Identity
 from server.errors import ConfigError, Unauthenticated
 
 log = logging.getLogger(__name__)

@@ -1,18 +1,25 @@
 """What the server says about itself and its models, for both transports: its name and
 extensions, a version's configuration in force and its statistics, as Triton's ModelConfig and
 ModelStatistics messages (the HTTP transport sends their JSON mapping). ModelInfo is the
-transports' one view of the models: they never hold the repository itself."""
+transports' one view of the models: they never hold the repository itself. It is the front end's
+one module that reads the engine's process's live state (the repository); with front ends in
+processes of their own, the engine will publish what it reads instead."""
+
+from __future__ import annotations
 
 import json
 from functools import cache
 from importlib import metadata
+from typing import TYPE_CHECKING
 
 from server import protocol
-from server.engine.costs import CostLedger
 from server.models.model_config import CONFIG_TYPE_BY_WIRE
 from server.models.repository import READY, ModelRepository, ModelVersion
 from server.observe.events import PHASES
 from server.observe.statistics import StatisticsRecorder
+
+if TYPE_CHECKING:
+    from server.engine.costs import CostLedger
 
 PLATFORM = "onnxruntime_onnx"
 SERVER_NAME = "onnxserve"

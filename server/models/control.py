@@ -5,8 +5,9 @@ for any transport (the gRPC and REST adapters are thin over it), refused unless
 import logging
 
 from server.errors import ControlDisabled
+from server.models.names import check_model_name
 from server.models.overrides import parse_load_parameters
-from server.models.repository import READY, ModelRepository, check_model_name
+from server.models.repository import READY, ModelRepository
 
 log = logging.getLogger(__name__)
 

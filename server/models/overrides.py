@@ -12,12 +12,12 @@ from pathlib import Path, PurePosixPath
 
 from server.errors import InvalidInput
 from server.models.model_limits import MAX_LOAD_FILES
+from server.models.names import NAME_MAX, is_model_name
 
 log = logging.getLogger(__name__)
 
 CONFIG = "config"
 FILE_PREFIX = "file:"
-NAME_MAX = 255  # bytes in one path component (Linux)
 PATH_MAX = 1024  # bytes in a whole relative path: far beyond any model layout
 
 
@@ -38,11 +38,6 @@ def parse_load_parameters(name: str, parameters: Mapping[str, object]) -> tuple[
                 f"failed to load '{name}': unknown parameter {key!r}; a load takes 'config' and 'file:<version>/<name>'"
             )
     return config, files
-
-
-def is_model_name(name: str) -> bool:
-    """One path component that stays inside the repository."""
-    return bool(name) and name not in (".", "..") and "/" not in name and "\0" not in name and not name.startswith(".")
 
 
 def check_files(name: str, files: Mapping[str, bytes], config: str | None) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from server.engine.placement import GpuPolicy
-from server.errors import ConfigError, InvalidInput, LoadFailed, ModelNotFound, ModelNotReady, shown
+from server.errors import ConfigError, LoadFailed, ModelNotFound, ModelNotReady
 from server.models import overrides
 from server.models.load_deadline import LoadThreads
 from server.models.loading import (
@@ -27,44 +27,16 @@ from server.models.loading import (
 )
 from server.models.model_config import ModelSettings, load_model_settings, settings_from_json
 from server.models.model_limits import MAX_VERSIONS, at_most
+from server.models.names import check_model_name, check_version, is_model_name
 from server.observe.events import EventBus, ModelStateChanged, RepositoryChanged
 
 log = logging.getLogger(__name__)
 
-__all__ = ["READY", "UNAVAILABLE", "LOADING", "UNLOADING", "ModelRepository", "ModelVersion", "check_model_name"]
+__all__ = ["READY", "UNAVAILABLE", "LOADING", "UNLOADING", "ModelRepository", "ModelVersion"]
 NOT_LOADED = "not loaded"
 # At shutdown, past the exit timeout: how long loads given up and batchers draining still get. A
 # given-up load fails at once (its loop side stops waiting), so this is slack, not work.
 GIVE_UP_SECONDS = 1.0
-NAME_MAX = overrides.NAME_MAX  # a model's name is its directory's
-
-
-def model_name_problem(name: str) -> str:
-    """Why `name` cannot be a model's name, or "" when it can: it must be one directory name in the
-    repository, and it reaches log lines, where a newline would forge a line of its own."""
-    if not name:
-        return "the model name is empty"
-    size = len(name.encode("utf-8", "surrogatepass"))
-    if size > NAME_MAX:
-        return f"the model name is {size} bytes long; at most {NAME_MAX}"
-    if not name.isprintable():  # control characters, line separators, bidi and zero-width marks
-        index, character = next((i, c) for i, c in enumerate(name) if not c.isprintable())
-        return f"the model name must not contain control or invisible characters (U+{ord(character):04X} at {index})"
-    if "/" in name or "\\" in name or name in (".", ".."):
-        return "the model name must be one path component (no '/', '\\', '.' or '..')"
-    return ""
-
-
-def check_model_name(name: str) -> None:
-    """InvalidInput naming the problem, with the name shortened and escaped."""
-    if problem := model_name_problem(name):
-        raise InvalidInput(f"{problem}: {shown(name)!r}")
-
-
-def check_version(version: str) -> None:
-    """A version is a number (Triton refuses others as invalid too); "" asks for the latest."""
-    if version and not (version.isascii() and version.isdigit()):
-        raise InvalidInput(f"the model version must be a number: {shown(version)!r}")
 
 
 @dataclass
@@ -203,7 +175,7 @@ class ModelRepository:
                 await asyncio.to_thread(overrides.remove_private_copy, root)
             return
         model_dir = self.root / name
-        if not overrides.is_model_name(name) or not model_dir.is_dir():
+        if not is_model_name(name) or not model_dir.is_dir():
             raise ModelNotFound(
                 f"failed to load '{name}': Request for unknown model: no directory '{name}' in the model repository {self.root}"
             )

@@ -9,7 +9,7 @@ import sys
 import threading
 from dataclasses import dataclass, field
 
-# The server's own log lines (server/app.py). " (TLS)" or " (mTLS)" follows a port that serves
+# The server's own log lines (server/app.py; ready: server/frontend/grpc_server.py). " (TLS)" or " (mTLS)" follows a port that serves
 # TLS; /metrics over TLS is https://.
 LISTENING_LINE = re.compile(r"listening: gRPC on [^:]+:(\d+)(?: \(m?TLS\))?, metrics on https?://[^:]+:(\d+)/metrics")
 HTTP_LINE = re.compile(r", HTTP on [^:]+:(\d+)(?: \(m?TLS\))?;")

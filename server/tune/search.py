@@ -1,6 +1,6 @@
 """onnxserve-tune's search, as pure functions over recorded measurements (no server, no clock
 but the one passed in): which configurations to try, which to drop, what a rate costs with
-replicas, the Pareto front, the winner at each rate (the budget is tune_budget.py).
+replicas, the Pareto front, the winner at each rate (the budget is budget.py).
 
 Noise is part of every comparison: two figures differ only when they differ by more than the
 larger of the points' measured noise and the tolerance, so a winner is never crowned inside it.

@@ -73,6 +73,24 @@ def test_each_module_imports_only_what_its_room_may(module, path):
     assert not wrong, f"{module} ({room}) imports {wrong}; {room} may import {sorted(allowed)}"
 
 
+# What a front end uses of the engine and the models when it runs: a request's record and answer,
+# and the name rules. Whatever else it holds of them comes in its Backend, named only for
+# annotations; model_info alone reads the models' live state, until the engine publishes it.
+FRONTEND_REACH = {"server.engine.call", "server.engine.queued", "server.models.names"}
+LIVE_STATE_READERS = {"server.frontend.model_info": {"server.models.repository", "server.models.model_config"}}
+
+
+@pytest.mark.parametrize(
+    "module,path",
+    [m for m in modules() if home(m[0]) == "frontend"],
+    ids=lambda v: str(v) if isinstance(v, str) else "",
+)
+def test_a_front_end_reaches_the_engine_only_through_its_request_vocabulary(module, path):
+    reach = FRONTEND_REACH | LIVE_STATE_READERS.get(module, set())
+    wrong = sorted(name for name in imports(path) if home(name) in ("engine", "models") and name not in reach)
+    assert not wrong, f"{module} imports {wrong} when it runs; a front end may use only {sorted(reach)}"
+
+
 def test_nothing_imports_the_root_but_the_root():
     wrong = sorted(
         (module, name)
@@ -88,3 +106,4 @@ def test_every_room_says_what_it_owns_and_may_import():
     for room in ROOMS:
         doc = ast.get_docstring(ast.parse((PACKAGE / room / "__init__.py").read_text())) or ""
         assert len(doc) > 100, f"server/{room}/__init__.py has no docstring saying what it owns"
+        assert "May import" in doc, f"server/{room}/__init__.py does not say what it may import"

@@ -1,0 +1,87 @@
+"""gRPC inference, one request at a time: who is calling, then parse, decode, queue, encode, each
+step on the loop where it is cheap and in a codec thread where the request is big. ModelInfer is
+one call of `infer`; ModelStreamInfer (grpc_stream.py) runs the same steps for each message."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from server.engine.call import GRPC, Call, Identity
+from server.engine.queued import Answer
+from server.frontend.grpc_codec import (
+    RequestHead,
+    decode_weight,
+    parse_on_loop,
+    parse_request,
+    request_head,
+    response_bytes,
+    response_weight,
+)
+from server.frontend.identity import AUTHORIZATION, TENANT_HEADER, Authenticator
+from server.frontend.request_limits import Offload, RequestLimits
+from server.frontend.tensor_codec import decode_request
+from server.frontend.tls import grpc_client_name
+from server.tensors import DecodedRequest
+
+if TYPE_CHECKING:  # named, not imported: see backend.py
+    from server.engine.inference import InferenceCore
+
+
+class GrpcInference:
+    def __init__(self, core: InferenceCore, auth: Authenticator, limits: RequestLimits, offload: Offload) -> None:
+        self.core, self.auth, self.limits, self.offload = core, auth, limits, offload
+
+    def identity(self, context) -> Identity:
+        """Who is calling, from the call's metadata and client certificate; Unauthenticated when
+        keys are required and it has no valid one."""
+        auth = self.auth
+        if not auth.reads_calls:  # nothing configured to read: skip the metadata
+            return auth.anonymous
+        authorization = header = None
+        for key, value in context.invocation_metadata():
+            if key == AUTHORIZATION:
+                authorization = value
+            elif key == TENANT_HEADER:
+                header = value
+        certificate = grpc_client_name(context) if auth.mutual_tls else None
+        return auth.identify(authorization, certificate, header)
+
+    async def infer(self, request: bytes, identity: Identity) -> bytes:
+        """One serialized ModelInferRequest to its serialized response; raises ServingError for the
+        caller to report."""
+        with self.core.request(GRPC, identity) as call:
+            head, decoded = await self._read(request, call)
+            answer = await self.core.infer(call, decoded, head.parameters)
+            outputs, said = self.outputs(call, answer)
+            return await self.offload.run(response_weight(outputs), response_bytes, call.model, head.id, outputs, said)
+
+    async def _read(self, data: bytes, call: Call) -> tuple[RequestHead, DecodedRequest]:
+        """Parsed and decoded; the message itself (and its typed contents) is gone on return."""
+        message, raw, head = await self.parsed(data, call)
+        return head, await self.decoded(message, raw, head, call)
+
+    async def parsed(self, data: bytes, call: Call):
+        """(message, raw contents, checked RequestHead): parsed on the loop where that is cheap (a
+        small message, or a big one of raw numbers), else in a codec thread."""
+        parsed = parse_on_loop(data)
+        if parsed is None:
+            limits = self.limits
+            parsed = await self.offload.in_thread(
+                parse_request, data, limits.max_bytes_elements, limits.max_typed_elements
+            )
+        message, raw = parsed
+        head = request_head(message, len(data), self.limits)
+        call.request_id = head.id
+        return message, raw, head
+
+    async def decoded(self, message, raw: list | None, head: RequestHead, call: Call) -> DecodedRequest:
+        model = self.core.resolve(call, head.model_name, head.model_version)
+        weight = decode_weight(message, raw, head.size)
+        return await self.offload.run(weight, decode_request, message, model.signature, self.limits, raw)
+
+    def outputs(self, call: Call, answer: Answer):
+        """The (spec, array) of each output asked for, and the accounting parameters; on the loop."""
+        signature = call.model.signature
+        return [(signature.output(name), answer.outputs[name]) for name in call.outputs], self.core.accounting(
+            call, answer
+        )
