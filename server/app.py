@@ -4,6 +4,7 @@ import asyncio
 import logging
 import os
 import signal
+from dataclasses import dataclass
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, ProcessCollector
@@ -46,21 +47,45 @@ log = logging.getLogger("onnxserve")
 FORCED_EXIT_CODE = 130
 
 
-async def serve(settings: ServerSettings) -> int:
-    asyncio.get_running_loop().set_exception_handler(log_limits.install(settings.log_repeat_secs))
-    ensure_open_files(settings)
+@dataclass
+class Engine:
+    """What the engine owns, built once: the models and their batchers, the core, the bill
+    (ledger, GPU energy, usage log) and the observers that watch them, on one registry."""
+
+    bus: EventBus
+    registry: CollectorRegistry
+    gpus: GpuReader | None
+    ledger: CostLedger
+    energy: SampledMeters
+    statistics: StatisticsRecorder
+    usage: UsageLog | None
+    repository: ModelRepository
+    core: InferenceCore
+
+
+def build_engine(settings: ServerSettings, auth: Authenticator) -> Engine:
+    """The engine and its observers (`auth`: whose tenants' series /metrics shows); no model loaded yet."""
     bus, registry = EventBus(), CollectorRegistry()
     gpus = GpuReader.open()
     if gpus is None:
         log.warning("no GPU is visible: every model runs on onnxruntime's %s", CPU)
     ledger, energy = _cost_ledger(settings, gpus)
-    statistics, auth, usage = StatisticsRecorder(), _authenticator(settings), _usage_log(settings)
+    statistics, usage = StatisticsRecorder(), _usage_log(settings)
     _observe(bus, registry, ledger, statistics, auth, usage, gpus)
     repository = _repository(settings, bus, gpus)
     core = InferenceCore(repository, bus, ledger, settings.strict_readiness, usage)
+    return Engine(bus, registry, gpus, ledger, energy, statistics, usage, repository, core)
+
+
+async def serve(settings: ServerSettings) -> int:
+    asyncio.get_running_loop().set_exception_handler(log_limits.install(settings.log_repeat_secs))
+    ensure_open_files(settings)
+    auth = _authenticator(settings)
+    engine = build_engine(settings, auth)
+    repository, core = engine.repository, engine.core
     backend = Backend(
         core,
-        ModelInfo(repository, statistics, ledger),
+        ModelInfo(repository, engine.statistics, engine.ledger),
         RepositoryControl(repository, settings.model_control_mode),
         auth,
         RequestLimits.from_settings(settings),
@@ -68,8 +93,8 @@ async def serve(settings: ServerSettings) -> int:
     )
 
     grpc = await start_grpc(settings, backend)
-    connections = ConnectionMetrics(registry)
-    metrics_httpd = start_metrics_server(registry, settings, connections)
+    connections = ConnectionMetrics(engine.registry)
+    metrics_httpd = start_metrics_server(engine.registry, settings, connections)
     await grpc.start()
     http, http_bound = None, 0
     if settings.http_port >= 0:  # imported only then: a gRPC-only install needs no HTTP stack
@@ -83,10 +108,19 @@ async def serve(settings: ServerSettings) -> int:
         f", HTTP port {http_bound}" if http else ""
     )
     followers = await _serve_until_signal(
-        settings, bus, repository, auth, lambda changed: grpc.follow_readiness(changed, ports)
+        settings, engine.bus, repository, auth, lambda changed: grpc.follow_readiness(changed, ports)
     )
     serving = shutdown.Serving(
-        grpc, http, core, backend.offload, repository, usage, metrics_httpd, energy, gpus, followers
+        grpc,
+        http,
+        core,
+        backend.offload,
+        repository,
+        engine.usage,
+        metrics_httpd,
+        engine.energy,
+        engine.gpus,
+        followers,
     )
     return await shutdown.stop(serving, settings.exit_timeout_secs)
 
