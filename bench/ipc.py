@@ -9,6 +9,8 @@ as the split will send them. Tensor bytes do not ride in the frames: each side w
 shared-memory block that the other reads in place, as the split will, and that cost is measured
 with them. Channels:
 - unix: asyncio streams over a Unix socket, length-prefixed frames (standard library);
+- unix-inline: the same, with the tensor bytes inside the frames instead (a copy into the socket
+  and one out of it, each way), to show what shared memory saves at a given size;
 - zmq: ZeroMQ DEALER/ROUTER over ipc:// with zmq.asyncio (pyzmq), one message per frame.
 Prints round trips per second and CPU microseconds per round trip in each process.
 """
@@ -34,9 +36,12 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def answer(frame: bytes, block: memoryview, tensor_bytes: int) -> bytes:
-    """The engine's part of a round trip: read the request's tensor in place, write the answer's."""
+def answer(frame: bytes, block: memoryview | None, tensor_bytes: int) -> bytes:
+    """The engine's part of a round trip: read the request's tensor in place, write the answer's
+    (without a block: the tensor rides in the frame, and so does the answer's)."""
     request_id, _, _, offset = HEAD.unpack_from(frame)
+    if block is None:
+        return HEAD.pack(request_id, 0, 1, 0) + PADDING + frame[HEAD.size + len(PADDING) :]
     slot = offset % (len(block) - 2 * tensor_bytes)
     block[slot + tensor_bytes : slot + 2 * tensor_bytes] = block[slot : slot + tensor_bytes]
     return HEAD.pack(request_id, 0, 1, slot + tensor_bytes) + PADDING
@@ -45,7 +50,7 @@ def answer(frame: bytes, block: memoryview, tensor_bytes: int) -> bytes:
 # --- Unix socket --------------------------------------------------------------------------------
 
 
-async def unix_engine(path: str, block: memoryview, tensor_bytes: int, ready) -> float:
+async def unix_engine(path: str, block: memoryview | None, tensor_bytes: int, ready) -> float:
     served = asyncio.get_running_loop().create_future()
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -65,7 +70,7 @@ async def unix_engine(path: str, block: memoryview, tensor_bytes: int, ready) ->
     return cpu
 
 
-async def unix_front(path: str, concurrency: int, seconds: float, block: memoryview, tensor_bytes: int) -> tuple:
+async def unix_front(path: str, concurrency: int, seconds: float, block: memoryview | None, tensor_bytes: int) -> tuple:
     reader, writer = await asyncio.open_unix_connection(path)
     waiting: dict[int, asyncio.Future] = {}
 
@@ -76,10 +81,14 @@ async def unix_front(path: str, concurrency: int, seconds: float, block: memoryv
             waiting.pop(HEAD.unpack_from(frame)[0]).set_result(frame)
 
     async def call(request_id: int) -> None:
-        slot = (request_id * tensor_bytes) % (len(block) // 2)
-        block[slot : slot + tensor_bytes] = b"\1" * tensor_bytes
+        tensor = b"\1" * tensor_bytes
         future = waiting[request_id] = asyncio.get_running_loop().create_future()
-        frame = HEAD.pack(request_id, 0, 1, slot) + PADDING
+        if block is None:
+            frame = HEAD.pack(request_id, 0, 1, 0) + PADDING + tensor
+        else:
+            slot = (request_id * tensor_bytes) % (len(block) // 2)
+            block[slot : slot + tensor_bytes] = tensor
+            frame = HEAD.pack(request_id, 0, 1, slot) + PADDING
         writer.write(LENGTH.pack(len(frame)) + frame)
         await future
 
@@ -170,8 +179,9 @@ async def drive(call, concurrency: int, seconds: float) -> tuple[int, float, flo
 def engine_process(channel: str, address: str, block_name: str, tensor_bytes: int, ready, results) -> None:
     block = shared_memory.SharedMemory(block_name)
     try:
-        if channel == "unix":
-            cpu = asyncio.run(unix_engine(address, block.buf, tensor_bytes, ready))
+        if channel.startswith("unix"):
+            buffer = None if channel == "unix-inline" else block.buf
+            cpu = asyncio.run(unix_engine(address, buffer, tensor_bytes, ready))
         else:
             cpu = asyncio.run(zmq_engine(address, block.buf, tensor_bytes, ready))
         results.put(cpu)
@@ -189,8 +199,9 @@ def measure(channel: str, concurrency: int, seconds: float, tensor_bytes: int, s
     engine.start()
     try:
         ready.wait(30)
-        front = unix_front if channel == "unix" else zmq_front
-        count, wall, front_cpu = asyncio.run(front(address, concurrency, seconds, block.buf, tensor_bytes))
+        front = unix_front if channel.startswith("unix") else zmq_front
+        buffer = None if channel == "unix-inline" else block.buf
+        count, wall, front_cpu = asyncio.run(front(address, concurrency, seconds, buffer, tensor_bytes))
         engine_cpu = results.get(timeout=30)
     finally:
         engine.join(10)
@@ -210,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tensor-bytes", type=int, default=1024, help="each request's and answer's tensor bytes")
     parser.add_argument("--rounds", type=int, default=3, help="each channel this many times, interleaved")
     args = parser.parse_args(argv)
-    channels = ["unix"]
+    channels = ["unix", "unix-inline"]
     try:
         import zmq  # noqa: F401 - only to know whether this channel can be measured here
     except ImportError:
@@ -218,13 +229,13 @@ def main(argv: list[str] | None = None) -> int:
     else:
         channels.append("zmq")
     print(f"concurrency {args.concurrency}, {args.tensor_bytes} tensor bytes each way through shared memory")
-    print("channel  round trips/s  front CPU us  engine CPU us")
+    print("channel      round trips/s  front CPU us  engine CPU us")
     with tempfile.TemporaryDirectory(prefix="onnxserve-ipc-") as scratch:
         for _ in range(args.rounds):
             for channel in channels:
                 figures = measure(channel, args.concurrency, args.duration, args.tensor_bytes, scratch)
                 print(
-                    f"{channel:7} {figures['round_trips_per_second']:14,.0f} {figures['front_cpu_us']:13.1f}"
+                    f"{channel:11} {figures['round_trips_per_second']:14,.0f} {figures['front_cpu_us']:13.1f}"
                     f" {figures['engine_cpu_us']:14.1f}"
                 )
     return 0
