@@ -39,7 +39,7 @@ import onnxruntime as ort
 from bench import echo, make_models
 from bench.peer_ready import free_port
 from bench.serving import start_server
-from server.engine.runtime import cpu_cores
+from server.engine.cpus import cpu_cores
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -12,10 +12,10 @@ from prometheus_client import CollectorRegistry, ProcessCollector
 from server import shutdown
 from server.config import ServerSettings
 from server.engine.costs import CostLedger, resolve_prices
+from server.engine.cpus import cpu_cores
 from server.engine.energy import SampledMeters
 from server.engine.inference import InferenceCore
 from server.engine.placement import CPU, GpuPolicy
-from server.engine.runtime import cpu_cores
 from server.engine.usage_log import UsageLog
 from server.errors import ConfigError
 from server.frontend.backend import Backend

@@ -2,8 +2,9 @@
 
 Owns the inference core (inference: admit, resolve, account, settle; call: a request's record),
 the per-model batchers and their queues (batching, queued), the onnxruntime sessions (runtime,
-binding, placement, providers, cuda_libraries, run_peak), calibration at load, and the bill: the
-cost ledger (costs), GPU energy (energy) and the usage log (usage_log).
+binding, placement, providers, cuda_libraries, run_peak; cpus, the cores they may use),
+calibration at load, and the bill: the cost ledger (costs), GPU energy (energy) and the usage
+log (usage_log).
 
 May import: the shared modules at the top of `server`, `server.models` and `server.observe`
 (events it publishes). The engine and the models are one process's two halves and import each

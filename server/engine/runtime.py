@@ -6,7 +6,6 @@ import asyncio
 import functools
 import logging
 import math
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -29,6 +28,7 @@ from server.engine.binding import (
     cuda_graphs_asked,
     unbound,
 )
+from server.engine.cpus import cpu_cores
 from server.engine.placement import GpuPolicy, Placement, open_session, plan_placements, visible_gpus
 from server.engine.run_peak import RunPeak, batch_bytes
 from server.errors import ConfigError, ExecutionFailed
@@ -48,37 +48,6 @@ DATA_DEPENDENT_OPS = frozenset({"Loop", "Scan", "If"})
 # Calibration's size for variable dimensions other than the batch (a sequence, an image side):
 # at 1, an encoder measures like a tiny model and gets too few threads.
 CALIBRATION_DIM = 64
-
-
-def cpu_cores(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
-    """Cores this process may use: its CPU affinity, capped by a container's CPU limit.
-
-    Kubernetes limits CPU with a cgroup quota, not with affinity, so without the cap a
-    pod limited to 2 cores on a 64-core node would start 64 intra-op threads and be throttled.
-    """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    limit = cgroup_cpu_limit(cgroup_root)
-    return cores if limit is None else max(1, min(cores, math.floor(limit)))
-
-
-def cgroup_cpu_limit(root: Path) -> float | None:
-    """The CPU quota in cores (cgroup v2 cpu.max, or v1 cfs quota/period); None when unlimited."""
-    v2 = _read_words(root / "cpu.max")  # "max 100000" or "200000 100000"
-    if v2 is not None and len(v2) == 2:
-        return None if v2[0] == "max" else int(v2[0]) / int(v2[1])
-    for controller in ("cpu", "cpu,cpuacct"):
-        quota = _read_words(root / controller / "cpu.cfs_quota_us")
-        period = _read_words(root / controller / "cpu.cfs_period_us")
-        if quota and period:
-            return None if int(quota[0]) <= 0 else int(quota[0]) / int(period[0])
-    return None
-
-
-def _read_words(path: Path) -> list[str] | None:
-    try:
-        return path.read_text().split()
-    except OSError:  # absent on this kernel or cgroup version
-        return None
 
 
 def session_options(settings: SessionSettings, threads: int, allow_spinning: bool) -> ort.SessionOptions:

@@ -10,8 +10,8 @@ running on loopback (--url), applies each configuration with RepositoryModelLoad
 then rate probes for the leaders, all within --budget-minutes. See README, "What does my model
 cost to serve?".
 
-This module is the command line: it checks the flags and builds the settings; the tune itself is
-tuner.py.
+This module is the command line: it checks the flags and builds the settings; run.py runs the
+tune, tuner.py searches.
 """
 
 import argparse
@@ -25,8 +25,9 @@ import grpc
 from server.config import DevicePriceSetting
 from server.errors import ConfigError
 from server.tools.loadgen import LoadError
+from server.tune.run import tune
 from server.tune.target import ServerError, loopback_address
-from server.tune.tuner import TuneSettings, tune
+from server.tune.tuner import TuneSettings
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -74,8 +75,7 @@ def parse_settings(argv: list[str]) -> TuneSettings:
         parser.error(str(err))
 
 
-def settings_from(args: argparse.Namespace) -> TuneSettings:
-    """TuneSettings from the parsed arguments; ConfigError or ServerError names the flag at fault."""
+def _rates_and_dims(args: argparse.Namespace) -> tuple[tuple[float, ...], dict[str, list[int]]]:
     try:
         rates = tuple(
             sorted({float(r) for r in args.rates.split(",") if r.strip()} | ({args.rate} if args.rate else set()))
@@ -86,6 +86,12 @@ def settings_from(args: argparse.Namespace) -> TuneSettings:
         dims = {name: [int(d) for d in shape.split(",")] for name, shape in (item.split("=", 1) for item in args.shape)}
     except ValueError:
         raise ConfigError(f"--shape: {args.shape} is not NAME=D0,D1,... with integer dims") from None
+    return rates, dims
+
+
+def settings_from(args: argparse.Namespace) -> TuneSettings:
+    """TuneSettings from the parsed arguments; ConfigError or ServerError names the flag at fault."""
+    rates, dims = _rates_and_dims(args)
     problems = [
         (not rates, "--rate or --rates: give at least one rate"),
         (any(r <= 0 for r in rates), "--rate/--rates: rates are requests per second, > 0"),

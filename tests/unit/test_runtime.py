@@ -6,8 +6,8 @@ import os
 
 import numpy as np
 
+from server.engine.cpus import cgroup_cpu_limit, cpu_cores
 from server.engine.run_peak import INLINE_STRINGS, RUN_PEAK_DECAY, RunPeak, batch_bytes
-from server.engine.runtime import cgroup_cpu_limit, cpu_cores
 
 AFFINITY = len(os.sched_getaffinity(0))
 
