@@ -27,12 +27,7 @@ class Client:
         self.channel.close()
 
     def call(self, method: str, request):
-        stub = self.channel.unary_unary(
-            f"/{protocol.SERVICE_NAME}/{method}",
-            request_serializer=protocol.request_class(method).SerializeToString,
-            response_deserializer=protocol.response_class(method).FromString,
-        )
-        return stub(request, timeout=self.timeout)
+        return protocol.unary(self.channel, method)(request, timeout=self.timeout)
 
     def model_config(self, model: str):
         return self.call("ModelConfig", protocol.request_class("ModelConfig")(name=model)).config

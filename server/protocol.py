@@ -57,3 +57,13 @@ def request_class(method: str) -> type:
 
 def response_class(method: str) -> type:
     return message_factory.GetMessageClass(SERVICE.methods_by_name[method].output_type)
+
+
+def unary(channel, method: str):
+    """A callable for one unary RPC of the inference service on `channel` (grpc or grpc.aio):
+    the request message in, the response message out."""
+    return channel.unary_unary(
+        f"/{SERVICE_NAME}/{method}",
+        request_serializer=request_class(method).SerializeToString,
+        response_deserializer=response_class(method).FromString,
+    )

@@ -58,12 +58,7 @@ class Report:
 
 def model_metadata(url: str, model: str):
     with grpc.insecure_channel(url) as channel:
-        call = channel.unary_unary(
-            f"/{protocol.SERVICE_NAME}/ModelMetadata",
-            request_serializer=protocol.request_class("ModelMetadata").SerializeToString,
-            response_deserializer=protocol.ModelMetadataResponse.FromString,
-        )
-        return call(protocol.request_class("ModelMetadata")(name=model), timeout=10)
+        return protocol.unary(channel, "ModelMetadata")(protocol.request_class("ModelMetadata")(name=model), timeout=10)
 
 
 def build_request(url: str, model: str, batch: int, dims: dict[str, list[int]]) -> bytes:

@@ -106,14 +106,6 @@ def _environment() -> dict[str, str]:
 # --- calls ------------------------------------------------------------------------------------
 
 
-def _unary(channel: grpc.aio.Channel, method: str):
-    return channel.unary_unary(
-        f"/{protocol.SERVICE_NAME}/{method}",
-        request_serializer=protocol.request_class(method).SerializeToString,
-        response_deserializer=protocol.response_class(method).FromString,
-    )
-
-
 async def load(channel: grpc.aio.Channel, model: str, config_json: str | None, timeout: float = 900) -> None:
     """RepositoryModelLoad, with a JSON ModelConfig replacing config.pbtxt for this load (None:
     the repository's own files). LoadRefused carries the server's reason."""
@@ -121,7 +113,7 @@ async def load(channel: grpc.aio.Channel, model: str, config_json: str | None, t
     if config_json is not None:
         request.parameters["config"].string_param = config_json
     try:
-        await _unary(channel, "RepositoryModelLoad")(request, timeout=timeout)
+        await protocol.unary(channel, "RepositoryModelLoad")(request, timeout=timeout)
     except grpc.aio.AioRpcError as err:
         if err.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND):
             raise LoadRefused(err.details()) from None
@@ -137,7 +129,9 @@ async def load(channel: grpc.aio.Channel, model: str, config_json: str | None, t
 async def served_config(channel: grpc.aio.Channel, model: str) -> dict:
     """The configuration in force, as the server reports it (completed from the graph, with the
     values calibration chose in `parameters`)."""
-    response = await _unary(channel, "ModelConfig")(protocol.request_class("ModelConfig")(name=model), timeout=30)
+    response = await protocol.unary(channel, "ModelConfig")(
+        protocol.request_class("ModelConfig")(name=model), timeout=30
+    )
     return json_format.MessageToDict(response.config, preserving_proto_field_name=True)
 
 
