@@ -3,6 +3,7 @@
     git worktree add /tmp/before <commit>
     python -m bench.compare /tmp/before                 # that checkout against this one
     python -m bench.compare /tmp/before --rounds 5 --models mlp
+    python -m bench.compare . --after-flags "--frontends 2"   # this checkout, with and without a flag
 
 For each model, both servers start side by side (each `python -m server` from its own checkout,
 with this environment's packages); then every point is measured on one and then the other, the
@@ -33,10 +34,13 @@ POINTS = (
 )
 
 
-def compare_model(repository: Path, model: str, roots: dict[str, Path], rounds: int, seconds: float) -> dict:
-    """{(transport, concurrency): {label: [inferences/s per round]}}."""
+def compare_model(repository: Path, model: str, sides: dict, rounds: int, seconds: float) -> dict:
+    """{(transport, concurrency): {label: [inferences/s per round]}}; `sides`: label -> (checkout, flags)."""
     model_path = repository / model / "1" / "model.onnx"
-    servers = {label: start_onnxserve(repository, model_path, repository, root) for label, root in roots.items()}
+    servers = {
+        label: start_onnxserve(repository, model_path, repository, root, flags)
+        for label, (root, flags) in sides.items()
+    }
     figures: dict = {}
     try:
         for number in range(rounds):
@@ -62,19 +66,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=["mlp", "resnet50"], choices=sorted({p[0] for p in POINTS}))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per measured point")
+    parser.add_argument("--after-flags", default="", help="flags for this checkout's server only, e.g. '--frontends 2'")
     args = parser.parse_args(argv)
     if not (args.before / "server" / "__main__.py").is_file():
         parser.error(f"{args.before} holds no server/__main__.py: give the folder of a checkout")
-    roots = {"before": args.before.resolve(), "after": ROOT}
+    sides = {"before": (args.before.resolve(), ()), "after": (ROOT, tuple(args.after_flags.split()))}
     print("model     call      conc   before inf/s    after inf/s   after/before  (medians of the rounds)")
     with tempfile.TemporaryDirectory(prefix="onnxserve-compare-") as scratch:
         repository = Path(scratch) / "models"
         make_models.write_repository(repository, args.models)
         for model in args.models:
             for (transport, concurrency), rates in compare_model(
-                repository, model, roots, args.rounds, args.duration
+                repository, model, sides, args.rounds, args.duration
             ).items():
-                before, after = (statistics.median(rates[label]) for label in roots)
+                before, after = (statistics.median(rates[label]) for label in sides)
                 ratio = f"{after / before:.2f}" if before else "-"
                 print(f"{model:9} {transport:9} {concurrency:4} {before:14,.0f} {after:14,.0f} {ratio:>14}")
     return 0

@@ -56,7 +56,7 @@ async def engine_alone(repository: Path, concurrency: int, seconds: float) -> di
         nonlocal count
         while time.monotonic() < done:
             with core.request(GRPC, auth.anonymous) as call:
-                core.resolve(call, "mlp", "")
+                await core.resolve(call, "mlp", "")
                 answer = await core.infer(call, decoded, {})
                 core.accounting(call, answer)
             count += 1

@@ -168,8 +168,8 @@ def every_point(running: Running, workload: Workload, seconds: float) -> dict:
     return results
 
 
-def start_onnxserve(repository: Path, model_path: Path, workdir: Path, root: Path = ROOT) -> Running:
-    server = start_server(repository, root=root)
+def start_onnxserve(repository: Path, model_path: Path, workdir: Path, root: Path = ROOT, flags=()) -> Running:
+    server = start_server(repository, *flags, root=root)
     metrics = f"http://127.0.0.1:{server.metrics_port}/metrics"
     return Running(server.url, server.process.pid, server.stop, metrics, http_url=server.http_url)
 

@@ -16,9 +16,9 @@ Shared by every room: config and config_checks (the server's settings; config_ch
 default batch and queue sizes as models/model_limits bounds config.pbtxt's), errors, protocol and
 protos_generated (the v2 messages), tensors (datatypes, signatures, the decoded request a front
 end hands the engine), bytes_codec. At the top too: app (the composition root: wiring only),
-shutdown (the ordered stop), __main__ (`onnxserve`). Beside the server, imported by none of the
-serving code: tune/ (onnxserve-tune) and tools/ (health probe, usage totals, GPU report, load
-generator, launcher, /metrics reader).
+shutdown (the ordered stop), frontends (the front-end processes of --frontends N), __main__
+(`onnxserve`). Beside the server, imported by none of the serving code: tune/ (onnxserve-tune)
+and tools/ (health probe, usage totals, GPU report, load generator, launcher, /metrics reader).
 
 Each room's __init__ says what it owns and what it may import; tests/unit/test_layout.py checks it.
 """

@@ -25,7 +25,10 @@ def main() -> int:
     except ConfigError as err:
         print(f"onnxserve: {err}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    role = "engine " if settings.frontends > 1 else ""  # the front ends' lines say "frontend N"
+    logging.basicConfig(
+        level=settings.log_level.upper(), format=f"%(asctime)s %(levelname)s {role}%(name)s: %(message)s"
+    )
     prepare_gpus()
     try:
         return asyncio.run(serve(settings))

@@ -4,6 +4,8 @@ import asyncio
 import logging
 import os
 import signal
+import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,11 +24,13 @@ from server.frontend.backend import Backend
 from server.frontend.connection_limits import ConnectionMetrics
 from server.frontend.grpc_server import start_grpc
 from server.frontend.identity import Authenticator
+from server.frontend.link_server import LinkServer
 from server.frontend.metrics_server import start_metrics_server
 from server.frontend.model_info import ModelInfo
 from server.frontend.process_limits import ensure_open_files
 from server.frontend.request_limits import Offload, RequestLimits
 from server.frontend.tls import describe, tls_files
+from server.frontends import Frontends, listen_http, reserve_grpc_port
 from server.models.control import RepositoryControl
 from server.models.polling import RepositoryPoller
 from server.models.repository import ModelRepository
@@ -45,6 +49,7 @@ from server.observe.tenant_metrics import TenantCollector, TenantRequests, Usage
 
 log = logging.getLogger("onnxserve")
 FORCED_EXIT_CODE = 130
+FRONTEND_START_SECONDS = 60.0  # each front end imports, binds and connects in about a second
 
 
 @dataclass
@@ -80,17 +85,11 @@ def build_engine(settings: ServerSettings, auth: Authenticator) -> Engine:
 async def serve(settings: ServerSettings) -> int:
     asyncio.get_running_loop().set_exception_handler(log_limits.install(settings.log_repeat_secs))
     ensure_open_files(settings)
+    if settings.frontends > 1:
+        return await serve_frontends(settings)
     auth = _authenticator(settings)
     engine = build_engine(settings, auth)
-    repository, core = engine.repository, engine.core
-    backend = Backend(
-        core,
-        ModelInfo(repository, engine.statistics, engine.ledger),
-        RepositoryControl(repository, settings.model_control_mode),
-        auth,
-        RequestLimits.from_settings(settings),
-        Offload(),
-    )
+    backend = _backend(settings, engine, auth)
 
     grpc = await start_grpc(settings, backend)
     connections = ConnectionMetrics(engine.registry)
@@ -103,19 +102,94 @@ async def serve(settings: ServerSettings) -> int:
         api = HttpApi(backend, settings.http_restricted_api, settings.http_max_body_bytes)
         http = await start_http(settings, api, connections)
         http_bound = http_port(http)
-    _log_listening(settings, grpc.port, metrics_httpd.server_port, http_bound if http else None)
-    ports = f"gRPC port {grpc.port}, metrics port {metrics_httpd.server_port}" + (
-        f", HTTP port {http_bound}" if http else ""
-    )
+    ports = _log_listening(settings, grpc.port, metrics_httpd.server_port, http_bound if http else None)
     followers = await _serve_until_signal(
-        settings, engine.bus, repository, auth, lambda changed: grpc.follow_readiness(changed, ports)
+        settings,
+        engine.bus,
+        engine.repository,
+        auth,
+        lambda changed: _follow_readiness(engine.core, changed, ports, grpc.serving),
     )
+    return await _stop(settings, engine, backend, grpc, http, metrics_httpd, followers)
+
+
+async def serve_frontends(settings: ServerSettings) -> int:
+    """--frontends N > 1: this process is the engine (models, batching, the bill, /metrics), and N
+    front-end processes serve gRPC and REST over the link (server/frontends.py)."""
+    auth = _authenticator(settings)
+    engine = build_engine(settings, auth)
+    backend = _backend(settings, engine, auth)
+    reserved = reserve_grpc_port(settings)
+    http_socket = listen_http(settings) if settings.http_port >= 0 else None
+    with tempfile.TemporaryDirectory(prefix="onnxserve-") as scratch:
+        link = LinkServer(backend)
+        await link.start(os.path.join(scratch, "engine.sock"))
+        engine.bus.subscribe(lambda _: link.broadcast(), RepositoryChanged)
+        metrics_httpd = start_metrics_server(engine.registry, settings, ConnectionMetrics(engine.registry))
+        frontends = Frontends(settings.frontends, sys.argv[1:], reserved.getsockname()[1], http_socket, link.path)
+        frontends.start()
+        await _all_listening(link, settings.frontends)
+        http_bound = http_socket.getsockname()[1] if http_socket else None
+        ports = _log_listening(settings, reserved.getsockname()[1], metrics_httpd.server_port, http_bound)
+        supervising = asyncio.create_task(frontends.supervise())
+        followers = await _serve_until_signal(
+            settings,
+            engine.bus,
+            engine.repository,
+            auth,
+            lambda changed: _follow_readiness(engine.core, changed, ports, _broadcasting(link)),
+        )
+        engine.core.shutting_down = True  # the front ends answer what they accepted, then stop
+        link.broadcast()
+        supervising.cancel()
+        await frontends.stop(settings.exit_timeout_secs)
+        link.close()
+    reserved.close()
+    if http_socket is not None:
+        http_socket.close()
+    return await _stop(settings, engine, backend, None, None, metrics_httpd, [*followers, supervising])
+
+
+async def _all_listening(link: LinkServer, count: int) -> None:
+    """Until every front end says it listens; ConfigError naming the flag after FRONTEND_START_SECONDS."""
+    ends = asyncio.get_running_loop().time() + FRONTEND_START_SECONDS
+    while len(link.listening) < count:
+        link.greeted.clear()
+        left = ends - asyncio.get_running_loop().time()
+        try:
+            await asyncio.wait_for(link.greeted.wait(), max(0.0, left))
+        except TimeoutError:
+            raise ConfigError(
+                f"--frontends {count}: {len(link.listening)} front end(s) listen after {FRONTEND_START_SECONDS:.0f} s; "
+                "see their errors above"
+            ) from None
+
+
+def _broadcasting(link: LinkServer):
+    async def publish(ready: bool) -> None:
+        link.broadcast()
+
+    return publish
+
+
+def _backend(settings: ServerSettings, engine: Engine, auth: Authenticator) -> Backend:
+    return Backend(
+        engine.core,
+        ModelInfo(engine.repository, engine.statistics, engine.ledger),
+        RepositoryControl(engine.repository, settings.model_control_mode),
+        auth,
+        RequestLimits.from_settings(settings),
+        Offload(),
+    )
+
+
+async def _stop(settings, engine: Engine, backend: Backend, grpc, http, metrics_httpd, followers) -> int:
     serving = shutdown.Serving(
         grpc,
         http,
-        core,
+        engine.core,
         backend.offload,
-        repository,
+        engine.repository,
         engine.usage,
         metrics_httpd,
         engine.energy,
@@ -123,6 +197,25 @@ async def serve(settings: ServerSettings) -> int:
         followers,
     )
     return await shutdown.stop(serving, settings.exit_timeout_secs)
+
+
+async def _follow_readiness(core: InferenceCore, changed: asyncio.Event, ports: str, publish) -> None:
+    """Readiness, published (`publish(ready)`: gRPC health, or the front ends): once the start-up
+    loads are done, then after every load or unload (`changed`), until the stop turns it off.
+    Stops only when cancelled."""
+    serving = core.ready()
+    if serving:
+        await publish(True)
+        log.info("ready: %s", ports)  # server/tools/launcher.py's READY_LINE reads it
+    else:
+        log.error("not ready: some models failed to load (--strict-readiness is on); see the errors above")
+    while True:
+        await changed.wait()
+        changed.clear()
+        if core.ready() != serving and not core.shutting_down:
+            serving = not serving
+            await publish(serving)
+            log.info("readiness is now %s", "SERVING" if serving else "NOT_SERVING")
 
 
 def _authenticator(settings: ServerSettings) -> Authenticator:
@@ -194,7 +287,8 @@ def _observe(
     ProcessCollector(registry=registry)
 
 
-def _log_listening(settings: ServerSettings, grpc_port: int, metrics_port: int, http_port: int | None) -> None:
+def _log_listening(settings: ServerSettings, grpc_port: int, metrics_port: int, http_port: int | None) -> str:
+    """Logs where the server listens; returns the ports, for the ready line."""
     http_tls = describe(tls_files(settings, "http"))
     http_where = (
         f"HTTP on {settings.http_address}:{http_port}{http_tls}"
@@ -212,6 +306,7 @@ def _log_listening(settings: ServerSettings, grpc_port: int, metrics_port: int, 
         http_where,
         settings.model_repository,
     )
+    return f"gRPC port {grpc_port}, metrics port {metrics_port}" + (f", HTTP port {http_port}" if http_port else "")
 
 
 def _usage_log(settings: ServerSettings) -> UsageLog | None:

@@ -104,6 +104,13 @@ class ServerSettings:
     grpc_port: int = field(default=8001, metadata=_flag("gRPC port; 0 picks a free one"))
     http_address: str = field(default="0.0.0.0", metadata=_flag("address the HTTP/REST server binds"))
     http_port: int = field(default=8000, metadata=_flag("HTTP/REST port; 0 picks a free one; -1 turns HTTP off"))
+    frontends: int = field(
+        default=1,
+        metadata=_flag(
+            "processes that serve gRPC and REST over one engine process (models, batching, cost); "
+            "1: one process, no link between processes"
+        ),
+    )
     http_max_body_bytes: int = field(default=256 * MIB, metadata=_flag("largest HTTP request body accepted, in bytes"))
     http_max_header_bytes: int = field(
         default=64 * 1024,

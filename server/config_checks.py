@@ -99,6 +99,9 @@ def _check_numbers(settings: "ServerSettings") -> None:
     _check_counts(settings)
 
 
+MAX_FRONTENDS = 256  # processes: more than any node's cores
+
+
 def _check_counts(settings: "ServerSettings") -> None:
     """Caps on things counted: at least one (or 0 where that means none), at most onnxserve's limit."""
     for name in (
@@ -107,6 +110,7 @@ def _check_counts(settings: "ServerSettings") -> None:
         "max_tenant_series",
         "usage_log_buffer_records",
         "default_max_batch_size",
+        "frontends",
     ):
         if getattr(settings, name) < 1:
             raise ConfigError(f"{flag(name)}: {getattr(settings, name)} must be >= 1")
@@ -116,6 +120,7 @@ def _check_counts(settings: "ServerSettings") -> None:
     for name in ("http_max_connections", "metrics_max_connections", "grpc_max_connections"):
         at_most(getattr(settings, name), MAX_CONNECTIONS, "settings", flag(name))
     at_most(settings.default_max_batch_size, MAX_BATCH_SIZE, "settings", "--default-max-batch-size")
+    at_most(settings.frontends, MAX_FRONTENDS, "settings", "--frontends")
     at_most(settings.default_max_queue_size, MAX_QUEUE_SIZE, "settings", "--default-max-queue-size")
     at_most(settings.usage_log_buffer_records, MAX_USAGE_LOG_BUFFER_RECORDS, "settings", "--usage-log-buffer-records")
     if settings.usage_log_max_bytes and settings.usage_log_max_bytes < 4096:

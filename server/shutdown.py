@@ -45,7 +45,7 @@ LAST_STEPS_SECONDS = 1.0
 class Serving:
     """What the stop has to stop."""
 
-    grpc: GrpcServer
+    grpc: GrpcServer | None
     http: Any  # uvicorn.Server, imported only with HTTP on; None with it off
     core: InferenceCore
     offload: Offload
@@ -65,8 +65,12 @@ async def stop(serving: Serving, exit_timeout: float) -> int:
     for task in serving.tasks:
         task.cancel()
     serving.core.shutting_down = True
-    await serving.grpc.health.enter_graceful_shutdown()
-    await asyncio.gather(serving.grpc.server.stop(exit_timeout), *([serving.http.shutdown()] if serving.http else []))
+    if serving.grpc is not None:  # None with front ends in processes of their own: they stopped first
+        await serving.grpc.health.enter_graceful_shutdown()
+    await asyncio.gather(
+        *([serving.grpc.server.stop(exit_timeout)] if serving.grpc else []),
+        *([serving.http.shutdown()] if serving.http else []),
+    )
     still_running = await serving.repository.close(max(0.0, ends - loop.time()))
     still_running += serving.offload.close()
     lost = await _last_steps(serving, max(LAST_STEPS_SECONDS, ends - loop.time()))

@@ -4,15 +4,18 @@ until its cost is settled. Light on purpose: a front end imports it without the 
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from server.engine.queued import Answer, QueuedRequest
+from server.errors import DeadlineExceeded, InvalidInput, ModelNotFound, Overloaded, ServingError
 
 if TYPE_CHECKING:  # the version a request resolved to: the core's to set, the front end's to read
     from server.models.repository import ModelVersion
 
 GRPC, HTTP = "grpc", "http"
+OUTCOMES = {InvalidInput: "invalid", Overloaded: "rejected", DeadlineExceeded: "timeout", ModelNotFound: "invalid"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,3 +42,15 @@ class Call:
     reserved: bool = False  # holds a place in the usage log's buffer
     item: QueuedRequest | None = None  # once queued: what its batch did
     answer: Answer | None = None
+    link: int = 0  # in a front-end process: the request's number on its link to the engine
+
+
+def outcome_of(error: BaseException | None) -> str:
+    """The `outcome` label of a request that ended with `error` (None: answered)."""
+    if error is None:
+        return "ok"
+    if isinstance(error, asyncio.CancelledError):
+        return "cancelled"
+    if isinstance(error, ServingError):
+        return OUTCOMES.get(type(error), "rejected")
+    return "error"

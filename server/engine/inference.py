@@ -5,17 +5,16 @@ request ended. The transports decode before it and encode after it.
 What a front end hands in is this module's vocabulary and the shared modules' (a DecodedRequest,
 an Identity, request parameters); what it gets back is an Answer and the accounting parameters."""
 
-import asyncio
 import contextlib
 import logging
 import time
 from collections.abc import Iterator, Mapping
 
-from server.engine.call import Call, Identity
+from server.engine.call import Call, Identity, outcome_of
 from server.engine.costs import CostLedger, Share
 from server.engine.queued import Answer, QueuedRequest
 from server.engine.usage_log import UsageLog
-from server.errors import DeadlineExceeded, InvalidInput, ModelNotFound, Overloaded, ServingError, ShuttingDown
+from server.errors import InvalidInput, Overloaded, ShuttingDown
 from server.models.repository import ModelRepository, ModelVersion
 from server.observe.events import EventBus, RequestFinished, RequestStarted
 from server.tensors import DecodedRequest
@@ -29,20 +28,8 @@ COMPUTE_PARAMETER = "onnxserve_compute_us"
 BATCH_PARAMETER = "onnxserve_batch_rows"
 BATCH_ID_PARAMETER = "onnxserve_batch_id"
 TENANT_PARAMETER = "onnxserve_tenant"
-OUTCOMES = {InvalidInput: "invalid", Overloaded: "rejected", DeadlineExceeded: "timeout", ModelNotFound: "invalid"}
 
 log = logging.getLogger(__name__)
-
-
-def outcome_of(error: BaseException | None) -> str:
-    """The `outcome` label of a request that ended with `error` (None: answered)."""
-    if error is None:
-        return "ok"
-    if isinstance(error, asyncio.CancelledError):
-        return "cancelled"
-    if isinstance(error, ServingError):
-        return OUTCOMES.get(type(error), "rejected")
-    return "error"
 
 
 class InferenceCore:
@@ -68,7 +55,7 @@ class InferenceCore:
             return False
         return self._repository.all_ready() or not self._strict_readiness
 
-    def model_ready(self, name: str, version: str) -> bool:
+    async def model_ready(self, name: str, version: str) -> bool:
         return not self.shutting_down and self._repository.is_ready(name, version)
 
     def start(self, protocol: str, identity: Identity) -> Call:
@@ -88,10 +75,15 @@ class InferenceCore:
     def end(self, call: Call, error: BaseException | None = None) -> None:
         """The request is over: answered (no error), refused or failed (`error`), or its caller
         went away (CancelledError)."""
-        self._finished(call, outcome_of(error))
+        self.finish(call, outcome_of(error))
 
-    def resolve(self, call: Call, name: str, version: str) -> ModelVersion:
-        """The version that will answer; raises ShuttingDown, ModelNotFound or ModelNotReady."""
+    async def resolve(self, call: Call, name: str, version: str) -> ModelVersion:
+        """The version that will answer; raises ShuttingDown, ModelNotFound or ModelNotReady. A
+        coroutine because a front end in a process of its own asks the engine (link_client.py)."""
+        return self.resolve_now(call, name, version)
+
+    def resolve_now(self, call: Call, name: str, version: str) -> ModelVersion:
+        """resolve(), here and at once: the link's engine end resolves in the order frames arrive."""
         if self.shutting_down:
             raise ShuttingDown("the server is shutting down; retry on another replica")
         if self._usage is not None:
@@ -145,7 +137,7 @@ class InferenceCore:
             said.append((ENERGY_PARAMETER, share.joules))
         return said
 
-    def _finished(self, call: Call, outcome: str) -> None:
+    def finish(self, call: Call, outcome: str) -> None:
         """Report how the request ended; settle its cost (and write its usage record) once its
         batch, if it had one, is over: a caller gone while its batch runs still pays for its rows."""
         if call.model is not None:  # unknown names would make unbounded label values

@@ -342,7 +342,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self.transport.close()
 
 
-async def listen(config: uvicorn.Config, listener: Listener) -> uvicorn.Server:
+async def listen(config: uvicorn.Config, listener: Listener, sock=None) -> uvicorn.Server:
     """uvicorn's Server.startup, but each connection's protocol is given its listener, and the
     listening socket is plain: under TLS each connection makes its own handshake, timed and counted."""
     if not config.loaded:
@@ -359,6 +359,7 @@ async def listen(config: uvicorn.Config, listener: Listener) -> uvicorn.Server:
         listener=listener,
     )
     loop = asyncio.get_running_loop()
-    server.servers = [await loop.create_server(factory, host=config.host, port=config.port, backlog=config.backlog)]
+    where = {"sock": sock} if sock is not None else {"host": config.host, "port": config.port}
+    server.servers = [await loop.create_server(factory, backlog=config.backlog, **where)]
     server.started = True
     return server

@@ -75,7 +75,7 @@ class GrpcInference:
         return message, raw, head
 
     async def decoded(self, message, raw: list | None, head: RequestHead, call: Call) -> DecodedRequest:
-        model = self.core.resolve(call, head.model_name, head.model_version)
+        model = await self.core.resolve(call, head.model_name, head.model_version)
         weight = decode_weight(message, raw, head.size)
         return await self.offload.run(weight, decode_request, message, model.signature, self.limits, raw)
 

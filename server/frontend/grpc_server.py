@@ -5,7 +5,6 @@ REST's counterpart is http_service.start_http."""
 from __future__ import annotations
 
 import asyncio
-import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -23,7 +22,6 @@ from server.frontend.tls import grpc_credentials
 if TYPE_CHECKING:  # named, not imported: see backend.py
     from server.engine.inference import InferenceCore
 
-log = logging.getLogger("onnxserve")  # the lifecycle's lines, as app.py's and shutdown.py's
 
 LIVENESS_SERVICE = "liveness"  # SERVING while the process runs, loading included: for liveness probes
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
@@ -39,23 +37,20 @@ class GrpcServer:
     async def start(self) -> None:
         await self.server.start()
 
-    async def follow_readiness(self, changed: asyncio.Event, ports: str) -> None:
-        """Health follows readiness: once the start-up loads are done, then after every load or
-        unload (`changed`), until the stop turns it NOT_SERVING. Stops only when cancelled."""
-        core = self.core
-        serving = core.ready()
-        if serving:
-            await self.set_health(SERVING)
-            log.info("ready: %s", ports)  # server/tools/launcher.py's READY_LINE reads it
-        else:
-            log.error("not ready: some models failed to load (--strict-readiness is on); see the errors above")
+    async def serving(self, ready: bool) -> None:
+        """Health says whether the server is ready (app.py follows readiness)."""
+        await self.set_health(SERVING if ready else NOT_SERVING)
+
+    async def mirror_readiness(self, changed: asyncio.Event) -> None:
+        """In a front-end process: health follows the engine's readiness as the link tells it (the
+        engine's process says when the server is ready). Stops only when cancelled."""
+        serving = None
         while True:
+            if self.core.ready() != serving:
+                serving = self.core.ready()
+                await self.set_health(SERVING if serving else NOT_SERVING)
             await changed.wait()
             changed.clear()
-            if core.ready() != serving and not core.shutting_down:
-                serving = not serving
-                await self.set_health(SERVING if serving else NOT_SERVING)
-                log.info("readiness is now %s", "SERVING" if serving else "NOT_SERVING")
 
     async def set_health(self, status) -> None:
         for name in ("", protocol.SERVICE_NAME):

@@ -106,15 +106,15 @@ class InferenceService:
         return protocol.ServerReadyResponse(ready=self.core.ready())
 
     async def ModelReady(self, request, context):
-        return protocol.ModelReadyResponse(ready=self.core.model_ready(request.name, request.version))
+        return protocol.ModelReadyResponse(ready=await self.core.model_ready(request.name, request.version))
 
     async def ServerMetadata(self, request, context):
         return protocol.ServerMetadataResponse(name=SERVER_NAME, version=server_version(), extensions=EXTENSIONS)
 
     async def ModelMetadata(self, request, context):
-        model = self.info.model(request.name, request.version)
+        model = await self.info.model(request.name, request.version)
         response = protocol.ModelMetadataResponse(
-            name=model.name, versions=self.info.ready_versions(model.name), platform=PLATFORM
+            name=model.name, versions=await self.info.ready_versions(model.name), platform=PLATFORM
         )
         for spec in model.signature.inputs:
             response.inputs.add(name=spec.name, datatype=spec.datatype, shape=spec.shape)
@@ -123,7 +123,7 @@ class InferenceService:
         return response
 
     async def ModelConfig(self, request, context):
-        return protocol.ModelConfigResponse(config=self.info.config(request.name, request.version))
+        return protocol.ModelConfigResponse(config=await self.info.config(request.name, request.version))
 
     # --- inference ----------------------------------------------------------------------------
 
@@ -134,13 +134,13 @@ class InferenceService:
 
     async def ModelStatistics(self, request, context):
         """Triton's counts and durations, plus what each version cost (an onnxserve field)."""
-        return self.info.statistics(request.name, request.version)
+        return await self.info.statistics(request.name, request.version)
 
     # --- model repository ---------------------------------------------------------------------
 
     async def RepositoryIndex(self, request, context):
         response = protocol.RepositoryIndexResponse()
-        for row in self.control.index(request.ready):
+        for row in await self.control.index(request.ready):
             response.models.add(**row)
         return response
 

@@ -211,14 +211,14 @@ class HttpApi:
         return (200 if self.core.ready() else 400), b"", ()
 
     async def _model_ready(self, found: Route, headers: dict, body: bytes):
-        return (200 if self.core.model_ready(found.model, found.version) else 400), b"", ()
+        return (200 if await self.core.model_ready(found.model, found.version) else 400), b"", ()
 
     async def _server(self, found: Route, headers: dict, body: bytes):
         return _json({"name": SERVER_NAME, "version": server_version(), "extensions": EXTENSIONS})
 
     async def _metadata(self, found: Route, headers: dict, body: bytes):
-        model = self.info.model(found.model, found.version)
-        versions = self.info.ready_versions(model.name)
+        model = await self.info.model(found.model, found.version)
+        versions = await self.info.ready_versions(model.name)
         signature = model.signature
         return _json(
             {
@@ -231,17 +231,17 @@ class HttpApi:
         )
 
     async def _config(self, found: Route, headers: dict, body: bytes):
-        return _json(proto_json(self.info.config(found.model, found.version)))
+        return _json(proto_json(await self.info.config(found.model, found.version)))
 
     async def _stats(self, found: Route, headers: dict, body: bytes):
-        return _json(proto_json(self.info.statistics(found.model, found.version)))
+        return _json(proto_json(await self.info.statistics(found.model, found.version)))
 
     # --- inference ----------------------------------------------------------------------------------
 
     async def _infer(self, found: Route, headers: dict, body: bytes, identity: Identity):
         core = self.core
         with core.request(HTTP, identity) as call:
-            model = core.resolve(call, found.model, found.version)
+            model = await core.resolve(call, found.model, found.version)
             request, decoded, binary = await self._decode(body, _text(headers.get(HEADER_LENGTH_KEY)), model.signature)
             call.request_id = request.id or ""
             answer = await core.infer(call, decoded, request.parameters)
@@ -276,7 +276,7 @@ class HttpApi:
 
     async def _index(self, found: Route, headers: dict, body: bytes):
         ready = bool(_object(body, "repository index").get("ready", False))
-        return _json(self.control.index(ready))
+        return _json(await self.control.index(ready))
 
     async def _load(self, found: Route, headers: dict, body: bytes):
         given = _object(body, f"load of '{found.model}'").get("parameters") or {}
@@ -352,11 +352,12 @@ def _file_bytes(model: str, key: str, value) -> bytes:
 
 
 async def start_http(
-    settings: ServerSettings, api: HttpApi, connections: ConnectionMetrics | None = None
+    settings: ServerSettings, api: HttpApi, connections: ConnectionMetrics | None = None, sock=None
 ) -> uvicorn.Server:
     """uvicorn in the running loop: its start-up and shutdown are called directly, so it installs
     no signal handlers of its own and the server's lifecycle stays in app.py. Each connection is
-    bounded (server/frontend/connection_limits.py) and counted in `connections`."""
+    bounded (server/frontend/connection_limits.py) and counted in `connections`. `sock`: a listening
+    socket to serve instead of binding one (front-end processes share the engine's)."""
     config = uvicorn.Config(
         api,
         host=settings.http_address,
@@ -372,7 +373,7 @@ async def start_http(
             settings
         ),  # the limited protocol; under TLS, its files and a protocol that reads client certificates
     )
-    return await listen(config, Listener("http", http_limits(settings, "http"), connections))
+    return await listen(config, Listener("http", http_limits(settings, "http"), connections), sock)
 
 
 def http_port(server: uvicorn.Server) -> int:

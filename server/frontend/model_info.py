@@ -48,27 +48,28 @@ class ModelInfo:
     def __init__(self, repository: ModelRepository, recorder: StatisticsRecorder, ledger: CostLedger) -> None:
         self._repository, self._recorder, self._ledger = repository, recorder, ledger
 
-    def model(self, name: str, version: str) -> ModelVersion:
+    async def model(self, name: str, version: str) -> ModelVersion:
         """The version that answers for (name, version); ModelNotFound or ModelNotReady."""
         return self._repository.get(name, version)
 
-    def ready_versions(self, name: str) -> list[str]:
+    async def ready_versions(self, name: str) -> list[str]:
+        return self._ready(name)
+
+    def _ready(self, name: str) -> list[str]:
         repository = self._repository
         versions = repository.models[name].versions
         return [number for number in repository.version_names(name) if versions[number].state == READY]
 
-    def config(self, name: str, version: str):
-        return model_config_proto(self.model(name, version))
+    async def config(self, name: str, version: str):
+        return model_config_proto(await self.model(name, version))
 
-    def statistics(self, name: str, version: str):
+    async def statistics(self, name: str, version: str):
         """Triton's ModelStatisticsResponse: one version, or every ready one when no name is given."""
         models = self._repository.models
         if name:
-            chosen = [self.model(name, version)]
+            chosen = [await self.model(name, version)]
         else:
-            chosen = [
-                models[model].versions[number] for model in sorted(models) for number in self.ready_versions(model)
-            ]
+            chosen = [models[model].versions[number] for model in sorted(models) for number in self._ready(model)]
         costs = self._ledger.snapshot().models
         response = protocol.ModelStatisticsResponse()
         for model in chosen:

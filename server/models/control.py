@@ -19,7 +19,7 @@ class RepositoryControl:
         self.repository = repository
         self.control_mode = control_mode
 
-    def index(self, ready_only: bool) -> list[dict[str, str]]:
+    async def index(self, ready_only: bool) -> list[dict[str, str]]:
         rows = self.repository.index()
         return [
             {"name": name, "version": version, "state": state, "reason": reason}

@@ -10,7 +10,12 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[2] / "server"
 ROOMS = ("frontend", "engine", "models", "observe", "tune", "tools")
 SHARED = ("config", "config_checks", "errors", "protocol", "protos_generated", "tensors", "bytes_codec")
-ROOT = ("__main__", "app", "shutdown")  # the composition root: wiring, the command line, the stop
+ROOT = (
+    "__main__",
+    "app",
+    "shutdown",
+    "frontends",
+)  # the composition root: wiring, the command line, the stop, the processes
 # What each room may import of the others, besides the shared modules and itself.
 MAY_IMPORT = {
     "frontend": {"engine", "models", "observe"},

@@ -5,7 +5,7 @@ import asyncio
 
 import pytest
 
-from server.engine.inference import outcome_of
+from server.engine.call import outcome_of
 from server.errors import (
     DeadlineExceeded,
     ExecutionFailed,

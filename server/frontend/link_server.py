@@ -1,0 +1,262 @@
+"""The engine's end of the link: serves a Backend to front-end processes (link_client.py is the
+other end). Runs in the engine's process, on its loop, over the core, model information and
+control that a single-process server hands its transports.
+
+Each request lives here as the core's Call from RESOLVE to END, as it would in one process: the
+core resolves it (and reserves its usage record), queues it, bills it and settles it. A front end
+that goes away has its requests cancelled and ended here, each once."""
+
+import asyncio
+import logging
+import os
+from collections import OrderedDict
+
+from server import errors
+from server.engine.call import Identity, outcome_of
+from server.frontend import link
+from server.frontend.backend import Backend
+from server.tensors import DecodedRequest
+
+log = logging.getLogger(__name__)
+
+DRAIN_BYTES = 1 << 20  # answers unsent to a front end past which its next request waits
+SIGNATURES_SENT = 1024  # per front end: the signatures it holds, so each is sent once
+
+
+class LinkServer:
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.connections: set[_Connection] = set()
+        self.listening: dict[int, int] = {}  # front end's index -> its pid, once it listens
+        self.greeted = asyncio.Event()  # set at each front end's hello
+        self._server: asyncio.Server | None = None
+
+    async def start(self, path: str) -> None:
+        self.path = path
+        self._server = await asyncio.start_unix_server(self._serve, path, limit=link.MAX_FRAME)
+        os.chmod(path, 0o600)  # this user's processes only: the link carries requests unauthenticated
+
+    def state(self) -> dict:
+        core = self.backend.core
+        return {"ready": core.ready(), "down": core.shutting_down}
+
+    def broadcast(self) -> None:
+        """Readiness or the repository changed: every front end is told."""
+        for connection in self.connections:
+            connection.send(link.STATE, 0, self.state())
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connection = _Connection(self, writer)
+        self.connections.add(connection)
+        connection.send(link.STATE, 0, self.state())
+        try:
+            await connection.run(reader)
+        finally:
+            self.connections.discard(connection)
+            connection.drop()
+            writer.close()
+
+
+class _Connection:
+    """One front end's requests and calls."""
+
+    def __init__(self, server: LinkServer, writer: asyncio.StreamWriter) -> None:
+        self.server, self.backend, self.writer = server, server.backend, writer
+        self.outbox = link.Outbox(writer)
+        self.calls: dict = {}  # number -> the core's Call, until it is answered or ended
+        self.signatures: OrderedDict[int, object] = OrderedDict()  # id -> Signature sent (kept: ids stay unique)
+        self.handlers = {
+            link.REQUEST: self._request,
+            link.RESOLVE: self._resolve,
+            link.INFER: self._infer,
+            link.END: self._end,
+            link.REFUSED: self._refused,
+            link.CANCEL: self._cancel,
+            link.CALL: self._call,
+        }
+
+    def send(self, kind: int, number: int, head: object = None, body=()) -> None:
+        self.outbox.put(link.frame(kind, number, head, body))
+
+    async def run(self, reader: asyncio.StreamReader) -> None:
+        while True:
+            try:
+                kind, number, head, body = await link.read_frame(reader)
+            except link.LinkBroken:
+                return
+            handler = self.handlers.get(kind)
+            if handler is None:
+                log.error("a front end sent a frame of unknown kind %d: closing its link", kind)
+                return
+            result = handler(number, head, body)
+            if result is not None:  # a coroutine: calls may wait (a load); requests never do
+                asyncio.ensure_future(result)
+            if self.writer.transport.get_write_buffer_size() > DRAIN_BYTES:
+                await self.writer.drain()  # a front end that does not read its answers is not read either
+
+    def drop(self) -> None:
+        """The front end is gone: its requests leave the queues and end, cancelled, once each."""
+        core = self.backend.core
+        for call in self.calls.values():
+            core.cancel(call)
+            core.finish(call, "cancelled")
+        if self.calls:
+            log.warning("a front end went away with %d request(s) in flight: cancelled", len(self.calls))
+        self.calls.clear()
+
+    def error(self, number: int, err: BaseException) -> None:
+        kind = type(err).__name__ if isinstance(err, (errors.ServingError, errors.ExecutionFailed)) else "Internal"
+        self.send(link.ERROR, number, {"type": kind, "message": str(err)})
+
+    def model_head(self, model) -> dict:
+        """The version that answers, with its signature unless this front end holds it already."""
+        signature = model.signature
+        key = id(signature)
+        head = {"name": model.name, "version": model.version, "signature_id": key}
+        if key in self.signatures:
+            self.signatures.move_to_end(key)
+        else:
+            self.signatures[key] = signature
+            if len(self.signatures) > SIGNATURES_SENT:
+                self.signatures.popitem(last=False)
+            head["signature"] = link.signature_head(signature)
+        return head
+
+    # --- requests ---------------------------------------------------------------------------------
+    # A request whose version the front end knows comes as one REQUEST (resolve and queue) and is
+    # ended here when its answer or error goes back: a frame each way. Otherwise RESOLVE first
+    # (the front end needs the signature to decode), then INFER, or END if decoding failed.
+
+    def _start(self, number: int, head: dict):
+        core, auth = self.backend.core, self.backend.auth
+        identity = Identity(head["tenant"], auth.labels.label(head["tenant"]), head["source"])
+        call = core.start(head["protocol"], identity)
+        call.started -= head["elapsed"]  # the front end received it that long ago
+        call.request_id = head.get("id", "")
+        return call
+
+    def _resolve(self, number: int, head: dict, body) -> None:
+        call = self._start(number, head)
+        try:  # at once, in the frames' order: the INFER or END that follows finds it resolved
+            model = self.backend.core.resolve_now(call, head["model"], head["version"])
+        except errors.ServingError as err:
+            self._failed(number, call, err)
+        else:
+            self.calls[number] = call
+            self.send(link.REPLY, number, self.model_head(model))
+
+    def _request(self, number: int, head: dict, body) -> None:
+        call = self._start(number, head)
+        try:
+            model = self.backend.core.resolve_now(call, head["model"], head["version"])
+            if id(model.signature) != head["signature_id"]:
+                raise errors.ModelNotReady(f"{model.label} changed while the request was on its way; retry it")
+        except errors.ServingError as err:
+            self._failed(number, call, err)
+            return
+        self._queue(number, call, head, body)
+
+    def _infer(self, number: int, head: dict, body) -> None:
+        call = self.calls.pop(number, None)
+        if call is not None:
+            call.request_id = head["id"]
+            self._queue(number, call, head, body)
+
+    def _queue(self, number: int, call, head: dict, body) -> None:
+        decoded = DecodedRequest(link.unpack_tensors(head["inputs"], body), head["rows"], tuple(head["outputs"]))
+        try:
+            item = self.backend.core.enqueue(call, decoded, head["parameters"])
+        except errors.ServingError as err:
+            self._failed(number, call, err)
+            return
+        self.calls[number] = call
+        item.future.add_done_callback(lambda done: self._answered(number, call, done))
+
+    def _answered(self, number: int, call, done: asyncio.Future) -> None:
+        if done.cancelled() or self.calls.pop(number, None) is None:
+            return  # cancelled by the front end, or it went away: ended already
+        if (err := done.exception()) is not None:
+            self._failed(number, call, err)
+            return
+        answer = call.answer = done.result()
+        core = self.backend.core
+        said = core.accounting(call, answer)
+        specs, tensors = link.pack_tensors({name: answer.outputs[name] for name in call.outputs})
+        times = answer.queue_seconds, answer.compute_seconds
+        self.send(
+            link.ANSWER, number, [specs, said, answer.batch_id, answer.batch_rows, answer.device, *times], tensors
+        )
+        core.finish(call, "ok")  # answered: the front end encodes it and sends it
+
+    def _failed(self, number: int, call, err: BaseException) -> None:
+        self.error(number, err)
+        self.backend.core.finish(call, outcome_of(err))
+
+    def _end(self, number: int, head: dict, body) -> None:
+        """A request resolved by RESOLVE that ended in the front end (its decoding failed)."""
+        call = self.calls.pop(number, None)
+        if call is not None:
+            self.backend.core.finish(call, head["outcome"])
+
+    def _refused(self, number: int, head: dict, body) -> None:
+        """A request the front end refused after resolving it from what it knew (its decoding
+        failed): counted and logged as it would be in one process."""
+        call = self._start(number, head)
+        try:
+            self.backend.core.resolve_now(call, head["model"], head["version"])
+        except errors.ServingError as err:
+            log.debug("a refused request's model does not resolve (%s): it is counted without one", err)
+        self.backend.core.finish(call, head["outcome"])
+
+    def _cancel(self, number: int, head, body) -> None:
+        call = self.calls.pop(number, None)
+        if call is not None:
+            self.backend.core.cancel(call)
+            self.backend.core.finish(call, "cancelled")
+
+    # --- calls ------------------------------------------------------------------------------------
+
+    async def _call(self, number: int, head: dict, body) -> None:
+        try:
+            reply, data = await self._answer_call(head["op"], head.get("args", []), head, body)
+        except (errors.ServingError, errors.ExecutionFailed) as err:
+            self.error(number, err)
+        except Exception as err:  # a bug: the log has it; the front end answers with an internal error
+            log.exception("a front end's call %r failed", head.get("op"))
+            self.error(number, err)
+        else:
+            self.send(link.REPLY, number, reply, [data] if data else ())
+
+    async def _answer_call(self, op: str, args: list, head: dict, body) -> tuple[object, bytes]:
+        core, info, control = self.backend.core, self.backend.info, self.backend.control
+        if op == "hello":
+            index, pid = args
+            self.server.listening[index] = pid
+            self.server.greeted.set()
+            return None, b""
+        if op == "model_ready":
+            return await core.model_ready(*args), b""
+        if op == "model":
+            return self.model_head(await info.model(*args)), b""
+        if op == "ready_versions":
+            return await info.ready_versions(*args), b""
+        if op == "config":
+            return None, (await info.config(*args)).SerializeToString()
+        if op == "statistics":
+            return None, (await info.statistics(*args)).SerializeToString()
+        if op == "index":
+            return await control.index(*args), b""
+        if op == "load":
+            files, offset = {}, 0
+            for key, size in head["files"]:
+                files[key], offset = bytes(body[offset : offset + size]), offset + size
+            await control.load(args[0], {**head["strings"], **files})
+            return None, b""
+        if op == "unload":
+            await control.unload(*args)
+            return None, b""
+        raise errors.InvalidInput(f"unknown call {op!r} on the link")

@@ -1,0 +1,96 @@
+"""Front-end processes under the engine's (`--frontends N`, N > 1): their listening sockets, their
+start, their restart when one dies, and their stop.
+
+This process keeps the models, batching, the bill and /metrics; each front end serves gRPC and
+REST (server/frontend/process.py) and reaches the engine over the link (server/frontend/link*.py).
+The gRPC port is reserved here with SO_REUSEPORT, so that port 0 names one port for all, and every
+front end binds it too; REST's socket listens here and every front end accepts on it.
+"""
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from server.config import ServerSettings
+from server.frontend.process import HTTP_FD_VARIABLE, INDEX_VARIABLE, LINK_VARIABLE
+
+log = logging.getLogger("onnxserve")
+
+RESTART_PAUSE_SECONDS = 1.0  # between a front end's death and its restart: a crash loop stays slow
+
+
+def reserve_grpc_port(settings: ServerSettings) -> socket.socket:
+    """A socket bound to the gRPC address with SO_REUSEPORT, not listening: it holds the port's
+    number (port 0 picks one) for the front ends, which bind it too and listen."""
+    family = socket.AF_INET6 if ":" in settings.grpc_address else socket.AF_INET
+    reserved = socket.socket(family, socket.SOCK_STREAM)
+    reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    reserved.bind((settings.grpc_address, settings.grpc_port))
+    return reserved
+
+
+def listen_http(settings: ServerSettings) -> socket.socket:
+    family = socket.AF_INET6 if ":" in settings.http_address else socket.AF_INET
+    listening = socket.socket(family, socket.SOCK_STREAM)
+    listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listening.bind((settings.http_address, settings.http_port))
+    listening.listen(2048)
+    listening.set_inheritable(True)
+    return listening
+
+
+class Frontends:
+    """The front-end processes: started with this server's own flags, the reserved gRPC port and
+    REST's descriptor; restarted when one dies, until the stop."""
+
+    def __init__(self, count: int, argv: list[str], grpc_port: int, http: socket.socket | None, link: str) -> None:
+        self.count, self.argv, self.grpc_port, self.http, self.link = count, argv, grpc_port, http, link
+        self.processes: dict[int, subprocess.Popen] = {}
+        self.stopping = False
+
+    def start(self) -> None:
+        for index in range(1, self.count + 1):
+            self.processes[index] = self._spawn(index)
+
+    def _spawn(self, index: int) -> subprocess.Popen:
+        environment = {**os.environ, INDEX_VARIABLE: str(index), LINK_VARIABLE: self.link}
+        fds = ()
+        if self.http is not None:
+            environment[HTTP_FD_VARIABLE] = str(self.http.fileno())
+            fds = (self.http.fileno(),)
+        command = [sys.executable, "-m", "server.frontend.process", *self.argv, "--grpc-port", str(self.grpc_port)]
+        return subprocess.Popen(command, env=environment, pass_fds=fds)
+
+    async def supervise(self) -> None:
+        """Restart a front end that exits while the server runs. Stops only when cancelled."""
+        while True:
+            await asyncio.sleep(0.2)
+            for index, process in list(self.processes.items()):
+                code = process.poll()
+                if code is None or self.stopping:
+                    continue
+                log.error("front end %d (pid %d) exited with %d: restarting it", index, process.pid, code)
+                await asyncio.sleep(RESTART_PAUSE_SECONDS)
+                if not self.stopping:
+                    self.processes[index] = self._spawn(index)
+
+    async def stop(self, timeout: float) -> None:
+        """SIGTERM each: it stops taking requests and answers those it has (through the engine,
+        which still serves); SIGKILL what is left after `timeout`."""
+        self.stopping = True
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        ends = time.monotonic() + timeout
+        while any(p.poll() is None for p in self.processes.values()) and time.monotonic() < ends:
+            await asyncio.sleep(0.05)
+        for index, process in self.processes.items():
+            if process.poll() is None:
+                log.warning("front end %d did not stop within %.1f s: killed", index, timeout)
+                process.kill()
+                process.wait()

@@ -1,0 +1,160 @@
+"""Several front-end processes over one engine (--frontends N): every caller gets its own rows
+whichever front end it reaches, requests through different front ends share batches, a model
+loaded through one is served by all, a front end killed under load is replaced while the others
+serve, and SIGTERM stops them all."""
+
+import asyncio
+import json
+import os
+import signal
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+import tritonclient.grpc.aio as aioclient
+
+from tests import onnx_models
+from tests.conftest import wait_until
+from tests.integration.test_batching import caller_rows, inputs
+from tests.integration.test_tenants import KEYS, bearer, write_keys
+
+CONFIG = "max_batch_size: 16\ndynamic_batching { max_queue_delay_microseconds: 20000 }"
+CALLERS = 48
+# A connection of its own per client: grpc shares one between channels to the same address.
+OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
+
+
+def repository(tmp_path):
+    root = tmp_path / "repository"
+    onnx_models.write(root, "add_one", onnx_models.add_one(), CONFIG)
+    return root
+
+
+def parameters(result) -> dict:
+    return {
+        key: getattr(value, value.WhichOneof("parameter_choice"))
+        for key, value in result.get_response().parameters.items()
+    }
+
+
+async def grpc_caller(url: str, caller: int) -> tuple[int, int]:
+    """One caller on a connection of its own; (front end, batch id) of its answer."""
+    client = aioclient.InferenceServerClient(url, channel_args=OWN_CONNECTION)
+    try:
+        x = caller_rows(caller, 1 + caller % 3)
+        result = await client.infer("add_one", inputs(x))
+        np.testing.assert_array_equal(result.as_numpy("y"), x + 1)
+        said = parameters(result)
+        return said["onnxserve_frontend"], said["onnxserve_batch_id"]
+    finally:
+        await client.close()
+
+
+def rest_caller(url: str, caller: int) -> int:
+    x = caller_rows(caller, 2)
+    body = {"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}
+    request = urllib.request.Request(f"http://{url}/v2/models/add_one/infer", data=json.dumps(body).encode())
+    with urllib.request.urlopen(request, timeout=30) as response:
+        answer = json.loads(response.read())
+    np.testing.assert_array_equal(np.array(answer["outputs"][0]["data"], dtype=np.float32).reshape(x.shape), x + 1)
+    return answer["parameters"]["onnxserve_frontend"]
+
+
+def test_callers_get_their_own_rows_and_share_batches_across_front_ends(tmp_path, serve):
+    server = serve(repository(tmp_path), "--frontends", "2")
+
+    async def everyone():
+        return await asyncio.gather(*(grpc_caller(server.url, caller) for caller in range(CALLERS)))
+
+    answered = asyncio.run(everyone())
+    assert {frontend for frontend, _ in answered} == {1, 2}, "the kernel spread connections over both"
+    by_batch: dict[int, set[int]] = {}
+    for frontend, batch in answered:
+        by_batch.setdefault(batch, set()).add(frontend)
+    assert any(len(frontends) == 2 for frontends in by_batch.values()), "no batch mixed the front ends"
+    served_by = {rest_caller(server.http_url, caller) for caller in range(CALLERS, CALLERS + 16)}
+    assert served_by <= {1, 2}
+    rows = sum(1 + caller % 3 for caller in range(CALLERS)) + 2 * 16
+    assert server.samples().get("onnxserve_inferences_total", model="add_one", version="1") == rows
+
+
+def test_a_stream_through_a_front_end_answers_each_request(tmp_path, serve):
+    server = serve(repository(tmp_path), "--frontends", "2")
+    answers: list = []
+    client = grpcclient.InferenceServerClient(server.url)
+    client.start_stream(lambda result, error: answers.append(error or result))
+    for caller in range(20):
+        client.async_stream_infer("add_one", inputs(caller_rows(caller, 1), grpcclient), request_id=str(caller))
+    assert wait_until(lambda: len(answers) >= 20, timeout=30)
+    client.stop_stream()
+    for answer in answers:
+        caller = int(answer.get_response().id)
+        np.testing.assert_array_equal(answer.as_numpy("y"), caller_rows(caller, 1) + 1)
+
+
+def test_a_model_loaded_through_one_front_end_serves_through_all(tmp_path, serve):
+    root = repository(tmp_path)
+    onnx_models.write(root, "other", onnx_models.add_one(), CONFIG)
+    server = serve(root, "--frontends", "2", "--model-control-mode", "explicit", "--load-model", "add_one")
+    grpcclient.InferenceServerClient(server.url).load_model("other")
+    for _ in range(8):  # new connections, spread over both front ends
+        client = grpcclient.InferenceServerClient(server.url, channel_args=OWN_CONNECTION)
+        assert client.is_model_ready("other")
+        x = caller_rows(1, 1)
+        np.testing.assert_array_equal(client.infer("other", inputs(x, grpcclient)).as_numpy("y"), x + 1)
+        client.close()
+
+
+def children(pid: int) -> list[int]:
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def test_a_killed_front_end_is_replaced_while_the_others_serve(tmp_path, serve):
+    server = serve(repository(tmp_path), "--frontends", "2")
+    started = children(server.process.pid)
+    assert len(started) == 2
+    os.kill(started[0], signal.SIGKILL)
+    x = caller_rows(3, 1)
+
+    def served() -> bool:
+        client = grpcclient.InferenceServerClient(server.url, channel_args=OWN_CONNECTION)
+        try:
+            return bool(np.array_equal(client.infer("add_one", inputs(x, grpcclient)).as_numpy("y"), x + 1))
+        finally:
+            client.close()
+
+    # Gone once reaped: until then the kernel may still queue a new connection on its socket (and
+    # reset it), as it does for any process that dies listening with SO_REUSEPORT.
+    assert wait_until(lambda: "exited with -9: restarting it" in server.log_text(), timeout=10)
+    assert all(served() for _ in range(10))  # the other front end, alone until the restart
+    assert wait_until(lambda: len(children(server.process.pid)) == 2, timeout=20)
+    assert all(served() for _ in range(10))
+    server.process.send_signal(signal.SIGTERM)
+    assert server.wait(30) == 0
+
+
+def test_api_keys_name_the_tenant_in_every_front_end(tmp_path, serve):
+    keys = write_keys(tmp_path / "keys.json", KEYS)
+    server = serve(repository(tmp_path), "--frontends", "2", "--api-keys", str(keys))
+    x = caller_rows(5, 1)
+    for _ in range(8):  # new connections, spread over both front ends
+        client = grpcclient.InferenceServerClient(server.url, channel_args=OWN_CONNECTION)
+        said = parameters(client.infer("add_one", inputs(x, grpcclient), headers=bearer("key-of-b")))
+        assert said["onnxserve_tenant"] == "team-b"
+        try:
+            client.infer("add_one", inputs(x, grpcclient))
+        except grpcclient.InferenceServerException as err:
+            assert err.status() == "StatusCode.UNAUTHENTICATED"
+        else:
+            raise AssertionError("a call without a key was answered")
+        client.close()
+    assert server.samples().get("onnxserve_tenant_requests_total", tenant="team-b", model="add_one", outcome="ok") == 8
+
+
+def test_when_the_engine_dies_every_front_end_exits(tmp_path, serve):
+    server = serve(repository(tmp_path), "--frontends", "2")
+    started = children(server.process.pid)
+    server.process.kill()
+    server.wait(10)
+    assert wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in started), timeout=15)
