@@ -115,12 +115,14 @@ async def serve(settings: ServerSettings) -> int:
 
 async def serve_frontends(settings: ServerSettings) -> int:
     """--frontends N > 1: this process is the engine (models, batching, the bill, /metrics), and N
-    front-end processes serve gRPC and REST over the link (server/frontends.py)."""
+    front-end processes serve gRPC and REST over the link (server/frontends.py). The stop takes
+    --exit-timeout-secs in all: the front ends drain first, the engine gets what is left."""
     auth = _authenticator(settings)
     engine = build_engine(settings, auth)
     backend = _backend(settings, engine, auth)
     reserved = reserve_grpc_port(settings)
     http_socket = listen_http(settings) if settings.http_port >= 0 else None
+    loop = asyncio.get_running_loop()
     with tempfile.TemporaryDirectory(prefix="onnxserve-") as scratch:
         link = LinkServer(backend)
         await link.start(os.path.join(scratch, "engine.sock"))
@@ -128,41 +130,30 @@ async def serve_frontends(settings: ServerSettings) -> int:
         metrics_httpd = start_metrics_server(engine.registry, settings, ConnectionMetrics(engine.registry))
         frontends = Frontends(settings.frontends, sys.argv[1:], reserved.getsockname()[1], http_socket, link.path)
         frontends.start()
-        await _all_listening(link, settings.frontends)
-        http_bound = http_socket.getsockname()[1] if http_socket else None
-        ports = _log_listening(settings, reserved.getsockname()[1], metrics_httpd.server_port, http_bound)
-        supervising = asyncio.create_task(frontends.supervise())
-        followers = await _serve_until_signal(
-            settings,
-            engine.bus,
-            engine.repository,
-            auth,
-            lambda changed: _follow_readiness(engine.core, changed, ports, _broadcasting(link)),
-        )
-        engine.core.shutting_down = True  # the front ends answer what they accepted, then stop
-        link.broadcast()
-        supervising.cancel()
-        await frontends.stop(settings.exit_timeout_secs)
-        link.close()
+        try:
+            await frontends.listening(link.listening, link.greeted, FRONTEND_START_SECONDS)
+            http_bound = http_socket.getsockname()[1] if http_socket else None
+            ports = _log_listening(settings, reserved.getsockname()[1], metrics_httpd.server_port, http_bound)
+            supervising = asyncio.create_task(frontends.supervise())
+            followers = await _serve_until_signal(
+                settings,
+                engine.bus,
+                engine.repository,
+                auth,
+                lambda changed: _follow_readiness(engine.core, changed, ports, _broadcasting(link)),
+            )
+            stopping = loop.time()
+            engine.core.shutting_down = True  # the front ends answer what they accepted, then stop
+            link.broadcast()
+            supervising.cancel()
+        finally:
+            await frontends.stop(settings.exit_timeout_secs)
+            link.close()
     reserved.close()
     if http_socket is not None:
         http_socket.close()
-    return await _stop(settings, engine, backend, None, None, metrics_httpd, [*followers, supervising])
-
-
-async def _all_listening(link: LinkServer, count: int) -> None:
-    """Until every front end says it listens; ConfigError naming the flag after FRONTEND_START_SECONDS."""
-    ends = asyncio.get_running_loop().time() + FRONTEND_START_SECONDS
-    while len(link.listening) < count:
-        link.greeted.clear()
-        left = ends - asyncio.get_running_loop().time()
-        try:
-            await asyncio.wait_for(link.greeted.wait(), max(0.0, left))
-        except TimeoutError:
-            raise ConfigError(
-                f"--frontends {count}: {len(link.listening)} front end(s) listen after {FRONTEND_START_SECONDS:.0f} s; "
-                "see their errors above"
-            ) from None
+    left = max(0.0, settings.exit_timeout_secs - (loop.time() - stopping))
+    return await _stop(settings, engine, backend, None, None, metrics_httpd, [*followers, supervising], left)
 
 
 def _broadcasting(link: LinkServer):
@@ -183,7 +174,9 @@ def _backend(settings: ServerSettings, engine: Engine, auth: Authenticator) -> B
     )
 
 
-async def _stop(settings, engine: Engine, backend: Backend, grpc, http, metrics_httpd, followers) -> int:
+async def _stop(
+    settings, engine: Engine, backend: Backend, grpc, http, metrics_httpd, followers, timeout: float | None = None
+) -> int:
     serving = shutdown.Serving(
         grpc,
         http,
@@ -196,7 +189,7 @@ async def _stop(settings, engine: Engine, backend: Backend, grpc, http, metrics_
         engine.gpus,
         followers,
     )
-    return await shutdown.stop(serving, settings.exit_timeout_secs)
+    return await shutdown.stop(serving, settings.exit_timeout_secs if timeout is None else timeout)
 
 
 async def _follow_readiness(core: InferenceCore, changed: asyncio.Event, ports: str, publish) -> None:

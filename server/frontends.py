@@ -17,11 +17,13 @@ import sys
 import time
 
 from server.config import ServerSettings
+from server.errors import ConfigError
 from server.frontend.process import HTTP_FD_VARIABLE, INDEX_VARIABLE, LINK_VARIABLE
 
 log = logging.getLogger("onnxserve")
 
-RESTART_PAUSE_SECONDS = 1.0  # between a front end's death and its restart: a crash loop stays slow
+RESTART_PAUSES = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)  # after 1, 2, ... deaths in a row: a crash loop stays slow
+HEALTHY_SECONDS = 60.0  # a front end up this long starts its count of deaths afresh
 
 
 def reserve_grpc_port(settings: ServerSettings) -> socket.socket:
@@ -51,11 +53,32 @@ class Frontends:
     def __init__(self, count: int, argv: list[str], grpc_port: int, http: socket.socket | None, link: str) -> None:
         self.count, self.argv, self.grpc_port, self.http, self.link = count, argv, grpc_port, http, link
         self.processes: dict[int, subprocess.Popen] = {}
+        self.restarts: dict[int, float] = {}  # index -> when a dead one starts again (monotonic)
+        self.started: dict[int, float] = {}  # index -> when it was last started
+        self.deaths: dict[int, int] = {}  # index -> deaths in a row
         self.stopping = False
 
     def start(self) -> None:
         for index in range(1, self.count + 1):
             self.processes[index] = self._spawn(index)
+
+    async def listening(self, listening: dict, greeted: asyncio.Event, timeout: float) -> None:
+        """Until every front end says it listens (`listening` fills; `greeted` is set at each);
+        ConfigError naming the flag if one exits first, or after `timeout`."""
+        ends = time.monotonic() + timeout
+        while len(listening) < self.count:
+            for index, process in self.processes.items():
+                if process.poll() is not None:
+                    raise ConfigError(f"--frontends: front end {index} exited with {process.returncode} as it started")
+            if time.monotonic() > ends:
+                raise ConfigError(
+                    f"--frontends: {len(listening)} of {self.count} front ends listen after {timeout:.0f} s"
+                )
+            greeted.clear()
+            try:
+                await asyncio.wait_for(greeted.wait(), 0.2)
+            except TimeoutError:
+                continue  # look at the processes again
 
     def _spawn(self, index: int) -> subprocess.Popen:
         environment = {**os.environ, INDEX_VARIABLE: str(index), LINK_VARIABLE: self.link}
@@ -64,20 +87,40 @@ class Frontends:
             environment[HTTP_FD_VARIABLE] = str(self.http.fileno())
             fds = (self.http.fileno(),)
         command = [sys.executable, "-m", "server.frontend.process", *self.argv, "--grpc-port", str(self.grpc_port)]
+        self.started[index] = time.monotonic()
         return subprocess.Popen(command, env=environment, pass_fds=fds)
 
     async def supervise(self) -> None:
-        """Restart a front end that exits while the server runs. Stops only when cancelled."""
-        while True:
+        """Restart a front end that exits while the server runs, later each time it dies again
+        soon after starting. Stops only when cancelled."""
+        while not self.stopping:
             await asyncio.sleep(0.2)
-            for index, process in list(self.processes.items()):
-                code = process.poll()
-                if code is None or self.stopping:
-                    continue
-                log.error("front end %d (pid %d) exited with %d: restarting it", index, process.pid, code)
-                await asyncio.sleep(RESTART_PAUSE_SECONDS)
-                if not self.stopping:
-                    self.processes[index] = self._spawn(index)
+            now = time.monotonic()
+            for index, process in self.processes.items():
+                if index not in self.restarts and process.poll() is not None:
+                    self.restarts[index] = now + self._pause(index)
+                    pause = self.restarts[index] - now
+                    log.error(
+                        "front end %d (pid %d) exited with %d: restarting it in %.0f s",
+                        *(index, process.pid, process.returncode, pause),
+                    )
+            for index, at in list(self.restarts.items()):
+                if now >= at:
+                    self._restart(index)
+
+    def _pause(self, index: int) -> float:
+        healthy = time.monotonic() - self.started[index] > HEALTHY_SECONDS
+        deaths = self.deaths[index] = 1 if healthy else self.deaths.get(index, 0) + 1
+        return RESTART_PAUSES[min(deaths, len(RESTART_PAUSES)) - 1]
+
+    def _restart(self, index: int) -> None:
+        try:
+            self.processes[index] = self._spawn(index)
+        except OSError as err:  # out of processes or memory: try again after the longest pause
+            log.error("front end %d could not be restarted: %s", index, err)
+            self.restarts[index] = time.monotonic() + RESTART_PAUSES[-1]
+        else:
+            del self.restarts[index]
 
     async def stop(self, timeout: float) -> None:
         """SIGTERM each: it stops taking requests and answers those it has (through the engine,

@@ -83,7 +83,7 @@ def pack_tensors(arrays: Mapping[str, np.ndarray]) -> tuple[list, list]:
         if array.dtype == object:
             data, wire = serialize_bytes(array), "BYTES"
         else:
-            data = memoryview(np.ascontiguousarray(array)).cast("B")
+            data = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))  # empty ones too
             wire = BY_NUMPY[array.dtype]
         specs.append((name, wire, list(array.shape), len(data)))
         body.append(data)

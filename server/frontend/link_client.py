@@ -21,21 +21,9 @@ from server.tensors import DecodedRequest, Signature
 
 log = logging.getLogger(__name__)
 
-ERRORS = {
-    cls.__name__: cls
-    for cls in (
-        errors.ModelNotFound,
-        errors.ModelNotReady,
-        errors.InvalidInput,
-        errors.Overloaded,
-        errors.DeadlineExceeded,
-        errors.ShuttingDown,
-        errors.LoadFailed,
-        errors.ControlDisabled,
-        errors.PermissionDenied,
-        errors.ExecutionFailed,
-    )
-}
+# What the engine may raise, by name; anything else arrives as an internal error.
+ERRORS = {cls.__name__: cls for cls in (*errors.ServingError.__subclasses__(), errors.ExecutionFailed)}
+STALE = "changed while the request was on its way"  # the engine's refusal of a stale signature
 
 
 @dataclass(frozen=True)
@@ -70,6 +58,7 @@ class Link:
         self.waiting: dict[int, asyncio.Future] = {}
         self.signatures: dict[int, Signature] = {}
         self.models: dict[tuple[str, str], RemoteModel] = {}  # (name, version asked) -> what answers, till a change
+        self.generation = 0  # STATE frames seen: a model resolved before the last one is not kept
         self.state = {"ready": False, "down": False}
         self.changed = asyncio.Event()  # readiness or the repository changed
         self.broken = asyncio.get_running_loop().create_future()  # resolved when the engine is gone
@@ -103,6 +92,7 @@ class Link:
                 if kind == link.STATE:
                     self.state = head
                     self.models.clear()  # a version loaded or unloaded: ask again
+                    self.generation += 1
                     self.changed.set()
                     continue
                 future = self.waiting.pop(number, None)
@@ -125,6 +115,7 @@ class Link:
             self.broken.set_result(None)
 
 
+ENGINE_PARAMETERS = ("priority", "timeout")  # the request parameters the engine reads (inference.request_options)
 FRONTEND_PARAMETER = "onnxserve_frontend"  # which front-end process answered: the rest the engine says
 
 
@@ -191,36 +182,53 @@ class RemoteCore:
         if known is not None:
             call.model = known
             return known
+        generation, frame = self.link.generation, self._head(call, name, version)
         future = self.link.expect(call.link)
+        self.link.send(link.RESOLVE, call.link, frame)
         self.open[call.link] = "END"
-        self.link.send(link.RESOLVE, call.link, self._head(call, name, version))
         try:
             reply, _ = await future
+        except asyncio.CancelledError:
+            raise  # the engine holds it: end() tells it
         except BaseException:
             self.open.pop(call.link, None)  # refused there, and ended there
             raise
-        call.model = self.link.models[(name, version)] = model_from(self.link, reply)
+        call.model = model_from(self.link, reply)
+        if self.link.generation == generation:  # else the repository changed meanwhile: ask again next time
+            self.link.models[(name, version)] = call.model
         return call.model
 
     def enqueue(self, call: Call, decoded: DecodedRequest, parameters: Mapping[str, object]) -> RemoteItem:
         call.rows, call.outputs = decoded.rows, decoded.outputs
         specs, body = link.pack_tensors(decoded.feeds)
-        head = {"rows": decoded.rows, "outputs": list(decoded.outputs), "parameters": dict(parameters), "inputs": specs}
-        if self.open.pop(call.link, None) == "END":  # resolved there: the engine holds it
+        wanted = {key: parameters[key] for key in ENGINE_PARAMETERS if key in parameters}
+        head = {"rows": decoded.rows, "outputs": list(decoded.outputs), "parameters": wanted, "inputs": specs}
+        resolved_there = self.open.get(call.link) == "END"
+        if resolved_there:  # the engine holds it
             kind, head["id"] = link.INFER, call.request_id
         else:
             kind = link.REQUEST
             head.update(self._head(call, *call.requested), signature_id=call.model.signature_id)
+        self.link.send(kind, call.link, head, body)  # first: what follows assumes it went
         item = call.item = RemoteItem(asyncio.get_running_loop().create_future())
         replied = self.link.expect(call.link)
         self.open[call.link] = "CANCEL"
-        self.link.send(kind, call.link, head, body)
         replied.add_done_callback(lambda done: self._answered(call, item, done))
         return item
 
     def _answered(self, call: Call, item: RemoteItem, done: asyncio.Future) -> None:
         self.open.pop(call.link, None)  # the engine ended it as it answered
-        _settle_item(item, done)
+        if (
+            not done.cancelled()
+            and isinstance(done.exception(), errors.ModelNotReady)
+            and STALE in str(done.exception())
+        ):
+            self.link.models.pop(call.requested, None)  # resolved from what changed since
+        try:
+            _settle_item(item, done)
+        except Exception as err:  # an answer that does not unpack: the caller gets an internal error
+            if not item.future.done():
+                item.future.set_exception(err)
 
     async def infer(self, call: Call, decoded: DecodedRequest, parameters: Mapping[str, object]) -> Answer:
         item = self.enqueue(call, decoded, parameters)

@@ -9,7 +9,6 @@ that goes away has its requests cancelled and ended here, each once."""
 import asyncio
 import logging
 import os
-from collections import OrderedDict
 
 from server import errors
 from server.engine.call import Identity, outcome_of
@@ -20,7 +19,6 @@ from server.tensors import DecodedRequest
 log = logging.getLogger(__name__)
 
 DRAIN_BYTES = 1 << 20  # answers unsent to a front end past which its next request waits
-SIGNATURES_SENT = 1024  # per front end: the signatures it holds, so each is sent once
 
 
 class LinkServer:
@@ -28,6 +26,7 @@ class LinkServer:
         self.backend = backend
         self.connections: set[_Connection] = set()
         self.listening: dict[int, int] = {}  # front end's index -> its pid, once it listens
+        self.signature_ids: dict = {}  # Signature -> its number on the link: equal signatures, one number
         self.greeted = asyncio.Event()  # set at each front end's hello
         self._server: asyncio.Server | None = None
 
@@ -35,6 +34,10 @@ class LinkServer:
         self.path = path
         self._server = await asyncio.start_unix_server(self._serve, path, limit=link.MAX_FRAME)
         os.chmod(path, 0o600)  # this user's processes only: the link carries requests unauthenticated
+
+    def signature_id(self, signature) -> int:
+        """The signature's number on the link; a version reloaded with the same one keeps it."""
+        return self.signature_ids.setdefault(signature, len(self.signature_ids) + 1)
 
     def state(self) -> dict:
         core = self.backend.core
@@ -68,7 +71,8 @@ class _Connection:
         self.server, self.backend, self.writer = server, server.backend, writer
         self.outbox = link.Outbox(writer)
         self.calls: dict = {}  # number -> the core's Call, until it is answered or ended
-        self.signatures: OrderedDict[int, object] = OrderedDict()  # id -> Signature sent (kept: ids stay unique)
+        self.signatures_sent: set[int] = set()  # the numbers of the signatures this front end holds
+        self.tasks: set[asyncio.Task] = set()  # calls under way (a load may take minutes)
         self.handlers = {
             link.REQUEST: self._request,
             link.RESOLVE: self._resolve,
@@ -92,15 +96,24 @@ class _Connection:
             if handler is None:
                 log.error("a front end sent a frame of unknown kind %d: closing its link", kind)
                 return
-            result = handler(number, head, body)
+            try:
+                result = handler(number, head, body)
+            except Exception as err:  # a bug, or a frame that does not decode: that request fails, the link stays
+                log.exception("a front end's frame of kind %d failed", kind)
+                self.error(number, err)
+                continue
             if result is not None:  # a coroutine: calls may wait (a load); requests never do
-                asyncio.ensure_future(result)
+                task = asyncio.ensure_future(result)
+                self.tasks.add(task)
+                task.add_done_callback(self.tasks.discard)
             if self.writer.transport.get_write_buffer_size() > DRAIN_BYTES:
                 await self.writer.drain()  # a front end that does not read its answers is not read either
 
     def drop(self) -> None:
         """The front end is gone: its requests leave the queues and end, cancelled, once each."""
         core = self.backend.core
+        for task in self.tasks:
+            task.cancel()
         for call in self.calls.values():
             core.cancel(call)
             core.finish(call, "cancelled")
@@ -114,16 +127,11 @@ class _Connection:
 
     def model_head(self, model) -> dict:
         """The version that answers, with its signature unless this front end holds it already."""
-        signature = model.signature
-        key = id(signature)
+        key = self.server.signature_id(model.signature)
         head = {"name": model.name, "version": model.version, "signature_id": key}
-        if key in self.signatures:
-            self.signatures.move_to_end(key)
-        else:
-            self.signatures[key] = signature
-            if len(self.signatures) > SIGNATURES_SENT:
-                self.signatures.popitem(last=False)
-            head["signature"] = link.signature_head(signature)
+        if key not in self.signatures_sent:
+            self.signatures_sent.add(key)
+            head["signature"] = link.signature_head(model.signature)
         return head
 
     # --- requests ---------------------------------------------------------------------------------
@@ -143,7 +151,7 @@ class _Connection:
         call = self._start(number, head)
         try:  # at once, in the frames' order: the INFER or END that follows finds it resolved
             model = self.backend.core.resolve_now(call, head["model"], head["version"])
-        except errors.ServingError as err:
+        except Exception as err:
             self._failed(number, call, err)
         else:
             self.calls[number] = call
@@ -153,9 +161,9 @@ class _Connection:
         call = self._start(number, head)
         try:
             model = self.backend.core.resolve_now(call, head["model"], head["version"])
-            if id(model.signature) != head["signature_id"]:
+            if self.server.signature_id(model.signature) != head["signature_id"]:
                 raise errors.ModelNotReady(f"{model.label} changed while the request was on its way; retry it")
-        except errors.ServingError as err:
+        except Exception as err:
             self._failed(number, call, err)
             return
         self._queue(number, call, head, body)
@@ -167,10 +175,10 @@ class _Connection:
             self._queue(number, call, head, body)
 
     def _queue(self, number: int, call, head: dict, body) -> None:
-        decoded = DecodedRequest(link.unpack_tensors(head["inputs"], body), head["rows"], tuple(head["outputs"]))
         try:
+            decoded = DecodedRequest(link.unpack_tensors(head["inputs"], body), head["rows"], tuple(head["outputs"]))
             item = self.backend.core.enqueue(call, decoded, head["parameters"])
-        except errors.ServingError as err:
+        except Exception as err:
             self._failed(number, call, err)
             return
         self.calls[number] = call
@@ -184,12 +192,16 @@ class _Connection:
             return
         answer = call.answer = done.result()
         core = self.backend.core
-        said = core.accounting(call, answer)
-        specs, tensors = link.pack_tensors({name: answer.outputs[name] for name in call.outputs})
-        times = answer.queue_seconds, answer.compute_seconds
-        self.send(
-            link.ANSWER, number, [specs, said, answer.batch_id, answer.batch_rows, answer.device, *times], tensors
-        )
+        try:
+            said = core.accounting(call, answer)
+            specs, tensors = link.pack_tensors({name: answer.outputs[name] for name in call.outputs})
+            times = answer.queue_seconds, answer.compute_seconds
+            frame = [specs, said, answer.batch_id, answer.batch_rows, answer.device, *times]
+            self.send(link.ANSWER, number, frame, tensors)
+        except Exception as err:  # a bug: the log has it, the front end an error
+            log.exception("answering a front end's request failed")
+            self._failed(number, call, err)
+            return
         core.finish(call, "ok")  # answered: the front end encodes it and sends it
 
     def _failed(self, number: int, call, err: BaseException) -> None:

@@ -9,6 +9,7 @@ non-zero when the link to the engine breaks, and drains on SIGTERM.
 """
 
 import asyncio
+import ctypes
 import logging
 import os
 import signal
@@ -30,6 +31,7 @@ from server.frontend.request_limits import Offload, RequestLimits
 LINK_VARIABLE = "ONNXSERVE_FRONTEND_LINK"  # the engine's Unix socket
 INDEX_VARIABLE = "ONNXSERVE_FRONTEND_INDEX"  # 1..N: in the log, the process title and the hello
 HTTP_FD_VARIABLE = "ONNXSERVE_FRONTEND_HTTP_FD"  # REST's listening socket, inherited; absent with REST off
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 LINK_LOST_EXIT_CODE = 5  # the engine went away: the server is down, and says so
 
 log = logging.getLogger("onnxserve")
@@ -68,12 +70,22 @@ async def serve(settings: ServerSettings, index: int, path: str, http_fd: int | 
         task.cancel()
     lost = connection.broken.done()
     await grpc.health.enter_graceful_shutdown()
-    await asyncio.gather(grpc.server.stop(settings.exit_timeout_secs), *([http.shutdown()] if http else []))
+    grace = 0 if lost else settings.exit_timeout_secs  # without the engine, nothing in flight can be answered
+    await asyncio.gather(grpc.server.stop(grace), *([http.shutdown()] if http else []))
     backend.offload.close()
     return LINK_LOST_EXIT_CODE if lost else 0
 
 
+def die_with_the_engine() -> None:
+    """The kernel sends this process SIGTERM when the engine's process ends, SIGKILL included
+    (prctl PR_SET_PDEATHSIG), so that no front end outlives it holding the gRPC port."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
+        logging.getLogger(__name__).warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
+
+
 def main() -> int:
+    die_with_the_engine()
     index = int(os.environ[INDEX_VARIABLE])
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s frontend {index} %(name)s: %(message)s")
     try:

@@ -158,3 +158,28 @@ def test_when_the_engine_dies_every_front_end_exits(tmp_path, serve):
     server.process.kill()
     server.wait(10)
     assert wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in started), timeout=15)
+
+
+def test_a_reload_under_load_through_the_front_ends_drops_no_request(tmp_path, serve):
+    server = serve(repository(tmp_path), "--frontends", "2", "--model-control-mode", "explicit", "--load-model", "*")
+
+    async def callers_during_reloads():
+        async def caller(number: int) -> int:
+            answered = 0
+            for _ in range(25):
+                await grpc_caller(server.url, number)  # checks its own rows
+                answered += 1
+            return answered
+
+        async def reloads() -> None:
+            client = aioclient.InferenceServerClient(server.url)
+            try:
+                for _ in range(3):
+                    await client.load_model("add_one")  # the same files: the same signature
+            finally:
+                await client.close()
+
+        results = await asyncio.gather(*(caller(number) for number in range(8)), reloads())
+        return sum(results[:-1])
+
+    assert asyncio.run(callers_during_reloads()) == 8 * 25
