@@ -5,6 +5,8 @@ until its cost is settled. Light on purpose: a front end imports it without the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -54,3 +56,16 @@ def outcome_of(error: BaseException | None) -> str:
     if isinstance(error, ServingError):
         return OUTCOMES.get(type(error), "rejected")
     return "error"
+
+
+@contextlib.contextmanager
+def request_scope(core, protocol: str, identity: Identity) -> Iterator[Call]:
+    """`core.request()` of the engine's core and of a front end's proxy of it: one request from
+    receipt to response, its outcome reported (`core.end`) however the block ends."""
+    call = core.start(protocol, identity)
+    try:
+        yield call
+    except BaseException as err:
+        core.end(call, err)
+        raise
+    core.end(call)

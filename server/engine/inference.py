@@ -8,9 +8,9 @@ an Identity, request parameters); what it gets back is an Answer and the account
 import contextlib
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 
-from server.engine.call import Call, Identity, outcome_of
+from server.engine.call import Call, Identity, outcome_of, request_scope
 from server.engine.costs import CostLedger, Share
 from server.engine.queued import Answer, QueuedRequest
 from server.engine.usage_log import UsageLog
@@ -61,16 +61,9 @@ class InferenceCore:
     def start(self, protocol: str, identity: Identity) -> Call:
         return Call(time.perf_counter(), protocol, identity)
 
-    @contextlib.contextmanager
-    def request(self, protocol: str, identity: Identity) -> Iterator[Call]:
+    def request(self, protocol: str, identity: Identity) -> contextlib.AbstractContextManager[Call]:
         """One request from receipt to response: its outcome is reported however the block ends."""
-        call = self.start(protocol, identity)
-        try:
-            yield call
-        except BaseException as err:
-            self.end(call, err)
-            raise
-        self.end(call)
+        return request_scope(self, protocol, identity)
 
     def end(self, call: Call, error: BaseException | None = None) -> None:
         """The request is over: answered (no error), refused or failed (`error`), or its caller

@@ -58,7 +58,7 @@ class GrpcServer:
 
 
 async def start_grpc(settings: ServerSettings, backend: Backend) -> GrpcServer:
-    """Bound, health NOT_SERVING (liveness SERVING) until follow_readiness says otherwise; it serves
+    """Bound, health NOT_SERVING (liveness SERVING) until readiness (app.py) says otherwise; it serves
     once `start()` is called, after /metrics is up, as a failed start then leaves nothing serving."""
     server = grpc.aio.server(
         options=[

@@ -10,11 +10,11 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from server import errors, protocol
-from server.engine.call import Call, Identity, outcome_of
+from server.engine.call import Call, Identity, outcome_of, request_scope
 from server.engine.queued import Answer
 from server.frontend import link
 from server.tensors import DecodedRequest, Signature
@@ -145,15 +145,8 @@ class RemoteCore:
     def start(self, protocol_name: str, identity: Identity) -> Call:
         return Call(time.perf_counter(), protocol_name, identity)
 
-    @contextlib.contextmanager
-    def request(self, protocol_name: str, identity: Identity) -> Iterator[Call]:
-        call = self.start(protocol_name, identity)
-        try:
-            yield call
-        except BaseException as err:
-            self.end(call, err)
-            raise
-        self.end(call)
+    def request(self, protocol_name: str, identity: Identity) -> contextlib.AbstractContextManager[Call]:
+        return request_scope(self, protocol_name, identity)
 
     def end(self, call: Call, error: BaseException | None = None) -> None:
         if error is None or not call.link or self.link.broken.done():

@@ -2,8 +2,8 @@
 extensions, a version's configuration in force and its statistics, as Triton's ModelConfig and
 ModelStatistics messages (the HTTP transport sends their JSON mapping). ModelInfo is the
 transports' one view of the models: they never hold the repository itself. It is the front end's
-one module that reads the engine's process's live state (the repository); with front ends in
-processes of their own, the engine will publish what it reads instead."""
+one module that reads the engine's process's live state (the repository): in a front-end process
+of its own, RemoteInfo (link_client.py) asks the engine's ModelInfo over the link instead."""
 
 from __future__ import annotations
 
