@@ -29,21 +29,26 @@ HEALTHY_SECONDS = 60.0  # a front end up this long starts its count of deaths af
 def reserve_grpc_port(settings: ServerSettings) -> socket.socket:
     """A socket bound to the gRPC address with SO_REUSEPORT, not listening: it holds the port's
     number (port 0 picks one) for the front ends, which bind it too and listen."""
-    family = socket.AF_INET6 if ":" in settings.grpc_address else socket.AF_INET
-    reserved = socket.socket(family, socket.SOCK_STREAM)
-    reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    reserved.bind((settings.grpc_address, settings.grpc_port))
-    return reserved
+    return _bound(settings.grpc_address, settings.grpc_port, "--grpc-port", socket.SO_REUSEPORT)
 
 
 def listen_http(settings: ServerSettings) -> socket.socket:
-    family = socket.AF_INET6 if ":" in settings.http_address else socket.AF_INET
-    listening = socket.socket(family, socket.SOCK_STREAM)
-    listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listening.bind((settings.http_address, settings.http_port))
+    """REST's listening socket, which every front end inherits and accepts on."""
+    listening = _bound(settings.http_address, settings.http_port, "--http-port", socket.SO_REUSEADDR)
     listening.listen(2048)
-    listening.set_inheritable(True)
     return listening
+
+
+def _bound(address: str, port: int, flag: str, option: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    bound = socket.socket(family, socket.SOCK_STREAM)
+    bound.setsockopt(socket.SOL_SOCKET, option, 1)
+    try:
+        bound.bind((address.strip("[]"), port))
+    except OSError as err:
+        bound.close()
+        raise ConfigError(f"{flag}: cannot bind {address}:{port}: {err.strerror}") from None
+    return bound
 
 
 class Frontends:
