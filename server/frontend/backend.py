@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from server.frontend.identity import Authenticator
-from server.frontend.model_info import ModelInfo
 from server.frontend.request_limits import Offload, RequestLimits
 
 if TYPE_CHECKING:  # the engine's side, named, not imported: a front end runs without the engine's machinery
     from server.engine.inference import InferenceCore
+    from server.frontend.model_info import ModelInfo
     from server.models.control import RepositoryControl
 
 

@@ -16,8 +16,8 @@ from server.frontend.grpc_codec import (
 )
 from server.frontend.grpc_infer import GrpcInference
 from server.frontend.grpc_stream import StreamInfer
-from server.frontend.model_info import EXTENSIONS, PLATFORM, SERVER_NAME, server_version
 from server.frontend.restricted import permitted
+from server.frontend.server_info import EXTENSIONS, PLATFORM, SERVER_NAME, server_version
 
 log = logging.getLogger(__name__)
 STATUS = {

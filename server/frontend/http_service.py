@@ -20,9 +20,9 @@ from server.frontend.connection_limits import ConnectionMetrics, Listener, http_
 from server.frontend.http_codec import HEADER_LENGTH, decode_infer, encode_infer, json_body, split_body
 from server.frontend.http_tls import uvicorn_tls
 from server.frontend.identity import AUTHORIZATION, TENANT_HEADER
-from server.frontend.model_info import EXTENSIONS, PLATFORM, SERVER_NAME, proto_json, server_version
 from server.frontend.request_limits import OFFLOAD_BYTES, RequestLimits, encode_weight, raw_bytes_weight
 from server.frontend.restricted import permitted
+from server.frontend.server_info import EXTENSIONS, PLATFORM, SERVER_NAME, proto_json, server_version
 from server.frontend.tls import http_client_name
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
-"""What the server says about itself and its models, for both transports: its name and
-extensions, a version's configuration in force and its statistics, as Triton's ModelConfig and
-ModelStatistics messages (the HTTP transport sends their JSON mapping). ModelInfo is the
+"""What the server says about its models, for both transports: a version's configuration in force
+and its statistics, as Triton's ModelConfig and ModelStatistics messages (the HTTP transport sends
+their JSON mapping, server_info.proto_json). ModelInfo is the
 transports' one view of the models: they never hold the repository itself. It is the front end's
 one module that reads the engine's process's live state (the repository): in a front-end process
 of its own, RemoteInfo (link_client.py) asks the engine's ModelInfo over the link instead."""
@@ -8,11 +8,10 @@ of its own, RemoteInfo (link_client.py) asks the engine's ModelInfo over the lin
 from __future__ import annotations
 
 import json
-from functools import cache
-from importlib import metadata
 from typing import TYPE_CHECKING
 
 from server import protocol
+from server.frontend.server_info import PLATFORM
 from server.models.model_config import CONFIG_TYPE_BY_WIRE
 from server.models.repository import READY, ModelRepository, ModelVersion
 from server.observe.events import PHASES
@@ -20,25 +19,6 @@ from server.observe.statistics import StatisticsRecorder
 
 if TYPE_CHECKING:
     from server.engine.costs import CostLedger
-
-PLATFORM = "onnxruntime_onnx"
-SERVER_NAME = "onnxserve"
-EXTENSIONS = (
-    "model_configuration",
-    "model_repository",
-    "schedule_policy",
-    "parameters",
-    "binary_tensor_data",
-    "statistics",
-)
-
-
-@cache
-def server_version() -> str:
-    try:
-        return metadata.version("onnxserve")
-    except metadata.PackageNotFoundError:
-        return "0+unknown"
 
 
 class ModelInfo:
@@ -147,33 +127,3 @@ def fill_statistics(message, model: ModelVersion, recorder: StatisticsRecorder, 
 
 def _duration(message, duration) -> None:
     message.count, message.ns = duration.count, duration.ns
-
-
-def proto_json(message) -> dict:
-    """A message as Triton's REST API writes it: proto field names, every scalar field (defaults
-    included, as clients index them), 64-bit integers as JSON numbers, enums by name."""
-    out = {}
-    for field in message.DESCRIPTOR.fields:
-        if field.message_type is not None and not field.is_repeated and not message.HasField(field.name):
-            continue
-        if field.containing_oneof is not None and message.WhichOneof(field.containing_oneof.name) != field.name:
-            continue
-        out[field.name] = _json_value(field, getattr(message, field.name))
-    return out
-
-
-def _json_value(field, value):
-    if field.message_type is not None and field.message_type.GetOptions().map_entry:
-        inner = field.message_type.fields_by_name["value"]
-        return {key: _json_scalar(inner, item) for key, item in value.items()}
-    if field.is_repeated:
-        return [_json_scalar(field, item) for item in value]
-    return _json_scalar(field, value)
-
-
-def _json_scalar(field, value):
-    if field.message_type is not None:
-        return proto_json(value)
-    if field.enum_type is not None:
-        return field.enum_type.values_by_number[value].name
-    return value

@@ -3,6 +3,8 @@ every module: a change that would tie the engine to a front end, or the server t
 fails here before the process split that depends on it does."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -112,3 +114,13 @@ def test_every_room_says_what_it_owns_and_may_import():
         doc = ast.get_docstring(ast.parse((PACKAGE / room / "__init__.py").read_text())) or ""
         assert len(doc) > 100, f"server/{room}/__init__.py has no docstring saying what it owns"
         assert "May import" in doc, f"server/{room}/__init__.py does not say what it may import"
+
+
+def test_a_front_end_process_runs_without_onnxruntime():
+    """What `python -m server.frontend.process` imports: no onnxruntime, no batcher, no repository."""
+    probe = "import sys, server.frontend.process; print(sorted(m for m in sys.modules if m.startswith(('onnxruntime', 'server.engine.batching', 'server.models.repository'))))"
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, cwd=PACKAGE.parent
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]", f"a front end imports {result.stdout.strip()}"
