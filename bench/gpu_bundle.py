@@ -7,7 +7,7 @@ install them there without a network:
 
 That machine (Linux x86-64, CPython 3.12, no network) has torch, CUDA 13's wheels, numpy, onnx and a
 CPU-only onnxruntime, but not onnxruntime-gpu, grpcio-health-checking, grpcio-reflection, uvicorn,
-httptools or orjson. Files reach it in pieces of at most 64 MiB per command, so the wheels are laid
+httptools, orjson or setproctitle. Files reach it in pieces of at most 64 MiB per command, so the wheels are laid
 end to end in one stream cut into parts of at most 60 MiB (part-000, part-001, ...); manifest.json
 gives each wheel's byte range and SHA-256 and each part's, so a part lost or damaged on the way is
 named before pip runs. The install side needs only the standard library and pip.
@@ -29,7 +29,14 @@ import time
 from pathlib import Path
 
 ONNXRUNTIME_GPU = "onnxruntime-gpu==1.31.1"  # a CUDA 13 build, like the machine's NVIDIA wheels and torch
-WANTED = ("grpcio-health-checking", "grpcio-reflection", "uvicorn", "httptools", "orjson")  # at this venv's versions
+WANTED = (
+    "grpcio-health-checking",
+    "grpcio-reflection",
+    "uvicorn",
+    "httptools",
+    "orjson",
+    "setproctitle",
+)  # at this venv's versions
 # In the closure, but the GPU machine has it (PyTorch needs it) at a version onnxruntime-gpu accepts
 # (numpy>=1.21.6), and it alone would cost 16 MB of parts. Everything else comes along, if only a few
 # hundred KiB: an offline pip stops at the first requirement it cannot find, and grpcio and protobuf

@@ -44,7 +44,7 @@ from server.tools.loadgen import (  # the core lives in the package, so onnxserv
     Run,
     build_request,
     fill,
-    process_tree_cpu,
+    process_tree_cpu_by_kind,
     server_figures,
 )
 from server.tools.metrics_reader import read_samples
@@ -127,7 +127,7 @@ async def run_load(args) -> Report:
         await warm.closed_loop(min(args.concurrency, 8) if not args.rate else 4)
         await warm.close()
     before = read_samples(args.metrics_url) if args.metrics_url else None
-    server_before = process_tree_cpu(args.server_pid) if args.server_pid else None
+    server_before = process_tree_cpu_by_kind(args.server_pid) if args.server_pid else None
     cpu_before = resource.getrusage(resource.RUSAGE_SELF)
     limit = args.requests or 0
     deadline = time.monotonic() + (args.duration if not limit else 1e9)
@@ -139,13 +139,15 @@ async def run_load(args) -> Report:
         await (run.open_loop(args.rate, args.arrivals, args.seed) if args.rate else run.closed_loop(args.concurrency))
     report.seconds = time.perf_counter() - began
     cpu_after = resource.getrusage(resource.RUSAGE_SELF)
-    server_after = process_tree_cpu(args.server_pid) if args.server_pid else None
+    server_after = process_tree_cpu_by_kind(args.server_pid) if args.server_pid else None
     await run.close()
     after = read_samples(args.metrics_url) if args.metrics_url else None
     fill(report, run, cpu_after.ru_utime + cpu_after.ru_stime - cpu_before.ru_utime - cpu_before.ru_stime)
     report.server_average_batch, report.server_cost_per_inference = server_figures(before, after)
     if server_before is not None and report.requests:
-        report.server_cpu_per_request_us = (server_after - server_before) / report.requests * 1e6
+        per_kind = {kind: (server_after[kind] - server_before[kind]) / report.requests * 1e6 for kind in server_after}
+        report.server_cpu_per_request_us = sum(per_kind.values())
+        report.server_cpu_by_kind_us = per_kind
     return report
 
 
@@ -162,6 +164,9 @@ def print_report(report: Report) -> None:
         print(f"  cost        ${report.server_cost_per_inference:.3e} per inference")
     if report.server_cpu_per_request_us is not None:
         print(f"  server CPU  {report.server_cpu_per_request_us:.0f} us per request")
+        if report.server_cpu_by_kind_us and report.server_cpu_by_kind_us["frontend"]:
+            engine, frontends = report.server_cpu_by_kind_us["engine"], report.server_cpu_by_kind_us["frontend"]
+            print(f"              engine {engine:.0f} us, front ends {frontends:.0f} us ({engine / frontends:.2f})")
     if report.send_gap_cv is not None:
         print(
             f"  arrivals    {report.arrivals}: sent {report.sent_per_second:,.1f}/s, "

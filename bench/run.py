@@ -19,6 +19,8 @@ tensor data ("rest-bin") or with tensors as JSON lists ("rest-json"), where the 
 
 Each row has throughput, p50, errors and the server's CPU per request (its whole process
 tree, from /proc). Then the ratios, and the targets of the "fast by default" work as measured.
+With the MLP, also onnxserve with 1 and 2 front-end processes (bench/split.py): throughput and
+CPU per request of the engine and of the front ends, at 64 callers.
 Figures from one run only: these machines are noisy, so compare ratios, not absolute numbers.
 """
 
@@ -376,14 +378,25 @@ def main(argv: list[str] | None = None) -> int:
                 workdir = Path(scratch) / f"{server}-{name}"
                 workdir.mkdir()
                 results[name][server] = measure(server, repository, workload, args.duration, workdir)
+        if "mlp" in args.models:
+            from bench import split  # here: bench.split builds on this module
+
+            print("mlp: onnxserve with 1 and 2 front-end processes ...", file=sys.stderr)
+            results["split"] = split.measure(repository, args.duration)
         if args.soak:
             print(f"soak: {args.soak} mlp requests ...", file=sys.stderr)
             results["soak"] = soak(repository, args.soak)
     print(f"machine: {os.cpu_count()} cores visible, {cpu_cores()} usable; onnxruntime {ort.__version__}")
-    measured = {k: v for k, v in results.items() if k != "soak"}
+    measured = {k: v for k, v in results.items() if k not in ("soak", "split")}
     print_table(measured)
+    found = targets(measured)
+    if "split" in results:
+        from bench import split
+
+        split.print_table(results["split"])
+        found += split.targets(results["split"])
     print("targets (every server on its defaults):")
-    for target, value, met in targets(measured):
+    for target, value, met in found:
         print(f"  {'met    ' if met else 'NOT met'}  {target}: {value}")
     if "soak" in results:
         s = results["soak"]

@@ -1,6 +1,7 @@
 """onnxserve: serve the ONNX models of a model repository over KServe v2 gRPC."""
 
 import asyncio
+import dataclasses
 import logging
 import os
 import sys
@@ -8,9 +9,11 @@ import sys
 from server.app import serve
 from server.config import parse_server_settings
 from server.engine import cuda_libraries
+from server.engine.cpus import cpu_cores
 from server.engine.placement import visible_gpus
 from server.errors import ConfigError
 from server.frontend.tls import check_certificates
+from server.frontends import frontend_count
 from server.observe import nvml_devices
 
 
@@ -21,6 +24,7 @@ def main() -> int:
         return usage(sys.argv[2:])
     try:
         settings = parse_server_settings(sys.argv[1:])
+        settings = dataclasses.replace(settings, frontends=frontend_count(settings.frontends, cpu_cores()))
         check_certificates(settings)  # a bad PEM file stops the start here, before anything listens
     except ConfigError as err:
         print(f"onnxserve: {err}", file=sys.stderr)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, ProcessCollector
 
-from server import shutdown
+from server import processes, shutdown
 from server.config import ServerSettings
 from server.engine.costs import CostLedger, resolve_prices
 from server.engine.cpus import cpu_cores
@@ -117,6 +117,7 @@ async def serve_frontends(settings: ServerSettings) -> int:
     """--frontends N > 1: this process is the engine (models, batching, the bill, /metrics), and N
     front-end processes serve gRPC and REST over the link (server/frontends.py). The stop takes
     --exit-timeout-secs in all: the front ends drain first, the engine gets what is left."""
+    processes.set_title("engine")
     auth = _authenticator(settings)
     engine = build_engine(settings, auth)
     backend = _backend(settings, engine, auth)
@@ -249,6 +250,7 @@ async def _serve_until_signal(
     await asyncio.wait((loading, asyncio.create_task(stop.wait())), return_when=asyncio.FIRST_COMPLETED)
     if loading.done():
         loading.result()
+        processes.settle_heap()
         followers.append(asyncio.create_task(follow_readiness(changed)))
         if settings.model_control_mode == "poll":
             followers.append(asyncio.create_task(poller.run()))

@@ -15,10 +15,21 @@ from server.config_checks import MIB, check_settings, flag
 from server.errors import ConfigError
 
 ENV_PREFIX = "ONNXSERVE_"
+AUTO = "auto"  # --frontends auto, held as 0 until the server counts its cores (server/frontends.py)
 
 
 def _flag(help_text: str) -> dict:
     return {"help": help_text}
+
+
+def _count_or_auto(text: str) -> int:
+    """A count, or `auto` as 0."""
+    if text.strip().lower() == AUTO:
+        return 0
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a whole number nor {AUTO!r}") from None
 
 
 @dataclass(frozen=True)
@@ -106,10 +117,13 @@ class ServerSettings:
     http_port: int = field(default=8000, metadata=_flag("HTTP/REST port; 0 picks a free one; -1 turns HTTP off"))
     frontends: int = field(
         default=1,
-        metadata=_flag(
-            "processes that serve gRPC and REST over one engine process (models, batching, cost); "
-            "1: one process, no link between processes"
-        ),
+        metadata={
+            **_flag(
+                "processes that serve gRPC and REST over one engine process (models, batching, cost); "
+                "1: one process, no link between processes; auto: by the cores this process may use"
+            ),
+            "parse": _count_or_auto,
+        },
     )
     http_max_body_bytes: int = field(default=256 * MIB, metadata=_flag("largest HTTP request body accepted, in bytes"))
     http_max_header_bytes: int = field(
@@ -335,6 +349,10 @@ def _parse_bool(text: str) -> bool:
 _PARSERS = {Path: Path, str: str, int: int, float: float, bool: _parse_bool}
 
 
+def _parser(spec):
+    return spec.metadata.get("parse", _PARSERS[spec.type])
+
+
 # Repeatable flags: (parse one item, separator of the environment variable's list)
 _REPEATED = {
     "device_price": (DevicePriceSetting.parse, ","),
@@ -353,7 +371,7 @@ def parse_server_settings(argv: Sequence[str], environ: Mapping[str, str] = os.e
         parser.add_argument(
             flag(spec.name),
             dest=spec.name,
-            type=str if repeated else _PARSERS[spec.type],
+            type=str if repeated else _parser(spec),
             action="append" if repeated else "store",
             default=None,
             help=f"{spec.metadata['help']} (env {env_name}, default {spec.default})",
@@ -371,7 +389,7 @@ def parse_server_settings(argv: Sequence[str], environ: Mapping[str, str] = os.e
         env_name = ENV_PREFIX + spec.name.upper()
         if env_name in environ:
             try:
-                values[spec.name] = _PARSERS[spec.type](environ[env_name])
+                values[spec.name] = _parser(spec)(environ[env_name])
             except (ValueError, argparse.ArgumentTypeError) as err:
                 raise ConfigError(f"{env_name}: {err}") from None
     return ServerSettings(**values)

@@ -110,11 +110,14 @@ def _check_counts(settings: "ServerSettings") -> None:
         "max_tenant_series",
         "usage_log_buffer_records",
         "default_max_batch_size",
-        "frontends",
     ):
         if getattr(settings, name) < 1:
             raise ConfigError(f"{flag(name)}: {getattr(settings, name)} must be >= 1")
-    for name, meaning in (("grpc_max_connections", "no limit"), ("default_max_queue_size", "unbounded")):
+    for name, meaning in (
+        ("grpc_max_connections", "no limit"),
+        ("default_max_queue_size", "unbounded"),
+        ("frontends", "auto"),
+    ):
         if getattr(settings, name) < 0:
             raise ConfigError(f"{flag(name)}: {getattr(settings, name)} is negative (0: {meaning})")
     for name in ("http_max_connections", "metrics_max_connections", "grpc_max_connections"):

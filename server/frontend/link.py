@@ -11,7 +11,7 @@ will take over.
 
 import asyncio
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 import orjson
@@ -31,11 +31,11 @@ BY_NUMPY = {datatype.numpy: datatype.wire for datatype in DATATYPES.values() if 
 
 
 class Outbox:
-    """Frames sent once per turn of the loop. asyncio sends each write at once, a system call (and
-    a wake-up of the other process) per frame; the frames that one turn produces go out together."""
+    """Frames sent once per turn of the loop. A transport sends each write at once, a system call
+    (and a wake-up of the other process) per frame; the frames that one turn produces go out together."""
 
-    def __init__(self, writer: asyncio.StreamWriter) -> None:
-        self.writer, self.pending = writer, []
+    def __init__(self, transport: asyncio.WriteTransport) -> None:
+        self.transport, self.pending = transport, []
         self.loop = asyncio.get_running_loop()
 
     def put(self, buffers: list) -> None:
@@ -45,35 +45,99 @@ class Outbox:
 
     def flush(self) -> None:
         pending, self.pending = self.pending, []
-        if pending and not self.writer.is_closing():
-            self.writer.writelines(pending)
+        if pending and not self.transport.is_closing():
+            self.transport.writelines(pending)
 
 
 class LinkBroken(Exception):
     """The other process closed the link, or sent what is not a frame."""
 
 
+Received = Callable[[int, int, object, memoryview], None]  # (kind, number, head, body)
+
+
+class Frames(asyncio.Protocol):
+    """One end of the link: each frame handed to `received` as soon as its last byte arrives, all
+    the frames of one read in one go, without a coroutine per frame (the engine reads every front
+    end's requests: this is its hot path). `lost` is called once, with LinkBroken, when the link
+    closes or the other side sends what is not a frame.
+
+    With `pause_reading_when_blocked`, the other side is not read while what this side sends it
+    waits unread past `high_water` bytes: a front end that does not read its answers is not read
+    either. Only one end may do that (the engine): two that both did could wait on each other."""
+
+    def __init__(
+        self,
+        received: Received,
+        lost: Callable[[LinkBroken], None],
+        high_water: int = 0,
+        connected: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.received, self.lost, self.high_water, self.connected = received, lost, high_water, connected
+        self.partial = bytearray()  # the start of a frame whose end has not arrived
+        self.transport: asyncio.Transport | None = None
+        self.outbox: Outbox | None = None
+        self.why_lost: LinkBroken | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport, self.outbox = transport, Outbox(transport)
+        if self.high_water:
+            transport.set_write_buffer_limits(high=self.high_water)
+        self.connected()
+
+    def send(self, buffers: list) -> None:
+        self.outbox.put(buffers)
+
+    def pause_writing(self) -> None:
+        if self.high_water:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.high_water and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        if self.partial:
+            self.partial += data
+            data = bytes(self.partial)
+            self.partial.clear()
+        view, offset, end = memoryview(data), 0, len(data)
+        while end - offset >= PREFIX.size:
+            (length,) = PREFIX.unpack_from(view, offset)
+            if not HEADER.size <= length <= MAX_FRAME:
+                self.close(f"a frame of {length} bytes")
+                return
+            if end - offset - PREFIX.size < length:
+                break
+            start, offset = offset + PREFIX.size, offset + PREFIX.size + length
+            kind, number, head_length = HEADER.unpack_from(view, start)
+            body_start = start + HEADER.size + head_length
+            head = orjson.loads(view[start + HEADER.size : body_start]) if head_length else None
+            self.received(kind, number, head, view[body_start:offset])
+            if self.why_lost is not None:  # the frame closed the link
+                return
+        if offset < end:
+            self.partial += view[offset:]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost(LinkBroken(str(exc) if exc else "closed"))
+
+    def close(self, why: str) -> None:
+        self._lost(LinkBroken(why))
+        self.transport.close()
+
+    def _lost(self, why: LinkBroken) -> None:
+        if self.why_lost is None:
+            self.why_lost = why
+            self.lost(why)
+
+
 def frame(kind: int, number: int, head: object = None, body: Iterable[bytes | memoryview] = ()) -> list:
-    """The buffers of one frame, for a StreamWriter's writelines."""
+    """The buffers of one frame, for a transport's writelines."""
     encoded = orjson.dumps(head) if head is not None else b""
     parts = list(body)
     length = HEADER.size + len(encoded) + sum(len(part) for part in parts)
     return [PREFIX.pack(length) + HEADER.pack(kind, number, len(encoded)) + encoded, *parts]
-
-
-async def read_frame(reader: asyncio.StreamReader) -> tuple[int, int, object, memoryview]:
-    """(kind, number, head, body); LinkBroken when the link is closed or the frame cannot be one."""
-    try:
-        (length,) = PREFIX.unpack(await reader.readexactly(PREFIX.size))
-        if not HEADER.size <= length <= MAX_FRAME:
-            raise LinkBroken(f"a frame of {length} bytes")
-        data = memoryview(await reader.readexactly(length))
-    except (asyncio.IncompleteReadError, ConnectionError) as err:
-        raise LinkBroken(str(err) or "closed") from None
-    kind, number, head_length = HEADER.unpack_from(data)
-    start = HEADER.size + head_length
-    head = orjson.loads(data[HEADER.size : start]) if head_length else None
-    return kind, number, head, data[start:]
 
 
 def pack_tensors(arrays: Mapping[str, np.ndarray]) -> tuple[list, list]:

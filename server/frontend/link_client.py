@@ -51,9 +51,8 @@ class RemoteItem:
 class Link:
     """The connection to the engine, its state as last told, and the replies awaited."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-        self.outbox = link.Outbox(writer)
+    def __init__(self) -> None:
+        self.frames = link.Frames(self._received, self._lost)  # always read: only the engine pauses reading
         self.numbers = itertools.count(1)
         self.waiting: dict[int, asyncio.Future] = {}
         self.signatures: dict[int, Signature] = {}
@@ -62,18 +61,22 @@ class Link:
         self.state = {"ready": False, "down": False}
         self.changed = asyncio.Event()  # readiness or the repository changed
         self.broken = asyncio.get_running_loop().create_future()  # resolved when the engine is gone
+        self.closing = False  # closed from this side: its end is no error
 
     @classmethod
     async def connect(cls, path: str) -> "Link":
-        reader, writer = await asyncio.open_unix_connection(path, limit=link.MAX_FRAME)
-        connected = cls(reader, writer)
-        connected.reading = asyncio.create_task(connected._read())
+        connected = cls()
+        await asyncio.get_running_loop().create_unix_connection(lambda: connected.frames, path)
         return connected
+
+    def close(self) -> None:
+        self.closing = True
+        self.frames.transport.close()
 
     def send(self, kind: int, number: int, head: object = None, body=()) -> None:
         if self.broken.done():
             raise errors.ShuttingDown("the engine is gone; retry on another replica")
-        self.outbox.put(link.frame(kind, number, head, body))
+        self.frames.send(link.frame(kind, number, head, body))
 
     def expect(self, number: int) -> asyncio.Future:
         future = self.waiting[number] = asyncio.get_running_loop().create_future()
@@ -85,34 +88,32 @@ class Link:
         self.send(link.CALL, number, {"op": op, "args": list(args), **(head or {})}, body)
         return await future
 
-    async def _read(self) -> None:
-        try:
-            while True:
-                kind, number, head, body = await link.read_frame(self.reader)
-                if kind == link.STATE:
-                    self.state = head
-                    self.models.clear()  # a version loaded or unloaded: ask again
-                    self.generation += 1
-                    self.changed.set()
-                    continue
-                future = self.waiting.pop(number, None)
-                if future is None or future.done():
-                    continue  # a cancelled caller's answer
-                if kind == link.ERROR:
-                    cls = ERRORS.get(head["type"], RuntimeError)
-                    future.set_exception(cls(head["message"]))
-                else:
-                    future.set_result((head, body))
-        except link.LinkBroken as err:
-            log.error("the link to the engine broke: %s", err)
-        finally:
-            self.state = {"ready": False, "down": True}
+    def _received(self, kind: int, number: int, head, body: memoryview) -> None:
+        if kind == link.STATE:
+            self.state = head
+            self.models.clear()  # a version loaded or unloaded: ask again
+            self.generation += 1
             self.changed.set()
-            for future in self.waiting.values():
-                if not future.done():
-                    future.set_exception(errors.ShuttingDown("the engine is gone; retry on another replica"))
-            self.waiting.clear()
-            self.broken.set_result(None)
+            return
+        future = self.waiting.pop(number, None)
+        if future is None or future.done():
+            return  # a cancelled caller's answer
+        if kind == link.ERROR:
+            cls = ERRORS.get(head["type"], RuntimeError)
+            future.set_exception(cls(head["message"]))
+        else:
+            future.set_result((head, body))
+
+    def _lost(self, why: link.LinkBroken) -> None:
+        if not self.closing:
+            log.error("the link to the engine broke: %s", why)
+        self.state = {"ready": False, "down": True}
+        self.changed.set()
+        for future in self.waiting.values():
+            if not future.done():
+                future.set_exception(errors.ShuttingDown("the engine is gone; retry on another replica"))
+        self.waiting.clear()
+        self.broken.set_result(None)
 
 
 ENGINE_PARAMETERS = ("priority", "timeout")  # the request parameters the engine reads (inference.request_options)

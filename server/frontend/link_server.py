@@ -32,7 +32,7 @@ class LinkServer:
 
     async def start(self, path: str) -> None:
         self.path = path
-        self._server = await asyncio.start_unix_server(self._serve, path, limit=link.MAX_FRAME)
+        self._server = await asyncio.get_running_loop().create_unix_server(self._accept, path)
         os.chmod(path, 0o600)  # this user's processes only: the link carries requests unauthenticated
 
     def signature_id(self, signature) -> int:
@@ -52,24 +52,16 @@ class LinkServer:
         if self._server is not None:
             self._server.close()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        connection = _Connection(self, writer)
-        self.connections.add(connection)
-        connection.send(link.STATE, 0, self.state())
-        try:
-            await connection.run(reader)
-        finally:
-            self.connections.discard(connection)
-            connection.drop()
-            writer.close()
+    def _accept(self) -> link.Frames:
+        return _Connection(self).frames
 
 
 class _Connection:
     """One front end's requests and calls."""
 
-    def __init__(self, server: LinkServer, writer: asyncio.StreamWriter) -> None:
-        self.server, self.backend, self.writer = server, server.backend, writer
-        self.outbox = link.Outbox(writer)
+    def __init__(self, server: LinkServer) -> None:
+        self.server, self.backend = server, server.backend
+        self.frames = link.Frames(self._received, self._lost, DRAIN_BYTES, self._connected)
         self.calls: dict = {}  # number -> the core's Call, until it is answered or ended
         self.signatures_sent: set[int] = set()  # the numbers of the signatures this front end holds
         self.tasks: set[asyncio.Task] = set()  # calls under way (a load may take minutes)
@@ -82,32 +74,35 @@ class _Connection:
             link.CANCEL: self._cancel,
             link.CALL: self._call,
         }
+        self.loop = asyncio.get_running_loop()
+
+    def _connected(self) -> None:
+        self.server.connections.add(self)
+        self.send(link.STATE, 0, self.server.state())
 
     def send(self, kind: int, number: int, head: object = None, body=()) -> None:
-        self.outbox.put(link.frame(kind, number, head, body))
+        self.frames.send(link.frame(kind, number, head, body))
 
-    async def run(self, reader: asyncio.StreamReader) -> None:
-        while True:
-            try:
-                kind, number, head, body = await link.read_frame(reader)
-            except link.LinkBroken:
-                return
-            handler = self.handlers.get(kind)
-            if handler is None:
-                log.error("a front end sent a frame of unknown kind %d: closing its link", kind)
-                return
-            try:
-                result = handler(number, head, body)
-            except Exception as err:  # a bug, or a frame that does not decode: that request fails, the link stays
-                log.exception("a front end's frame of kind %d failed", kind)
-                self.error(number, err)
-                continue
-            if result is not None:  # a coroutine: calls may wait (a load); requests never do
-                task = asyncio.ensure_future(result)
-                self.tasks.add(task)
-                task.add_done_callback(self.tasks.discard)
-            if self.writer.transport.get_write_buffer_size() > DRAIN_BYTES:
-                await self.writer.drain()  # a front end that does not read its answers is not read either
+    def _received(self, kind: int, number: int, head, body) -> None:
+        handler = self.handlers.get(kind)
+        if handler is None:
+            log.error("a front end sent a frame of unknown kind %d: closing its link", kind)
+            self.frames.close(f"a frame of unknown kind {kind}")
+            return
+        try:
+            result = handler(number, head, body)
+        except Exception as err:  # a bug, or a frame that does not decode: that request fails, the link stays
+            log.exception("a front end's frame of kind %d failed", kind)
+            self.error(number, err)
+            return
+        if result is not None:  # a coroutine: calls may wait (a load); requests never do
+            task = self.loop.create_task(result)
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    def _lost(self, why: link.LinkBroken) -> None:
+        self.server.connections.discard(self)
+        self.drop()
 
     def drop(self) -> None:
         """The front end is gone: its requests leave the queues and end, cancelled, once each."""

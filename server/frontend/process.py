@@ -18,6 +18,7 @@ import sys
 
 from prometheus_client import CollectorRegistry
 
+from server import processes
 from server.config import ServerSettings, parse_server_settings
 from server.errors import ConfigError
 from server.frontend.backend import Backend
@@ -59,6 +60,7 @@ async def serve(settings: ServerSettings, index: int, path: str, http_fd: int | 
         api = HttpApi(backend, settings.http_restricted_api, settings.http_max_body_bytes)
         http = await start_http(settings, api, connections, socket.socket(fileno=http_fd))
     await connection.call("hello", index, os.getpid())
+    processes.settle_heap()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(signum, stop.set)
@@ -87,6 +89,7 @@ def die_with_the_engine() -> None:
 def main() -> int:
     die_with_the_engine()
     index = int(os.environ[INDEX_VARIABLE])
+    processes.set_title(f"frontend {index}")
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s frontend {index} %(name)s: %(message)s")
     try:
         settings = parse_server_settings(sys.argv[1:])

@@ -50,6 +50,7 @@ class Report:
     client_cpu_seconds: float = 0.0
     client_cpu_per_request_us: float = 0.0
     server_cpu_per_request_us: float | None = None  # with --server-pid: the server's process tree
+    server_cpu_by_kind_us: dict[str, float] | None = None  # the same per request, engine and front ends apart
     arrivals: str | None = None  # open loop: "uniform" or "poisson"
     sent_per_second: float | None = None  # open loop: the rate requests actually left at
     send_gap_cv: float | None = None  # open loop: coefficient of variation of the gaps between sends
@@ -97,8 +98,13 @@ def _random(datatype: str, shape: list[int], rng, name: str) -> np.ndarray:
     return rng.random(shape).astype(dtype)
 
 
-def process_tree_cpu(root: int) -> float:
-    """CPU seconds (user + system) of a local process and all its descendants, from /proc."""
+FRONTEND_MARKS = (b"onnxserve: frontend", b"server.frontend.process")  # its title, or its command line before
+
+
+def process_tree_cpu_by_kind(root: int) -> dict[str, float]:
+    """CPU seconds (user + system) of a local process and all its descendants, from /proc, by kind:
+    "frontend" for onnxserve's front-end processes, "engine" for the rest (the server itself, or
+    the whole tree of a server without front ends)."""
     children: dict[int, list[int]] = {}
     seconds: dict[int, float] = {}
     tick = os.sysconf("SC_CLK_TCK")
@@ -110,12 +116,25 @@ def process_tree_cpu(root: int) -> float:
         pid = int(stat.parent.name)
         children.setdefault(int(fields[1]), []).append(pid)
         seconds[pid] = (int(fields[11]) + int(fields[12])) / tick
-    total, pending = 0.0, [root]
+    totals, pending = {"engine": 0.0, "frontend": 0.0}, [root]
     while pending:
         pid = pending.pop()
-        total += seconds.get(pid, 0.0)
+        totals[_process_kind(pid)] += seconds.get(pid, 0.0)
         pending.extend(children.get(pid, ()))
-    return total
+    return totals
+
+
+def _process_kind(pid: int) -> str:
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return "engine"
+    return "frontend" if any(mark in command for mark in FRONTEND_MARKS) else "engine"
+
+
+def process_tree_cpu(root: int) -> float:
+    """CPU seconds (user + system) of a local process and all its descendants, from /proc."""
+    return sum(process_tree_cpu_by_kind(root).values())
 
 
 def server_figures(before: Samples | None, after: Samples | None) -> tuple[float | None, float | None]:

@@ -11,7 +11,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "server"
 ROOMS = ("frontend", "engine", "models", "observe", "tune", "tools")
-SHARED = ("config", "config_checks", "errors", "protocol", "protos_generated", "tensors", "bytes_codec")
+SHARED = ("config", "config_checks", "errors", "protocol", "protos_generated", "tensors", "bytes_codec", "processes")
 ROOT = (
     "__main__",
     "app",
