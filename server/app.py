@@ -5,7 +5,6 @@ import logging
 import os
 import signal
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from server.frontend.model_info import ModelInfo
 from server.frontend.process_limits import ensure_open_files
 from server.frontend.request_limits import Offload, RequestLimits
 from server.frontend.tls import describe, tls_files
-from server.frontends import Frontends, listen_http, reserve_grpc_port
+from server.frontends import Frontends, listen_http, reserve_grpc_port, scratch_directory
 from server.models.control import RepositoryControl
 from server.models.polling import RepositoryPoller
 from server.models.repository import ModelRepository
@@ -43,6 +42,7 @@ from server.observe.events import (
     RepositoryChanged,
     RequestFinished,
 )
+from server.observe.frontend_metrics import FrontendSeries
 from server.observe.metrics import CostCollector, GpuCollector, GpuReader, MetricsObserver
 from server.observe.statistics import StatisticsRecorder
 from server.observe.tenant_metrics import TenantCollector, TenantRequests, UsageLogCollector
@@ -124,12 +124,12 @@ async def serve_frontends(settings: ServerSettings) -> int:
     reserved = reserve_grpc_port(settings)
     http_socket = listen_http(settings) if settings.http_port >= 0 else None
     loop = asyncio.get_running_loop()
-    with tempfile.TemporaryDirectory(prefix="onnxserve-") as scratch:
+    with scratch_directory() as scratch:
         link = LinkServer(backend)
         await link.start(os.path.join(scratch, "engine.sock"))
         engine.bus.subscribe(lambda _: link.broadcast(), RepositoryChanged)
-        metrics_httpd = start_metrics_server(engine.registry, settings, ConnectionMetrics(engine.registry))
         frontends = Frontends(settings.frontends, sys.argv[1:], reserved.getsockname()[1], http_socket, link.path)
+        metrics_httpd = start_metrics_server(engine.registry, settings, _frontend_series(engine.registry, frontends))
         frontends.start()
         try:
             await frontends.listening(link.listening, link.greeted, FRONTEND_START_SECONDS)
@@ -155,6 +155,14 @@ async def serve_frontends(settings: ServerSettings) -> int:
         http_socket.close()
     left = max(0.0, settings.exit_timeout_secs - (loop.time() - stopping))
     return await _stop(settings, engine, backend, None, None, metrics_httpd, [*followers, supervising], left)
+
+
+def _frontend_series(registry: CollectorRegistry, frontends: Frontends) -> ConnectionMetrics:
+    """The front ends' series on the engine's registry, summed with the engine's own connection
+    series (which this returns, for its /metrics listener)."""
+    own = CollectorRegistry()
+    registry.register(FrontendSeries(frontends.metrics_directory, own, frontends.pids, lambda: frontends.restarted))
+    return ConnectionMetrics(own)
 
 
 def _broadcasting(link: LinkServer):

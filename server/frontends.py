@@ -10,11 +10,16 @@ front end binds it too; REST's socket listens here and every front end accepts o
 import asyncio
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
+
+from prometheus_client.multiprocess import mark_process_dead
 
 from server.config import ServerSettings
 from server.errors import ConfigError
@@ -37,6 +42,21 @@ def frontend_count(asked: int, cores: int) -> int:
     if asked:
         return asked
     return 1 if cores < FEWEST_CORES_TO_SPLIT else min(cores - 1, ENGINE_KEEPS_UP_WITH)
+
+
+SCRATCH_PREFIX = "onnxserve-"  # the engine's scratch directory: onnxserve-<pid>-<random>
+
+
+def scratch_directory() -> tempfile.TemporaryDirectory:
+    """Where the link's socket and the front ends' metric files live, removed at the stop. An
+    engine killed (SIGKILL, the OOM killer) cannot remove its own: the next one removes those
+    whose process is gone."""
+    root = Path(tempfile.gettempdir())
+    for stale in root.glob(f"{SCRATCH_PREFIX}*-*"):
+        owner = stale.name[len(SCRATCH_PREFIX) :].split("-", 1)[0]
+        if owner.isdigit() and stale.is_dir() and not Path(f"/proc/{owner}").exists():
+            shutil.rmtree(stale, ignore_errors=True)
+    return tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-")
 
 
 RESTART_PAUSES = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)  # after 1, 2, ... deaths in a row: a crash loop stays slow
@@ -74,6 +94,10 @@ class Frontends:
 
     def __init__(self, count: int, argv: list[str], grpc_port: int, http: socket.socket | None, link: str) -> None:
         self.count, self.argv, self.grpc_port, self.http, self.link = count, argv, grpc_port, http, link
+        # prometheus_client's multiprocess files of the front ends' series, beside the link's socket
+        self.metrics_directory = os.path.join(os.path.dirname(link), "metrics")
+        os.makedirs(self.metrics_directory, exist_ok=True)
+        self.restarted = 0  # front ends started again, in all
         self.processes: dict[int, subprocess.Popen] = {}
         self.restarts: dict[int, float] = {}  # index -> when a dead one starts again (monotonic)
         self.started: dict[int, float] = {}  # index -> when it was last started
@@ -103,7 +127,12 @@ class Frontends:
                 continue  # look at the processes again
 
     def _spawn(self, index: int) -> subprocess.Popen:
-        environment = {**os.environ, INDEX_VARIABLE: str(index), LINK_VARIABLE: self.link}
+        environment = {
+            **os.environ,
+            INDEX_VARIABLE: str(index),
+            LINK_VARIABLE: self.link,
+            "PROMETHEUS_MULTIPROC_DIR": self.metrics_directory,
+        }
         fds = ()
         if self.http is not None:
             environment[HTTP_FD_VARIABLE] = str(self.http.fileno())
@@ -120,6 +149,7 @@ class Frontends:
             now = time.monotonic()
             for index, process in self.processes.items():
                 if index not in self.restarts and process.poll() is not None:
+                    mark_process_dead(process.pid, self.metrics_directory)  # its open connections are gone
                     self.restarts[index] = now + self._pause(index)
                     pause = self.restarts[index] - now
                     log.error(
@@ -143,6 +173,11 @@ class Frontends:
             self.restarts[index] = time.monotonic() + RESTART_PAUSES[-1]
         else:
             del self.restarts[index]
+            self.restarted += 1
+
+    def pids(self) -> dict[int, int]:
+        """Each running front end's number and process id."""
+        return {index: process.pid for index, process in self.processes.items() if process.poll() is None}
 
     async def stop(self, timeout: float) -> None:
         """SIGTERM each: it stops taking requests and answers those it has (through the engine,

@@ -10,6 +10,8 @@ import numpy as np
 import tritonclient.grpc.aio as aioclient
 from tritonclient.utils import InferenceServerException
 
+OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]  # a channel that shares no connection
+
 
 @dataclass
 class Result:
@@ -19,6 +21,7 @@ class Result:
     cost: float = 0.0
     answered_at: float = 0.0  # time.monotonic()
     message: str = ""
+    frontend: int = 0  # the onnxserve_frontend response parameter, with --frontends N > 1
 
 
 @dataclass
@@ -28,6 +31,7 @@ class TenantLoad:
     headers: dict[str, dict[str, str]]  # caller group -> the headers its calls carry
     callers: int = 4  # per group
     requests: int = 0  # per caller; 0: until stopped
+    own_connections: bool = False  # a connection per caller (grpc shares one per address otherwise)
     results: dict[str, Result] = field(default_factory=dict)
     sent: dict[str, float] = field(default_factory=dict)  # id -> time.monotonic() it was sent
     wrong: list[str] = field(default_factory=list)
@@ -51,12 +55,18 @@ class TenantLoad:
         return {key: result for key, result in self.results.items() if result.outcome == "ok"}
 
     async def _run(self) -> None:
-        client = aioclient.InferenceServerClient(self.url)
+        count = len(self.headers) * self.callers if self.own_connections else 1
+        clients = [aioclient.InferenceServerClient(self.url, channel_args=OWN_CONNECTION) for _ in range(count)]
         try:
-            callers = [self._call(client, group, caller) for group in self.headers for caller in range(self.callers)]
+            callers = [
+                self._call(clients[(number * self.callers + caller) % count], group, caller)
+                for number, group in enumerate(self.headers)
+                for caller in range(self.callers)
+            ]
             await asyncio.gather(*callers)
         finally:
-            await client.close()
+            for client in clients:
+                await client.close()
 
     async def _call(self, client, group: str, caller: int) -> None:
         sent = 0
@@ -85,4 +95,5 @@ class TenantLoad:
                 parameters["onnxserve_batch_id"].int64_param,
                 parameters["onnxserve_cost_dollars"].double_param,
                 time.monotonic(),
+                frontend=parameters["onnxserve_frontend"].int64_param if "onnxserve_frontend" in parameters else 0,
             )

@@ -51,7 +51,11 @@ class ConnectionMetrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.open = Gauge(
-            "onnxserve_connections_open", "Open connections, TLS handshakes included", ("listener",), registry=registry
+            "onnxserve_connections_open",
+            "Open connections, TLS handshakes included",
+            ("listener",),
+            registry=registry,
+            multiprocess_mode="livesum",  # in front-end processes: the sum over those running
         )
         self.refused = Counter(
             "onnxserve_connections_refused",

@@ -219,14 +219,15 @@ def test_tenants_past_the_series_limit_count_as_other(tmp_path, serve):
     assert tenants == ["t1", "t2", "t3", "t4", "t5", "t1", "t4"], "the usage log keeps the real names"
 
 
-def test_cost_is_conserved_per_tenant_over_concurrent_mixed_batches(tmp_path, serve):
+@pytest.mark.parametrize("frontends", [1, 2])
+def test_cost_is_conserved_per_tenant_over_concurrent_mixed_batches(tmp_path, serve, frontends):
     keys = write_keys(tmp_path / "keys.json", KEYS)
-    server = serve(plus_one(tmp_path, BATCHING), "--api-keys", str(keys), *PRICE)
-    load = TenantLoad(
-        server.url, "plus", {tenant: bearer(key) for key, tenant in KEYS.items()}, callers=4, requests=40
-    ).run()
+    server = serve(plus_one(tmp_path, BATCHING), "--api-keys", str(keys), "--frontends", str(frontends), *PRICE)
+    headers = {tenant: bearer(key) for key, tenant in KEYS.items()}
+    load = TenantLoad(server.url, "plus", headers, callers=4, requests=40, own_connections=frontends > 1).run()
     assert not load.wrong
     assert len(load.ok()) == 3 * 4 * 40
+    assert {result.frontend for result in load.results.values()} == ({1, 2} if frontends > 1 else {0})
     tenants_by_batch: dict[int, set[str]] = {}
     for result in load.results.values():
         tenants_by_batch.setdefault(result.batch_id, set()).add(result.tenant)

@@ -54,11 +54,16 @@ def usage_report(*paths) -> dict:
     return json.loads(done.stdout)
 
 
-def test_usage_records_add_up_to_the_metrics(tmp_path, serve):
+@pytest.mark.parametrize("frontends", [1, 2])
+def test_usage_records_add_up_to_the_metrics(tmp_path, serve, frontends):
+    """In one process, and with the requests spread over two front-end processes (each caller on
+    a connection of its own), whose engine alone bills them and writes the log."""
     log = tmp_path / "usage.log"
     keys = write_keys(tmp_path / "keys.json", KEYS)
-    server = serve(plus_one(tmp_path, BATCHING), "--api-keys", str(keys), "--usage-log", str(log), *PRICE)
-    load = TenantLoad(server.url, "plus", TENANTS, callers=3, requests=30).run()
+    flags = ("--api-keys", str(keys), "--usage-log", str(log), "--frontends", str(frontends), *PRICE)
+    server = serve(plus_one(tmp_path, BATCHING), *flags)
+    load = TenantLoad(server.url, "plus", TENANTS, callers=3, requests=30, own_connections=frontends > 1).run()
+    assert {result.frontend for result in load.results.values()} == ({1, 2} if frontends > 1 else {0})
     client = server.client()
     bad = grpcclient.InferInput("x", [1, 5], "FP32")
     bad.set_data_from_numpy(np.zeros((1, 5), dtype=np.float32))
