@@ -1,7 +1,7 @@
 """One command that proves the GPU path on a machine with an NVIDIA GPU, and tests its own plumbing
 on the CPU (`--cpu`, which CI runs):
 
-    python -m bench.gpu_check --quick --out gpu-check          # on the GPU machine, under 6 minutes
+    python -m bench.gpu_check --quick --out gpu-check          # on the GPU machine, under 7.5 minutes
     python -m bench.gpu_check --out gpu-check                  # more: encoder, c=128, onnxserve-tune
     python -m bench.gpu_check --cpu --quick --out /tmp/check   # the plumbing, on any machine
 
@@ -17,11 +17,14 @@ Steps, in order, each with a time limit (seconds), on ResNet-50 (with --cpu: the
 - cuda_graphs (90): a batched model served with enable_cuda_graph answers as raw session.run does at
   several batch sizes; in this process, a graph replayed on inputs updated in place stays right;
 - encoder (240, not with --quick): as serving, for the encoder; c=128 is added everywhere;
+- frontends (150): the mlp on the GPU behind 1, 2, 4, 8 and 14 front-end processes (as the cores
+  allow), several load generators: throughput and the engine's and front ends' CPU per request
+  (bench/gpu_frontends.py);
 - tensorrt (420): where TensorRT's libraries load, an FP16 engine built into --tensorrt-cache-dir,
   served and measured, reloaded faster on restart, and raw TensorRT FP16 with the same options;
 - tune (not with --quick): onnxserve-tune on the mlp for --tune-minutes (tune.json, tune.txt).
 A step that cannot run here is skipped with the reason; one that raises or runs out of time is
-failed with its error, and the next step runs. Past --deadline-minutes (5.5 with --quick, else
+failed with its error, and the next step runs. Past --deadline-minutes (7 with --quick, else
 9.5) the remaining steps are skipped as out of time. gpu-check.json and gpu-check.md (a table) in --out are rewritten at the
 start and end of every step, so a run cut off keeps everything before. Progress goes to stderr;
 the table is printed at the end. Exit status 1 when a step failed.
@@ -53,7 +56,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import gpu_restarts, gpu_steps
+from bench import gpu_frontends, gpu_restarts, gpu_steps
 from bench.gpu_steps import Context, Failed, Plan, Skip
 from server.engine.placement import visible_gpus
 from server.tools import gpu_report
@@ -79,6 +82,7 @@ def steps(plan: Plan) -> list[Step]:
     ]
     if not plan.quick:
         chosen.append(Step("encoder", 240, gpu_steps.encoder))
+    chosen.append(Step("frontends", 150, gpu_frontends.frontends))
     chosen.append(Step("tensorrt", 420, gpu_restarts.tensorrt))
     if not plan.quick and plan.tune_minutes:
         chosen.append(Step("tune", plan.tune_minutes * 60 + 180, gpu_restarts.tune))
@@ -237,6 +241,9 @@ def markdown(doc: dict) -> str:
             f"| {row['inferences_per_second']:,.0f} | {row['p50_ms']:.3f} | {row['raw_inferences_per_second']:,.0f} "
             f"({row['raw_batch']}) | {row['raw_ms']:.3f} | {row['ratio']:.2f} | {row['errors']} |"
         )
+    split = [row for entry in doc["steps"] for row in (entry.get("result") or {}).get("frontend_rows", [])]
+    if split:
+        lines += gpu_frontends.markdown_rows(split)
     return "\n".join(lines) + "\n"
 
 
@@ -244,14 +251,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__.splitlines()[0])
     parser.add_argument("--cpu", action="store_true", help="the plumbing only, on the CPU with the mlp (what CI runs)")
     parser.add_argument(
-        "--quick", action="store_true", help="only what must finish on the lent machine (under 6 minutes)"
+        "--quick", action="store_true", help="only what must finish on the lent machine (under 7.5 minutes)"
     )
     parser.add_argument("--out", type=Path, default=Path("gpu-check"))
     parser.add_argument(
         "--seconds", type=float, help="seconds per measured point (default 1 with --cpu, 3 with --quick, else 8)"
     )
     parser.add_argument(
-        "--deadline-minutes", type=float, help="then skip what is left (default 5.5 with --quick, else 9.5)"
+        "--deadline-minutes", type=float, help="then skip what is left (default 7 with --quick, else 9.5)"
     )
     parser.add_argument(
         "--tune-minutes", type=float, help="the onnxserve-tune step's budget (default 2; none with --quick or --cpu)"
@@ -261,7 +268,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.no_gpu = not args.cpu and not visible_gpus()
     args.seconds = args.seconds or (1.0 if args.cpu else 3.0 if args.quick else 8.0)
-    args.deadline_minutes = 5.5 if args.quick and args.deadline_minutes is None else args.deadline_minutes
+    args.deadline_minutes = 7.0 if args.quick and args.deadline_minutes is None else args.deadline_minutes
     args.deadline_minutes = 9.5 if args.deadline_minutes is None else args.deadline_minutes
     args.tune_minutes = (0.0 if args.quick or args.cpu else 2.0) if args.tune_minutes is None else args.tune_minutes
     args.hooks = dict((item.split("=", 1) + ["raise"])[:2] for item in args.fail_step)

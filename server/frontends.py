@@ -23,6 +23,7 @@ from prometheus_client.multiprocess import mark_process_dead
 
 from server.config import ServerSettings
 from server.errors import ConfigError
+from server.frontend import link_shm
 from server.frontend.process import HTTP_FD_VARIABLE, INDEX_VARIABLE, LINK_VARIABLE
 
 log = logging.getLogger("onnxserve")
@@ -49,8 +50,10 @@ SCRATCH_PREFIX = "onnxserve-"  # the engine's scratch directory: onnxserve-<pid>
 
 def scratch_directory() -> tempfile.TemporaryDirectory:
     """Where the link's socket and the front ends' metric files live, removed at the stop. An
-    engine killed (SIGKILL, the OOM killer) cannot remove its own: the next one removes those
-    whose process is gone."""
+    engine killed (SIGKILL, the OOM killer) cannot remove its own, nor its front ends' tensors in
+    shared memory: the next one removes those whose process is gone."""
+    if removed := link_shm.remove_stale():
+        log.info("removed %d tensor(s) that front ends gone left in shared memory", removed)
     root = Path(tempfile.gettempdir())
     for stale in root.glob(f"{SCRATCH_PREFIX}*-*"):
         owner = stale.name[len(SCRATCH_PREFIX) :].split("-", 1)[0]

@@ -3,10 +3,10 @@
 A frame is its length, its kind, the number of the request (or call) it belongs to, a JSON head
 and a body of bytes. Tensors travel in the body, one after another, each described in the head by
 name, datatype, shape and size: numbers as their little-endian bytes, BYTES in the wire's
-length-prefixed form. Measured (bench/ipc.py, 2 cores): a round trip costs each side about 5 us
-of CPU over a Unix socket, against 20 over ZeroMQ; tensor bytes inside the frames cost little
-at a few KiB and ten times what shared memory costs at 600 KiB, which is where shared memory
-will take over.
+length-prefixed form; from 64 KiB on, in shared memory instead (link_shm.py). Measured
+(bench/ipc.py, 2 cores): a round trip costs each side about 5 us of CPU over a Unix socket,
+against 20 over ZeroMQ; tensor bytes inside the frames cost little at a few KiB and ten times what
+shared memory costs at 600 KiB.
 """
 
 import asyncio
@@ -17,6 +17,8 @@ import numpy as np
 import orjson
 
 from server.bytes_codec import deserialize_bytes, object_array, serialize_bytes
+from server.frontend import link_shm
+from server.frontend.link_shm import SharedTensors
 from server.tensors import DATATYPES, Signature, TensorSpec
 
 # Front end -> engine
@@ -140,8 +142,9 @@ def frame(kind: int, number: int, head: object = None, body: Iterable[bytes | me
     return [PREFIX.pack(length) + HEADER.pack(kind, number, len(encoded)) + encoded, *parts]
 
 
-def pack_tensors(arrays: Mapping[str, np.ndarray]) -> tuple[list, list]:
-    """(their description for the head, their bytes for the body)."""
+def pack_tensors(arrays: Mapping[str, np.ndarray], shared: SharedTensors | None = None) -> tuple[list, list]:
+    """(their description for the head, their bytes for the body); with `shared`, big ones go
+    through shared memory instead, under the name their description gives."""
     specs, body = [], []
     for name, array in arrays.items():
         if array.dtype == object:
@@ -149,24 +152,39 @@ def pack_tensors(arrays: Mapping[str, np.ndarray]) -> tuple[list, list]:
         else:
             data = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))  # empty ones too
             wire = BY_NUMPY[array.dtype]
-        specs.append((name, wire, list(array.shape), len(data)))
-        body.append(data)
+        where = shared.put(data) if shared is not None else ""
+        specs.append((name, wire, list(array.shape), len(data), where))
+        if not where:
+            body.append(data)
     return specs, body
 
 
 def unpack_tensors(specs: list, body: memoryview) -> dict[str, np.ndarray]:
-    """Arrays over the body's bytes (numbers without a copy), as pack_tensors described them."""
+    """Arrays over the body's bytes or shared memory (numbers without a copy), as pack_tensors
+    described them. Every shared name is taken or unlinked, whatever fails."""
     arrays, offset = {}, 0
-    for name, wire, shape, size in specs:
-        data = body[offset : offset + size]
-        offset += size
-        datatype = DATATYPES[wire]
-        if datatype.numpy is None:
-            count = int(np.prod(shape, dtype=np.int64))
-            arrays[name] = object_array(deserialize_bytes(data, count, f"tensor '{name}'"), tuple(shape))
-        else:
-            arrays[name] = np.frombuffer(data, dtype=datatype.numpy).reshape(shape)
+    try:
+        for name, wire, shape, size, where in specs:
+            if where:
+                data = link_shm.take(where, size)
+            else:
+                data, offset = body[offset : offset + size], offset + size
+            datatype = DATATYPES[wire]
+            if datatype.numpy is None:
+                count = int(np.prod(shape, dtype=np.int64))
+                arrays[name] = object_array(deserialize_bytes(data, count, f"tensor '{name}'"), tuple(shape))
+            else:
+                arrays[name] = np.frombuffer(data, dtype=datatype.numpy).reshape(shape)
+    except BaseException:
+        discard_tensors(specs)
+        raise
     return arrays
+
+
+def discard_tensors(specs: list | None) -> None:
+    """Tensors described but not to be unpacked: their shared memory is unlinked."""
+    if specs:
+        link_shm.discard([spec[4] for spec in specs if spec[4]])
 
 
 def signature_head(signature: Signature) -> dict:

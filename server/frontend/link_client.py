@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from server import errors, protocol
 from server.engine.call import Call, Identity, outcome_of, request_scope
 from server.engine.queued import Answer
 from server.frontend import link
+from server.frontend.link_shm import SharedTensors
 from server.tensors import DecodedRequest, Signature
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,7 @@ class Link:
 
     def __init__(self) -> None:
         self.frames = link.Frames(self._received, self._lost)  # always read: only the engine pauses reading
+        self.shared = SharedTensors(os.getpid(), "f")  # requests' big tensors
         self.numbers = itertools.count(1)
         self.waiting: dict[int, asyncio.Future] = {}
         self.signatures: dict[int, Signature] = {}
@@ -96,8 +99,10 @@ class Link:
             self.changed.set()
             return
         future = self.waiting.pop(number, None)
-        if future is None or future.done():
-            return  # a cancelled caller's answer
+        if future is None or future.done():  # a cancelled caller's answer
+            if kind == link.ANSWER:
+                link.discard_tensors(head[0])
+            return
         if kind == link.ERROR:
             cls = ERRORS.get(head["type"], RuntimeError)
             future.set_exception(cls(head["message"]))
@@ -194,7 +199,7 @@ class RemoteCore:
 
     def enqueue(self, call: Call, decoded: DecodedRequest, parameters: Mapping[str, object]) -> RemoteItem:
         call.rows, call.outputs = decoded.rows, decoded.outputs
-        specs, body = link.pack_tensors(decoded.feeds)
+        specs, body = link.pack_tensors(decoded.feeds, self.link.shared)
         wanted = {key: parameters[key] for key in ENGINE_PARAMETERS if key in parameters}
         head = {"rows": decoded.rows, "outputs": list(decoded.outputs), "parameters": wanted, "inputs": specs}
         resolved_there = self.open.get(call.link) == "END"
@@ -203,7 +208,11 @@ class RemoteCore:
         else:
             kind = link.REQUEST
             head.update(self._head(call, *call.requested), signature_id=call.model.signature_id)
-        self.link.send(kind, call.link, head, body)  # first: what follows assumes it went
+        try:
+            self.link.send(kind, call.link, head, body)  # first: what follows assumes it went
+        except errors.ShuttingDown:
+            link.discard_tensors(specs)
+            raise
         item = call.item = RemoteItem(asyncio.get_running_loop().create_future())
         replied = self.link.expect(call.link)
         self.open[call.link] = "CANCEL"
@@ -245,8 +254,10 @@ class RemoteCore:
 
 
 def _settle_item(item: RemoteItem, done: asyncio.Future) -> None:
-    if item.future.done():
-        return  # cancelled here first
+    if item.future.done():  # cancelled here first
+        if not done.cancelled() and done.exception() is None:
+            link.discard_tensors(done.result()[0][0])
+        return
     if done.cancelled():
         item.future.cancel()
     elif (err := done.exception()) is not None:

@@ -9,16 +9,31 @@ that goes away has its requests cancelled and ended here, each once."""
 import asyncio
 import logging
 import os
+import socket
+import struct
 
 from server import errors
 from server.engine.call import Identity, outcome_of
-from server.frontend import link
+from server.frontend import link, link_shm
 from server.frontend.backend import Backend
+from server.frontend.link_shm import SharedTensors
 from server.tensors import DecodedRequest
 
 log = logging.getLogger(__name__)
 
 DRAIN_BYTES = 1 << 20  # answers unsent to a front end past which its next request waits
+
+
+PEER_CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+def peer_pid(transport: asyncio.BaseTransport) -> int:
+    """The process at the other end of a Unix socket (SO_PEERCRED); 0 where the kernel does not say."""
+    sock = transport.get_extra_info("socket")
+    if sock is None or not hasattr(socket, "SO_PEERCRED"):
+        return 0
+    pid, _, _ = PEER_CREDENTIALS.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, PEER_CREDENTIALS.size))
+    return pid
 
 
 class LinkServer:
@@ -62,6 +77,7 @@ class _Connection:
     def __init__(self, server: LinkServer) -> None:
         self.server, self.backend = server, server.backend
         self.frames = link.Frames(self._received, self._lost, DRAIN_BYTES, self._connected)
+        self.pid, self.shared = 0, None  # the front end's process, once connected; where big answers go
         self.calls: dict = {}  # number -> the core's Call, until it is answered or ended
         self.signatures_sent: set[int] = set()  # the numbers of the signatures this front end holds
         self.tasks: set[asyncio.Task] = set()  # calls under way (a load may take minutes)
@@ -78,6 +94,8 @@ class _Connection:
 
     def _connected(self) -> None:
         self.server.connections.add(self)
+        self.pid = peer_pid(self.frames.transport)
+        self.shared = SharedTensors(self.pid, "e") if self.pid else None
         self.send(link.STATE, 0, self.server.state())
 
     def send(self, kind: int, number: int, head: object = None, body=()) -> None:
@@ -93,6 +111,8 @@ class _Connection:
             result = handler(number, head, body)
         except Exception as err:  # a bug, or a frame that does not decode: that request fails, the link stays
             log.exception("a front end's frame of kind %d failed", kind)
+            if kind in (link.REQUEST, link.INFER) and isinstance(head, dict):
+                link.discard_tensors(head.get("inputs"))
             self.error(number, err)
             return
         if result is not None:  # a coroutine: calls may wait (a load); requests never do
@@ -103,6 +123,8 @@ class _Connection:
     def _lost(self, why: link.LinkBroken) -> None:
         self.server.connections.discard(self)
         self.drop()
+        if self.pid and (left := link_shm.remove_of(self.pid)):
+            log.info("front end (pid %d) left %d tensor(s) in shared memory: removed", self.pid, left)
 
     def drop(self) -> None:
         """The front end is gone: its requests leave the queues and end, cancelled, once each."""
@@ -159,15 +181,18 @@ class _Connection:
             if self.server.signature_id(model.signature) != head["signature_id"]:
                 raise errors.ModelNotReady(f"{model.label} changed while the request was on its way; retry it")
         except Exception as err:
+            link.discard_tensors(head["inputs"])
             self._failed(number, call, err)
             return
         self._queue(number, call, head, body)
 
     def _infer(self, number: int, head: dict, body) -> None:
         call = self.calls.pop(number, None)
-        if call is not None:
-            call.request_id = head["id"]
-            self._queue(number, call, head, body)
+        if call is None:  # cancelled meanwhile
+            link.discard_tensors(head["inputs"])
+            return
+        call.request_id = head["id"]
+        self._queue(number, call, head, body)
 
     def _queue(self, number: int, call, head: dict, body) -> None:
         try:
@@ -189,7 +214,7 @@ class _Connection:
         core = self.backend.core
         try:
             said = core.accounting(call, answer)
-            specs, tensors = link.pack_tensors({name: answer.outputs[name] for name in call.outputs})
+            specs, tensors = link.pack_tensors({name: answer.outputs[name] for name in call.outputs}, self.shared)
             times = answer.queue_seconds, answer.compute_seconds
             frame = [specs, said, answer.batch_id, answer.batch_rows, answer.device, *times]
             self.send(link.ANSWER, number, frame, tensors)

@@ -3,6 +3,7 @@ load (the server keeps serving, each request is billed once, nothing leaks), SIG
 (every accepted request answered), every process's series on the one /metrics port, and TLS and
 restricted protocols the same in every front end."""
 
+import asyncio
 import collections
 import functools
 import json
@@ -15,11 +16,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+import tritonclient.grpc.aio as aioclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
+from tests import onnx_models
 from tests.certificates import make_certificates
 from tests.conftest import wait_until
+from tests.integration.test_batching import caller_rows, inputs
 from tests.integration.test_frontends import OWN_CONNECTION, children, parameters
 from tests.integration.test_tenants import BATCHING, KEYS, PRICE, bearer, plus_one, write_keys
 from tests.integration.test_tls import gevent_context, tls_flags
@@ -158,3 +162,61 @@ def test_tls_and_restricted_protocols_hold_in_every_front_end(tmp_path, serve):
         assert refused.value.status() == "403"
         assert client.get_model_repository_index(headers={"admin-key": "s3cret"})
         client.close()
+
+
+WIDE = 32768  # 128 KiB a row of FP32: past link_shm.MIN_BYTES, through shared memory both ways
+
+
+def frontends_tensors(engine: int) -> list[str]:
+    pids = {str(pid) for pid in children(engine)}
+    return [name for name in shared_memory_entries() if name.split("-")[1:2] and name.split("-")[1] in pids]
+
+
+async def eventually(predicate, timeout: float) -> bool:
+    """wait_until for a coroutine: the loop keeps running meanwhile."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
+
+
+def test_big_tensors_cross_in_shared_memory_and_none_is_left_when_a_front_end_dies(tmp_path, serve):
+    root = tmp_path / "repository"
+    onnx_models.write(root, "wide", onnx_models.add_one(("batch", WIDE)), "max_batch_size: 8")
+    server = serve(root, "--frontends", "2")
+    engine, before = server.process.pid, shared_memory_entries()
+    stopping = asyncio.Event()
+    answered, failures = collections.Counter(), []
+
+    async def caller(number: int) -> None:
+        client = aioclient.InferenceServerClient(server.url, channel_args=OWN_CONNECTION)
+        try:
+            while not stopping.is_set():
+                x = caller_rows(number, 1 + number % 2, WIDE)
+                try:
+                    result = await client.infer("wide", inputs(x))
+                except InferenceServerException as err:
+                    failures.append(err.status())
+                    await asyncio.sleep(0.01)
+                    continue
+                np.testing.assert_array_equal(result.as_numpy("y"), x + 1)
+                answered[parameters(result)["onnxserve_frontend"]] += 1
+        finally:
+            await client.close()
+
+    async def scenario() -> None:
+        callers = [asyncio.create_task(caller(number)) for number in range(8)]
+        assert await eventually(lambda: set(answered) == {1, 2} and sum(answered.values()) > 50, timeout=30)
+        os.kill(children(engine)[0], signal.SIGKILL)
+        assert await eventually(lambda: "exited with -9: restarting it" in server.log_text(), timeout=10)
+        served = sum(answered.values())
+        assert await eventually(lambda: len(children(engine)) == 2 and sum(answered.values()) > served + 50, 30)
+        stopping.set()
+        await asyncio.gather(*callers)
+
+    asyncio.run(scenario())
+    assert set(failures) <= {SHUTTING_DOWN}
+    assert wait_until(lambda: shared_memory_entries() == before, timeout=10), frontends_tensors(engine)
+    assert server.stop() == 0

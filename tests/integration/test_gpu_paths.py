@@ -107,6 +107,7 @@ def test_the_gpu_check_runs_its_plumbing_on_the_cpu(tmp_path):
         "serving": "ok",
         "energy": "failed",
         "cuda_graphs": "ok",
+        "frontends": "ok",
         "tensorrt": "failed",
     }
     assert "limit of 2 s" in steps["energy"]["error"] and "--fail-step" in steps["tensorrt"]["error"]
@@ -136,12 +137,16 @@ def test_the_gpu_check_runs_its_plumbing_on_the_cpu(tmp_path):
     for concurrency in (1, 16):  # model, the server's provider, raw onnxruntime's, concurrency
         assert f"| mlp | CPUExecutionProvider | CPUExecutionProvider | {concurrency} |" in table
     assert "| energy | failed |" in table and "| tensorrt | failed |" in table
+    split = steps["frontends"]["result"]["frontend_rows"]
+    assert [row["frontends"] for row in split] == [1, 2] and all(row["errors"] == 0 for row in split)
+    assert split[0]["frontend_us"] == 0 and split[1]["frontend_us"] > 0 < split[1]["engine_us"]
+    assert "| 2 | 1 |" in table, "the front ends' table, a row per count"
 
     # Past a deadline of 0 every step is out of time; a run ended after its second step keeps both.
     cut = check(tmp_path / "cut", "--deadline-minutes", "0", "--exit-after", "providers")
     assert cut.returncode == 3, cut.stderr[-3000:]
     steps = json.loads((tmp_path / "cut" / "gpu-check.json").read_text())["steps"]
-    assert [step["status"] for step in steps] == ["skipped", "skipped"] + ["pending"] * 5
+    assert [step["status"] for step in steps] == ["skipped", "skipped"] + ["pending"] * 6
     assert all("out of time" in step["reason"] for step in steps[:2])
     assert "| providers | skipped |" in (tmp_path / "cut" / "gpu-check.md").read_text()
 
