@@ -61,6 +61,7 @@ async def serve(settings: ServerSettings, index: int, path: str, http_fd: int | 
         http = await start_http(settings, api, connections, socket.socket(fileno=http_fd))
     await connection.call("hello", index, os.getpid())
     processes.settle_heap()
+    log.info("serving (pid %d): gRPC port %d%s", os.getpid(), grpc.port, ", REST" if http is not None else "")
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(signum, stop.set)

@@ -4,6 +4,7 @@ loaded through one is served by all, a front end killed under load is replaced w
 serve, and SIGTERM stops them all."""
 
 import asyncio
+import collections
 import json
 import os
 import signal
@@ -11,9 +12,13 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aioclient
+from tritonclient.utils import InferenceServerException
 
+from server.engine.cpus import cpu_cores
+from server.frontends import FEWEST_CORES_TO_SPLIT
 from tests import onnx_models
 from tests.conftest import wait_until
 from tests.integration.test_batching import caller_rows, inputs
@@ -183,3 +188,75 @@ def test_a_reload_under_load_through_the_front_ends_drops_no_request(tmp_path, s
         return sum(results[:-1])
 
     assert asyncio.run(callers_during_reloads()) == 8 * 25
+
+
+def command_line(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+
+
+def test_each_process_says_what_it_is(tmp_path, serve):
+    server = serve(repository(tmp_path), "--frontends", "2")
+    assert command_line(server.process.pid) == "onnxserve: engine"
+    titles = sorted(command_line(pid) for pid in children(server.process.pid))
+    assert titles == ["onnxserve: frontend 1", "onnxserve: frontend 2"]
+    lines = server.log_text().splitlines()
+    assert any(" INFO engine onnxserve: ready" in line for line in lines)
+    assert any(" frontend 2 " in line for line in lines)
+
+
+def test_auto_is_one_process_on_this_small_machine(tmp_path, serve):
+    if cpu_cores() >= FEWEST_CORES_TO_SPLIT:
+        pytest.skip(f"{cpu_cores()} cores: auto starts front ends here")
+    server = serve(repository(tmp_path), "--frontends", "auto")
+    assert children(server.process.pid) == [] and "onnxserve: engine" not in command_line(server.process.pid)
+    client = grpcclient.InferenceServerClient(server.url)
+    x = caller_rows(2, 1)
+    np.testing.assert_array_equal(client.infer("add_one", inputs(x, grpcclient)).as_numpy("y"), x + 1)
+
+
+def test_a_model_unloaded_and_loaded_under_load_through_other_front_ends(tmp_path, serve):
+    """Callers of one model through both front ends while another is unloaded and loaded again
+    over and over: the first's callers all get their own rows; the other's get their rows or a
+    clean NOT_FOUND / UNAVAILABLE, never another caller's."""
+    root = repository(tmp_path)
+    onnx_models.write(root, "other", onnx_models.add_one(), CONFIG)
+    server = serve(root, "--frontends", "2", "--model-control-mode", "explicit", "--load-model", "*")
+
+    async def run() -> tuple[int, collections.Counter]:
+        outcomes = collections.Counter()
+
+        async def steady(number: int) -> int:
+            return sum([await grpc_caller(server.url, number) is not None for _ in range(20)])
+
+        async def churned(number: int) -> None:
+            client = aioclient.InferenceServerClient(server.url, channel_args=OWN_CONNECTION)
+            try:
+                for _ in range(30):
+                    x = caller_rows(number, 1)
+                    try:
+                        result = await client.infer("other", inputs(x))
+                    except InferenceServerException as err:
+                        outcomes[err.status()] += 1
+                        continue
+                    np.testing.assert_array_equal(result.as_numpy("y"), x + 1)
+                    outcomes["ok"] += 1
+            finally:
+                await client.close()
+
+        async def churn() -> None:
+            client = aioclient.InferenceServerClient(server.url, channel_args=OWN_CONNECTION)
+            try:
+                for _ in range(4):
+                    await client.unload_model("other")
+                    await asyncio.sleep(0.05)
+                    await client.load_model("other")
+            finally:
+                await client.close()
+
+        results = await asyncio.gather(*(steady(n) for n in range(6)), *(churned(100 + n) for n in range(4)), churn())
+        return sum(results[:6]), outcomes
+
+    answered, outcomes = asyncio.run(run())
+    assert answered == 6 * 20
+    assert set(outcomes) <= {"ok", "StatusCode.NOT_FOUND", "StatusCode.UNAVAILABLE"}, outcomes
+    assert outcomes["ok"] > 0

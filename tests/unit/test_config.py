@@ -13,6 +13,7 @@ from server.config import ServerSettings, parse_server_settings
 from server.config_checks import MAX_GRPC_IDLE_SECS
 from server.errors import ConfigError
 from server.frontend.process_limits import grpc_options
+from server.frontends import frontend_count
 from server.models.model_config import WarmupInput, load_model_settings, settings_from_json
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,6 +53,9 @@ def test_device_prices_say_where_they_came_from(tmp_path):
             "--tensorrt-cache-dir: /no/such/cache is not a writable directory",
         ),
         (["--http-port", "-2"], {}, "--http-port: -2"),
+        (["--frontends", "-1"], {}, "--frontends: -1 is negative"),
+        ([], {"ONNXSERVE_FRONTENDS": "many"}, "ONNXSERVE_FRONTENDS: 'many' is neither a whole number nor 'auto'"),
+        (["--frontends", "257"], {}, "--frontends"),
         (["--repository-poll-secs", "0"], {}, "--repository-poll-secs: 0"),
         (["--load-model", "mlp"], {}, "--load-model: \\['mlp'\\] needs --model-control-mode explicit"),
         (["--grpc-restricted-protocol", "model-repository"], {}, "GROUP\\[,GROUP...\\]:HEADER=VALUE"),
@@ -442,3 +446,29 @@ def test_a_number_out_of_range_exits_2_naming_the_flag(tmp_path):
     )
     assert result.returncode == 2 and "--grpc-max-connections: 3000000000" in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "held"),
+    [
+        (["--frontends", "auto"], {}, 0),
+        (["--frontends", "AUTO"], {}, 0),
+        ([], {"ONNXSERVE_FRONTENDS": "auto"}, 0),
+        ([], {"ONNXSERVE_FRONTENDS": "3"}, 3),
+        (["--frontends", "2"], {"ONNXSERVE_FRONTENDS": "auto"}, 2),
+        ([], {}, 1),
+    ],
+)
+def test_frontends_take_a_count_or_auto(tmp_path, argv, env, held):
+    assert parse_server_settings(["--model-repository", str(tmp_path), *argv], env).frontends == held
+
+
+@pytest.mark.parametrize(
+    ("cores", "chosen"),
+    [(1, 1), (2, 1), (3, 2), (4, 3), (8, 7), (16, 7), (64, 7)],
+)
+def test_auto_front_ends_follow_the_cores_as_measured(cores, chosen):
+    """One process below 3 cores (2 front ends served less than one on 2); else one per core beside
+    the engine's, as many as one engine keeps up with."""
+    assert frontend_count(0, cores) == chosen
+    assert frontend_count(5, cores) == 5, "a count given is kept"
