@@ -28,12 +28,12 @@ from server.frontend.process import HTTP_FD_VARIABLE, INDEX_VARIABLE, LINK_VARIA
 
 log = logging.getLogger("onnxserve")
 
-# --frontends auto. Measured on the benchmark MLP at 64 callers (bench/engine_cost.py, README
-# "Front-end processes"): a front end spends about 275 us of CPU per unary gRPC request, the engine
-# about 36 us per request while front ends keep it busy: one engine keeps up with 7 front ends.
-# Each front end wants a core of its own and the engine one. On 2 cores, 2 front ends served
-# 0.72 to 0.92 of what one process serves, so below 3 cores there is one process.
-ENGINE_KEEPS_UP_WITH = 7
+# --frontends auto. Measured on the benchmark MLP at 64 callers (bench/split.py, README "Several
+# front-end processes"): a front end spends about 236 us of CPU per unary gRPC request, the engine
+# about 29 us per request while front ends keep it busy: one engine keeps up with 8 front ends.
+# Each front end wants a core of its own and the engine one. On 2 cores, 2 front ends served 1.17x
+# one process over unary gRPC but 0.82 to 0.87x over streams and REST: below 3 cores, one process.
+ENGINE_KEEPS_UP_WITH = 8
 FEWEST_CORES_TO_SPLIT = 3
 
 

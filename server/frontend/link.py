@@ -21,6 +21,7 @@ from server.frontend import link_shm
 from server.frontend.link_shm import SharedTensors
 from server.tensors import DATATYPES, Signature, TensorSpec
 
+BUNDLE = 0  # either way: several frames, their heads in one list (Outbox)
 # Front end -> engine
 REQUEST, RESOLVE, INFER, END, REFUSED, CANCEL, CALL = 1, 2, 3, 4, 5, 6, 7
 # Engine -> front end
@@ -29,26 +30,48 @@ REPLY, ANSWER, ERROR, STATE = 11, 12, 13, 14
 PREFIX = struct.Struct("<I")  # the length of the rest of the frame
 HEADER = struct.Struct("<BQI")  # kind, number, length of the JSON head
 MAX_FRAME = 1 << 31  # a bound on what the other side may make this one read: grpc's own message cap is below it
+COPY_BELOW = 4096  # tensors smaller than this are copied into the frame rather than viewed
+BUNDLE_BYTES = 1 << 22  # of bodies in one bundle: past it, the next frames go in another
 BY_NUMPY = {datatype.numpy: datatype.wire for datatype in DATATYPES.values() if datatype.numpy is not None}
 
 
 class Outbox:
-    """Frames sent once per turn of the loop. A transport sends each write at once, a system call
-    (and a wake-up of the other process) per frame; the frames that one turn produces go out together."""
+    """Frames sent once per turn of the loop, together. A transport sends each write at once, a
+    system call (and a wake-up of the other process) per frame; and each frame costs both sides
+    its header and its own JSON. The frames one turn produces go out as one BUNDLE: their heads
+    in one JSON list, their bodies one after another (cut at BUNDLE_BYTES of body)."""
 
     def __init__(self, transport: asyncio.WriteTransport) -> None:
         self.transport, self.pending = transport, []
         self.loop = asyncio.get_running_loop()
 
-    def put(self, buffers: list) -> None:
+    def put(self, kind: int, number: int, head: object, body: list) -> None:
         if not self.pending:
             self.loop.call_soon(self.flush)
-        self.pending.extend(buffers)
+        self.pending.append((kind, number, head, body))
 
     def flush(self) -> None:
         pending, self.pending = self.pending, []
-        if pending and not self.transport.is_closing():
-            self.transport.writelines(pending)
+        if not pending or self.transport.is_closing():
+            return
+        buffers, heads, bodies, size = [], [], [], 0
+        for kind, number, head, body in pending:
+            length = sum(map(len, body))
+            if heads and size + length > BUNDLE_BYTES:
+                buffers += _bundle(heads, bodies)
+                heads, bodies, size = [], [], 0
+            heads.append((kind, number, head, length))
+            bodies += body
+            size += length
+        buffers += _bundle(heads, bodies)
+        self.transport.writelines(buffers)
+
+
+def _bundle(heads: list, bodies: list) -> list:
+    if len(heads) == 1:
+        kind, number, head, _ = heads[0]
+        return frame(kind, number, head, bodies)
+    return frame(BUNDLE, 0, heads, bodies)
 
 
 class LinkBroken(Exception):
@@ -87,8 +110,8 @@ class Frames(asyncio.Protocol):
             transport.set_write_buffer_limits(high=self.high_water)
         self.connected()
 
-    def send(self, buffers: list) -> None:
-        self.outbox.put(buffers)
+    def send(self, kind: int, number: int, head: object = None, body: Iterable = ()) -> None:
+        self.outbox.put(kind, number, head, body if isinstance(body, list) else list(body))
 
     def pause_writing(self) -> None:
         if self.high_water:
@@ -115,11 +138,22 @@ class Frames(asyncio.Protocol):
             kind, number, head_length = HEADER.unpack_from(view, start)
             body_start = start + HEADER.size + head_length
             head = orjson.loads(view[start + HEADER.size : body_start]) if head_length else None
-            self.received(kind, number, head, view[body_start:offset])
-            if self.why_lost is not None:  # the frame closed the link
+            if kind == BUNDLE:
+                self._unbundle(head, view[body_start:offset])
+            else:
+                self.received(kind, number, head, view[body_start:offset])
+            if self.why_lost is not None:  # a frame closed the link
                 return
         if offset < end:
             self.partial += view[offset:]
+
+    def _unbundle(self, heads: list, body: memoryview) -> None:
+        offset = 0
+        for kind, number, head, length in heads:
+            self.received(kind, number, head, body[offset : offset + length])
+            offset += length
+            if self.why_lost is not None:
+                return
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost(LinkBroken(str(exc) if exc else "closed"))
@@ -149,6 +183,8 @@ def pack_tensors(arrays: Mapping[str, np.ndarray], shared: SharedTensors | None 
     for name, array in arrays.items():
         if array.dtype == object:
             data, wire = serialize_bytes(array), "BYTES"
+        elif array.nbytes < COPY_BELOW:  # one call: cheaper than a view's three at this size
+            data, wire = array.tobytes(), BY_NUMPY[array.dtype]
         else:
             data = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))  # empty ones too
             wire = BY_NUMPY[array.dtype]

@@ -79,7 +79,7 @@ class Link:
     def send(self, kind: int, number: int, head: object = None, body=()) -> None:
         if self.broken.done():
             raise errors.ShuttingDown("the engine is gone; retry on another replica")
-        self.frames.send(link.frame(kind, number, head, body))
+        self.frames.send(kind, number, head, body)
 
     def expect(self, number: int) -> asyncio.Future:
         future = self.waiting[number] = asyncio.get_running_loop().create_future()

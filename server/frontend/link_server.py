@@ -22,6 +22,7 @@ from server.tensors import DecodedRequest
 log = logging.getLogger(__name__)
 
 DRAIN_BYTES = 1 << 20  # answers unsent to a front end past which its next request waits
+IDENTITIES_KEPT = 4096  # callers' identities kept per front end; past it, the cache starts afresh
 
 
 PEER_CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
@@ -78,6 +79,8 @@ class _Connection:
         self.server, self.backend = server, server.backend
         self.frames = link.Frames(self._received, self._lost, DRAIN_BYTES, self._connected)
         self.pid, self.shared = 0, None  # the front end's process, once connected; where big answers go
+        self.identities: dict[tuple[str, str], Identity] = {}  # (tenant, source) -> the requests' Identity
+        self.last_signature: tuple = (None, 0)  # the signature last checked, and its number
         self.calls: dict = {}  # number -> the core's Call, until it is answered or ended
         self.signatures_sent: set[int] = set()  # the numbers of the signatures this front end holds
         self.tasks: set[asyncio.Task] = set()  # calls under way (a load may take minutes)
@@ -99,7 +102,7 @@ class _Connection:
         self.send(link.STATE, 0, self.server.state())
 
     def send(self, kind: int, number: int, head: object = None, body=()) -> None:
-        self.frames.send(link.frame(kind, number, head, body))
+        self.frames.send(kind, number, head, body)
 
     def _received(self, kind: int, number: int, head, body) -> None:
         handler = self.handlers.get(kind)
@@ -157,12 +160,25 @@ class _Connection:
     # (the front end needs the signature to decode), then INFER, or END if decoding failed.
 
     def _start(self, number: int, head: dict):
-        core, auth = self.backend.core, self.backend.auth
-        identity = Identity(head["tenant"], auth.labels.label(head["tenant"]), head["source"])
-        call = core.start(head["protocol"], identity)
+        tenant, source = head["tenant"], head["source"]
+        identity = self.identities.get((tenant, source))
+        if identity is None:  # a tenant's label, once given, stays: the identity can be kept
+            if len(self.identities) >= IDENTITIES_KEPT:
+                self.identities.clear()
+            identity = Identity(tenant, self.backend.auth.labels.label(tenant), source)
+            self.identities[tenant, source] = identity
+        call = self.backend.core.start(head["protocol"], identity)
         call.started -= head["elapsed"]  # the front end received it that long ago
         call.request_id = head.get("id", "")
         return call
+
+    def _signature_id(self, signature) -> int:
+        """LinkServer.signature_id, without hashing the signature on every request."""
+        known, key = self.last_signature
+        if known is not signature:
+            key = self.server.signature_id(signature)
+            self.last_signature = (signature, key)
+        return key
 
     def _resolve(self, number: int, head: dict, body) -> None:
         call = self._start(number, head)
@@ -178,7 +194,7 @@ class _Connection:
         call = self._start(number, head)
         try:
             model = self.backend.core.resolve_now(call, head["model"], head["version"])
-            if self.server.signature_id(model.signature) != head["signature_id"]:
+            if self._signature_id(model.signature) != head["signature_id"]:
                 raise errors.ModelNotReady(f"{model.label} changed while the request was on its way; retry it")
         except Exception as err:
             link.discard_tensors(head["inputs"])

@@ -108,7 +108,7 @@ class EventBus:
     def __init__(self) -> None:
         self._subscriptions: list[tuple[Observer, tuple[type, ...], bool]] = []
         self._routes: dict[type, tuple[tuple[Observer, ...], tuple[Observer, ...]]] = {}
-        self._pending: list[tuple[Observer, object]] = []  # deferred deliveries of this loop turn
+        self._pending: list[tuple[tuple[Observer, ...], object]] = []  # this loop turn's deferred events
 
     def subscribe(self, observer: Observer, *event_types: type, deferred: bool = False) -> None:
         """`observer` gets the events of `event_types`, or every event when none are named."""
@@ -138,12 +138,13 @@ class EventBus:
                 for observer in later:
                     _deliver(observer, event)
                 return
-        self._pending.extend((observer, event) for observer in later)
+        self._pending.append((later, event))
 
     def _flush(self) -> None:
         pending, self._pending = self._pending, []
-        for observer, event in pending:
-            _deliver(observer, event)
+        for observers, event in pending:
+            for observer in observers:
+                _deliver(observer, event)
 
 
 def _deliver(observer: Observer, event: object) -> None:

@@ -465,7 +465,7 @@ def test_frontends_take_a_count_or_auto(tmp_path, argv, env, held):
 
 @pytest.mark.parametrize(
     ("cores", "chosen"),
-    [(1, 1), (2, 1), (3, 2), (4, 3), (8, 7), (16, 7), (64, 7)],
+    [(1, 1), (2, 1), (3, 2), (4, 3), (8, 7), (9, 8), (16, 8), (64, 8)],
 )
 def test_auto_front_ends_follow_the_cores_as_measured(cores, chosen):
     """One process below 3 cores (2 front ends served less than one on 2); else one per core beside
