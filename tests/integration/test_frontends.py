@@ -21,7 +21,7 @@ from server.engine.cpus import cpu_cores
 from server.frontends import FEWEST_CORES_TO_SPLIT
 from tests import onnx_models
 from tests.conftest import wait_until
-from tests.integration.test_batching import caller_rows, inputs
+from tests.integration.test_batching import BLOCKING_WORK, SLOW_CONFIG, caller_rows, inputs
 from tests.integration.test_tenants import KEYS, bearer, write_keys
 
 CONFIG = "max_batch_size: 16\ndynamic_batching { max_queue_delay_microseconds: 20000 }"
@@ -260,3 +260,52 @@ def test_a_model_unloaded_and_loaded_under_load_through_other_front_ends(tmp_pat
     assert answered == 6 * 20
     assert set(outcomes) <= {"ok", "StatusCode.NOT_FOUND", "StatusCode.UNAVAILABLE"}, outcomes
     assert outcomes["ok"] > 0
+
+
+def test_a_full_queue_refuses_through_every_front_end_as_in_one_process(tmp_path, serve):
+    """The engine's queue bound holds for requests from all front ends: past it, callers are
+    refused at once (UNAVAILABLE, "queue is full"), the rest get their own rows."""
+    root = tmp_path / "repository"
+    onnx_models.write(root, "slow", onnx_models.slow_add_one(), SLOW_CONFIG.format(queue=3))
+    server = serve(root, "--frontends", "2")
+
+    async def flood():
+        clients = [aioclient.InferenceServerClient(server.url, channel_args=OWN_CONNECTION) for _ in range(12)]
+        try:
+            blocker = asyncio.create_task(clients[0].infer("slow", inputs(caller_rows(0, 1), work=BLOCKING_WORK)))
+            await asyncio.sleep(0.3)
+            calls = [clients[n].infer("slow", inputs(caller_rows(n, 1), work=0)) for n in range(1, 12)]
+            results = await asyncio.gather(blocker, *calls, return_exceptions=True)
+            frontends = {parameters(r)["onnxserve_frontend"] for r in results if not isinstance(r, Exception)}
+            return results, frontends
+        finally:
+            for client in clients:
+                await client.close()
+
+    results, frontends = asyncio.run(flood())
+    refused = [result for result in results if isinstance(result, InferenceServerException)]
+    assert len(refused) == 12 - 1 - 3, "the blocker runs, three wait, the rest are refused"
+    assert all(r.status() == "StatusCode.UNAVAILABLE" and "queue is full" in r.message() for r in refused)
+    for caller, result in enumerate(results):
+        if not isinstance(result, Exception):
+            np.testing.assert_array_equal(result.as_numpy("y"), caller_rows(caller, 1) + 1)
+    samples = server.samples()
+    assert samples.get("onnxserve_requests_total", model="slow", version="1", outcome="rejected", protocol="grpc") == 8
+
+
+def test_statistics_and_the_index_answer_the_same_through_every_front_end(tmp_path, serve):
+    server = serve(repository(tmp_path), "--frontends", "2")
+    client = grpcclient.InferenceServerClient(server.url)
+    for caller in range(5):
+        client.infer("add_one", inputs(caller_rows(caller, 1), grpcclient))
+    indexes, seen = set(), set()
+    for number in range(12):  # new connections, spread over both front ends
+        other = grpcclient.InferenceServerClient(server.url, channel_args=OWN_CONNECTION)
+        seen.add(parameters(other.infer("add_one", inputs(caller_rows(9, 1), grpcclient)))["onnxserve_frontend"])
+        stats = other.get_inference_statistics("add_one", as_json=True)["model_stats"][0]
+        assert int(stats["inference_count"]) == 5 + number + 1, "every inference, whichever front end took it"
+        indexes.add(json.dumps(other.get_model_repository_index(as_json=True)["models"], sort_keys=True))
+        assert other.is_server_ready() and other.is_model_ready("add_one")
+        other.close()
+    assert seen == {1, 2}
+    assert len(indexes) == 1
