@@ -141,6 +141,7 @@ class Frontends:
             environment[HTTP_FD_VARIABLE] = str(self.http.fileno())
             fds = (self.http.fileno(),)
         command = [sys.executable, "-m", "server.frontend.process", *self.argv, "--grpc-port", str(self.grpc_port)]
+        command += ["--frontends", str(self.count)]  # `auto` as counted here
         self.started[index] = time.monotonic()
         return subprocess.Popen(command, env=environment, pass_fds=fds)
 

@@ -10,6 +10,7 @@ non-zero when the link to the engine breaks, and drains on SIGTERM.
 
 import asyncio
 import ctypes
+import dataclasses
 import logging
 import os
 import signal
@@ -38,7 +39,23 @@ LINK_LOST_EXIT_CODE = 5  # the engine went away: the server is down, and says so
 log = logging.getLogger("onnxserve")
 
 
+def share_of_bounds(settings: ServerSettings) -> ServerSettings:
+    """The connection bounds are the server's: each of its front ends holds its share of them
+    (rounded up; the kernel spreads connections about evenly, not exactly)."""
+    count = settings.frontends
+
+    def share(bound: int) -> int:
+        return -(-bound // count) if bound else 0  # 0: no limit, in each
+
+    return dataclasses.replace(
+        settings,
+        grpc_max_connections=share(settings.grpc_max_connections),
+        http_max_connections=share(settings.http_max_connections),
+    )
+
+
 async def serve(settings: ServerSettings, index: int, path: str, http_fd: int | None) -> int:
+    settings = share_of_bounds(settings)
     ensure_open_files(settings)
     connection = await Link.connect(path)
     auth = Authenticator(

@@ -21,6 +21,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from tests import onnx_models
+from tests.attacks import close_all, connect, recv_or_reset
 from tests.certificates import make_certificates
 from tests.conftest import wait_until
 from tests.integration.test_batching import caller_rows, inputs
@@ -220,3 +221,18 @@ def test_big_tensors_cross_in_shared_memory_and_none_is_left_when_a_front_end_di
     assert set(failures) <= {SHUTTING_DOWN}
     assert wait_until(lambda: shared_memory_entries() == before, timeout=10), frontends_tensors(engine)
     assert server.stop() == 0
+
+
+def test_connection_bounds_are_the_servers_not_each_front_ends(tmp_path, serve):
+    """--http-max-connections 8 with two front ends: 4 each, 8 at most in all, as in one process;
+    the rest are refused (503) and counted on the one /metrics."""
+    flags = ("--frontends", "2", "--http-max-connections", "8", "--http-header-timeout-secs", "1")
+    server = serve(plus_one(tmp_path), *flags)
+    sockets = connect(server.http_port, 28)
+    try:
+        first = [recv_or_reset(sock, 64) for sock in sockets]  # at once for the refused, at the timeout for others
+    finally:
+        close_all(sockets)
+    turned_away = sum(answer.startswith(b"HTTP/1.1 503") for answer in first)
+    assert turned_away >= 28 - 8, first
+    assert server.samples().get("onnxserve_connections_refused_total", listener="http") == turned_away
