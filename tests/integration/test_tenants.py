@@ -252,7 +252,9 @@ def test_cost_is_conserved_per_tenant_over_concurrent_mixed_batches(tmp_path, se
     assert samples.total("onnxserve_cost_dollars_total") + idle == pytest.approx(priced, rel=1e-6)
 
 
-def test_under_mutual_tls_the_client_certificate_names_the_tenant(tmp_path, serve):
+@pytest.mark.parametrize("frontends", ["1", "2"])
+def test_under_mutual_tls_the_client_certificate_names_the_tenant(tmp_path, serve, frontends):
+    """In one process and in front-end processes, which read the certificate themselves."""
     certs = make_certificates(tmp_path / "certs")
     repository = plus_one(tmp_path)
     mutual = []
@@ -272,6 +274,7 @@ def test_under_mutual_tls_the_client_certificate_names_the_tenant(tmp_path, serv
         "certificate_chain": str(certs.client.cert),
     }
 
+    mutual += ["--frontends", frontends]
     by_certificate = serve(repository, *mutual, "--trust-tenant-header")
     client = grpcclient.InferenceServerClient(by_certificate.url, ssl=True, **client_keys)
     assert grpc_infer(client, headers={"x-tenant-id": "team-claimed"})["onnxserve_tenant"].string_param == "team-a"
