@@ -28,6 +28,7 @@ from server.frontend.metrics_server import start_metrics_server
 from server.frontend.model_info import ModelInfo
 from server.frontend.process_limits import ensure_open_files
 from server.frontend.request_limits import Offload, RequestLimits
+from server.frontend.shared_regions import SharedRegions
 from server.frontend.tls import describe, tls_files
 from server.frontends import Frontends, listen_http, reserve_grpc_port, scratch_directory
 from server.models.control import RepositoryControl
@@ -180,6 +181,7 @@ def _backend(settings: ServerSettings, engine: Engine, auth: Authenticator) -> B
         auth,
         RequestLimits.from_settings(settings),
         Offload(),
+        SharedRegions() if settings.frontends == 1 else None,
     )
 
 

@@ -91,6 +91,35 @@ def two_in_two_out() -> onnx.ModelProto:
     )
 
 
+def simple() -> onnx.ModelProto:
+    """Triton's example model `simple`: INPUT0, INPUT1 INT32 [batch, 16] -> OUTPUT0 = sum,
+    OUTPUT1 = difference."""
+    return _model(
+        [
+            helper.make_node("Add", ["INPUT0", "INPUT1"], ["OUTPUT0"]),
+            helper.make_node("Sub", ["INPUT0", "INPUT1"], ["OUTPUT1"]),
+        ],
+        [_io("INPUT0", "INT32", ["batch", 16]), _io("INPUT1", "INT32", ["batch", 16])],
+        [_io("OUTPUT0", "INT32", ["batch", 16]), _io("OUTPUT1", "INT32", ["batch", 16])],
+    )
+
+
+def simple_string() -> onnx.ModelProto:
+    """Triton's example model `simple_string`: INPUT0, INPUT1 BYTES [batch, 16] holding numbers ->
+    OUTPUT0 = their sum, OUTPUT1 = their difference, as strings."""
+    nodes = [helper.make_node("Cast", [f"INPUT{i}"], [f"n{i}"], to=TensorProto.INT32) for i in (0, 1)]
+    nodes += [helper.make_node("Add", ["n0", "n1"], ["sum"]), helper.make_node("Sub", ["n0", "n1"], ["difference"])]
+    nodes += [
+        helper.make_node("Cast", [source], [f"OUTPUT{i}"], to=TensorProto.STRING)
+        for i, source in enumerate(("sum", "difference"))
+    ]
+    return _model(
+        nodes,
+        [_io("INPUT0", "BYTES", ["batch", 16]), _io("INPUT1", "BYTES", ["batch", 16])],
+        [_io("OUTPUT0", "BYTES", ["batch", 16]), _io("OUTPUT1", "BYTES", ["batch", 16])],
+    )
+
+
 def slow_add_one(size: int = 192) -> onnx.ModelProto:
     """y = x + 1 after `max(work)` rounds of a size x size MatMul: a request chooses how long it runs.
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from server.frontend.identity import Authenticator
 from server.frontend.request_limits import Offload, RequestLimits
+from server.frontend.shared_regions import SharedRegions
 
 if TYPE_CHECKING:  # the engine's side, named, not imported: a front end runs without the engine's machinery
     from server.engine.inference import InferenceCore
@@ -28,3 +29,6 @@ class Backend:
     auth: Authenticator  # API keys, client certificates and tenants
     limits: RequestLimits  # what one request may make the server hold
     offload: Offload  # the codec threads for big requests and answers
+    # Triton's system shared memory: the regions callers registered (None: not served here, as in
+    # front-end processes, whose regions would not be seen by the others)
+    regions: SharedRegions | None = None

@@ -24,6 +24,7 @@ from server.frontend.request_limits import (
     encode_weight,
     raw_bytes_weight,
 )
+from server.frontend.shared_regions import REGION, REGION_OFFSET, REGION_SIZE, PlacedOutput
 from server.frontend.tensor_codec import output_bytes
 from server.frontend.wire_walk import LOOP_FIELDS, MAX_FIELDS, OverBudget, Walk, declared_elements
 from server.models.names import NAME_MAX, check_model_name
@@ -128,7 +129,7 @@ def request_head(request, size: int, limits: RequestLimits) -> RequestHead:
 
 
 def response_weight(outputs: Iterable[tuple[TensorSpec, np.ndarray]]) -> int:
-    return sum(encode_weight(array) for _, array in outputs)
+    return sum(encode_weight(array) for _, array in outputs if not isinstance(array, PlacedOutput))
 
 
 def response_bytes(model, request_id: str, outputs, said, stream: bool = False) -> bytes:
@@ -137,10 +138,16 @@ def response_bytes(model, request_id: str, outputs, said, stream: bool = False) 
     `outputs`: (TensorSpec, array) pairs; `said`: the accounting parameters."""
     response = protocol.ModelInferResponse(model_name=model.name, model_version=model.version, id=request_id)
     for spec, array in outputs:
-        response.outputs.add(name=spec.name, datatype=spec.datatype, shape=array.shape)
+        added = response.outputs.add(name=spec.name, datatype=spec.datatype, shape=array.shape)
+        if isinstance(array, PlacedOutput):  # in the caller's shared memory: named, no bytes
+            set_parameters(
+                added.parameters, [(REGION, array.region), (REGION_OFFSET, array.offset), (REGION_SIZE, array.size)]
+            )
     set_parameters(response.parameters, said)
     parts = [response.SerializeToString()]
     for spec, array in outputs:
+        if isinstance(array, PlacedOutput):  # placed last: raw contents stand for the outputs before them
+            break
         raw = output_bytes(spec.datatype, array)
         parts += (RAW_OUTPUT_TAG, _varint(len(raw)), raw)  # a repeated field may follow the rest
     if stream:

@@ -19,7 +19,14 @@ from server.frontend.grpc_codec import (
 )
 from server.frontend.identity import AUTHORIZATION, TENANT_HEADER, Authenticator
 from server.frontend.request_limits import Offload, RequestLimits
-from server.frontend.tensor_codec import decode_request
+from server.frontend.shared_regions import (
+    PlacedOutput,
+    SharedRegions,
+    inputs_from_regions,
+    region_of,
+    write_output,
+)
+from server.frontend.tensor_codec import decode_request, output_bytes
 from server.frontend.tls import grpc_client_name
 from server.tensors import DecodedRequest
 
@@ -28,8 +35,15 @@ if TYPE_CHECKING:  # named, not imported: see backend.py
 
 
 class GrpcInference:
-    def __init__(self, core: InferenceCore, auth: Authenticator, limits: RequestLimits, offload: Offload) -> None:
-        self.core, self.auth, self.limits, self.offload = core, auth, limits, offload
+    def __init__(
+        self,
+        core: InferenceCore,
+        auth: Authenticator,
+        limits: RequestLimits,
+        offload: Offload,
+        regions: SharedRegions | None = None,
+    ) -> None:
+        self.core, self.auth, self.limits, self.offload, self.regions = core, auth, limits, offload, regions
 
     def identity(self, context) -> Identity:
         """Who is calling, from the call's metadata and client certificate; Unauthenticated when
@@ -50,15 +64,40 @@ class GrpcInference:
         """One serialized ModelInferRequest to its serialized response; raises ServingError for the
         caller to report."""
         with self.core.request(GRPC, identity) as call:
-            head, decoded = await self._read(request, call)
+            head, decoded, placed = await self._read(request, call)
             answer = await self.core.infer(call, decoded, head.parameters)
             outputs, said = self.outputs(call, answer)
+            if placed:  # written into the caller's shared memory: the response names them only
+                outputs = [(spec, array) for spec, array in outputs if spec.name not in placed] + [
+                    (spec, self._place(placed[spec.name], spec, array, call))
+                    for spec, array in outputs
+                    if spec.name in placed
+                ]
             return await self.offload.run(response_weight(outputs), response_bytes, call.model, head.id, outputs, said)
 
-    async def _read(self, data: bytes, call: Call) -> tuple[RequestHead, DecodedRequest]:
-        """Parsed and decoded; the message itself (and its typed contents) is gone on return."""
+    async def _read(self, data: bytes, call: Call) -> tuple[RequestHead, DecodedRequest, dict]:
+        """Parsed and decoded, and the outputs asked for in shared memory; the message itself (and
+        its typed contents) is gone on return."""
         message, raw, head = await self.parsed(data, call)
-        return head, await self.decoded(message, raw, head, call)
+        decoded = await self.decoded(message, raw, head, call)
+        return head, decoded, self._placements(message, call) if self.regions is not None else {}
+
+    def _placements(self, message, call: Call) -> dict:
+        """Output name -> (region, offset, size), for the outputs asked for in shared memory."""
+        placed = {}
+        for output in message.outputs:
+            where = region_of(output.parameters, f"{call.model.signature.label}: output '{output.name}'")
+            if where is not None:
+                name, offset, size = where
+                placed[output.name] = (self.regions.get(name, call.identity.tenant), offset, size)
+        return placed
+
+    def _place(self, where, spec, array, call: Call) -> PlacedOutput:
+        """The output's bytes as the wire has them (BYTES length-prefixed) into its region."""
+        region, offset, size = where
+        data = output_bytes(spec.datatype, array)
+        write_output(region, offset, size, data, f"{call.model.signature.label}: output '{spec.name}'")
+        return PlacedOutput(array.shape, region.name, offset, size)
 
     async def parsed(self, data: bytes, call: Call):
         """(message, raw contents, checked RequestHead): parsed on the loop where that is cheap (a
@@ -76,6 +115,8 @@ class GrpcInference:
 
     async def decoded(self, message, raw: list | None, head: RequestHead, call: Call) -> DecodedRequest:
         model = await self.core.resolve(call, head.model_name, head.model_version)
+        if self.regions is not None:  # a region named but not registered is refused, not ignored
+            raw = inputs_from_regions(message, raw, self.regions, call.identity.tenant, model.signature.label)
         weight = decode_weight(message, raw, head.size)
         return await self.offload.run(weight, decode_request, message, model.signature, self.limits, raw)
 

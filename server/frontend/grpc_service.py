@@ -15,6 +15,7 @@ from server.frontend.grpc_codec import (
     serialize_response,
 )
 from server.frontend.grpc_infer import GrpcInference
+from server.frontend.grpc_shared_memory import SharedMemoryRpcs
 from server.frontend.grpc_stream import StreamInfer
 from server.frontend.restricted import permitted
 from server.frontend.server_info import EXTENSIONS, PLATFORM, SERVER_NAME, server_version
@@ -42,7 +43,8 @@ class InferenceService:
 
     def __init__(self, backend: Backend, restricted: tuple[RestrictedProtocol, ...] = ()) -> None:
         self.core, self.info, self.control, self.auth = backend.core, backend.info, backend.control, backend.auth
-        self.inference = GrpcInference(backend.core, backend.auth, backend.limits, backend.offload)
+        self.inference = GrpcInference(backend.core, backend.auth, backend.limits, backend.offload, backend.regions)
+        self.shared_memory = SharedMemoryRpcs(backend.regions, self.inference) if backend.regions is not None else None
         self.restricted = {method: rule for rule in restricted for method in rule.methods}
 
     def implementations(self) -> dict:
@@ -60,6 +62,7 @@ class InferenceService:
             "RepositoryIndex": self.RepositoryIndex,
             "RepositoryModelLoad": self.RepositoryModelLoad,
             "RepositoryModelUnload": self.RepositoryModelUnload,
+            **(self.shared_memory.implementations() if self.shared_memory is not None else {}),
         }
 
     def handler(self) -> grpc.GenericRpcHandler:

@@ -16,6 +16,7 @@ from server.errors import ServingError, Unauthenticated
 from server.frontend.grpc_codec import RequestHead, response_bytes, response_weight
 from server.frontend.grpc_infer import GrpcInference
 from server.frontend.request_limits import OFFLOAD_BYTES
+from server.frontend.shared_regions import refuse_output_regions
 
 log = logging.getLogger(__name__)
 # A stream's requests queued, running or answered but not yet sent, and the bytes of those answers,
@@ -129,7 +130,10 @@ class StreamInfer:
         head = None
         try:
             message, raw, head = await self.inference.parsed(request, call)
-            item = self.core.enqueue(call, await self.inference.decoded(message, raw, head, call), head.parameters)
+            decoded = await self.inference.decoded(message, raw, head, call)
+            if self.inference.regions is not None:
+                refuse_output_regions(message, call.model.signature.label)
+            item = self.core.enqueue(call, decoded, head.parameters)
         except asyncio.CancelledError as err:  # the stream went away while its request was being decoded
             self.core.end(call, err)
             raise
