@@ -19,6 +19,8 @@ from server.frontend.request_limits import (
     declared_count,
     shape_text,
 )
+from server.frontend.shared_regions import REGION, REGION_OFFSET, REGION_SIZE, PlacedOutput
+from server.frontend.shared_regions import TenantRegions as Regions
 from server.frontend.tensor_codec import batch_rows, check_shape, checked_datatype, from_raw, output_bytes
 from server.tensors import DecodedRequest, Signature, TensorSpec
 
@@ -75,10 +77,11 @@ def split_body(body: bytes, header_length: str | None, max_values: int | None = 
 
 
 def decode_infer(
-    request: HttpInfer, signature: Signature, limits: RequestLimits = DEFAULT_LIMITS
+    request: HttpInfer, signature: Signature, limits: RequestLimits = DEFAULT_LIMITS, regions: Regions | None = None
 ) -> tuple[DecodedRequest, dict[str, bool]]:
     """Feeds checked against the signature, and for each output asked for whether it goes back
-    binary; the request's id and parameters checked first, into `request`."""
+    binary; the request's id and parameters checked first, into `request`. `regions`: the caller's
+    shared memory (its tenant's), where inputs that name a region are read from."""
     given = request.header.get("id")
     request.id = None if given is None else limits.check_id(given, signature.label)
     parameters = request.header.get("parameters") or {}
@@ -94,7 +97,7 @@ def decode_infer(
     for index, tensor in enumerate(inputs):
         if not isinstance(tensor, dict):
             raise InvalidInput(f"{signature.label}: inputs[{index}] is not an object")
-        name, array, used = _input(tensor, index, request.binary, offset, signature, budget)
+        name, array, used = _input(tensor, index, request.binary, offset, signature, budget, regions)
         if name in feeds:
             raise InvalidInput(f"{signature.label}: input '{name}' appears twice")
         feeds[name] = array
@@ -114,7 +117,13 @@ def decode_infer(
 
 
 def _input(
-    tensor: dict, index: int, binary: memoryview, offset: int, signature: Signature, budget: ElementBudget
+    tensor: dict,
+    index: int,
+    binary: memoryview,
+    offset: int,
+    signature: Signature,
+    budget: ElementBudget,
+    regions: Regions | None = None,
 ) -> tuple[str, np.ndarray, int]:
     """(name, array, binary bytes used) of one input."""
     name, shape, wire = tensor.get("name"), tensor.get("shape"), tensor.get("datatype")
@@ -133,6 +142,8 @@ def _input(
     if datatype.numpy is None:
         budget.spend(count, where)
     parameters = tensor.get("parameters") or {}
+    if isinstance(parameters, dict) and REGION in parameters:
+        return name, from_raw(_region_bytes(parameters, regions, datatype, shape, where), datatype, shape, where), 0
     size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
     if size is None:
         if "data" not in tensor:
@@ -149,6 +160,22 @@ def _input(
         )
     chunk = binary[offset : offset + size]
     return name, from_raw(chunk, datatype, shape, where), size
+
+
+def _region_bytes(parameters: dict, regions: Regions | None, datatype, shape, where: str) -> memoryview:
+    """An input's bytes in the caller's shared memory, as its parameters name them."""
+    if regions is None:
+        raise InvalidInput(f"{where}: names a shared memory region; this server serves none (--frontends > 1)")
+    name, size, offset = parameters.get(REGION), parameters.get(REGION_SIZE), parameters.get(REGION_OFFSET, 0)
+    if not isinstance(name, str) or not all(isinstance(v, int) and not isinstance(v, bool) for v in (size, offset)):
+        raise InvalidInput(f"{where}: {REGION} must be a string, {REGION_SIZE} and {REGION_OFFSET} integers")
+    expected = declared_count(shape, where) * datatype.numpy.itemsize if datatype.numpy is not None else size
+    if size != expected:
+        raise InvalidInput(
+            f"{where} in shared memory region '{shown(name)}' at offset {offset}: shared_memory_byte_size {size}; "
+            f"shape {shape_text(shape)} of {datatype.wire} needs {expected}"
+        )
+    return regions.view(name, offset, size, where)
 
 
 def from_json(data, datatype, shape: tuple[int, ...], where: str) -> np.ndarray:
@@ -245,6 +272,23 @@ def _outputs(header: dict, signature: Signature) -> dict[str, bool]:
     return chosen
 
 
+def output_regions(header: dict, regions: Regions | None, label: str) -> dict[str, tuple]:
+    """Output name -> (region, offset, size), for the outputs asked for in shared memory."""
+    placed = {}
+    for output in header.get("outputs") or ():
+        own = output.get("parameters") if isinstance(output, dict) else None
+        if not isinstance(own, dict) or REGION not in own:
+            continue
+        what = f"{label}: output '{shown(output.get('name'))}'"
+        if regions is None:
+            raise InvalidInput(f"{what}: names a shared memory region; this server serves none (--frontends > 1)")
+        size, offset = own.get(REGION_SIZE), own.get(REGION_OFFSET, 0)
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (size, offset)):
+            raise InvalidInput(f"{what}: {REGION_SIZE} and {REGION_OFFSET} must be integers")
+        placed[output["name"]] = (regions.get(str(own[REGION])), offset, size)
+    return placed
+
+
 def encode_infer(
     model: str, version: str, request_id, outputs: list[tuple[TensorSpec, np.ndarray, bool]], parameters: dict
 ) -> Encoded:
@@ -252,7 +296,9 @@ def encode_infer(
     described, tails = [], []
     for spec, array, binary in outputs:
         entry = {"name": spec.name, "datatype": spec.datatype, "shape": array.shape}
-        if binary:
+        if isinstance(array, PlacedOutput):  # in the caller's shared memory: named, no data
+            entry["parameters"] = {REGION: array.region, REGION_OFFSET: array.offset, REGION_SIZE: array.size}
+        elif binary:
             raw = output_bytes(spec.datatype, array)
             entry["parameters"] = {"binary_data_size": len(raw)}
             tails.append(raw)
@@ -281,6 +327,9 @@ def _json_list(values):
         orjson.dumps(values[start : start + CHUNK], option=JSON_OPTIONS)[1:-1] for start in range(0, len(values), CHUNK)
     ]
     return orjson.Fragment(b"[" + b",".join(parts) + b"]")
+
+
+JSON_TYPE = ((b"content-type", b"application/json"),)
 
 
 def json_body(value) -> bytes:

@@ -17,12 +17,23 @@ from server.engine.call import HTTP, Identity
 from server.errors import InvalidInput, ServingError, Unauthenticated
 from server.frontend.backend import Backend
 from server.frontend.connection_limits import ConnectionMetrics, Listener, http_limits, listen
-from server.frontend.http_codec import HEADER_LENGTH, decode_infer, encode_infer, json_body, split_body
+from server.frontend.http_codec import (
+    HEADER_LENGTH,
+    JSON_TYPE,
+    decode_infer,
+    encode_infer,
+    json_body,
+    output_regions,
+    split_body,
+)
+from server.frontend.http_shared_memory import shared_memory
 from server.frontend.http_tls import uvicorn_tls
 from server.frontend.identity import AUTHORIZATION, TENANT_HEADER
 from server.frontend.request_limits import OFFLOAD_BYTES, RequestLimits, encode_weight, raw_bytes_weight
 from server.frontend.restricted import permitted
 from server.frontend.server_info import EXTENSIONS, PLATFORM, SERVER_NAME, proto_json, server_version
+from server.frontend.shared_regions import PlacedOutput, TenantRegions, write_output
+from server.frontend.tensor_codec import output_bytes
 from server.frontend.tls import http_client_name
 
 log = logging.getLogger(__name__)
@@ -47,7 +58,6 @@ BODY_TYPES = (
     "application/x-www-form-urlencoded",
     "",
 )  # the last two: curl -d, and none
-JSON_TYPE = ((b"content-type", b"application/json"),)
 HEADER_LENGTH_KEY = HEADER_LENGTH.encode()
 # Route action -> (HTTP method, API group for --http-restricted-api)
 ACTIONS = {
@@ -62,7 +72,11 @@ ACTIONS = {
     "index": ("POST", "model-repository"),
     "load": ("POST", "model-repository"),
     "unload": ("POST", "model-repository"),
+    "shm_status": ("GET", "shared-memory"),
+    "shm_register": ("POST", "shared-memory"),
+    "shm_unregister": ("POST", "shared-memory"),
 }
+SHARED_MEMORY_KINDS = ("systemsharedmemory", "cudasharedmemory")
 # Open to every caller, so that probes need no key. Not a model's readiness: it would tell anyone
 # which model names exist (Kubernetes probes use /v2/health/ready).
 WITHOUT_KEY = ("live", "ready")
@@ -99,6 +113,8 @@ def route(path: str) -> Route:
         return Route(rest[3], rest[2])
     if rest == ["models", "stats"]:
         return Route("stats")
+    if rest[0] in SHARED_MEMORY_KINDS:  # Route's model is the region's name, its version the kind
+        return _shared_memory_route(rest, path)
     if rest[0] == "models" and len(rest) >= 2:
         model, tail, version = rest[1], rest[2:], ""
         if tail[:1] == ["versions"] and len(tail) >= 2:
@@ -110,12 +126,21 @@ def route(path: str) -> Route:
     raise HttpError(404, f"no such path: {path}")
 
 
+def _shared_memory_route(rest: list[str], path: str) -> Route:
+    kind, tail = rest[0], rest[1:]
+    if tail in (["status"], ["unregister"]):
+        return Route(f"shm_{tail[0]}", "", kind)
+    if len(tail) == 3 and tail[0] == "region" and tail[2] in ("status", "register", "unregister"):
+        return Route(f"shm_{tail[2]}", tail[1], kind)
+    raise HttpError(404, f"no such path: {path}")
+
+
 class HttpApi:
     """The ASGI application."""
 
     def __init__(self, backend: Backend, restricted: tuple[RestrictedProtocol, ...], max_body_bytes: int) -> None:
         self.core, self.info, self.control, self.auth = backend.core, backend.info, backend.control, backend.auth
-        self.limits, self.offload = backend.limits, backend.offload
+        self.limits, self.offload, self.regions = backend.limits, backend.offload, backend.regions
         self.restricted = {group: rule for rule in restricted for group in rule.groups}
         self.max_body_bytes = max_body_bytes
         self.handlers = {
@@ -154,6 +179,8 @@ class HttpApi:
                 return  # the client went away while sending: nobody to answer
             if found.action == "infer":
                 status, payload, extra = await self._infer(found, headers, body, identity)
+            elif found.action.startswith("shm_"):
+                status, payload, extra = self._shared_memory(found, body, identity)
             else:
                 status, payload, extra = await self.handlers[found.action](found, headers, body)
         except HttpError as err:
@@ -242,12 +269,19 @@ class HttpApi:
         core = self.core
         with core.request(HTTP, identity) as call:
             model = await core.resolve(call, found.model, found.version)
-            request, decoded, binary = await self._decode(body, _text(headers.get(HEADER_LENGTH_KEY)), model.signature)
+            regions = TenantRegions(self.regions, identity.tenant) if self.regions is not None else None
+            length = _text(headers.get(HEADER_LENGTH_KEY))
+            request, decoded, binary = await self._decode(body, length, model.signature, regions)
+            placed = output_regions(request.header, regions, model.signature.label)
             call.request_id = request.id or ""
             answer = await core.infer(call, decoded, request.parameters)
             outputs = [(model.signature.output(name), answer.outputs[name], binary[name]) for name in decoded.outputs]
+            if placed:
+                outputs = [
+                    _placed(spec, array, binary, placed, model.signature.label) for spec, array, binary in outputs
+                ]
             said = dict(core.accounting(call, answer))
-            weight = sum(encode_weight(array, not binary) for _, array, binary in outputs)
+            weight = sum(encode_weight(a, not binary) for _, a, binary in outputs if not isinstance(a, PlacedOutput))
             encoded = await self.offload.run(weight, encode_infer, model.name, model.version, request.id, outputs, said)
         if encoded.header_length is None:
             return 200, encoded.body, JSON_TYPE
@@ -260,17 +294,25 @@ class HttpApi:
             ),
         )
 
-    async def _decode(self, body: bytes, header_length: str | None, signature):
+    async def _decode(self, body: bytes, header_length: str | None, signature, regions):
         """(HttpInfer, DecodedRequest, binary per output): a short JSON parsed on the loop, then decoded
         where its weight says (request_limits.Offload), so that binary numbers, which are views of the
         body, stay on the loop however big; a long JSON parsed and decoded in a codec thread."""
         json_length = _json_length(body, header_length)
         if json_length > OFFLOAD_BYTES:
-            return await self.offload.in_thread(_decode, body, header_length, signature, self.limits)
+            return await self.offload.in_thread(_decode, body, header_length, signature, self.limits, regions)
         request = split_body(body, header_length, self.limits.max_json_values, signature.label)
         weight = json_length + _binary_bytes_weight(request.header)
-        decoded, binary = await self.offload.run(weight, decode_infer, request, signature, self.limits)
+        decoded, binary = await self.offload.run(weight, decode_infer, request, signature, self.limits, regions)
         return request, decoded, binary
+
+    # --- shared memory -------------------------------------------------------------------------------
+
+    def _shared_memory(self, found: Route, body: bytes, identity: Identity):
+        if self.regions is None:
+            raise HttpError(501, "shared memory is not served with --frontends > 1")
+        given = _object(body, f"registration of shared memory region '{found.model}'") if body else {}
+        return shared_memory(self.regions, found.version, found.action, found.model, given, identity.tenant)
 
     # --- model repository ---------------------------------------------------------------------------
 
@@ -293,10 +335,19 @@ class HttpApi:
         return 200, b"", ()
 
 
-def _decode(body: bytes, header_length: str | None, signature, limits: RequestLimits):
+def _decode(body: bytes, header_length: str | None, signature, limits: RequestLimits, regions=None):
     request = split_body(body, header_length, limits.max_json_values, signature.label)
-    decoded, binary = decode_infer(request, signature, limits)
+    decoded, binary = decode_infer(request, signature, limits, regions)
     return request, decoded, binary
+
+
+def _placed(spec, array, binary: bool, placed: dict, label: str) -> tuple:
+    """An output asked for in shared memory, written there (as the wire has it): the response names it."""
+    if spec.name not in placed:
+        return spec, array, binary
+    region, offset, size = placed[spec.name]
+    write_output(region, offset, size, output_bytes(spec.datatype, array), f"{label}: output '{spec.name}'")
+    return spec, PlacedOutput(array.shape, region.name, offset, size), binary
 
 
 def _json_length(body: bytes, header_length: str | None) -> int:

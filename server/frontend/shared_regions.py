@@ -128,6 +128,20 @@ def write_output(region: Region, offset: int, size: int, data: bytes | memoryvie
 
 
 @dataclass(frozen=True)
+class TenantRegions:
+    """One tenant's regions: what a REST request may name."""
+
+    regions: SharedRegions
+    tenant: str
+
+    def get(self, name: str) -> Region:
+        return self.regions.get(name, self.tenant)
+
+    def view(self, name: str, offset: int, size: int, what: str) -> memoryview:
+        return self.get(name).view(offset, size, what)
+
+
+@dataclass(frozen=True)
 class PlacedOutput:
     """An output written into a region: the response names it, with no bytes."""
 

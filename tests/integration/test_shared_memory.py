@@ -1,5 +1,6 @@
-"""Triton's system shared memory over gRPC, as tritonclient's shared memory utilities use it (NVIDIA's
-simple_grpc_shm_client.py passes the same way): regions registered, listed and unregistered;
+"""Triton's system shared memory over gRPC and REST, as tritonclient's shared memory utilities use
+it (NVIDIA's simple_grpc_shm_client.py, simple_http_shm_client.py and their string variants pass
+the same way): regions registered, listed and unregistered;
 inputs read from and outputs written into them, with no tensor bytes in the response; every bad
 offset, size, name and key refused with INVALID_ARGUMENT naming it; regions kept per tenant."""
 
@@ -10,6 +11,7 @@ import warnings
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
 from tritonclient import utils
 from tritonclient.utils import InferenceServerException
 
@@ -232,3 +234,40 @@ def test_bytes_tensors_cross_in_shared_memory_in_the_wires_form(tmp_path, region
     differences = shm.get_contents_as_numpy(outputs, np.object_, [1, 16], offset=256)
     assert [int(value) for value in sums.ravel()] == [n + 1 for n in range(16)]
     assert [int(value) for value in differences.ravel()] == [n - 1 for n in range(16)]
+
+
+def test_over_rest_the_same_regions_serve_as_tritonclient_http_uses_them(simple, regions, serve):
+    server = serve(simple)
+    client = httpclient.InferenceServerClient(server.http_url)
+    client.unregister_cuda_shared_memory()
+    a, b = np.arange(16, dtype=np.int32), np.full(16, 5, dtype=np.int32)
+    inputs, in_key = regions("rest-in", 2 * ROW)
+    outputs, out_key = regions("rest-out", 2 * ROW)
+    shm.set_shared_memory_region(inputs, [a])
+    shm.set_shared_memory_region(inputs, [b], offset=ROW)
+    client.register_system_shared_memory("rest-in", in_key, 2 * ROW)
+    client.register_system_shared_memory("rest-out", out_key, 2 * ROW)
+    assert {r["name"]: r["byte_size"] for r in client.get_system_shared_memory_status()} == {
+        "rest-in": 2 * ROW,
+        "rest-out": 2 * ROW,
+    }
+    tensors = [httpclient.InferInput(name, [1, 16], "INT32") for name in ("INPUT0", "INPUT1")]
+    tensors[0].set_shared_memory("rest-in", ROW)
+    tensors[1].set_shared_memory("rest-in", ROW, offset=ROW)
+    wanted = [httpclient.InferRequestedOutput(name, binary_data=True) for name in ("OUTPUT0", "OUTPUT1")]
+    wanted[0].set_shared_memory("rest-out", ROW)
+    wanted[1].set_shared_memory("rest-out", ROW, offset=ROW)
+    result = client.infer("simple", tensors, outputs=wanted)
+    assert result.get_output("OUTPUT0")["shape"] == [1, 16] and "data" not in result.get_output("OUTPUT0")
+    np.testing.assert_array_equal(shm.get_contents_as_numpy(outputs, np.int32, [1, 16]).ravel(), a + b)
+    np.testing.assert_array_equal(shm.get_contents_as_numpy(outputs, np.int32, [1, 16], offset=ROW).ravel(), a - b)
+
+    tensors[1].set_shared_memory("rest-in", ROW, offset=ROW + 4)
+    with pytest.raises(InferenceServerException) as beyond:
+        client.infer("simple", tensors)
+    assert beyond.value.status() == "400" and "offset 68 + size 64 does not fit" in beyond.value.message()
+    client.unregister_system_shared_memory("rest-in")
+    assert [r["name"] for r in client.get_system_shared_memory_status()] == ["rest-out"]
+    with pytest.raises(InferenceServerException, match="CUDA shared memory is not served yet"):
+        client.register_cuda_shared_memory("gpu", base64.b64encode(b"a cudaIpc handle"), 0, 64)
+    client.close()
