@@ -13,7 +13,9 @@ request's scheduled start, so a server that falls behind shows its queueing).
 With `--streams S` the N requests in flight travel over S ModelStreamInfer streams (Triton's
 streaming RPC) instead of one ModelInfer call each. MLServer's ModelStreamInfer answers with
 bare ModelInferResponse messages, in order, all carrying the stream's first id: say
-`--stream-protocol mlserver` for it. With `--http-url` each request is a REST POST to
+`--stream-protocol mlserver` for it. With `--shared-memory` each of the N callers has a system shared memory region of its own,
+registered with the server (Triton's extension), holding its inputs and receiving its outputs: the
+requests and answers carry no tensor bytes. With `--http-url` each request is a REST POST to
 /v2/models/<model>/infer instead (`--http-body binary`: Triton's binary tensor data extension,
 `json`: tensors as JSON lists); the model's metadata still comes over gRPC from `--url`.
 Prints throughput, p50/p90/p99 latency and errors; with `--metrics-url` (an onnxserve
@@ -35,6 +37,7 @@ from dataclasses import asdict
 
 import numpy as np
 
+from bench.shm_regions import CallerRegions
 from server import protocol
 from server.tensors import DATATYPES
 from server.tools.loadgen import (  # the core lives in the package, so onnxserve-tune has it installed
@@ -121,6 +124,8 @@ async def run_load(args) -> Report:
         mode += f" over {args.streams} streams"
     if args.http_url:
         mode += f" over REST ({args.http_body})"
+    if args.shared_memory:
+        mode += " in system shared memory"
     report = Report(model=args.model, mode=mode, batch=args.batch, arrivals=args.arrivals if args.rate else None)
     if args.warmup:
         warm = new_run(args, payload, time.monotonic() + args.warmup, 0, False)
@@ -132,15 +137,20 @@ async def run_load(args) -> Report:
     limit = args.requests or 0
     deadline = time.monotonic() + (args.duration if not limit else 1e9)
     run = new_run(args, payload, deadline, limit, args.progress)
+    regions = CallerRegions(args.url, args.model, payload, args.concurrency) if args.shared_memory else None
     began = time.perf_counter()
     if args.streams:
         await run.streamed(args.concurrency, args.streams)
+    elif regions is not None:
+        await run.closed_loop(args.concurrency, regions.payloads)
     else:
         await (run.open_loop(args.rate, args.arrivals, args.seed) if args.rate else run.closed_loop(args.concurrency))
     report.seconds = time.perf_counter() - began
     cpu_after = resource.getrusage(resource.RUSAGE_SELF)
     server_after = process_tree_cpu_by_kind(args.server_pid) if args.server_pid else None
     await run.close()
+    if regions is not None:
+        regions.close()
     after = read_samples(args.metrics_url) if args.metrics_url else None
     fill(report, run, cpu_after.ru_utime + cpu_after.ru_stime - cpu_before.ru_utime - cpu_before.ru_stime)
     report.server_average_batch, report.server_cost_per_inference = server_figures(before, after)
@@ -199,6 +209,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default="triton",
         help="what the server's ModelStreamInfer answers with (see above)",
     )
+    parser.add_argument(
+        "--shared-memory",
+        action="store_true",
+        help="closed loop, gRPC unary: each caller's tensors in a system shared memory region of its own",
+    )
     parser.add_argument("--http-url", default=None, help="REST host:port: send each request as a REST POST")
     parser.add_argument(
         "--http-body",
@@ -224,6 +239,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error("--streams needs --concurrency at least as large, and no --rate")
     if args.streams and args.http_url:
         parser.error("--streams is gRPC's ModelStreamInfer: not with --http-url")
+    if args.shared_memory and (args.rate or args.streams or args.http_url):
+        parser.error(
+            "--shared-memory is a closed loop of gRPC ModelInfer calls: not with --rate, --streams or --http-url"
+        )
     return args
 
 

@@ -190,11 +190,11 @@ class Run:
         if self.owns_channel:
             await self.channel.close()
 
-    async def one(self, scheduled: float | None = None) -> None:
-        """One request; its latency runs from `scheduled` (perf_counter) when given."""
+    async def one(self, scheduled: float | None = None, payload: bytes | None = None) -> None:
+        """One request (`payload`, or the run's); its latency runs from `scheduled` (perf_counter) when given."""
         begin = time.perf_counter() if scheduled is None else scheduled
         try:
-            await self.call(self.payload, timeout=60)
+            await self.call(payload or self.payload, timeout=60)
         except grpc.aio.AioRpcError as err:
             self.errors.append(f"{err.code().name}: {err.details()}")
             return
@@ -206,13 +206,15 @@ class Run:
             self.next_progress += 5
             print(f"... {len(self.latencies)} answered, {len(self.errors)} errors", file=sys.stderr)
 
-    async def closed_loop(self, concurrency: int) -> None:
-        async def caller() -> None:
+    async def closed_loop(self, concurrency: int, payloads: list[bytes] | None = None) -> None:
+        """`concurrency` callers; with `payloads`, caller i sends payloads[i] (its own shared memory)."""
+
+        async def caller(payload: bytes | None) -> None:
             while self.more():
                 self.started += 1
-                await self.one()
+                await (self.one(payload=payload) if payload else self.one())  # REST's one() has its own body
 
-        await asyncio.gather(*(caller() for _ in range(concurrency)))
+        await asyncio.gather(*(caller(payloads[i] if payloads else None) for i in range(concurrency)))
 
     async def streamed(self, concurrency: int, streams: int) -> None:
         windows = [concurrency // streams + (i < concurrency % streams) for i in range(streams)]

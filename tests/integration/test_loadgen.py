@@ -3,6 +3,7 @@ the server's batch size and cost from /metrics."""
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import time
@@ -179,3 +180,19 @@ def test_rest_errors_are_counted_with_their_status(server):
     report = json.loads(result.stdout)
     assert result.returncode == 1 and report["errors"] == 5
     assert report["error_samples"][0].startswith("HTTP 400") and "input 'x'" in report["error_samples"][0]
+
+
+def test_shared_memory_mode_sends_no_tensor_bytes_and_leaves_no_region_behind(server):
+    """--shared-memory: each caller's tensors in a region of its own, registered and then removed."""
+    before = {name for name in os.listdir("/dev/shm") if name.startswith("loadgen-")}
+    done = loadgen(
+        server, "--concurrency", "4", "--duration", "1", "--shared-memory", "--server-pid", str(server.process.pid)
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["requests"] > 10 and report["errors"] == 0 and "shared memory" in report["mode"]
+    assert {name for name in os.listdir("/dev/shm") if name.startswith("loadgen-")} == before
+    status = server.client().get_system_shared_memory_status(as_json=True)
+    assert not status.get("regions"), "every region it registered is unregistered"
+    refused = loadgen(server, "--concurrency", "4", "--shared-memory", "--streams", "2")
+    assert refused.returncode == 2 and "--shared-memory is a closed loop" in refused.stderr
