@@ -67,12 +67,8 @@ class GrpcInference:
             head, decoded, placed = await self._read(request, call)
             answer = await self.core.infer(call, decoded, head.parameters)
             outputs, said = self.outputs(call, answer)
-            if placed:  # written into the caller's shared memory: the response names them only
-                outputs = [(spec, array) for spec, array in outputs if spec.name not in placed] + [
-                    (spec, self._place(placed[spec.name], spec, array, call))
-                    for spec, array in outputs
-                    if spec.name in placed
-                ]
+            if placed:
+                outputs = self.placed_outputs(outputs, placed, call)
             return await self.offload.run(response_weight(outputs), response_bytes, call.model, head.id, outputs, said)
 
     async def _read(self, data: bytes, call: Call) -> tuple[RequestHead, DecodedRequest, dict]:
@@ -80,9 +76,17 @@ class GrpcInference:
         its typed contents) is gone on return."""
         message, raw, head = await self.parsed(data, call)
         decoded = await self.decoded(message, raw, head, call)
-        return head, decoded, self._placements(message, call) if self.regions is not None else {}
+        return head, decoded, self.placements(message, call) if self.regions is not None else {}
 
-    def _placements(self, message, call: Call) -> dict:
+    def placed_outputs(self, outputs: list, placed: dict, call: Call) -> list:
+        """The outputs asked for in shared memory written there, and named last in the response
+        (whose raw contents stand for the outputs before them)."""
+        kept = [(spec, array) for spec, array in outputs if spec.name not in placed]
+        return kept + [
+            (spec, self._place(placed[spec.name], spec, array, call)) for spec, array in outputs if spec.name in placed
+        ]
+
+    def placements(self, message, call: Call) -> dict:
         """Output name -> (region, offset, size), for the outputs asked for in shared memory."""
         placed = {}
         for output in message.outputs:

@@ -16,7 +16,6 @@ from server.errors import ServingError, Unauthenticated
 from server.frontend.grpc_codec import RequestHead, response_bytes, response_weight
 from server.frontend.grpc_infer import GrpcInference
 from server.frontend.request_limits import OFFLOAD_BYTES
-from server.frontend.shared_regions import refuse_output_regions
 
 log = logging.getLogger(__name__)
 # A stream's requests queued, running or answered but not yet sent, and the bytes of those answers,
@@ -131,8 +130,7 @@ class StreamInfer:
         try:
             message, raw, head = await self.inference.parsed(request, call)
             decoded = await self.inference.decoded(message, raw, head, call)
-            if self.inference.regions is not None:
-                refuse_output_regions(message, call.model.signature.label)
+            placed = self.inference.placements(message, call) if self.inference.regions is not None else {}
             item = self.core.enqueue(call, decoded, head.parameters)
         except asyncio.CancelledError as err:  # the stream went away while its request was being decoded
             self.core.end(call, err)
@@ -141,9 +139,9 @@ class StreamInfer:
             self._error(head, call, stream, err)
             return
         stream.queued[item] = (call, None)
-        item.future.add_done_callback(lambda done: self._done(head, call, stream, item, done))
+        item.future.add_done_callback(lambda done: self._done(head, call, stream, item, done, placed))
 
-    def _done(self, head: RequestHead, call: Call, stream: Stream, item, done: asyncio.Future) -> None:
+    def _done(self, head: RequestHead, call: Call, stream: Stream, item, done: asyncio.Future, placed: dict) -> None:
         if done.cancelled():  # the stream went away; nobody is left to answer
             self.core.end(call, asyncio.CancelledError())
         elif (error := done.exception()) is not None:
@@ -152,6 +150,8 @@ class StreamInfer:
             try:
                 call.answer = done.result()
                 outputs, said = self.inference.outputs(call, call.answer)
+                if placed:  # into the caller's shared memory: the answer names them only
+                    outputs = self.inference.placed_outputs(outputs, placed, call)
                 if response_weight(outputs) > OFFLOAD_BYTES:  # encoded in a codec thread; stays queued till then
                     encoding = asyncio.ensure_future(self._encoded(head, call, stream, item, outputs, said))
                     stream.queued[item] = (call, encoding)

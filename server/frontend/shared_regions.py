@@ -185,13 +185,3 @@ def _check_size(tensor, size: int, what: str) -> None:
         raise InvalidInput(
             f"{what}: shared_memory_byte_size {size}; shape {list(tensor.shape)} of {tensor.datatype} needs {expected}"
         )
-
-
-def refuse_output_regions(message, label: str) -> None:
-    """Over a stream, outputs are not yet written into shared memory: said, rather than ignored."""
-    for output in message.outputs:
-        if REGION in output.parameters:
-            raise InvalidInput(
-                f"{label}: output '{shown(output.name)}' asks for a shared memory region; over ModelStreamInfer "
-                "onnxserve does not write outputs there yet: use ModelInfer"
-            )

@@ -176,21 +176,27 @@ def test_cuda_shared_memory_says_why_it_cannot_register(simple, serve):
         client.register_cuda_shared_memory("gpu", base64.b64encode(b"a cudaIpc handle"), 0, 64)
 
 
-def test_outputs_over_a_stream_are_refused_in_shared_memory_not_ignored(simple, regions, serve):
+def test_a_streams_requests_read_and_write_shared_memory_too(simple, regions, serve):
     client = serve(simple).client()
-    handle, key = regions("streamed", 2 * ROW)
+    handle, key = regions("streamed", 4 * ROW)
     shm.set_shared_memory_region(handle, [np.arange(32, dtype=np.int32)])
-    client.register_system_shared_memory("streamed", key, 2 * ROW)
+    client.register_system_shared_memory("streamed", key, 4 * ROW)
     answers = []
     client.start_stream(lambda result, error: answers.append(error or result))
     inputs = [shm_input("INPUT0", "streamed"), shm_input("INPUT1", "streamed", ROW)]
-    client.async_stream_infer("simple", inputs)
-    client.async_stream_infer("simple", inputs, outputs=[shm_output("OUTPUT0", "streamed")])
+    client.async_stream_infer("simple", inputs, request_id="plain")
+    client.async_stream_infer(
+        "simple", inputs, outputs=[shm_output("OUTPUT0", "streamed", 2 * ROW)], request_id="placed"
+    )
     client.stop_stream()
     assert len(answers) == 2
+    by_id = {answer.get_response().id: answer for answer in answers}
     expected = np.arange(16, dtype=np.int32) + np.arange(16, 32, dtype=np.int32)
-    np.testing.assert_array_equal(answers[0].as_numpy("OUTPUT0").ravel(), expected)  # inputs from the region
-    assert "over ModelStreamInfer" in answers[1].message()
+    np.testing.assert_array_equal(by_id["plain"].as_numpy("OUTPUT0").ravel(), expected)  # inputs from the region
+    assert not by_id["placed"].get_response().raw_output_contents
+    np.testing.assert_array_equal(
+        shm.get_contents_as_numpy(handle, np.int32, [1, 16], offset=2 * ROW).ravel(), expected
+    )
 
 
 def test_a_region_named_but_never_registered_is_refused_not_ignored(simple, serve):
