@@ -18,7 +18,7 @@ from server.frontend.grpc_infer import GrpcInference
 from server.frontend.grpc_shared_memory import SharedMemoryRpcs
 from server.frontend.grpc_stream import StreamInfer
 from server.frontend.restricted import permitted
-from server.frontend.server_info import EXTENSIONS, PLATFORM, SERVER_NAME, server_version
+from server.frontend.server_info import PLATFORM, SERVER_NAME, extensions, server_version
 
 log = logging.getLogger(__name__)
 STATUS = {
@@ -112,7 +112,8 @@ class InferenceService:
         return protocol.ModelReadyResponse(ready=await self.core.model_ready(request.name, request.version))
 
     async def ServerMetadata(self, request, context):
-        return protocol.ServerMetadataResponse(name=SERVER_NAME, version=server_version(), extensions=EXTENSIONS)
+        said = extensions(self.shared_memory is not None)
+        return protocol.ServerMetadataResponse(name=SERVER_NAME, version=server_version(), extensions=said)
 
     async def ModelMetadata(self, request, context):
         model = await self.info.model(request.name, request.version)

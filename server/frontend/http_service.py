@@ -31,7 +31,7 @@ from server.frontend.http_tls import uvicorn_tls
 from server.frontend.identity import AUTHORIZATION, TENANT_HEADER
 from server.frontend.request_limits import OFFLOAD_BYTES, RequestLimits, encode_weight, raw_bytes_weight
 from server.frontend.restricted import permitted
-from server.frontend.server_info import EXTENSIONS, PLATFORM, SERVER_NAME, proto_json, server_version
+from server.frontend.server_info import PLATFORM, SERVER_NAME, extensions, proto_json, server_version
 from server.frontend.shared_regions import PlacedOutput, TenantRegions, write_output
 from server.frontend.tensor_codec import output_bytes
 from server.frontend.tls import http_client_name
@@ -241,7 +241,8 @@ class HttpApi:
         return (200 if await self.core.model_ready(found.model, found.version) else 400), b"", ()
 
     async def _server(self, found: Route, headers: dict, body: bytes):
-        return _json({"name": SERVER_NAME, "version": server_version(), "extensions": EXTENSIONS})
+        said = extensions(self.regions is not None)
+        return _json({"name": SERVER_NAME, "version": server_version(), "extensions": said})
 
     async def _metadata(self, found: Route, headers: dict, body: bytes):
         model = await self.info.model(found.model, found.version)

@@ -15,6 +15,11 @@ EXTENSIONS = (
     "binary_tensor_data",
     "statistics",
 )
+SHARED_MEMORY_EXTENSION = "system_shared_memory"  # said where regions are served (one process)
+
+
+def extensions(serves_regions: bool) -> tuple[str, ...]:
+    return (*EXTENSIONS, SHARED_MEMORY_EXTENSION) if serves_regions else EXTENSIONS
 
 
 @cache

@@ -68,7 +68,12 @@ def refused(call) -> InferenceServerException:
 
 
 def test_inputs_and_outputs_cross_in_shared_memory_and_the_response_carries_no_tensor_bytes(simple, regions, serve):
-    client = serve(simple).client()
+    server = serve(simple)
+    client = server.client()
+    assert "system_shared_memory" in client.get_server_metadata().extensions
+    assert (
+        "system_shared_memory" in httpclient.InferenceServerClient(server.http_url).get_server_metadata()["extensions"]
+    )
     a, b = np.arange(16, dtype=np.int32), np.full(16, 3, dtype=np.int32)
     inputs, in_key = regions("inputs", 2 * ROW)
     outputs, out_key = regions("outputs", 2 * ROW)
