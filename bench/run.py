@@ -19,7 +19,8 @@ tensor data ("rest-bin") or with tensors as JSON lists ("rest-json"), where the 
 
 Each row has throughput, p50, errors and the server's CPU per request (its whole process
 tree, from /proc). Then the ratios, and the targets of the "fast by default" work as measured.
-With the MLP, also onnxserve with 1 and 2 front-end processes (bench/split.py): throughput and
+ResNet-50 also as "unary-shm": onnxserve with each caller's tensors in Triton's system shared memory
+(bench/shm_regions.py). With the MLP, also onnxserve with 1 and 2 front-end processes (bench/split.py): throughput and
 CPU per request of the engine and of the front ends, at 64 callers.
 Figures from one run only: these machines are noisy, so compare ratios, not absolute numbers.
 """
@@ -52,11 +53,12 @@ class Workload:
     concurrencies: tuple[int, ...]
     raw_batches: tuple[int, ...]
     shapes: tuple[str, ...] = ()  # loadgen --shape arguments (batch 1)
+    shared_memory: bool = False  # also measured with its tensors in system shared memory ("unary-shm")
 
 
 WORKLOADS = {
     "mlp": Workload("mlp", (1, 8, 64), (1, 8, 32)),
-    "resnet50": Workload("resnet50", (1, 16), (1, 2, 4)),
+    "resnet50": Workload("resnet50", (1, 16), (1, 2, 4), shared_memory=True),
     "encoder": Workload("encoder", (1, 8), (1, 4, 8), ("input_ids=1,128", "attention_mask=1,128")),
 }
 
@@ -101,7 +103,7 @@ def raw_onnxruntime(model_path: Path, workload: Workload, seconds: float) -> dic
     }
 
 
-TRANSPORTS = ("unary", "stream", "rest-bin", "rest-json")
+TRANSPORTS = ("unary", "stream", "rest-bin", "rest-json", "unary-shm")
 PEER_MAX_BATCH = 32  # rows per batch for the peers' batchers: onnxserve's default max_batch_size
 PEERS = ("echo", "mlserver", "pytriton")
 LABELS = {"onnxserve": "onnxserve", "echo": "echo floor", "mlserver": "MLServer", "pytriton": "PyTriton"}
@@ -117,6 +119,7 @@ class Running:
     metrics_url: str | None = None
     in_order: bool = False  # stream answers in order, without the request's id
     http_url: str | None = None  # REST host:port, where the server has REST
+    serves_regions: bool = False  # Triton's system shared memory (bench/shm_regions.py)
 
 
 def loadgen(
@@ -140,6 +143,8 @@ def loadgen(
     ]
     if transport == "stream":
         command += ["--streams", str(concurrency)] + (["--stream-protocol", "mlserver"] if running.in_order else [])
+    if transport == "unary-shm":
+        command += ["--shared-memory"]
     if transport.startswith("rest"):
         command += ["--http-url", running.http_url, "--http-body", "binary" if transport == "rest-bin" else "json"]
     command += [arg for shape in workload.shapes for arg in ("--shape", shape)]
@@ -156,6 +161,8 @@ def loadgen(
 def every_point(running: Running, workload: Workload, seconds: float) -> dict:
     """{transport: {concurrency: loadgen report}} for one running server."""
     transports = [t for t in TRANSPORTS if running.http_url or not t.startswith("rest")]
+    if not (workload.shared_memory and running.serves_regions):
+        transports = [t for t in transports if t != "unary-shm"]
     results: dict = {}
     for transport in transports:
         for concurrency in workload.concurrencies:
@@ -173,7 +180,7 @@ def every_point(running: Running, workload: Workload, seconds: float) -> dict:
 def start_onnxserve(repository: Path, model_path: Path, workdir: Path, root: Path = ROOT, flags=()) -> Running:
     server = start_server(repository, *flags, root=root)
     metrics = f"http://127.0.0.1:{server.metrics_port}/metrics"
-    return Running(server.url, server.process.pid, server.stop, metrics, http_url=server.http_url)
+    return Running(server.url, server.process.pid, server.stop, metrics, http_url=server.http_url, serves_regions=True)
 
 
 def start_echo(repository: Path, model_path: Path, workdir: Path) -> Running:
@@ -287,6 +294,8 @@ def print_table(results: dict) -> None:
                 s: figures.get(s, {}).get(transport, {}).get(concurrency, {}).get("p50_ms")
                 for s in ("onnxserve", "echo")
             }
+            if rate["onnxserve"] is None:
+                continue  # not measured for this model (unary-shm: ResNet-50 only)
             print(
                 f"{model:9} {concurrency:4} {transport:9} {raw['best_inferences_per_second']:9,.0f} ({raw['best_batch']:3})    |"
                 f" {ratio(rate['onnxserve'], raw['best_inferences_per_second']):>15} {ratio(rate['onnxserve'], rate['echo']):>6}"
@@ -333,9 +342,21 @@ def targets(results: dict) -> list[tuple[str, str, bool]]:
         if model in results:
             best = results[model]["raw"]["best_inferences_per_second"]
             for transport in TRANSPORTS:
-                value = point(model, "onnxserve", transport, 16)["inferences_per_second"] / best
+                if (measured := point(model, "onnxserve", transport, 16)) is None:
+                    continue
+                value = measured["inferences_per_second"] / best
                 found.append(
                     (f"ResNet-50 c=16 {transport}: >= 0.9 of raw onnxruntime's best", f"{value:.2f}", value >= 0.9)
+                )
+            plain, shared = point(model, "onnxserve", "unary", 16), point(model, "onnxserve", "unary-shm", 16)
+            if plain and shared:
+                value = plain["server_cpu_per_request_us"] / shared["server_cpu_per_request_us"]
+                found.append(
+                    (
+                        "ResNet-50 c=16: >= 1.3x fewer server CPU us/request in shared memory than unary",
+                        f"{value:.2f}x (on a CPU the model's compute hides it: bench/shm.py)",
+                        value >= 1.3,
+                    )
                 )
     errors = sum(
         p["errors"]
