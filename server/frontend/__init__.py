@@ -7,10 +7,12 @@ http_codec, http_flow, http_tls), the /metrics listener (metrics_server); tensor
 encoding (tensor_codec); the bounds on what one request or connection may hold (request_limits,
 connection_limits, listeners, process_limits); TLS, API keys and the caller's tenant (tls,
 identity); restricted API groups (restricted); what the server says about itself (server_info)
-and about its models (model_info); and the Backend, what a transport is handed of the rest. With
---frontends N > 1, a front-end process (process) serves a Backend whose core, information and
-control speak to the engine's process over the link (link, link_client), whose engine end
-(link_server) runs there; such a process imports neither onnxruntime nor the engine's machinery.
+and about its models (model_info); Triton's system shared memory (shared_regions, served by
+grpc_shared_memory and http_shared_memory); and the Backend, what a transport is handed of the
+rest. With --frontends N > 1, a front-end process (process) serves a Backend whose core,
+information and control speak to the engine's process over the link (link, link_client, and
+link_shm for big tensors), whose engine end (link_server) runs there; such a process imports
+neither onnxruntime nor the engine's machinery.
 
 May import, when it runs: the shared modules at the top of `server`; of the engine only a
 request's record and answer (engine.call, engine.queued); of the models only the name rules
