@@ -38,6 +38,7 @@ from server.config import parse_server_settings
 from server.engine.call import GRPC, Identity
 from server.frontend.identity import Authenticator
 from server.frontend.link_client import Link, RemoteCore, RemoteInfo
+from server.observe.frontend_metrics import read_process
 from server.tensors import DATATYPES, DecodedRequest
 
 ANONYMOUS = Identity("unknown", "unknown", "none")
@@ -81,12 +82,6 @@ async def engine_alone(repository: Path, concurrency: int, seconds: float) -> di
     return {"requests_per_second": count / wall, "cpu_per_request_us": cpu / count * 1e6}
 
 
-def own_cpu(pid: int) -> float:
-    """CPU seconds of one process (all its threads), without its children."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def link_path(engine_pid: int) -> str:
     """The engine's link socket: the Unix socket it listens on (from /proc/net/unix and its fds)."""
     inodes = set()
@@ -119,9 +114,9 @@ async def drive_link(path: str, concurrency: int, seconds: float, engine_pid: in
 
     for _ in range(2):  # warm, then measure
         done, count = time.monotonic() + seconds, 0
-        cpu, wall = own_cpu(engine_pid), time.perf_counter()
+        cpu, wall = read_process(engine_pid)[0], time.perf_counter()
         await asyncio.gather(*(caller() for _ in range(concurrency)))
-        cpu, wall = own_cpu(engine_pid) - cpu, time.perf_counter() - wall
+        cpu, wall = read_process(engine_pid)[0] - cpu, time.perf_counter() - wall
     connection.close()
     return {"requests_per_second": count / wall, "cpu_per_request_us": cpu / count * 1e6}
 

@@ -100,6 +100,7 @@ class Frames(asyncio.Protocol):
     ) -> None:
         self.received, self.lost, self.high_water, self.connected = received, lost, high_water, connected
         self.partial = bytearray()  # the start of a frame whose end has not arrived
+        self.wanted = 0  # bytes `partial` must hold before it is parsed again
         self.transport: asyncio.Transport | None = None
         self.outbox: Outbox | None = None
         self.why_lost: LinkBroken | None = None
@@ -124,6 +125,8 @@ class Frames(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.partial:
             self.partial += data
+            if len(self.partial) < self.wanted:  # a big frame still arriving: no copy per read
+                return
             data = bytes(self.partial)
             self.partial.clear()
         view, offset, end = memoryview(data), 0, len(data)
@@ -146,6 +149,8 @@ class Frames(asyncio.Protocol):
                 return
         if offset < end:
             self.partial += view[offset:]
+            # What the partial frame needs before it is worth parsing: its length, then all of it.
+            self.wanted = PREFIX.size + (PREFIX.unpack_from(view, offset)[0] if end - offset >= PREFIX.size else 0)
 
     def _unbundle(self, heads: list, body: memoryview) -> None:
         offset = 0

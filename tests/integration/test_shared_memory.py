@@ -48,6 +48,18 @@ def regions():
         shm.destroy_shared_memory_region(handle)
 
 
+def registered_pair(client, regions, names: tuple[str, str], a, b):
+    """An input region holding a then b and an output region of the same size, both registered
+    through `client` (tritonclient grpc or http); (input key, output key, output handle)."""
+    inputs, in_key = regions(names[0], 2 * ROW)
+    outputs, out_key = regions(names[1], 2 * ROW)
+    shm.set_shared_memory_region(inputs, [a])
+    shm.set_shared_memory_region(inputs, [b], offset=ROW)
+    client.register_system_shared_memory(names[0], in_key, 2 * ROW)
+    client.register_system_shared_memory(names[1], out_key, 2 * ROW)
+    return in_key, out_key, outputs
+
+
 def shm_input(name: str, region: str, offset: int = 0, size: int = ROW):
     tensor = grpcclient.InferInput(name, [1, 16], "INT32")
     tensor.set_shared_memory(region, size, offset=offset)
@@ -75,12 +87,7 @@ def test_inputs_and_outputs_cross_in_shared_memory_and_the_response_carries_no_t
         "system_shared_memory" in httpclient.InferenceServerClient(server.http_url).get_server_metadata()["extensions"]
     )
     a, b = np.arange(16, dtype=np.int32), np.full(16, 3, dtype=np.int32)
-    inputs, in_key = regions("inputs", 2 * ROW)
-    outputs, out_key = regions("outputs", 2 * ROW)
-    shm.set_shared_memory_region(inputs, [a])
-    shm.set_shared_memory_region(inputs, [b], offset=ROW)
-    client.register_system_shared_memory("in", in_key, 2 * ROW)
-    client.register_system_shared_memory("out", out_key, 2 * ROW)
+    in_key, out_key, outputs = registered_pair(client, regions, ("in", "out"), a, b)
     listed = client.get_system_shared_memory_status(as_json=True)["regions"]
     assert {name: (r["key"], int(r["byte_size"])) for name, r in listed.items()} == {
         "in": (in_key, 2 * ROW),
@@ -252,12 +259,7 @@ def test_over_rest_the_same_regions_serve_as_tritonclient_http_uses_them(simple,
     client = httpclient.InferenceServerClient(server.http_url)
     client.unregister_cuda_shared_memory()
     a, b = np.arange(16, dtype=np.int32), np.full(16, 5, dtype=np.int32)
-    inputs, in_key = regions("rest-in", 2 * ROW)
-    outputs, out_key = regions("rest-out", 2 * ROW)
-    shm.set_shared_memory_region(inputs, [a])
-    shm.set_shared_memory_region(inputs, [b], offset=ROW)
-    client.register_system_shared_memory("rest-in", in_key, 2 * ROW)
-    client.register_system_shared_memory("rest-out", out_key, 2 * ROW)
+    _, _, outputs = registered_pair(client, regions, ("rest-in", "rest-out"), a, b)
     assert {r["name"]: r["byte_size"] for r in client.get_system_shared_memory_status()} == {
         "rest-in": 2 * ROW,
         "rest-out": 2 * ROW,
