@@ -16,6 +16,8 @@ Steps, in order, each with a time limit (seconds), on ResNet-50 (with --cpu: the
 - energy (60): NVML's energy counter idle and under load;
 - cuda_graphs (90): a batched model served with enable_cuda_graph answers as raw session.run does at
   several batch sizes; in this process, a graph replayed on inputs updated in place stays right;
+- cuda_shm (45): the model's input and output in Triton's CUDA shared memory (cudaIpc handles made
+  here) through ModelInfer, against the same input in the message (bench/gpu_cuda_shm.py);
 - encoder (240, not with --quick): as serving, for the encoder; c=128 is added everywhere;
 - frontends (150): the mlp on the GPU behind 1, 2, 4, 8 and 14 front-end processes (as the cores
   allow), several load generators: throughput and the engine's and front ends' CPU per request
@@ -56,7 +58,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import gpu_frontends, gpu_restarts, gpu_steps
+from bench import gpu_cuda_shm, gpu_frontends, gpu_restarts, gpu_steps
 from bench.gpu_steps import Context, Failed, Plan, Skip
 from server.engine.placement import visible_gpus
 from server.tools import gpu_report
@@ -79,6 +81,7 @@ def steps(plan: Plan) -> list[Step]:
         Step("serving", 150, gpu_steps.serving),
         Step("energy", 60, gpu_steps.energy),
         Step("cuda_graphs", 90, gpu_steps.cuda_graphs),
+        Step("cuda_shm", 45, gpu_cuda_shm.cuda_shared_memory),
     ]
     if not plan.quick:
         chosen.append(Step("encoder", 240, gpu_steps.encoder))

@@ -21,6 +21,7 @@ from server.engine.usage_log import UsageLog
 from server.errors import ConfigError
 from server.frontend.backend import Backend
 from server.frontend.connection_limits import ConnectionMetrics
+from server.frontend.cuda_regions import CudaRegions
 from server.frontend.grpc_server import start_grpc
 from server.frontend.identity import Authenticator
 from server.frontend.link_server import LinkServer
@@ -45,6 +46,7 @@ from server.observe.events import (
 )
 from server.observe.frontend_metrics import FrontendSeries
 from server.observe.metrics import CostCollector, GpuCollector, GpuReader, MetricsObserver
+from server.observe.sequence_metrics import SequenceMetrics
 from server.observe.statistics import StatisticsRecorder
 from server.observe.tenant_metrics import TenantCollector, TenantRequests, UsageLogCollector
 
@@ -181,7 +183,7 @@ def _backend(settings: ServerSettings, engine: Engine, auth: Authenticator) -> B
         auth,
         RequestLimits.from_settings(settings),
         Offload(),
-        SharedRegions() if settings.frontends == 1 else None,
+        SharedRegions(cuda=CudaRegions()),  # with front ends in processes of their own, the registry they all ask
     )
 
 
@@ -278,7 +280,7 @@ def _observe(
     gpus: GpuReader | None,
 ) -> None:
     """Metrics, cost, statistics and tenants follow the bus; /metrics collects from them."""
-    for observer in (MetricsObserver(registry), TenantRequests(registry)):
+    for observer in (MetricsObserver(registry), TenantRequests(registry), SequenceMetrics(registry)):
         for event_type, handler in observer.handlers().items():
             bus.subscribe(handler, event_type, deferred=True)
     bus.subscribe(ledger.observe, BatchStarted, BatchExecuted, ModelStateChanged)

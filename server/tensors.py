@@ -59,6 +59,12 @@ class Signature:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     max_batch_size: int  # 0 = no batch dimension
+    hidden: tuple["TensorSpec", ...] = ()  # inputs the server feeds, never the caller: a sequence's controls and state
+
+    @property
+    def run_inputs(self) -> tuple["TensorSpec", ...]:
+        """Every input a run of the model takes."""
+        return self.inputs + self.hidden
 
     @property
     def label(self) -> str:

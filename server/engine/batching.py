@@ -23,10 +23,23 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from server.engine.queued import Answer, Batch, Feeds, QueuedRequest, concatenate, split_outputs, union_outputs
+from server.engine.queued import (
+    Answer,
+    Batch,
+    Feeds,
+    QueuedRequest,
+    concatenate,
+    executed_event,
+    fail,
+    resolve,
+    run_after,
+    run_outcome,
+    split_outputs,
+    union_outputs,
+)
 from server.errors import DeadlineExceeded, ExecutionFailed, InvalidInput, Overloaded, ShuttingDown
 from server.models.model_config import BatchingSettings
-from server.observe.events import BatchExecuted, BatchStarted, EventBus
+from server.observe.events import BatchStarted, EventBus
 
 __all__ = ["Answer", "Batcher", "QueuedRequest"]
 
@@ -67,6 +80,7 @@ class Batcher:
     _overlap_at: float = field(default=float("-inf"), init=False)  # loop.time() callers last overlapped
     _callers: float = field(default=1.0, init=False)  # callers recently here at once (a decaying peak)
     _running: int = field(default=0, init=False)  # requests in batches that run now
+    _pinned: int = field(default=0, init=False)  # queued requests that only one instance may run
 
     def __post_init__(self) -> None:
         if len(self.devices) != self.instances:
@@ -95,20 +109,9 @@ class Batcher:
         self._check_drained()
         await self._drained
 
-    async def submit(
-        self,
-        feeds: Feeds,
-        rows: int,
-        outputs: tuple[str, ...],
-        *,
-        priority: int = 0,
-        timeout_us: int = 0,
-        tenant: str = "unknown",
-    ) -> Answer:
-        """Queue one request and wait for its own output rows."""
-        return await self.collect(
-            self.enqueue(feeds, rows, outputs, priority=priority, timeout_us=timeout_us, tenant=tenant)
-        )
+    async def submit(self, feeds: Feeds, rows: int, outputs: tuple[str, ...], **options) -> Answer:
+        """Queue one request and wait for its own output rows; `options` as `prepare` takes them."""
+        return await self.collect(self.enqueue(feeds, rows, outputs, **options))
 
     async def collect(self, item: QueuedRequest) -> Answer:
         """Wait for a queued request's own rows; a caller that gives up leaves the queue."""
@@ -118,7 +121,14 @@ class Batcher:
             self.cancel(item)
             raise
 
-    def enqueue(
+    def enqueue(self, feeds: Feeds, rows: int, outputs: tuple[str, ...], **options) -> QueuedRequest:
+        """Queue one request; its `future` resolves with its Answer (or the error that ended it).
+        For callers that do not await it in a task of their own, such as the requests of a stream."""
+        item = self.prepare(feeds, rows, outputs, **options)
+        self.admit(item)
+        return item
+
+    def prepare(
         self,
         feeds: Feeds,
         rows: int,
@@ -128,8 +138,8 @@ class Batcher:
         timeout_us: int = 0,
         tenant: str = "unknown",
     ) -> QueuedRequest:
-        """Queue one request; its `future` resolves with its Answer (or the error that ended it).
-        For callers that do not await it in a task of their own, such as the requests of a stream."""
+        """A request checked and on its timeout's clock, not yet queued: `admit` queues it. A sequence's
+        request waits between the two for the one before it (sequences.py)."""
         if self._closing:
             raise ShuttingDown(
                 f"{self.label} is closing (unloaded, replaced by a reload, or the server is stopping); retry"
@@ -145,24 +155,28 @@ class Batcher:
             level=self._level(priority),
             arrival=loop.time(),
             future=loop.create_future(),
-            shape_key=self._shape_key(feeds),
+            queued=False,
             tenant=tenant,
         )
-        if self._uncollected:
-            self._overlap_at = item.arrival
-            self._callers = max(self._callers, self._uncollected + 1.0)
-        self._enqueue(item)
-        self._uncollected += 1
-        item.future.add_done_callback(self._collected)  # runs when its caller would resume
         timeout = self._timeout_seconds(timeout_us)
         if timeout is not None:
             expiry = loop.call_later(timeout, self._expire, item, timeout)
             item.future.add_done_callback(lambda _: expiry.cancel())
         return item
 
+    def admit(self, item: QueuedRequest) -> None:
+        """Queue a prepared request: it leaves in a batch, or with its caller or its timeout."""
+        item.shape_key, item.owner = self._shape_key(item.feeds), self
+        if self._uncollected:
+            self._overlap_at = self._loop.time()
+            self._callers = max(self._callers, self._uncollected + 1.0)
+        self._enqueue(item)
+        self._uncollected += 1
+        item.future.add_done_callback(self._collected)  # runs when its caller would resume
+
     def cancel(self, item: QueuedRequest) -> None:
         """The caller gave up: out of the queue if still there; its rows are discarded if running."""
-        self._unqueue(item)
+        (item.owner or self)._unqueue(item)
         item.future.cancel()
 
     def _collected(self, _: asyncio.Future) -> None:
@@ -205,14 +219,16 @@ class Batcher:
             last = self.settings.priority_levels + 1  # level 1 is served first, 0 (unprioritised) last
             bisect.insort(self._active, item.level, key=lambda level: level or last)
         queue.append(item)
+        item.queued = True
         self._depth += 1
+        self._pinned += item.instance >= 0
         self._schedule()
 
     def _expire(self, item: QueuedRequest, timeout: float) -> None:
-        if item.queued:  # else its batch took it in time
+        if not item.taken:  # else its batch took it in time
             self._unqueue(item)
             message = f"{self.label}: request timed out after {timeout * 1e6:.0f} us in the queue"
-            _set_exception(item.future, DeadlineExceeded(message))
+            fail(item.future, DeadlineExceeded(message))
 
     def _unqueue(self, item: QueuedRequest) -> None:
         if item.queued:
@@ -220,21 +236,40 @@ class Batcher:
             self._queues[item.level].remove(item)
             self._retire_if_empty(item.level)
             self._depth -= 1
+            self._pinned -= item.instance >= 0
 
     def _retire_if_empty(self, level: int) -> None:
         if not self._queues[level]:
             del self._queues[level]
             self._active.remove(level)
 
-    def _waiting(self):
+    def _waiting(self, instance: int):
         for level in self._active:
-            yield from self._queues[level]
+            if not self._pinned:
+                yield from self._queues[level]
+                continue
+            for item in self._queues[level]:
+                if item.instance < 0 or item.instance == instance:
+                    yield item
 
     # --- batch formation ----------------------------------------------------------------------
 
-    def _candidate(self, now: float) -> tuple[list[QueuedRequest], float]:
-        """The next batch in priority then arrival order, and when it may leave."""
-        waiting = self._waiting()
+    def _next(self, now: float) -> tuple[int, list[QueuedRequest], float]:
+        """The free instance that runs next, its batch, and when that may leave: the last instance
+        freed, unless requests pinned to one instance (a sequence's slot) make another sooner."""
+        if not self._pinned:
+            instance = self._free[-1]
+            return instance, *self._candidate(now, instance)
+        best: tuple[int, list[QueuedRequest], float] = (self._free[-1], [], float("inf"))
+        for instance in reversed(self._free):
+            chosen, leave_at = self._candidate(now, instance)
+            if chosen and leave_at < best[2]:
+                best = (instance, chosen, leave_at)
+        return best
+
+    def _candidate(self, now: float, instance: int) -> tuple[list[QueuedRequest], float]:
+        """The next batch for `instance` in priority then arrival order, and when it may leave."""
+        waiting = self._waiting(instance)
         head = next(waiting, None)
         if head is None:
             return [], float("inf")
@@ -292,13 +327,14 @@ class Batcher:
             self._timer = None
         while self._free:
             now = self._loop.time()
-            chosen, leave_at = self._candidate(now)
+            instance, chosen, leave_at = self._next(now)
             if not chosen:
                 break
             if leave_at > now:  # wait for a fuller batch, at most until the oldest request's delay
                 self._timer = self._loop.call_at(leave_at, self._dispatch)
                 break
-            self._start(self._take(chosen, now), self._free.pop())
+            self._free.pop() if instance == self._free[-1] else self._free.remove(instance)
+            self._start(self._take(chosen, now), instance)
             if self._dispatch_scheduled:  # it ran on the loop and finished: let I/O in before the next
                 break
         self._check_drained()
@@ -313,6 +349,7 @@ class Batcher:
             self._retire_if_empty(item.level)
             item.queued = False
             item.taken = now
+            self._pinned -= item.instance >= 0
         self._depth -= len(chosen)
         self._callers = max(float(len(chosen)), self._callers * CALLERS_DECAY)
         live = [item for item in chosen if not item.future.done()]
@@ -320,7 +357,7 @@ class Batcher:
 
     def _check_drained(self) -> None:
         if self._drained is not None and not self._depth and len(self._free) == self.instances:
-            _set_result(self._drained, None)
+            resolve(self._drained, None)
 
     # --- execution ----------------------------------------------------------------------------
 
@@ -351,7 +388,7 @@ class Batcher:
             self._finish(batch, outcome, None)
             return
         running = asyncio.ensure_future(outcome)
-        running.add_done_callback(lambda done: self._finish(batch, *_outcome(done)))
+        running.add_done_callback(lambda done: self._finish(batch, *run_outcome(done)))
 
     def _finish(self, batch: Batch, outputs: Feeds | None, error: BaseException | None) -> None:
         device = self.devices[batch.instance]
@@ -365,14 +402,16 @@ class Batcher:
             failure = err if isinstance(err, ExecutionFailed) else ExecutionFailed(f"{self.label}: {err!r}")
             log.error("%s: batch of %d rows failed: %r", self.label, batch.rows, err)
             for item in batch.requests:
-                _set_exception(item.future, failure)
+                run_after(item, None)
+                fail(item.future, failure)
         else:
             compute = batch.marks[-1] - batch.marks[0]
             for item, result in zip(batch.requests, results):
+                run_after(item, result)
                 answer = Answer(result, batch.batch_id, batch.rows, device, item.taken - item.arrival, compute)
-                _set_result(item.future, answer)
+                resolve(item.future, answer)
         # Callers resume only on a later loop turn, so observers have priced the batch by then.
-        self.bus.publish(self._executed(batch, device))
+        self.bus.publish(executed_event(batch, self.model, self.version, device))
         for item in batch.requests:
             item.executed = True
             if item.on_executed is not None:
@@ -381,42 +420,3 @@ class Batcher:
         self._free.append(batch.instance)
         self._schedule()
         self._check_drained()
-
-    def _executed(self, batch: Batch, device: str) -> BatchExecuted:
-        marks = batch.marks
-        succeeded = len(marks) == 4
-        finished = marks[-1] if succeeded else time.perf_counter()
-        ends = (marks[1:] + [finished] * 3)[:3]  # a failure leaves the rest of the time in its phase
-        return BatchExecuted(
-            model=self.model,
-            version=self.version,
-            batch_id=batch.batch_id,
-            device=device,
-            rows=batch.rows,
-            requests=len(batch.requests),
-            instance=batch.instance,
-            started=marks[0],
-            finished=finished,
-            succeeded=succeeded,
-            input_seconds=ends[0] - marks[0],
-            infer_seconds=ends[1] - ends[0],
-            output_seconds=ends[2] - ends[1],
-            queue_seconds=tuple(item.taken - item.arrival for item in batch.requests),
-        )
-
-
-def _outcome(done: asyncio.Future) -> tuple[Feeds | None, BaseException | None]:
-    if done.cancelled():
-        return None, ExecutionFailed("the batch's execution was cancelled")
-    error = done.exception()
-    return (None, error) if error is not None else (done.result(), None)
-
-
-def _set_result(future: asyncio.Future, value) -> None:
-    if not future.done():
-        future.set_result(value)
-
-
-def _set_exception(future: asyncio.Future, error: Exception) -> None:
-    if not future.done():
-        future.set_exception(error)

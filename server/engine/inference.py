@@ -96,14 +96,12 @@ class InferenceCore:
         """Queue a decoded request on its version's batcher; its future resolves with the Answer."""
         call.rows, call.outputs = decoded.rows, decoded.outputs
         priority, timeout_us = request_options(parameters, call.model)
-        call.item = call.model.batcher.enqueue(
-            decoded.feeds,
-            decoded.rows,
-            decoded.outputs,
-            priority=priority,
-            timeout_us=timeout_us,
-            tenant=call.identity.label,
-        )
+        options = {"priority": priority, "timeout_us": timeout_us, "tenant": call.identity.label}
+        sequences = call.model.sequences
+        if sequences is None:
+            call.item = call.model.batcher.enqueue(decoded.feeds, decoded.rows, decoded.outputs, **options)
+        else:
+            call.item = sequences.enqueue(decoded.feeds, decoded.rows, decoded.outputs, parameters, **options)
         return call.item
 
     async def infer(self, call: Call, decoded: DecodedRequest, parameters: Mapping[str, object]) -> Answer:

@@ -1,15 +1,21 @@
 """What waits in a batcher's queue and what it runs: a queued request, a batch, a caller's answer,
-and the row arithmetic between them (gathering requests into one batch, splitting its outputs)."""
+the row arithmetic between them (gathering requests into one batch, splitting its outputs), and how
+a batch's end reaches its callers (their futures, their hooks) and its observers (BatchExecuted)."""
 
 import asyncio
+import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from server.errors import ExecutionFailed
+from server.observe.events import BatchExecuted
 
 Feeds = dict[str, np.ndarray]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(eq=False, slots=True)
@@ -27,6 +33,9 @@ class QueuedRequest:
     batch_id: int = 0  # of the batch that ran it, once one did
     executed: bool = False  # its batch finished (and was priced)
     on_executed: Callable[[], None] | None = None  # for a caller gone while its batch ran
+    instance: int = -1  # the only instance that may run it (a sequence's slot: sequences.py); -1: any
+    after: Callable[[Feeds | None], None] | None = None  # its own outputs (None: its batch failed) once it ran
+    owner: object = None  # the Batcher whose queue it entered (a sequence's may outlive its version's)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,3 +89,53 @@ def union_outputs(requests: list[QueuedRequest]) -> list[str]:
     for item in requests:
         names.update(dict.fromkeys(item.outputs))
     return list(names)
+
+
+def executed_event(batch: Batch, model: str, version: str, device: str) -> BatchExecuted:
+    """What observers hear of a batch that ran (or failed), its phases timed from its marks."""
+    marks = batch.marks
+    succeeded = len(marks) == 4
+    finished = marks[-1] if succeeded else time.perf_counter()
+    ends = (marks[1:] + [finished] * 3)[:3]  # a failure leaves the rest of the time in its phase
+    return BatchExecuted(
+        model=model,
+        version=version,
+        batch_id=batch.batch_id,
+        device=device,
+        rows=batch.rows,
+        requests=len(batch.requests),
+        instance=batch.instance,
+        started=marks[0],
+        finished=finished,
+        succeeded=succeeded,
+        input_seconds=ends[0] - marks[0],
+        infer_seconds=ends[1] - ends[0],
+        output_seconds=ends[2] - ends[1],
+        queue_seconds=tuple(item.taken - item.arrival for item in batch.requests),
+    )
+
+
+def run_outcome(done: asyncio.Future) -> tuple[Feeds | None, BaseException | None]:
+    if done.cancelled():
+        return None, ExecutionFailed("the batch's execution was cancelled")
+    error = done.exception()
+    return (None, error) if error is not None else (done.result(), None)
+
+
+def run_after(item: QueuedRequest, outputs: Feeds | None) -> None:
+    """The request's own hook (a sequence keeps its state), before its caller sees the answer."""
+    if item.after is not None:
+        try:
+            item.after(outputs)
+        except Exception:  # noqa: BLE001 - one request's bookkeeping must not fail its batch's other callers
+            log.exception("request of batch %d: its completion hook failed", item.batch_id)
+
+
+def resolve(future: asyncio.Future, value) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def fail(future: asyncio.Future, error: Exception) -> None:
+    if not future.done():
+        future.set_exception(error)

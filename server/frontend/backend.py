@@ -29,6 +29,6 @@ class Backend:
     auth: Authenticator  # API keys, client certificates and tenants
     limits: RequestLimits  # what one request may make the server hold
     offload: Offload  # the codec threads for big requests and answers
-    # Triton's system shared memory: the regions callers registered (None: not served here, as in
-    # front-end processes, whose regions would not be seen by the others)
+    # Triton's system shared memory: the regions callers registered (in a front-end process, a
+    # link_regions.RemoteRegions: the engine's registry); None: not served
     regions: SharedRegions | None = None

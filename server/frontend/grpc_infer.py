@@ -24,6 +24,7 @@ from server.frontend.shared_regions import (
     SharedRegions,
     inputs_from_regions,
     region_of,
+    with_regions,
     write_output,
 )
 from server.frontend.tensor_codec import decode_request, output_bytes
@@ -76,7 +77,7 @@ class GrpcInference:
         its typed contents) is gone on return."""
         message, raw, head = await self.parsed(data, call)
         decoded = await self.decoded(message, raw, head, call)
-        return head, decoded, self.placements(message, call) if self.regions is not None else {}
+        return head, decoded, await self.placements(message, call)
 
     def placed_outputs(self, outputs: list, placed: dict, call: Call) -> list:
         """The outputs asked for in shared memory written there, and named last in the response
@@ -86,8 +87,13 @@ class GrpcInference:
             (spec, self._place(placed[spec.name], spec, array, call)) for spec, array in outputs if spec.name in placed
         ]
 
-    def placements(self, message, call: Call) -> dict:
+    async def placements(self, message, call: Call) -> dict:
         """Output name -> (region, offset, size), for the outputs asked for in shared memory."""
+        if self.regions is None:
+            return {}
+        return await with_regions(self.regions, call.identity.tenant, self._placements, message, call)
+
+    def _placements(self, message, call: Call) -> dict:
         placed = {}
         for output in message.outputs:
             where = region_of(output.parameters, f"{call.model.signature.label}: output '{output.name}'")
@@ -120,7 +126,10 @@ class GrpcInference:
     async def decoded(self, message, raw: list | None, head: RequestHead, call: Call) -> DecodedRequest:
         model = await self.core.resolve(call, head.model_name, head.model_version)
         if self.regions is not None:  # a region named but not registered is refused, not ignored
-            raw = inputs_from_regions(message, raw, self.regions, call.identity.tenant, model.signature.label)
+            tenant = call.identity.tenant
+            raw = await with_regions(
+                self.regions, tenant, inputs_from_regions, message, raw, self.regions, tenant, model.signature.label
+            )
         weight = decode_weight(message, raw, head.size)
         return await self.offload.run(weight, decode_request, message, model.signature, self.limits, raw)
 

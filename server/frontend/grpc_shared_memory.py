@@ -1,9 +1,7 @@
-"""Triton's shared memory RPCs over gRPC: system shared memory registered, listed and unregistered
-(server/frontend/shared_regions.py holds the regions); CUDA shared memory, which needs a GPU and
-cudaIpc handles, lists nothing, unregisters nothing and refuses to register, saying why."""
+"""Triton's shared memory RPCs over gRPC: system and CUDA shared memory registered, listed and
+unregistered (server/frontend/shared_regions.py holds the regions, cuda_regions.py the CUDA ones)."""
 
 from server import protocol
-from server.errors import InvalidInput
 from server.frontend.grpc_infer import GrpcInference
 from server.frontend.shared_regions import SharedRegions
 
@@ -27,7 +25,7 @@ class SharedMemoryRpcs:
 
     async def SystemSharedMemoryStatus(self, request, context):
         response = protocol.response_class("SystemSharedMemoryStatus")()
-        for region in self.regions.status(request.name, self._tenant(context)):
+        for region in await self.regions.status(request.name, self._tenant(context)):
             response.regions[region.name].name = region.name
             response.regions[region.name].key = region.key
             response.regions[region.name].offset = region.offset
@@ -35,22 +33,26 @@ class SharedMemoryRpcs:
         return response
 
     async def SystemSharedMemoryRegister(self, request, context):
-        self.regions.register(request.name, request.key, request.offset, request.byte_size, self._tenant(context))
+        await self.regions.register(request.name, request.key, request.offset, request.byte_size, self._tenant(context))
         return protocol.response_class("SystemSharedMemoryRegister")()
 
     async def SystemSharedMemoryUnregister(self, request, context):
-        self.regions.unregister(request.name, self._tenant(context))
+        await self.regions.unregister(request.name, self._tenant(context))
         return protocol.response_class("SystemSharedMemoryUnregister")()
 
     async def CudaSharedMemoryStatus(self, request, context):
-        if request.name:
-            raise InvalidInput(f"unable to find cuda shared memory region: '{request.name}'")
-        return protocol.response_class("CudaSharedMemoryStatus")()
+        response = protocol.response_class("CudaSharedMemoryStatus")()
+        for region in await self.regions.status_cuda(request.name, self._tenant(context)):
+            response.regions[region.name].name = region.name
+            response.regions[region.name].device_id = region.device_id
+            response.regions[region.name].byte_size = region.byte_size
+        return response
 
     async def CudaSharedMemoryRegister(self, request, context):
-        raise InvalidInput(
-            "CUDA shared memory is not served yet (it needs a GPU and cudaIpc handles): use system shared memory"
-        )
+        tenant = self._tenant(context)
+        await self.regions.register_cuda(request.name, request.raw_handle, request.device_id, request.byte_size, tenant)
+        return protocol.response_class("CudaSharedMemoryRegister")()
 
     async def CudaSharedMemoryUnregister(self, request, context):
+        await self.regions.unregister_cuda(request.name, self._tenant(context))
         return protocol.response_class("CudaSharedMemoryUnregister")()

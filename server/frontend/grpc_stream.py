@@ -130,7 +130,7 @@ class StreamInfer:
         try:
             message, raw, head = await self.inference.parsed(request, call)
             decoded = await self.inference.decoded(message, raw, head, call)
-            placed = self.inference.placements(message, call) if self.inference.regions is not None else {}
+            placed = await self.inference.placements(message, call)
             item = self.core.enqueue(call, decoded, head.parameters)
         except asyncio.CancelledError as err:  # the stream went away while its request was being decoded
             self.core.end(call, err)

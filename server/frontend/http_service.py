@@ -32,7 +32,7 @@ from server.frontend.identity import AUTHORIZATION, TENANT_HEADER
 from server.frontend.request_limits import OFFLOAD_BYTES, RequestLimits, encode_weight, raw_bytes_weight
 from server.frontend.restricted import permitted
 from server.frontend.server_info import PLATFORM, SERVER_NAME, extensions, proto_json, server_version
-from server.frontend.shared_regions import PlacedOutput, TenantRegions, write_output
+from server.frontend.shared_regions import PlacedOutput, TenantRegions, with_regions, write_output
 from server.frontend.tensor_codec import output_bytes
 from server.frontend.tls import http_client_name
 
@@ -180,7 +180,7 @@ class HttpApi:
             if found.action == "infer":
                 status, payload, extra = await self._infer(found, headers, body, identity)
             elif found.action.startswith("shm_"):
-                status, payload, extra = self._shared_memory(found, body, identity)
+                status, payload, extra = await self._shared_memory(found, body, identity)
             else:
                 status, payload, extra = await self.handlers[found.action](found, headers, body)
         except HttpError as err:
@@ -272,8 +272,12 @@ class HttpApi:
             model = await core.resolve(call, found.model, found.version)
             regions = TenantRegions(self.regions, identity.tenant) if self.regions is not None else None
             length = _text(headers.get(HEADER_LENGTH_KEY))
-            request, decoded, binary = await self._decode(body, length, model.signature, regions)
-            placed = output_regions(request.header, regions, model.signature.label)
+            request, decoded, binary = await with_regions(
+                self.regions, identity.tenant, self._decode, body, length, model.signature, regions
+            )
+            placed = await with_regions(
+                self.regions, identity.tenant, output_regions, request.header, regions, model.signature.label
+            )
             call.request_id = request.id or ""
             answer = await core.infer(call, decoded, request.parameters)
             outputs = [(model.signature.output(name), answer.outputs[name], binary[name]) for name in decoded.outputs]
@@ -309,11 +313,11 @@ class HttpApi:
 
     # --- shared memory -------------------------------------------------------------------------------
 
-    def _shared_memory(self, found: Route, body: bytes, identity: Identity):
+    async def _shared_memory(self, found: Route, body: bytes, identity: Identity):
         if self.regions is None:
-            raise HttpError(501, "shared memory is not served with --frontends > 1")
+            raise HttpError(501, "shared memory is not served here")
         given = _object(body, f"registration of shared memory region '{found.model}'") if body else {}
-        return shared_memory(self.regions, found.version, found.action, found.model, given, identity.tenant)
+        return await shared_memory(self.regions, found.version, found.action, found.model, given, identity.tenant)
 
     # --- model repository ---------------------------------------------------------------------------
 

@@ -23,9 +23,9 @@ from server.tensors import DATATYPES, Signature, TensorSpec
 
 BUNDLE = 0  # either way: several frames, their heads in one list (Outbox)
 # Front end -> engine
-REQUEST, RESOLVE, INFER, END, REFUSED, CANCEL, CALL = 1, 2, 3, 4, 5, 6, 7
+REQUEST, RESOLVE, INFER, END, REFUSED, CANCEL, CALL, FORGOTTEN = 1, 2, 3, 4, 5, 6, 7, 8
 # Engine -> front end
-REPLY, ANSWER, ERROR, STATE = 11, 12, 13, 14
+REPLY, ANSWER, ERROR, STATE, REGIONS_GONE = 11, 12, 13, 14, 15
 
 PREFIX = struct.Struct("<I")  # the length of the rest of the frame
 HEADER = struct.Struct("<BQI")  # kind, number, length of the JSON head

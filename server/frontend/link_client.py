@@ -65,6 +65,7 @@ class Link:
         self.changed = asyncio.Event()  # readiness or the repository changed
         self.broken = asyncio.get_running_loop().create_future()  # resolved when the engine is gone
         self.closing = False  # closed from this side: its end is no error
+        self.on_regions_gone = lambda names: None  # shared memory regions unregistered (link_regions.py)
 
     @classmethod
     async def connect(cls, path: str) -> "Link":
@@ -92,6 +93,10 @@ class Link:
         return await future
 
     def _received(self, kind: int, number: int, head, body: memoryview) -> None:
+        if kind == link.REGIONS_GONE:  # forgotten before the engine answers the unregistration
+            self.on_regions_gone(head)
+            self.send(link.FORGOTTEN, number)
+            return
         if kind == link.STATE:
             self.state = head
             self.models.clear()  # a version loaded or unloaded: ask again
@@ -121,7 +126,8 @@ class Link:
         self.broken.set_result(None)
 
 
-ENGINE_PARAMETERS = ("priority", "timeout")  # the request parameters the engine reads (inference.request_options)
+# The request parameters the engine reads: inference.request_options and sequence_state.parse_sequence.
+ENGINE_PARAMETERS = ("priority", "timeout", "sequence_id", "sequence_start", "sequence_end")
 FRONTEND_PARAMETER = "onnxserve_frontend"  # which front-end process answered: the rest the engine says
 
 

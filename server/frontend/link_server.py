@@ -7,6 +7,8 @@ core resolves it (and reserves its usage record), queues it, bills it and settle
 that goes away has its requests cancelled and ended here, each once."""
 
 import asyncio
+import base64
+import itertools
 import logging
 import os
 import socket
@@ -23,6 +25,7 @@ log = logging.getLogger(__name__)
 
 DRAIN_BYTES = 1 << 20  # answers unsent to a front end past which its next request waits
 IDENTITIES_KEPT = 4096  # callers' identities kept per front end; past it, the cache starts afresh
+REGIONS_WAIT = 5.0  # seconds for every front end to confirm it forgot unregistered shared memory
 
 
 PEER_CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
@@ -45,6 +48,7 @@ class LinkServer:
         self.signature_ids: dict = {}  # Signature -> its number on the link: equal signatures, one number
         self.greeted = asyncio.Event()  # set at each front end's hello
         self._server: asyncio.Server | None = None
+        self._notices = itertools.count(1)
 
     async def start(self, path: str) -> None:
         self.path = path
@@ -63,6 +67,18 @@ class LinkServer:
         """Readiness or the repository changed: every front end is told."""
         for connection in self.connections:
             connection.send(link.STATE, 0, self.state())
+
+    async def regions_gone(self, names: list[str]) -> None:
+        """Every front end forgets these shared memory regions before this returns (a front end that
+        does not say so within REGIONS_WAIT is stuck or going, and serves nothing meanwhile)."""
+        if not names:
+            return
+        number = next(self._notices)
+        waits = [connection.notice(link.REGIONS_GONE, number, names) for connection in self.connections]
+        if waits:
+            _, late = await asyncio.wait(waits, timeout=REGIONS_WAIT)
+            if late:
+                log.warning("%d front end(s) did not confirm unregistering %s in time", len(late), names)
 
     def close(self) -> None:
         if self._server is not None:
@@ -92,7 +108,9 @@ class _Connection:
             link.REFUSED: self._refused,
             link.CANCEL: self._cancel,
             link.CALL: self._call,
+            link.FORGOTTEN: self._forgotten,
         }
+        self.notices: dict[int, asyncio.Future] = {}  # what the engine told this front end, until it confirms
         self.loop = asyncio.get_running_loop()
 
     def _connected(self) -> None:
@@ -103,6 +121,17 @@ class _Connection:
 
     def send(self, kind: int, number: int, head: object = None, body=()) -> None:
         self.frames.send(kind, number, head, body)
+
+    def notice(self, kind: int, number: int, head: object) -> asyncio.Future:
+        """Tell the front end something it must act on before the engine goes on: resolved when it confirms."""
+        confirmed = self.notices[number] = self.loop.create_future()
+        self.send(kind, number, head)
+        return confirmed
+
+    def _forgotten(self, number: int, head, body) -> None:
+        confirmed = self.notices.pop(number, None)
+        if confirmed is not None and not confirmed.done():
+            confirmed.set_result(None)
 
     def _received(self, kind: int, number: int, head, body) -> None:
         handler = self.handlers.get(kind)
@@ -125,6 +154,9 @@ class _Connection:
 
     def _lost(self, why: link.LinkBroken) -> None:
         self.server.connections.discard(self)
+        for confirmed in self.notices.values():  # gone: it forgot everything
+            if not confirmed.done():
+                confirmed.set_result(None)
         self.drop()
         if self.pid and (left := link_shm.remove_of(self.pid)):
             log.info("front end (pid %d) left %d tensor(s) in shared memory: removed", self.pid, left)
@@ -279,6 +311,31 @@ class _Connection:
         else:
             self.send(link.REPLY, number, reply, [data] if data else ())
 
+    async def _region_call(self, op: str, args: list):
+        """Triton's system shared memory, one registry for every front end (link_regions.py)."""
+        regions = self.backend.regions
+        if op == "region_register":
+            return await regions.register(*args)
+        if op == "region_unregister":
+            await self.server.regions_gone(await regions.unregister(*args))
+            return None
+        if op == "region_status":
+            return [[r.name, r.key, r.offset, r.byte_size] for r in await regions.status(*args)]
+        if op == "region_get":
+            region = regions.get(*args)
+            if hasattr(region, "device_id"):  # a CUDA region: the front end opens its handle too
+                return ["cuda", base64.b64encode(region.raw_handle).decode(), region.device_id, region.byte_size]
+            return ["system", region.key, region.offset, region.byte_size]
+        if op == "region_register_cuda":
+            name, handle, device_id, byte_size, tenant = args
+            return await regions.register_cuda(name, base64.b64decode(handle), device_id, byte_size, tenant)
+        if op == "region_unregister_cuda":
+            await self.server.regions_gone(await regions.unregister_cuda(*args))
+            return None
+        if op == "region_status_cuda":
+            return [[r.name, r.device_id, r.byte_size] for r in await regions.status_cuda(*args)]
+        raise errors.InvalidInput(f"unknown call {op!r} on the link")
+
     async def _answer_call(self, op: str, args: list, head: dict, body) -> tuple[object, bytes]:
         core, info, control = self.backend.core, self.backend.info, self.backend.control
         if op == "hello":
@@ -307,4 +364,6 @@ class _Connection:
         if op == "unload":
             await control.unload(*args)
             return None, b""
+        if op.startswith("region_"):
+            return await self._region_call(op, args), b""
         raise errors.InvalidInput(f"unknown call {op!r} on the link")

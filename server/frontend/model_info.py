@@ -74,7 +74,9 @@ def model_config_proto(model: ModelVersion):
     kind = "KIND_CPU" if pool.device == "cpu" else "KIND_GPU"
     config.instance_group.add(kind=kind, count=pool.instance_count)
     batching = settings.batching
-    if batching.max_batch_size:
+    if settings.sequence is not None:  # Triton's scheduling_choice: sequence or dynamic batching, not both
+        settings.sequence.fill_proto(config.sequence_batching)
+    elif batching.max_batch_size:
         dynamic = config.dynamic_batching
         dynamic.preferred_batch_size.extend(batching.preferred_batch_sizes)
         dynamic.max_queue_delay_microseconds = batching.max_queue_delay_us

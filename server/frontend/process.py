@@ -27,6 +27,7 @@ from server.frontend.connection_limits import ConnectionMetrics
 from server.frontend.grpc_server import start_grpc
 from server.frontend.identity import Authenticator
 from server.frontend.link_client import Link, RemoteControl, RemoteCore, RemoteInfo
+from server.frontend.link_regions import RemoteRegions
 from server.frontend.process_limits import ensure_open_files
 from server.frontend.request_limits import Offload, RequestLimits
 
@@ -66,7 +67,13 @@ async def serve(settings: ServerSettings, index: int, path: str, http_fd: int | 
     )
     core = RemoteCore(connection, index)
     backend = Backend(
-        core, RemoteInfo(connection), RemoteControl(connection), auth, RequestLimits.from_settings(settings), Offload()
+        core,
+        RemoteInfo(connection),
+        RemoteControl(connection),
+        auth,
+        RequestLimits.from_settings(settings),
+        Offload(),
+        RemoteRegions(connection),
     )
     grpc = await start_grpc(settings, backend)
     await grpc.start()

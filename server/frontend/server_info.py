@@ -15,7 +15,7 @@ EXTENSIONS = (
     "binary_tensor_data",
     "statistics",
 )
-SHARED_MEMORY_EXTENSION = "system_shared_memory"  # said where regions are served (one process)
+SHARED_MEMORY_EXTENSION = "system_shared_memory"  # said where regions are served
 
 
 def extensions(serves_regions: bool) -> tuple[str, ...]:

@@ -12,14 +12,17 @@ from pathlib import Path
 
 import onnxruntime as ort
 
+from server.engine import sequence_state
 from server.engine.batching import Batcher
 from server.engine.placement import GpuPolicy
 from server.engine.providers import engine_cache_dir, profile_shapes
 from server.engine.runtime import InstancePool, graph_input_shapes
+from server.engine.sequences import Sequences, same_state
 from server.errors import ConfigError
 from server.models import warmup
 from server.models.load_deadline import LoadDeadline
-from server.models.model_config import ModelSettings, TensorConfig
+from server.models.model_config import BatchingSettings, ModelSettings, TensorConfig
+from server.models.sequence_config import SequenceSettings
 from server.observe.events import EventBus, ModelStateChanged
 from server.tensors import Signature, TensorSpec
 
@@ -38,6 +41,7 @@ class ModelVersion:
     signature: Signature | None = None
     pool: InstancePool | None = None
     batcher: Batcher | None = None
+    sequences: Sequences | None = None  # with sequence_batching: what routes its requests to the batcher
     load_seconds: float = 0.0
 
     @property
@@ -76,7 +80,9 @@ async def load_version(
     try:
         completed, signature = complete_settings(settings, pool, default_max_batch_size, version)
         await deadline.run("binding", pool.bind_batch_sizes, completed.batching, signature)  # CUDA graphs' padded sizes
-        choice = await deadline.run("calibration", pool.calibrate, signature.inputs, completed.batching.max_batch_size)
+        choice = await deadline.run(
+            "calibration", pool.calibrate, signature.run_inputs, completed.batching.max_batch_size
+        )
         log.info("%s runs with %s", loaded.label, choice.describe())
         await deadline.run("warm-up", warmup.warm_up, pool, completed, signature, model_dir)
     except BaseException as err:  # a failure, a bug, or a cancelled load: the sessions close either way
@@ -90,6 +96,9 @@ async def load_version(
     del pool.load_check  # loaded: its runs are no longer the load's to stop
     loaded.batcher = Batcher(pool.run, completed.batching, pool.instance_count, name, version, bus, pool.devices)
     loaded.batcher.start()
+    if completed.sequence is not None:
+        initial = sequence_state.initial_states(completed.sequence, model_dir, completed.max_batch_size)
+        loaded.sequences = Sequences(completed.sequence, loaded.batcher, initial, bus)
     loaded.settings, loaded.signature, loaded.pool = completed, signature, pool
     loaded.state, loaded.load_seconds = READY, time.perf_counter() - started
     _log_loaded(loaded)
@@ -130,9 +139,27 @@ def ready_event(model: ModelVersion) -> ModelStateChanged:
 
 
 async def retire(model: ModelVersion) -> None:
-    """Answer every request the version accepted, then close its sessions."""
+    """Answer every request the version accepted, then close its sessions. Its sequences end, unless
+    a reload took them over (hand_over_sequences)."""
+    if model.sequences is not None:
+        model.sequences.close(f"{model.label} stopped serving (unloaded, or the server is stopping)")
     await model.batcher.close()
     await asyncio.to_thread(model.pool.close)
+
+
+def hand_over_sequences(previous: ModelVersion, version: ModelVersion) -> None:
+    """A reload: `version` goes on with `previous`'s sequences if their state is the same; else those
+    end now, and a later request of one is told why."""
+    old, new = previous.sequences, version.sequences
+    if old is None or new is None:
+        return
+    if same_state(old.settings, new.settings):
+        old.adopt(version.batcher, new.initial)
+        version.sequences, previous.sequences = old, None
+        return
+    reason = f"{version.label} was reloaded with another state signature (controls or states changed)"
+    new.inherit_ended(old.keys(), reason)
+    old.close(reason)
 
 
 def _log_loaded(model: ModelVersion) -> None:
@@ -165,27 +192,24 @@ def complete_settings(
 ) -> tuple[ModelSettings, Signature]:
     """Merge config.pbtxt (possibly empty) with the graph; ConfigError on any disagreement."""
     where = settings.source
-    graph = pool.inputs + pool.outputs
-    batchable = all(len(s.shape) >= 1 and s.shape[0] == -1 for s in graph)
-    max_batch = settings.max_batch_size
-    if max_batch is None:
-        max_batch = default_max_batch_size if batchable else 0
-    elif max_batch > 0 and not batchable:
-        fixed = next(s for s in graph if not s.shape or s.shape[0] != -1)
-        raise ConfigError(
-            f"{where}: max_batch_size: {max_batch}, but the model's tensor '{fixed.name}' has shape "
-            f"{list(fixed.shape)} with no variable first dimension to batch on"
-        )
-    inputs = _merge(settings.inputs, pool.inputs, max_batch, f"{where}: input")
-    outputs = _merge(settings.outputs, pool.outputs, max_batch, f"{where}: output")
+    max_batch = _max_batch_size(settings, pool, default_max_batch_size)
+    sequence = _sequence(settings, pool, max_batch)
+    hidden_inputs = set(sequence.hidden_inputs) if sequence else set()
+    hidden_outputs = set(sequence.state_outputs) if sequence else set()
+    callers_inputs = tuple(spec for spec in pool.inputs if spec.name not in hidden_inputs)
+    callers_outputs = tuple(spec for spec in pool.outputs if spec.name not in hidden_outputs)
+    inputs = _merge(settings.inputs, callers_inputs, max_batch, f"{where}: input")
+    outputs = _merge(settings.outputs, callers_outputs, max_batch, f"{where}: output")
     for size in settings.batching.preferred_batch_sizes:
         if size > max_batch:
             raise ConfigError(
                 f"{where}: dynamic_batching.preferred_batch_size: {size} exceeds max_batch_size {max_batch}"
             )
     batching = dataclasses.replace(settings.batching, max_batch_size=max_batch)
+    if sequence:
+        batching = sequence_batching(batching, sequence)
     completed = dataclasses.replace(
-        settings, max_batch_size=max_batch, inputs=inputs, outputs=outputs, batching=batching
+        settings, max_batch_size=max_batch, inputs=inputs, outputs=outputs, batching=batching, sequence=sequence
     )
     batch_dim = (-1,) if max_batch else ()
     signature = Signature(
@@ -194,8 +218,45 @@ def complete_settings(
         inputs=tuple(TensorSpec(t.name, t.datatype, batch_dim + t.dims) for t in inputs),
         outputs=tuple(TensorSpec(t.name, t.datatype, batch_dim + t.dims) for t in outputs),
         max_batch_size=max_batch,
+        hidden=tuple(spec for spec in pool.inputs if spec.name in hidden_inputs),
     )
     return completed, signature
+
+
+def _max_batch_size(settings: ModelSettings, pool: InstancePool, default_max_batch_size: int) -> int:
+    """config.pbtxt's, else the default where every tensor has a variable first dimension, else 0."""
+    graph = pool.inputs + pool.outputs
+    batchable = all(len(s.shape) >= 1 and s.shape[0] == -1 for s in graph)
+    max_batch = settings.max_batch_size
+    if max_batch is None:
+        return default_max_batch_size if batchable else 0
+    if max_batch > 0 and not batchable:
+        fixed = next(s for s in graph if not s.shape or s.shape[0] != -1)
+        raise ConfigError(
+            f"{settings.source}: max_batch_size: {max_batch}, but the model's tensor '{fixed.name}' has shape "
+            f"{list(fixed.shape)} with no variable first dimension to batch on"
+        )
+    return max_batch
+
+
+def _sequence(settings: ModelSettings, pool: InstancePool, max_batch: int) -> SequenceSettings | None:
+    """sequence_batching with Triton's defaults for this max_batch_size, checked against the graph."""
+    if settings.sequence is None:
+        return None
+    sequence = settings.sequence.completed(max_batch)
+    sequence_state.check_graph(sequence, pool.inputs, pool.outputs)
+    if pool.graphs:  # its bindings hold the caller's inputs only; a sequence's would need theirs too
+        raise ConfigError(f"{settings.source}: enable_cuda_graph with sequence_batching is not supported yet")
+    return sequence
+
+
+def sequence_batching(batching: BatchingSettings, sequence: SequenceSettings) -> BatchingSettings:
+    """A sequence model's batcher: the strategy's delay and preferred sizes in place of dynamic_batching's."""
+    return dataclasses.replace(
+        batching,
+        max_queue_delay_us=sequence.max_queue_delay_us,
+        preferred_batch_sizes=tuple(s for s in sequence.preferred_batch_sizes if s <= batching.max_batch_size),
+    )
 
 
 def _merge(

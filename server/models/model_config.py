@@ -14,7 +14,7 @@ from google.protobuf import json_format, text_format
 from server import protocol
 from server.engine import providers
 from server.errors import ConfigError
-from server.models import model_limits
+from server.models import model_limits, sequence_config
 
 
 @dataclass(frozen=True)
@@ -151,6 +151,8 @@ class ModelSettings:
     model_filename: str = "model.onnx"
     warmup: tuple[WarmupSample, ...] = ()
     """Explicit warm-up; empty = one best-effort run with zeros per instance."""
+    sequence: "sequence_config.SequenceSettings | None" = None  # quoted: the two modules import each other
+    """config.pbtxt `sequence_batching`; None = requests are independent."""
 
 
 WIRE_BY_CONFIG_TYPE = {
@@ -238,6 +240,7 @@ def settings_from_proto(proto, where: str, model_name: str) -> ModelSettings:
         version_policy=_version_policy(proto.version_policy, where),
         model_filename=_model_filename(proto.default_model_filename, where),
         warmup=tuple(_warmup(sample, f"{where}: model_warmup[{i}]") for i, sample in enumerate(proto.model_warmup)),
+        sequence=sequence_config.sequence_settings(proto, where, max_batch_size),
     )
 
 

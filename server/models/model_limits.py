@@ -62,6 +62,18 @@ MAX_ROW_ELEMENTS = 1 << 40
 MAX_WARMUP_COUNT = 100_000
 MAX_WARMUP_SAMPLES = 64
 MAX_WARMUP_ELEMENTS = 1 << 26
+# sequence_batching: control inputs, one per control kind (start, end, ready, corrid), each kind
+# at most once in Triton too; state pairs, kept per live sequence: a recurrent model has one or two
+# per layer, a decoder's cache two per layer, so 256 is a 128-layer cache.
+MAX_CONTROL_INPUTS = 4
+MAX_STATES = 256
+# An initial state is built once at load and copied into every new sequence: the warm-up's bound.
+MAX_INITIAL_STATE_ELEMENTS = MAX_WARMUP_ELEMENTS
+# max_sequence_idle_microseconds: users set seconds to minutes; a sequence idle a day has been given up on.
+MAX_SEQUENCE_IDLE_US = 86_400_000_000
+# oldest.max_candidate_sequences: sequences an instance serves at once, each holding its state between
+# requests; Triton's example uses 1024.
+MAX_CANDIDATE_SEQUENCES = 65536
 # `file:` parameters of one load: a model exported with external data has one file per tensor at
 # most, hundreds for the largest models.
 MAX_LOAD_FILES = 10_000
@@ -95,6 +107,8 @@ def check(proto, where: str) -> None:
         for index, tensor in enumerate(tensors):
             _dims(tensor.dims, 1, where, f"{kind}[{index}].dims")
     _dynamic_batching(proto.dynamic_batching, where)
+    if proto.HasField("sequence_batching"):
+        _sequence_batching(proto.sequence_batching, where)
     for index, group in enumerate(proto.instance_group):
         at_most(group.count, MAX_INSTANCES, where, f"instance_group[{index}].count")
         for gpu in group.gpus:
@@ -141,6 +155,29 @@ def _dynamic_batching(dynamic, where: str) -> None:
         where,
         f"{field_name}.default_queue_policy.default_timeout_microseconds",
     )
+
+
+def _sequence_batching(batching, where: str) -> None:
+    field_name = "sequence_batching"
+    idle = batching.max_sequence_idle_microseconds
+    at_most(idle, MAX_SEQUENCE_IDLE_US, where, f"{field_name}.max_sequence_idle_microseconds")
+    at_most(len(batching.control_input), MAX_CONTROL_INPUTS, where, f"{field_name}.control_input (inputs)")
+    at_most(len(batching.state), MAX_STATES, where, f"{field_name}.state (states)")
+    for index, state in enumerate(batching.state):
+        _dims(state.dims, 1, where, f"{field_name}.state[{index}].dims")
+        for number, initial in enumerate(state.initial_state):
+            initial_field = f"{field_name}.state[{index}].initial_state[{number}].dims"
+            _dims(initial.dims, 1, where, initial_field, MAX_INITIAL_STATE_ELEMENTS, "elements")
+    for strategy in ("direct", "oldest"):
+        delay = getattr(batching, strategy).max_queue_delay_microseconds
+        at_most(delay, MAX_QUEUE_DELAY_US, where, f"{field_name}.{strategy}.max_queue_delay_microseconds")
+    oldest = batching.oldest
+    candidates = oldest.max_candidate_sequences
+    at_most(candidates, MAX_CANDIDATE_SEQUENCES, where, f"{field_name}.oldest.max_candidate_sequences")
+    for size in oldest.preferred_batch_size:
+        at_most(size, MAX_BATCH_SIZE, where, f"{field_name}.oldest.preferred_batch_size")
+    distinct = len(set(oldest.preferred_batch_size))
+    at_most(distinct, MAX_PREFERRED_BATCH_SIZES, where, f"{field_name}.oldest.preferred_batch_size (distinct sizes)")
 
 
 def _version_policy(policy, where: str) -> None:

@@ -21,6 +21,7 @@ from server.models.loading import (
     UNAVAILABLE,
     UNLOADING,
     ModelVersion,
+    hand_over_sequences,
     load_version,
     ready_event,
     retire,
@@ -236,6 +237,7 @@ class ModelRepository:
         versions.update({version.version: version for version in departing})
         versions.update(loaded)
         entry.versions = versions  # from here on, new requests go to the new versions
+        _hand_over(before, loaded)
         if failures:
             entry.state = UNAVAILABLE  # a first load that failed in part: what loaded serves, the model is not ready
         else:
@@ -324,6 +326,18 @@ class ModelRepository:
             version.state, version.reason = UNAVAILABLE, "server shut down"
         steps = await self.loads.settled(max(0.0, ends - loop.time()))
         return steps + [f"{retiring[task].label}: a batch" for task in late]
+
+
+def _hand_over(before: dict[str, ModelVersion], loaded: dict[str, ModelVersion]) -> None:
+    """Each loaded version takes over the sequences of the one it replaces: the same number, or for
+    the newest, the newest before (where requests that name no version went)."""
+    if not before or not loaded:
+        return
+    newest_before, newest = max(before, key=int), max(loaded, key=int)
+    for number, version in loaded.items():
+        previous = before.get(number) or (before[newest_before] if number == newest else None)
+        if previous is not None:
+            hand_over_sequences(previous, version)
 
 
 def _bounded_queue(settings: ModelSettings, default_max_queue_size: int) -> ModelSettings:

@@ -29,7 +29,7 @@ def warm_up(pool: InstancePool, settings: ModelSettings, signature: Signature, m
         capture(pool, signature)
     if not settings.warmup:
         try:
-            pool.run_everywhere({spec.name: zeros(spec) for spec in signature.inputs})
+            pool.run_everywhere({spec.name: zeros(spec) for spec in signature.run_inputs})
         except ExecutionFailed as err:
             log.warning(
                 "%s: automatic warm-up with zeros failed, so it serves unwarmed: %s; %s", signature.label, err, FIX
@@ -92,7 +92,9 @@ def sample_feeds(sample: WarmupSample, signature: Signature, model_dir: Path) ->
             f"{sample.where}.batch_size: {sample.batch_size}, but the model does not batch (max_batch_size 0)"
         )
     batch = (sample.batch_size,) if batching else ()
-    return {item.name: _tensor(item, batch + item.dims, signature, model_dir, sample.where) for item in sample.inputs}
+    feeds = {item.name: _tensor(item, batch + item.dims, signature, model_dir, sample.where) for item in sample.inputs}
+    feeds.update({spec.name: zeros(spec, max(sample.batch_size, 1)) for spec in signature.hidden})  # a sequence's
+    return feeds
 
 
 def _tensor(item: WarmupInput, shape: tuple[int, ...], signature: Signature, model_dir: Path, where: str) -> np.ndarray:

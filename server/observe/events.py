@@ -89,6 +89,19 @@ class ModelStateChanged:
 
 
 @dataclass(frozen=True, slots=True)
+class SequenceChanged:
+    """A sequence of a sequence-batched model started (took a slot), began to wait for one (waiting),
+    or ended: by its END request (ended), idle past max_sequence_idle_microseconds (timed_out), or
+    with its version (aborted). live and waiting: the model's sequences after the change."""
+
+    model: str
+    version: str
+    change: str
+    live: int
+    waiting: int
+
+
+@dataclass(frozen=True, slots=True)
 class RepositoryChanged:
     """A load or unload of a model ended, successfully or not: readiness may have changed."""
 

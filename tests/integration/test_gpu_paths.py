@@ -107,6 +107,7 @@ def test_the_gpu_check_runs_its_plumbing_on_the_cpu(tmp_path):
         "serving": "ok",
         "energy": "failed",
         "cuda_graphs": "ok",
+        "cuda_shm": "skipped",
         "frontends": "ok",
         "tensorrt": "failed",
     }
@@ -122,6 +123,8 @@ def test_the_gpu_check_runs_its_plumbing_on_the_cpu(tmp_path):
             served["provider_options"] == [["CPUExecutionProvider", {}]] and served["provider_options_from"] == "server"
         )
     assert steps["io_binding"]["result"]["outputs_equal_session_run"] is True
+    refused = steps["cuda_shm"]["reason"]  # no GPU: the server says why it cannot register CUDA memory
+    assert "the server said: unable to register CUDA shared memory region" in refused, refused
     graphs = steps["cuda_graphs"]["result"]
     assert sorted({answer["rows"] for answer in graphs["served"]}) == [1, 3, 8, 16] and all(
         a["equal"] for a in graphs["served"]
@@ -146,7 +149,7 @@ def test_the_gpu_check_runs_its_plumbing_on_the_cpu(tmp_path):
     cut = check(tmp_path / "cut", "--deadline-minutes", "0", "--exit-after", "providers")
     assert cut.returncode == 3, cut.stderr[-3000:]
     steps = json.loads((tmp_path / "cut" / "gpu-check.json").read_text())["steps"]
-    assert [step["status"] for step in steps] == ["skipped", "skipped"] + ["pending"] * 6
+    assert [step["status"] for step in steps] == ["skipped", "skipped"] + ["pending"] * 7
     assert all("out of time" in step["reason"] for step in steps[:2])
     assert "| providers | skipped |" in (tmp_path / "cut" / "gpu-check.md").read_text()
 

@@ -20,9 +20,11 @@ with warnings.catch_warnings():  # tritonclient's shared memory utilities import
     import tritonclient.utils.shared_memory as shm
 
 from tests import onnx_models
+from tests.integration.test_frontends import OWN_CONNECTION
 from tests.integration.test_tenants import KEYS, bearer, write_keys
 
 ROW = 16 * 4  # bytes of one INT32 [1, 16] tensor
+NO_CUDA = ("no CUDA device is visible", "libcudart")  # why a machine without a GPU refuses CUDA regions
 
 
 @pytest.fixture
@@ -30,6 +32,12 @@ def simple(tmp_path):
     root = tmp_path / "repository"
     onnx_models.write(root, "simple", onnx_models.simple(), "max_batch_size: 8")
     return root
+
+
+@pytest.fixture(params=["1", "2"], ids=["one-process", "two-front-ends"])
+def launch(request, serve):
+    """serve() with one process, then with two front-end processes (whose registry is the engine's)."""
+    return lambda root, *flags: serve(root, "--frontends", request.param, *flags)
 
 
 @pytest.fixture
@@ -79,8 +87,8 @@ def refused(call) -> InferenceServerException:
     return error.value
 
 
-def test_inputs_and_outputs_cross_in_shared_memory_and_the_response_carries_no_tensor_bytes(simple, regions, serve):
-    server = serve(simple)
+def test_inputs_and_outputs_cross_in_shared_memory_and_the_response_carries_no_tensor_bytes(simple, regions, launch):
+    server = launch(simple)
     client = server.client()
     assert "system_shared_memory" in client.get_server_metadata().extensions
     assert (
@@ -129,8 +137,8 @@ def test_shared_memory_mixes_with_tensors_in_the_message(simple, regions, serve)
     np.testing.assert_array_equal(shm.get_contents_as_numpy(handle, np.int32, [1, 16], offset=ROW), a - b)
 
 
-def test_bad_regions_offsets_and_sizes_are_refused_naming_them(simple, regions, serve):
-    client = serve(simple).client()
+def test_bad_regions_offsets_and_sizes_are_refused_naming_them(simple, regions, launch):
+    client = launch(simple).client()
     handle, key = regions("small", 2 * ROW)
     assert (
         "key '/no-such-key'"
@@ -166,9 +174,9 @@ def test_bad_regions_offsets_and_sizes_are_refused_naming_them(simple, regions, 
     np.testing.assert_array_equal(client.infer("simple", plain).as_numpy("OUTPUT0"), 2 * x)  # still serving
 
 
-def test_a_tenants_regions_are_its_own(simple, regions, serve, tmp_path):
+def test_a_tenants_regions_are_its_own(simple, regions, launch, tmp_path):
     keys = write_keys(tmp_path / "keys.json", KEYS)
-    client = serve(simple, "--api-keys", str(keys)).client()
+    client = launch(simple, "--api-keys", str(keys)).client()
     handle, key = regions("a", 2 * ROW)
     shm.set_shared_memory_region(handle, [np.ones(32, dtype=np.int32)])
     client.register_system_shared_memory("a", key, 2 * ROW, headers=bearer("key-of-a"))
@@ -180,16 +188,20 @@ def test_a_tenants_regions_are_its_own(simple, regions, serve, tmp_path):
     np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), np.full((1, 16), 2, dtype=np.int32))
 
 
-def test_cuda_shared_memory_says_why_it_cannot_register(simple, serve):
-    client = serve(simple).client()
+def test_cuda_shared_memory_without_a_gpu_says_why_it_cannot_register(simple, launch):
+    client = launch(simple).client()
     client.unregister_cuda_shared_memory()  # nothing registered: nothing to do, as tritonclient's examples expect
     assert not client.get_cuda_shared_memory_status(as_json=True).get("regions")
-    with pytest.raises(InferenceServerException, match="CUDA shared memory is not served yet"):
-        client.register_cuda_shared_memory("gpu", base64.b64encode(b"a cudaIpc handle"), 0, 64)
+    short = refused(lambda: client.register_cuda_shared_memory("gpu", base64.b64encode(b"a cudaIpc handle"), 0, 64))
+    assert "raw_handle is 16 bytes; a cudaIpcMemHandle_t is 64" in short.message()
+    message = refused(lambda: client.register_cuda_shared_memory("gpu", base64.b64encode(bytes(64)), 0, 64)).message()
+    assert "unable to register CUDA shared memory region 'gpu'" in message
+    assert any(reason in message for reason in NO_CUDA), message
+    assert not client.get_cuda_shared_memory_status(as_json=True).get("regions")
 
 
-def test_a_streams_requests_read_and_write_shared_memory_too(simple, regions, serve):
-    client = serve(simple).client()
+def test_a_streams_requests_read_and_write_shared_memory_too(simple, regions, launch):
+    client = launch(simple).client()
     handle, key = regions("streamed", 4 * ROW)
     shm.set_shared_memory_region(handle, [np.arange(32, dtype=np.int32)])
     client.register_system_shared_memory("streamed", key, 4 * ROW)
@@ -223,12 +235,12 @@ def test_a_region_named_but_never_registered_is_refused_not_ignored(simple, serv
     assert "'nowhere'" in message.message()
 
 
-def test_bytes_tensors_cross_in_shared_memory_in_the_wires_form(tmp_path, regions, serve):
+def test_bytes_tensors_cross_in_shared_memory_in_the_wires_form(tmp_path, regions, launch):
     """BYTES inputs and outputs length-prefixed, as tritonclient serializes them (NVIDIA's
     simple_grpc_shm_string_client.py does the same)."""
     root = tmp_path / "repository"
     onnx_models.write(root, "simple_string", onnx_models.simple_string(), "max_batch_size: 8")
-    client = serve(root).client()
+    client = launch(root).client()
     a = np.array([str(n).encode() for n in range(16)], dtype=np.object_).reshape(1, 16)
     b = np.array([b"1"] * 16, dtype=np.object_).reshape(1, 16)
     wire_a, wire_b = utils.serialize_byte_tensor(a), utils.serialize_byte_tensor(b)
@@ -254,8 +266,8 @@ def test_bytes_tensors_cross_in_shared_memory_in_the_wires_form(tmp_path, region
     assert [int(value) for value in differences.ravel()] == [n - 1 for n in range(16)]
 
 
-def test_over_rest_the_same_regions_serve_as_tritonclient_http_uses_them(simple, regions, serve):
-    server = serve(simple)
+def test_over_rest_the_same_regions_serve_as_tritonclient_http_uses_them(simple, regions, launch):
+    server = launch(simple)
     client = httpclient.InferenceServerClient(server.http_url)
     client.unregister_cuda_shared_memory()
     a, b = np.arange(16, dtype=np.int32), np.full(16, 5, dtype=np.int32)
@@ -281,6 +293,28 @@ def test_over_rest_the_same_regions_serve_as_tritonclient_http_uses_them(simple,
     assert beyond.value.status() == "400" and "offset 68 + size 64 does not fit" in beyond.value.message()
     client.unregister_system_shared_memory("rest-in")
     assert [r["name"] for r in client.get_system_shared_memory_status()] == ["rest-out"]
-    with pytest.raises(InferenceServerException, match="CUDA shared memory is not served yet"):
-        client.register_cuda_shared_memory("gpu", base64.b64encode(b"a cudaIpc handle"), 0, 64)
+    with pytest.raises(InferenceServerException, match="unable to register CUDA shared memory region 'gpu'") as error:
+        client.register_cuda_shared_memory("gpu", base64.b64encode(bytes(64)), 0, 64)
+    assert error.value.status() == "400" and any(reason in error.value.message() for reason in NO_CUDA)
     client.close()
+
+
+def test_with_front_end_processes_a_region_registered_through_one_serves_through_every_one(simple, regions, serve):
+    """Each new connection lands on either front end: a region registered through one is read and
+    written through both, and once unregistered through one, no front end uses it."""
+    server = serve(simple, "--frontends", "2")
+    a, b = np.arange(16, dtype=np.int32), np.full(16, 2, dtype=np.int32)
+    _, _, outputs = registered_pair(server.client(), regions, ("in", "out"), a, b)
+    request = [shm_input("INPUT0", "in"), shm_input("INPUT1", "in", ROW)]
+    clients = [grpcclient.InferenceServerClient(server.url, channel_args=OWN_CONNECTION) for _ in range(12)]
+    answered_by = set()
+    for client in clients:
+        result = client.infer("simple", request, outputs=[shm_output("OUTPUT0", "out")])
+        answered_by.add(result.get_response().parameters["onnxserve_frontend"].int64_param)
+        np.testing.assert_array_equal(shm.get_contents_as_numpy(outputs, np.int32, [1, 16]).ravel(), a + b)
+    assert answered_by == {1, 2}
+
+    clients[0].unregister_system_shared_memory("in")
+    for client in clients:
+        message = refused(lambda: client.infer("simple", request)).message()  # noqa: B023
+        assert "unable to find system shared memory region: 'in'" in message

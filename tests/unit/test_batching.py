@@ -246,3 +246,35 @@ def test_a_configured_queue_delay_replaces_the_adaptive_one():
         await batcher.close()
 
     run(body())
+
+
+def test_a_request_pinned_to_an_instance_runs_only_there_and_others_take_any_free_one():
+    """A direct sequence's requests hold one instance's slot: they wait for that instance even while
+    another is free, which meanwhile runs what anyone may run."""
+
+    async def body():
+        model = GatedModel()
+        ran: list[tuple[int, float]] = []
+
+        async def execute(feeds, names, instance):
+            ran.append((instance, float(feeds["x"][0, 0])))
+            return await model.execute(feeds, names, instance)
+
+        batcher = Batcher(execute, BatchingSettings(max_batch_size=4), 2, "m", "1", EventBus(), ("cpu", "cpu"))
+        batcher.start()
+        busy = asyncio.create_task(submit(batcher, 1, 1))  # instance 0 takes it and waits at the gate
+        await model.started.wait()
+        pinned = batcher.prepare(rows(2, 1), 1, ("y",))
+        pinned.instance = 0
+        batcher.admit(pinned)
+        free = asyncio.create_task(submit(batcher, 3, 1))  # instance 1 is free: it runs this at once
+        await asyncio.sleep(0.01)
+        before_gate = list(ran)
+        model.gate.set()
+        await asyncio.gather(busy, pinned.future, free)
+        await batcher.close()
+        return before_gate, ran
+
+    before_gate, ran = run(body())
+    assert before_gate == [(0, 1.0), (1, 3.0)]  # the pinned request did not go to the free instance 1
+    assert (0, 2.0) in ran and (1, 2.0) not in ran
