@@ -121,10 +121,12 @@ class Batcher:
             self.cancel(item)
             raise
 
-    def enqueue(self, feeds: Feeds, rows: int, outputs: tuple[str, ...], **options) -> QueuedRequest:
+    def enqueue(
+        self, feeds: Feeds, rows: int, outputs: tuple[str, ...], *, priority=0, timeout_us=0, tenant="unknown"
+    ) -> QueuedRequest:
         """Queue one request; its `future` resolves with its Answer (or the error that ended it).
         For callers that do not await it in a task of their own, such as the requests of a stream."""
-        item = self.prepare(feeds, rows, outputs, **options)
+        item = self.prepare(feeds, rows, outputs, priority=priority, timeout_us=timeout_us, tenant=tenant)
         self.admit(item)
         return item
 
@@ -243,23 +245,21 @@ class Batcher:
             del self._queues[level]
             self._active.remove(level)
 
-    def _waiting(self, instance: int):
+    def _waiting(self):
         for level in self._active:
-            if not self._pinned:
-                yield from self._queues[level]
-                continue
-            for item in self._queues[level]:
-                if item.instance < 0 or item.instance == instance:
-                    yield item
+            yield from self._queues[level]
+
+    def _waiting_for(self, instance: int):
+        """What `instance` may run: requests pinned to it (a sequence's slot) and those any may run."""
+        for item in self._waiting():
+            if item.instance < 0 or item.instance == instance:
+                yield item
 
     # --- batch formation ----------------------------------------------------------------------
 
-    def _next(self, now: float) -> tuple[int, list[QueuedRequest], float]:
-        """The free instance that runs next, its batch, and when that may leave: the last instance
-        freed, unless requests pinned to one instance (a sequence's slot) make another sooner."""
-        if not self._pinned:
-            instance = self._free[-1]
-            return instance, *self._candidate(now, instance)
+    def _pinned_next(self, now: float) -> tuple[int, list[QueuedRequest], float]:
+        """With requests pinned to one instance (a sequence's slot): the free instance whose batch may
+        leave soonest, that batch, and when."""
         best: tuple[int, list[QueuedRequest], float] = (self._free[-1], [], float("inf"))
         for instance in reversed(self._free):
             chosen, leave_at = self._candidate(now, instance)
@@ -267,9 +267,10 @@ class Batcher:
                 best = (instance, chosen, leave_at)
         return best
 
-    def _candidate(self, now: float, instance: int) -> tuple[list[QueuedRequest], float]:
-        """The next batch for `instance` in priority then arrival order, and when it may leave."""
-        waiting = self._waiting(instance)
+    def _candidate(self, now: float, instance: int = -1) -> tuple[list[QueuedRequest], float]:
+        """The next batch (for `instance`, where requests are pinned) in priority then arrival order,
+        and when it may leave."""
+        waiting = self._waiting_for(instance) if self._pinned else self._waiting()
         head = next(waiting, None)
         if head is None:
             return [], float("inf")
@@ -327,7 +328,11 @@ class Batcher:
             self._timer = None
         while self._free:
             now = self._loop.time()
-            instance, chosen, leave_at = self._next(now)
+            if self._pinned:
+                instance, chosen, leave_at = self._pinned_next(now)
+            else:
+                instance = self._free[-1]
+                chosen, leave_at = self._candidate(now)
             if not chosen:
                 break
             if leave_at > now:  # wait for a fuller batch, at most until the oldest request's delay
@@ -402,12 +407,14 @@ class Batcher:
             failure = err if isinstance(err, ExecutionFailed) else ExecutionFailed(f"{self.label}: {err!r}")
             log.error("%s: batch of %d rows failed: %r", self.label, batch.rows, err)
             for item in batch.requests:
-                run_after(item, None)
+                if item.after is not None:
+                    run_after(item, None)
                 fail(item.future, failure)
         else:
             compute = batch.marks[-1] - batch.marks[0]
             for item, result in zip(batch.requests, results):
-                run_after(item, result)
+                if item.after is not None:
+                    run_after(item, result)
                 answer = Answer(result, batch.batch_id, batch.rows, device, item.taken - item.arrival, compute)
                 resolve(item.future, answer)
         # Callers resume only on a later loop turn, so observers have priced the batch by then.

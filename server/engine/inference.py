@@ -96,12 +96,21 @@ class InferenceCore:
         """Queue a decoded request on its version's batcher; its future resolves with the Answer."""
         call.rows, call.outputs = decoded.rows, decoded.outputs
         priority, timeout_us = request_options(parameters, call.model)
-        options = {"priority": priority, "timeout_us": timeout_us, "tenant": call.identity.label}
-        sequences = call.model.sequences
-        if sequences is None:
-            call.item = call.model.batcher.enqueue(decoded.feeds, decoded.rows, decoded.outputs, **options)
+        model, tenant = call.model, call.identity.label
+        if model.sequences is None:
+            call.item = model.batcher.enqueue(
+                decoded.feeds, decoded.rows, decoded.outputs, priority=priority, timeout_us=timeout_us, tenant=tenant
+            )
         else:
-            call.item = sequences.enqueue(decoded.feeds, decoded.rows, decoded.outputs, parameters, **options)
+            call.item = model.sequences.enqueue(
+                decoded.feeds,
+                decoded.rows,
+                decoded.outputs,
+                parameters,
+                priority=priority,
+                timeout_us=timeout_us,
+                tenant=tenant,
+            )
         return call.item
 
     async def infer(self, call: Call, decoded: DecodedRequest, parameters: Mapping[str, object]) -> Answer:

@@ -124,11 +124,10 @@ def run_outcome(done: asyncio.Future) -> tuple[Feeds | None, BaseException | Non
 
 def run_after(item: QueuedRequest, outputs: Feeds | None) -> None:
     """The request's own hook (a sequence keeps its state), before its caller sees the answer."""
-    if item.after is not None:
-        try:
-            item.after(outputs)
-        except Exception:  # noqa: BLE001 - one request's bookkeeping must not fail its batch's other callers
-            log.exception("request of batch %d: its completion hook failed", item.batch_id)
+    try:
+        item.after(outputs)
+    except Exception:  # noqa: BLE001 - one request's bookkeeping must not fail its batch's other callers
+        log.exception("request of batch %d: its completion hook failed", item.batch_id)
 
 
 def resolve(future: asyncio.Future, value) -> None:

@@ -97,6 +97,8 @@ class Sequences:
     ) -> QueuedRequest:
         """Queue one request of a sequence; its future resolves as Batcher.enqueue's does."""
         key, start, end = parse_sequence(parameters, self.label)
+        if self._closed:
+            raise ShuttingDown(f"{self.label}: {self._closed}; retry")
         if self.batcher.settings.max_batch_size and rows != 1:
             raise InvalidInput(
                 f"inference request to {self.label} must specify batch-size 1 due to requirements of sequence "
@@ -135,8 +137,6 @@ class Sequences:
         self._waiting.clear()
 
     def _check_room(self) -> None:
-        if self._closed:
-            raise ShuttingDown(f"{self.label}: {self._closed}; retry")
         limit = self.batcher.settings.queue_policy.max_queue_size
         if limit and self._pending + self.batcher.depth >= limit:
             raise Overloaded(f"{self.label}: queue is full ({limit} sequence requests waiting); retry later")

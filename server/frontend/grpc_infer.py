@@ -23,6 +23,7 @@ from server.frontend.shared_regions import (
     PlacedOutput,
     SharedRegions,
     inputs_from_regions,
+    names_regions,
     region_of,
     with_regions,
     write_output,
@@ -77,7 +78,7 @@ class GrpcInference:
         its typed contents) is gone on return."""
         message, raw, head = await self.parsed(data, call)
         decoded = await self.decoded(message, raw, head, call)
-        return head, decoded, await self.placements(message, call)
+        return head, decoded, await self.placements(message, call) if names_regions(message.outputs) else {}
 
     def placed_outputs(self, outputs: list, placed: dict, call: Call) -> list:
         """The outputs asked for in shared memory written there, and named last in the response
@@ -91,6 +92,8 @@ class GrpcInference:
         """Output name -> (region, offset, size), for the outputs asked for in shared memory."""
         if self.regions is None:
             return {}
+        if not self.regions.remote:
+            return self._placements(message, call)
         return await with_regions(self.regions, call.identity.tenant, self._placements, message, call)
 
     def _placements(self, message, call: Call) -> dict:
@@ -125,7 +128,7 @@ class GrpcInference:
 
     async def decoded(self, message, raw: list | None, head: RequestHead, call: Call) -> DecodedRequest:
         model = await self.core.resolve(call, head.model_name, head.model_version)
-        if self.regions is not None:  # a region named but not registered is refused, not ignored
+        if self.regions is not None and names_regions(message.inputs):  # named but not registered: refused
             tenant = call.identity.tenant
             raw = await with_regions(
                 self.regions, tenant, inputs_from_regions, message, raw, self.regions, tenant, model.signature.label

@@ -16,6 +16,7 @@ from server.errors import ServingError, Unauthenticated
 from server.frontend.grpc_codec import RequestHead, response_bytes, response_weight
 from server.frontend.grpc_infer import GrpcInference
 from server.frontend.request_limits import OFFLOAD_BYTES
+from server.frontend.shared_regions import names_regions
 
 log = logging.getLogger(__name__)
 # A stream's requests queued, running or answered but not yet sent, and the bytes of those answers,
@@ -130,7 +131,7 @@ class StreamInfer:
         try:
             message, raw, head = await self.inference.parsed(request, call)
             decoded = await self.inference.decoded(message, raw, head, call)
-            placed = await self.inference.placements(message, call)
+            placed = await self.inference.placements(message, call) if names_regions(message.outputs) else {}
             item = self.core.enqueue(call, decoded, head.parameters)
         except asyncio.CancelledError as err:  # the stream went away while its request was being decoded
             self.core.end(call, err)

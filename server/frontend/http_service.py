@@ -272,12 +272,7 @@ class HttpApi:
             model = await core.resolve(call, found.model, found.version)
             regions = TenantRegions(self.regions, identity.tenant) if self.regions is not None else None
             length = _text(headers.get(HEADER_LENGTH_KEY))
-            request, decoded, binary = await with_regions(
-                self.regions, identity.tenant, self._decode, body, length, model.signature, regions
-            )
-            placed = await with_regions(
-                self.regions, identity.tenant, output_regions, request.header, regions, model.signature.label
-            )
+            request, decoded, binary, placed = await self._decode_placed(body, length, model.signature, regions)
             call.request_id = request.id or ""
             answer = await core.infer(call, decoded, request.parameters)
             outputs = [(model.signature.output(name), answer.outputs[name], binary[name]) for name in decoded.outputs]
@@ -298,6 +293,19 @@ class HttpApi:
                 (HEADER_LENGTH_KEY, str(encoded.header_length).encode()),
             ),
         )
+
+    async def _decode_placed(self, body: bytes, header_length: str | None, signature, regions):
+        """_decode, and the outputs asked for in shared memory; a front end in a process of its own
+        maps the regions the request names as it meets them (shared_regions.with_regions)."""
+        if regions is None or not regions.regions.remote:
+            request, decoded, binary = await self._decode(body, header_length, signature, regions)
+            return request, decoded, binary, output_regions(request.header, regions, signature.label)
+        tenant = regions.tenant
+        request, decoded, binary = await with_regions(
+            self.regions, tenant, self._decode, body, header_length, signature, regions
+        )
+        placed = await with_regions(self.regions, tenant, output_regions, request.header, regions, signature.label)
+        return request, decoded, binary, placed
 
     async def _decode(self, body: bytes, header_length: str | None, signature, regions):
         """(HttpInfer, DecodedRequest, binary per output): a short JSON parsed on the loop, then decoded

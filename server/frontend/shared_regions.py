@@ -168,6 +168,11 @@ async def with_regions(regions, tenant: str, step, *args):
     raise InvalidInput(f"a request names more than {MAX_FETCHES} shared memory regions")
 
 
+def names_regions(tensors) -> bool:
+    """Whether any of a message's input or output tensors names a shared memory region."""
+    return any(REGION in tensor.parameters for tensor in tensors)
+
+
 def region_of(parameters, what: str) -> tuple[str, int, int] | None:
     """(region, offset, size) a tensor's parameters name, or None."""
     if REGION not in parameters:
@@ -218,7 +223,7 @@ def inputs_from_regions(message, raw, regions: SharedRegions, tenant: str, label
     from it (views, no copy); `raw` as it was when none does. Raw contents stand for the other
     inputs, in order, as tritonclient sends them."""
     inputs = message.inputs
-    if not any(REGION in tensor.parameters for tensor in inputs):
+    if not names_regions(inputs):
         return raw
     given, aligned, used = list(message.raw_input_contents if raw is None else raw), [], 0
     for tensor in inputs:

@@ -170,7 +170,8 @@ def test_poll_mode_follows_added_changed_and_removed_models_within_two_periods(t
     assert picked_up(lambda: client.is_model_ready("added")) <= 1.5
     shutil.rmtree(tmp_path / "added")
     assert picked_up(lambda: not client.is_model_ready("added")) <= 1.5
-    assert index(client)[("added", "1")] == ("UNAVAILABLE", "unloaded")
+    # not ready from the moment it starts unloading; unavailable once its sessions have closed
+    assert wait_until(lambda: index(client)[("added", "1")] == ("UNAVAILABLE", "unloaded"), timeout=5)
 
 
 def test_poll_mode_does_not_load_a_file_still_being_written(tmp_path, serve):
