@@ -2,6 +2,7 @@
 benchmark and the GPU check share it. Standard library and prometheus_client only, so that it runs
 where the test tools are not installed (tritonclient is imported only by `client()`)."""
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,10 +53,16 @@ class ServerProcess(Launched):
 
 
 def start_server(
-    repository: Path, *extra: str, wait_ready: bool = True, timeout: float = 120, root: Path = ROOT
+    repository: Path,
+    *extra: str,
+    wait_ready: bool = True,
+    timeout: float = 120,
+    root: Path = ROOT,
+    environment: dict[str, str] | None = None,
 ) -> ServerProcess:
     """Start `python -m server` on port 0 and wait for its ready (or not-ready) log line; `root`: the
-    checkout whose `server` package runs (bench/compare.py starts an older one beside this one)."""
+    checkout whose `server` package runs (bench/compare.py starts an older one beside this one);
+    `environment`: variables added to this process's (OTEL_* ones, say)."""
     arguments = [
         "--model-repository",
         str(repository),
@@ -73,7 +80,8 @@ def start_server(
         "0",
         *extra,
     ]
-    return launch(arguments, wait_ready=wait_ready, timeout=timeout, into=ServerProcess(None), cwd=root)
+    env = {**os.environ, **environment} if environment else None
+    return launch(arguments, wait_ready=wait_ready, timeout=timeout, into=ServerProcess(None), cwd=root, env=env)
 
 
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02) -> bool:

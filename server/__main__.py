@@ -14,7 +14,7 @@ from server.engine.placement import visible_gpus
 from server.errors import ConfigError
 from server.frontend.tls import check_certificates
 from server.frontends import frontend_count
-from server.observe import nvml_devices
+from server.observe import log_format, nvml_devices
 
 
 def main() -> int:
@@ -29,10 +29,8 @@ def main() -> int:
     except ConfigError as err:
         print(f"onnxserve: {err}", file=sys.stderr)
         return 2
-    role = "engine " if settings.frontends > 1 else ""  # the front ends' lines say "frontend N"
-    logging.basicConfig(
-        level=settings.log_level.upper(), format=f"%(asctime)s %(levelname)s {role}%(name)s: %(message)s"
-    )
+    role = "engine" if settings.frontends > 1 else ""  # the front ends' lines say "frontend N"
+    log_format.configure(settings.log_level, settings.log_format, role)
     prepare_gpus()
     try:
         return asyncio.run(serve(settings))

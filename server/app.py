@@ -49,6 +49,8 @@ from server.observe.metrics import CostCollector, GpuCollector, GpuReader, Metri
 from server.observe.sequence_metrics import SequenceMetrics
 from server.observe.statistics import StatisticsRecorder
 from server.observe.tenant_metrics import TenantCollector, TenantRequests, UsageLogCollector
+from server.observe.trace_config import trace_config
+from server.observe.trace_settings import TraceSettings
 
 log = logging.getLogger("onnxserve")
 FORCED_EXIT_CODE = 130
@@ -69,6 +71,7 @@ class Engine:
     usage: UsageLog | None
     repository: ModelRepository
     core: InferenceCore
+    traces: TraceSettings  # Triton's trace settings, read and changed while serving
 
 
 def build_engine(settings: ServerSettings, auth: Authenticator) -> Engine:
@@ -82,7 +85,25 @@ def build_engine(settings: ServerSettings, auth: Authenticator) -> Engine:
     _observe(bus, registry, ledger, statistics, auth, usage, gpus)
     repository = _repository(settings, bus, gpus)
     core = InferenceCore(repository, bus, ledger, settings.strict_readiness, usage)
-    return Engine(bus, registry, gpus, ledger, energy, statistics, usage, repository, core)
+    traces = _tracing(settings, core, bus, registry, ledger)
+    return Engine(bus, registry, gpus, ledger, energy, statistics, usage, repository, core, traces)
+
+
+def _tracing(settings: ServerSettings, core: InferenceCore, bus: EventBus, registry, ledger: CostLedger):
+    """Traces where an OTLP endpoint is configured (the SDK is imported only then); the settings always."""
+    config = trace_config(settings.trace_config, os.environ)
+    if not config.endpoint:
+        return TraceSettings(config)
+    from server.observe.tracing import Tracing  # imports OpenTelemetry's SDK
+
+    def batch_cost(batch_id: int, rows: int) -> float | None:
+        share = ledger.share(batch_id, rows)
+        return None if share is None else share.dollars
+
+    tracing = core.tracing = Tracing(config, registry, batch_cost)
+    for event_type, handler in tracing.handlers().items():
+        bus.subscribe(handler, event_type)  # after the ledger: a batch's span says what it cost
+    return tracing.settings
 
 
 async def serve(settings: ServerSettings) -> int:
@@ -184,6 +205,7 @@ def _backend(settings: ServerSettings, engine: Engine, auth: Authenticator) -> B
         RequestLimits.from_settings(settings),
         Offload(),
         SharedRegions(cuda=CudaRegions()),  # with front ends in processes of their own, the registry they all ask
+        engine.traces,
     )
 
 
@@ -202,7 +224,10 @@ async def _stop(
         engine.gpus,
         followers,
     )
-    return await shutdown.stop(serving, settings.exit_timeout_secs if timeout is None else timeout)
+    status = await shutdown.stop(serving, settings.exit_timeout_secs if timeout is None else timeout)
+    if engine.core.tracing is not None:
+        await asyncio.to_thread(engine.core.tracing.close)  # what is buffered is exported, a few seconds at most
+    return status
 
 
 async def _follow_readiness(core: InferenceCore, changed: asyncio.Event, ports: str, publish) -> None:

@@ -214,6 +214,17 @@ class ServerSettings:
         metadata=_flag("writable directory for TensorRT engine and timing caches, reused across restarts; empty: none"),
     )
     log_level: str = field(default="INFO", metadata=_flag("DEBUG, INFO, WARNING or ERROR"))
+    log_format: str = field(
+        default="text", metadata=_flag("text, or json: one JSON object a line, with trace and span ids where traced")
+    )
+    trace_config: tuple[str, ...] = field(
+        default=(),
+        metadata=_flag(
+            "Triton's trace settings: mode=opentelemetry, rate=N (one request in N), level=OFF|TIMESTAMPS, "
+            "opentelemetry,url=URL, opentelemetry,resource=KEY=VALUE; repeatable; they win over OTEL_* variables; "
+            "the environment variable takes a ';'-separated list"
+        ),
+    )
     log_repeat_secs: float = field(
         default=60.0,
         metadata=_flag(
@@ -359,6 +370,7 @@ _REPEATED = {
     "load_model": (lambda text, source, where: text.strip(), ","),
     "grpc_restricted_protocol": (RestrictedProtocol.parse, ";"),
     "http_restricted_api": (RestrictedProtocol.parse, ";"),
+    "trace_config": (lambda text, source, where: text.strip(), ";"),
 }
 
 

@@ -133,6 +133,8 @@ def _check_counts(settings: "ServerSettings") -> None:
 def _check_choices(settings: "ServerSettings") -> None:
     if settings.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"--log-level: {settings.log_level!r} is not DEBUG, INFO, WARNING or ERROR")
+    if settings.log_format not in ("text", "json"):
+        raise ConfigError(f"--log-format: {settings.log_format!r} is not text or json")
     devices = [price.device for price in settings.device_price]
     if len(set(devices)) != len(devices):
         raise ConfigError(f"--device-price: a device is priced twice: {devices}")

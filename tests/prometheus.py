@@ -4,6 +4,7 @@ import json
 import shutil
 import socket
 import subprocess
+import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -40,7 +41,9 @@ class Prometheus:
     """Prometheus on a free loopback port, scraping `target` every second; `labels` are
     added to the target's series (as Kubernetes discovery would add namespace and pod)."""
 
-    def __init__(self, binary: str, workdir: Path, target: str, rule_files=(), labels: dict | None = None) -> None:
+    def __init__(
+        self, binary: str, workdir: Path, target: str, rule_files=(), labels: dict | None = None, features=()
+    ) -> None:
         config = workdir / "prometheus.yml"
         static = {"targets": [target], "labels": labels or {}}
         config.write_text(
@@ -61,6 +64,7 @@ class Prometheus:
                     f"--config.file={config}",
                     f"--storage.tsdb.path={workdir / 'data'}",
                     f"--web.listen-address={self.url.removeprefix('http://')}",
+                    *(f"--enable-feature={feature}" for feature in features),
                 ],
                 stdout=subprocess.DEVNULL,
                 stderr=log,
@@ -87,6 +91,15 @@ class Prometheus:
             if all(series["metric"].get(key) == wanted for key, wanted in labels.items()):
                 return float(series["value"][1])
         return None
+
+    def exemplar_labels(self, expression: str) -> list[dict]:
+        """The labels of the exemplars stored for `expression`'s series over the last hour."""
+        now = time.time()
+        params = urllib.parse.urlencode({"query": expression, "start": f"{now - 3600:.3f}", "end": f"{now:.3f}"})
+        with urllib.request.urlopen(f"{self.url}/api/v1/query_exemplars?{params}", timeout=10) as response:
+            body = json.load(response)
+        assert body["status"] == "success", (expression, body)
+        return [exemplar["labels"] for series in body["data"] for exemplar in series["exemplars"]]
 
     def stop(self) -> None:
         self.process.terminate()

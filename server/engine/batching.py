@@ -378,6 +378,8 @@ class Batcher:
         for item in batch.requests:
             item.batch_id = batch.batch_id
             tenants[item.tenant] = tenants.get(item.tenant, 0) + item.rows
+            if item.span is not None:
+                batch.traced += (item.span,)
         event = BatchStarted(
             self.model, self.version, batch.batch_id, self.devices[instance], started, tuple(tenants.items())
         )

@@ -45,6 +45,8 @@ class Call:
     item: QueuedRequest | None = None  # once queued: what its batch did
     answer: Answer | None = None
     link: int = 0  # in a front-end process: the request's number on its link to the engine
+    trace_parent: tuple[str, str] | None = None  # the client's traceparent and tracestate, where tracing is on
+    span: object = None  # its OpenTelemetry span, where it is traced (server/observe/tracing.py)
 
 
 def outcome_of(error: BaseException | None) -> str:

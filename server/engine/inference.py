@@ -28,6 +28,7 @@ COMPUTE_PARAMETER = "onnxserve_compute_us"
 BATCH_PARAMETER = "onnxserve_batch_rows"
 BATCH_ID_PARAMETER = "onnxserve_batch_id"
 TENANT_PARAMETER = "onnxserve_tenant"
+TRACE_PARAMETER = "onnxserve_trace_id"  # where the request was traced: find its trace by this id
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class InferenceCore:
         self._repository, self._bus, self._ledger, self._usage = repository, bus, ledger, usage
         self._strict_readiness = strict_readiness
         self.shutting_down = False  # set by the stop: new requests are refused, readiness is off
+        self.tracing = None  # server/observe/tracing.Tracing, where an exporter endpoint is configured
 
     def ready(self) -> bool:
         if self.shutting_down or not self._repository.loaded:
@@ -85,6 +87,8 @@ class InferenceCore:
             call.reserved, call.requested = True, (name, version)
         model = call.model = self._repository.get(name, version)
         self._bus.publish(RequestStarted(model.name, model.version))
+        if self.tracing is not None:
+            self._traced(lambda: self.tracing.begin(call, *(call.trace_parent or (None, None))))
         return model
 
     def cancel(self, call: Call) -> None:
@@ -111,6 +115,8 @@ class InferenceCore:
                 timeout_us=timeout_us,
                 tenant=tenant,
             )
+        if call.span is not None:
+            call.item.span = call.span.get_span_context()
         return call.item
 
     async def infer(self, call: Call, decoded: DecodedRequest, parameters: Mapping[str, object]) -> Answer:
@@ -135,6 +141,8 @@ class InferenceCore:
         said.append((COST_PARAMETER, share.dollars))
         if share.joules is not None:
             said.append((ENERGY_PARAMETER, share.joules))
+        if call.span is not None:
+            said.append((TRACE_PARAMETER, format(call.span.get_span_context().trace_id, "032x")))
         return said
 
     def finish(self, call: Call, outcome: str) -> None:
@@ -143,9 +151,11 @@ class InferenceCore:
         if call.model is not None:  # unknown names would make unbounded label values
             model = call.model
             seconds = time.perf_counter() - call.started
-            label = call.identity.label
+            label, traced = call.identity.label, ""
+            if call.span is not None:
+                traced = format(call.span.get_span_context().trace_id, "032x")
             self._bus.publish(
-                RequestFinished(model.name, model.version, outcome, call.rows, seconds, call.protocol, label)
+                RequestFinished(model.name, model.version, outcome, call.rows, seconds, call.protocol, label, traced)
             )
         item = call.item
         if item is not None and item.batch_id and not item.executed:
@@ -158,6 +168,16 @@ class InferenceCore:
         share = self._ledger.settle(item.batch_id, item.rows) if item is not None and item.batch_id else None
         if call.reserved:
             self._usage.append(self._usage_record(call, outcome, share))
+        if call.span is not None:
+            self._traced(lambda: self.tracing.end(call, outcome, share))
+
+    @staticmethod
+    def _traced(step) -> None:
+        """A tracing step: its failure is logged, never the request's."""
+        try:
+            step()
+        except Exception:  # noqa: BLE001 - traces observe; they must not fail what they observe
+            log.exception("tracing a request failed")
 
     def _usage_record(self, call: Call, outcome: str, share: Share | None) -> tuple:
         """usage_log.FIELDS, in order."""

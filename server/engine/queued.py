@@ -36,6 +36,7 @@ class QueuedRequest:
     instance: int = -1  # the only instance that may run it (a sequence's slot: sequences.py); -1: any
     after: Callable[[Feeds | None], None] | None = None  # its own outputs (None: its batch failed) once it ran
     owner: object = None  # the Batcher whose queue it entered (a sequence's may outlive its version's)
+    span: object = None  # its request's span context, where it is traced: its batch's span links to it
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +58,7 @@ class Batch:
     instance: int = 0
     batch_id: int = 0
     marks: list[float] = field(default_factory=list)  # start, inputs gathered, runtime returned, outputs split
+    traced: tuple = ()  # its traced requests' span contexts
 
 
 def split_outputs(batch: Batch, outputs: Feeds, label: str) -> list[Feeds]:
@@ -112,6 +114,7 @@ def executed_event(batch: Batch, model: str, version: str, device: str) -> Batch
         infer_seconds=ends[1] - ends[0],
         output_seconds=ends[2] - ends[1],
         queue_seconds=tuple(item.taken - item.arrival for item in batch.requests),
+        traced=batch.traced,
     )
 
 

@@ -8,12 +8,14 @@ to the engine's process."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from server.frontend.identity import Authenticator
 from server.frontend.request_limits import Offload, RequestLimits
 from server.frontend.shared_regions import SharedRegions
+from server.observe.trace_config import TraceConfig
+from server.observe.trace_settings import TraceSettings
 
 if TYPE_CHECKING:  # the engine's side, named, not imported: a front end runs without the engine's machinery
     from server.engine.inference import InferenceCore
@@ -32,3 +34,4 @@ class Backend:
     # Triton's system shared memory: the regions callers registered (in a front-end process, a
     # link_regions.RemoteRegions: the engine's registry); None: not served
     regions: SharedRegions | None = None
+    traces: TraceSettings = field(default_factory=lambda: TraceSettings(TraceConfig()))  # Triton's (exporting: on)

@@ -36,6 +36,9 @@ if TYPE_CHECKING:  # named, not imported: see backend.py
     from server.engine.inference import InferenceCore
 
 
+TRACE_HEADERS = ("traceparent", "tracestate")  # W3C Trace Context, as gRPC metadata
+
+
 class GrpcInference:
     def __init__(
         self,
@@ -44,8 +47,10 @@ class GrpcInference:
         limits: RequestLimits,
         offload: Offload,
         regions: SharedRegions | None = None,
+        traced: bool = False,
     ) -> None:
         self.core, self.auth, self.limits, self.offload, self.regions = core, auth, limits, offload, regions
+        self.traced = traced  # traces are exported: read the callers' traceparent
 
     def identity(self, context) -> Identity:
         """Who is calling, from the call's metadata and client certificate; Unauthenticated when
@@ -62,10 +67,18 @@ class GrpcInference:
         certificate = grpc_client_name(context) if auth.mutual_tls else None
         return auth.identify(authorization, certificate, header)
 
-    async def infer(self, request: bytes, identity: Identity) -> bytes:
+    def trace_parent(self, context) -> tuple[str, str] | None:
+        """The caller's W3C traceparent and tracestate, where traces are exported (else not looked for)."""
+        if not self.traced:
+            return None
+        found = dict(item for item in context.invocation_metadata() if item[0] in TRACE_HEADERS)
+        return (found["traceparent"], found.get("tracestate", "")) if "traceparent" in found else None
+
+    async def infer(self, request: bytes, identity: Identity, trace_parent: tuple | None = None) -> bytes:
         """One serialized ModelInferRequest to its serialized response; raises ServingError for the
         caller to report."""
         with self.core.request(GRPC, identity) as call:
+            call.trace_parent = trace_parent
             head, decoded, placed = await self._read(request, call)
             answer = await self.core.infer(call, decoded, head.parameters)
             outputs, said = self.outputs(call, answer)

@@ -43,7 +43,10 @@ class InferenceService:
 
     def __init__(self, backend: Backend, restricted: tuple[RestrictedProtocol, ...] = ()) -> None:
         self.core, self.info, self.control, self.auth = backend.core, backend.info, backend.control, backend.auth
-        self.inference = GrpcInference(backend.core, backend.auth, backend.limits, backend.offload, backend.regions)
+        self.traces = backend.traces
+        self.inference = GrpcInference(
+            backend.core, backend.auth, backend.limits, backend.offload, backend.regions, backend.traces.exporting
+        )
         self.shared_memory = SharedMemoryRpcs(backend.regions, self.inference) if backend.regions is not None else None
         self.restricted = {method: rule for rule in restricted for method in rule.methods}
 
@@ -62,6 +65,7 @@ class InferenceService:
             "RepositoryIndex": self.RepositoryIndex,
             "RepositoryModelLoad": self.RepositoryModelLoad,
             "RepositoryModelUnload": self.RepositoryModelUnload,
+            "TraceSetting": self.TraceSetting,
             **(self.shared_memory.implementations() if self.shared_memory is not None else {}),
         }
 
@@ -131,8 +135,19 @@ class InferenceService:
 
     # --- inference ----------------------------------------------------------------------------
 
+    async def TraceSetting(self, request, context):
+        """Triton's trace settings, the server's or a model's: read, or changed where the request says."""
+        given = {key: list(value.value) for key, value in request.settings.items()}
+        traces, model = self.traces, request.model_name
+        settings = await (traces.update(model, given) if given else traces.view(model))
+        response = protocol.response_class("TraceSetting")()
+        for key, values in settings.items():
+            response.settings[key].value.extend(values)
+        return response
+
     async def ModelInfer(self, request, context):
-        return await self.inference.infer(request, self.inference.identity(context))
+        identity = self.inference.identity(context)
+        return await self.inference.infer(request, identity, self.inference.trace_parent(context))
 
     # --- statistics ---------------------------------------------------------------------------
 

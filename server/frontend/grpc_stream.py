@@ -112,7 +112,7 @@ class StreamInfer:
         again once the keys file has been re-read (Authenticator.follow swaps in a new KeyFile), so
         a revoked key stops at its next message, which is neither run nor billed. The requests
         accepted before it were authorised when they arrived, and are answered."""
-        keys = self.inference.auth.keys
+        keys, trace_parent = self.inference.auth.keys, self.inference.trace_parent(context)
         async for request in requests:
             if self.inference.auth.keys is not keys:
                 keys = self.inference.auth.keys
@@ -120,7 +120,9 @@ class StreamInfer:
                     identity = self.inference.identity(context)  # the tenant too may have changed
                 except Unauthenticated as err:
                     return err
-            await self._queue_one(request, self.core.start(GRPC, identity), stream)
+            call = self.core.start(GRPC, identity)
+            call.trace_parent = trace_parent
+            await self._queue_one(request, call, stream)
             await stream.room()
         return None
 

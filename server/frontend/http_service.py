@@ -35,6 +35,7 @@ from server.frontend.server_info import PLATFORM, SERVER_NAME, extensions, proto
 from server.frontend.shared_regions import PlacedOutput, TenantRegions, with_regions, write_output
 from server.frontend.tensor_codec import output_bytes
 from server.frontend.tls import http_client_name
+from server.observe.trace_settings import given_settings, rest_settings
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,7 @@ ACTIONS = {
     "shm_status": ("GET", "shared-memory"),
     "shm_register": ("POST", "shared-memory"),
     "shm_unregister": ("POST", "shared-memory"),
+    "trace": ("GET POST", "trace"),  # read, or change with a body
 }
 SHARED_MEMORY_KINDS = ("systemsharedmemory", "cudasharedmemory")
 # Open to every caller, so that probes need no key. Not a model's readiness: it would tell anyone
@@ -113,6 +115,8 @@ def route(path: str) -> Route:
         return Route(rest[3], rest[2])
     if rest == ["models", "stats"]:
         return Route("stats")
+    if rest == ["trace", "setting"]:
+        return Route("trace")
     if rest[0] in SHARED_MEMORY_KINDS:  # Route's model is the region's name, its version the kind
         return _shared_memory_route(rest, path)
     if rest[0] == "models" and len(rest) >= 2:
@@ -123,6 +127,8 @@ def route(path: str) -> Route:
             return Route("metadata", model, version)
         if len(tail) == 1 and tail[0] in ("ready", "config", "stats", "infer"):
             return Route("model_ready" if tail[0] == "ready" else tail[0], model, version)
+        if tail == ["trace", "setting"] and not version:
+            return Route("trace", model)
     raise HttpError(404, f"no such path: {path}")
 
 
@@ -141,6 +147,7 @@ class HttpApi:
     def __init__(self, backend: Backend, restricted: tuple[RestrictedProtocol, ...], max_body_bytes: int) -> None:
         self.core, self.info, self.control, self.auth = backend.core, backend.info, backend.control, backend.auth
         self.limits, self.offload, self.regions = backend.limits, backend.offload, backend.regions
+        self.traces, self.traced = backend.traces, backend.traces.exporting
         self.restricted = {group: rule for rule in restricted for group in rule.groups}
         self.max_body_bytes = max_body_bytes
         self.handlers = {
@@ -154,6 +161,7 @@ class HttpApi:
             "index": self._index,
             "load": self._load,
             "unload": self._unload,
+            "trace": self._trace,
         }
 
     async def __call__(self, scope, receive, send) -> None:
@@ -162,19 +170,19 @@ class HttpApi:
         headers = dict(scope["headers"])
         try:
             found = route(scope["path"])
-            method, group = ACTIONS[found.action]
-            if scope["method"] != method:
+            methods, group = ACTIONS[found.action]
+            if scope["method"] not in methods.split():
                 raise HttpError(
                     405,
-                    f"{scope['method']} is not allowed on {scope['path']}; use {method}",
-                    ((b"allow", method.encode()),),
+                    f"{scope['method']} is not allowed on {scope['path']}; use {methods}",
+                    ((b"allow", methods.replace(" ", ", ").encode()),),
                 )
             if group in self.restricted:
                 rule = self.restricted[group]
                 given = headers.get(rule.header.encode())
                 permitted(rule, None if given is None else given.decode("latin-1"))
             identity = None if found.action in WITHOUT_KEY else self._identity(scope, headers)
-            body = await self._body(headers, receive) if method == "POST" else b""
+            body = await self._body(headers, receive) if scope["method"] == "POST" else b""
             if body is None:
                 return  # the client went away while sending: nobody to answer
             if found.action == "infer":
@@ -269,6 +277,8 @@ class HttpApi:
     async def _infer(self, found: Route, headers: dict, body: bytes, identity: Identity):
         core = self.core
         with core.request(HTTP, identity) as call:
+            if self.traced and b"traceparent" in headers:
+                call.trace_parent = (headers[b"traceparent"].decode("latin-1"), _text(headers.get(b"tracestate")) or "")
             model = await core.resolve(call, found.model, found.version)
             regions = TenantRegions(self.regions, identity.tenant) if self.regions is not None else None
             length = _text(headers.get(HEADER_LENGTH_KEY))
@@ -342,6 +352,13 @@ class HttpApi:
             parameters[key] = _file_bytes(found.model, key, value) if key.startswith("file:") else value
         await self.control.load(found.model, parameters)
         return 200, b"", ()
+
+    async def _trace(self, found: Route, headers: dict, body: bytes):
+        """Triton's trace settings, the server's or a model's: read (GET), or changed by a body's (POST)."""
+        if not body.strip():
+            return _json(rest_settings(await self.traces.view(found.model)))
+        given = given_settings(_object(body, "trace settings"))
+        return _json(rest_settings(await self.traces.update(found.model, given)))
 
     async def _unload(self, found: Route, headers: dict, body: bytes):
         await self.control.unload(found.model)

@@ -179,6 +179,7 @@ class RemoteCore:
             "version": version,
             "id": call.request_id,
             "elapsed": time.perf_counter() - call.started,
+            **({"trace": call.trace_parent} if call.trace_parent else {}),
         }
 
     async def resolve(self, call: Call, name: str, version: str) -> RemoteModel:
@@ -323,3 +324,18 @@ class RemoteControl:
 
     async def unload(self, name: str) -> None:
         await self.link.call("unload", name)
+
+
+class RemoteTraces:
+    """TraceSettings' interface, over the link: the engine decides which requests are traced."""
+
+    def __init__(self, connection: Link, exporting: bool) -> None:
+        self.link, self.exporting = connection, exporting
+
+    async def view(self, model: str) -> dict[str, list[str]]:
+        settings, _ = await self.link.call("trace_view", model)
+        return settings
+
+    async def update(self, model: str, given: dict[str, list[str]]) -> dict[str, list[str]]:
+        settings, _ = await self.link.call("trace_update", model, given)
+        return settings

@@ -202,6 +202,8 @@ class _Connection:
         call = self.backend.core.start(head["protocol"], identity)
         call.started -= head["elapsed"]  # the front end received it that long ago
         call.request_id = head.get("id", "")
+        if "trace" in head:
+            call.trace_parent = tuple(head["trace"])
         return call
 
     def _signature_id(self, signature) -> int:
@@ -366,4 +368,8 @@ class _Connection:
             return None, b""
         if op.startswith("region_"):
             return await self._region_call(op, args), b""
+        if op == "trace_view":
+            return await self.backend.traces.view(*args), b""
+        if op == "trace_update":
+            return await self.backend.traces.update(*args), b""
         raise errors.InvalidInput(f"unknown call {op!r} on the link")

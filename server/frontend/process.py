@@ -26,10 +26,12 @@ from server.frontend.backend import Backend
 from server.frontend.connection_limits import ConnectionMetrics
 from server.frontend.grpc_server import start_grpc
 from server.frontend.identity import Authenticator
-from server.frontend.link_client import Link, RemoteControl, RemoteCore, RemoteInfo
+from server.frontend.link_client import Link, RemoteControl, RemoteCore, RemoteInfo, RemoteTraces
 from server.frontend.link_regions import RemoteRegions
 from server.frontend.process_limits import ensure_open_files
 from server.frontend.request_limits import Offload, RequestLimits
+from server.observe import log_format
+from server.observe.trace_config import trace_config
 
 LINK_VARIABLE = "ONNXSERVE_FRONTEND_LINK"  # the engine's Unix socket
 INDEX_VARIABLE = "ONNXSERVE_FRONTEND_INDEX"  # 1..N: in the log, the process title and the hello
@@ -74,6 +76,7 @@ async def serve(settings: ServerSettings, index: int, path: str, http_fd: int | 
         RequestLimits.from_settings(settings),
         Offload(),
         RemoteRegions(connection),
+        RemoteTraces(connection, bool(trace_config(settings.trace_config, os.environ).endpoint)),
     )
     grpc = await start_grpc(settings, backend)
     await grpc.start()
@@ -121,7 +124,7 @@ def main() -> int:
     except ConfigError as err:
         print(f"onnxserve frontend {index}: {err}", file=sys.stderr)
         return 2
-    logging.getLogger().setLevel(settings.log_level.upper())
+    log_format.configure(settings.log_level, settings.log_format, f"frontend {index}")
     fd = os.environ.get(HTTP_FD_VARIABLE)
     return asyncio.run(serve(settings, index, os.environ[LINK_VARIABLE], int(fd) if fd else None))
 

@@ -50,6 +50,7 @@ class BatchExecuted:
     infer_seconds: float = 0.0
     output_seconds: float = 0.0
     queue_seconds: tuple[float, ...] = ()  # one per request: arrival to the batch's start
+    traced: tuple = ()  # the span contexts of its traced requests (server/observe/tracing.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +72,7 @@ class RequestFinished:
     duration_seconds: float
     protocol: str = "grpc"  # the transport it came by: grpc or http
     tenant: str = "unknown"  # the tenant's name on /metrics ("other" once folded)
+    trace_id: str = ""  # where the request was traced: its latency's exemplar
 
 
 @dataclass(frozen=True, slots=True)

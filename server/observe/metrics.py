@@ -147,7 +147,8 @@ class MetricsObserver:
         series.inflight.dec()
         series.requests[event.outcome, event.protocol].inc()
         if event.outcome == "ok":
-            series.request_duration.observe(event.duration_seconds)
+            exemplar = {"trace_id": event.trace_id} if event.trace_id else None
+            series.request_duration.observe(event.duration_seconds, exemplar)
 
     def _batch(self, event: BatchExecuted) -> None:
         series = self.series(event.model, event.version)

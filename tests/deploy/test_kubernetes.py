@@ -29,6 +29,7 @@ from yamllint import linter
 from yamllint.config import YamlLintConfig
 
 from server.config import ENV_PREFIX, ServerSettings, parse_server_settings
+from server.observe.trace_config import trace_config
 from tests import onnx_models
 from tests.conftest import start_server, wait_until
 from tests.integration.test_batching import caller_rows, inputs
@@ -43,12 +44,14 @@ KUBERNETES_VERSION = "1.30.0"
 OVERLAYS = ("overlays/cpu", "overlays/gpu")
 TENANTS = "examples/tenants"
 # Probed with the kubelet's gRPC probes (plaintext gRPC); the tenants example serves TLS.
-GRPC_PROBED = (*OVERLAYS, "examples/models-from-pvc", "examples/models-polled")
+TRACING = "examples/tracing"
+GRPC_PROBED = (*OVERLAYS, "examples/models-from-pvc", "examples/models-polled", TRACING)
 RENDERED = (*GRPC_PROBED, TENANTS)
 BASE_KINDS = ["Deployment", "Service", "PodDisruptionBudget", "ServiceMonitor", "HorizontalPodAutoscaler"]
 # What an example adds to the base's kinds, and its custom resources (no bundled schema).
 EXTRA_KINDS = {
-    TENANTS: ["Issuer", "Issuer", "Certificate", "Certificate", "Certificate", "Secret", "PersistentVolumeClaim"]
+    TENANTS: ["Issuer", "Issuer", "Certificate", "Certificate", "Certificate", "Secret", "PersistentVolumeClaim"],
+    TRACING: ["ConfigMap"],
 }
 EXTRA_CUSTOM_KINDS = {TENANTS: {"Issuer", "Certificate"}}
 # Custom resources: no schema is bundled, kubernetes-validate can only warn about them.
@@ -391,6 +394,25 @@ def test_nothing_turns_on_by_itself(rendered, name, tmp_path):
     settings = server_settings(env, tmp_path)
     assert not (settings.grpc_use_ssl or settings.http_use_ssl or settings.metrics_use_ssl)
     assert not (settings.api_keys or settings.usage_log)
+
+
+def test_traces_come_from_an_optional_configmap_that_only_the_tracing_example_makes(rendered):
+    for name in RENDERED:
+        (source,) = server_container(rendered[name])["envFrom"]
+        assert source["configMapRef"]["optional"] is True and source["configMapRef"]["name"].startswith(
+            "onnxserve-tracing"
+        )
+        maps = [doc for doc in rendered[name] if doc["kind"] == "ConfigMap"]
+        assert [doc["metadata"]["name"] for doc in maps] == (
+            [source["configMapRef"]["name"]] if name == TRACING else []
+        )
+
+
+def test_the_tracing_example_exports_to_a_collector_as_the_server_reads_it(rendered):
+    (configmap,) = [doc for doc in rendered[TRACING] if doc["kind"] == "ConfigMap"]
+    config = trace_config((), configmap["data"])
+    assert config.enabled and config.endpoint.startswith("http://otel-collector.")
+    assert (config.protocol, config.rate) == ("grpc", 0.01)
 
 
 def test_model_repository_stays_at_the_image_default_in_the_overlays(rendered):

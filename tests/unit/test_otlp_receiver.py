@@ -14,7 +14,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcess
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
-from tests.otlp_receiver import OtlpReceiver
+from bench.otlp_receiver import OtlpReceiver
 
 PROTOCOLS = ["grpc", "http/protobuf"]
 SERVER, INTERNAL = 2, 1  # opentelemetry.proto.trace.v1.Span.SpanKind
