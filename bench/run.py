@@ -21,7 +21,8 @@ Each row has throughput, p50, errors and the server's CPU per request (its whole
 tree, from /proc). Then the ratios, and the targets of the "fast by default" work as measured.
 ResNet-50 also as "unary-shm": onnxserve with each caller's tensors in Triton's system shared memory
 (bench/shm_regions.py). With the MLP, also onnxserve with 1 and 2 front-end processes (bench/split.py): throughput and
-CPU per request of the engine and of the front ends, at 64 callers.
+CPU per request of the engine and of the front ends, at 64 callers; and tracing off, 1% and 100% into
+a real OTLP receiver (bench/traces.py).
 Figures from one run only: these machines are noisy, so compare ratios, not absolute numbers.
 """
 
@@ -400,22 +401,27 @@ def main(argv: list[str] | None = None) -> int:
                 workdir.mkdir()
                 results[name][server] = measure(server, repository, workload, args.duration, workdir)
         if "mlp" in args.models:
-            from bench import split  # here: bench.split builds on this module
+            from bench import split, traces  # here: they build on this module
 
             print("mlp: onnxserve with 1 and 2 front-end processes ...", file=sys.stderr)
             results["split"] = split.measure(repository, args.duration)
+            print("mlp: onnxserve tracing off, 1% and 100% ...", file=sys.stderr)
+            results["traces"] = traces.measure(repository, args.duration, rounds=2)
         if args.soak:
             print(f"soak: {args.soak} mlp requests ...", file=sys.stderr)
             results["soak"] = soak(repository, args.soak)
     print(f"machine: {os.cpu_count()} cores visible, {cpu_cores()} usable; onnxruntime {ort.__version__}")
-    measured = {k: v for k, v in results.items() if k not in ("soak", "split")}
+    measured = {k: v for k, v in results.items() if k not in ("soak", "split", "traces")}
     print_table(measured)
     found = targets(measured)
     if "split" in results:
-        from bench import split
+        from bench import split, traces
 
         split.print_table(results["split"])
         found += split.targets(results["split"])
+    if "traces" in results:
+        traces.print_table(results["traces"])
+        found += traces.targets(results["traces"])
     print("targets (every server on its defaults):")
     for target, value, met in found:
         print(f"  {'met    ' if met else 'NOT met'}  {target}: {value}")

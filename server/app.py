@@ -15,9 +15,11 @@ from server.config import ServerSettings
 from server.engine.costs import CostLedger, resolve_prices
 from server.engine.cpus import cpu_cores
 from server.engine.energy import SampledMeters
+from server.engine.governor import Governor, limits_snapshot
 from server.engine.inference import InferenceCore
 from server.engine.placement import CPU, GpuPolicy
-from server.engine.usage_log import UsageLog
+from server.engine.tenant_limits import LimitsFollower
+from server.engine.usage_log import UsageLog, spend_records
 from server.errors import ConfigError
 from server.frontend.backend import Backend
 from server.frontend.connection_limits import ConnectionMetrics
@@ -48,7 +50,7 @@ from server.observe.frontend_metrics import FrontendSeries
 from server.observe.metrics import CostCollector, GpuCollector, GpuReader, MetricsObserver
 from server.observe.sequence_metrics import SequenceMetrics
 from server.observe.statistics import StatisticsRecorder
-from server.observe.tenant_metrics import TenantCollector, TenantRequests, UsageLogCollector
+from server.observe.tenant_metrics import TenantCollector, TenantLimitsCollector, TenantRequests, UsageLogCollector
 from server.observe.trace_config import trace_config
 from server.observe.trace_settings import TraceSettings
 
@@ -72,6 +74,7 @@ class Engine:
     repository: ModelRepository
     core: InferenceCore
     traces: TraceSettings  # Triton's trace settings, read and changed while serving
+    limits: LimitsFollower | None  # --tenant-limits, followed while serving
 
 
 def build_engine(settings: ServerSettings, auth: Authenticator) -> Engine:
@@ -86,7 +89,27 @@ def build_engine(settings: ServerSettings, auth: Authenticator) -> Engine:
     repository = _repository(settings, bus, gpus)
     core = InferenceCore(repository, bus, ledger, settings.strict_readiness, usage)
     traces = _tracing(settings, core, bus, registry, ledger)
-    return Engine(bus, registry, gpus, ledger, energy, statistics, usage, repository, core, traces)
+    limits = _tenant_limits(settings, core, registry)
+    return Engine(bus, registry, gpus, ledger, energy, statistics, usage, repository, core, traces, limits)
+
+
+def _tenant_limits(settings: ServerSettings, core: InferenceCore, registry) -> LimitsFollower | None:
+    """--tenant-limits: the governor on the core, its spend so far this month from the usage log."""
+    if not settings.tenant_limits:
+        return None
+    follower = LimitsFollower(settings.tenant_limits)  # a bad file stops the start, naming file and field
+    governor = core.governor = Governor(lambda: follower.current)
+    if settings.usage_log:
+        counted = governor.rebuild(spend_records(settings.usage_log))
+        log.info("tenant limits: this month's spend rebuilt from %d usage records", counted)
+    registry.register(TenantLimitsCollector(lambda: limits_snapshot(governor)))
+    log.info("tenant limits: %d tenants and a default from %s", len(follower.current.tenants), settings.tenant_limits)
+    return follower
+
+
+def _follow(engine: Engine) -> list[asyncio.Task]:
+    """The files the engine re-reads while serving, as tasks the stop cancels."""
+    return [asyncio.create_task(engine.limits.follow())] if engine.limits is not None else []
 
 
 def _tracing(settings: ServerSettings, core: InferenceCore, bus: EventBus, registry, ledger: CostLedger):
@@ -114,6 +137,7 @@ async def serve(settings: ServerSettings) -> int:
     auth = _authenticator(settings)
     engine = build_engine(settings, auth)
     backend = _backend(settings, engine, auth)
+    following = _follow(engine)
 
     grpc = await start_grpc(settings, backend)
     connections = ConnectionMetrics(engine.registry)
@@ -134,7 +158,7 @@ async def serve(settings: ServerSettings) -> int:
         auth,
         lambda changed: _follow_readiness(engine.core, changed, ports, grpc.serving),
     )
-    return await _stop(settings, engine, backend, grpc, http, metrics_httpd, followers)
+    return await _stop(settings, engine, backend, grpc, http, metrics_httpd, [*followers, *following])
 
 
 async def serve_frontends(settings: ServerSettings) -> int:
@@ -145,6 +169,7 @@ async def serve_frontends(settings: ServerSettings) -> int:
     auth = _authenticator(settings)
     engine = build_engine(settings, auth)
     backend = _backend(settings, engine, auth)
+    following = _follow(engine)
     reserved = reserve_grpc_port(settings)
     http_socket = listen_http(settings) if settings.http_port >= 0 else None
     loop = asyncio.get_running_loop()
@@ -178,7 +203,9 @@ async def serve_frontends(settings: ServerSettings) -> int:
     if http_socket is not None:
         http_socket.close()
     left = max(0.0, settings.exit_timeout_secs - (loop.time() - stopping))
-    return await _stop(settings, engine, backend, None, None, metrics_httpd, [*followers, supervising], left)
+    return await _stop(
+        settings, engine, backend, None, None, metrics_httpd, [*followers, supervising, *following], left
+    )
 
 
 def _frontend_series(registry: CollectorRegistry, frontends: Frontends) -> ConnectionMetrics:

@@ -316,6 +316,13 @@ class ServerSettings:
         default=100, metadata=_flag('tenants with series of their own on /metrics; later ones count as tenant="other"')
     )
     usage_log: str = field(default="", metadata=_flag("file to append one JSON usage record per finished request to"))
+    tenant_limits: str = field(
+        default="",
+        metadata=_flag(
+            "YAML or JSON file of each tenant's budgets, rates, in-flight cap, priority and weight (a `default` "
+            "entry for the rest); re-read when it changes"
+        ),
+    )
     usage_log_fsync_ms: int = field(
         default=200, metadata=_flag("usage log: milliseconds between fsyncs (the most a crash loses)")
     )

@@ -57,6 +57,14 @@ class Unauthenticated(ServingError):
     """A call without a valid API key while --api-keys is set."""
 
 
+class TenantRefused(ServingError):
+    """The caller's tenant is over one of its limits (--tenant-limits); it may retry after `retry_after` s."""
+
+    def __init__(self, message: str, reason: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.reason, self.retry_after = reason, retry_after
+
+
 class ExecutionFailed(Exception):
     """onnxruntime failed on a batch. Not a ServingError: its text stays in the log."""
 

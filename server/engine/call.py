@@ -11,13 +11,19 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from server.engine.queued import Answer, QueuedRequest
-from server.errors import DeadlineExceeded, InvalidInput, ModelNotFound, Overloaded, ServingError
+from server.errors import DeadlineExceeded, InvalidInput, ModelNotFound, Overloaded, ServingError, TenantRefused
 
 if TYPE_CHECKING:  # the version a request resolved to: the core's to set, the front end's to read
     from server.models.repository import ModelVersion
 
 GRPC, HTTP = "grpc", "http"
-OUTCOMES = {InvalidInput: "invalid", Overloaded: "rejected", DeadlineExceeded: "timeout", ModelNotFound: "invalid"}
+OUTCOMES = {
+    InvalidInput: "invalid",
+    Overloaded: "rejected",
+    DeadlineExceeded: "timeout",
+    ModelNotFound: "invalid",
+    TenantRefused: "refused",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +53,7 @@ class Call:
     link: int = 0  # in a front-end process: the request's number on its link to the engine
     trace_parent: tuple[str, str] | None = None  # the client's traceparent and tracestate, where tracing is on
     span: object = None  # its OpenTelemetry span, where it is traced (server/observe/tracing.py)
+    governed: bool = False  # counted in flight by the tenant limits (server/engine/governor.py)
 
 
 def outcome_of(error: BaseException | None) -> str:

@@ -51,6 +51,7 @@ class InferenceCore:
         self._strict_readiness = strict_readiness
         self.shutting_down = False  # set by the stop: new requests are refused, readiness is off
         self.tracing = None  # server/observe/tracing.Tracing, where an exporter endpoint is configured
+        self.governor = None  # server/engine/governor.Governor, with --tenant-limits
 
     def ready(self) -> bool:
         if self.shutting_down or not self._repository.loaded:
@@ -85,6 +86,9 @@ class InferenceCore:
             if not self._usage.reserve():  # rather refused than served unbilled
                 raise Overloaded(self._usage.behind_message())
             call.reserved, call.requested = True, (name, version)
+        if self.governor is not None:  # before any decoding: a tenant over its limits costs little
+            self.governor.admit(call.identity.tenant, call.identity.label)
+            call.governed = True
         model = call.model = self._repository.get(name, version)
         self._bus.publish(RequestStarted(model.name, model.version))
         if self.tracing is not None:
@@ -100,6 +104,9 @@ class InferenceCore:
         """Queue a decoded request on its version's batcher; its future resolves with the Answer."""
         call.rows, call.outputs = decoded.rows, decoded.outputs
         priority, timeout_us = request_options(parameters, call.model)
+        if call.governed:
+            self.governor.admit_rows(call.identity.tenant, decoded.rows)
+            priority = priority or self._tenant_priority(call)
         model, tenant = call.model, call.identity.label
         if model.sequences is None:
             call.item = model.batcher.enqueue(
@@ -145,6 +152,12 @@ class InferenceCore:
             said.append((TRACE_PARAMETER, format(call.span.get_span_context().trace_id, "032x")))
         return said
 
+    def _tenant_priority(self, call: Call) -> int:
+        """The tenant's priority level (--tenant-limits), within the model's levels; 0: the model's default."""
+        levels = call.model.settings.batching.priority_levels
+        wanted = self.governor.priority(call.identity.tenant)
+        return min(wanted, levels) if wanted and levels else 0
+
     def finish(self, call: Call, outcome: str) -> None:
         """Report how the request ended; settle its cost (and write its usage record) once its
         batch, if it had one, is over: a caller gone while its batch runs still pays for its rows."""
@@ -157,6 +170,8 @@ class InferenceCore:
             self._bus.publish(
                 RequestFinished(model.name, model.version, outcome, call.rows, seconds, call.protocol, label, traced)
             )
+        if call.governed:
+            self.governor.release(call.identity.tenant)
         item = call.item
         if item is not None and item.batch_id and not item.executed:
             item.on_executed = lambda: self._settle(call, outcome)
@@ -166,6 +181,8 @@ class InferenceCore:
     def _settle(self, call: Call, outcome: str) -> None:
         item = call.item
         share = self._ledger.settle(item.batch_id, item.rows) if item is not None and item.batch_id else None
+        if share is not None and self.governor is not None:
+            self.governor.charge(call.identity.tenant, share.dollars)
         if call.reserved:
             self._usage.append(self._usage_record(call, outcome, share))
         if call.span is not None:

@@ -375,3 +375,28 @@ def _cut_torn_tail(path: Path, fd: int, size: int) -> int:
 def _iso_time(epoch: float) -> str:
     moment = datetime.datetime.fromtimestamp(epoch, datetime.UTC)
     return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def spend_records(path: str):
+    """(tenant, time in seconds since the epoch, dollars) of each record in the log at `path` and in
+    its rotated files (PATH.N) still beside it; torn or foreign lines are skipped. Blocking."""
+    current = Path(path)
+    rotated = sorted(current.parent.glob(f"{current.name}.*"), key=lambda found: found.name)
+    for file in [*(found for found in rotated if found.suffix[1:].isdigit()), current]:
+        try:
+            with open(file, "rb") as lines:
+                for line in lines:
+                    found = _spend(line)
+                    if found is not None:
+                        yield found
+        except OSError as err:
+            log.warning("usage log: %s cannot be read for the tenants' spend: %s", file, err)
+
+
+def _spend(line: bytes) -> tuple[str, float, float] | None:
+    try:
+        record = orjson.loads(line)
+        at = datetime.datetime.fromisoformat(record["time"]).timestamp()
+        return record["tenant"], at, float(record.get("cost_dollars") or 0.0)
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None

@@ -32,6 +32,7 @@ STATUS = {
     errors.ControlDisabled: grpc.StatusCode.FAILED_PRECONDITION,
     errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    errors.TenantRefused: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 # Open to every caller, so that probes need no key; the inference RPCs identify their caller themselves.
 # ModelReady is not open: it would tell anyone which model names exist (probes use ServerReady).

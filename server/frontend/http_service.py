@@ -6,6 +6,7 @@ too, as a minimal ASGI app served by uvicorn with httptools in the server's own 
 import base64
 import binascii
 import logging
+import math
 from dataclasses import dataclass
 
 import orjson
@@ -14,7 +15,7 @@ import uvicorn
 from server import errors
 from server.config import RestrictedProtocol, ServerSettings
 from server.engine.call import HTTP, Identity
-from server.errors import InvalidInput, ServingError, Unauthenticated
+from server.errors import InvalidInput, ServingError, TenantRefused, Unauthenticated
 from server.frontend.backend import Backend
 from server.frontend.connection_limits import ConnectionMetrics, Listener, http_limits, listen
 from server.frontend.http_codec import (
@@ -50,6 +51,7 @@ STATUS = {  # Triton's mapping (PROTOCOL.md 2e), plus 403 and 504
     errors.DeadlineExceeded: 504,
     errors.PermissionDenied: 403,
     errors.Unauthenticated: 401,
+    errors.TenantRefused: 429,
 }
 CHALLENGE = ((b"www-authenticate", b'Bearer realm="onnxserve"'),)
 AUTHORIZATION_KEY, TENANT_KEY = AUTHORIZATION.encode(), TENANT_HEADER.encode()
@@ -197,6 +199,8 @@ class HttpApi:
             status, payload, extra = STATUS.get(type(err), 400), json_body({"error": str(err)}), JSON_TYPE
             if isinstance(err, Unauthenticated):
                 extra = (*JSON_TYPE, *CHALLENGE)
+            elif isinstance(err, TenantRefused):
+                extra = (*JSON_TYPE, (b"retry-after", str(math.ceil(err.retry_after)).encode()))
         except Exception:
             log.exception("HTTP %r %r failed", scope["method"], scope["path"])  # %r: the caller's text, escaped
             message = f"{scope['method']} {scope['path']}: internal error; the server log has details"

@@ -13,7 +13,7 @@ log = logging.getLogger(__name__)
 
 
 PHASES = ("input", "infer", "output")  # of a batch execution; see BatchExecuted
-REQUEST_OUTCOMES = ("ok", "invalid", "rejected", "timeout", "cancelled", "error")
+REQUEST_OUTCOMES = ("ok", "invalid", "rejected", "timeout", "cancelled", "error", "refused")
 
 
 @dataclass(frozen=True, slots=True)

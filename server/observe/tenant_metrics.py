@@ -92,3 +92,37 @@ class UsageLogCollector(Collector):
         )
         refused.add_metric((), usage.refused)
         yield from (depth, capacity, written, refused)
+
+
+class TenantLimitsCollector(Collector):
+    """--tenant-limits at scrape time: what was refused and why, requests in flight, and each tenant's
+    spend in the current UTC hour, day and month against its budget (`snapshot`: governor.limits_snapshot)."""
+
+    def __init__(self, snapshot: Callable[[], dict[str, list]]) -> None:
+        self.snapshot = snapshot
+
+    def collect(self) -> Iterator:
+        found = self.snapshot()
+        refused = CounterMetricFamily(
+            "onnxserve_tenant_refused", "Requests refused over a tenant limit, by reason", labels=("tenant", "reason")
+        )
+        for (tenant, reason), count in found["refused"]:
+            refused.add_metric((tenant, reason), count)
+        in_flight = GaugeMetricFamily(
+            "onnxserve_tenant_in_flight_requests", "Each tenant's requests in flight", labels=("tenant",)
+        )
+        for tenant, count in found["in_flight"]:
+            in_flight.add_metric((tenant,), count)
+        spend = GaugeMetricFamily(
+            "onnxserve_tenant_spend_dollars",
+            "Each tenant's spend in the current UTC window (hour, day, month), as the usage log bills it",
+            labels=("tenant", "window"),
+        )
+        for (tenant, window), dollars in found["spend"]:
+            spend.add_metric((tenant, window), dollars)
+        budget = GaugeMetricFamily(
+            "onnxserve_tenant_budget_dollars", "Each tenant's budget for the window", labels=("tenant", "window")
+        )
+        for (tenant, window), dollars in found["budget"]:
+            budget.add_metric((tenant, window), dollars)
+        yield from (refused, in_flight, spend, budget)

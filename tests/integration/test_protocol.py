@@ -249,9 +249,9 @@ def test_reflection_lists_services(server):
 
 def test_unimplemented_rpcs_say_so(server):
     with pytest.raises(grpc.RpcError) as error:
-        own_stub(server, "TraceSetting")(protocol.request_class("TraceSetting")())
+        own_stub(server, "LogSettings")(protocol.request_class("LogSettings")())
     assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert "TraceSetting" in error.value.details()
+    assert "LogSettings" in error.value.details()
 
 
 def test_model_control_is_refused_in_the_default_mode_naming_the_flag(server):
