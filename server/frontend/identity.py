@@ -169,6 +169,12 @@ class Authenticator:
         self._stamp = _stamp(keys_path) if keys_path else None
         if self.keys is not None:
             log.info("API keys: %d keys of %d tenants from %s", len(self.keys.keys), len(self.keys.tenants), keys_path)
+            if self.keys.budgets:
+                log.warning(
+                    "API keys: %s: tenants' budget_dollars_per_hour is deprecated and enforces nothing; budgets "
+                    "that are enforced live in --tenant-limits (budget_dollars: {hour: ...})",
+                    keys_path,
+                )
 
     def identify(self, authorization: str | None, certificate_name: str | None, header: str | None) -> Identity:
         """The caller's identity from what its call carried; Unauthenticated when keys are

@@ -50,6 +50,14 @@ class RemoteItem:
     said: list = field(default_factory=list)  # the accounting parameters the engine sent
 
 
+def error_of(head: dict) -> BaseException:
+    """The engine's error, as the engine raised it."""
+    cls = ERRORS.get(head["type"], RuntimeError)
+    if cls is errors.TenantRefused:
+        return cls(head["message"], head.get("reason", ""), head.get("retry_after", 1.0))
+    return cls(head["message"])
+
+
 class Link:
     """The connection to the engine, its state as last told, and the replies awaited."""
 
@@ -109,8 +117,7 @@ class Link:
                 link.discard_tensors(head[0])
             return
         if kind == link.ERROR:
-            cls = ERRORS.get(head["type"], RuntimeError)
-            future.set_exception(cls(head["message"]))
+            future.set_exception(error_of(head))
         else:
             future.set_result((head, body))
 

@@ -175,7 +175,10 @@ class _Connection:
 
     def error(self, number: int, err: BaseException) -> None:
         kind = type(err).__name__ if isinstance(err, (errors.ServingError, errors.ExecutionFailed)) else "Internal"
-        self.send(link.ERROR, number, {"type": kind, "message": str(err)})
+        head = {"type": kind, "message": str(err)}
+        if isinstance(err, errors.TenantRefused):  # REST's Retry-After, in the front end
+            head.update(reason=err.reason, retry_after=err.retry_after)
+        self.send(link.ERROR, number, head)
 
     def model_head(self, model) -> dict:
         """The version that answers, with its signature unless this front end holds it already."""

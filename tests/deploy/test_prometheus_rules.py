@@ -56,6 +56,10 @@ DEVICE_METRICS = {
 # No model label: per tenant, or per server.
 SERVER_METRICS = {
     "onnxserve_tenant_budget_dollars_per_hour",
+    "onnxserve_tenant_spend_dollars",
+    "onnxserve_tenant_budget_dollars",
+    "onnxserve_tenant_refused_total",
+    "onnxserve_tenant_in_flight_requests",
     "onnxserve_tenant_series_folded_total",
     "onnxserve_unauthenticated_requests_total",
     "onnxserve_usage_log_buffer_records",
@@ -89,6 +93,7 @@ RECORDED = MODEL_RECORDED | {
     "tenant:onnxserve_cost_dollars_per_hour:rate1h",
     "tenant:onnxserve_budget_dollars_per_hour:max",
     "tenant:onnxserve_budget_used:ratio1h",
+    "tenant_window:onnxserve_budget_used:ratio",
     "namespace_pod:opencost_cost_dollars_per_hour:sum",
     "namespace_pod_tenant:onnxserve_cost_share:ratio1h",
     "namespace_pod_tenant:opencost_cost_dollars_per_hour:sum",
@@ -100,6 +105,7 @@ ALERTS = {
     "OnnxserveQueueSaturating",
     "OnnxserveCostPerInferenceOverBudget",
     "OnnxserveTenantOverBudget",
+    "OnnxserveTenantBudgetNearlySpent",
     "OnnxserveUsageLogRefusing",
     "OnnxserveUsageLogBacklog",
     "OnnxserveTenantSeriesFolded",
@@ -176,7 +182,8 @@ def test_rules_read_only_known_metrics():
         "le",
         "ALERTS",
     }
-    labels = {"model", "version", "tenant", "namespace", "pod", "container", "node", "outcome", "le"}
+    labels = {"model", "version", "tenant", "namespace", "pod", "container", "node", "outcome", "le", "window"}
+    labels |= {"instance"}  # a replica: budgets are enforced per replica
     for name, expr in rule_exprs():
         unquoted = QUOTED.sub('""', re.sub(r"#.*", "", expr))
         unquoted = re.sub(r"\{[^}]*\}|\[[^\]]*\]", "", unquoted)  # selectors and windows

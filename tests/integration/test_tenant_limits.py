@@ -81,9 +81,14 @@ def test_a_rate_with_a_burst_refuses_the_excess_at_once_and_other_tenants_are_un
     assert all(r["tenant"] == "flood" and not r["cost_dollars"] for r in refused_records)  # refused: costs nothing
 
 
-def test_rest_says_when_to_retry(tmp_path, serve):
+@pytest.mark.parametrize("frontends", ["1", "2"])
+def test_rest_says_when_to_retry_and_grpc_is_refused_alike_through_front_ends(tmp_path, serve, frontends):
     limits = limits_file(tmp_path / "limits.json", json.dumps({"default": {"requests_per_second": 1}}))
-    server = serve(plus_one(tmp_path), "--trust-tenant-header", "--tenant-limits", str(limits))
+    flags = ("--trust-tenant-header", "--tenant-limits", str(limits), "--frontends", frontends)
+    server = serve(plus_one(tmp_path), *flags)
+    client = grpcclient.InferenceServerClient(server.url)
+    answers = [outcome(lambda: plus(client, "g")) for _ in range(3)]
+    assert answers[0] == "ok" and answers[-1].startswith("StatusCode.RESOURCE_EXHAUSTED: tenant 'g' is refused")
     import urllib.error
     import urllib.request
 
