@@ -24,6 +24,7 @@ class TraceSettings:
         }
         self.models: dict[str, dict[str, list[str]]] = {}
         self.left: dict[str, int] = {}  # "" or a model: traces left where trace_count was set
+        self.decided: dict[str, tuple[bool, int]] = {}  # model -> (traced at all, rate): read per request
 
     def __repr__(self) -> str:
         return f"level {self.server['trace_level'][0]}, one request in {self.server['trace_rate'][0]}"
@@ -31,13 +32,19 @@ class TraceSettings:
     def value(self, model: str, key: str) -> list[str]:
         return self.models.get(model, {}).get(key) or self.server[key]
 
+    def _decided(self, model: str) -> tuple[bool, int]:
+        found = self.decided.get(model)
+        if found is None:
+            on = self.value(model, "trace_level")[0] != "OFF"
+            found = self.decided[model] = (on, int(self.value(model, "trace_rate")[0]))
+        return found
+
     def on(self, model: str) -> bool:
-        return self.value(model, "trace_level")[0] != "OFF"
+        return self._decided(model)[0]
 
     def sampled(self, model: str, draw: float) -> bool:
         """Whether a request of `model` without a client's sampled trace is traced; `draw` in [0, 1)."""
-        rate = int(self.value(model, "trace_rate")[0])
-        if draw * rate >= 1.0:
+        if draw * self._decided(model)[1] >= 1.0:
             return False
         scope = model if "trace_count" in self.models.get(model, {}) else ""
         if scope not in self.left:
@@ -54,6 +61,7 @@ class TraceSettings:
         """Apply `given` (key -> values; an empty list clears a model's own value) and return the
         settings in force; InvalidInput naming the key and value that cannot be."""
         checked = {key: _checked(key, values, model, self.exporting) for key, values in given.items()}
+        self.decided.clear()
         target = self.models.setdefault(model, {}) if model else self.server
         for key, values in checked.items():
             if values:

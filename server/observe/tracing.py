@@ -146,9 +146,9 @@ class Tracing:
                 return
             if not parent.is_valid:
                 context = None
-        if context is None and not self.settings.sampled(model.name, random.random()):
-            return
         if not self.settings.on(model.name):
+            return
+        if context is None and not self.settings.sampled(model.name, random.random()):
             return
         call.span = self.tracer.start_span(
             f"infer {model.name}", context=context, kind=SpanKind.SERVER, start_time=_perf_ns(call.started)
