@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -17,6 +18,9 @@ if TYPE_CHECKING:  # the version a request resolved to: the core's to set, the f
     from server.models.repository import ModelVersion
 
 GRPC, HTTP = "grpc", "http"
+UNKNOWN, OTHER = "unknown", "other"  # no identity; tenants folded past --max-tenant-series
+# A tenant's name, in the API keys file and the tenant limits alike
+TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._:@/-]{0,127}")
 OUTCOMES = {
     InvalidInput: "invalid",
     Overloaded: "rejected",

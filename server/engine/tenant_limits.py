@@ -5,10 +5,7 @@ Errors name the file, the field path and the bad value. Tenant names follow --ap
 (server/frontend/identity.py's _tenant), repeated here because the engine may not import a front end
 (tests/unit/test_layout.py); tests/unit/test_tenant_limits.py checks that the two agree."""
 
-import asyncio
 import logging
-import os
-import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -16,7 +13,9 @@ from dataclasses import dataclass, field, fields
 import orjson
 import yaml
 
+from server.engine.call import OTHER, TENANT_NAME, UNKNOWN
 from server.errors import ConfigError, shown
+from server.followed_file import FollowedFile
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +24,7 @@ TOP_FIELDS = ("default", "tenants")
 BURSTS = {"request_burst": "requests_per_second", "row_burst": "rows_per_second"}  # bucket capacity -> its rate
 MAX_BYTES = 1 << 20  # of the file: a server process reads it, at start and on every change
 MAX_TENANTS = 10_000
-TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._:@/-]{0,127}")  # identity.py's, kept equal by a test
-RESERVED = ("unknown", "other")  # identity.py's UNKNOWN and OTHER
+RESERVED = (UNKNOWN, OTHER)  # names the server gives: no tenant may take them
 YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # yaml.safe_load's rules, in C where built
 
 
@@ -207,42 +205,8 @@ CHECKS = {
 }
 
 
-class LimitsFollower:
-    """The current TenantLimits, re-read when the file changes (as identity.py's Authenticator.follow does);
-    a broken new file keeps the previous limits and logs why. `on_change` callbacks get each new one."""
+class LimitsFollower(FollowedFile[TenantLimits]):
+    """The current TenantLimits, re-read when the file changes (server/followed_file.py)."""
 
     def __init__(self, path: str) -> None:
-        self.path = path
-        self._stamp = _stamp(path)  # before the read: a change while reading is read again
-        self.current: TenantLimits = read_limits(path)
-        self.on_change: list[Callable[[TenantLimits], None]] = []
-
-    async def follow(self, period: float = 1.0) -> None:
-        while True:
-            await asyncio.sleep(period)
-            stamp = await asyncio.to_thread(_stamp, self.path)
-            if stamp == self._stamp:
-                continue
-            self._stamp = stamp
-            try:
-                limits = await asyncio.to_thread(read_limits, self.path)
-            except ConfigError as err:
-                log.error("tenant limits: the changed file is not used, the previous limits stay: %s", err)
-                continue
-            if limits == self.current:
-                continue
-            self.current = limits
-            log.info("tenant limits: reloaded, a default and %d tenants from %s", len(limits.tenants), self.path)
-            for callback in list(self.on_change):
-                try:
-                    callback(limits)
-                except Exception:
-                    log.exception("tenant limits: a listener failed on the reloaded limits")
-
-
-def _stamp(path: str) -> tuple | None:
-    try:
-        found = os.stat(path)  # follows symlinks: a ConfigMap's ..data swap changes the inode
-    except OSError:
-        return None
-    return found.st_ino, found.st_dev, found.st_mtime_ns, found.st_size
+        super().__init__(path, read_limits, "tenant limits")

@@ -11,25 +11,22 @@ verified client certificate's CN is the tenant. A subject with no CN or several 
 open streams compare it to tell when to check their caller again.
 """
 
-import asyncio
 import hashlib
 import logging
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import orjson
 
-from server.engine.call import Identity
+from server.engine.call import OTHER, TENANT_NAME, UNKNOWN, Identity
 from server.errors import ConfigError, Unauthenticated
+from server.followed_file import FollowedFile
 
 log = logging.getLogger(__name__)
 
-UNKNOWN, OTHER = "unknown", "other"  # no identity; tenants folded past --max-tenant-series
 TENANT_HEADER = "x-tenant-id"
 AUTHORIZATION = "authorization"
-TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._:@/-]{0,127}")
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 FILE_FIELDS = ("keys", "certificates", "tenants")
 
@@ -161,12 +158,11 @@ class Authenticator:
         self.trust_header = trust_header
         self.mutual_tls = mutual_tls
         self.labels = TenantLabels(max_tenant_series)
-        self.keys = read_key_file(keys_path) if keys_path else None
+        self._file = FollowedFile(keys_path, read_key_file, "API keys") if keys_path else None
         self.refused = {"missing": 0, "invalid": 0}  # calls refused for want of a valid key
         self.anonymous = Identity(UNKNOWN, UNKNOWN, "none")
         # Nothing to read from a call: every caller is "unknown", and nothing is parsed per call.
         self.reads_calls = bool(keys_path or trust_header or mutual_tls)
-        self._stamp = _stamp(keys_path) if keys_path else None
         if self.keys is not None:
             log.info("API keys: %d keys of %d tenants from %s", len(self.keys.keys), len(self.keys.tenants), keys_path)
             if self.keys.budgets:
@@ -211,29 +207,12 @@ class Authenticator:
             return self.keys.certificates[common_name]
         return common_name if TENANT_NAME.fullmatch(common_name) and common_name not in (UNKNOWN, OTHER) else UNKNOWN
 
+    @property
+    def keys(self) -> KeyFile | None:
+        """The keys file as last read: another object after each change (a stream checks its key again then)."""
+        return self._file.current if self._file is not None else None
+
     async def follow(self, period: float = 1.0) -> None:
-        """Re-read the keys file whenever it changes (a Kubernetes Secret update swaps a symlink);
-        a broken new file keeps the old keys and logs why."""
-        while self.keys_path:
-            await asyncio.sleep(period)
-            stamp = await asyncio.to_thread(_stamp, self.keys_path)
-            if stamp == self._stamp:
-                continue
-            self._stamp = stamp
-            try:
-                keys = await asyncio.to_thread(read_key_file, self.keys_path)
-            except ConfigError as err:
-                log.error("API keys: the changed file is not used, the previous keys stay: %s", err)
-                continue
-            self.keys = keys
-            log.info(
-                "API keys: reloaded, %d keys of %d tenants from %s", len(keys.keys), len(keys.tenants), self.keys_path
-            )
-
-
-def _stamp(path: str) -> tuple | None:
-    try:
-        found = os.stat(path)  # follows symlinks: a Secret's ..data swap changes the inode
-    except OSError:
-        return None
-    return found.st_ino, found.st_dev, found.st_mtime_ns, found.st_size
+        """Re-read the keys file whenever it changes; a broken new file keeps the old keys and logs why."""
+        if self._file is not None:
+            await self._file.follow(period)

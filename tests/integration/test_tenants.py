@@ -154,7 +154,7 @@ def test_keys_rotate_while_serving_and_a_broken_file_keeps_the_old_ones(tmp_path
         assert refused_status(lambda: grpc_infer(client, headers=bearer("key-of-a")))[0] == "StatusCode.UNAUTHENTICATED"
 
         (secret / "v2" / "api-keys.json").write_text('{"keys": [{"sha256": "not hex"')  # a broken update
-        assert wait_until(lambda: "the previous keys stay" in server.log_text(), timeout=10)
+        assert wait_until(lambda: "API keys: the changed file is not used" in server.log_text(), timeout=10)
         assert "--api-keys" in server.log_text() and "not valid JSON" in server.log_text()
         assert grpc_infer(client, headers=bearer("key-of-b"))["onnxserve_tenant"].string_param == "team-b"
     finally:

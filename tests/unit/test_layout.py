@@ -11,7 +11,17 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "server"
 ROOMS = ("frontend", "engine", "models", "observe", "tune", "tools")
-SHARED = ("config", "config_checks", "errors", "protocol", "protos_generated", "tensors", "bytes_codec", "processes")
+SHARED = (
+    "config",
+    "config_checks",
+    "errors",
+    "protocol",
+    "protos_generated",
+    "tensors",
+    "bytes_codec",
+    "processes",
+    "followed_file",
+)
 ROOT = (
     "__main__",
     "app",

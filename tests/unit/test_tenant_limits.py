@@ -156,7 +156,7 @@ def test_the_file_is_bounded_in_size_and_in_tenants(tmp_path):
     "name", ["team-a", "a", "A b.c:d@e/f_g-h", "x" * 128, "x" * 129, "unknown", "other", "-a", " a", "a\n", "", "é", 7]
 )
 def test_tenant_names_follow_the_api_keys_file_rule(name):
-    """The rule is repeated here (the engine may not import a front end): the two must agree."""
+    """One rule (server/engine/call.py's) for both files: they accept and refuse the same names."""
     try:
         identity._tenant(name, "where")
         accepted = True
@@ -195,7 +195,7 @@ def test_the_follower_picks_up_a_new_file_keeps_the_old_limits_on_a_broken_one_t
             await until(lambda: follower.current is not first and seen)
             assert follower.current.of("team-a").requests_per_second == 60 and seen == [follower.current]
             second = follower.current
-            with caplog.at_level(logging.ERROR, logger=tenant_limits.__name__):
+            with caplog.at_level(logging.ERROR, logger="server.followed_file"):
                 write(tmp_path / "limits.yaml", YAML + "  team-c: {weight: -2}\n")
                 await until(lambda: any(record.levelno == logging.ERROR for record in caplog.records))
             assert follower.current is second and len(seen) == 1
