@@ -111,7 +111,10 @@ def new_run(args, payload: bytes, deadline: float, limit: int, progress: bool) -
     if args.http_url:
         body = http_body(payload, args.http_body == "binary")
         return HttpRun(args.url, args.http_url, args.model, body, deadline=deadline, limit=limit, progress=progress)
-    return Run(args.url, payload, deadline, limit, progress, in_order=args.stream_protocol == "mlserver")
+    metadata = tuple(tuple(header.split("=", 1)) for header in args.header)
+    return Run(
+        args.url, payload, deadline, limit, progress, in_order=args.stream_protocol == "mlserver", metadata=metadata
+    )
 
 
 async def run_load(args) -> Report:
@@ -202,6 +205,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="open loop: evenly spaced, or Poisson (exponential gaps, as independent users arrive)",
     )
     parser.add_argument("--seed", type=int, default=0, help="open loop with Poisson arrivals: the gaps' random seed")
+    parser.add_argument(
+        "--header",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="gRPC metadata on every unary call, repeatable (x-tenant-id=team-a with --trust-tenant-header)",
+    )
     parser.add_argument("--streams", type=int, default=0, help="closed loop over this many ModelStreamInfer streams")
     parser.add_argument(
         "--stream-protocol",

@@ -15,6 +15,7 @@ from server.config import ServerSettings
 from server.engine.costs import CostLedger, resolve_prices
 from server.engine.cpus import cpu_cores
 from server.engine.energy import SampledMeters
+from server.engine.fair_share import WEIGHTS
 from server.engine.governor import Governor, limits_snapshot
 from server.engine.inference import InferenceCore
 from server.engine.placement import CPU, GpuPolicy
@@ -99,6 +100,7 @@ def _tenant_limits(settings: ServerSettings, core: InferenceCore, registry) -> L
         return None
     follower = LimitsFollower(settings.tenant_limits)  # a bad file stops the start, naming file and field
     governor = core.governor = Governor(lambda: follower.current)
+    WEIGHTS.use(lambda tenant: follower.current.of(tenant).weight)  # full batches shared by weight
     if settings.usage_log:
         counted = governor.rebuild(spend_records(settings.usage_log))
         log.info("tenant limits: this month's spend rebuilt from %d usage records", counted)

@@ -23,6 +23,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from server.engine.fair_share import WEIGHTS, fair_batch
 from server.engine.queued import (
     Answer,
     Batch,
@@ -81,6 +82,7 @@ class Batcher:
     _callers: float = field(default=1.0, init=False)  # callers recently here at once (a decaying peak)
     _running: int = field(default=0, init=False)  # requests in batches that run now
     _pinned: int = field(default=0, init=False)  # queued requests that only one instance may run
+    _tenants: dict[str, int] = field(default_factory=dict, init=False)  # queued requests per tenant
 
     def __post_init__(self) -> None:
         if len(self.devices) != self.instances:
@@ -222,6 +224,7 @@ class Batcher:
             bisect.insort(self._active, item.level, key=lambda level: level or last)
         queue.append(item)
         item.queued = True
+        self._tenants[item.tenant] = self._tenants.get(item.tenant, 0) + 1
         self._depth += 1
         self._pinned += item.instance >= 0
         self._schedule()
@@ -239,6 +242,14 @@ class Batcher:
             self._retire_if_empty(item.level)
             self._depth -= 1
             self._pinned -= item.instance >= 0
+            self._left(item.tenant)
+
+    def _left(self, tenant: str) -> None:
+        count = self._tenants[tenant] - 1
+        if count:
+            self._tenants[tenant] = count
+        else:
+            del self._tenants[tenant]
 
     def _retire_if_empty(self, level: int) -> None:
         if not self._queues[level]:
@@ -286,6 +297,9 @@ class Batcher:
                 break
             chosen.append(item)
             rows += item.rows
+        if full and len(self._tenants) > 1:  # more wait than fit, from several tenants: shared by weight
+            waiting = self._waiting_for(instance) if self._pinned else self._waiting()
+            return fair_batch(waiting, head, max_rows, WEIGHTS.of), now
         if full or rows == max_rows or self._closing:
             return chosen, now
         preferred = self._preferred_prefix(chosen)
@@ -355,6 +369,7 @@ class Batcher:
             item.queued = False
             item.taken = now
             self._pinned -= item.instance >= 0
+            self._left(item.tenant)
         self._depth -= len(chosen)
         self._callers = max(float(len(chosen)), self._callers * CALLERS_DECAY)
         live = [item for item in chosen if not item.future.done()]

@@ -11,6 +11,7 @@ request in it: a trace viewer shows who rode with whom. Export runs in a thread 
 batches, from a bounded buffer: a full buffer, or an export that fails, drops spans and counts them
 (onnxserve_trace_spans_dropped_total); a request never waits on it."""
 
+import asyncio
 import collections
 import logging
 import random
@@ -135,8 +136,11 @@ class Tracing:
         return {BatchExecuted: self.batch, ModelStateChanged: self._provider}
 
     def begin(self, call, traceparent: str | None, tracestate: str | None = None) -> None:
-        """At resolve: whether the request is traced; if it is, its span starts (call.span)."""
-        model = call.model
+        """At resolve: whether the request is traced; if it is, its span starts (call.span), and the
+        request's task logs with its ids (a stream's task serves one request after another: reset each)."""
+        model, in_task = call.model, asyncio.current_task() is not None
+        if in_task:
+            request_trace.set(None)
         context = None
         if traceparent:
             carrier = {"traceparent": traceparent, **({"tracestate": tracestate} if tracestate else {})}
@@ -153,8 +157,9 @@ class Tracing:
         call.span = self.tracer.start_span(
             f"infer {model.name}", context=context, kind=SpanKind.SERVER, start_time=_perf_ns(call.started)
         )
-        started = call.span.get_span_context()
-        request_trace.set((format(started.trace_id, "032x"), format(started.span_id, "016x")))
+        if in_task:  # not in a callback (the link's engine end): its context outlives the request
+            started = call.span.get_span_context()
+            request_trace.set((format(started.trace_id, "032x"), format(started.span_id, "016x")))
 
     def end(self, call, outcome: str, share) -> None:
         """The request ended: its span and its children, written from the times the path kept."""

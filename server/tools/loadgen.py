@@ -169,11 +169,12 @@ class Run:
         progress: bool,
         in_order: bool = False,
         channel: grpc.aio.Channel | None = None,
+        metadata: tuple[tuple[str, str], ...] = (),
     ) -> None:
         self.owns_channel = channel is None  # a caller that runs many windows keeps one connection
         self.channel = channel or grpc.aio.insecure_channel(url)
         self.call = self.channel.unary_unary(METHOD)  # bytes in, bytes out
-        self.payload = payload
+        self.payload, self.metadata = payload, metadata or None  # gRPC metadata on every call (a tenant's)
         self.deadline, self.limit = deadline, limit
         self.latencies: list[float] = []
         self.errors: list[str] = []
@@ -194,7 +195,7 @@ class Run:
         """One request (`payload`, or the run's); its latency runs from `scheduled` (perf_counter) when given."""
         begin = time.perf_counter() if scheduled is None else scheduled
         try:
-            await self.call(payload or self.payload, timeout=60)
+            await self.call(payload or self.payload, timeout=60, metadata=self.metadata)
         except grpc.aio.AioRpcError as err:
             self.errors.append(f"{err.code().name}: {err.details()}")
             return

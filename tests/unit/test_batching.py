@@ -278,3 +278,33 @@ def test_a_request_pinned_to_an_instance_runs_only_there_and_others_take_any_fre
     before_gate, ran = run(body())
     assert before_gate == [(0, 1.0), (1, 3.0)]  # the pinned request did not go to the free instance 1
     assert (0, 2.0) in ran and (1, 2.0) not in ran
+
+
+def test_a_full_batch_is_shared_between_tenants_so_a_lone_request_does_not_wait_behind_a_flood():
+    """Twenty requests of tenant A wait, then one of B: the next batch of 4 rows takes B's too, where
+    arrival order alone would have made it wait four batches."""
+
+    async def body():
+        model = GatedModel()
+        batcher = make_batcher(model, max_batch_size=4, max_queue_delay_us=0)
+        blocker = asyncio.create_task(submit(batcher, 0, 1))
+        await model.started.wait()
+        flood = [asyncio.create_task(submit(batcher, 1, 1, tenant="a")) for _ in range(20)]
+        lone = asyncio.create_task(submit(batcher, 2, 1, tenant="b"))
+        await asyncio.sleep(0.01)
+        model.gate.set()
+        await asyncio.gather(blocker, *flood, lone)
+        await batcher.close()
+        return [sorted(float(v) for v in batch["x"][:, 0]) for batch in model.batches]
+
+    batches = run(body())
+    assert batches[1] == [1.0, 1.0, 1.0, 2.0]  # B's request rides in the first batch after the blocker
+    assert sum(len(batch) for batch in batches) == 22 and all(len(batch) <= 4 for batch in batches)
+
+
+def test_shares_follow_the_weights_and_what_a_tenant_leaves_goes_to_the_others():
+    from server.engine.fair_share import allocate
+
+    assert allocate({"a": 100, "b": 100}, {"a": 1.0, "b": 3.0}, 32) == {"a": 8, "b": 24}
+    assert allocate({"a": 100, "b": 2}, {"a": 1.0, "b": 1.0}, 32) == {"a": 30, "b": 2}
+    assert allocate({"a": 5, "b": 6}, {"a": 1.0, "b": 1.0}, 32) == {"a": 5, "b": 6}
