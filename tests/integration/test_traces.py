@@ -31,8 +31,8 @@ def simple_inputs(module, value: int = 1):
     return tensors
 
 
-def traced_server(tmp_path, receiver: OtlpReceiver, *flags: str, **environment: str):
-    onnx_models.write(tmp_path, "simple", onnx_models.simple(), "max_batch_size: 8")
+def traced_server(tmp_path, receiver: OtlpReceiver, *flags: str, config: str = "max_batch_size: 8", **environment: str):
+    onnx_models.write(tmp_path, "simple", onnx_models.simple(), config)
     protocol = "grpc" if receiver.protocol == "grpc" else "http/protobuf"
     env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_EXPORTER_OTLP_PROTOCOL": protocol, **environment}
     return start_server(tmp_path, *flags, environment=env)
@@ -91,7 +91,8 @@ def test_a_request_is_a_span_with_its_decode_queue_compute_and_encode_and_a_batc
 
 
 def test_a_batch_links_to_every_request_that_rode_in_it_over_streams_and_rest(tmp_path, receiver):
-    server = traced_server(tmp_path, receiver)
+    waits = "max_batch_size: 8\ndynamic_batching { max_queue_delay_microseconds: 50000 }"  # they share batches
+    server = traced_server(tmp_path, receiver, config=waits)
     try:
         answers: queue.Queue = queue.Queue()
         stream = grpcclient.InferenceServerClient(server.url)
