@@ -180,7 +180,7 @@ class Batcher:
 
     def cancel(self, item: QueuedRequest) -> None:
         """The caller gave up: out of the queue if still there; its rows are discarded if running."""
-        (item.owner or self)._unqueue(item)
+        self._unqueue(item)
         item.future.cancel()
 
     def _collected(self, _: asyncio.Future) -> None:
@@ -236,7 +236,10 @@ class Batcher:
             fail(item.future, DeadlineExceeded(message))
 
     def _unqueue(self, item: QueuedRequest) -> None:
-        if item.queued:
+        """Out of the queue it is in: its owner's, which a sequence's request can outlive (a reload)."""
+        if item.owner is not None and item.owner is not self:
+            item.owner._unqueue(item)
+        elif item.queued:
             item.queued = False
             self._queues[item.level].remove(item)
             self._retire_if_empty(item.level)

@@ -25,6 +25,18 @@ from server.errors import TenantRefused
 log = logging.getLogger(__name__)
 
 
+_BOUNDS: dict[str, tuple[float, float]] = {}  # window -> the last (start, end) computed: the current one
+
+
+def current_start(window: str, at: float) -> float:
+    """window_start, without building dates for every request: the last window's bounds are kept."""
+    start, end = _BOUNDS.get(window, (1.0, 0.0))
+    if not start <= at < end:
+        start, end = window_start(window, at), window_end(window, at)
+        _BOUNDS[window] = (start, end)
+    return start
+
+
 def window_start(window: str, at: float) -> float:
     """The start of the UTC hour, day or month holding `at` (seconds since the epoch)."""
     moment = datetime.datetime.fromtimestamp(at, datetime.UTC)
@@ -74,13 +86,13 @@ class Spend:
 
     def add(self, dollars: float, at: float) -> None:
         for window in WINDOWS:
-            start = window_start(window, at)
+            start = current_start(window, at)
             began, spent = self.windows.get(window, (start, 0.0))
             self.windows[window] = (start, spent + dollars if began == start else dollars)
 
     def spent(self, window: str, now: float) -> float:
         began, spent = self.windows.get(window, (0.0, 0.0))
-        return spent if began == window_start(window, now) else 0.0
+        return spent if began == current_start(window, now) else 0.0
 
 
 class Governor:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from server.engine.batching import Batcher
-from server.engine.queued import Feeds, QueuedRequest
+from server.engine.queued import Feeds, QueuedRequest, fail
 from server.engine.sequence_state import Key, control_feeds, parse_sequence, state_key
 from server.errors import InvalidInput, Overloaded, ShuttingDown
 from server.models.sequence_config import DIRECT, SequenceSettings
@@ -125,7 +125,10 @@ class Sequences:
     def inherit_ended(self, keys: list[Key], reason: str) -> None:
         """Sequences of a replaced version that end with it: a late request of one is told why."""
         for key in keys:
-            self._ended[key] = reason
+            self._remember_ended(key, reason)
+
+    def _remember_ended(self, key: Key, reason: str) -> None:
+        self._ended[key] = reason
         while len(self._ended) > ENDED_MEMORY:
             self._ended.popitem(last=False)
 
@@ -241,9 +244,7 @@ class Sequences:
             sequence.idle.cancel()
         if self._sequences.get(sequence.key) is sequence:
             del self._sequences[sequence.key]
-        self._ended[sequence.key] = reason
-        while len(self._ended) > ENDED_MEMORY:
-            self._ended.popitem(last=False)
+        self._remember_ended(sequence.key, reason)
         sequence.state = {}
         leftover = list(sequence.backlog)
         sequence.backlog.clear()
@@ -257,11 +258,8 @@ class Sequences:
         (all of them once the version is closing)."""
         while leftover and (self._closed or not leftover[0].start):
             item = leftover.pop(0).item
-            if not item.future.done():
-                error = (
-                    ShuttingDown(f"{self.label}: {self._closed}") if self._closed else InvalidInput(self._unknown(key))
-                )
-                item.future.set_exception(error)
+            error = ShuttingDown(f"{self.label}: {self._closed}") if self._closed else InvalidInput(self._unknown(key))
+            fail(item.future, error)
         if not leftover:
             return
         sequence = self._sequences[key] = Sequence(key)

@@ -381,8 +381,9 @@ def spend_records(path: str):
     """(tenant, time in seconds since the epoch, dollars) of each record in the log at `path` and in
     its rotated files (PATH.N) still beside it; torn or foreign lines are skipped. Blocking."""
     current = Path(path)
-    rotated = sorted(current.parent.glob(f"{current.name}.*"), key=lambda found: found.name)
-    for file in [*(found for found in rotated if found.suffix[1:].isdigit()), current]:
+    rotated = [found for found in current.parent.glob(f"{current.name}.*") if found.suffix[1:].isdigit()]
+    rotated.sort(key=lambda found: int(found.suffix[1:]))  # oldest first: PATH.2 before PATH.10
+    for file in [*rotated, current]:
         try:
             with open(file, "rb") as lines:
                 for line in lines:

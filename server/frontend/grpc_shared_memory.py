@@ -24,13 +24,8 @@ class SharedMemoryRpcs:
         return self.inference.identity(context).tenant
 
     async def SystemSharedMemoryStatus(self, request, context):
-        response = protocol.response_class("SystemSharedMemoryStatus")()
-        for region in await self.regions.status(request.name, self._tenant(context)):
-            response.regions[region.name].name = region.name
-            response.regions[region.name].key = region.key
-            response.regions[region.name].offset = region.offset
-            response.regions[region.name].byte_size = region.byte_size
-        return response
+        listed = await self.regions.status(request.name, self._tenant(context))
+        return _status("SystemSharedMemoryStatus", listed, ("key", "offset", "byte_size"))
 
     async def SystemSharedMemoryRegister(self, request, context):
         await self.regions.register(request.name, request.key, request.offset, request.byte_size, self._tenant(context))
@@ -41,12 +36,8 @@ class SharedMemoryRpcs:
         return protocol.response_class("SystemSharedMemoryUnregister")()
 
     async def CudaSharedMemoryStatus(self, request, context):
-        response = protocol.response_class("CudaSharedMemoryStatus")()
-        for region in await self.regions.status_cuda(request.name, self._tenant(context)):
-            response.regions[region.name].name = region.name
-            response.regions[region.name].device_id = region.device_id
-            response.regions[region.name].byte_size = region.byte_size
-        return response
+        listed = await self.regions.status_cuda(request.name, self._tenant(context))
+        return _status("CudaSharedMemoryStatus", listed, ("device_id", "byte_size"))
 
     async def CudaSharedMemoryRegister(self, request, context):
         tenant = self._tenant(context)
@@ -56,3 +47,14 @@ class SharedMemoryRpcs:
     async def CudaSharedMemoryUnregister(self, request, context):
         await self.regions.unregister_cuda(request.name, self._tenant(context))
         return protocol.response_class("CudaSharedMemoryUnregister")()
+
+
+def _status(method: str, regions, fields: tuple[str, ...]):
+    """A Status RPC's answer: each region by name, with its name and `fields`."""
+    response = protocol.response_class(method)()
+    for region in regions:
+        entry = response.regions[region.name]
+        entry.name = region.name
+        for name in fields:
+            setattr(entry, name, getattr(region, name))
+    return response

@@ -64,21 +64,21 @@ BODY_TYPES = (
 HEADER_LENGTH_KEY = HEADER_LENGTH.encode()
 # Route action -> (HTTP method, API group for --http-restricted-api)
 ACTIONS = {
-    "live": ("GET", "health"),
-    "ready": ("GET", "health"),
-    "server": ("GET", "metadata"),
-    "metadata": ("GET", "metadata"),
-    "model_ready": ("GET", "health"),
-    "config": ("GET", "model-config"),
-    "stats": ("GET", "statistics"),
-    "infer": ("POST", "inference"),
-    "index": ("POST", "model-repository"),
-    "load": ("POST", "model-repository"),
-    "unload": ("POST", "model-repository"),
-    "shm_status": ("GET", "shared-memory"),
-    "shm_register": ("POST", "shared-memory"),
-    "shm_unregister": ("POST", "shared-memory"),
-    "trace": ("GET POST", "trace"),  # read, or change with a body
+    "live": (("GET",), "health"),
+    "ready": (("GET",), "health"),
+    "server": (("GET",), "metadata"),
+    "metadata": (("GET",), "metadata"),
+    "model_ready": (("GET",), "health"),
+    "config": (("GET",), "model-config"),
+    "stats": (("GET",), "statistics"),
+    "infer": (("POST",), "inference"),
+    "index": (("POST",), "model-repository"),
+    "load": (("POST",), "model-repository"),
+    "unload": (("POST",), "model-repository"),
+    "shm_status": (("GET",), "shared-memory"),
+    "shm_register": (("POST",), "shared-memory"),
+    "shm_unregister": (("POST",), "shared-memory"),
+    "trace": (("GET", "POST"), "trace"),  # read, or change with a body
 }
 SHARED_MEMORY_KINDS = ("systemsharedmemory", "cudasharedmemory")
 # Open to every caller, so that probes need no key. Not a model's readiness: it would tell anyone
@@ -173,11 +173,11 @@ class HttpApi:
         try:
             found = route(scope["path"])
             methods, group = ACTIONS[found.action]
-            if scope["method"] not in methods.split():
+            if scope["method"] not in methods:
                 raise HttpError(
                     405,
-                    f"{scope['method']} is not allowed on {scope['path']}; use {methods}",
-                    ((b"allow", methods.replace(" ", ", ").encode()),),
+                    f"{scope['method']} is not allowed on {scope['path']}; use {' or '.join(methods)}",
+                    ((b"allow", ", ".join(methods).encode()),),
                 )
             if group in self.restricted:
                 rule = self.restricted[group]

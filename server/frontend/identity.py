@@ -154,7 +154,6 @@ class Authenticator:
     """Resolves each call's Identity; with keys, refuses calls without a valid one."""
 
     def __init__(self, keys_path: str, trust_header: bool, mutual_tls: bool, max_tenant_series: int) -> None:
-        self.keys_path = keys_path
         self.trust_header = trust_header
         self.mutual_tls = mutual_tls
         self.labels = TenantLabels(max_tenant_series)

@@ -178,7 +178,7 @@ class RemoteCore:
 
     def _head(self, call: Call, name: str, version: str) -> dict:
         identity = call.identity
-        return {
+        head = {
             "protocol": call.protocol,
             "tenant": identity.tenant,
             "source": identity.source,
@@ -186,8 +186,10 @@ class RemoteCore:
             "version": version,
             "id": call.request_id,
             "elapsed": time.perf_counter() - call.started,
-            **({"trace": call.trace_parent} if call.trace_parent else {}),
         }
+        if call.trace_parent:
+            head["trace"] = call.trace_parent
+        return head
 
     async def resolve(self, call: Call, name: str, version: str) -> RemoteModel:
         call.link, call.requested = next(self.link.numbers), (name, version)

@@ -247,9 +247,3 @@ class Tracing:
     def close(self) -> None:
         """Export what is buffered (a few seconds at most) and stop."""
         self.provider.shutdown()
-
-
-def trace_id_of(call) -> str:
-    """The request's trace id, as hex, where it is traced."""
-    span = call.span
-    return format(span.get_span_context().trace_id, "032x") if span is not None else ""

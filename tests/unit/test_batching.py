@@ -308,3 +308,26 @@ def test_shares_follow_the_weights_and_what_a_tenant_leaves_goes_to_the_others()
     assert allocate({"a": 100, "b": 100}, {"a": 1.0, "b": 3.0}, 32) == {"a": 8, "b": 24}
     assert allocate({"a": 100, "b": 2}, {"a": 1.0, "b": 1.0}, 32) == {"a": 30, "b": 2}
     assert allocate({"a": 5, "b": 6}, {"a": 1.0, "b": 1.0}, 32) == {"a": 5, "b": 6}
+
+
+def test_a_request_prepared_by_one_batcher_and_queued_in_another_times_out_from_there():
+    """A sequence's request can be prepared by a version's batcher and queued in its reload's: its
+    timeout (or its caller leaving) takes it out of the queue it is in."""
+
+    async def body():
+        model = GatedModel()
+        old, new = make_batcher(model, max_batch_size=4), make_batcher(model, max_batch_size=4)
+        busy = asyncio.create_task(submit(new, 0, 1))  # the new one's only instance is busy
+        await model.started.wait()
+        item = old.prepare(rows(1, 1), 1, ("y",), timeout_us=20_000)
+        new.admit(item)
+        with pytest.raises(DeadlineExceeded):
+            await asyncio.wait_for(asyncio.shield(item.future), 2)
+        depth = new.depth
+        model.gate.set()
+        await busy
+        await new.close()
+        await old.close()
+        return depth
+
+    assert run(body()) == 0
