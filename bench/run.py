@@ -406,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
             print("mlp: onnxserve with 1 and 2 front-end processes ...", file=sys.stderr)
             results["split"] = split.measure(repository, args.duration)
             print("mlp: onnxserve tracing off, 1% and 100% ...", file=sys.stderr)
-            results["traces"] = traces.measure(repository, args.duration, rounds=2)
+            results["traces"] = traces.measure(repository, args.duration, rounds=4)
         if args.soak:
             print(f"soak: {args.soak} mlp requests ...", file=sys.stderr)
             results["soak"] = soak(repository, args.soak)

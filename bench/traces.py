@@ -36,8 +36,9 @@ def environment(receiver: OtlpReceiver, share: str | None) -> dict[str, str] | N
 def measure(repository: Path, seconds: float, rounds: int) -> dict[str, list[dict]]:
     found: dict[str, list[dict]] = {name: [] for name in SETTINGS}
     with OtlpReceiver("grpc").start() as receiver:
-        for _ in range(rounds):  # each setting a server of its own, in turn: drift weighs on all alike
-            for name, share in SETTINGS.items():
+        for round_number in range(rounds):  # each setting a server of its own, in turn, the order
+            order = list(SETTINGS.items())  # reversed every other round: drift weighs on all alike
+            for name, share in order if round_number % 2 == 0 else order[::-1]:
                 server = start_server(repository, environment=environment(receiver, share))
                 try:
                     found[name].append(point(server.url, server.process.pid, MODEL, CONCURRENCY, seconds, False))
@@ -75,7 +76,7 @@ def targets(found: dict[str, list[dict]]) -> list[tuple[str, str, bool]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.traces", description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per measured point")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=4)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="onnxserve-traces-") as scratch:
         repository = Path(scratch) / "models"

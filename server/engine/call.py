@@ -56,7 +56,7 @@ class Call:
     answer: Answer | None = None
     link: int = 0  # in a front-end process: the request's number on its link to the engine
     trace_parent: tuple[str, str] | None = None  # the client's traceparent and tracestate, where tracing is on
-    span: object = None  # its OpenTelemetry span, where it is traced (server/observe/tracing.py)
+    span: object = None  # its tracing.RequestSpan, where it is traced (server/observe/tracing.py)
     governed: bool = False  # counted in flight by the tenant limits (server/engine/governor.py)
 
 

@@ -123,7 +123,7 @@ class InferenceCore:
                 tenant=tenant,
             )
         if call.span is not None:
-            call.item.span = call.span.get_span_context()
+            call.item.span = call.span.context
         return call.item
 
     async def infer(self, call: Call, decoded: DecodedRequest, parameters: Mapping[str, object]) -> Answer:
@@ -149,7 +149,7 @@ class InferenceCore:
         if share.joules is not None:
             said.append((ENERGY_PARAMETER, share.joules))
         if call.span is not None:
-            said.append((TRACE_PARAMETER, format(call.span.get_span_context().trace_id, "032x")))
+            said.append((TRACE_PARAMETER, call.span.trace_id))
         return said
 
     def _tenant_priority(self, call: Call) -> int:
@@ -164,9 +164,7 @@ class InferenceCore:
         if call.model is not None:  # unknown names would make unbounded label values
             model = call.model
             seconds = time.perf_counter() - call.started
-            label, traced = call.identity.label, ""
-            if call.span is not None:
-                traced = format(call.span.get_span_context().trace_id, "032x")
+            label, traced = call.identity.label, call.span.trace_id if call.span is not None else ""
             self._bus.publish(
                 RequestFinished(model.name, model.version, outcome, call.rows, seconds, call.protocol, label, traced)
             )

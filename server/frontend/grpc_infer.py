@@ -36,7 +36,7 @@ if TYPE_CHECKING:  # named, not imported: see backend.py
     from server.engine.inference import InferenceCore
 
 
-TRACE_HEADERS = ("traceparent", "tracestate")  # W3C Trace Context, as gRPC metadata
+TRACE_PARENT, TRACE_STATE = "traceparent", "tracestate"  # W3C Trace Context, as gRPC metadata
 
 
 class GrpcInference:
@@ -71,8 +71,13 @@ class GrpcInference:
         """The caller's W3C traceparent and tracestate, where traces are exported (else not looked for)."""
         if not self.traced:
             return None
-        found = dict(item for item in context.invocation_metadata() if item[0] in TRACE_HEADERS)
-        return (found["traceparent"], found.get("tracestate", "")) if "traceparent" in found else None
+        parent = state = None
+        for key, value in context.invocation_metadata():
+            if key == TRACE_PARENT:
+                parent = value
+            elif key == TRACE_STATE:
+                state = value
+        return (parent, state or "") if parent else None
 
     async def infer(self, request: bytes, identity: Identity, trace_parent: tuple | None = None) -> bytes:
         """One serialized ModelInferRequest to its serialized response; raises ServingError for the
