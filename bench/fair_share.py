@@ -1,7 +1,9 @@
 """Fair share under overload, measured: tenant B sends 10% of the server's capacity (open loop,
 Poisson arrivals) alone, then again while tenant A floods it (closed loop, 256 callers, far past
-capacity); B's p99 and refusals in both, on the benchmark MLP at default settings, the tenants
-named by the x-tenant-id header (--trust-tenant-header).
+capacity); B's p99 and refusals in both, on the benchmark MLP and ResNet-50 at default settings,
+the tenants named by the x-tenant-id header (--trust-tenant-header). Then where B's time goes: B's
+requests one at a time, alone and under the flood, each response's queue and compute times against
+its whole latency.
 
     python -m bench.fair_share [--duration 10] [--limits FILE]
 
@@ -13,13 +15,20 @@ import json
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
+
+import grpc
 
 from bench import make_models
 from bench.serving import ROOT, start_server
+from server import protocol
+from server.engine.inference import COMPUTE_PARAMETER, QUEUE_PARAMETER
+from server.tools.loadgen import METHOD, build_request
 
 MODELS = ("mlp", "resnet50")  # the MLP: the transport is the work; ResNet-50: the model is
 FLOOD_CALLERS, SHARE = 256, 0.10
+PROBES, PROBE_GAP = 60, 0.02  # B's requests one at a time (for `seconds` at most): queue and compute times read
 TARGET = 2.0  # B's p99 under the flood over its p99 alone, at most
 
 
@@ -36,6 +45,31 @@ def report(process: subprocess.Popen) -> dict:
     return json.loads(out)
 
 
+def breakdown(url: str, model: str, found: dict, seconds: float) -> None:
+    """Where B's time goes: one request at a time, the response's queue and compute times against
+    its whole latency (the rest: transport, decoding, encoding and the event loop's turns)."""
+    payload, rows = build_request(url, model, 1, {}), []
+    with grpc.insecure_channel(url) as channel:
+        call = channel.unary_unary(METHOD)
+        ends = time.monotonic() + seconds
+        while len(rows) < PROBES and time.monotonic() < ends:
+            started = time.perf_counter()
+            answer = protocol.ModelInferResponse.FromString(call(payload, metadata=(("x-tenant-id", "b"),)))
+            total = (time.perf_counter() - started) * 1e3
+            said = answer.parameters
+            rows.append((total, said[QUEUE_PARAMETER].int64_param / 1e3, said[COMPUTE_PARAMETER].int64_param / 1e3))
+            time.sleep(PROBE_GAP)
+    found["probes"] = rows
+
+
+def percentiles(rows: list[tuple[float, float, float]]) -> dict[str, tuple[float, float, float]]:
+    """p50 and p99 of B's probes, ranked by whole latency: (total, queue, compute) ms."""
+    ranked = sorted(rows)
+    return {
+        name: ranked[min(len(ranked) - 1, len(ranked) * share // 100)] for name, share in (("p50", 50), ("p99", 99))
+    }
+
+
 def measure(repository: Path, model: str, seconds: float, limits: Path | None) -> dict:
     flags = ("--trust-tenant-header", *(("--tenant-limits", str(limits)) if limits else ()))
     server = start_server(repository, *flags)
@@ -43,13 +77,24 @@ def measure(repository: Path, model: str, seconds: float, limits: Path | None) -
         capacity = report(loadgen(server.url, model, "probe", "--concurrency", "64", seconds=seconds))
         rate = max(1.0, SHARE * capacity["requests_per_second"])
         light = ("--rate", f"{rate:.0f}", "--arrivals", "poisson")
-        alone = report(loadgen(server.url, model, "b", *light, seconds=seconds))
-        flood = loadgen(server.url, model, "a", "--concurrency", str(FLOOD_CALLERS), seconds=seconds + 2)
+        alone, alone_probes = report(loadgen(server.url, model, "b", *light, seconds=seconds)), {}
+        breakdown(server.url, model, alone_probes, seconds)
+        flood = loadgen(server.url, model, "a", "--concurrency", str(FLOOD_CALLERS), seconds=2 * seconds + 4)
         under = report(loadgen(server.url, model, "b", *light, seconds=seconds))
+        under_probes = {}  # while A still floods, B's light load over
+        breakdown(server.url, model, under_probes, seconds)
         flooded = report(flood)
     finally:
         server.stop()
-    return {"model": model, "capacity": capacity, "rate": rate, "alone": alone, "under_flood": under, "flood": flooded}
+    return {
+        "model": model,
+        "capacity": capacity,
+        "rate": rate,
+        "alone": alone,
+        "under_flood": under,
+        "flood": flooded,
+        "probes": {"alone": percentiles(alone_probes["probes"]), "under_flood": percentiles(under_probes["probes"])},
+    }
 
 
 def print_table(found: dict) -> None:
@@ -64,6 +109,11 @@ def print_table(found: dict) -> None:
         f"B under A's flood  {under['p50_ms']:9.2f}  {under['p99_ms']:9.2f}  {under['errors']:9}"
         f"  {flood['requests_per_second']:13,.0f}  {flood['errors']:9}"
     )
+    print("B one at a time              total ms   in our queue   compute   before/after (transport)")
+    for when, ranks in found["probes"].items():
+        for rank, (total, queue, compute) in ranks.items():
+            rest = total - queue - compute
+            print(f"  {when:11} {rank}           {total:9.2f}  {queue:13.2f}  {compute:8.2f}  {rest:10.2f}")
 
 
 def targets(found: dict) -> list[tuple[str, str, bool]]:
