@@ -18,6 +18,8 @@ Steps, in order, each with a time limit (seconds), on ResNet-50 (with --cpu: the
   several batch sizes; in this process, a graph replayed on inputs updated in place stays right;
 - cuda_shm (45): the model's input and output in Triton's CUDA shared memory (cudaIpc handles made
   here) through ModelInfer, against the same input in the message (bench/gpu_cuda_shm.py);
+- sequence_state (60): eight sequences at once, their state kept on the device between requests
+  and gathered there into shared batches, each answer its own running sum (bench/gpu_sequences.py);
 - encoder (240, not with --quick): as serving, for the encoder; c=128 is added everywhere;
 - frontends (150): the mlp on the GPU behind 1, 2, 4, 8 and 14 front-end processes (as the cores
   allow), several load generators: throughput and the engine's and front ends' CPU per request
@@ -58,7 +60,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import gpu_cuda_shm, gpu_frontends, gpu_restarts, gpu_steps
+from bench import gpu_cuda_shm, gpu_frontends, gpu_restarts, gpu_sequences, gpu_steps
 from bench.gpu_steps import Context, Failed, Plan, Skip
 from server.engine.placement import visible_gpus
 from server.tools import gpu_report
@@ -82,6 +84,7 @@ def steps(plan: Plan) -> list[Step]:
         Step("energy", 60, gpu_steps.energy),
         Step("cuda_graphs", 90, gpu_steps.cuda_graphs),
         Step("cuda_shm", 45, gpu_cuda_shm.cuda_shared_memory),
+        Step("sequence_state", 60, gpu_sequences.sequence_state),
     ]
     if not plan.quick:
         chosen.append(Step("encoder", 240, gpu_steps.encoder))

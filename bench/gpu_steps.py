@@ -32,11 +32,20 @@ GRAPHS = (
     f"{ON_GPU}\nmax_batch_size: 16\noptimization {{ execution_accelerators {{ gpu_execution_accelerator "
     '[{ name: "cuda" parameters { key: "enable_cuda_graph" value: "1" } }] } }'
 )
+SEQUENCES = f"""{ON_GPU}
+max_batch_size: 8
+parameters {{ key: "io_binding" value {{ string_value: "1" }} }}
+sequence_batching {{
+  oldest {{ max_candidate_sequences: 64 max_queue_delay_microseconds: 2000 }}
+  control_input [{{ name: "START" control [{{ kind: CONTROL_SEQUENCE_START int32_false_true: [0, 1] }}] }}]
+  state [{{ input_name: "STATE_IN" output_name: "STATE_OUT" data_type: TYPE_INT32 dims: [1] }}]
+}}"""  # the accumulator's state kept on the device between requests (bench/gpu_sequences.py)
 MODELS = {  # served name -> (benchmark model, config.pbtxt, load generator shapes)
     "resnet50": ("resnet50", ON_GPU, ()),
     "encoder": ("encoder", ON_GPU, ("input_ids=1,128", "attention_mask=1,128")),
     "mlp": ("mlp", 'parameters { key: "io_binding" value { string_value: "1" } }', ()),  # --cpu: the bound path
     "graph_mlp": ("mlp", GRAPHS, ()),
+    "accumulator": ("accumulator", SEQUENCES, ()),
 }
 GRAPH_ROWS = (1, 3, 8, 16)  # 3 rows run padded in the graph captured at 4
 REPLAY_RUNS = 8  # onnxruntime captures on the second or third run: the rest replay
@@ -81,7 +90,7 @@ class Plan:
         return (1, 16) if self.quick else (1, 8, 16, 32)
 
     def served(self) -> list[str]:
-        return [self.model, "graph_mlp"] + ([] if self.quick else ["encoder"])
+        return [self.model, "graph_mlp", "accumulator"] + ([] if self.quick else ["encoder"])
 
 
 def write_models(repository: Path, names: dict[str, tuple]) -> Path:

@@ -223,7 +223,26 @@ def _encoder() -> onnx.ModelProto:
     )
 
 
-BUILDERS = {"mlp": _mlp, "resnet50": _resnet50, "encoder": _encoder}
+# --- accumulator (the GPU check's stateful stand-in; not a benchmark model) -----------------
+
+
+def _accumulator() -> onnx.ModelProto:
+    """OUTPUT = STATE_OUT = INPUT + STATE_IN, INT32 [batch, 1], and START, the control input Triton's
+    config feeds (unused: the server resets the state at START): each sequence's running sum, its
+    state kept by the server between requests (sequence_batching)."""
+    g = _Graph()
+    g.op("Add", ["INPUT", "STATE_IN"], outputs=["STATE_OUT"])
+    g.op("Identity", ["STATE_OUT"], outputs=["OUTPUT"])
+    names = ("INPUT", "START", "STATE_IN")
+    row = ["batch", 1]
+    return g.model(
+        "accumulator",
+        [helper.make_tensor_value_info(name, TensorProto.INT32, row) for name in names],
+        [helper.make_tensor_value_info(name, TensorProto.INT32, row) for name in ("OUTPUT", "STATE_OUT")],
+    )
+
+
+BUILDERS = {"mlp": _mlp, "resnet50": _resnet50, "encoder": _encoder, "accumulator": _accumulator}
 
 
 def build(name: str) -> onnx.ModelProto:

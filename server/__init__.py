@@ -15,7 +15,8 @@ A request's way through the package, one way only:
 Shared by every room: config and config_checks (the server's settings; config_checks bounds the
 default batch and queue sizes as models/model_limits bounds config.pbtxt's), errors, protocol and
 protos_generated (the v2 messages), tensors (datatypes, signatures, the decoded request a front
-end hands the engine), bytes_codec, processes (titles and heap). At the top too: app (the composition root: wiring only),
+end hands the engine), bytes_codec, processes (titles and heap), followed_file (files re-read while
+serving), cuda_runtime (libcudart's few calls). At the top too: app (the composition root: wiring only),
 shutdown (the ordered stop), frontends (the front-end processes of --frontends N), __main__
 (`onnxserve`). Beside the server, imported by none of the serving code: tune/ (onnxserve-tune)
 and tools/ (health probe, usage totals, GPU report, load generator, launcher, /metrics reader).

@@ -16,6 +16,7 @@ import numpy as np
 import onnxruntime as ort
 
 from server.engine import providers
+from server.engine.device_state import DeviceCopies, Gathered
 from server.errors import ConfigError
 from server.models.model_config import BatchingSettings, SessionSettings
 from server.tensors import DATATYPES, Signature, TensorSpec
@@ -101,18 +102,32 @@ def unbound(session: ort.InferenceSession, output_names: list[str], feeds: dict)
     raise RuntimeError("CUDA graphs are on, and bind_batch_sizes has not bound the batch sizes yet")
 
 
-def bound_run(device: str, session: ort.InferenceSession, output_names: list[str], feeds: dict) -> tuple[list, float]:
-    """session.run through IO binding: each input copied to the instance's device once, each output
-    left where the provider allocates it (its shape follows the batch) and copied back once."""
+def bound_run(
+    device: str,
+    session: ort.InferenceSession,
+    output_names: list[str],
+    feeds: dict,
+    kept: frozenset[str] = frozenset(),
+    copies: DeviceCopies | None = None,
+) -> tuple[list, float]:
+    """session.run through IO binding: each input copied to the instance's device once (a sequence's
+    state gathered there from where its last batch left it), each output left where the provider
+    allocates it (its shape follows the batch) and copied back once, but for the `kept` ones (state
+    outputs), returned as they are: OrtValues on the device (device_state.py)."""
     started = time.perf_counter()
     binding = session.io_binding()
-    for name, array in feeds.items():
-        binding.bind_cpu_input(name, np.ascontiguousarray(array))
+    for name, value in feeds.items():
+        if isinstance(value, Gathered):
+            binding.bind_ortvalue_input(name, value.on_device(ort, device, copies, name))
+        else:
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
     kind, _, index = device.partition(":")
     for name in output_names:
         binding.bind_output(name, kind, int(index or 0))
-    session.run_with_iobinding(binding)
-    values = binding.copy_outputs_to_cpu()
+    session.run_with_iobinding(binding)  # onnxruntime synchronizes its providers before it returns
+    if kept.isdisjoint(output_names):
+        return binding.copy_outputs_to_cpu(), time.perf_counter() - started
+    values = [value if name in kept else value.numpy() for name, value in zip(output_names, binding.get_outputs())]
     return values, time.perf_counter() - started
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from server.engine.device_state import DeviceRows, gather, rows_of, shape_of
 from server.errors import ExecutionFailed
 from server.observe.events import BatchExecuted
 
@@ -66,24 +67,28 @@ def split_outputs(batch: Batch, outputs: Feeds, label: str) -> list[Feeds]:
     if len(batch.requests) == 1:
         item = batch.requests[0]
         return [{name: outputs[name] for name in item.outputs}]
-    for name, array in outputs.items():
-        if array.ndim == 0 or array.shape[0] != batch.rows:
+    for name, value in outputs.items():
+        shape = shape_of(value)
+        if not shape or shape[0] != batch.rows:
             raise ExecutionFailed(
-                f"{label}: output '{name}' has shape {list(array.shape)}; "
+                f"{label}: output '{name}' has shape {list(shape)}; "
                 f"its first dimension should be the batch size {batch.rows}"
             )
     results, offset = [], 0
     for item in batch.requests:
         end = offset + item.rows
-        results.append({name: outputs[name][offset:end] for name in item.outputs})
+        results.append({name: rows_of(outputs[name], offset, end) for name in item.outputs})
         offset = end
     return results
 
 
 def concatenate(requests: list[QueuedRequest]) -> Feeds:
+    """The batch's inputs; a sequence's state left on the device is gathered there (device_state.py)."""
     if len(requests) == 1:
-        return requests[0].feeds
-    return {name: np.concatenate([item.feeds[name] for item in requests]) for name in requests[0].feeds}
+        feeds = requests[0].feeds
+        if not any(isinstance(value, DeviceRows) for value in feeds.values()):
+            return feeds
+    return {name: gather([item.feeds[name] for item in requests]) for name in requests[0].feeds}
 
 
 def union_outputs(requests: list[QueuedRequest]) -> list[str]:

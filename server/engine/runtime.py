@@ -29,6 +29,7 @@ from server.engine.binding import (
     unbound,
 )
 from server.engine.cpus import cpu_cores
+from server.engine.device_state import DeviceCopies
 from server.engine.placement import GpuPolicy, Placement, open_session, plan_placements, visible_gpus
 from server.engine.run_peak import RunPeak, batch_bytes
 from server.errors import ConfigError, ExecutionFailed
@@ -131,6 +132,7 @@ class InstancePool:
         self.outputs = graph_specs(first.get_outputs(), model_path)
         self.io_binding = self._binds()
         self.static = all(dim >= 0 for spec in self.inputs + self.outputs for dim in spec.shape)
+        self._kept: frozenset[str] = frozenset()  # outputs left on the device: a sequence's state
         self._runs = self._run_functions()
         self._peaks = self._run_peaks(None)
 
@@ -166,7 +168,20 @@ class InstancePool:
                 FixedBinding(session, device, self.inputs, self.outputs)
                 for session, device in zip(self._sessions, self.devices)
             ]
-        return [functools.partial(bound_run, device) for device in self.devices]
+        return [
+            functools.partial(bound_run, device, kept=self._kept, copies=DeviceCopies(device))
+            for device in self.devices
+        ]
+
+    def keep_on_device(self, outputs: tuple[str, ...]) -> bool:
+        """A sequence's state outputs stay on each instance's device between its requests
+        (device_state.py), where the instances bind per batch; whether they do. Fixed and CUDA
+        graph bindings copy every output back: there, the state lives in host memory."""
+        if not outputs or self.graphs or self.static or not self.io_binding:
+            return False
+        self._kept = frozenset(outputs)
+        self._runs = self._run_functions()
+        return True
 
     @property
     def instance_count(self) -> int:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from server.engine.batching import Batcher
+from server.engine.device_state import held, to_host
 from server.engine.queued import Feeds, QueuedRequest, fail
 from server.engine.sequence_state import Key, control_feeds, parse_sequence, state_key
 from server.errors import InvalidInput, Overloaded, ShuttingDown
@@ -85,6 +86,8 @@ class Sequences:
         """A reload with the same state signature: the sequences go on, on the new version."""
         old_instances = self.batcher.instances
         self.batcher, self.initial = batcher, initial
+        for sequence in self._sequences.values():  # the new instances' devices may be others
+            sequence.state = {name: to_host(value) for name, value in sequence.state.items()}
         if batcher.instances != old_instances:  # the slots' instances moved: rebind them in order
             self._slots = [0] * batcher.instances
             for sequence in self._sequences.values():
@@ -209,7 +212,7 @@ class Sequences:
         """Its batch ran: keep the state it produced (a failed run keeps the state before it)."""
         if outputs is not None:
             for spec in self.settings.states:
-                sequence.state[spec.input_name] = np.array(outputs.pop(spec.output_name), copy=True)
+                sequence.state[spec.input_name] = held(outputs.pop(spec.output_name))
         sequence.running = False
         if pending.end:
             self._end(sequence, "its END request ran", "ended")

@@ -6,6 +6,7 @@ already serving keep serving while a new one loads beside them, within the load'
 import asyncio
 import dataclasses
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from server.errors import ConfigError
 from server.models import warmup
 from server.models.load_deadline import LoadDeadline
 from server.models.model_config import BatchingSettings, ModelSettings, TensorConfig
-from server.models.sequence_config import SequenceSettings
+from server.models.sequence_config import DIRECT, SequenceSettings
 from server.observe.events import EventBus, ModelStateChanged
 from server.tensors import Signature, TensorSpec
 
@@ -99,6 +100,13 @@ async def load_version(
     if completed.sequence is not None:
         initial = sequence_state.initial_states(completed.sequence, model_dir, completed.max_batch_size)
         loaded.sequences = Sequences(completed.sequence, loaded.batcher, initial, bus)
+        if completed.sequence.states:
+            where = (
+                "on each instance's device"
+                if pool.keep_on_device(completed.sequence.state_outputs)
+                else "in host memory"
+            )
+            log.info("%s: sequences' implicit state kept %s", loaded.label, where)
     loaded.settings, loaded.signature, loaded.pool = completed, signature, pool
     loaded.state, loaded.load_seconds = READY, time.perf_counter() - started
     _log_loaded(loaded)
@@ -251,11 +259,16 @@ def _sequence(settings: ModelSettings, pool: InstancePool, max_batch: int) -> Se
 
 
 def sequence_batching(batching: BatchingSettings, sequence: SequenceSettings) -> BatchingSettings:
-    """A sequence model's batcher: the strategy's delay and preferred sizes in place of dynamic_batching's."""
+    """A sequence model's batcher: the strategy's delay and preferred sizes in place of dynamic_batching's.
+    `direct` with a delay runs a batch once `minimum_slot_utilization` of an instance's slots have a
+    request ready (at least one: Triton's default 0 waits for nothing), else when the delay is up:
+    every size from there up is preferred. Without a delay, the adaptive one batches what overlaps."""
+    preferred = tuple(s for s in sequence.preferred_batch_sizes if s <= batching.max_batch_size)
+    if sequence.strategy == DIRECT and sequence.max_queue_delay_us:
+        least = max(1, math.ceil(sequence.minimum_slot_utilization * batching.max_batch_size))
+        preferred = tuple(range(least, batching.max_batch_size + 1))
     return dataclasses.replace(
-        batching,
-        max_queue_delay_us=sequence.max_queue_delay_us,
-        preferred_batch_sizes=tuple(s for s in sequence.preferred_batch_sizes if s <= batching.max_batch_size),
+        batching, max_queue_delay_us=sequence.max_queue_delay_us, preferred_batch_sizes=preferred
     )
 
 

@@ -108,6 +108,7 @@ def test_the_gpu_check_runs_its_plumbing_on_the_cpu(tmp_path):
         "energy": "failed",
         "cuda_graphs": "ok",
         "cuda_shm": "skipped",
+        "sequence_state": "ok",
         "frontends": "ok",
         "tensorrt": "failed",
     }
@@ -123,6 +124,8 @@ def test_the_gpu_check_runs_its_plumbing_on_the_cpu(tmp_path):
             served["provider_options"] == [["CPUExecutionProvider", {}]] and served["provider_options_from"] == "server"
         )
     assert steps["io_binding"]["result"]["outputs_equal_session_run"] is True
+    sequences = steps["sequence_state"]["result"]  # the state on the CPU's device, through IO binding
+    assert sequences["wrong"] == [] and sequences["kept_on_device"] is True and sequences["largest_batch"] >= 1
     refused = steps["cuda_shm"]["reason"]  # no GPU: the server says why it cannot register CUDA memory
     assert "the server said: unable to register CUDA shared memory region" in refused, refused
     graphs = steps["cuda_graphs"]["result"]
@@ -149,7 +152,7 @@ def test_the_gpu_check_runs_its_plumbing_on_the_cpu(tmp_path):
     cut = check(tmp_path / "cut", "--deadline-minutes", "0", "--exit-after", "providers")
     assert cut.returncode == 3, cut.stderr[-3000:]
     steps = json.loads((tmp_path / "cut" / "gpu-check.json").read_text())["steps"]
-    assert [step["status"] for step in steps] == ["skipped", "skipped"] + ["pending"] * 7
+    assert [step["status"] for step in steps] == ["skipped", "skipped"] + ["pending"] * 8
     assert all("out of time" in step["reason"] for step in steps[:2])
     assert "| providers | skipped |" in (tmp_path / "cut" / "gpu-check.md").read_text()
 

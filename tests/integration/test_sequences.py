@@ -2,6 +2,7 @@
 sequence_end over gRPC, streams and REST, against stand-ins for Triton's sequence example models
 and an accumulator whose state the server keeps between the requests of each sequence."""
 
+import concurrent.futures
 import queue
 import random
 import threading
@@ -20,6 +21,7 @@ from tests.conftest import start_server, wait_until
 VALUES = [11, 7, 5, 3, 2, 0, 1]  # what NVIDIA's sequence examples send after a first value
 MODULES = {"grpc": grpcclient, "http": httpclient}
 EXPLICIT = ("--model-control-mode", "explicit")
+BOUND = 'parameters { key: "io_binding" value: { string_value: "1" } }\n'
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +35,9 @@ def server(tmp_path_factory):
     sequence_models.write_accumulator(repository, "one_slot", strategy=one_slot)
     direct = sequence_models.INSTANCES.format(count=2)
     sequence_models.write_accumulator(repository, "direct", strategy="direct { }", after=direct)
+    # Through IO binding on the CPU, as CUDA instances run: the state stays on the instance's device
+    sequence_models.write_accumulator(repository, "bound", after=BOUND)
+    sequence_models.write_accumulator(repository, "bound_direct", strategy="direct { }", after=direct + BOUND)
     running = start_server(repository)
     yield running
     assert running.stop() == 0
@@ -123,18 +128,21 @@ def test_a_streams_sequences_answer_in_order_with_their_request_ids(server):
         assert by_key[key] == list(enumerate(running_sums)), key
 
 
-@pytest.mark.parametrize("model", ["accumulator", "direct"])
+@pytest.mark.parametrize("model", ["accumulator", "direct", "bound", "bound_direct"])
 def test_interleaved_sequences_from_many_clients_keep_their_own_state(server, model):
     errors, callers = [], 8
 
     def caller(index: int) -> None:
         rng = random.Random(index)
         client = grpcclient.InferenceServerClient(server.url)
-        key, total = 10_000 + index + (100 if model == "direct" else 0), 0
+        key, total = 10_000 + index + 100 * ["accumulator", "direct", "bound", "bound_direct"].index(model), 0
         for step in range(25):
             value = rng.randint(-50, 50)
             total += value
-            got = send(client, grpcclient, model, key, value, start=step == 0, end=step == 24)
+            try:
+                got = send(client, grpcclient, model, key, value, start=step == 0, end=step == 24)
+            except InferenceServerException as err:  # the thread would end silently: the test reports it
+                got = err.message()
             if got != total:
                 errors.append((key, step, got, total))
 
@@ -145,6 +153,8 @@ def test_interleaved_sequences_from_many_clients_keep_their_own_state(server, mo
         thread.join(60)
     assert errors == []
     assert server.metric("onnxserve_sequences_live", model=model, version="1") == 0
+    kept = "on each instance's device" if model.startswith("bound") else "in host memory"
+    assert f"model '{model}' version 1: sequences' implicit state kept {kept}" in server.log_text()
     assert server.metric("onnxserve_sequences_total", model=model, version="1", change="ended") >= callers
 
 
@@ -225,8 +235,9 @@ def test_the_config_shows_sequence_batching_and_the_metadata_hides_controls_and_
     assert [tensor["name"] for tensor in metadata["outputs"]] == ["OUTPUT"]
 
 
-def test_a_reload_keeps_sequences_with_the_same_state_and_ends_them_otherwise(tmp_path, serve):
-    sequence_models.write_accumulator(tmp_path)
+@pytest.mark.parametrize("after", ["", BOUND], ids=["host", "bound"])
+def test_a_reload_keeps_sequences_with_the_same_state_and_ends_them_otherwise(tmp_path, serve, after):
+    sequence_models.write_accumulator(tmp_path, after=after)
     server = serve(tmp_path, *EXPLICIT, "--load-model", "accumulator")
     client = grpcclient.InferenceServerClient(server.url)
     assert send(client, grpcclient, "accumulator", 1, 5, start=True) == 5
@@ -234,7 +245,7 @@ def test_a_reload_keeps_sequences_with_the_same_state_and_ends_them_otherwise(tm
     client.load_model("accumulator")  # the same state: the sequence goes on
     assert send(client, grpcclient, "accumulator", 1, 2) == 7
 
-    sequence_models.write_accumulator(tmp_path, state_name="MEMORY")
+    sequence_models.write_accumulator(tmp_path, state_name="MEMORY", after=after)
     client.load_model("accumulator")  # its state is another tensor now: the sequence ends
     error = refused(lambda: send(client, grpcclient, "accumulator", 1, 2))
     assert "reloaded with another state signature" in error.message()
@@ -274,3 +285,28 @@ def test_each_request_of_a_sequence_is_billed_its_share_as_any_request(server):
     assert all(cost > 0 for cost in costs)
     after = server.metric("onnxserve_requests_total", model="accumulator", version="1", outcome="ok", protocol="grpc")
     assert after == before + 3
+
+
+def test_direct_holds_a_batch_until_its_minimum_slot_utilization_or_its_delay(tmp_path, serve):
+    """Triton's direct strategy with a delay: a batch runs once that share of an instance's slots has
+    a request ready, else when the delay is up; the default share, 0, waits for nothing."""
+    one_instance = sequence_models.INSTANCES.format(count=1)
+    patient = "direct { max_queue_delay_microseconds: 1000000 minimum_slot_utilization: 0.25 }"  # 2 of 8 slots
+    eager = "direct { max_queue_delay_microseconds: 1000000 }"
+    sequence_models.write_accumulator(tmp_path, "patient", strategy=patient, after=one_instance)
+    sequence_models.write_accumulator(tmp_path, "eager", strategy=eager, after=one_instance)
+    server = serve(tmp_path)
+    client = grpcclient.InferenceServerClient(server.url)
+
+    def timed(model: str, key: int, value: int, start: bool) -> tuple[int, float]:
+        began = time.perf_counter()
+        answer = send(client, grpcclient, model, key, value, start=start)
+        return answer, time.perf_counter() - began
+
+    answer, seconds = timed("eager", 1, 3, True)
+    assert answer == 3 and seconds < 0.5
+    answer, seconds = timed("patient", 1, 3, True)  # alone: 1 of 8 slots ready, held for the delay
+    assert answer == 3 and seconds >= 0.9
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:  # 2 of 8 ready: the batch runs at once
+        both = list(pool.map(lambda key: timed("patient", key, 5, key == 2), [1, 2]))
+    assert [answer for answer, _ in both] == [8, 5] and all(seconds < 0.5 for _, seconds in both), both

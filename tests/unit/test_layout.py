@@ -21,6 +21,7 @@ SHARED = (
     "bytes_codec",
     "processes",
     "followed_file",
+    "cuda_runtime",
 )
 ROOT = (
     "__main__",
