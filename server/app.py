@@ -235,6 +235,7 @@ def _backend(settings: ServerSettings, engine: Engine, auth: Authenticator) -> B
         Offload(),
         SharedRegions(cuda=CudaRegions()),  # with front ends in processes of their own, the registry they all ask
         engine.traces,
+        settings.id,
     )
 
 

@@ -111,6 +111,12 @@ class ServerSettings:
     model_repository: Path = field(
         default=Path("models"), metadata=_flag("model repository: <repo>/<model>/<version>/model.onnx")
     )
+    id: str = field(
+        default="onnxserve",
+        metadata=_flag(
+            "the server's name in its metadata, as Triton's --id (NVIDIA's example programs look for 'triton')"
+        ),
+    )
     grpc_address: str = field(default="0.0.0.0", metadata=_flag("address the gRPC server binds"))
     grpc_port: int = field(default=8001, metadata=_flag("gRPC port; 0 picks a free one"))
     http_address: str = field(default="0.0.0.0", metadata=_flag("address the HTTP/REST server binds"))

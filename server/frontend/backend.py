@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from server.frontend.identity import Authenticator
 from server.frontend.request_limits import Offload, RequestLimits
+from server.frontend.server_info import SERVER_NAME
 from server.frontend.shared_regions import SharedRegions
 from server.observe.trace_config import TraceConfig
 from server.observe.trace_settings import TraceSettings
@@ -35,3 +36,4 @@ class Backend:
     # link_regions.RemoteRegions: the engine's registry); None: not served
     regions: SharedRegions | None = None
     traces: TraceSettings = field(default_factory=lambda: TraceSettings(TraceConfig()))  # Triton's (exporting: on)
+    name: str = SERVER_NAME  # what ServerMetadata calls the server (--id)

@@ -18,7 +18,7 @@ from server.frontend.grpc_infer import GrpcInference
 from server.frontend.grpc_shared_memory import SharedMemoryRpcs
 from server.frontend.grpc_stream import StreamInfer
 from server.frontend.restricted import permitted
-from server.frontend.server_info import PLATFORM, SERVER_NAME, extensions, server_version
+from server.frontend.server_info import PLATFORM, extensions, server_version
 
 log = logging.getLogger(__name__)
 STATUS = {
@@ -44,7 +44,7 @@ class InferenceService:
 
     def __init__(self, backend: Backend, restricted: tuple[RestrictedProtocol, ...] = ()) -> None:
         self.core, self.info, self.control, self.auth = backend.core, backend.info, backend.control, backend.auth
-        self.traces = backend.traces
+        self.traces, self.name = backend.traces, backend.name
         self.inference = GrpcInference(
             backend.core, backend.auth, backend.limits, backend.offload, backend.regions, backend.traces.exporting
         )
@@ -118,7 +118,7 @@ class InferenceService:
 
     async def ServerMetadata(self, request, context):
         said = extensions(self.shared_memory is not None)
-        return protocol.ServerMetadataResponse(name=SERVER_NAME, version=server_version(), extensions=said)
+        return protocol.ServerMetadataResponse(name=self.name, version=server_version(), extensions=said)
 
     async def ModelMetadata(self, request, context):
         model = await self.info.model(request.name, request.version)

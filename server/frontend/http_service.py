@@ -32,7 +32,7 @@ from server.frontend.http_tls import uvicorn_tls
 from server.frontend.identity import AUTHORIZATION, TENANT_HEADER
 from server.frontend.request_limits import OFFLOAD_BYTES, RequestLimits, encode_weight, raw_bytes_weight
 from server.frontend.restricted import permitted
-from server.frontend.server_info import PLATFORM, SERVER_NAME, extensions, proto_json, server_version
+from server.frontend.server_info import PLATFORM, extensions, proto_json, server_version
 from server.frontend.shared_regions import PlacedOutput, TenantRegions, with_regions, write_output
 from server.frontend.tensor_codec import output_bytes
 from server.frontend.tls import http_client_name
@@ -149,7 +149,7 @@ class HttpApi:
     def __init__(self, backend: Backend, restricted: tuple[RestrictedProtocol, ...], max_body_bytes: int) -> None:
         self.core, self.info, self.control, self.auth = backend.core, backend.info, backend.control, backend.auth
         self.limits, self.offload, self.regions = backend.limits, backend.offload, backend.regions
-        self.traces, self.traced = backend.traces, backend.traces.exporting
+        self.traces, self.traced, self.name = backend.traces, backend.traces.exporting, backend.name
         self.restricted = {group: rule for rule in restricted for group in rule.groups}
         self.max_body_bytes = max_body_bytes
         self.handlers = {
@@ -254,7 +254,7 @@ class HttpApi:
 
     async def _server(self, found: Route, headers: dict, body: bytes):
         said = extensions(self.regions is not None)
-        return _json({"name": SERVER_NAME, "version": server_version(), "extensions": said})
+        return _json({"name": self.name, "version": server_version(), "extensions": said})
 
     async def _metadata(self, found: Route, headers: dict, body: bytes):
         model = await self.info.model(found.model, found.version)

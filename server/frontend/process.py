@@ -77,6 +77,7 @@ async def serve(settings: ServerSettings, index: int, path: str, http_fd: int | 
         Offload(),
         RemoteRegions(connection),
         RemoteTraces(connection, bool(trace_config(settings.trace_config, os.environ).endpoint)),
+        settings.id,
     )
     grpc = await start_grpc(settings, backend)
     await grpc.start()

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aioclient
+import tritonclient.http as httpclient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -103,6 +104,15 @@ def test_health_and_server_metadata(server):
     metadata = client.get_server_metadata()
     assert metadata.name == "onnxserve"
     assert "model_configuration" in metadata.extensions
+
+
+@pytest.mark.parametrize("frontends", ["1", "2"])
+def test_the_server_answers_to_the_name_id_gives_it(tmp_path, serve, frontends):
+    """Triton's --id: NVIDIA's simple_*_health_metadata examples check for the name 'triton'."""
+    onnx_models.write(tmp_path, "simple", onnx_models.add_constant(1))
+    server = serve(tmp_path, "--id", "triton", "--frontends", frontends)
+    assert server.client().get_server_metadata().name == "triton"
+    assert httpclient.InferenceServerClient(server.http_url).get_server_metadata()["name"] == "triton"
 
 
 @pytest.mark.parametrize("datatype", DATATYPES)
