@@ -87,9 +87,14 @@ class GrpcInference:
             head, decoded, placed = await self._read(request, call)
             answer = await self.core.infer(call, decoded, head.parameters)
             outputs, said = self.outputs(call, answer)
-            if placed:
-                outputs = self.placed_outputs(outputs, placed, call)
-            return await self.offload.run(response_weight(outputs), response_bytes, call.model, head.id, outputs, said)
+            return await self.offload.run(response_weight(outputs), self.respond, call, head.id, outputs, said, placed)
+
+    def respond(self, call: Call, request_id: str, outputs: list, said, placed: dict, stream: bool = False) -> bytes:
+        """The serialized response, the outputs asked for in shared memory written there first: both
+        in a codec thread where the outputs are big (a region outlives the views a write holds)."""
+        if placed:
+            outputs = self.placed_outputs(outputs, placed, call)
+        return response_bytes(call.model, request_id, outputs, said, stream)
 
     async def _read(self, data: bytes, call: Call) -> tuple[RequestHead, DecodedRequest, dict]:
         """Parsed and decoded, and the outputs asked for in shared memory; the message itself (and

@@ -13,7 +13,7 @@ import grpc
 from server import protocol
 from server.engine.call import GRPC, Call, Identity
 from server.errors import ServingError, Unauthenticated
-from server.frontend.grpc_codec import RequestHead, response_bytes, response_weight
+from server.frontend.grpc_codec import RequestHead, response_weight
 from server.frontend.grpc_infer import GrpcInference
 from server.frontend.request_limits import OFFLOAD_BYTES
 from server.frontend.shared_regions import names_regions
@@ -153,13 +153,11 @@ class StreamInfer:
             try:
                 call.answer = done.result()
                 outputs, said = self.inference.outputs(call, call.answer)
-                if placed:  # into the caller's shared memory: the answer names them only
-                    outputs = self.inference.placed_outputs(outputs, placed, call)
                 if response_weight(outputs) > OFFLOAD_BYTES:  # encoded in a codec thread; stays queued till then
-                    encoding = asyncio.ensure_future(self._encoded(head, call, stream, item, outputs, said))
+                    encoding = asyncio.ensure_future(self._encoded(head, call, stream, item, outputs, said, placed))
                     stream.queued[item] = (call, encoding)
                     return
-                answer = response_bytes(call.model, head.id, outputs, said, stream=True)
+                answer = self.inference.respond(call, head.id, outputs, said, placed, stream=True)
             except Exception as err:
                 self._error(head, call, stream, err)
             else:
@@ -167,11 +165,11 @@ class StreamInfer:
                 self.core.end(call)
         self._settled(stream, item)
 
-    async def _encoded(self, head: RequestHead, call: Call, stream: Stream, item, outputs, said) -> None:
+    async def _encoded(self, head: RequestHead, call: Call, stream: Stream, item, outputs, said, placed) -> None:
         try:
             answer = await self.inference.offload.in_thread(
-                response_bytes, call.model, head.id, outputs, said, True
-            )  # weighed already
+                self.inference.respond, call, head.id, outputs, said, placed, True
+            )  # weighed already; outputs asked for in shared memory written there in the same thread
         except Exception as err:
             self._error(head, call, stream, err)
         else:

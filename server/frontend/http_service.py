@@ -290,13 +290,9 @@ class HttpApi:
             call.request_id = request.id or ""
             answer = await core.infer(call, decoded, request.parameters)
             outputs = [(model.signature.output(name), answer.outputs[name], binary[name]) for name in decoded.outputs]
-            if placed:
-                outputs = [
-                    _placed(spec, array, binary, placed, model.signature.label) for spec, array, binary in outputs
-                ]
             said = dict(core.accounting(call, answer))
-            weight = sum(encode_weight(a, not binary) for _, a, binary in outputs if not isinstance(a, PlacedOutput))
-            encoded = await self.offload.run(weight, encode_infer, model.name, model.version, request.id, outputs, said)
+            weight = sum(encode_weight(a, not binary and spec.name not in placed) for spec, a, binary in outputs)
+            encoded = await self.offload.run(weight, _respond, model, request.id, outputs, said, placed)
         if encoded.header_length is None:
             return 200, encoded.body, JSON_TYPE
         return (
@@ -373,6 +369,15 @@ def _decode(body: bytes, header_length: str | None, signature, limits: RequestLi
     request = split_body(body, header_length, limits.max_json_values, signature.label)
     decoded, binary = decode_infer(request, signature, limits, regions)
     return request, decoded, binary
+
+
+def _respond(model, request_id: str, outputs: list, said: dict, placed: dict):
+    """The encoded response, the outputs asked for in shared memory written there first (together in a
+    codec thread where the outputs are big)."""
+    label = model.signature.label
+    if placed:
+        outputs = [_placed(spec, array, binary, placed, label) for spec, array, binary in outputs]
+    return encode_infer(model.name, model.version, request_id, outputs, said)
 
 
 def _placed(spec, array, binary: bool, placed: dict, label: str) -> tuple:

@@ -318,3 +318,42 @@ def test_with_front_end_processes_a_region_registered_through_one_serves_through
     for client in clients:
         message = refused(lambda: client.infer("simple", request)).message()  # noqa: B023
         assert "unable to find system shared memory region: 'in'" in message
+
+
+def test_big_outputs_are_written_into_their_regions_in_a_codec_thread(tmp_path, regions, serve):
+    """Outputs past the offload weight (a 2 MiB tensor) are written into shared memory off the event
+    loop, with the response's encoding: over unary gRPC, a stream and REST alike."""
+    width = 1 << 19  # FP32 [1, 524288]: 2 MiB a row
+    onnx_models.write(tmp_path, "wide", onnx_models.identity("FP32", ("batch", width)), "max_batch_size: 4")
+    server = serve(tmp_path)
+    client, size = server.client(), 4 * width
+    handle, key = regions("wide", 4 * size)
+    values = np.random.default_rng(5).standard_normal((1, width), dtype=np.float32)
+    shm.set_shared_memory_region(handle, [values])
+    client.register_system_shared_memory("wide", key, 4 * size)
+
+    def wide_input(module):
+        tensor = module.InferInput("input", [1, width], "FP32")
+        tensor.set_shared_memory("wide", size)
+        return tensor
+
+    def wide_output(module, slot: int):
+        output = (
+            module.InferRequestedOutput("output", binary_data=True)
+            if module is httpclient
+            else module.InferRequestedOutput("output")
+        )
+        output.set_shared_memory("wide", size, offset=slot * size)
+        return output
+
+    client.infer("wide", [wide_input(grpcclient)], outputs=[wide_output(grpcclient, 1)])
+    answers = []
+    client.start_stream(lambda result, error: answers.append(error or result))
+    client.async_stream_infer("wide", [wide_input(grpcclient)], outputs=[wide_output(grpcclient, 2)])
+    client.stop_stream()
+    rest = httpclient.InferenceServerClient(server.http_url)
+    rest.infer("wide", [wide_input(httpclient)], outputs=[wide_output(httpclient, 3)])
+    assert len(answers) == 1 and not answers[0].get_response().raw_output_contents, answers
+    for slot in (1, 2, 3):
+        placed = shm.get_contents_as_numpy(handle, np.float32, [1, width], offset=slot * size)
+        np.testing.assert_array_equal(placed, values, err_msg=f"slot {slot}")
