@@ -39,6 +39,17 @@ if TYPE_CHECKING:  # named, not imported: see backend.py
 TRACE_PARENT, TRACE_STATE = "traceparent", "tracestate"  # W3C Trace Context, as gRPC metadata
 
 
+def metadata_pair(context, first: str, second: str) -> tuple[str | None, str | None]:
+    """Two keys' values from the call's metadata, in one pass (the last of each where repeated)."""
+    one = two = None
+    for key, value in context.invocation_metadata():
+        if key == first:
+            one = value
+        elif key == second:
+            two = value
+    return one, two
+
+
 class GrpcInference:
     def __init__(
         self,
@@ -58,12 +69,7 @@ class GrpcInference:
         auth = self.auth
         if not auth.reads_calls:  # nothing configured to read: skip the metadata
             return auth.anonymous
-        authorization = header = None
-        for key, value in context.invocation_metadata():
-            if key == AUTHORIZATION:
-                authorization = value
-            elif key == TENANT_HEADER:
-                header = value
+        authorization, header = metadata_pair(context, AUTHORIZATION, TENANT_HEADER)
         certificate = grpc_client_name(context) if auth.mutual_tls else None
         return auth.identify(authorization, certificate, header)
 
@@ -71,12 +77,7 @@ class GrpcInference:
         """The caller's W3C traceparent and tracestate, where traces are exported (else not looked for)."""
         if not self.traced:
             return None
-        parent = state = None
-        for key, value in context.invocation_metadata():
-            if key == TRACE_PARENT:
-                parent = value
-            elif key == TRACE_STATE:
-                state = value
+        parent, state = metadata_pair(context, TRACE_PARENT, TRACE_STATE)
         return (parent, state or "") if parent else None
 
     async def infer(self, request: bytes, identity: Identity, trace_parent: tuple | None = None) -> bytes:
