@@ -1,5 +1,7 @@
 """What each of the server's processes does to itself: with several front ends, its title, which
-tells operators which process is which in ps and top; and, once it serves, its heap.
+tells operators which process is which in ps and top; its threads' names where they run
+onnxruntime (`ort-run`, `ort-pool`: top -H and /proc/PID/task/TID/comm tell inference CPU from
+the rest, as bench's load generator reports it); and, once it serves, its heap.
 
 The heap: the cyclic garbage collector's full passes rescan every object the process holds, most
 of them made once at start-up (modules, protobuf descriptors, sessions); under load those passes
@@ -11,6 +13,10 @@ that a request's short-lived objects die by reference count before a pass meets 
 import ctypes
 import gc
 import logging
+import os
+import threading
+from contextlib import suppress
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -35,3 +41,22 @@ def settle_heap() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(YOUNG_GENERATION_THRESHOLD, *gc.get_threshold()[1:])
+
+
+INFERENCE_THREADS = "ort-"  # the prefix of the names of threads that run onnxruntime
+
+
+def thread_ids() -> set[int]:
+    """This process's threads, as the kernel numbers them."""
+    return {int(tid) for tid in os.listdir("/proc/self/task")}
+
+
+def name_threads(tids, name: str) -> None:
+    """OS names (15 bytes) for threads of this process; one that has ended is passed over."""
+    for tid in tids:
+        with suppress(OSError):
+            Path(f"/proc/self/task/{tid}/comm").write_text(name[:15])
+
+
+def name_this_thread(name: str) -> None:
+    name_threads((threading.get_native_id(),), name)

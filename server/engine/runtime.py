@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from server import protocol
+from server import processes, protocol
 from server.engine import calibration
 from server.engine.binding import (
     GRAPH_CAPTURE_RUNS,
@@ -120,7 +120,12 @@ class InstancePool:
         self.choice = calibration.previous_defaults(self.fixed(), cpu_cores(), len(self.placements))
         self._sessions = self._open_all()
         self._executors = [
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ort-{label}-{i}")
+            ThreadPoolExecutor(
+                max_workers=1,
+                thread_name_prefix=f"ort-{label}-{i}",
+                initializer=processes.name_this_thread,
+                initargs=("ort-run",),
+            )
             for i in range(len(self.placements))
         ]
         first = self._sessions[0]
@@ -213,9 +218,12 @@ class InstancePool:
 
     def _open_all(self) -> list[ort.InferenceSession]:
         options = session_options(self.settings, self.choice.intra_op_threads, self.choice.allow_spinning)
+        before = processes.thread_ids()
         opened = [
             open_session(self.model_path, options, placement, self.label, self.gpu) for placement in self.placements
         ]
+        # onnxruntime's own threads (and any another load started meanwhile), for top -H and the benchmarks
+        processes.name_threads(processes.thread_ids() - before, "ort-pool")
         self.in_use = [placement for _, placement in opened]  # where each instance really runs, as verified
         return [session for session, _ in opened]
 

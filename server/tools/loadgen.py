@@ -19,6 +19,7 @@ import grpc
 import numpy as np
 
 from server import protocol
+from server.processes import INFERENCE_THREADS
 from server.tensors import DATATYPES
 from server.tools.metrics_reader import Samples
 
@@ -51,6 +52,7 @@ class Report:
     client_cpu_per_request_us: float = 0.0
     server_cpu_per_request_us: float | None = None  # with --server-pid: the server's process tree
     server_cpu_by_kind_us: dict[str, float] | None = None  # the same per request, engine and front ends apart
+    server_cpu_outside_onnxruntime_us: float | None = None  # the same, less the threads that run onnxruntime
     arrivals: str | None = None  # open loop: "uniform" or "poisson"
     sent_per_second: float | None = None  # open loop: the rate requests actually left at
     send_gap_cv: float | None = None  # open loop: coefficient of variation of the gaps between sends
@@ -104,7 +106,8 @@ FRONTEND_MARKS = (b"onnxserve: frontend", b"server.frontend.process")  # its tit
 def process_tree_cpu_by_kind(root: int) -> dict[str, float]:
     """CPU seconds (user + system) of a local process and all its descendants, from /proc, by kind:
     "frontend" for onnxserve's front-end processes, "engine" for the rest (the server itself, or
-    the whole tree of a server without front ends)."""
+    the whole tree of a server without front ends); and "onnxruntime", the part of those spent in
+    threads named for running onnxruntime (server/processes.py), already counted in "engine"."""
     children: dict[int, list[int]] = {}
     seconds: dict[int, float] = {}
     tick = os.sysconf("SC_CLK_TCK")
@@ -116,12 +119,26 @@ def process_tree_cpu_by_kind(root: int) -> dict[str, float]:
         pid = int(stat.parent.name)
         children.setdefault(int(fields[1]), []).append(pid)
         seconds[pid] = (int(fields[11]) + int(fields[12])) / tick
-    totals, pending = {"engine": 0.0, "frontend": 0.0}, [root]
+    totals, pending = {"engine": 0.0, "frontend": 0.0, "onnxruntime": 0.0}, [root]
     while pending:
         pid = pending.pop()
         totals[_process_kind(pid)] += seconds.get(pid, 0.0)
+        totals["onnxruntime"] += _inference_seconds(pid, tick)
         pending.extend(children.get(pid, ()))
     return totals
+
+
+def _inference_seconds(pid: int, tick: int) -> float:
+    total = 0.0
+    for task in Path(f"/proc/{pid}/task").glob("[0-9]*"):
+        try:
+            if not (task / "comm").read_text().startswith(INFERENCE_THREADS):
+                continue
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended while we looked
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total
 
 
 def _process_kind(pid: int) -> str:
@@ -134,7 +151,8 @@ def _process_kind(pid: int) -> str:
 
 def process_tree_cpu(root: int) -> float:
     """CPU seconds (user + system) of a local process and all its descendants, from /proc."""
-    return sum(process_tree_cpu_by_kind(root).values())
+    kinds = process_tree_cpu_by_kind(root)
+    return kinds["engine"] + kinds["frontend"]
 
 
 def server_figures(before: Samples | None, after: Samples | None) -> tuple[float | None, float | None]:

@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 
+from server import cuda_runtime
 from server.errors import InvalidInput
 from server.frontend import cuda_regions
 from server.frontend.cuda_regions import CudaError, CudaRegions, CudaRuntime
@@ -96,7 +97,7 @@ def test_importing_and_making_the_registry_loads_no_cuda_library():
 
 
 def test_a_missing_libcudart_is_named(monkeypatch):
-    monkeypatch.setattr(cuda_regions, "_libcudart_candidates", lambda: ["libcudart-not-here.so.99"])
+    monkeypatch.setattr(cuda_runtime, "_libcudart_candidates", lambda: ["libcudart-not-here.so.99"])
     with pytest.raises(InvalidInput) as raised:
         CudaRegions().register("x", bytes(64), 0, 64, "")
     assert "'x': the CUDA runtime (libcudart) is not installed: libcudart-not-here.so.99" in message(raised)
