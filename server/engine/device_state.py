@@ -90,6 +90,8 @@ class Gathered:
         target = ort.OrtValue.ortvalue_from_shape_and_type(list(self.shape), self.dtype, kind, int(index or 0))
         kept, offset, plan = [], target.data_ptr(), []
         for part in self.parts:
+            if isinstance(part, DeviceRows) and copies.on_cpu and part.value.device_name() != "cpu":
+                part = part.host()  # a sequence that ran on a GPU instance now rides a CPU one's batch
             if isinstance(part, np.ndarray):
                 part = np.ascontiguousarray(part)
                 kept.append(part)  # alive until the copies are done
