@@ -33,10 +33,6 @@ class TraceConfig:
     resource: tuple[tuple[str, str], ...] = ()  # Triton's opentelemetry,resource=KEY=VALUE
     where: str = "the environment"  # what set the endpoint, for the log
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self.endpoint) and self.level != "OFF"
-
 
 def trace_config(flags: tuple[str, ...], environ: Mapping[str, str]) -> TraceConfig:
     """The environment's settings, then each `--trace-config` flag over them; ConfigError names the flag

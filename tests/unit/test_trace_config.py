@@ -17,8 +17,8 @@ ENDPOINT = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317"}
 
 
 def test_no_endpoint_means_no_tracing_whatever_else_is_said():
-    assert not trace_config((), {}).enabled
-    assert not trace_config(("rate=10", "level=TIMESTAMPS"), {"OTEL_TRACES_SAMPLER": "always_on"}).enabled
+    assert not trace_config((), {}).endpoint
+    assert not trace_config(("rate=10", "level=TIMESTAMPS"), {"OTEL_TRACES_SAMPLER": "always_on"}).endpoint
 
 
 def test_the_environment_gives_endpoint_protocol_and_sampling():
@@ -31,8 +31,7 @@ def test_the_environment_gives_endpoint_protocol_and_sampling():
             "OTEL_TRACES_SAMPLER_ARG": "0.25",
         },
     )
-    assert (config.enabled, config.endpoint, config.protocol, config.rate) == (
-        True,
+    assert (config.endpoint, config.protocol, config.rate) == (
         "http://collector:4317",
         GRPC,
         0.25,
@@ -52,7 +51,8 @@ def test_tritons_flags_win_over_the_environment():
     )
     assert config.endpoint == "http://localhost:4318/v1/traces" and config.endpoint_is_url
     assert (config.protocol, config.rate, config.resource) == (HTTP, 0.01, (("team", "ml"),))
-    assert not trace_config(("level=OFF",), ENDPOINT).enabled
+    off = trace_config(("level=OFF",), ENDPOINT)  # the exporter runs; nothing is traced till a TraceSetting
+    assert off.endpoint and TraceSettings(off).server["trace_level"] == ["OFF"]
 
 
 @pytest.mark.parametrize(
