@@ -129,15 +129,20 @@ def process_tree_cpu_by_kind(root: int) -> dict[str, float]:
 
 
 def _inference_seconds(pid: int, tick: int) -> float:
+    """CPU seconds of the process's threads named for onnxruntime: from schedstat, in nanoseconds
+    (a thread's ticks in `stat` round to 10 ms each, too coarse for a few seconds' load)."""
     total = 0.0
     for task in Path(f"/proc/{pid}/task").glob("[0-9]*"):
         try:
             if not (task / "comm").read_text().startswith(INFERENCE_THREADS):
                 continue
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            if (task / "schedstat").exists():
+                total += int((task / "schedstat").read_text().split()[0]) / 1e9
+            else:  # a kernel without schedstat: the ticks
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / tick
         except OSError:  # the thread ended while we looked
             continue
-        total += (int(fields[11]) + int(fields[12])) / tick
     return total
 
 
