@@ -62,7 +62,9 @@ def test_usage_records_add_up_to_the_metrics(tmp_path, serve, frontends):
     keys = write_keys(tmp_path / "keys.json", KEYS)
     flags = ("--api-keys", str(keys), "--usage-log", str(log), "--frontends", str(frontends), *PRICE)
     server = serve(plus_one(tmp_path, BATCHING), *flags)
-    load = TenantLoad(server.url, "plus", TENANTS, callers=3, requests=30, own_connections=frontends > 1).run()
+    # 12 connections: the kernel's SO_REUSEPORT hash leaves one front end without any once in 2,048 runs
+    callers = 4
+    load = TenantLoad(server.url, "plus", TENANTS, callers=callers, requests=30, own_connections=frontends > 1).run()
     assert {result.frontend for result in load.results.values()} == ({1, 2} if frontends > 1 else {0})
     client = server.client()
     bad = grpcclient.InferInput("x", [1, 5], "FP32")
@@ -76,7 +78,7 @@ def test_usage_records_add_up_to_the_metrics(tmp_path, serve, frontends):
     assert server.stop() == 0
 
     written = records(log)
-    assert len(written) == 3 * 3 * 30 + 3
+    assert len(written) == len(TENANTS) * callers * 30 + 3
     assert len({(r["server"], r["seq"]) for r in written}) == len(written)
     by_id = {r["request_id"]: r for r in written if r["request_id"]}
     for request_id, result in load.results.items():  # each caller was told what its record says
