@@ -104,3 +104,19 @@ class DecodedRequest:
     feeds: dict[str, np.ndarray]
     rows: int  # batch rows (1 for a model without a batch dimension)
     outputs: tuple[str, ...]  # requested output names, in the order asked
+
+
+def concrete_shape(spec: TensorSpec, batch: int, variable: int) -> tuple[int, ...]:
+    """The spec's shape: a variable first dimension is `batch`, the other variable ones `variable`."""
+    shape = [variable if dim == -1 else dim for dim in spec.shape]
+    if spec.shape and spec.shape[0] == -1:
+        shape[0] = batch
+    return tuple(shape)
+
+
+def zeros(spec: TensorSpec, batch: int = 1, variable: int = 1) -> np.ndarray:
+    """Zeros of the spec's shape: a variable first dimension is `batch`, the other variable ones `variable`."""
+    shape = concrete_shape(spec, batch, variable)
+    if spec.datatype == "BYTES":
+        return np.full(shape, "", dtype=object)
+    return np.zeros(shape, dtype=DATATYPES[spec.datatype].numpy)

@@ -34,7 +34,7 @@ from server.engine.placement import GpuPolicy, Placement, open_session, plan_pla
 from server.engine.run_peak import RunPeak, batch_bytes
 from server.errors import ConfigError, ExecutionFailed
 from server.models.model_config import BatchingSettings, SessionSettings
-from server.tensors import DATATYPE_BY_ORT, DATATYPES, Signature, TensorSpec
+from server.tensors import DATATYPE_BY_ORT, DATATYPES, Signature, TensorSpec, concrete_shape, zeros
 
 log = logging.getLogger(__name__)
 
@@ -386,23 +386,7 @@ def calibrated_bytes(inputs: tuple[TensorSpec, ...], choice: calibration.Choice)
     bigger may run on the loop before any is measured (RunPeak)."""
     batch = next((b for _, _, b, seconds in reversed(choice.timings) if seconds == choice.run_seconds), 1)
     return sum(
-        math.prod(_shape(spec, batch, CALIBRATION_DIM)) * np.dtype(DATATYPES[spec.datatype].numpy).itemsize
+        math.prod(concrete_shape(spec, batch, CALIBRATION_DIM)) * np.dtype(DATATYPES[spec.datatype].numpy).itemsize
         for spec in inputs
         if spec.datatype != "BYTES"
     )
-
-
-def _shape(spec: TensorSpec, batch: int, variable: int) -> tuple[int, ...]:
-    """The spec's shape: a variable first dimension is `batch`, the other variable ones `variable`."""
-    shape = [variable if dim == -1 else dim for dim in spec.shape]
-    if spec.shape and spec.shape[0] == -1:
-        shape[0] = batch
-    return tuple(shape)
-
-
-def zeros(spec: TensorSpec, batch: int = 1, variable: int = 1) -> np.ndarray:
-    """Zeros of the spec's shape: a variable first dimension is `batch`, the other variable ones `variable`."""
-    shape = _shape(spec, batch, variable)
-    if spec.datatype == "BYTES":
-        return np.full(shape, "", dtype=object)
-    return np.zeros(shape, dtype=DATATYPES[spec.datatype].numpy)

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 
 from server.bytes_codec import deserialize_bytes
-from server.engine.runtime import InstancePool, zeros
+from server.engine.runtime import InstancePool
 from server.errors import ConfigError, ExecutionFailed, InvalidInput
 from server.models.model_config import ModelSettings, WarmupInput, WarmupSample
-from server.tensors import DATATYPES, Signature
+from server.tensors import DATATYPES, Signature, zeros
 
 log = logging.getLogger(__name__)
 
