@@ -34,7 +34,7 @@ class CtypesMemory:
     """tritonclient.utils.cuda_shared_memory's calls that this check makes, through libcudart."""
 
     def __init__(self) -> None:
-        from server.frontend.cuda_regions import HANDLE_SIZE, CudaError, load_runtime
+        from server.cuda_runtime import HANDLE_SIZE, CudaError, load_runtime
 
         self.runtime = load_runtime()  # CudaError, with the reason, where libcudart is missing
         try:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import grpc
 
-from bench import make_models
+from bench import make_models, print_targets
 from bench.serving import ROOT, start_server
 from server import protocol
 from server.engine.inference import COMPUTE_PARAMETER, QUEUE_PARAMETER
@@ -137,8 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         found = [measure(repository, model, args.duration, args.limits) for model in args.models]
     for each in found:
         print_table(each)
-        for target, value, met in targets(each):
-            print(f"  {'met    ' if met else 'NOT met'}  {target}: {value}")
+        print_targets(targets(each))
     return 0
 
 

@@ -13,7 +13,7 @@ from bench.cuda_shm_check import CtypesMemory
 from bench.gpu_steps import Context, Failed, Skip
 from bench.grpc_client import Client
 from server import protocol
-from server.frontend.cuda_regions import CudaError
+from server.cuda_runtime import CudaError
 from server.frontend.shared_regions import REGION, REGION_OFFSET, REGION_SIZE
 from server.tensors import DATATYPES
 

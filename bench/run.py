@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from bench import echo, make_models
+from bench import echo, make_models, print_targets
 from bench.peer_ready import free_port
 from bench.serving import start_server
 from server.engine.cpus import cpu_cores
@@ -424,8 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         traces.print_table(results["traces"])
         found += traces.targets(results["traces"])
     print("targets (every server on its defaults):")
-    for target, value, met in found:
-        print(f"  {'met    ' if met else 'NOT met'}  {target}: {value}")
+    print_targets(found)
     if "soak" in results:
         s = results["soak"]
         print(

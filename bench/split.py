@@ -16,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench import engine_cost, make_models
+from bench import engine_cost, make_models, print_targets
 from bench.run import WORKLOADS, loadgen, start_onnxserve
 
 FRONTENDS = (1, 2)
@@ -96,8 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         make_models.write_repository(repository, ["mlp"])
         results = measure(repository, args.duration)
     print_table(results)
-    for target, value, met in targets(results):
-        print(f"  {'met    ' if met else 'NOT met'}  {target}: {value}")
+    print_targets(targets(results))
     return 0
 
 

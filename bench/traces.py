@@ -12,7 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench import make_models
+from bench import make_models, print_targets
 from bench.otlp_receiver import OtlpReceiver
 from bench.serving import start_server
 from bench.shm import point
@@ -83,8 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         make_models.write_repository(repository, [MODEL])
         found = measure(repository, args.duration, args.rounds)
     print_table(found)
-    for target, value, met in targets(found):
-        print(f"  {'met    ' if met else 'NOT met'}  {target}: {value}")
+    print_targets(targets(found))
     return 0
 
 

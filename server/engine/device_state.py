@@ -7,8 +7,8 @@ input is gathered from those rows on the device (Gathered): one copy per sequenc
 never through the host; a state fresh from START (host memory) is copied up in the same gather, and
 a batch of one sequence whose rows are a whole output is bound as it is, with no copy at all. A
 sequence holds its batch's output until it runs again: at most one output per live sequence.
-Where the instance cannot bind (session.run, fixed or graph bindings), the parts come down to the
-host first (`host`): that state was host memory all along.
+Where the instance cannot bind (session.run, fixed or graph bindings), no output is left on the
+device (runtime.InstancePool.keep_on_device): the state is host memory there all along.
 
 No onnxruntime import: the batch's request vocabulary (queued.py) imports this module, and front-end
 processes import that without onnxruntime."""
@@ -53,7 +53,7 @@ class DeviceRows:
         return self.value.data_ptr() + self.start * row_bytes
 
     def host(self) -> np.ndarray:
-        """A copy in host memory (a path that cannot bind device memory, or a reload)."""
+        """A copy in host memory (a GPU instance's rows riding a CPU one's batch, or a reload)."""
         array = self.value.numpy()
         return array if self.rows < 0 else np.array(array[self.start : self.start + self.rows], copy=True)
 
@@ -77,9 +77,6 @@ class Gathered:
     @property
     def nbytes(self) -> int:
         return sum(part.nbytes for part in self.parts)
-
-    def host(self) -> np.ndarray:
-        return np.concatenate([part.host() if isinstance(part, DeviceRows) else part for part in self.parts])
 
     def on_device(self, ort, device: str, copies: "DeviceCopies", name: str):
         """One OrtValue on `device` holding every part, in order; `ort` is onnxruntime."""
@@ -139,7 +136,7 @@ def gather(parts: list) -> np.ndarray | Gathered:
     lives on the device."""
     if any(isinstance(part, DeviceRows) for part in parts):
         return Gathered(tuple(parts))
-    return np.concatenate(parts)
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def rows_of(value, start: int, end: int):
@@ -162,5 +159,5 @@ def held(value):
 
 
 def to_host(value):
-    """What a path without device inputs can feed: device parts brought to the host."""
-    return value.host() if isinstance(value, DeviceRows | Gathered) else value
+    """A state on the host: device rows copied down (a reload: the new instances may be elsewhere)."""
+    return value.host() if isinstance(value, DeviceRows) else value

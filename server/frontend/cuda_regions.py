@@ -13,11 +13,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 
-from server.cuda_runtime import DEVICE_TO_HOST, HANDLE_SIZE, HOST_TO_DEVICE, CudaError, CudaRuntime, load_runtime
+from server.cuda_runtime import HANDLE_SIZE, CudaError, CudaRuntime, load_runtime
 from server.errors import InvalidInput, shown
 from server.frontend.shared_regions import MAX_REGIONS
-
-__all__ = ["DEVICE_TO_HOST", "HANDLE_SIZE", "HOST_TO_DEVICE", "CudaError", "CudaRegions", "CudaRuntime", "load_runtime"]
 
 
 class _Mapping:

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 from server import cuda_runtime
+from server.cuda_runtime import CudaError, CudaRuntime
 from server.errors import InvalidInput
 from server.frontend import cuda_regions
-from server.frontend.cuda_regions import CudaError, CudaRegions, CudaRuntime
+from server.frontend.cuda_regions import CudaRegions
 
 BASE = 0x10000  # the fake's pointers: allocation n opens at n * BASE
 
@@ -26,7 +27,7 @@ class FakeRuntime:
         self.fail_copies = False
 
     def allocate(self, size: int) -> bytes:
-        handle = f"handle-{len(self.memory)}".encode().ljust(cuda_regions.HANDLE_SIZE, b"\0")
+        handle = f"handle-{len(self.memory)}".encode().ljust(cuda_runtime.HANDLE_SIZE, b"\0")
         self.memory[handle] = bytearray(size)
         return handle
 
@@ -314,9 +315,9 @@ def test_cuda_runtime_copies_both_ways_on_the_regions_device_and_waits_for_the_c
     runtime.to_device(3, pointer + 4, memoryview(b"wxyz"))
     assert bytes(buffer)[4:8] == b"wxyz"
     assert [call[0] for call in library.calls[-3:]] == ["cudaSetDevice", "cudaMemcpy", "cudaStreamSynchronize"]
-    assert library.calls[-2][3:] == (4, cuda_regions.HOST_TO_DEVICE) == (4, 1)
+    assert library.calls[-2][3:] == (4, cuda_runtime.HOST_TO_DEVICE) == (4, 1)
     assert bytes(runtime.to_host(3, pointer + 4, 4)) == b"wxyz"
-    assert library.calls[-1][3:] == (4, cuda_regions.DEVICE_TO_HOST) == (4, 2)
+    assert library.calls[-1][3:] == (4, cuda_runtime.DEVICE_TO_HOST) == (4, 2)
     runtime.close(3, pointer)
     assert library.calls[-1] == ("cudaIpcCloseMemHandle", pointer)
     with pytest.raises(CudaError, match=r"^cudaSetDevice: invalid device ordinal \(cudaError 101\)$"):
